@@ -1,0 +1,282 @@
+"""The one exai error tree.
+
+Every boundary (WebSocket, JSON-RPC, httpx, asyncpg, redis, sqlite, the file system) maps the
+errors of the layer below into these classes with ``raise X(...) from exc``. Each error carries
+what a caller needs: a machine-readable ``reason``, a message a person understands, the JSON-RPC
+``code`` it is reported with, and ``retry_after_s`` where waiting would help.
+
+::
+
+    ExaiError
+    ├── ConfigError                      settings are invalid (start-up error)
+    ├── CallerError                      the caller's input is wrong; never trips a breaker
+    │   ├── InvalidRequest               -32600
+    │   ├── MethodNotFound               -32601
+    │   ├── InvalidParams                -32602 (names the field)
+    │   ├── ConversationNotFound         continuation unknown or expired
+    │   ├── FileAccessError              a path outside the allowed roots
+    │   └── UpstreamBadRequest           the provider said 400 (also an UpstreamError)
+    ├── RejectedError                    refused before any work; retry later
+    │   ├── OverloadedError              no slot in time / memory watermark
+    │   ├── RateLimitedError             a token bucket said no
+    │   ├── CircuitOpenError             a breaker is open (carries the breaker's name)
+    │   └── StorageUnavailableError      primary store down and spool full
+    ├── DeadlineExceeded                 the call's deadline passed
+    ├── UpstreamError                    an LLM provider failed
+    │   ├── UpstreamAuthError            401/403: the key is wrong; never retried
+    │   ├── UpstreamRateLimited          429 with Retry-After
+    │   ├── UpstreamRetryableError       5xx, reset, timeout, stall
+    │   ├── UpstreamBadRequest           400/404/422
+    │   └── UpstreamMalformedResponse    a body that is not what the API promises
+    ├── StoreError                       a conversation store failed
+    │   └── StoreUnavailableError        the store cannot be reached (retryable)
+    ├── NoProviderError                  no configured provider serves the model
+    └── ToolError                        a tool failed for a reason of its own
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CallerError",
+    "CircuitOpenError",
+    "ConfigError",
+    "ConversationNotFound",
+    "DeadlineExceeded",
+    "ExaiError",
+    "FileAccessError",
+    "InvalidParams",
+    "InvalidRequest",
+    "MethodNotFound",
+    "NoProviderError",
+    "OverloadedError",
+    "RateLimitedError",
+    "RejectedError",
+    "StorageUnavailableError",
+    "StoreError",
+    "StoreUnavailableError",
+    "ToolError",
+    "UpstreamAuthError",
+    "UpstreamBadRequest",
+    "UpstreamError",
+    "UpstreamMalformedResponse",
+    "UpstreamRateLimited",
+    "UpstreamRetryableError",
+]
+
+#: JSON-RPC code used for every exai-specific error; ``data.reason`` tells them apart.
+SERVER_ERROR = -32000
+
+
+class ExaiError(Exception):
+    """Base of every error exai raises on purpose.
+
+    Args:
+        message: what went wrong, for a person. Never contains a secret.
+        retry_after_s: seconds after which a retry may succeed, when that is known.
+        data: extra machine-readable fields merged into the JSON-RPC ``error.data``.
+    """
+
+    code: int = SERVER_ERROR
+    reason: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.extra: dict[str, Any] = dict(data or {})
+
+    def to_error_data(self) -> dict[str, Any]:
+        """The ``error.data`` object reported to a JSON-RPC client."""
+        data: dict[str, Any] = {"reason": self.reason}
+        if self.retry_after_s is not None:
+            data["retry_after_s"] = round(max(0.0, self.retry_after_s), 3)
+        data.update(self.extra)
+        return data
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ExaiError):
+    """The settings are invalid; the daemon refuses to start (or keeps the old ones on reload)."""
+
+    reason = "config_error"
+
+
+class CallerError(ExaiError):
+    """The caller's input is wrong. Retrying the same input fails the same way.
+
+    Breakers never count these: a bad request says nothing about a dependency's health.
+    """
+
+    reason = "invalid_request"
+
+
+class InvalidRequest(CallerError):
+    """Not a valid JSON-RPC request (-32600)."""
+
+    code = -32600
+    reason = "invalid_request"
+
+
+class MethodNotFound(CallerError):
+    """The method does not exist (-32601)."""
+
+    code = -32601
+    reason = "method_not_found"
+
+
+class InvalidParams(CallerError):
+    """The params are invalid (-32602). ``field`` names the offending one when known."""
+
+    code = -32602
+    reason = "invalid_params"
+
+    def __init__(self, message: str, *, field: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.field = field
+        if field is not None:
+            self.extra.setdefault("field", field)
+
+
+class ConversationNotFound(CallerError):
+    """The ``continuation_id`` does not exist or has expired."""
+
+    code = -32602
+    reason = "continuation_not_found"
+
+
+class FileAccessError(CallerError):
+    """A file path was refused (outside the allowed roots, a symlink, ``..``, a denied name)."""
+
+    code = -32602
+    reason = "file_denied"
+
+
+class RejectedError(ExaiError):
+    """Refused before any work was done; retrying after ``retry_after_s`` may succeed."""
+
+    reason = "rejected"
+    retryable = True
+
+
+class OverloadedError(RejectedError):
+    """No capacity within the bound (limiter slot, memory watermark, connection cap)."""
+
+    reason = "overloaded"
+
+
+class RateLimitedError(RejectedError):
+    """A token bucket refused the request."""
+
+    reason = "rate_limited"
+
+
+class CircuitOpenError(RejectedError):
+    """A circuit breaker is open (or its half-open probes are taken).
+
+    Args:
+        name: the breaker's name, e.g. ``"provider:kimi"``.
+        retry_after_s: seconds until the breaker lets a probe through.
+    """
+
+    reason = "circuit_open"
+
+    def __init__(self, name: str, retry_after_s: float, message: str | None = None) -> None:
+        super().__init__(
+            message or f"circuit breaker {name!r} is open; retry in {retry_after_s:.3f}s",
+            retry_after_s=retry_after_s,
+            data={"breaker": name},
+        )
+        self.name = name
+
+
+class StorageUnavailableError(RejectedError):
+    """The primary store is down and the spool cannot take more: nothing was written."""
+
+    reason = "storage_unavailable"
+
+
+class DeadlineExceeded(ExaiError):
+    """The call's deadline passed before it finished."""
+
+    reason = "timeout"
+    retryable = True
+
+
+class UpstreamError(ExaiError):
+    """An LLM provider failed. ``provider`` names it."""
+
+    reason = "upstream_error"
+
+    def __init__(self, message: str, *, provider: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.provider = provider
+        if provider is not None:
+            self.extra.setdefault("provider", provider)
+
+
+class UpstreamAuthError(UpstreamError):
+    """The provider refused the key (401/403). Never retried; fix the key."""
+
+    reason = "upstream_auth"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The provider said 429; ``retry_after_s`` comes from its ``Retry-After``."""
+
+    reason = "upstream_rate_limited"
+    retryable = True
+
+
+class UpstreamRetryableError(UpstreamError):
+    """5xx, connection reset, timeout or a stalled stream: another try may succeed."""
+
+    reason = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamBadRequest(UpstreamError, CallerError):
+    """The provider rejected the request as malformed (400/404/422)."""
+
+    reason = "upstream_bad_request"
+
+
+class UpstreamMalformedResponse(UpstreamError):
+    """The provider answered with a body that is not what its API promises."""
+
+    reason = "upstream_malformed"
+
+
+class StoreError(ExaiError):
+    """A conversation store failed."""
+
+    reason = "store_error"
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached right now."""
+
+    reason = "store_unavailable"
+    retryable = True
+
+
+class NoProviderError(ExaiError):
+    """No configured provider serves the requested model (or all of them failed)."""
+
+    reason = "no_provider"
+
+
+class ToolError(ExaiError):
+    """A tool failed for a reason of its own."""
+
+    reason = "tool_error"

@@ -1,0 +1,1 @@
+"""exai.storage."""

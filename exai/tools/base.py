@@ -1,0 +1,142 @@
+"""The tool contract and the pluggable registry.
+
+A tool is a :class:`ToolSpec`: a name, a description, a JSON Schema for its arguments and an
+async handler ``handler(args, ctx) -> ToolResult``. The session validates ``args`` against the
+schema before the handler runs (a failure is JSON-RPC -32602 naming the field), runs the handler
+inside the call's deadline (a cancel scope) and turns what it returns or raises into the MCP
+result or a JSON-RPC error. Handlers raise :mod:`exai.errors` classes for expected failures.
+
+Tests register their own tools (slow, failing, counting) on a :class:`ToolRegistry` they pass to
+the server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import attrs
+
+from exai.config import Settings
+
+__all__ = ["ProgressFn", "ToolContext", "ToolRegistry", "ToolResult", "ToolSpec"]
+
+
+class ProgressFn(Protocol):
+    async def __call__(
+        self, progress: float | None = None, total: float | None = None, message: str | None = None
+    ) -> None: ...
+
+
+async def _no_progress(
+    progress: float | None = None, total: float | None = None, message: str | None = None
+) -> None:
+    return None
+
+
+@attrs.define(kw_only=True)
+class ToolContext:
+    """What a running tool may use.
+
+    Attributes:
+        settings: the daemon's settings at the time the call started.
+        services: shared daemon services (``providers``, ``conversations``, ``status``); a
+            mapping so tests can run tools with only what they need.
+        progress: report progress; a no-op when the client asked for none. Never blocks on a
+            slow client for long (the session bounds its send queue).
+        request_id: the JSON-RPC id of the call.
+        session_id: the connection the call came on.
+        client: the client identity name ("anonymous" when the daemon has no tokens).
+    """
+
+    settings: Settings
+    services: dict[str, Any] = attrs.field(factory=dict)
+    progress: ProgressFn = _no_progress
+    request_id: Any = None
+    session_id: str = ""
+    client: str = "anonymous"
+    # filled by tools that call a provider, for the audit log and the result's metadata
+    annotations: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class ToolResult:
+    """A tool's answer: text content and, optionally, structured content."""
+
+    text: str
+    structured: dict[str, Any] | None = None
+    is_error: bool = False
+
+    def to_mcp(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "content": [{"type": "text", "text": self.text}],
+            "isError": self.is_error,
+        }
+        if self.structured is not None:
+            out["structuredContent"] = self.structured
+        return out
+
+    @classmethod
+    def json(cls, data: dict[str, Any]) -> ToolResult:
+        """A result whose text is ``data`` as indented JSON, also given as structured content."""
+        return cls(text=json.dumps(data, indent=2, sort_keys=True, default=str), structured=data)
+
+
+Handler = Callable[[dict[str, Any], ToolContext], Awaitable[ToolResult]]
+
+
+@attrs.frozen(kw_only=True)
+class ToolSpec:
+    """One tool.
+
+    Attributes:
+        timeout_s: the tool's deadline; ``None`` uses ``EXAI_CALL_TIMEOUT_S``.
+    """
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    handler: Handler
+    timeout_s: float | None = None
+    title: str | None = None
+
+    def to_mcp(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": self.input_schema,
+        }
+        if self.title:
+            out["title"] = self.title
+        return out
+
+
+class ToolRegistry:
+    """Tools by name. Registration order is the order of ``tools/list``."""
+
+    def __init__(self, tools: Iterable[ToolSpec] = ()) -> None:
+        self._tools: dict[str, ToolSpec] = {}
+        for t in tools:
+            self.register(t)
+
+    def register(self, spec: ToolSpec) -> None:
+        """Add a tool. Raises ``ValueError`` when the name is taken."""
+        if spec.name in self._tools:
+            raise ValueError(f"tool {spec.name!r} is already registered")
+        self._tools[spec.name] = spec
+
+    def get(self, name: str) -> ToolSpec | None:
+        return self._tools.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def to_mcp(self) -> list[dict[str, Any]]:
+        return [t.to_mcp() for t in self._tools.values()]
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
