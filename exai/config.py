@@ -56,9 +56,10 @@ class Secret:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Secret):
             return NotImplemented
-        return hashlib.sha256(self._value.encode()).digest() == hashlib.sha256(
-            other._value.encode()
-        ).digest()
+        return (
+            hashlib.sha256(self._value.encode()).digest()
+            == hashlib.sha256(other._value.encode()).digest()
+        )
 
     def __hash__(self) -> int:
         return hash(hashlib.sha256(self._value.encode()).digest())
@@ -327,9 +328,7 @@ class Settings:
             out[f.name] = _display_value(getattr(self, f.name))
         out["effective_storage_url"] = redact_url(self.effective_storage_url)
         out["providers"] = {
-            p.name: {
-                k: _display_value(getattr(p, k)) for k in PROVIDER_FIELDS if hasattr(p, k)
-            }
+            p.name: {k: _display_value(getattr(p, k)) for k in PROVIDER_FIELDS if hasattr(p, k)}
             | {"configured": p.configured}
             for p in self.providers
         }
@@ -497,9 +496,8 @@ def _build_providers(
             raise ConfigError(f"[providers.{name}] must be a table")
         for key in table:
             if key not in pfields or key == "name":
-                raise ConfigError(
-                    f"unknown key {key!r} in [providers.{name}]{_suggest(key, list(PROVIDER_FIELDS))}"
-                )
+                hint = _suggest(key, list(PROVIDER_FIELDS))
+                raise ConfigError(f"unknown key {key!r} in [providers.{name}]{hint}")
         specs.setdefault(name, {}).update(table)
     for name in ("kimi", "glm"):
         specs[name].update(_provider_values(name.upper(), env))

@@ -13,6 +13,7 @@ what a caller needs: a machine-readable ``reason``, a message a person understan
     │   ├── InvalidRequest               -32600
     │   ├── MethodNotFound               -32601
     │   ├── InvalidParams                -32602 (names the field)
+    │   ├── UnsupportedProtocolVersion   -32022 (MCP 2026-07-28: names the supported ones)
     │   ├── ConversationNotFound         continuation unknown or expired
     │   ├── FileAccessError              a path outside the allowed roots
     │   └── UpstreamBadRequest           the provider said 400 (also an UpstreamError)
@@ -20,6 +21,7 @@ what a caller needs: a machine-readable ``reason``, a message a person understan
     │   ├── OverloadedError              no slot in time / memory watermark
     │   ├── RateLimitedError             a token bucket said no
     │   ├── CircuitOpenError             a breaker is open (carries the breaker's name)
+    │   ├── RateLimiterUnavailableError  a shared (Redis) limiter is unreachable; fail closed
     │   └── StorageUnavailableError      primary store down and spool full
     ├── DeadlineExceeded                 the call's deadline passed
     ├── UpstreamError                    an LLM provider failed
@@ -52,11 +54,13 @@ __all__ = [
     "NoProviderError",
     "OverloadedError",
     "RateLimitedError",
+    "RateLimiterUnavailableError",
     "RejectedError",
     "StorageUnavailableError",
     "StoreError",
     "StoreUnavailableError",
     "ToolError",
+    "UnsupportedProtocolVersion",
     "UpstreamAuthError",
     "UpstreamBadRequest",
     "UpstreamError",
@@ -148,6 +152,26 @@ class InvalidParams(CallerError):
             self.extra.setdefault("field", field)
 
 
+class UnsupportedProtocolVersion(CallerError):
+    """The request names an MCP protocol version this daemon does not serve (-32022).
+
+    The code and ``data`` (``supported``, ``requested``) are the 2026-07-28 spec's, so a client
+    that negotiates per request can pick a version from ``supported`` and retry.
+    """
+
+    code = -32022
+    reason = "unsupported_protocol_version"
+
+    def __init__(self, requested: str, supported: list[str], message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"protocol version {requested!r} is not supported; use one of {', '.join(supported)}",
+            data={"supported": list(supported), "requested": requested},
+        )
+        self.requested = requested
+        self.supported = list(supported)
+
+
 class ConversationNotFound(CallerError):
     """The ``continuation_id`` does not exist or has expired."""
 
@@ -198,6 +222,16 @@ class CircuitOpenError(RejectedError):
             data={"breaker": name},
         )
         self.name = name
+
+
+class RateLimiterUnavailableError(RejectedError):
+    """A shared rate limiter (Redis) cannot be reached and its policy is to fail closed.
+
+    Nothing was admitted: the limit cannot be checked, so the call is refused rather than let
+    every process spend the full limit on its own.
+    """
+
+    reason = "rate_limiter_unavailable"
 
 
 class StorageUnavailableError(RejectedError):

@@ -1,1 +1,39 @@
-"""exai.resilience."""
+"""Resilience primitives that guard every external call, usable on their own.
+
+Written against anyio, so they run under trio and asyncio; time is read only through the event
+loop (``anyio.current_time()``), so a trio ``MockClock`` drives them in tests.
+
+* :class:`CircuitBreaker`: fail fast while a dependency is unhealthy (closed / open / half-open).
+* :class:`TokenBucket`: admit a cost at a rate with bursts, FIFO waiters, refunds.
+* :class:`RedisTokenBucket`: the same contract shared by many processes through one Redis key.
+* :func:`retrying` and :class:`RetryBudget`: bounded retries that honour ``Retry-After`` and the
+  caller's deadline.
+
+Errors come from :mod:`exai.errors`: :class:`~exai.errors.CircuitOpenError` and
+:class:`~exai.errors.RateLimiterUnavailableError`.
+"""
+
+from __future__ import annotations
+
+from .breaker import BreakerState, BreakerStatistics, CircuitBreaker, count_unless_caller_error
+from .bucket import TokenBucket, TokenBucketStatistics
+from .redis_bucket import GCRA_SCRIPT, RedisLike, RedisTokenBucket, is_redis_unreachable
+from .retry import RetryBudget, RetryBudgetStatistics, RetryPolicy, is_retryable, retrying
+
+__all__ = [
+    "GCRA_SCRIPT",
+    "BreakerState",
+    "BreakerStatistics",
+    "CircuitBreaker",
+    "RedisLike",
+    "RedisTokenBucket",
+    "RetryBudget",
+    "RetryBudgetStatistics",
+    "RetryPolicy",
+    "TokenBucket",
+    "TokenBucketStatistics",
+    "count_unless_caller_error",
+    "is_redis_unreachable",
+    "is_retryable",
+    "retrying",
+]

@@ -1,1 +1,15 @@
-"""exai.tools."""
+"""Tools served by exai and the registry they live in."""
+
+from __future__ import annotations
+
+from exai.tools.base import ToolContext, ToolRegistry, ToolResult, ToolSpec
+
+__all__ = ["ToolContext", "ToolRegistry", "ToolResult", "ToolSpec", "default_registry"]
+
+
+def default_registry() -> ToolRegistry:
+    """Every built-in tool that is available in this build, in ``tools/list`` order."""
+    from exai.tools.core import STATUS, VERSION
+
+    reg = ToolRegistry([VERSION, STATUS])
+    return reg

@@ -1,0 +1,193 @@
+"""The ``exai`` command line.
+
+::
+
+    exai serve [--plugin MODULE:FUNC …]   run the daemon (SIGINT/SIGTERM drain and exit 0)
+    exai bridge                           stdio MCP server for an MCP client, piped to the daemon
+    exai call TOOL key=value …            call one tool and print its answer
+    exai status                           the daemon's status (through the status tool)
+    exai config                           the effective settings, secrets redacted
+    exai token new NAME                   a fresh client token and its tokens-file line
+    exai mock-upstream [--port N]         the OpenAI-compatible mock upstream, for trying exai
+    exai migrate                          apply database migrations of the configured store
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from exai.config import Settings
+from exai.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _err(msg: str) -> None:
+    print(f"exai: {msg}", file=sys.stderr, flush=True)
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def load_plugins(registry: Any, settings: Settings, specs: Sequence[str]) -> None:
+    """Call each ``module:function(registry, settings)`` so it can register tools."""
+    for spec in specs:
+        module_name, _, func_name = spec.partition(":")
+        if not module_name or not func_name:
+            raise ConfigError(f"--plugin {spec!r}: expected MODULE:FUNCTION")
+        try:
+            fn = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"--plugin {spec!r}: {exc}") from exc
+        fn(registry, settings)
+
+
+def provider_lines(settings: Settings) -> list[str]:
+    configured = [p.name for p in settings.providers if p.configured]
+    if configured:
+        return [f"exai: providers configured: {', '.join(configured)}"]
+    return [
+        "exai: no provider is configured yet, so tools that need a model will say so.",
+        "exai: add one with KIMI_API_KEY=… or GLM_API_KEY=… (or EXAI_PROVIDER_<NAME>_BASE_URL=… "
+        "for any OpenAI-compatible endpoint), e.g. in .env; try it without keys against the mock: "
+        "`exai mock-upstream --port 9000` and EXAI_PROVIDER_MOCK_BASE_URL=http://127.0.0.1:9000/v1",
+    ]
+
+
+async def _serve_async(settings: Settings, registry: Any) -> None:
+    from exai.server.app import serve
+    from exai.services import open_services
+
+    async with open_services(settings) as services, trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            await serve(settings, registry, services, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            daemon = await nursery.start(run)
+            if not daemon.tokens.enabled:
+                _err("no client tokens configured: serving loopback clients only, no auth")
+            for line in provider_lines(settings):
+                print(line, file=sys.stderr, flush=True)
+            async for _sig in signals:
+                if daemon.draining:
+                    _err("second signal: stopping now")
+                    nursery.cancel_scope.cancel()
+                    break
+                _err("shutting down: draining in-flight calls")
+                daemon.request_shutdown()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from exai.logs import configure_logging
+    from exai.tools import default_registry
+
+    try:
+        settings = _settings()
+        configure_logging(settings.log_level, settings.log_format)
+        registry = default_registry()
+        load_plugins(registry, settings, args.plugin or [])
+        trio.run(_serve_async, settings, registry)
+    except ConfigError as exc:
+        _err(f"configuration error: {exc}")
+        return 2
+    except OSError as exc:
+        _err(f"cannot start: {exc.strerror or exc}")
+        return 1
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings()
+    except ConfigError as exc:
+        _err(f"configuration error: {exc}")
+        return 2
+    print(json.dumps(settings.display(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    token = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(f"token (shown once; give it to the client as EXAI_TOKEN): {token}")
+    print("line for EXAI_TOKENS_FILE (stores only the hash):")
+    print(f"{args.name}:sha256:{digest}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from exai.client import call_main
+
+    return call_main(["status", *args.rest])
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from exai.client import call_main
+
+    return call_main(args.rest)
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from exai.bridge import main as bridge_main
+
+    return bridge_main(args.rest)
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from exai.testing.mock_upstream import main as mock_main
+
+    return mock_main(args.rest)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from exai.storage import migrate_main
+
+    return migrate_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exai", description=__doc__.split("\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--plugin", action="append", metavar="MODULE:FUNC", help="register extra tools")
+    s.set_defaults(fn=cmd_serve)
+    sub.add_parser("config", help="print the effective settings").set_defaults(fn=cmd_config)
+    t = sub.add_parser("token", help="client tokens")
+    tsub = t.add_subparsers(dest="token_cmd", required=True)
+    tn = tsub.add_parser("new", help="make a fresh token")
+    tn.add_argument("name")
+    tn.set_defaults(fn=cmd_token)
+    for name, fn, helptext in (
+        ("bridge", cmd_bridge, "stdio MCP bridge to the daemon"),
+        ("call", cmd_call, "call one tool: exai call TOOL key=value …"),
+        ("status", cmd_status, "the daemon's status"),
+        ("mock-upstream", cmd_mock, "run the OpenAI-compatible mock upstream"),
+        ("migrate", cmd_migrate, "apply database migrations"),
+    ):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

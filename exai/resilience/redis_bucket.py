@@ -1,0 +1,331 @@
+"""A token bucket shared by every process that uses the same Redis key.
+
+One atomic Lua script implements GCRA (the generic cell rate algorithm of redis-cell and
+Stripe's limiters): the key holds one number, the *theoretical arrival time* (TAT) in
+microseconds on Redis's own clock (``TIME``), so the callers' clocks never matter. With
+``T = 1/rate`` per token and ``τ = capacity × T``, a request of cost ``c`` is admitted when
+``max(TAT, now) + c·T − τ ≤ now``; otherwise the script answers the exact wait. This admits
+exactly what a token bucket of that rate and capacity admits, starting full.
+
+The Redis key is ``<key_prefix>{<key>}``: the braces are a Redis Cluster hash tag, so the key
+maps to one slot whatever the prefix.
+
+When Redis cannot be reached (connection refused or reset, a timeout, or the bucket's own
+breaker open), ``on_redis_error`` decides:
+
+``"fail_closed"``
+    raise :class:`~exai.errors.RateLimiterUnavailableError`: nothing is admitted.
+``"local_share"``
+    admit from a local :class:`~exai.resilience.TokenBucket` of ``rate/replicas`` and
+    ``capacity/replicas``: together the replicas stay within the limit, and no process ever
+    spends the full rate on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Literal, Protocol
+
+import anyio
+
+from exai.errors import CircuitOpenError, RateLimiterUnavailableError
+
+from .breaker import CircuitBreaker
+from .bucket import TokenBucket
+
+__all__ = ["GCRA_SCRIPT", "RedisLike", "RedisTokenBucket", "is_redis_unreachable"]
+
+OnRedisError = Literal["fail_closed", "local_share"]
+
+#: KEYS[1]: the bucket's key. ARGV: µs per token, capacity (tokens), cost (negative: refund).
+#: Returns {admitted (0/1), µs to wait (0 when admitted)}.
+GCRA_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then
+  tat = now
+end
+local new_tat = tat + cost * interval
+if cost < 0 then
+  if new_tat <= now then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], string.format('%.17g', new_tat),
+               'PX', math.ceil((new_tat - now) / 1000) + 1)
+  end
+  return {1, 0}
+end
+local allow_at = new_tat - capacity * interval
+if allow_at > now then
+  return {0, math.ceil(allow_at - now)}
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat),
+           'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, 0}
+"""
+
+_SCRIPT_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
+
+
+class RedisLike(Protocol):
+    """What :class:`RedisTokenBucket` needs of a client (``redis.asyncio.Redis`` fits)."""
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    async def script_load(self, script: str) -> Any: ...
+
+
+def _redis_py_unreachable() -> tuple[type[BaseException], ...]:
+    # Optional and lazy: exai.resilience must import without redis-py, and the hot path never
+    # imports it.
+    try:
+        from redis import exceptions
+    except ImportError:  # pragma: no cover - redis-py is a dependency of the daemon only
+        return ()
+    return (exceptions.ConnectionError, exceptions.TimeoutError)
+
+
+_UNREACHABLE: tuple[type[BaseException], ...] | None = None
+
+
+def is_redis_unreachable(exc: BaseException) -> bool:
+    """True for errors that mean "Redis cannot be reached" rather than "the command failed".
+
+    ``OSError`` (which includes ``ConnectionError`` and ``TimeoutError``) and redis-py's
+    ``ConnectionError`` / ``TimeoutError``. A script error or a wrong reply is not one of them.
+    """
+    global _UNREACHABLE
+    if _UNREACHABLE is None:
+        _UNREACHABLE = (OSError, *_redis_py_unreachable())
+    return isinstance(exc, _UNREACHABLE)
+
+
+class _RedisUnreachable(Exception):
+    """Internal: the Redis round trip failed for want of Redis (or its breaker is open)."""
+
+    def __init__(self, cause: BaseException, retry_after_s: float) -> None:
+        super().__init__(str(cause))
+        self.retry_after_s = retry_after_s
+
+
+class RedisTokenBucket:
+    """The :class:`~exai.resilience.TokenBucket` contract, shared through Redis.
+
+    Args:
+        redis: a client with awaitable ``evalsha``, ``eval`` and ``script_load``
+            (``redis.asyncio.Redis``, or the daemon's trio adapter of it).
+        key: names the limit (``"provider:kimi:rpm"``); every process using it shares it.
+        rate_per_s: tokens added per second.
+        capacity: the largest burst; a single request can cost at most this much.
+        on_redis_error: ``"fail_closed"`` or ``"local_share"`` (see the module docstring).
+        replicas: how many processes share the key; required for ``"local_share"``.
+        key_prefix: prepended to the hash-tagged key.
+        breaker: the breaker fronting Redis; by default one named ``redis-bucket:<key>`` that
+            opens after a few failed round trips, so an outage fails fast.
+        redis_call_bound_s: the most one Redis round trip may take before it counts as
+            unreachable (an internal bound, so a silent network cannot hang a caller).
+
+    Unlike the local bucket, :meth:`try_acquire` and :meth:`refund` are coroutines (they talk
+    to Redis). Waiters of one process are served in FIFO order; across processes, Redis's
+    atomic script decides.
+
+    Raises:
+        RateLimiterUnavailableError: from every method when Redis is unreachable and the policy
+            is ``"fail_closed"`` (or the request is larger than the local share).
+
+    Resource handling:
+        The bucket does not own the client; close it yourself. A Redis round trip is shielded
+        from the caller's cancellation (and bounded by ``redis_call_bound_s``), so a cancelled
+        caller never leaves tokens taken on the server without knowing it.
+    """
+
+    def __init__(
+        self,
+        redis: RedisLike,
+        key: str,
+        rate_per_s: float,
+        capacity: float,
+        *,
+        on_redis_error: OnRedisError = "fail_closed",
+        replicas: int | None = None,
+        key_prefix: str = "exai:bucket:",
+        breaker: CircuitBreaker | None = None,
+        redis_call_bound_s: float = 1.0,
+    ) -> None:
+        if not (rate_per_s > 0 and math.isfinite(rate_per_s)):
+            raise ValueError("rate_per_s must be a finite number > 0")
+        if not (capacity > 0 and math.isfinite(capacity)):
+            raise ValueError("capacity must be a finite number > 0")
+        if on_redis_error not in ("fail_closed", "local_share"):
+            raise ValueError("on_redis_error must be 'fail_closed' or 'local_share'")
+        if on_redis_error == "local_share" and (replicas is None or replicas < 1):
+            raise ValueError(
+                "on_redis_error='local_share' needs replicas >= 1 (the number of processes "
+                "sharing the key), so that an outage never admits the full rate in each"
+            )
+        if not redis_call_bound_s > 0:
+            raise ValueError("redis_call_bound_s must be > 0")
+        self.redis = redis
+        self.key = key
+        self.redis_key = f"{key_prefix}{{{key}}}"
+        self.rate_per_s = float(rate_per_s)
+        self.capacity = float(capacity)
+        self.on_redis_error: OnRedisError = on_redis_error
+        self.replicas = replicas
+        self.redis_call_bound_s = redis_call_bound_s
+        self.breaker = breaker or CircuitBreaker(
+            f"redis-bucket:{key}",
+            failure_rate_threshold=0.5,
+            minimum_calls=3,
+            window_size=10,
+            slow_call_duration_s=redis_call_bound_s,
+            half_open_max_calls=1,
+            open_duration_s=1.0,
+            max_open_duration_s=30.0,
+            record=is_redis_unreachable,
+        )
+        self._interval_us = 1e6 / self.rate_per_s
+        self._fifo = anyio.Lock()
+        self._local: TokenBucket | None = None
+        if on_redis_error == "local_share":
+            assert replicas is not None
+            self._local = TokenBucket(self.rate_per_s / replicas, self.capacity / replicas)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    async def try_acquire(self, cost: float = 1) -> float:
+        """Take ``cost`` tokens now if the shared bucket has them.
+
+        Returns:
+            ``0.0`` when admitted; otherwise the seconds until it would be, taking nothing.
+
+        Raises:
+            ValueError: ``cost`` is negative or larger than ``capacity``.
+            RateLimiterUnavailableError: Redis is unreachable and the policy is fail-closed.
+        """
+        self._check_cost(cost)
+        try:
+            return await self._redis_try(cost)
+        except _RedisUnreachable as exc:
+            return self._degraded_try(cost, exc)
+
+    async def acquire(self, cost: float = 1) -> None:
+        """Wait until ``cost`` tokens are taken from the shared bucket.
+
+        Bound the wait with a cancel scope. A caller cancelled while waiting takes nothing.
+
+        Raises:
+            ValueError: ``cost`` is negative or larger than ``capacity``.
+            RateLimiterUnavailableError: Redis is unreachable and the policy is fail-closed.
+        """
+        self._check_cost(cost)
+        async with self._fifo:
+            while True:
+                try:
+                    wait = await self._redis_try(cost)
+                except _RedisUnreachable as exc:
+                    wait = self._degraded_try(cost, exc)
+                if wait == 0.0:
+                    return
+                await anyio.sleep(wait)
+
+    async def refund(self, cost: float) -> None:
+        """Give back ``cost`` tokens reserved but not used.
+
+        Raises:
+            ValueError: ``cost`` is negative.
+            RateLimiterUnavailableError: Redis is unreachable and the policy is fail-closed.
+        """
+        if cost < 0 or math.isnan(cost):
+            raise ValueError("refund cost must be >= 0")
+        if cost == 0:
+            return
+        try:
+            await self._eval(-cost)
+        except _RedisUnreachable as exc:
+            if self._local is None:
+                raise self._unavailable(exc) from exc
+            self._local.refund(min(cost, self._local.capacity))
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisTokenBucket key={self.redis_key!r} rate_per_s={self.rate_per_s} "
+            f"capacity={self.capacity} on_redis_error={self.on_redis_error} "
+            f"breaker={self.breaker.state}>"
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _check_cost(self, cost: float) -> None:
+        if not 0 <= cost <= self.capacity:
+            raise ValueError(
+                f"cost {cost!r} must be between 0 and the bucket's capacity {self.capacity}"
+            )
+
+    async def _redis_try(self, cost: float) -> float:
+        admitted, wait_us = await self._eval(cost)
+        if admitted:
+            return 0.0
+        return max(wait_us / 1e6, 1e-6)
+
+    async def _eval(self, cost: float) -> tuple[bool, int]:
+        """One atomic script run; maps "cannot reach Redis" to :class:`_RedisUnreachable`."""
+        args = (self.redis_key, repr(self._interval_us), repr(self.capacity), repr(float(cost)))
+        try:
+            async with self.breaker:
+                reply = None
+                # Shielded so a cancelled caller cannot abandon a script that may have run;
+                # bounded so a black-holed connection counts as unreachable instead of hanging.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(
+                    self.redis_call_bound_s
+                ):
+                    reply = await self._run_script(args)
+                if reply is None:
+                    raise TimeoutError(
+                        f"Redis did not answer within {self.redis_call_bound_s}s"
+                    )
+        except CircuitOpenError as exc:
+            raise _RedisUnreachable(exc, exc.retry_after_s or 0.0) from exc
+        except Exception as exc:
+            if is_redis_unreachable(exc):
+                raise _RedisUnreachable(exc, self.breaker.open_duration_s) from exc
+            raise
+        return bool(int(reply[0])), int(reply[1])
+
+    async def _run_script(self, args: tuple[str, ...]) -> Any:
+        try:
+            return await self.redis.evalsha(_SCRIPT_SHA, 1, *args)
+        except Exception as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+        # The server lost its script cache (restart, failover, SCRIPT FLUSH): EVAL runs the
+        # script and caches it again for the next EVALSHA.
+        return await self.redis.eval(GCRA_SCRIPT, 1, *args)
+
+    def _degraded_try(self, cost: float, exc: _RedisUnreachable) -> float:
+        local = self._local
+        if local is None:
+            raise self._unavailable(exc) from exc
+        if cost > local.capacity:
+            raise RateLimiterUnavailableError(
+                f"rate limiter {self.key!r}: Redis is unreachable and a request of cost {cost} "
+                f"exceeds this process's local share ({local.capacity:g})",
+                retry_after_s=exc.retry_after_s,
+                data={"limiter": self.key},
+            ) from exc
+        return local.try_acquire(cost)
+
+    def _unavailable(self, exc: _RedisUnreachable) -> RateLimiterUnavailableError:
+        return RateLimiterUnavailableError(
+            f"rate limiter {self.key!r} is unavailable: Redis cannot be reached ({exc}); "
+            "refusing rather than admitting unchecked",
+            retry_after_s=exc.retry_after_s,
+            data={"limiter": self.key},
+        )

@@ -1,0 +1,509 @@
+"""The daemon: listener, admission, handshake, sessions, executions and graceful shutdown.
+
+Start it with ``await nursery.start(serve, settings)``; ``task_status.started`` hands back the
+:class:`Daemon` once both listeners accept connections. ``daemon.request_shutdown()`` (what
+SIGINT/SIGTERM do in ``exai serve``) stops accepting, lets in-flight calls finish within
+``drain_timeout_s``, cancels the rest, and returns.
+
+Data path of a connection (see docs/architecture in the design)::
+
+    accept (bounded handshakes) → HTTP request read within handshake_timeout_s
+      → per-IP cap → global cap → bearer token → path /mcp → upgrade → Session
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest
+
+from exai import __version__, errors
+from exai.config import Settings, is_loopback
+from exai.logs import log_event
+from exai.server import protocol as p
+from exai.server.admission import Admission
+from exai.server.auth import TokenTable, parse_tokens
+from exai.server.calls import CallRegistry, Execution
+from exai.server.session import Session, unwrap_exception
+from exai.server.wsconn import accept_request
+from exai.tools.base import ToolContext, ToolRegistry
+
+__all__ = ["Daemon", "DaemonStats", "serve"]
+
+#: how long an execution started by a bridge (idempotency key) waits to be re-adopted
+ORPHAN_GRACE_S = 30.0
+
+
+class DaemonStats:
+    """Counters for ``status`` and, later, metrics."""
+
+    def __init__(self) -> None:
+        self.rejections: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # by outcome
+
+
+class Daemon:
+    """State shared by every session. Built by :func:`serve`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ToolRegistry,
+        services: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.services: dict[str, Any] = dict(services or {})
+        self.services.setdefault("daemon", self)
+        self.version = __version__
+        self.instructions = (
+            "exai serves AI tools (chat, thinkdeep, codereview, consensus, …) through Kimi, GLM "
+            "and OpenAI-compatible providers. Use continuation_id to continue a conversation."
+        )
+        self.tokens = TokenTable(parse_tokens(settings.tokens))
+        self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
+        self.inflight = trio.CapacityLimiter(settings.max_inflight)
+        self.calls = CallRegistry(
+            ttl_s=settings.idempotency_ttl_s,
+            max_entries=settings.idempotency_max_entries,
+            orphan_grace_s=ORPHAN_GRACE_S,
+        )
+        self.sessions: set[Session] = set()
+        self.stats = DaemonStats()
+        self.started_at = 0.0
+        self.draining = False
+        self.ready = False
+        #: set by the overload manager while admission is suspended (reason text)
+        self.overloaded_reason: str | None = None
+        self.calls_nursery: trio.Nursery | None = None
+        self.url = ""
+        self.admin_url = ""
+        self._shutdown = trio.Event()
+        self._changed = trio.Event()
+        self._handshakes = trio.Semaphore(max(64, min(1024, settings.max_connections)))
+
+    # ------------------------------------------------------------------ public
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._shutdown.set()
+
+    def status(self) -> dict[str, Any]:
+        """What the ``status`` tool and ``exai status`` report. Never contains a secret."""
+        s = self.settings
+        return {
+            "version": self.version,
+            "uptime_s": round(trio.current_time() - self.started_at, 3),
+            "ready": self.ready and not self.draining and self.overloaded_reason is None,
+            "draining": self.draining,
+            "overloaded": self.overloaded_reason,
+            "auth": "tokens" if self.tokens.enabled else "none (loopback only)",
+            "connections": self.admission.snapshot(),
+            "sessions": len(self.sessions),
+            "inflight": {
+                "calls": int(self.inflight.borrowed_tokens),
+                "max_inflight": s.max_inflight,
+                "session_max_inflight": s.session_max_inflight,
+                "running_executions": len(self.calls.running),
+            },
+            "limits": {
+                "max_frame_bytes": s.max_frame_bytes,
+                "session_rate_per_s": s.session_rate_per_s,
+                "session_burst": s.session_burst,
+                "call_timeout_s": s.call_timeout_s,
+                "slot_wait_s": s.slot_wait_s,
+            },
+            "rejections": dict(self.stats.rejections),
+            "calls": dict(self.stats.calls),
+            "stored_results": len(self.calls),
+        }
+
+    async def shared_result(self, client_key: str) -> dict[str, Any] | None:
+        """A result stored by another daemon for ``client_key`` (Redis), if configured."""
+        store = self.services.get("idempotency")
+        if store is None:
+            return None
+        try:
+            with trio.move_on_after(self.settings.store_timeout_s):
+                result: dict[str, Any] | None = await store.get(client_key)
+                return result
+        except errors.ExaiError:
+            return None
+        return None
+
+    def notify(self) -> None:
+        """Wake :meth:`wait_for` waiters: executions, sessions or responders changed."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds (re-checked on every :meth:`notify`)."""
+        while not predicate():
+            await self._changed.wait()
+
+    # ------------------------------------------------------------------ calls
+    async def run_execution(
+        self,
+        ex: Execution,
+        args: dict[str, Any],
+        ctx: ToolContext,
+        session_limiter: trio.CapacityLimiter,
+    ) -> None:
+        """Run one tool call under its deadline; store its response; release its slots."""
+        spec = self.registry.get(ex.tool)
+        assert spec is not None
+        timeout = spec.timeout_s if spec.timeout_s is not None else self.settings.call_timeout_s
+        ex.started_at = trio.current_time()
+        outcome = "ok"
+
+        async def progress(
+            progress: float | None = None, total: float | None = None, message: str | None = None
+        ) -> None:
+            text = message
+            if progress is not None and message is None:
+                text = f"{progress:g}/{total:g}" if total else f"{progress:g}"
+            ex.progress(text, make=p.progress_notification)
+
+        ctx.progress = progress
+        try:
+            with ex.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, ex)
+                    if ex.client_key:
+                        nursery.start_soon(self.calls.orphan_watch, ex)
+                    try:
+                        with trio.fail_after(timeout):
+                            result = await spec.handler(args, ctx)
+                        ex.payload = {"result": result.to_mcp()}
+                    except trio.TooSlowError:
+                        outcome = "timeout"
+                        exc = errors.DeadlineExceeded(
+                            f"tool {ex.tool!r} did not finish within its deadline of {timeout:g}s"
+                        )
+                        ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
+                    except Exception as raw:
+                        exc2 = unwrap_exception(raw)
+                        if isinstance(exc2, errors.ExaiError):
+                            outcome = exc2.reason
+                            err = p.error_from_exception(None, exc2)["error"]
+                        else:
+                            outcome = "internal_error"
+                            log_event(
+                                "call.crashed",
+                                logging.ERROR,
+                                tool=ex.tool,
+                                exc_type=type(exc2).__name__,
+                            )
+                            err = p.error(
+                                None,
+                                -32603,
+                                f"internal error in tool {ex.tool!r} ({type(exc2).__name__})",
+                                {"reason": "internal_error"},
+                            )["error"]
+                        ex.payload = {"error": err}
+                    nursery.cancel_scope.cancel()
+            if ex.scope.cancelled_caught:
+                outcome = "cancelled"
+                ex.payload = None
+        finally:
+            self.calls.running.pop(ex.key, None)
+            if ex.payload is not None:
+                self.calls.store(ex.key, ex.payload)
+                await self._share_result(ex)
+            self.inflight.release_on_behalf_of(ex)
+            session_limiter.release_on_behalf_of(ex)
+            self.stats.calls[outcome] += 1
+            ex.done.set()
+            self.notify()
+            log_event(
+                "call.finished",
+                tool=ex.tool,
+                client=ctx.client,
+                outcome=outcome,
+                duration_s=round(trio.current_time() - ex.started_at, 4),
+                provider=ctx.annotations.get("provider"),
+                model=ctx.annotations.get("model"),
+            )
+
+    async def _share_result(self, ex: Execution) -> None:
+        store = self.services.get("idempotency")
+        if store is None or not ex.client_key or ex.payload is None:
+            return
+        with trio.move_on_after(self.settings.store_timeout_s) as scope:
+            scope.shield = True  # finishing bookkeeping even while being cancelled
+            try:
+                await store.put(
+                    ex.key.removeprefix("k:"), ex.payload, self.settings.idempotency_ttl_s
+                )
+            except errors.ExaiError:
+                pass
+
+    async def _heartbeat(self, ex: Execution) -> None:
+        interval = self.settings.heartbeat_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            elapsed = trio.current_time() - ex.started_at
+            ex.progress(f"{ex.tool}: still working ({elapsed:.0f}s)", make=p.progress_notification)
+
+    # ------------------------------------------------------------------ connections
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        while True:
+            await self._handshakes.acquire()
+            try:
+                stream = await listener.accept()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._handshakes.release()
+                return
+            except OSError as exc:
+                self._handshakes.release()
+                log_event("listener.accept_error", logging.WARNING, error=exc.strerror)
+                await trio.sleep(0.05)  # EMFILE and friends: back off instead of spinning
+                continue
+            except BaseException:
+                self._handshakes.release()
+                raise
+            nursery.start_soon(self._handle_stream, stream)
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        ip = _peer_ip(stream)
+        handshake_held = True
+        admitted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(self.settings.handshake_timeout_s):
+                    request = await accept_request(
+                        nursery, stream, max_message_size=self.settings.max_frame_bytes
+                    )
+                self._handshakes.release()
+                handshake_held = False
+                if request is None:
+                    self.stats.rejections["handshake_timeout"] += 1
+                    nursery.cancel_scope.cancel()
+                    return
+                refusal = self._admit(request, ip)
+                if refusal is not None:
+                    status, headers, body = refusal
+                    with trio.move_on_after(self.settings.handshake_timeout_s):
+                        await request.reject(status, extra_headers=headers, body=body)
+                    nursery.cancel_scope.cancel()
+                    return
+                admitted = True
+                identity = self.tokens.authenticate(_header(request, b"authorization"))
+                assert identity is not None  # checked in _admit
+                subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
+                conn = await request.accept(subprotocol=subprotocol)
+                session = Session(self, conn, ip, identity)
+                self.sessions.add(session)
+                try:
+                    await session.run()
+                finally:
+                    self.sessions.discard(session)
+                    self.notify()
+                    with trio.move_on_after(1.0) as closing:
+                        closing.shield = True
+                        await conn.aclose()
+                    nursery.cancel_scope.cancel()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            if handshake_held:
+                self._handshakes.release()
+            if admitted:
+                self.admission.release(ip)
+            await trio.aclose_forcefully(stream)
+
+    def _admit(
+        self, request: WebSocketRequest, ip: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """Decide before the upgrade. Returns (status, headers, body) to refuse, or None after
+        taking an admission slot (the caller releases it)."""
+        json_ct = (b"Content-Type", b"application/json")
+        if self.draining or self.overloaded_reason is not None:
+            reason = "draining" if self.draining else "overloaded"
+            self.stats.rejections[reason] += 1
+            return 503, [json_ct, (b"Retry-After", b"1")], _body(reason, "not accepting now")
+        refused = self.admission.try_admit(ip)
+        if refused is not None:
+            limit = (
+                self.settings.max_connections
+                if refused == "max_connections"
+                else self.settings.max_connections_per_ip
+            )
+            return (
+                503,
+                [json_ct, (b"Retry-After", b"1")],
+                _body(refused, f"connection limit reached ({refused}={limit}); retry later"),
+            )
+        ok = False
+        try:
+            if self.tokens.authenticate(_header(request, b"authorization")) is None:
+                self.stats.rejections["unauthorized"] += 1
+                return (
+                    401,
+                    [json_ct, (b"WWW-Authenticate", b'Bearer realm="exai"')],
+                    _body("unauthorized", "missing or invalid bearer token"),
+                )
+            if request.path.split("?", 1)[0] != "/mcp":
+                self.stats.rejections["not_found"] += 1
+                return 404, [json_ct], _body("not_found", "the MCP endpoint is /mcp")
+            ok = True
+            return None
+        finally:
+            if not ok:
+                self.admission.release(ip)
+
+
+def _body(reason: str, message: str) -> bytes:
+    import json
+
+    return json.dumps({"error": reason, "message": message}).encode()
+
+
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for k, v in request.headers:
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    sock_stream: Any = stream
+    if isinstance(stream, trio.SSLStream):
+        sock_stream = stream.transport_stream
+    try:
+        return str(sock_stream.socket.getpeername()[0])
+    except (AttributeError, OSError):
+        return "unknown"
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(f"cannot load EXAI_TLS_CERT/EXAI_TLS_KEY: {exc}") from exc
+    return ctx
+
+
+def check_bind(settings: Settings, tokens: TokenTable) -> None:
+    """Refuse an unsafe bind with a message saying what it would expose.
+
+    Raises:
+        ConfigError: non-loopback without tokens; or non-loopback without TLS unless
+            ``EXAI_ALLOW_INSECURE_BIND`` is set.
+    """
+    if is_loopback(settings.host):
+        return
+    if not tokens.enabled:
+        raise errors.ConfigError(
+            f"refusing to listen on {settings.host}: no client tokens are configured, so anyone "
+            "who can reach this address could use your provider keys. Set EXAI_TOKENS or "
+            "EXAI_TOKENS_FILE (see `exai token new NAME`), or bind 127.0.0.1."
+        )
+    if not settings.tls_cert and not settings.allow_insecure_bind:
+        raise errors.ConfigError(
+            f"refusing to listen on {settings.host} without TLS: client tokens and every "
+            "prompt, file and answer would cross the network in clear text. Set EXAI_TLS_CERT "
+            "and EXAI_TLS_KEY, or EXAI_ALLOW_INSECURE_BIND=1 if the network is trusted."
+        )
+
+
+def _url(scheme: str, listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+async def serve(
+    settings: Settings,
+    registry: ToolRegistry | None = None,
+    services: dict[str, Any] | None = None,
+    *,
+    announce: bool = True,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until :meth:`Daemon.request_shutdown`.
+
+    Args:
+        settings: the settings (``Settings.from_env()`` in ``exai serve``).
+        registry: the tools; default :func:`exai.tools.default_registry`.
+        services: shared services passed to tools (providers, conversations, …).
+        announce: print the two ``exai: …`` lines to stderr when ready.
+
+    Raises:
+        ConfigError: an unsafe bind, unreadable TLS files.
+        OSError: the port is taken.
+    """
+    from exai.server.admin import serve_admin
+
+    if registry is None:
+        from exai.tools import default_registry
+
+        registry = default_registry()
+    daemon = Daemon(settings, registry, services)
+    check_bind(settings, daemon.tokens)
+    ssl_ctx = _ssl_context(settings)
+    daemon.started_at = trio.current_time()
+
+    async with trio.open_nursery() as calls_nursery:
+        daemon.calls_nursery = calls_nursery
+        async with trio.open_nursery() as conn_nursery:
+            listeners: list[Any] = list(
+                await trio.open_tcp_listeners(settings.port, host=settings.host, backlog=4096)
+            )
+            daemon.url = _url("wss" if ssl_ctx else "ws", listeners[0]) + "/mcp"
+            if ssl_ctx is not None:
+                listeners = [
+                    trio.SSLListener(lst, ssl_ctx, https_compatible=True) for lst in listeners
+                ]
+            admin_url = await conn_nursery.start(serve_admin, daemon)
+            daemon.admin_url = admin_url
+            async with trio.open_nursery() as accept_nursery:
+                for lst in listeners:
+                    accept_nursery.start_soon(daemon._accept_loop, lst, conn_nursery)
+                daemon.ready = True
+                if announce:
+                    _announce(daemon)
+                log_event("daemon.ready", url=daemon.url, admin=admin_url)
+                task_status.started(daemon)
+                await daemon._shutdown.wait()
+                accept_nursery.cancel_scope.cancel()
+            daemon.draining = True
+            for lst in listeners:
+                with trio.move_on_after(1.0):
+                    await lst.aclose()
+            log_event("daemon.draining", running=len(daemon.calls.running))
+            with trio.move_on_after(settings.drain_timeout_s):
+                await daemon.wait_for(lambda: not daemon.calls.running)
+            for ex in list(daemon.calls.running.values()):
+                ex.cancel()  # past the drain bound (the calls nursery also encloses sessions)
+            # let responders deliver what finished, then close every session
+            with trio.move_on_after(1.0):
+                await daemon.wait_for(lambda: not any(s.inflight for s in daemon.sessions))
+            for session in list(daemon.sessions):
+                conn_nursery.start_soon(session.close, 1001, "exai is shutting down")
+            with trio.move_on_after(2.0):
+                await daemon.wait_for(lambda: not daemon.sessions)
+            conn_nursery.cancel_scope.cancel()
+    log_event("daemon.stopped")
+
+
+def _announce(daemon: Daemon) -> None:
+    print(f"exai: listening on {daemon.url}", file=sys.stderr, flush=True)
+    print(f"exai: admin on {daemon.admin_url}", file=sys.stderr, flush=True)
+
+
+def loopback_notice(daemon: Daemon) -> Iterable[str]:
+    if not daemon.tokens.enabled:
+        yield "exai: no client tokens configured; serving loopback clients without authentication"

@@ -1,0 +1,106 @@
+"""Client authentication: bearer tokens checked in constant time against stored SHA-256 digests.
+
+Token entries (``EXAI_TOKENS``, comma- or newline-separated, or ``EXAI_TOKENS_FILE``, one per
+line, ``#`` comments allowed) take four forms::
+
+    s3cret-token                 anonymous entry, named client-<n>
+    alice:s3cret-token           named entry
+    sha256:<64 hex>              stored hash of a token
+    alice:sha256:<64 hex>        named stored hash
+
+Only digests are kept in memory after parsing; the plain value is never logged or shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+import attrs
+
+from exai.config import Secret
+from exai.errors import ConfigError
+
+__all__ = ["Identity", "TokenTable", "parse_tokens"]
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@attrs.frozen
+class Identity:
+    """Who a connection authenticated as. ``name`` is safe to log; the token never is."""
+
+    name: str
+    digest: bytes = attrs.field(repr=False)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def parse_tokens(secret: Secret | None) -> tuple[Identity, ...]:
+    """Parse token entries.
+
+    Raises:
+        ConfigError: an entry is malformed (the message gives its line number, never its value).
+    """
+    if not secret:
+        return ()
+    out: list[Identity] = []
+    raw = secret.reveal().replace(",", "\n")
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, value = f"client-{len(out) + 1}", entry
+        if not entry.startswith("sha256:") and ":" in entry:
+            name, value = entry.split(":", 1)
+            name = name.strip()
+            if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+                raise ConfigError(f"token entry {lineno}: the name must be 1-64 of [A-Za-z0-9_.@-]")
+        if value.startswith("sha256:"):
+            hexpart = value.removeprefix("sha256:")
+            if not _HEX64.match(hexpart):
+                raise ConfigError(f"token entry {lineno}: sha256: needs 64 hex digits")
+            out.append(Identity(name, bytes.fromhex(hexpart)))
+        else:
+            if not value:
+                raise ConfigError(f"token entry {lineno}: empty token")
+            out.append(Identity(name, _digest(value)))
+    names = [i.name for i in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"token name {dup!r} is used twice")
+    return tuple(out)
+
+
+class TokenTable:
+    """The accepted client tokens. Replaceable as a whole on reload."""
+
+    def __init__(self, identities: tuple[Identity, ...] = ()) -> None:
+        self.identities = identities
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.identities)
+
+    def authenticate(self, authorization: str | None) -> Identity | None:
+        """The identity for an ``Authorization`` header value, or None.
+
+        Every stored digest is compared (no early exit) with ``hmac.compare_digest``, so the
+        time taken does not depend on which entry, or how much of one, matched.
+        """
+        if not self.identities:
+            return Identity("anonymous", b"")
+        if not authorization:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        presented = _digest(token.strip())
+        found: Identity | None = None
+        for ident in self.identities:
+            if hmac.compare_digest(presented, ident.digest):
+                found = ident
+        return found

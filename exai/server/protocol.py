@@ -1,0 +1,765 @@
+"""Sans-IO JSON-RPC 2.0 and MCP: text in, events out; dicts in, text out.
+
+Nothing here touches a socket, a clock or an event loop. The session decodes each WebSocket text
+frame with :func:`decode`, which returns exactly one of :class:`Request`, :class:`Notification`,
+:class:`Response` (a client's reply to a server request; the daemon ignores these) or
+:class:`DecodeError` (what to answer, never an exception). It builds answers with :func:`result`,
+:func:`error`, :func:`error_from_exception`, :func:`notification` and turns them into text with
+:func:`encode`.
+
+Decoding is hostile-input safe: it never raises, never recurses without a bound (a
+100,000-deep ``[[[[…`` is refused in microseconds), refuses ``NaN``/``Infinity`` and numbers
+that overflow a float, and echoes the request ``id`` in an error only when that id is itself
+valid.
+
+Protocol eras — what exai answers
+=================================
+
+exai serves the two eras a current MCP client may speak. A connection's era is decided by its
+first request, as the official SDK's dual-era server loop does (:func:`opening_era`): a request
+carrying the 2026-07-28 per-request envelope (``params._meta["io.modelcontextprotocol/
+protocolVersion"]``) that is not ``initialize`` opens a *modern* connection; anything else opens
+a *handshake* one. :class:`EraGate` keeps that decision and vets every later request.
+
+Handshake era (2025-03-26, 2025-06-18, 2025-11-25; MCP SDK 1.x, the TypeScript SDK, most IDEs)
+    * ``initialize`` → :func:`initialize_result`: ``protocolVersion`` is the client's version when
+      it is one of those three, else ``2025-11-25`` (the spec's counter-offer: the client may then
+      disconnect); ``capabilities = {"tools": {"listChanged": false}}`` (the tool list is fixed
+      for the daemon's life); ``serverInfo = {name, version}``; ``instructions`` when set.
+    * ``notifications/initialized`` → nothing. ``ping`` → ``{}`` (exactly empty: the TypeScript
+      and Rust SDKs validate empty results strictly).
+    * ``tools/list`` → ``{"tools": [...]}``; ``tools/call`` → ``{"content", "isError",
+      "structuredContent"?}``. Results are sent as built: :func:`finalize_result` leaves them
+      untouched in this era.
+    * A later request carrying the 2026 envelope is refused with -32600 (the SDK does the same).
+
+Modern era (2026-07-28; the official Python SDK 2.x probes ``server/discover`` first)
+    * ``server/discover`` → :func:`discover_result`: ``supportedVersions = ["2026-07-28"]`` only.
+      Handshake versions are deliberately absent: the list says which versions the client may
+      stamp on later *per-request* envelopes, and a handshake version cannot be used that way
+      (it is reachable only through ``initialize``). This matches the SDK's own server; the SDK
+      client adopts the highest modern version it shares and otherwise falls back to
+      ``initialize``. Capabilities are the same tools capability (``listChanged`` false: exai
+      serves no ``subscriptions/listen``).
+    * Every request must carry ``_meta["io.modelcontextprotocol/protocolVersion"]`` and
+      ``_meta["io.modelcontextprotocol/clientCapabilities"]`` (-32602 naming the missing key
+      otherwise); an unknown version is -32022 with ``data = {"supported": [...], "requested":
+      v}``, which the SDK client reads to retry at a mutual version. ``initialize`` on a modern
+      connection is -32022 too (the SDK's answer: it tells a client whose probe timed out to
+      re-probe instead of failing).
+    * Results pass through :func:`finalize_result` (``modern=True``), which adds:
+      ``resultType: "complete"`` to every result (required by the 2026-07-28 schema, including
+      empty ones); ``ttlMs: 0`` and ``cacheScope: "private"`` to the cacheable results
+      (``tools/list``, ``server/discover``: required there; 0 = "immediately stale", because a
+      restarted daemon may serve other tools, and private because a deployment may give clients
+      different tools); and ``_meta["io.modelcontextprotocol/serverInfo"] = {name, version}``
+      (the spec's SHOULD on every result). Fields the handler set win.
+    * ``ping`` is gone from 2026-07-28; exai still answers it (``{"resultType": "complete"}``),
+      which is harmless and helps hand-written clients.
+    * Notifications (``notifications/cancelled``, ``notifications/progress``) are the same in both
+      eras and need no envelope.
+
+Error codes
+===========
+
+-32700 the text is not JSON (the message says line and column), or nests deeper than the limit,
+or holds a number no float can hold. -32600 the JSON is not one JSON-RPC 2.0 message (batches,
+wrong ``jsonrpc``, a bad ``id``, ``method`` or ``params``); each message names the member and what
+it held. ``params`` that is not an object is -32600 rather than -32602 on purpose: MCP defines every
+method's params as a named object, so an array is a malformed envelope refused before any method is
+looked up, not a bad argument to one method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any, Final, Literal
+
+import attrs
+
+from exai.errors import ExaiError, InvalidParams, InvalidRequest, UnsupportedProtocolVersion
+
+__all__ = [
+    "CLIENT_CAPABILITIES_META_KEY",
+    "CLIENT_INFO_META_KEY",
+    "HANDSHAKE_VERSIONS",
+    "IDEMPOTENCY_KEY_META_KEY",
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "LATEST_HANDSHAKE_VERSION",
+    "METHOD_NOT_FOUND",
+    "MODERN_VERSION",
+    "MODERN_VERSIONS",
+    "PARSE_ERROR",
+    "PROTOCOL_VERSION_META_KEY",
+    "SERVER_INFO_META_KEY",
+    "SUPPORTED_VERSIONS",
+    "UNSUPPORTED_PROTOCOL_VERSION",
+    "DecodeError",
+    "EraGate",
+    "Notification",
+    "Request",
+    "Response",
+    "decode",
+    "discover_result",
+    "encode",
+    "error",
+    "error_from_exception",
+    "finalize_result",
+    "has_modern_envelope",
+    "idempotency_key",
+    "initialize_result",
+    "modern_request_version",
+    "negotiate_version",
+    "notification",
+    "opening_era",
+    "progress_notification",
+    "progress_token",
+    "request_meta",
+    "result",
+    "tools_call_params",
+]
+
+HANDSHAKE_VERSIONS: Final[tuple[str, ...]] = ("2025-03-26", "2025-06-18", "2025-11-25")
+"""Versions reachable through ``initialize``, oldest first."""
+MODERN_VERSION: Final = "2026-07-28"
+MODERN_VERSIONS: Final[tuple[str, ...]] = (MODERN_VERSION,)
+"""Versions spoken through the per-request ``_meta`` envelope (``server/discover``)."""
+SUPPORTED_VERSIONS: Final[tuple[str, ...]] = (*HANDSHAKE_VERSIONS, *MODERN_VERSIONS)
+LATEST_HANDSHAKE_VERSION: Final = "2025-11-25"
+
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
+
+PROTOCOL_VERSION_META_KEY: Final = "io.modelcontextprotocol/protocolVersion"
+CLIENT_INFO_META_KEY: Final = "io.modelcontextprotocol/clientInfo"
+CLIENT_CAPABILITIES_META_KEY: Final = "io.modelcontextprotocol/clientCapabilities"
+SERVER_INFO_META_KEY: Final = "io.modelcontextprotocol/serverInfo"
+IDEMPOTENCY_KEY_META_KEY: Final = "exai/idempotencyKey"
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
+
+#: Results whose 2026-07-28 schema requires ``ttlMs`` and ``cacheScope``.
+_CACHEABLE_METHODS: Final = frozenset(
+    {
+        "server/discover",
+        "tools/list",
+        "prompts/list",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+    }
+)
+
+RequestId = str | int
+
+
+# --------------------------------------------------------------------------------------------
+# Decoded messages
+
+
+@attrs.frozen
+class Request:
+    """A call that expects an answer. ``params`` is ``{}`` when the message had none."""
+
+    id: RequestId
+    method: str
+    params: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Notification:
+    """A one-way message; it is never answered."""
+
+    method: str
+    params: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Response:
+    """A client's reply to a request the server sent. The daemon sends none, so it ignores these."""
+
+    id: RequestId | None
+    result: Any | None
+    error: dict[str, Any] | None
+
+
+@attrs.frozen
+class DecodeError:
+    """The text was not one valid JSON-RPC message: answer with :meth:`to_message`.
+
+    ``id`` is the message's id when the id itself was valid, else ``None``.
+    """
+
+    id: RequestId | None
+    code: int
+    message: str
+    data: dict[str, Any] | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON-RPC error response for this failure."""
+        return error(self.id, self.code, self.message, self.data)
+
+
+Message = Request | Notification | Response | DecodeError
+
+
+class _Refused(Exception):
+    """Internal: a decode step found the problem that :func:`decode` reports."""
+
+    def __init__(self, code: int, message: str, data: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Refused(
+        PARSE_ERROR,
+        f"Parse error: {name} is not valid JSON (numbers must be finite)",
+        {"reason": "parse_error"},
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(
+            PARSE_ERROR,
+            f"Parse error: the number {_clip(text, 40)} is too large to represent",
+            {"reason": "parse_error"},
+        )
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_JSON_TYPE_NAMES: Final = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _depth_exceeds(value: Any, max_depth: int) -> bool:
+    """Whether containers nest deeper than ``max_depth`` (the top-level object is depth 1).
+
+    Iterative with an explicit stack: hostile input can never cause a RecursionError here.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _nesting_error(max_depth: int) -> _Refused:
+    return _Refused(
+        PARSE_ERROR,
+        f"Parse error: objects/arrays nest deeper than the limit of {max_depth} levels",
+        {"reason": "parse_error", "max_depth": max_depth},
+    )
+
+
+def _load(text: str | bytes, max_depth: int) -> Any:
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Refused(
+                PARSE_ERROR,
+                f"Parse error: the message is not valid UTF-8 (byte {exc.start})",
+                {"reason": "parse_error"},
+            ) from None
+    try:
+        value = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise _Refused(
+            PARSE_ERROR,
+            f"Parse error: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            {"reason": "parse_error", "line": exc.lineno, "column": exc.colno},
+        ) from None
+    except RecursionError:
+        # The C scanner gives up around the interpreter's recursion limit, long before a
+        # 100,000-deep input is read to its end: cheap, and reported as the nesting limit.
+        raise _nesting_error(max_depth) from None
+    except ValueError:
+        # int() refusing a number with thousands of digits (sys.set_int_max_str_digits).
+        raise _Refused(
+            PARSE_ERROR,
+            f"Parse error: a number has more than {sys.get_int_max_str_digits()} digits",
+            {"reason": "parse_error"},
+        ) from None
+    # Fast path: fewer brackets in the whole text than the limit cannot nest past it.
+    if (
+        isinstance(value, dict | list)
+        and (text.count("[") + text.count("{")) > max_depth
+        and _depth_exceeds(value, max_depth)
+    ):
+        raise _nesting_error(max_depth)
+    return value
+
+
+def _id_problem(raw: Any, max_id_bytes: int) -> str | None:
+    """Why ``raw`` (present) is not a usable request id, or ``None`` when it is."""
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        if raw is None:
+            return "'id' must be a string or an integer; null is not allowed in MCP"
+        if isinstance(raw, float):
+            return f"'id' must be a string or an integer, got the number {raw!r}"
+        return f"'id' must be a string or an integer, got {_json_type(raw)}"
+    size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if size > max_id_bytes:
+        return f"'id' is {size} bytes long once encoded; at most {max_id_bytes} are accepted"
+    return None
+
+
+_MISSING: Final = object()
+
+
+def decode(
+    text: str | bytes, *, max_depth: int = 64, max_id_bytes: int = 256
+) -> Request | Notification | Response | DecodeError:
+    """Turn one frame's text into one message, or into the error to answer it with.
+
+    Args:
+        text: one WebSocket text frame or one stdio line. ``bytes`` are read as UTF-8.
+        max_depth: deepest nesting of objects/arrays accepted (the message itself is level 1).
+        max_id_bytes: longest request id accepted, measured as encoded JSON.
+
+    Returns:
+        A :class:`Request`, :class:`Notification` or :class:`Response`, or a
+        :class:`DecodeError` carrying the JSON-RPC code, a message naming what was wrong, and the
+        id when the id itself was valid (so the client can match the error to its request).
+
+    Error handling:
+        Never raises for any input: every failure is a :class:`DecodeError`.
+    """
+    try:
+        value = _load(text, max_depth)
+    except _Refused as exc:
+        return DecodeError(None, exc.code, exc.message, exc.data)
+    return _classify(value, max_id_bytes)
+
+
+def _invalid(id_: RequestId | None, message: str, field: str | None = None) -> DecodeError:
+    data: dict[str, Any] = {"reason": "invalid_request"}
+    if field is not None:
+        data["field"] = field
+    return DecodeError(id_, INVALID_REQUEST, message, data)
+
+
+def _classify(value: Any, max_id_bytes: int) -> Request | Notification | Response | DecodeError:
+    if isinstance(value, list):
+        return _invalid(
+            None,
+            "batch requests are not supported: MCP removed JSON-RPC batching in 2025-06-18; "
+            "send one message per frame",
+        )
+    if not isinstance(value, dict):
+        return _invalid(None, f"a JSON-RPC message must be a JSON object, got {_json_type(value)}")
+
+    raw_id = value.get("id", _MISSING)
+    id_problem = None if raw_id is _MISSING else _id_problem(raw_id, max_id_bytes)
+    good_id: RequestId | None = raw_id if raw_id is not _MISSING and id_problem is None else None
+
+    version = value.get("jsonrpc", _MISSING)
+    if version is _MISSING:
+        return _invalid(good_id, "missing 'jsonrpc' member: it must be \"2.0\"", "jsonrpc")
+    if version != "2.0" or not isinstance(version, str):
+        shown = _clip(json.dumps(version, ensure_ascii=False), 40)
+        return _invalid(good_id, f"'jsonrpc' must be \"2.0\", got {shown}", "jsonrpc")
+
+    method = value.get("method", _MISSING)
+    if method is _MISSING:
+        if "result" in value or "error" in value:
+            return _response(value, raw_id, id_problem)
+        return _invalid(good_id, "missing 'method' member: a request needs a method name", "method")
+    if not isinstance(method, str):
+        return _invalid(good_id, f"'method' must be a string, got {_json_type(method)}", "method")
+
+    params = value.get("params")
+    if params is None:
+        # Absent is what the spec asks for; null is accepted as absent, which costs nothing.
+        params = {}
+    elif not isinstance(params, dict):
+        return _invalid(
+            good_id,
+            f"'params' must be an object (MCP uses named parameters), got {_json_type(params)}",
+            "params",
+        )
+
+    if raw_id is _MISSING:
+        return Notification(method, params)
+    if id_problem is not None:
+        return _invalid(None, id_problem, "id")
+    return Request(raw_id, method, params)
+
+
+def _response(value: dict[str, Any], raw_id: Any, id_problem: str | None) -> Response | DecodeError:
+    if raw_id is _MISSING:
+        return _invalid(None, "a response needs an 'id' member", "id")
+    if raw_id is not None and id_problem is not None:
+        return _invalid(None, id_problem, "id")
+    err = value.get("error")
+    if "error" in value and not isinstance(err, dict):
+        return _invalid(raw_id, f"'error' must be an object, got {_json_type(err)}", "error")
+    return Response(raw_id, value.get("result"), err)
+
+
+# --------------------------------------------------------------------------------------------
+# Building messages
+
+
+def result(id: RequestId, result: dict[str, Any]) -> dict[str, Any]:
+    """A success response."""
+    return {"jsonrpc": "2.0", "id": id, "result": result}
+
+
+def error(
+    id: RequestId | None, code: int, message: str, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An error response; ``id`` is ``None`` when the request's id could not be read."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": id, "error": err}
+
+
+def error_from_exception(id: RequestId | None, exc: ExaiError) -> dict[str, Any]:
+    """The error response for an exai error: its code, message and ``to_error_data()``."""
+    return error(id, exc.code, exc.message, exc.to_error_data())
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A notification (no id, never answered)."""
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def progress_notification(
+    token: RequestId, progress: float, total: float | None, message: str | None
+) -> dict[str, Any]:
+    """``notifications/progress`` for the request that carried ``_meta.progressToken = token``."""
+    params: dict[str, Any] = {"progressToken": token, "progress": progress}
+    if total is not None:
+        params["total"] = total
+    if message is not None:
+        params["message"] = message
+    return notification("notifications/progress", params)
+
+
+def encode(msg: dict[str, Any]) -> str:
+    """Compact JSON text for one message, always encodable as UTF-8.
+
+    Non-ASCII is written as is; a string holding a lone surrogate (which a client can send as
+    ``"\\ud800"`` and we may echo) would make the text unencodable, so such a message falls back
+    to ``\\u`` escapes.
+
+    Raises:
+        ValueError: ``msg`` holds NaN or an infinity (a bug in whoever built it), or is not
+            JSON-serialisable (TypeError).
+    """
+    text = json.dumps(msg, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(msg, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# MCP
+
+
+def negotiate_version(requested: str | None) -> str:
+    """The version answered to ``initialize``: the client's when exai speaks it through the
+    handshake, else :data:`LATEST_HANDSHAKE_VERSION` (the spec's counter-offer).
+
+    ``2026-07-28`` is not reachable through ``initialize`` (that era has no handshake), so it too
+    gets the counter-offer.
+    """
+    if isinstance(requested, str) and requested in HANDSHAKE_VERSIONS:
+        return requested
+    return LATEST_HANDSHAKE_VERSION
+
+
+def _server_info(name: str, version: str) -> dict[str, Any]:
+    return {"name": name, "version": version}
+
+
+def _capabilities() -> dict[str, Any]:
+    return {"tools": {"listChanged": False}}
+
+
+def initialize_result(
+    requested_version: str | None,
+    *,
+    server_name: str = "exai",
+    server_version: str,
+    instructions: str | None = None,
+) -> dict[str, Any]:
+    """The result of ``initialize`` (handshake era)."""
+    out: dict[str, Any] = {
+        "protocolVersion": negotiate_version(requested_version),
+        "capabilities": _capabilities(),
+        "serverInfo": _server_info(server_name, server_version),
+    }
+    if instructions is not None:
+        out["instructions"] = instructions
+    return out
+
+
+def discover_result(
+    *, server_name: str = "exai", server_version: str, instructions: str | None = None
+) -> dict[str, Any]:
+    """The complete result of ``server/discover`` (2026-07-28), ready to send.
+
+    Carries every field the 2026-07-28 schema requires (``supportedVersions``, ``capabilities``,
+    ``ttlMs``, ``cacheScope``, ``resultType``) and the ``serverInfo`` stamp in ``_meta``, which
+    the SDK's ``ClientSession`` reads as the server's identity. Passing it through
+    :func:`finalize_result` again changes nothing.
+    """
+    out: dict[str, Any] = {
+        "supportedVersions": list(MODERN_VERSIONS),
+        "capabilities": _capabilities(),
+    }
+    if instructions is not None:
+        out["instructions"] = instructions
+    return finalize_result(
+        "server/discover",
+        out,
+        modern=True,
+        server_info=_server_info(server_name, server_version),
+    )
+
+
+def finalize_result(
+    method: str,
+    result: dict[str, Any],
+    *,
+    modern: bool,
+    server_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Add what the connection's era requires to a method's result (a new dict; fields set win).
+
+    Handshake era: ``result`` unchanged. Modern era (2026-07-28): ``resultType: "complete"`` on
+    every result; ``ttlMs: 0`` and ``cacheScope: "private"`` on cacheable results (``tools/list``,
+    ``server/discover``, and the prompt/resource lists exai does not serve); and, when
+    ``server_info`` (``{"name", "version"}``) is given, ``_meta["io.modelcontextprotocol/
+    serverInfo"]``.
+    """
+    if not modern:
+        return result
+    out = dict(result)
+    out.setdefault("resultType", "complete")
+    if method in _CACHEABLE_METHODS:
+        out.setdefault("ttlMs", 0)
+        out.setdefault("cacheScope", "private")
+    if server_info is not None:
+        meta = out.get("_meta")
+        if meta is None:
+            out["_meta"] = {SERVER_INFO_META_KEY: dict(server_info)}
+        elif isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
+            out["_meta"] = {**meta, SERVER_INFO_META_KEY: dict(server_info)}
+    return out
+
+
+def request_meta(params: dict[str, Any]) -> dict[str, Any]:
+    """``params["_meta"]`` when it is an object, else ``{}``."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def progress_token(params: dict[str, Any]) -> RequestId | None:
+    """The request's ``_meta.progressToken`` (a string or an integer), or ``None``.
+
+    A token of any other type is ignored: the client then simply gets no progress, which is what
+    the spec allows a receiver to do.
+    """
+    token = request_meta(params).get("progressToken")
+    if isinstance(token, bool) or not isinstance(token, str | int):
+        return None
+    return token
+
+
+def idempotency_key(params: dict[str, Any]) -> str | None:
+    """``params._meta["exai/idempotencyKey"]``: the key the exai bridge sets on a request it may
+    re-send after reconnecting, so the daemon answers the re-send from the first attempt.
+
+    Raises:
+        InvalidParams: the key is present but is not a non-empty string of at most 200 chars.
+            (Silently ignoring it would turn a re-send into a second call.)
+    """
+    meta = request_meta(params)
+    if IDEMPOTENCY_KEY_META_KEY not in meta:
+        return None
+    key = meta[IDEMPOTENCY_KEY_META_KEY]
+    field = f"_meta.{IDEMPOTENCY_KEY_META_KEY}"
+    if not isinstance(key, str):
+        raise InvalidParams(f"{field}: must be a string, got {_json_type(key)}", field=field)
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidParams(
+            f"{field}: must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters long (got {len(key)})",
+            field=field,
+        )
+    return key
+
+
+def tools_call_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The tool name and arguments of a ``tools/call``; ``arguments`` defaults to ``{}``.
+
+    Raises:
+        InvalidParams: ``name`` is missing or not a string, or ``arguments`` is not an object;
+            ``field`` is ``"name"`` or ``"arguments"``.
+    """
+    if "name" not in params:
+        raise InvalidParams("missing required field 'name' (the tool to call)", field="name")
+    name = params["name"]
+    if not isinstance(name, str):
+        raise InvalidParams(f"name: must be a string, got {_json_type(name)}", field="name")
+    arguments = params.get("arguments")
+    if arguments is None:
+        arguments = {}
+    elif not isinstance(arguments, dict):
+        raise InvalidParams(
+            f"arguments: must be an object, got {_json_type(arguments)}", field="arguments"
+        )
+    return name, arguments
+
+
+# --------------------------------------------------------------------------------------------
+# Eras
+
+
+Era = Literal["handshake", "modern"]
+
+
+def has_modern_envelope(params: dict[str, Any]) -> bool:
+    """Whether ``params._meta`` carries the 2026-07-28 protocol-version key.
+
+    The key alone decides (a bare ``_meta`` is no evidence: handshake-era requests carry
+    ``progressToken`` there), so a half-built envelope still routes modern and is told what it
+    lacks by :func:`modern_request_version`.
+    """
+    return PROTOCOL_VERSION_META_KEY in request_meta(params)
+
+
+def opening_era(method: str, params: dict[str, Any]) -> Era:
+    """The era a connection's first request opens (``initialize`` is always handshake)."""
+    if method != "initialize" and has_modern_envelope(params):
+        return "modern"
+    return "handshake"
+
+
+def modern_request_version(params: dict[str, Any]) -> str:
+    """Check a 2026-07-28 request's ``_meta`` envelope and return its protocol version.
+
+    Raises:
+        InvalidParams: ``_meta`` is not an object or lacks the protocol-version or
+            client-capabilities key, or the version is not a string.
+        UnsupportedProtocolVersion: the version is not one exai speaks per request (-32022 with
+            ``supported`` and ``requested``).
+    """
+    meta = params.get("_meta")
+    if not isinstance(meta, dict):
+        raise InvalidParams(
+            f"_meta must be an object carrying {PROTOCOL_VERSION_META_KEY!r} and "
+            f"{CLIENT_CAPABILITIES_META_KEY!r}",
+            field="_meta",
+        )
+    missing = [
+        k for k in (PROTOCOL_VERSION_META_KEY, CLIENT_CAPABILITIES_META_KEY) if k not in meta
+    ]
+    if missing:
+        raise InvalidParams(
+            f"_meta is missing the required envelope key(s): {', '.join(missing)}",
+            field=f"_meta.{missing[0]}",
+        )
+    version = meta[PROTOCOL_VERSION_META_KEY]
+    if not isinstance(version, str):
+        raise InvalidParams(
+            f"_meta.{PROTOCOL_VERSION_META_KEY}: must be a string, got {_json_type(version)}",
+            field=f"_meta.{PROTOCOL_VERSION_META_KEY}",
+        )
+    if version not in MODERN_VERSIONS:
+        raise UnsupportedProtocolVersion(_clip(version, 64), list(MODERN_VERSIONS))
+    return version
+
+
+@attrs.define
+class EraGate:
+    """One connection's protocol era: decided by its first request, then enforced.
+
+    Call :meth:`admit` for every request, in arrival order, before dispatching it. It returns the
+    protocol version the request is served at, or raises the error to answer it with.
+
+    Attributes:
+        era: ``None`` until the first request; then ``"handshake"`` or ``"modern"``.
+        version: the version ``initialize`` negotiated (handshake era), or ``None``.
+    """
+
+    era: Era | None = None
+    version: str | None = None
+
+    def admit(self, method: str, params: dict[str, Any]) -> str:
+        """Vet one request and return the version it is served at.
+
+        Raises:
+            InvalidRequest: a 2026-07-28 envelope on a handshake connection.
+            InvalidParams / UnsupportedProtocolVersion: a bad envelope on a modern connection
+                (see :func:`modern_request_version`).
+            UnsupportedProtocolVersion: ``initialize`` on a modern connection.
+        """
+        if self.era is None:
+            self.era = opening_era(method, params)
+        if self.era == "modern":
+            if method == "initialize":
+                requested = params.get("protocolVersion")
+                raise UnsupportedProtocolVersion(
+                    _clip(requested, 64) if isinstance(requested, str) else "",
+                    list(MODERN_VERSIONS),
+                    "this connection speaks MCP 2026-07-28; the initialize handshake is not "
+                    "accepted on it",
+                )
+            return modern_request_version(params)
+        if method == "initialize":
+            requested = params.get("protocolVersion")
+            self.version = negotiate_version(requested if isinstance(requested, str) else None)
+            return self.version
+        if has_modern_envelope(params):
+            raise InvalidRequest(
+                "this connection speaks the handshake era of MCP (it began with initialize); "
+                "requests carrying the 2026-07-28 _meta envelope are not accepted on it"
+            )
+        # Requests before initialize are served at the latest handshake version: strictness
+        # here would only break clients that pipeline, and nothing exai serves differs by version.
+        return self.version or LATEST_HANDSHAKE_VERSION
+
+    @property
+    def modern(self) -> bool:
+        """Whether results on this connection need :func:`finalize_result` with ``modern=True``."""
+        return self.era == "modern"

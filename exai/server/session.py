@@ -1,0 +1,319 @@
+"""One MCP session: a WebSocket connection after the upgrade.
+
+The session owns a nursery with a reader (this task), a writer and one responder task per
+``tools/call``. Outgoing messages go through a bounded channel to the writer: responses wait for
+room (back-pressure onto the slow client's own calls), progress notifications are dropped when
+the channel is full (they are advisory).
+
+Error handling:
+    A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
+    wsproto/trio-websocket), a binary frame closes with 1003. Every other bad input gets a
+    JSON-RPC error and the session stays up. Over the message rate a request gets
+    ``data.reason = "rate_limited"``; ``session_abuse_limit`` rate-limited messages in a row
+    close the connection with 1008.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from exai import errors
+from exai.logs import log_event
+from exai.resilience import TokenBucket
+from exai.server import protocol as p
+from exai.server.calls import Execution, Watcher
+from exai.tools.base import ToolContext
+from exai.tools.schema import validate
+
+if TYPE_CHECKING:
+    from exai.server.app import Daemon
+    from exai.server.auth import Identity
+
+__all__ = ["Session"]
+
+_session_ids = itertools.count(1)
+
+#: outgoing messages buffered per session before responses wait and progress is dropped
+SEND_QUEUE = 256
+
+
+def unwrap_exception(exc: BaseException) -> BaseException:
+    """The one error a caller should see: groups of one are unwrapped, an ExaiError preferred."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = exc.exceptions
+        preferred = [e for e in inner if isinstance(e, errors.ExaiError)]
+        exc = preferred[0] if preferred else inner[0]
+    return exc
+
+
+class Session:
+    """Serve one WebSocket connection until it closes or the daemon stops."""
+
+    def __init__(
+        self, daemon: Daemon, conn: WebSocketConnection, ip: str, identity: Identity
+    ) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.conn = conn
+        self.ip = ip
+        self.identity = identity
+        self.id = f"s{next(_session_ids)}"
+        self.bucket = TokenBucket(self.settings.session_rate_per_s, self.settings.session_burst)
+        self.limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
+        self.limited_in_a_row = 0
+        self.protocol_version: str | None = None
+        # request id (as JSON) → (execution, watcher, responder cancel scope)
+        self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
+        self._send, self._outbox = trio.open_memory_channel[str](SEND_QUEUE)
+        self._writer_done = trio.Event()
+        self.progress_dropped = 0
+        self.nursery: trio.Nursery | None = None
+        self.closing_reason: tuple[int, str] | None = None
+
+    # ---------------------------------------------------------------- running
+    async def run(self) -> None:
+        """Serve until the peer goes away; on exit every call of this session is detached."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        except ConnectionClosed:
+            pass
+        finally:
+            for ex, watcher, _ in list(self.inflight.values()):
+                ex.detach(watcher)
+            self.inflight.clear()
+            self.nursery = None
+
+    async def close(self, code: int, reason: str) -> None:
+        """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s)."""
+        self.closing_reason = (code, reason)
+        self._send.close()
+        with trio.move_on_after(1.0):
+            await self._writer_done.wait()
+        with trio.move_on_after(1.0):
+            await self.conn.aclose(code, reason)
+
+    async def _writer(self) -> None:
+        try:
+            async with self._outbox:
+                async for text in self._outbox:
+                    await self.conn.send_message(text)
+        finally:
+            self._writer_done.set()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        """Queue a message that must be delivered (waits for room in the bounded queue)."""
+        try:
+            await self._send.send(p.encode(msg))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the session is closing; nothing more can be delivered
+
+    def send_progress(self, msg: dict[str, Any]) -> None:
+        """Queue an advisory message; dropped (and counted) when the queue is full."""
+        try:
+            self._send.send_nowait(p.encode(msg))
+        except trio.WouldBlock:
+            self.progress_dropped += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.conn.get_message()
+            except ConnectionClosed:
+                return
+            if isinstance(message, bytes):
+                await self.close(1003, "binary frames are not supported; send JSON-RPC as text")
+                return
+            await self._handle_text(message)
+            if self.closing_reason is not None:
+                return
+
+    # ---------------------------------------------------------------- dispatch
+    async def _handle_text(self, text: str) -> None:
+        msg = p.decode(text, max_depth=self.settings.max_json_depth)
+        if isinstance(msg, p.DecodeError):
+            await self.send(p.error(msg.id, msg.code, msg.message, msg.data))
+            return
+        if isinstance(msg, p.Response):
+            return  # the daemon sends no requests that need answers
+        if isinstance(msg, p.Notification) and msg.method == "notifications/cancelled":
+            self._cancel(msg.params)  # never rate limited: it frees resources
+            return
+        wait = self.bucket.try_acquire(1)
+        if wait > 0:
+            self.limited_in_a_row += 1
+            self.daemon.stats.rejections["rate_limited"] += 1
+            if self.limited_in_a_row >= self.settings.session_abuse_limit:
+                log_event("session.abuse_closed", logging.WARNING, session=self.id, ip=self.ip)
+                await self.close(1008, "message rate limit exceeded repeatedly")
+                return
+            if isinstance(msg, p.Request):
+                exc = errors.RateLimitedError(
+                    f"more than {self.settings.session_rate_per_s:g} messages/s on this "
+                    "connection; slow down",
+                    retry_after_s=wait,
+                )
+                await self.send(p.error_from_exception(msg.id, exc))
+            return
+        self.limited_in_a_row = 0
+        if isinstance(msg, p.Notification):
+            return  # notifications/initialized and others need no action
+        await self._handle_request(msg)
+
+    async def _handle_request(self, req: p.Request) -> None:
+        method, params = req.method, req.params
+        try:
+            if method == "tools/call":
+                self._start_call(req)
+                return
+            if method == "initialize":
+                requested = params.get("protocolVersion")
+                self.protocol_version = p.negotiate_version(
+                    requested if isinstance(requested, str) else None
+                )
+                res = p.initialize_result(
+                    requested if isinstance(requested, str) else None,
+                    server_version=self.daemon.version,
+                    instructions=self.daemon.instructions,
+                )
+            elif method == "server/discover":
+                res = p.discover_result(
+                    server_name="exai",
+                    server_version=self.daemon.version,
+                    instructions=self.daemon.instructions,
+                )
+            elif method == "ping":
+                res = {}
+            elif method == "tools/list":
+                res = {"tools": self.daemon.registry.to_mcp()}
+            else:
+                raise errors.MethodNotFound(f"method not found: {method!r}")
+            await self.send(p.result(req.id, self._finalize(method, req, res)))
+        except errors.ExaiError as exc:
+            await self.send(p.error_from_exception(req.id, exc))
+
+    def _finalize(self, method: str, req: p.Request, res: dict[str, Any]) -> dict[str, Any]:
+        meta = p.request_meta(req.params)
+        modern = self.protocol_version == p.MODERN_VERSION or (
+            isinstance(meta, dict)
+            and meta.get("io.modelcontextprotocol/protocolVersion") == p.MODERN_VERSION
+        )
+        finalize = getattr(p, "finalize_result", None)
+        return finalize(method, res, modern=modern) if finalize else res
+
+    # ---------------------------------------------------------------- tools/call
+    def _start_call(self, req: p.Request) -> None:
+        assert self.nursery is not None
+        self.nursery.start_soon(self._respond_call, req)
+
+    async def _respond_call(self, req: p.Request) -> None:
+        id_key = json.dumps(req.id)
+        daemon = self.daemon
+        try:
+            name, args = p.tools_call_params(req.params)
+            client_key = p.idempotency_key(req.params)
+            key = f"k:{client_key}" if client_key else f"s:{self.id}:{id_key}"
+            stored = daemon.calls.finished(key)
+            if stored is None and client_key:
+                stored = await daemon.shared_result(client_key)
+            if stored is not None:
+                await self.send({"jsonrpc": "2.0", "id": req.id, **stored})
+                return
+            ex = daemon.calls.running.get(key)
+            if ex is None:
+                spec = daemon.registry.get(name)
+                if spec is None:
+                    raise errors.InvalidParams(f"unknown tool: {name!r}", field="name")
+                validate(spec.input_schema, args)
+                ex = await self._launch(key, name, args, req, bool(client_key))
+        except errors.ExaiError as exc:
+            await self.send(p.error_from_exception(req.id, exc))
+            return
+        watcher = Watcher(self.send_progress, p.progress_token(req.params))
+        with trio.CancelScope() as responder_scope:
+            self.inflight[id_key] = (ex, watcher, responder_scope)
+            ex.attach(watcher)
+            try:
+                await ex.done.wait()
+                # (cancelled by notifications/cancelled: no response, by the spec)
+                if ex.payload is not None:
+                    await self.send({"jsonrpc": "2.0", "id": req.id, **ex.payload})
+            finally:
+                self.inflight.pop(id_key, None)
+                ex.detach(watcher)
+                self.daemon.notify()
+
+    async def _launch(
+        self, key: str, name: str, args: dict[str, Any], req: p.Request, client_key: bool
+    ) -> Execution:
+        """Take the session and global slots within ``slot_wait_s`` and start the execution."""
+        daemon = self.daemon
+        if daemon.draining:
+            raise errors.OverloadedError(
+                "the daemon is shutting down; retry on the next one", retry_after_s=1.0
+            )
+        if daemon.overloaded_reason is not None:
+            daemon.stats.rejections["overloaded"] += 1
+            raise errors.OverloadedError(
+                f"the daemon is not accepting new calls ({daemon.overloaded_reason})",
+                retry_after_s=1.0,
+            )
+        ex = Execution(key=key, tool=name, client_key=client_key)
+        got_session = got_global = False
+        try:
+            with trio.move_on_after(self.settings.slot_wait_s):
+                await self.limiter.acquire_on_behalf_of(ex)
+                got_session = True
+                await daemon.inflight.acquire_on_behalf_of(ex)
+                got_global = True
+            if not got_global:
+                which = "this connection's" if not got_session else "the daemon's"
+                limit = (
+                    self.settings.session_max_inflight
+                    if not got_session
+                    else self.settings.max_inflight
+                )
+                daemon.stats.rejections["overloaded"] += 1
+                raise errors.OverloadedError(
+                    f"{which} {limit} in-flight calls are all busy; retry shortly",
+                    retry_after_s=self.settings.slot_wait_s,
+                )
+        except BaseException:
+            if got_session:
+                self.limiter.release_on_behalf_of(ex)
+            raise
+        daemon.calls.running[key] = ex
+        ctx = ToolContext(
+            settings=self.settings,
+            services=daemon.services,
+            request_id=req.id,
+            session_id=self.id,
+            client=self.identity.name,
+        )
+        assert daemon.calls_nursery is not None
+        daemon.calls_nursery.start_soon(
+            daemon.run_execution, ex, args, ctx, self.limiter, name=f"call:{name}:{key[:40]}"
+        )
+        return ex
+
+    def _cancel(self, params: dict[str, Any]) -> None:
+        rid = params.get("requestId")
+        entry = self.inflight.get(json.dumps(rid)) if isinstance(rid, (str, int)) else None
+        if entry is None:
+            return  # unknown or already finished: ignore, as the spec says
+        ex, watcher, responder_scope = entry
+        responder_scope.cancel()
+        if ex.watchers == [watcher]:
+            ex.cancel()
+        log_event("call.cancelled", session=self.id, tool=ex.tool)

@@ -1,0 +1,140 @@
+"""Event-loop stall detection: find the task that blocked trio's scheduler.
+
+A *stall* is one task step — the code a task runs between two checkpoints — that takes longer
+than a threshold. While it runs nothing else on the loop runs: no frame is read, no deadline
+fires, no cancel is seen. That is the audit's finding #4 (``time.sleep``, file I/O or sync HTTP
+inside async code), and this instrument is how the tests prove exai does not do it.
+
+What is measured, with :func:`time.perf_counter` (the one legitimate wall clock in exai: it
+measures the loop itself, which the loop's own clock cannot do, and trio's ``MockClock`` would
+hide exactly the time we want to see):
+
+* each task step, from trio's ``before_task_step`` to ``after_task_step`` hook. A step longer
+  than ``threshold_s`` is recorded in :attr:`StallDetector.stalls` as ``(duration_s, task
+  name)`` and reported to ``on_stall``; :attr:`StallDetector.max_stall_s` is the longest step
+  seen, over the threshold or not.
+* each scheduler batch, from ``after_io_wait`` (the loop wakes up) to the next
+  ``before_io_wait`` (it goes back to check for I/O): :attr:`StallDetector.max_batch_s`. A long
+  batch made of many short steps is load, not a bug; it is kept as a figure, not as a stall.
+
+Use :func:`stall_detector` inside a trio run, or the ``stall_detector`` pytest fixture in
+``tests/stall_plugin.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import trio
+
+__all__ = ["StallDetector", "stall_detector"]
+
+#: How many stalls :attr:`StallDetector.stalls` keeps (the most recent ones).
+MAX_KEPT_STALLS = 100
+
+
+class StallDetector(trio.abc.Instrument):
+    """A trio instrument that records task steps longer than ``threshold_s``.
+
+    Args:
+        threshold_s: a step longer than this is a stall.
+        on_stall: called as ``on_stall(duration_s, task_name)`` for each stall, from inside the
+            trio run right after the step. It must be quick and must not raise: trio removes an
+            instrument whose hook raises.
+
+    Attributes:
+        max_stall_s: the longest single task step seen since the last :meth:`reset`.
+        max_batch_s: the longest scheduler batch (loop awake without checking for I/O).
+        stall_count: stalls seen since the last reset, including ones no longer kept.
+        steps: task steps measured since the last reset.
+    """
+
+    def __init__(
+        self,
+        threshold_s: float = 0.05,
+        on_stall: Callable[[float, str], None] | None = None,
+    ) -> None:
+        self.threshold_s = threshold_s
+        self.on_stall = on_stall
+        self._stalls: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=MAX_KEPT_STALLS
+        )
+        self._step_started: float | None = None
+        self._batch_started: float | None = None
+        self.max_stall_s = 0.0
+        self.max_batch_s = 0.0
+        self.stall_count = 0
+        self.steps = 0
+
+    @property
+    def stalls(self) -> list[tuple[float, str]]:
+        """``(duration_s, task name)`` of the most recent stalls, oldest first (at most 100)."""
+        return list(self._stalls)
+
+    def reset(self) -> None:
+        """Forget everything measured so far (a step in progress is still measured)."""
+        self._stalls.clear()
+        self.max_stall_s = 0.0
+        self.max_batch_s = 0.0
+        self.stall_count = 0
+        self.steps = 0
+
+    # trio.abc.Instrument hooks -------------------------------------------------------------
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._step_started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        started = self._step_started
+        if started is None:
+            return
+        self._step_started = None
+        duration = time.perf_counter() - started
+        self.steps += 1
+        if duration > self.max_stall_s:
+            self.max_stall_s = duration
+        if duration > self.threshold_s:
+            self.stall_count += 1
+            self._stalls.append((duration, task.name))
+            if self.on_stall is not None:
+                self.on_stall(duration, task.name)
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._batch_started = time.perf_counter()
+
+    def before_io_wait(self, timeout: float) -> None:
+        started = self._batch_started
+        if started is None:
+            return
+        self._batch_started = None
+        duration = time.perf_counter() - started
+        if duration > self.max_batch_s:
+            self.max_batch_s = duration
+
+    def __repr__(self) -> str:
+        return (
+            f"<StallDetector threshold_s={self.threshold_s} stalls={self.stall_count} "
+            f"max_stall_s={self.max_stall_s:.4f} max_batch_s={self.max_batch_s:.4f}>"
+        )
+
+
+@contextlib.contextmanager
+def stall_detector(
+    threshold_s: float = 0.05, on_stall: Callable[[float, str], None] | None = None
+) -> Iterator[StallDetector]:
+    """Install a :class:`StallDetector` in the current trio run for the ``with`` block.
+
+    Must be entered inside a trio run (``trio.lowlevel.add_instrument`` needs one). The
+    instrument is removed on exit, also when the block raises.
+    """
+    detector = StallDetector(threshold_s, on_stall)
+    trio.lowlevel.add_instrument(detector)
+    try:
+        yield detector
+    finally:
+        with contextlib.suppress(KeyError):
+            # Already gone if one of its hooks raised (trio drops such an instrument).
+            trio.lowlevel.remove_instrument(detector)

@@ -1,0 +1,47 @@
+"""Server-side WebSocket connections on trio-websocket, with two fixes the daemon needs.
+
+trio-websocket turns a frame that fails to parse (invalid UTF-8 in a text frame, a protocol
+violation) into a local close but never tells the peer why: wsproto reports it as a
+``CloseConnection`` event while the connection is still OPEN, and trio-websocket only answers
+close frames in the REMOTE_CLOSING state. :class:`ServerConnection` sends the close frame with
+the parse failure's code (1007 for invalid UTF-8, 1002 for a protocol error) before the stream
+is closed, as RFC 6455 §7.1.7 asks.
+
+This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_reader_task``,
+``_get_request``); pyproject pins the minor version it was checked against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
+
+__all__ = ["ServerConnection", "accept_request"]
+
+
+class ServerConnection(WebSocketConnection):
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state == ConnectionState.OPEN:
+            # not a close frame from the peer: a local parse failure; say why before closing
+            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                await self._send(CloseConnection(code=event.code, reason=event.reason))
+        await super()._handle_close_connection_event(event)
+
+
+async def accept_request(
+    nursery: trio.Nursery, stream: trio.abc.Stream, *, max_message_size: int
+) -> WebSocketRequest:
+    """Read the HTTP upgrade request from ``stream`` (the caller bounds the time)."""
+    connection = ServerConnection(
+        stream,
+        WSConnection(ConnectionType.SERVER),
+        message_queue_size=1,
+        max_message_size=max_message_size,
+    )
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request()

@@ -1,0 +1,67 @@
+"""Local tools of the daemon core: ``version`` and ``status``."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any
+
+from exai import __version__
+from exai.tools.base import ToolContext, ToolResult, ToolSpec
+
+__all__ = ["STATUS", "VERSION"]
+
+_EMPTY: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+async def _version(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+    import anyio
+    import trio
+
+    from exai.server import protocol
+
+    return ToolResult.json(
+        {
+            "exai": __version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "trio": trio.__version__,
+            "anyio": anyio.__version__ if hasattr(anyio, "__version__") else "unknown",
+            "protocol_versions": list(protocol.SUPPORTED_VERSIONS),
+        }
+    )
+
+
+async def _status(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+    out: dict[str, Any] = {}
+    daemon = ctx.services.get("daemon")
+    if daemon is not None:
+        out["daemon"] = daemon.status()
+    for name in ("providers", "conversations"):
+        svc = ctx.services.get(name)
+        if svc is not None and hasattr(svc, "status"):
+            res = svc.status()
+            if hasattr(res, "__await__"):
+                res = await res
+            out[name] = res
+    return ToolResult.json(out)
+
+
+VERSION = ToolSpec(
+    name="version",
+    description="Version of exai, its runtime and the MCP protocol versions it speaks.",
+    input_schema=_EMPTY,
+    handler=_version,
+    timeout_s=5.0,
+)
+
+STATUS = ToolSpec(
+    name="status",
+    description=(
+        "Health of the daemon: connections, in-flight calls, limits, uptime, providers "
+        "(breaker states) and conversation stores."
+    ),
+    input_schema=_EMPTY,
+    handler=_status,
+    timeout_s=10.0,
+)

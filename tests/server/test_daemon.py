@@ -1,0 +1,608 @@
+"""The daemon core over real WebSockets on loopback (in-process daemon under trio)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+
+from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from tests.helpers import (
+    Rpc,
+    make_settings,
+    parse_close,
+    raw_upgrade,
+    registry_with,
+    running_daemon,
+    ws,
+    ws_frame,
+)
+
+pytestmark = pytest.mark.anyio
+
+OBJ: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": True}
+
+
+class Probe:
+    """A tool that reports what happened to its executions."""
+
+    def __init__(self, name: str = "probe", timeout_s: float | None = None) -> None:
+        self.started = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.started_event = trio.Event()
+        self.release = trio.Event()
+        self.spec = ToolSpec(
+            name=name, description="probe", input_schema=OBJ, handler=self.run, timeout_s=timeout_s
+        )
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        self.started += 1
+        self.started_event.set()
+        try:
+            if args.get("progress"):
+                await ctx.progress(progress=1, total=2, message="half way")
+            if args.get("wait", True):
+                await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return ToolResult(text=f"done {self.started}")
+
+
+async def test_initialize_then_tools_list_and_version(tmp_path):
+    async with running_daemon(make_settings(tmp_path)) as d, ws(d) as conn:
+        rpc = Rpc(conn)
+        init = await rpc.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-03-26",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        )
+        assert init["result"]["protocolVersion"] == "2025-03-26"
+        assert init["result"]["serverInfo"]["name"] == "exai"
+        await rpc.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert (await rpc.request("ping"))["result"] == {}
+        tools = (await rpc.request("tools/list"))["result"]["tools"]
+        names = [t["name"] for t in tools]
+        assert {"version", "status"} <= set(names)
+        assert all("inputSchema" in t for t in tools)
+        res = await rpc.call("version")
+        assert res["result"]["isError"] is False
+        assert json.loads(res["result"]["content"][0]["text"])["exai"]
+
+
+async def test_unsupported_protocol_version_gets_the_latest_supported(tmp_path):
+    async with running_daemon(make_settings(tmp_path)) as d, ws(d) as conn:
+        init = await Rpc(conn).request(
+            "initialize", {"protocolVersion": "1999-01-01", "capabilities": {}}
+        )
+        assert init["result"]["protocolVersion"] == "2025-11-25"
+
+
+async def test_server_discover_is_answered(tmp_path):
+    async with running_daemon(make_settings(tmp_path)) as d, ws(d) as conn:
+        res = await Rpc(conn).request("server/discover", {})
+        assert "result" in res, res
+        assert "2026-07-28" in json.dumps(res["result"])
+
+
+async def test_connection_cap_answers_503_with_retry_after_and_recovers_after_abrupt_kills(
+    tmp_path,
+):
+    settings = make_settings(tmp_path, max_connections=3)
+    async with running_daemon(settings) as d:
+        host, port = "127.0.0.1", int(d.url.rsplit(":", 1)[1].split("/")[0])
+        streams = []
+        for _ in range(3):
+            stream, status, _, _ = await raw_upgrade(host, port)
+            assert status == 101
+            streams.append(stream)
+        assert d.admission.open == 3
+        extra, status, headers, _ = await raw_upgrade(host, port)
+        assert status == 503
+        assert int(headers["retry-after"]) >= 1
+        await extra.aclose()
+        # kill every client abruptly: TCP close without a WebSocket close handshake
+        for s in streams:
+            await trio.aclose_forcefully(s)
+        with trio.fail_after(5):
+            while d.admission.open:
+                await trio.sleep(0.01)
+        assert d.admission.per_ip == {}
+        async with ws(d) as conn:
+            assert (await Rpc(conn).request("ping"))["result"] == {}
+
+
+async def test_per_ip_cap_answers_503_and_is_released(tmp_path):
+    settings = make_settings(tmp_path, max_connections=100, max_connections_per_ip=2)
+    async with running_daemon(settings) as d:
+        port = int(d.url.rsplit(":", 1)[1].split("/")[0])
+        a, sa, _, _ = await raw_upgrade("127.0.0.1", port)
+        b, sb, _, _ = await raw_upgrade("127.0.0.1", port)
+        c, sc, hc, _ = await raw_upgrade("127.0.0.1", port)
+        assert (sa, sb, sc) == (101, 101, 503)
+        assert "retry-after" in hc
+        assert d.admission.rejected["max_connections_per_ip"] == 1
+        for s in (a, b, c):
+            await trio.aclose_forcefully(s)
+        with trio.fail_after(5):
+            while d.admission.open:
+                await trio.sleep(0.01)
+        async with ws(d) as conn:
+            assert (await Rpc(conn).request("ping"))["result"] == {}
+
+
+async def test_client_vanishing_mid_handshake_releases_everything(tmp_path):
+    settings = make_settings(tmp_path, handshake_timeout_s=0.3)
+    async with running_daemon(settings) as d:
+        port = int(d.url.rsplit(":", 1)[1].split("/")[0])
+        slow = await trio.open_tcp_stream("127.0.0.1", port)
+        await slow.send_all(b"GET /mcp HTTP/1.1\r\nHost: x\r\n")  # never finishes (slowloris)
+        gone = await trio.open_tcp_stream("127.0.0.1", port)
+        await gone.send_all(b"GET /mcp HTTP/1.1\r\n")
+        await trio.aclose_forcefully(gone)
+        with trio.fail_after(5):
+            assert await slow.receive_some(100) == b""  # dropped after the handshake bound
+        assert d.stats.rejections["handshake_timeout"] >= 1
+        assert d.admission.open == 0
+
+
+async def test_bearer_token_is_required_when_tokens_are_configured(tmp_path):
+    from exai.config import Secret
+
+    settings = make_settings(
+        tmp_path,
+        tokens=Secret(
+            "alice:tok-alice-123456,sha256:"
+            + __import__("hashlib").sha256(b"hashed-tok").hexdigest()
+        ),
+    )
+    async with running_daemon(settings) as d:
+        for bad in (None, "wrong-token"):
+            with pytest.raises(ConnectionRejected) as info:
+                async with ws(d, token=bad):
+                    pass
+            assert info.value.status_code == 401
+        for good in ("tok-alice-123456", "hashed-tok"):
+            async with ws(d, token=good) as conn:
+                assert (await Rpc(conn).request("ping"))["result"] == {}
+        assert d.admission.open in (0, 1)
+
+
+async def test_wrong_path_is_404_before_upgrade(tmp_path):
+    async with running_daemon(make_settings(tmp_path)) as d:
+        with pytest.raises(ConnectionRejected) as info:
+            async with ws(d.url.replace("/mcp", "/other")):
+                pass
+        assert info.value.status_code == 404
+
+
+BAD_INPUTS = [
+    # (name, frame bytes builder, expected: ("error", code) | ("close", code))
+    ("malformed json", lambda: ws_frame(b'{"jsonrpc": "2.0", "id": 1,'), ("error", -32700)),
+    (
+        "wrong jsonrpc",
+        lambda: ws_frame(b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}'),
+        ("error", -32600),
+    ),
+    (
+        "unknown method",
+        lambda: ws_frame(b'{"jsonrpc": "2.0", "id": 1, "method": "nope/nope"}'),
+        ("error", -32601),
+    ),
+    (
+        "invalid params",
+        lambda: ws_frame(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", '
+            b'"params": {"name": "version", "arguments": {"x": 1}}}'
+        ),
+        ("error", -32602),
+    ),
+    ("nested 100000 deep", lambda: ws_frame(b"[" * 100_000 + b"]" * 100_000), ("error", None)),
+    (
+        "huge id",
+        lambda: ws_frame(
+            json.dumps({"jsonrpc": "2.0", "id": "x" * 100_000, "method": "ping"}).encode()
+        ),
+        ("error", -32600),
+    ),
+    ("oversized frame", lambda: ws_frame(b" " * (300 * 1024)), ("close", 1009)),
+    ("binary frame", lambda: ws_frame(b'{"jsonrpc": "2.0"}', opcode=0x2), ("close", 1003)),
+    ("invalid utf-8", lambda: ws_frame(b'{"jsonrpc": "\xff\xfe"}'), ("close", 1007)),
+]
+
+
+@pytest.mark.parametrize(("name", "frame", "expected"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+async def test_bad_input_gets_its_outcome_and_other_clients_are_served(
+    tmp_path, name, frame, expected
+):
+    settings = make_settings(tmp_path, max_frame_bytes=256 * 1024)
+    async with running_daemon(settings) as d, ws(d) as bystander:
+        other = Rpc(bystander)
+        port = int(d.url.rsplit(":", 1)[1].split("/")[0])
+        stream, status, _, rest = await raw_upgrade("127.0.0.1", port)
+        assert status == 101
+        await stream.send_all(frame())
+        data = rest
+        with trio.fail_after(5):
+            while len(data) < 4:
+                chunk = await stream.receive_some(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            kind, code = expected
+            if kind == "close":
+                assert parse_close(data) == code, data[:50]
+            else:
+                # a text frame carrying a JSON-RPC error; read the whole frame
+                assert data[0] & 0x0F == 0x1
+                length = data[1] & 0x7F
+                offset = 2
+                if length == 126:
+                    length, offset = int.from_bytes(data[2:4], "big"), 4
+                while len(data) < offset + length:
+                    data += await stream.receive_some(1 << 16)
+                msg = json.loads(data[offset : offset + length])
+                assert "error" in msg, msg
+                assert msg["error"]["message"]
+                if code is not None:
+                    assert msg["error"]["code"] == code, msg
+                else:
+                    assert msg["error"]["code"] in (-32700, -32600)
+                    assert "nest" in msg["error"]["message"].lower()
+        await trio.aclose_forcefully(stream)
+        assert (await other.request("ping"))["result"] == {}
+        assert (await other.call("version"))["result"]["isError"] is False
+
+
+async def test_message_flood_is_rate_limited_then_closed_with_1008_while_others_are_served(
+    tmp_path,
+):
+    settings = make_settings(
+        tmp_path, session_rate_per_s=5, session_burst=5, session_abuse_limit=50
+    )
+    async with running_daemon(settings) as d, ws(d) as flooder_conn, ws(d) as bystander:
+        limited = []
+        closed_code = None
+        ping = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "ping"})
+        try:
+            for _ in range(200):
+                await flooder_conn.send_message(ping)
+            with trio.fail_after(5):
+                while True:
+                    msg = json.loads(await flooder_conn.get_message())
+                    if "error" in msg:
+                        limited.append(msg)
+        except ConnectionClosed as exc:
+            closed_code = exc.reason.code
+        assert limited, "no request was rate limited"
+        data = limited[0]["error"]["data"]
+        assert data["reason"] == "rate_limited"
+        assert data["retry_after_s"] > 0
+        assert closed_code == 1008
+        assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
+async def test_cancelled_notification_cancels_the_tool_frees_slots_and_sends_no_response(tmp_path):
+    probe = Probe()
+    async with (
+        running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d,
+        ws(d) as conn,
+    ):
+        rpc = Rpc(conn)
+        await rpc.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {"name": "probe", "arguments": {}},
+            }
+        )
+        with trio.fail_after(5):
+            await probe.started_event.wait()
+        assert d.inflight.borrowed_tokens == 1
+        await rpc.send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": 7, "reason": "user"},
+            }
+        )
+        with trio.fail_after(5):
+            while d.inflight.borrowed_tokens:
+                await trio.sleep(0.01)
+        assert probe.cancelled == 1
+        # the next message on the wire is the ping's answer, not a response to id 7
+        await rpc.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+        with trio.fail_after(5):
+            msg = await rpc.next_message()
+        assert msg["id"] == 8
+
+
+async def test_closing_the_connection_cancels_its_calls(tmp_path):
+    probe = Probe()
+    async with running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d:
+        async with ws(d) as conn:
+            await Rpc(conn).send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "tools/call",
+                    "params": {"name": "probe", "arguments": {}},
+                }
+            )
+            with trio.fail_after(5):
+                await probe.started_event.wait()
+        with trio.fail_after(5):
+            while d.inflight.borrowed_tokens or probe.cancelled == 0:
+                await trio.sleep(0.01)
+        assert probe.cancelled == 1
+        assert d.calls.running == {}
+
+
+async def test_call_past_its_deadline_gets_reason_timeout(tmp_path):
+    probe = Probe(timeout_s=0.2)
+    async with (
+        running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d,
+        ws(d) as conn,
+    ):
+        res = await Rpc(conn).call("probe")
+        assert res["error"]["data"]["reason"] == "timeout"
+        assert "deadline" in res["error"]["message"]
+        assert d.inflight.borrowed_tokens == 0
+
+
+async def test_call_without_a_slot_in_time_is_rejected_as_overloaded(tmp_path):
+    probe = Probe()
+    settings = make_settings(tmp_path, session_max_inflight=1, slot_wait_s=0.1)
+    async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as conn:
+        rpc = Rpc(conn)
+        await rpc.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "probe", "arguments": {}},
+            }
+        )
+        with trio.fail_after(5):
+            await probe.started_event.wait()
+        res = await rpc.call("probe", id=2)
+        assert res["error"]["data"]["reason"] == "overloaded"
+        assert res["error"]["data"]["retry_after_s"] > 0
+        probe.release.set()
+        first = await rpc.response(1)
+        assert first["result"]["content"][0]["text"] == "done 1"
+        assert d.inflight.borrowed_tokens == 0
+
+
+async def test_global_inflight_cap_applies_across_connections(tmp_path):
+    probe = Probe()
+    settings = make_settings(tmp_path, max_inflight=1, slot_wait_s=0.1)
+    async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as a, ws(d) as b:
+        await Rpc(a).send(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "probe", "arguments": {}},
+            }
+        )
+        with trio.fail_after(5):
+            await probe.started_event.wait()
+        res = await Rpc(b).call("probe")
+        assert res["error"]["data"]["reason"] == "overloaded"
+        probe.release.set()
+
+
+async def test_progress_token_gets_tool_progress_and_heartbeats(tmp_path):
+    probe = Probe()
+    settings = make_settings(tmp_path, heartbeat_interval_s=0.05)
+    async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as conn:
+        rpc = Rpc(conn)
+        await rpc.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {
+                    "name": "probe",
+                    "arguments": {"progress": True},
+                    "_meta": {"progressToken": "tok"},
+                },
+            }
+        )
+        with trio.fail_after(5):
+            while len(rpc.notifications) < 3:
+                rpc.notifications.append(await rpc.next_message())
+        probe.release.set()
+        res = await rpc.response(1)
+        assert res["result"]["isError"] is False
+        prog = [n for n in rpc.notifications if n.get("method") == "notifications/progress"]
+        assert len(prog) >= 3
+        assert all(n["params"]["progressToken"] == "tok" for n in prog)
+        values = [n["params"]["progress"] for n in prog]
+        assert values == sorted(values) and len(set(values)) == len(values)
+        assert any("half way" in (n["params"].get("message") or "") for n in prog)
+        assert any("still working" in (n["params"].get("message") or "") for n in prog)
+
+
+async def test_same_id_resent_on_the_same_session_runs_once(tmp_path):
+    probe = Probe()
+    async with (
+        running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d,
+        ws(d) as conn,
+    ):
+        rpc = Rpc(conn)
+        req = {
+            "jsonrpc": "2.0",
+            "id": "dup",
+            "method": "tools/call",
+            "params": {"name": "probe", "arguments": {}},
+        }
+        await rpc.send(req)
+        with trio.fail_after(5):
+            await probe.started_event.wait()
+        await rpc.send(req)  # joins the running execution
+        probe.release.set()
+        first = await rpc.response("dup")
+        second = await rpc.response("dup")
+        assert first["result"] == second["result"]
+        await rpc.send(req)  # after it finished: the stored result
+        third = await rpc.response("dup")
+        assert third["result"] == first["result"]
+        assert probe.started == 1
+
+
+async def test_idempotency_key_from_a_reconnected_client_joins_the_running_call(tmp_path):
+    probe = Probe()
+    meta = {"exai/idempotencyKey": "bridge-1:5"}
+    req = {
+        "jsonrpc": "2.0",
+        "id": 5,
+        "method": "tools/call",
+        "params": {"name": "probe", "arguments": {}, "_meta": meta},
+    }
+    async with running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d:
+        async with ws(d) as first:
+            await Rpc(first).send(req)
+            with trio.fail_after(5):
+                await probe.started_event.wait()
+        # the first connection is gone; the execution keeps running for the reconnecting bridge
+        await trio.sleep(0.05)
+        assert probe.cancelled == 0
+        async with ws(d) as second:
+            rpc = Rpc(second)
+            await rpc.send(req)
+            await trio.sleep(0.05)
+            probe.release.set()
+            res = await rpc.response(5)
+            assert res["result"]["content"][0]["text"] == "done 1"
+            # and once more after it finished: the stored result, no new execution
+            again = await rpc.request("tools/call", req["params"], id=6)
+            assert again["result"] == res["result"]
+        assert probe.started == 1
+
+
+async def test_unknown_tool_and_bad_arguments_name_the_field(tmp_path):
+    async with running_daemon(make_settings(tmp_path)) as d, ws(d) as conn:
+        rpc = Rpc(conn)
+        res = await rpc.call("no-such-tool")
+        assert res["error"]["code"] == -32602
+        assert "no-such-tool" in res["error"]["message"]
+        res = await rpc.request("tools/call", {"arguments": {}})
+        assert res["error"]["code"] == -32602
+        assert "name" in res["error"]["message"]
+
+
+async def test_tool_crash_is_an_internal_error_and_the_session_survives(tmp_path):
+    async def boom(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        raise RuntimeError("kaboom")
+
+    spec = ToolSpec(name="boom", description="x", input_schema=OBJ, handler=boom)
+    async with running_daemon(make_settings(tmp_path), registry_with(spec)) as d, ws(d) as conn:
+        rpc = Rpc(conn)
+        res = await rpc.call("boom")
+        assert res["error"]["code"] == -32603
+        assert res["error"]["data"]["reason"] == "internal_error"
+        assert (await rpc.request("ping"))["result"] == {}
+
+
+async def test_shutdown_drains_inflight_calls_then_stops(tmp_path):
+    probe = Probe()
+    settings = make_settings(tmp_path, drain_timeout_s=5)
+    async with trio.open_nursery() as nursery:
+        from exai.server.app import serve
+
+        d = await nursery.start(
+            lambda task_status: serve(
+                settings, registry_with(probe.spec), announce=False, task_status=task_status
+            )
+        )
+        async with ws(d) as conn:
+            rpc = Rpc(conn)
+            await rpc.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "tools/call",
+                    "params": {"name": "probe", "arguments": {}},
+                }
+            )
+            with trio.fail_after(5):
+                await probe.started_event.wait()
+            d.request_shutdown()
+            await trio.sleep(0.05)
+            assert d.draining
+            # no new connections while draining
+            with pytest.raises((ConnectionRejected, HandshakeError, OSError)):
+                async with ws(d):
+                    pass
+            probe.release.set()
+            res = await rpc.response(1)
+            assert res["result"]["content"][0]["text"] == "done 1"
+    assert probe.finished == 1
+
+
+async def test_shutdown_cancels_calls_that_outlive_the_drain_bound(tmp_path):
+    probe = Probe()
+    settings = make_settings(tmp_path, drain_timeout_s=0.2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            from exai.server.app import serve
+
+            d = await nursery.start(
+                lambda task_status: serve(
+                    settings, registry_with(probe.spec), announce=False, task_status=task_status
+                )
+            )
+            async with ws(d) as conn:
+                await Rpc(conn).send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "tools/call",
+                        "params": {"name": "probe", "arguments": {}},
+                    }
+                )
+                with trio.fail_after(5):
+                    await probe.started_event.wait()
+                d.request_shutdown()
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await conn.get_message()
+    assert probe.cancelled == 1
+
+
+async def test_admin_healthz_and_readyz(tmp_path):
+    import httpx
+
+    async with (
+        running_daemon(make_settings(tmp_path)) as d,
+        httpx.AsyncClient(base_url=d.admin_url) as http,
+    ):
+        assert (await http.get("/healthz")).status_code == 200
+        r = await http.get("/readyz")
+        assert r.status_code == 200 and r.json()["ready"] is True
+        d.overloaded_reason = "memory"
+        r = await http.get("/readyz")
+        assert r.status_code == 503 and r.json()["reason"] == "memory"
+        d.overloaded_reason = None
+        assert (await http.get("/nope")).status_code == 404
+
+
+async def test_status_tool_reports_connections_inflight_limits_and_uptime(tmp_path):
+    async with running_daemon(make_settings(tmp_path, max_inflight=9)) as d, ws(d) as conn:
+        res = await Rpc(conn).call("status")
+        data = res["result"]["structuredContent"]["daemon"]
+        assert data["connections"]["open"] == 1
+        assert data["inflight"]["max_inflight"] == 9
+        assert data["inflight"]["calls"] == 1  # the status call itself
+        assert data["uptime_s"] >= 0
