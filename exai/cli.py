@@ -94,12 +94,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from exai.logs import configure_logging
     from exai.tools import default_registry
 
+    from exai.server.app import check_bind
+    from exai.server.auth import TokenTable, parse_tokens
+    from exai.server.session import unwrap_exception
+
     try:
         settings = _settings()
+        check_bind(settings, TokenTable(parse_tokens(settings.tokens)))
         configure_logging(settings.log_level, settings.log_format)
         registry = default_registry()
         load_plugins(registry, settings, args.plugin or [])
-        trio.run(_serve_async, settings, registry)
+        try:
+            trio.run(_serve_async, settings, registry)
+        except BaseExceptionGroup as group:
+            raise unwrap_exception(group) from None
     except ConfigError as exc:
         _err(f"configuration error: {exc}")
         return 2

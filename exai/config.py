@@ -462,7 +462,7 @@ def _build(cls: type[Settings], env: Mapping[str, str], toml_data: dict[str, Any
             continue
         var = env_name(f)
         raw: str | None = _secret_from(env, var) if _is_secret(f) else env.get(var)
-        if raw is not None:
+        if raw:  # an empty value (as in a copied .env.example) means "the default"
             values[name] = _convert(var, f.type, raw)
 
     values["providers"] = _build_providers(env, toml_providers)
@@ -479,7 +479,7 @@ def _provider_values(prefix: str, env: Mapping[str, str]) -> dict[str, Any]:
     for fld in PROVIDER_FIELDS:
         var = f"{prefix}_{fld.upper()}"
         raw = _secret_from(env, var) if fld == "api_key" else env.get(var)
-        if raw is not None:
+        if raw:
             out[fld] = raw
     return out
 

@@ -1,0 +1,150 @@
+"""The `exai` command as a user runs it: serve, config, token new, and secret hygiene."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from tests.helpers import REPO, Rpc, daemon_process, subprocess_env, ws
+
+SECRETS = {
+    "EXAI_TOKENS": "alice:tok-alice-secret-0001,tok-anon-secret-0002",
+    "KIMI_API_KEY": "sk-kimi-secret-0003",
+    "GLM_API_KEY": "sk-glm-secret-0004",
+    "EXAI_STORAGE_URL": "sqlite:///{tmp}/x.sqlite3",
+    "EXAI_REDIS_URL": "redis://:redis-pass-secret-0005@127.0.0.1:6379/0",
+}
+SECRET_VALUES = [
+    "tok-alice-secret-0001",
+    "tok-anon-secret-0002",
+    "sk-kimi-secret-0003",
+    "sk-glm-secret-0004",
+    "redis-pass-secret-0005",
+]
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exai.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
+    )
+
+
+def test_config_prints_settings_with_secrets_redacted(tmp_path):
+    env = subprocess_env(tmp_path, **{k: v.format(tmp=tmp_path) for k, v in SECRETS.items()})
+    out = run_cli(["config"], env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["port"] == 0
+    assert data["providers"]["kimi"]["configured"] is True
+    for value in SECRET_VALUES:
+        assert value not in out.stdout + out.stderr
+
+
+def test_unknown_setting_stops_start_up_with_a_suggestion(tmp_path):
+    out = run_cli(["serve"], subprocess_env(tmp_path, EXAI_MAX_INFLITE="3"))
+    assert out.returncode == 2
+    assert "EXAI_MAX_INFLIGHT" in out.stderr
+
+
+def test_non_loopback_bind_without_tokens_is_refused(tmp_path):
+    out = run_cli(["serve"], subprocess_env(tmp_path, EXAI_HOST="0.0.0.0"))
+    assert out.returncode == 2
+    assert "no client tokens" in out.stderr
+
+
+def test_token_new_prints_a_token_and_its_hashed_line(tmp_path):
+    out = run_cli(["token", "new", "laptop"], subprocess_env(tmp_path))
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    token = lines[0].rsplit(" ", 1)[1]
+    import hashlib
+
+    assert f"laptop:sha256:{hashlib.sha256(token.encode()).hexdigest()}" in lines
+    assert len(token) >= 32
+
+
+def test_serve_announces_once_serves_and_exits_0_on_sigterm(tmp_path):
+    env = subprocess_env(tmp_path)
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        assert url.startswith("ws://127.0.0.1:") and not url.endswith(":0/mcp")
+
+        async def ping() -> dict:
+            async with ws(url) as conn:
+                return await Rpc(conn).call("version")
+
+        res = trio.run(ping)
+        assert res["result"]["isError"] is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    lines = proc.stderr_lines  # type: ignore[attr-defined]
+    assert sum(1 for ln in lines if ln.startswith("exai: listening on ")) == 1
+    assert sum(1 for ln in lines if ln.startswith("exai: admin on http://127.0.0.1:")) == 1
+    assert any("no client tokens configured" in ln for ln in lines)
+    assert any("no provider is configured" in ln for ln in lines)
+
+
+def test_secrets_never_appear_in_logs_errors_or_status(tmp_path):
+    env = subprocess_env(
+        tmp_path,
+        **{k: v.format(tmp=tmp_path) for k, v in SECRETS.items() if k != "EXAI_REDIS_URL"},
+        EXAI_LOG_LEVEL="debug",
+    )
+    with daemon_process(tmp_path, "--plugin", "tests.daemon_tools:register", env=env) as (
+        proc,
+        url,
+    ):
+
+        async def session() -> list[str]:
+            seen = []
+            async with ws(url, token="tok-alice-secret-0001") as conn:
+                rpc = Rpc(conn)
+                for name, args in (("status", {}), ("version", {}), ("fail", {}), ("nope", {})):
+                    seen.append(json.dumps(await rpc.call(name, args)))
+                seen.append(json.dumps(await rpc.request("tools/list")))
+            return seen
+
+        outputs = trio.run(session)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    captured = "\n".join(outputs + proc.stderr_lines)  # type: ignore[attr-defined]
+    assert "call.finished" in captured  # the logs were captured
+    for value in SECRET_VALUES:
+        assert value not in captured
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_drains_a_running_call_before_exit(tmp_path, signum):
+    env = subprocess_env(tmp_path, EXAI_DRAIN_TIMEOUT_S="10")
+    with daemon_process(tmp_path, "--plugin", "tests.daemon_tools:register", env=env) as (
+        proc,
+        url,
+    ):
+
+        async def call_and_signal() -> dict:
+            async with ws(url) as conn:
+                rpc = Rpc(conn)
+                await rpc.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "tools/call",
+                        "params": {"name": "sleep", "arguments": {"seconds": 1.0}},
+                    }
+                )
+                await trio.sleep(0.3)
+                proc.send_signal(signum)
+                return await rpc.response(1)
+
+        res = trio.run(call_and_signal)
+        assert res["result"]["content"][0]["text"] == "slept"
+        assert proc.wait(15) == 0
