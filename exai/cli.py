@@ -92,11 +92,10 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from exai.logs import configure_logging
-    from exai.tools import default_registry
-
     from exai.server.app import check_bind
     from exai.server.auth import TokenTable, parse_tokens
     from exai.server.session import unwrap_exception
+    from exai.tools import default_registry
 
     try:
         settings = _settings()

@@ -163,9 +163,11 @@ class UnsupportedProtocolVersion(CallerError):
     reason = "unsupported_protocol_version"
 
     def __init__(self, requested: str, supported: list[str], message: str | None = None) -> None:
+        default = f"protocol version {requested!r} is not supported; use one of " + ", ".join(
+            supported
+        )
         super().__init__(
-            message
-            or f"protocol version {requested!r} is not supported; use one of {', '.join(supported)}",
+            message or default,
             data={"supported": list(supported), "requested": requested},
         )
         self.requested = requested
