@@ -219,6 +219,14 @@ class Settings:
     idempotency_ttl_s: float = _field(600.0, "how long a finished call's result is kept")
     idempotency_max_entries: int = _field(10_000, "results kept for retried requests")
     memory_limit_bytes: int = _field(0, "memory budget when no cgroup limit (0 = none)")
+    memory_high_watermark: float = _field(0.90, "fraction of the memory limit that stops admission")
+    memory_low_watermark: float = _field(0.80, "fraction of the memory limit that resumes it")
+    memory_check_interval_s: float = _field(1.0, "how often memory is read")
+    stall_threshold_s: float = _field(0.05, "a loop step longer than this is logged as a stall")
+    identity_rate_per_s: float = _field(0.0, "messages per second per client identity (0 = off)")
+    identity_burst: int = _field(200, "message burst per client identity")
+    identity_max_inflight: int = _field(0, "concurrent tools/call per client identity (0 = off)")
+    secret_watch_interval_s: float = _field(2.0, "how often secret files are checked for changes")
 
     # --- client side (bridge, exai call, exai.Client) ------------------------------------
     url: str = _field("ws://127.0.0.1:8079/mcp", "daemon URL for the bridge and client")
@@ -548,6 +556,10 @@ def _validate(s: Settings) -> None:
     for name in ("call_timeout_s", "handshake_timeout_s", "slot_wait_s", "session_rate_per_s"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"EXAI_{name.upper()} must be greater than 0")
+    if not 0 < s.memory_low_watermark < s.memory_high_watermark <= 1:
+        raise ConfigError(
+            "EXAI_MEMORY_LOW_WATERMARK must be below EXAI_MEMORY_HIGH_WATERMARK, both in (0, 1]"
+        )
     if s.log_format not in ("auto", "json", "text"):
         raise ConfigError("EXAI_LOG_FORMAT must be auto, json or text")
     if bool(s.tls_cert) != bool(s.tls_key):

@@ -1,19 +1,49 @@
-"""Shared fixtures. Tests run on trio by default; resilience tests also run on asyncio."""
+"""Shared fixtures. Tests run on trio by default; resilience tests also run on asyncio.
+
+Every async test under the integration folders runs with the loop stall detector
+(``tests/stall_plugin.py``): a task step that blocks the trio loop for more than 0.1 s fails
+the test and names the task.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.stall_plugin"]
+
+#: folders whose async tests are wrapped in the stall detector
+STALL_CHECKED = ("server", "client", "storage", "providers", "tools", "security")
+#: test files that block the loop on purpose (they test the detector itself)
+STALLS_ON_PURPOSE = ("test_stalls.py",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_stalls: do not fail this test on loop stalls")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("EXAI_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
-        return
+    run_slow = os.environ.get("EXAI_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
     skip = pytest.mark.skip(reason="slow soak test: run with -m slow or EXAI_SLOW=1")
+    here = Path(__file__).parent
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords and not run_slow:
             item.add_marker(skip)
+        try:
+            folder = Path(str(item.fspath)).relative_to(here).parts[0]
+        except ValueError:
+            continue
+        if (
+            folder in STALL_CHECKED
+            and "anyio" in item.keywords
+            and "allow_stalls" not in item.keywords
+            and Path(str(item.fspath)).name not in STALLS_ON_PURPOSE
+        ):
+            fixturenames = getattr(item, "fixturenames", None)
+            if fixturenames is not None and "stall_detector" not in fixturenames:
+                fixturenames.append("stall_detector")
 
 
 @pytest.fixture

@@ -47,6 +47,13 @@ def _readyz(daemon: Daemon) -> tuple[int, str, bytes]:
     return _json(200 if ready else 503, {"ready": ready, "reason": reason})
 
 
+@route("/metrics")
+def _metrics(daemon: Daemon) -> tuple[int, str, bytes]:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return 200, CONTENT_TYPE_LATEST, daemon.metrics.render()
+
+
 async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     with trio.move_on_after(5.0):

@@ -26,11 +26,15 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 from exai import __version__, errors
 from exai.config import Settings, is_loopback
 from exai.logs import log_event
+from exai.metrics import DaemonMetrics
+from exai.resilience import TokenBucket
 from exai.server import protocol as p
 from exai.server.admission import Admission
 from exai.server.auth import TokenTable, parse_tokens
 from exai.server.calls import CallRegistry, Execution
+from exai.server.overload import OverloadManager
 from exai.server.session import Session, unwrap_exception
+from exai.server.stalls import StallDetector, stall_detector
 from exai.server.wsconn import accept_request
 from exai.tools.base import ToolContext, ToolRegistry
 
@@ -46,6 +50,7 @@ class DaemonStats:
     def __init__(self) -> None:
         self.rejections: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()  # by outcome
+        self.by_tool: Counter[tuple[str, str]] = Counter()  # (tool, outcome)
 
 
 class Daemon:
@@ -82,6 +87,11 @@ class Daemon:
         #: set by the overload manager while admission is suspended (reason text)
         self.overloaded_reason: str | None = None
         self.calls_nursery: trio.Nursery | None = None
+        self.stall_detector: StallDetector | None = None
+        self.memory: OverloadManager | None = None
+        self.metrics = DaemonMetrics(self)
+        self.identity_buckets: dict[str, TokenBucket] = {}
+        self.identity_limiters: dict[str, trio.CapacityLimiter] = {}
         self.url = ""
         self.admin_url = ""
         self._shutdown = trio.Event()
@@ -121,7 +131,50 @@ class Daemon:
             "rejections": dict(self.stats.rejections),
             "calls": dict(self.stats.calls),
             "stored_results": len(self.calls),
+            "max_loop_stall_s": (
+                round(self.stall_detector.max_stall_s, 4) if self.stall_detector else None
+            ),
+            "loop_stalls": self.stall_detector.stall_count if self.stall_detector else None,
+            "memory": (
+                {"used_bytes": self.memory.used_bytes, "limit_bytes": self.memory.limit_bytes}
+                if self.memory
+                else None
+            ),
         }
+
+    def shrink_caches(self) -> int:
+        """Drop what can be rebuilt (stored results, service caches). Returns entries freed."""
+        freed = self.calls.shrink()
+        for service in self.services.values():
+            shrink = getattr(service, "shrink_caches", None)
+            if shrink is not None and service is not self:
+                freed += int(shrink() or 0)
+        return freed
+
+    def identity_bucket(self, name: str) -> TokenBucket | None:
+        """The message bucket shared by every connection of one client identity."""
+        s = self.settings
+        if s.identity_rate_per_s <= 0:
+            return None
+        bucket = self.identity_buckets.get(name)
+        if bucket is None:
+            bucket = TokenBucket(s.identity_rate_per_s, s.identity_burst)
+            self.identity_buckets[name] = bucket
+        return bucket
+
+    def identity_limiter(self, name: str) -> trio.CapacityLimiter | None:
+        """The in-flight limiter shared by every connection of one client identity."""
+        if self.settings.identity_max_inflight <= 0:
+            return None
+        lim = self.identity_limiters.get(name)
+        if lim is None:
+            lim = trio.CapacityLimiter(self.settings.identity_max_inflight)
+            self.identity_limiters[name] = lim
+        return lim
+
+    def on_stall(self, duration_s: float, task_name: str) -> None:
+        self.metrics.loop_stall.observe(duration_s)
+        log_event("loop.stall", logging.WARNING, duration_s=round(duration_s, 4), task=task_name)
 
     async def shared_result(self, client_key: str) -> dict[str, Any] | None:
         """A result stored by another daemon for ``client_key`` (Redis), if configured."""
@@ -152,7 +205,7 @@ class Daemon:
         ex: Execution,
         args: dict[str, Any],
         ctx: ToolContext,
-        session_limiter: trio.CapacityLimiter,
+        limiters: list[trio.CapacityLimiter],
     ) -> None:
         """Run one tool call under its deadline; store its response; release its slots."""
         spec = self.registry.get(ex.tool)
@@ -215,9 +268,13 @@ class Daemon:
             if ex.payload is not None:
                 self.calls.store(ex.key, ex.payload)
                 await self._share_result(ex)
-            self.inflight.release_on_behalf_of(ex)
-            session_limiter.release_on_behalf_of(ex)
+            for limiter in limiters:
+                limiter.release_on_behalf_of(ex)
             self.stats.calls[outcome] += 1
+            self.stats.by_tool[(ex.tool, outcome)] += 1
+            self.metrics.call_duration.labels(ex.tool, outcome).observe(
+                trio.current_time() - ex.started_at
+            )
             ex.done.set()
             self.notify()
             log_event(
@@ -445,8 +502,6 @@ async def serve(
         ConfigError: an unsafe bind, unreadable TLS files.
         OSError: the port is taken.
     """
-    from exai.server.admin import serve_admin
-
     if registry is None:
         from exai.tools import default_registry
 
@@ -455,6 +510,22 @@ async def serve(
     check_bind(settings, daemon.tokens)
     ssl_ctx = _ssl_context(settings)
     daemon.started_at = trio.current_time()
+    daemon.memory = OverloadManager(daemon)
+
+    with stall_detector(settings.stall_threshold_s, daemon.on_stall) as detector:
+        daemon.stall_detector = detector
+        await _serve(daemon, settings, ssl_ctx, announce, task_status)
+    log_event("daemon.stopped")
+
+
+async def _serve(
+    daemon: Daemon,
+    settings: Settings,
+    ssl_ctx: ssl.SSLContext | None,
+    announce: bool,
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
+    from exai.server.admin import serve_admin
 
     async with trio.open_nursery() as calls_nursery:
         daemon.calls_nursery = calls_nursery
@@ -469,6 +540,8 @@ async def serve(
                 ]
             admin_url = await conn_nursery.start(serve_admin, daemon)
             daemon.admin_url = admin_url
+            assert daemon.memory is not None
+            conn_nursery.start_soon(daemon.memory.run)
             async with trio.open_nursery() as accept_nursery:
                 for lst in listeners:
                     accept_nursery.start_soon(daemon._accept_loop, lst, conn_nursery)
@@ -496,7 +569,6 @@ async def serve(
             with trio.move_on_after(2.0):
                 await daemon.wait_for(lambda: not daemon.sessions)
             conn_nursery.cancel_scope.cancel()
-    log_event("daemon.stopped")
 
 
 def _announce(daemon: Daemon) -> None:

@@ -118,6 +118,12 @@ class CallRegistry:
             else:
                 break
 
+    def shrink(self) -> int:
+        """Drop every stored result (memory pressure); running executions are kept."""
+        n = len(self._finished)
+        self._finished.clear()
+        return n
+
     def __len__(self) -> int:
         return len(self._finished)
 

@@ -66,6 +66,7 @@ class Session:
         self.id = f"s{next(_session_ids)}"
         self.bucket = TokenBucket(self.settings.session_rate_per_s, self.settings.session_burst)
         self.limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
+        self.identity_bucket = daemon.identity_bucket(identity.name)
         self.limited_in_a_row = 0
         self.protocol_version: str | None = None
         # request id (as JSON) → (execution, watcher, responder cancel scope)
@@ -151,6 +152,8 @@ class Session:
             self._cancel(msg.params)  # never rate limited: it frees resources
             return
         wait = self.bucket.try_acquire(1)
+        if wait <= 0 and self.identity_bucket is not None:
+            wait = self.identity_bucket.try_acquire(1)
         if wait > 0:
             self.limited_in_a_row += 1
             self.daemon.stats.rejections["rate_limited"] += 1
@@ -270,28 +273,34 @@ class Session:
                 retry_after_s=1.0,
             )
         ex = Execution(key=key, tool=name, client_key=client_key)
-        got_session = got_global = False
+        # per connection → per client identity → global; all or none, within slot_wait_s
+        wanted: list[tuple[trio.CapacityLimiter, str]] = [
+            (self.limiter, f"this connection's {self.settings.session_max_inflight}")
+        ]
+        ident_limiter = daemon.identity_limiter(self.identity.name)
+        if ident_limiter is not None:
+            wanted.append(
+                (ident_limiter, f"client {self.identity.name!r}'s {ident_limiter.total_tokens}")
+            )
+        wanted.append((daemon.inflight, f"the daemon's {self.settings.max_inflight}"))
+        held: list[trio.CapacityLimiter] = []
+        started = trio.current_time()
         try:
             with trio.move_on_after(self.settings.slot_wait_s):
-                await self.limiter.acquire_on_behalf_of(ex)
-                got_session = True
-                await daemon.inflight.acquire_on_behalf_of(ex)
-                got_global = True
-            if not got_global:
-                which = "this connection's" if not got_session else "the daemon's"
-                limit = (
-                    self.settings.session_max_inflight
-                    if not got_session
-                    else self.settings.max_inflight
-                )
+                for limiter, _ in wanted:
+                    await limiter.acquire_on_behalf_of(ex)
+                    held.append(limiter)
+            daemon.metrics.slot_wait.observe(trio.current_time() - started)
+            if len(held) < len(wanted):
+                which = wanted[len(held)][1]
                 daemon.stats.rejections["overloaded"] += 1
                 raise errors.OverloadedError(
-                    f"{which} {limit} in-flight calls are all busy; retry shortly",
+                    f"{which} in-flight calls are all busy; retry shortly",
                     retry_after_s=self.settings.slot_wait_s,
                 )
         except BaseException:
-            if got_session:
-                self.limiter.release_on_behalf_of(ex)
+            for limiter in held:
+                limiter.release_on_behalf_of(ex)
             raise
         daemon.calls.running[key] = ex
         ctx = ToolContext(
@@ -303,7 +312,7 @@ class Session:
         )
         assert daemon.calls_nursery is not None
         daemon.calls_nursery.start_soon(
-            daemon.run_execution, ex, args, ctx, self.limiter, name=f"call:{name}:{key[:40]}"
+            daemon.run_execution, ex, args, ctx, held, name=f"call:{name}:{key[:40]}"
         )
         return ex
 

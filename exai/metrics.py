@@ -1,0 +1,198 @@
+"""Prometheus metrics of one daemon, served at ``/metrics`` on the admin listener.
+
+Each daemon has its own :class:`prometheus_client.CollectorRegistry` (several daemons can run in
+one test process). Two kinds of figures:
+
+* observed as they happen: call latency histograms, in-flight slot waits, loop stalls;
+* read at scrape time from live state by :class:`_StateCollector`: connections, rejections,
+  calls by outcome, in-flight, and whatever the services report through
+  ``metrics_snapshot()`` — breaker states and transitions, token-bucket waits and rejections,
+  pool use, spool depth.
+
+A service (providers, conversations) opts in by having ``metrics_snapshot() -> dict`` with any of
+these keys::
+
+    {"breakers": [BreakerStatistics, …],
+     "buckets": {name: {"waits": int, "rejections": int}},
+     "pools": {name: {"in_use": int, "size": int}},
+     "spool": {"depth": int, "bytes": int, "writes": int}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from exai.server.app import Daemon
+
+__all__ = ["BREAKER_STATE_VALUE", "DaemonMetrics"]
+
+BREAKER_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_STALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class DaemonMetrics:
+    """The metrics of one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.call_duration = Histogram(
+            "exai_call_duration_seconds",
+            "Duration of tools/call executions.",
+            ["tool", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.slot_wait = Histogram(
+            "exai_inflight_slot_wait_seconds",
+            "Time a tools/call waited for its per-session and global in-flight slots.",
+            buckets=_WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_stall = Histogram(
+            "exai_loop_stall_seconds",
+            "Task steps that blocked the event loop longer than the stall threshold.",
+            buckets=_STALL_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(daemon))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.daemon
+        adm = d.admission
+        g = GaugeMetricFamily("exai_connections_open", "Open MCP WebSocket connections.")
+        g.add_metric([], adm.open)
+        yield g
+        c = CounterMetricFamily(
+            "exai_connections_accepted", "Connections admitted since start.", labels=[]
+        )
+        c.add_metric([], adm.accepted_total)
+        yield c
+        rej = CounterMetricFamily(
+            "exai_connections_rejected",
+            "Connections refused before the upgrade, by reason.",
+            labels=["reason"],
+        )
+        reasons: dict[str, int] = dict(adm.rejected)
+        for key in ("unauthorized", "handshake_timeout", "draining", "overloaded", "not_found"):
+            if key in d.stats.rejections:
+                reasons[key] = reasons.get(key, 0) + d.stats.rejections[key]
+        for reason, n in sorted(reasons.items()):
+            rej.add_metric([reason], n)
+        yield rej
+        r = CounterMetricFamily(
+            "exai_rejections", "Requests refused, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(d.stats.rejections.items()):
+            r.add_metric([reason], n)
+        yield r
+        calls = CounterMetricFamily(
+            "exai_calls",
+            "Finished tools/call executions, by tool and outcome.",
+            labels=["tool", "outcome"],
+        )
+        for (tool, outcome), n in sorted(d.stats.by_tool.items()):
+            calls.add_metric([tool, outcome], n)
+        yield calls
+        infl = GaugeMetricFamily("exai_inflight_calls", "tools/call executions running now.")
+        infl.add_metric([], len(d.calls.running))
+        yield infl
+        lim = GaugeMetricFamily("exai_inflight_limit", "In-flight limits.", labels=["scope"])
+        lim.add_metric(["global"], d.settings.max_inflight)
+        lim.add_metric(["session"], d.settings.session_max_inflight)
+        yield lim
+        sess = GaugeMetricFamily("exai_sessions", "Sessions after the upgrade.")
+        sess.add_metric([], len(d.sessions))
+        yield sess
+        over = GaugeMetricFamily(
+            "exai_overloaded", "1 while admission is suspended (memory watermark or draining)."
+        )
+        over.add_metric([], 1 if (d.overloaded_reason or d.draining) else 0)
+        yield over
+        if d.stall_detector is not None:
+            mx = GaugeMetricFamily(
+                "exai_loop_max_stall_seconds", "Longest event-loop task step since start."
+            )
+            mx.add_metric([], d.stall_detector.max_stall_s)
+            yield mx
+            st = CounterMetricFamily(
+                "exai_loop_stalls", "Task steps over the stall threshold since start."
+            )
+            st.add_metric([], d.stall_detector.stall_count)
+            yield st
+        if d.memory is not None:
+            mem = GaugeMetricFamily("exai_memory_used_bytes", "Memory the watermarks watch.")
+            mem.add_metric([], d.memory.used_bytes)
+            yield mem
+            mlim = GaugeMetricFamily("exai_memory_limit_bytes", "Memory limit watched.")
+            mlim.add_metric([], d.memory.limit_bytes)
+            yield mlim
+        yield from _service_metrics(d.services)
+
+
+def _service_metrics(services: dict[str, Any]) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "exai_breaker_state",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+        labels=["breaker"],
+    )
+    trans = CounterMetricFamily(
+        "exai_breaker_transitions", "Breaker state changes.", labels=["breaker"]
+    )
+    brej = CounterMetricFamily(
+        "exai_breaker_rejections", "Calls refused by an open breaker.", labels=["breaker"]
+    )
+    bwait = CounterMetricFamily(
+        "exai_bucket_waits", "Acquisitions that had to wait for tokens.", labels=["bucket"]
+    )
+    brj = CounterMetricFamily(
+        "exai_bucket_rejections", "Acquisitions refused by a token bucket.", labels=["bucket"]
+    )
+    pool_use = GaugeMetricFamily(
+        "exai_pool_in_use", "Connections of a pool in use.", labels=["pool"]
+    )
+    pool_size = GaugeMetricFamily("exai_pool_size", "Size of a pool.", labels=["pool"])
+    spool_depth = GaugeMetricFamily("exai_spool_depth", "Records waiting in the local spool.")
+    spool_bytes = GaugeMetricFamily("exai_spool_bytes", "Bytes in the local spool.")
+    spool_writes = CounterMetricFamily("exai_spool_writes", "Records written to the spool.")
+    seen_spool = False
+    for service in services.values():
+        snap_fn = getattr(service, "metrics_snapshot", None)
+        if snap_fn is None:
+            continue
+        snap: dict[str, Any] = snap_fn()
+        for b in snap.get("breakers", ()):
+            state.add_metric([b.name], BREAKER_STATE_VALUE.get(b.state, 0))
+            trans.add_metric([b.name], b.transitions)
+            brej.add_metric([b.name], b.rejections)
+        for name, figures in snap.get("buckets", {}).items():
+            bwait.add_metric([name], figures.get("waits", 0))
+            brj.add_metric([name], figures.get("rejections", 0))
+        for name, figures in snap.get("pools", {}).items():
+            pool_use.add_metric([name], figures.get("in_use", 0))
+            pool_size.add_metric([name], figures.get("size", 0))
+        if "spool" in snap:
+            seen_spool = True
+            spool_depth.add_metric([], snap["spool"].get("depth", 0))
+            spool_bytes.add_metric([], snap["spool"].get("bytes", 0))
+            spool_writes.add_metric([], snap["spool"].get("writes", 0))
+    yield from (state, trans, brej, bwait, brj, pool_use, pool_size)
+    if seen_spool:
+        yield from (spool_depth, spool_bytes, spool_writes)
