@@ -259,21 +259,26 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _depth_exceeds(value: Any, max_depth: int) -> bool:
-    """Whether containers nest deeper than ``max_depth`` (the top-level object is depth 1).
+_BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 
-    Iterative with an explicit stack: hostile input can never cause a RecursionError here.
+
+def _depth_exceeds(text: str, max_depth: int) -> bool:
+    """Whether the objects/arrays of valid JSON ``text`` nest deeper than ``max_depth``.
+
+    The top-level container is level 1. Works on the text with C-speed byte operations only
+    (a Python walk over the decoded value costs several times the parse on a frame of many small
+    containers): drop escaped backslashes and quotes, drop string contents (every other piece
+    between quotes), keep only the brackets, then strip innermost ``[]`` pairs once per level.
+    No recursion anywhere. Only valid JSON may be passed: the string handling relies on it.
     """
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return False
+    data = text.encode("utf-8", "surrogatepass").replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(data.split(b'"')[::2]).translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
 
 
 def _nesting_error(max_depth: int) -> _Refused:
@@ -317,7 +322,7 @@ def _load(text: str | bytes, max_depth: int) -> Any:
     if (
         isinstance(value, dict | list)
         and (text.count("[") + text.count("{")) > max_depth
-        and _depth_exceeds(value, max_depth)
+        and _depth_exceeds(text, max_depth)
     ):
         raise _nesting_error(max_depth)
     return value

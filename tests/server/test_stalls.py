@@ -1,0 +1,183 @@
+"""The stall detector finds the task that blocked the trio loop, and only that one.
+
+These tests block the loop on purpose with ``time.sleep``: measuring a real blocking call is
+the point, so this is the one place real time is asserted on (as a lower bound only).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from exai.server.stalls import MAX_KEPT_STALLS, StallDetector, stall_detector
+from tests import stall_plugin
+
+pytestmark = pytest.mark.anyio
+
+# The plugin's fixture, usable here before tests/conftest.py loads the plugin.
+stall_detector_fixture = stall_plugin.stall_detector
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def _blocker() -> None:
+    time.sleep(0.2)  # noqa: ASYNC251 - the blocking call under test
+    await trio.lowlevel.checkpoint()
+
+
+async def _polite() -> None:
+    for _ in range(200):
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_blocking_sleep_in_a_task_is_recorded_with_the_task_name() -> None:
+    with stall_detector(threshold_s=0.05) as detector:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_blocker, name="blocker")
+
+    assert [name for _, name in detector.stalls] == ["blocker"]
+    duration, _ = detector.stalls[0]
+    assert duration >= 0.19
+    assert detector.max_stall_s == duration
+    assert detector.stall_count == 1
+
+
+async def test_a_task_that_checkpoints_often_is_not_flagged() -> None:
+    with stall_detector(threshold_s=0.1) as detector:
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(_polite, name=f"polite-{i}")
+
+    assert detector.stalls == []
+    assert detector.stall_count == 0
+    assert detector.steps >= 5 * 200
+
+
+async def test_on_stall_is_called_with_duration_and_task_name() -> None:
+    seen: list[tuple[float, str]] = []
+    with stall_detector(threshold_s=0.05, on_stall=lambda d, name: seen.append((d, name))):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_blocker, name="blocker")
+
+    assert [name for _, name in seen] == ["blocker"]
+    assert seen[0][0] >= 0.19
+
+
+async def test_only_the_most_recent_stalls_are_kept_but_all_are_counted() -> None:
+    # A negative threshold makes every step a stall: no real blocking needed.
+    with stall_detector(threshold_s=-1.0) as detector:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_polite, name="polite")
+
+    assert detector.stall_count > MAX_KEPT_STALLS
+    assert len(detector.stalls) == MAX_KEPT_STALLS
+
+
+async def test_reset_forgets_what_was_measured() -> None:
+    with stall_detector(threshold_s=-1.0) as detector:
+        await trio.lowlevel.checkpoint()
+        detector.reset()
+        assert (detector.stalls, detector.stall_count, detector.max_stall_s) == ([], 0, 0.0)
+
+
+async def test_the_detector_stops_watching_when_the_block_exits() -> None:
+    with stall_detector(threshold_s=0.05) as detector:
+        pass
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_blocker, name="blocker")
+
+    assert detector.stalls == []
+
+
+async def test_scheduler_batches_are_measured() -> None:
+    with stall_detector(threshold_s=1.0) as detector:
+        await trio.sleep(0.001)  # one real I/O wait, so a batch starts and ends
+        await trio.sleep(0.001)
+
+    assert detector.max_batch_s > 0.0
+
+
+async def test_the_fixture_passes_a_well_behaved_test(
+    stall_detector_fixture: StallDetector,
+) -> None:
+    await _polite()
+    assert stall_detector_fixture.stall_count == 0
+
+
+def test_the_report_names_the_task_and_the_duration() -> None:
+    detector = StallDetector(threshold_s=0.1)
+    detector._stalls.append((0.2345, "session-7"))
+    detector.stall_count = 1
+
+    report = stall_plugin.stall_report(detector)
+
+    assert report is not None
+    assert "'session-7'" in report
+    assert "234.5 ms" in report
+
+
+def test_no_report_when_nothing_stalled() -> None:
+    assert stall_plugin.stall_report(StallDetector()) is None
+
+
+_PLUGIN_USER = """
+    import time
+
+    import pytest
+    import trio
+
+
+    @pytest.fixture
+    def anyio_backend():
+        return "trio"
+
+
+    async def blocker():
+        time.sleep(0.2)
+        await trio.lowlevel.checkpoint()
+
+
+    @pytest.mark.anyio
+    async def test_blocks(stall_detector):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocker, name="the-blocker")
+
+
+    @pytest.mark.anyio
+    async def test_polite(stall_detector):
+        for _ in range(100):
+            await trio.lowlevel.checkpoint()
+
+
+    @pytest.mark.anyio
+    @pytest.mark.stall_threshold(5)
+    async def test_tolerated(stall_detector):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocker, name="the-blocker")
+"""
+
+
+@pytest.mark.anyio(False)
+def test_the_plugin_fails_only_the_test_that_blocked(tmp_path: Path) -> None:
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(_PLUGIN_USER))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.stall_plugin", "-p", "no:cacheprovider",
+         "-q", "-rE", str(tmp_path / "test_user.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+
+    # A teardown error is reported next to the call's pass: 3 passed, and 1 error.
+    assert "3 passed, 1 error" in out, out
+    assert "ERROR test_user.py::test_blocks" in out, out
+    assert "ERROR test_user.py::test_polite" not in out, out
+    assert "ERROR test_user.py::test_tolerated" not in out, out
+    assert "'the-blocker'" in out, out
