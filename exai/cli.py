@@ -72,16 +72,22 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
     async with open_services(settings) as services, trio.open_nursery() as nursery:
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(settings, registry, services, task_status=task_status)
+            await serve(
+                settings, registry, services, reload=Settings.from_env, task_status=task_status
+            )
             nursery.cancel_scope.cancel()
 
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             daemon = await nursery.start(run)
             if not daemon.tokens.enabled:
                 _err("no client tokens configured: serving loopback clients only, no auth")
             for line in provider_lines(settings):
                 print(line, file=sys.stderr, flush=True)
-            async for _sig in signals:
+            async for sig in signals:
+                if sig == signal.SIGHUP:
+                    if daemon.reloader is not None:
+                        nursery.start_soon(daemon.reloader.reload, "SIGHUP")
+                    continue
                 if daemon.draining:
                     _err("second signal: stopping now")
                     nursery.cancel_scope.cancel()

@@ -17,7 +17,7 @@ import logging
 import ssl
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -33,6 +33,7 @@ from exai.server.admission import Admission
 from exai.server.auth import TokenTable, parse_tokens
 from exai.server.calls import CallRegistry, Execution
 from exai.server.overload import OverloadManager
+from exai.server.reload import Reloader
 from exai.server.session import Session, unwrap_exception
 from exai.server.stalls import StallDetector, stall_detector
 from exai.server.wsconn import accept_request
@@ -87,6 +88,8 @@ class Daemon:
         #: set by the overload manager while admission is suspended (reason text)
         self.overloaded_reason: str | None = None
         self.calls_nursery: trio.Nursery | None = None
+        self.conn_nursery: trio.Nursery | None = None
+        self.reloader: Reloader | None = None
         self.stall_detector: StallDetector | None = None
         self.memory: OverloadManager | None = None
         self.metrics = DaemonMetrics(self)
@@ -488,6 +491,8 @@ async def serve(
     services: dict[str, Any] | None = None,
     *,
     announce: bool = True,
+    reload: Callable[[], Settings] | None = None,
+    reload_environ: Mapping[str, str] | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until :meth:`Daemon.request_shutdown`.
@@ -497,6 +502,9 @@ async def serve(
         registry: the tools; default :func:`exai.tools.default_registry`.
         services: shared services passed to tools (providers, conversations, …).
         announce: print the two ``exai: …`` lines to stderr when ready.
+        reload: builds fresh settings for secret rotation (SIGHUP, changed secret files);
+            ``None`` disables rotation.
+        reload_environ: where the names of the watched secret files come from.
 
     Raises:
         ConfigError: an unsafe bind, unreadable TLS files.
@@ -511,6 +519,8 @@ async def serve(
     ssl_ctx = _ssl_context(settings)
     daemon.started_at = trio.current_time()
     daemon.memory = OverloadManager(daemon)
+    if reload is not None:
+        daemon.reloader = Reloader(daemon, reload, reload_environ)
 
     with stall_detector(settings.stall_threshold_s, daemon.on_stall) as detector:
         daemon.stall_detector = detector
@@ -540,8 +550,11 @@ async def _serve(
                 ]
             admin_url = await conn_nursery.start(serve_admin, daemon)
             daemon.admin_url = admin_url
+            daemon.conn_nursery = conn_nursery
             assert daemon.memory is not None
             conn_nursery.start_soon(daemon.memory.run)
+            if daemon.reloader is not None:
+                conn_nursery.start_soon(daemon.reloader.watch)
             async with trio.open_nursery() as accept_nursery:
                 for lst in listeners:
                     accept_nursery.start_soon(daemon._accept_loop, lst, conn_nursery)

@@ -1,0 +1,95 @@
+"""Secret rotation without restart: tokens file changes and SIGHUP-style reloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+from exai.config import Settings
+from exai.server.app import serve
+from tests.helpers import Rpc, make_settings, ws
+
+pytestmark = pytest.mark.anyio
+
+TOK_A = "alice:tok-alice-000000000000000000000001"
+TOK_B = "bob:tok-bob-00000000000000000000000000002"
+TOK_C = "carol:tok-carol-0000000000000000000000003"
+
+
+def bearer(entry: str) -> str:
+    return entry.split(":", 1)[1]
+
+
+def write(path: Path, *entries: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(entries) + "\n")
+    tmp.replace(path)  # atomic, as a deploy tool would do
+
+
+async def start(nursery: trio.Nursery, tmp_path: Path, env: dict[str, str]) -> Any:
+    def load() -> Settings:
+        base = Settings.from_env(env, env_file="", config_file="")
+        import attrs
+
+        return attrs.evolve(base, port=0, admin_port=0, state_dir=str(tmp_path / "state"))
+
+    settings = make_settings(tmp_path, **{"tokens": load().tokens, "secret_watch_interval_s": 0.05})
+    return await nursery.start(
+        lambda task_status: serve(
+            settings,
+            announce=False,
+            reload=load,
+            reload_environ=env,
+            task_status=task_status,
+        )
+    )
+
+
+async def test_tokens_file_change_admits_new_keeps_old_and_closes_revoked_sessions(tmp_path):
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A, TOK_B)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file)}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        async with ws(d, token=bearer(TOK_A)) as sa, ws(d, token=bearer(TOK_B)) as sb:
+            with pytest.raises(ConnectionRejected):
+                async with ws(d, token=bearer(TOK_C)):
+                    pass
+            write(tokens_file, TOK_A, TOK_C)  # bob removed, carol added
+            with trio.fail_after(5):
+                while d.reloader.reloads == 0:
+                    await trio.sleep(0.02)
+            # bob's session is closed with a clear reason
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                while True:
+                    await sb.get_message()
+            assert info.value.reason.code == 4001
+            assert info.value.reason.reason == "token revoked"
+            # alice's session stays up
+            assert (await Rpc(sa).request("ping"))["result"] == {}
+            # carol is admitted, bob is not
+            async with ws(d, token=bearer(TOK_C)) as sc:
+                assert (await Rpc(sc).request("ping"))["result"] == {}
+            with pytest.raises(ConnectionRejected):
+                async with ws(d, token=bearer(TOK_B)):
+                    pass
+        d.request_shutdown()
+
+
+async def test_reload_that_fails_validation_keeps_the_old_tokens(tmp_path):
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file)}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        write(tokens_file, "sha256:not-hex")
+        ok = await d.reloader.reload("test")
+        assert ok is False
+        assert d.reloader.failures == 1
+        async with ws(d, token=bearer(TOK_A)) as conn:
+            assert (await Rpc(conn).request("ping"))["result"] == {}
+        d.request_shutdown()
