@@ -37,7 +37,7 @@ async def start(nursery: trio.Nursery, tmp_path: Path, env: dict[str, str]) -> A
 
         return attrs.evolve(base, port=0, admin_port=0, state_dir=str(tmp_path / "state"))
 
-    settings = make_settings(tmp_path, **{"tokens": load().tokens, "secret_watch_interval_s": 0.05})
+    settings = make_settings(tmp_path, tokens=load().tokens, secret_watch_interval_s=0.05)
     return await nursery.start(
         lambda task_status: serve(
             settings,
