@@ -18,7 +18,9 @@ __all__ = ["open_services"]
 @asynccontextmanager
 async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """Yield ``{"providers": …, "conversations": …, "idempotency": …}`` for the daemon."""
+    from exai.providers import ProviderRouter
+
     services: dict[str, Any] = {}
     async with AsyncExitStack() as stack:
-        del stack  # services are entered here as they are wired in
+        services["providers"] = await stack.enter_async_context(ProviderRouter(settings))
         yield services

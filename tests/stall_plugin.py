@@ -16,6 +16,7 @@ nothing, so tests that run on both backends can still ask for it.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -66,8 +67,16 @@ async def stall_detector(
     if backend != "trio":
         yield StallDetector(threshold)
         return
-    with _install(threshold) as detector:
-        yield detector
+    # A full collection of what earlier tests left behind can take 100+ ms on a loaded
+    # machine and would be blamed on this test: collect first and freeze the survivors, so
+    # collections during the test only walk what the test itself allocates.
+    gc.collect()
+    gc.freeze()
+    try:
+        with _install(threshold) as detector:
+            yield detector
+    finally:
+        gc.unfreeze()
     report = stall_report(detector)
     if report is not None:
         pytest.fail(report, pytrace=False)

@@ -68,7 +68,7 @@ class Session:
         self.limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
         self.identity_bucket = daemon.identity_bucket(identity.name)
         self.limited_in_a_row = 0
-        self.protocol_version: str | None = None
+        self.era = p.EraGate()
         # request id (as JSON) → (execution, watcher, responder cancel scope)
         self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
         self._send, self._outbox = trio.open_memory_channel[str](SEND_QUEUE)
@@ -177,14 +177,12 @@ class Session:
     async def _handle_request(self, req: p.Request) -> None:
         method, params = req.method, req.params
         try:
+            self.era.admit(method, params)
             if method == "tools/call":
                 self._start_call(req)
                 return
             if method == "initialize":
                 requested = params.get("protocolVersion")
-                self.protocol_version = p.negotiate_version(
-                    requested if isinstance(requested, str) else None
-                )
                 res = p.initialize_result(
                     requested if isinstance(requested, str) else None,
                     server_version=self.daemon.version,
@@ -202,18 +200,19 @@ class Session:
                 res = {"tools": self.daemon.registry.to_mcp()}
             else:
                 raise errors.MethodNotFound(f"method not found: {method!r}")
-            await self.send(p.result(req.id, self._finalize(method, req, res)))
+            await self.send(p.result(req.id, self._finalize(method, res)))
         except errors.ExaiError as exc:
             await self.send(p.error_from_exception(req.id, exc))
 
-    def _finalize(self, method: str, req: p.Request, res: dict[str, Any]) -> dict[str, Any]:
-        meta = p.request_meta(req.params)
-        modern = self.protocol_version == p.MODERN_VERSION or (
-            isinstance(meta, dict)
-            and meta.get("io.modelcontextprotocol/protocolVersion") == p.MODERN_VERSION
-        )
-        finalize = getattr(p, "finalize_result", None)
-        return finalize(method, res, modern=modern) if finalize else res
+    def _finalize(self, method: str, res: dict[str, Any]) -> dict[str, Any]:
+        """Add what this connection's protocol era requires to a result (at send time, so a
+        stored result can be re-sent to a connection of the other era)."""
+        return p.finalize_result(method, res, modern=self.era.modern)
+
+    def _response(self, req_id: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        if "result" in payload:
+            return p.result(req_id, self._finalize("tools/call", payload["result"]))
+        return {"jsonrpc": "2.0", "id": req_id, **payload}
 
     # ---------------------------------------------------------------- tools/call
     def _start_call(self, req: p.Request) -> None:
@@ -231,7 +230,7 @@ class Session:
             if stored is None and client_key:
                 stored = await daemon.shared_result(client_key)
             if stored is not None:
-                await self.send({"jsonrpc": "2.0", "id": req.id, **stored})
+                await self.send(self._response(req.id, stored))
                 return
             ex = daemon.calls.running.get(key)
             if ex is None:
@@ -251,7 +250,7 @@ class Session:
                 await ex.done.wait()
                 # (cancelled by notifications/cancelled: no response, by the spec)
                 if ex.payload is not None:
-                    await self.send({"jsonrpc": "2.0", "id": req.id, **ex.payload})
+                    await self.send(self._response(req.id, ex.payload))
             finally:
                 self.inflight.pop(id_key, None)
                 ex.detach(watcher)

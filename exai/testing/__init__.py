@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from exai.testing.faultproxy import FaultProxy
+    from exai.testing.mock_upstream import Fault, MockUpstream, RecordedRequest
 
-__all__ = ["FaultProxy"]
+__all__ = ["Fault", "FaultProxy", "MockUpstream", "RecordedRequest"]
 
 _HOMES = {
+    "Fault": "exai.testing.mock_upstream",
     "FaultProxy": "exai.testing.faultproxy",
+    "MockUpstream": "exai.testing.mock_upstream",
+    "RecordedRequest": "exai.testing.mock_upstream",
 }
 
 

@@ -9,7 +9,8 @@ __all__ = ["ToolContext", "ToolRegistry", "ToolResult", "ToolSpec", "default_reg
 
 def default_registry() -> ToolRegistry:
     """Every built-in tool that is available in this build, in ``tools/list`` order."""
+    from exai.tools.chat import CHAT
     from exai.tools.core import STATUS, VERSION
+    from exai.tools.listmodels import LISTMODELS
 
-    reg = ToolRegistry([VERSION, STATUS])
-    return reg
+    return ToolRegistry([CHAT, LISTMODELS, VERSION, STATUS])

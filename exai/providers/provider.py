@@ -1,0 +1,381 @@
+"""One provider: token buckets → circuit breaker → concurrency limiter → connection pool.
+
+A call passes the stages in that order; each can refuse it before any byte leaves:
+
+1. the ``Retry-After`` hold (set by the last 429) and the requests-per-minute bucket;
+2. the tokens-per-minute bucket, charged with an *estimate* before the call and settled with the
+   usage the provider reports after it (refund of the unused part; an overrun is carried as a
+   debt into the next reservation, so the limit holds over time without letting the bucket go
+   negative);
+3. the circuit breaker (``provider:<name>``);
+4. a ``CapacityLimiter`` of ``max_concurrency`` slots;
+5. the ``httpx`` pool of ``pool_max`` connections (:class:`~exai.providers.client.OpenAIClient`).
+
+What the breaker counts (``breaker_records``): retryable upstream failures (5xx, reset, timeout,
+stall) and malformed answers count as failures. A 429 counts as neither; instead it holds the
+breaker open (``open_until``) and the provider refuses calls locally until ``Retry-After`` has
+passed. Auth failures (401/403) count as neither: they say the key is wrong, not that the
+provider is down, and a breaker tripped by them would keep failing calls for up to
+``breaker_max_open_s`` after the key was fixed. A call with a wrong key costs one fast round trip,
+is never retried, and the router falls back to the next provider. Bad requests (a
+:class:`~exai.errors.CallerError`) and cancellation count as neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+
+from exai.config import ProviderSettings
+from exai.errors import (
+    CallerError,
+    RateLimitedError,
+    UpstreamAuthError,
+    UpstreamMalformedResponse,
+    UpstreamRateLimited,
+)
+from exai.logs import log_event
+from exai.providers.client import OpenAIClient, host_of
+from exai.providers.dialect import dialect_for
+from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage
+from exai.resilience.breaker import CircuitBreaker
+from exai.resilience.bucket import TokenBucket
+
+__all__ = ["DEFAULT_OUTPUT_ESTIMATE", "Provider", "breaker_records", "estimate_tokens"]
+
+#: Output tokens reserved when the request sets no ``max_output_tokens``.
+DEFAULT_OUTPUT_ESTIMATE = 1024
+
+
+def breaker_records(exc: BaseException) -> bool:
+    """Whether the provider breaker counts ``exc`` as a failure (see the module docstring)."""
+    return not isinstance(exc, CallerError | UpstreamAuthError | UpstreamRateLimited)
+
+
+def estimate_tokens(messages: Any, max_output_tokens: int | None) -> int:
+    """A deliberately generous token estimate: ~3 characters a token, plus the output cap."""
+    text = json.dumps(messages, ensure_ascii=False, default=str)
+    prompt = len(text) // 3 + 8
+    return prompt + (max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
+
+
+def _usage_of(completion: dict[str, Any], sent_chars: int, got_chars: int) -> Usage:
+    u = completion.get("usage")
+    if isinstance(u, dict):
+        try:
+            p = int(u.get("prompt_tokens") or 0)
+            c = int(u.get("completion_tokens") or 0)
+            t = int(u.get("total_tokens") or (p + c))
+            return Usage(p, c, t)
+        except (TypeError, ValueError):
+            pass
+    p, c = sent_chars // 4 + 1, got_chars // 4 + 1
+    return Usage(p, c, p + c, estimated=True)
+
+
+@attrs.define
+class _Counters:
+    requests: int = 0  # HTTP requests sent
+    ok: int = 0
+    failed: int = 0
+    refused: int = 0  # refused locally (hold, buckets, breaker)
+    tpm_reserved: float = 0.0
+    tpm_settled: float = 0.0
+    tpm_debt: float = 0.0
+    last_error: dict[str, Any] | None = None
+
+
+class Provider:
+    """One LLM endpoint with its limits, breaker and pool.
+
+    Args:
+        settings: the endpoint and its limits.
+        transport: an httpx transport instead of the network (unit tests).
+
+    Use as an async context manager (it opens and closes the connection pool).
+
+    Resource handling:
+        The pool belongs to this object; a concurrency slot and a half-open probe are always
+        given back, on error and on cancellation.
+
+    Error handling:
+        :meth:`complete` raises :class:`~exai.errors.RateLimitedError` (a local bucket),
+        :class:`~exai.errors.UpstreamRateLimited` (held by a ``Retry-After``),
+        :class:`~exai.errors.CircuitOpenError`, or the mapped upstream error.
+    """
+
+    def __init__(
+        self, settings: ProviderSettings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        s = settings
+        self.settings = s
+        self.name = s.name
+        self.dialect = dialect_for(s.kind)
+        self.client = OpenAIClient(s, transport=transport)
+        self.discovered_models: tuple[str, ...] = ()
+        self.rpm = TokenBucket(s.rpm / 60.0, max(1.0, s.rpm)) if s.rpm > 0 else None
+        self.tpm = TokenBucket(s.tpm / 60.0, max(1.0, s.tpm)) if s.tpm > 0 else None
+        self.breaker = CircuitBreaker(
+            f"provider:{s.name}",
+            failure_rate_threshold=s.breaker_failure_rate,
+            minimum_calls=s.breaker_minimum_calls,
+            window_size=max(s.breaker_window, 1),
+            # a stream may legitimately run for minutes; slowness is bounded by the stall bound
+            slow_call_duration_s=max(s.stall_timeout_s * 10, 600.0),
+            half_open_max_calls=1,
+            open_duration_s=s.breaker_open_s,
+            max_open_duration_s=max(s.breaker_max_open_s, s.breaker_open_s),
+            record=breaker_records,
+            on_transition=self._on_transition,
+        )
+        self.limiter: anyio.CapacityLimiter | None = None
+        self._hold_until = -math.inf
+        self.counters = _Counters()
+
+    async def __aenter__(self) -> Provider:
+        self.limiter = anyio.CapacityLimiter(max(1, self.settings.max_concurrency))
+        await self.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.__aexit__(*exc)
+
+    @property
+    def configured(self) -> bool:
+        return self.settings.configured
+
+    def models(self) -> tuple[str, ...]:
+        """Models this provider serves: the configured ones, then those ``/models`` reported."""
+        seen = dict.fromkeys(self.settings.models)
+        seen.update(dict.fromkeys(self.discovered_models))
+        return tuple(seen)
+
+    def _on_transition(self, name: str, old: str, new: str) -> None:
+        log_event("provider.breaker", provider=self.name, old=old, new=new)
+
+    # -- the call ------------------------------------------------------------------------
+    def hold(self, seconds: float) -> None:
+        """Refuse calls locally for ``seconds`` (the provider's ``Retry-After``)."""
+        now = anyio.current_time()
+        self._hold_until = max(self._hold_until, now + seconds)
+        self.breaker.open_until(seconds)
+
+    def _admit(self, estimate: int) -> tuple[float, float]:
+        """Stages 1–2: returns (rpm cost, tpm cost) taken; raises when refused."""
+        now = anyio.current_time()
+        if now < self._hold_until:
+            wait = self._hold_until - now
+            self.counters.refused += 1
+            raise UpstreamRateLimited(
+                f"provider {self.name!r} asked to wait (Retry-After); retry in {wait:.3f}s",
+                provider=self.name,
+                retry_after_s=wait,
+            )
+        rpm_cost = 0.0
+        if self.rpm is not None:
+            wait = self.rpm.try_acquire(1)
+            if wait > 0:
+                self.counters.refused += 1
+                raise RateLimitedError(
+                    f"provider {self.name!r} is at its limit of {self.settings.rpm:g} requests "
+                    f"per minute; retry in {wait:.3f}s",
+                    retry_after_s=wait,
+                    data={"provider": self.name, "limit": "rpm"},
+                )
+            rpm_cost = 1.0
+        tpm_cost = 0.0
+        if self.tpm is not None:
+            tpm_cost = min(float(estimate) + self.counters.tpm_debt, self.tpm.capacity)
+            wait = self.tpm.try_acquire(tpm_cost)
+            if wait > 0:
+                if self.rpm is not None and rpm_cost:
+                    self.rpm.refund(rpm_cost)
+                self.counters.refused += 1
+                raise RateLimitedError(
+                    f"provider {self.name!r} is at its limit of {self.settings.tpm:g} tokens "
+                    f"per minute; retry in {wait:.3f}s",
+                    retry_after_s=wait,
+                    data={"provider": self.name, "limit": "tpm"},
+                )
+            self.counters.tpm_debt = max(0.0, self.counters.tpm_debt - (tpm_cost - estimate))
+            self.counters.tpm_reserved += tpm_cost
+        return rpm_cost, tpm_cost
+
+    def _settle_tpm(self, reserved: float, used: int | None) -> None:
+        """Give back the unused part of a reservation, or carry an overrun as a debt."""
+        if self.tpm is None or reserved <= 0:
+            return
+        if used is None:  # no answer: the provider charged nothing we know of
+            self.tpm.refund(reserved)
+            self.counters.tpm_reserved -= reserved
+            return
+        self.counters.tpm_settled += used
+        if used < reserved:
+            self.tpm.refund(reserved - used)
+        elif used > reserved:
+            extra = used - reserved
+            if extra > self.tpm.capacity or self.tpm.try_acquire(extra) > 0:
+                self.counters.tpm_debt += extra
+
+    async def complete(self, req: ChatRequest, model: str) -> ChatResponse:
+        """One call to this provider (with Kimi's web-search loop inside it).
+
+        Bounded by the caller's cancel scope; see the module docstring for the stages.
+        """
+        estimate = estimate_tokens(req.messages, req.max_output_tokens)
+        _, tpm_cost = self._admit(estimate)
+        used: int | None = None
+        start = anyio.current_time()
+        try:
+            try:
+                async with self.breaker:
+                    assert self.limiter is not None
+                    async with self.limiter:
+                        resp = await self._exchange(req, model)
+            except BaseException as exc:
+                self._after_failure(exc, start, model)
+                raise
+            used = resp.usage.total_tokens
+        finally:
+            self._settle_tpm(tpm_cost, used)
+        self.counters.ok += 1
+        log_event(
+            "provider.call",
+            provider=self.name,
+            model=model,
+            outcome="ok",
+            elapsed_ms=round((anyio.current_time() - start) * 1000, 1),
+            tokens=used,
+        )
+        return resp
+
+    def _after_failure(self, exc: BaseException, start: float, model: str) -> None:
+        from exai.errors import CircuitOpenError, ExaiError
+
+        if isinstance(exc, CircuitOpenError):
+            # Nothing was sent: give the request-per-minute token back.
+            if self.rpm is not None:
+                self.rpm.refund(1)
+            self.counters.refused += 1
+            return
+        if not isinstance(exc, Exception):
+            return  # cancelled: counts as nothing
+        self.counters.failed += 1
+        if isinstance(exc, UpstreamRateLimited) and exc.retry_after_s:
+            self.hold(exc.retry_after_s)
+        reason = exc.reason if isinstance(exc, ExaiError) else type(exc).__name__
+        self.counters.last_error = {
+            "reason": reason,
+            "message": str(exc)[:300],
+            "at_loop_time": round(anyio.current_time(), 3),
+        }
+        log_event(
+            "provider.call",
+            provider=self.name,
+            model=model,
+            outcome=reason,
+            elapsed_ms=round((anyio.current_time() - start) * 1000, 1),
+        )
+
+    async def _exchange(self, req: ChatRequest, model: str) -> ChatResponse:
+        messages = list(req.messages)
+        usage = Usage()
+        rounds = 0
+        got = 0
+        streaming = req.on_delta is not None
+
+        async def on_chunk(text: str, thought: str) -> None:
+            nonlocal got
+            got += len(text) + len(thought)
+            assert req.on_delta is not None
+            await req.on_delta(StreamDelta(text, thought, got, self.name, model))
+
+        reasoning: list[str] = []
+        while True:
+            body = self.dialect.build_body(
+                attrs.evolve(req, messages=tuple(messages)), model, stream=streaming
+            )
+            if rounds and self.rpm is not None:
+                await self.rpm.acquire(1)  # each web-search round is a request of its own
+            self.counters.requests += 1
+            completion = await self.client.chat(body, on_chunk=on_chunk if streaming else None)
+            choice = completion["choices"][0]
+            message = choice.get("message") or {}
+            content = message.get("content") or ""
+            if message.get("reasoning_content"):
+                reasoning.append(str(message["reasoning_content"]))
+            sent = sum(len(str(m.get("content") or "")) for m in messages)
+            usage = usage + _usage_of(completion, sent, len(content))
+            finish = choice.get("finish_reason")
+            more = self.dialect.tool_round(message, finish)
+            if more is None or rounds >= self.dialect.max_tool_rounds:
+                if more is not None and not content:
+                    raise UpstreamMalformedResponse(
+                        f"provider {self.name!r} kept asking for web search after {rounds} rounds",
+                        provider=self.name,
+                    )
+                key = self.settings.api_key
+                return ChatResponse(
+                    content=content,
+                    reasoning="\n".join(reasoning),
+                    model=model,
+                    provider=self.name,
+                    usage=usage,
+                    finish_reason=finish,
+                    key_fingerprint=key.fingerprint() if key else "",
+                    web_search_rounds=rounds,
+                )
+            messages.extend(more)
+            rounds += 1
+
+    # -- models and status ----------------------------------------------------------------
+    async def refresh_models(self) -> tuple[str, ...]:
+        """``GET /models``; the ids are kept as discovered models. Bounded by the caller."""
+        ids = await self.client.list_models()
+        self.discovered_models = tuple(ids)
+        return self.discovered_models
+
+    def status(self) -> dict[str, Any]:
+        """Health, limits and current use, secrets never included."""
+        s = self.settings
+        stats = self.breaker.statistics()
+        now = anyio.current_time()
+        limiter = self.limiter
+        out: dict[str, Any] = {
+            "kind": s.kind,
+            "configured": s.configured,
+            "host": host_of(s.base_url),
+            "models": list(self.models()),
+            "key": "set" if s.api_key else "none",
+            "key_fingerprint": s.api_key.fingerprint() if s.api_key else None,
+            "breaker": attrs.asdict(stats),
+            "limits": {
+                "rpm": s.rpm or None,
+                "tpm": s.tpm or None,
+                "max_concurrency": s.max_concurrency,
+                "pool_max": s.pool_max,
+                "stall_timeout_s": s.stall_timeout_s,
+            },
+            "use": {
+                "in_flight": int(limiter.borrowed_tokens) if limiter else 0,
+                "waiting": limiter.statistics().tasks_waiting if limiter else 0,
+                "rpm_available": round(self.rpm.statistics().tokens, 3) if self.rpm else None,
+                "tpm_available": round(self.tpm.statistics().tokens, 1) if self.tpm else None,
+                "tpm_debt": self.counters.tpm_debt,
+                "retry_after_s": round(max(0.0, self._hold_until - now), 3),
+            },
+            "counters": {
+                "requests": self.counters.requests,
+                "ok": self.counters.ok,
+                "failed": self.counters.failed,
+                "refused": self.counters.refused,
+            },
+        }
+        if self.counters.last_error:
+            out["last_error"] = self.counters.last_error
+        return out

@@ -1,0 +1,183 @@
+"""Server-sent events, sans-IO: bytes in, events out; and the assembly of a streamed completion.
+
+:class:`SSEDecoder` splits a byte stream into events the way the WHATWG spec says (``data:``
+lines joined by newlines, an empty line ends an event, ``:`` lines are comments). It does no
+I/O, so the client feeds it whatever chunks the socket gave and the tests feed it anything.
+
+:class:`StreamAssembler` folds OpenAI ``chat.completion.chunk`` objects into the one message a
+non-streamed call would have returned: content, reasoning content (thinking models), tool calls
+(assembled from their indexed fragments), finish reason, usage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+__all__ = ["SSEDecoder", "SSEEvent", "StreamAssembler"]
+
+#: An SSE line longer than this without a newline is not a real provider talking.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
+
+@attrs.frozen
+class SSEEvent:
+    """One server-sent event."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+class SSEDecoder:
+    """Incremental SSE decoder.
+
+    ``feed(chunk)`` returns the events completed by ``chunk``; bytes of an unfinished line are
+    kept for the next call. ``ValueError`` when a line grows beyond :data:`MAX_LINE_BYTES`.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buf += chunk
+        events: list[SSEEvent] = []
+        while True:
+            # A line ends with \n, \r\n or \r; providers use \n, so look for it first.
+            nl = self._buf.find(b"\n")
+            cr = self._buf.find(b"\r")
+            if nl < 0 and cr < 0:
+                if len(self._buf) > MAX_LINE_BYTES:
+                    raise ValueError("SSE line too long")
+                return events
+            if cr >= 0 and (nl < 0 or cr < nl):
+                if cr == len(self._buf) - 1:
+                    return events  # a lone \r at the end might be the start of \r\n
+                end, skip = cr, 2 if self._buf[cr + 1 : cr + 2] == b"\n" else 1
+            else:
+                end, skip = nl, 1
+            line = self._buf[:end].decode("utf-8", errors="replace")
+            del self._buf[: end + skip]
+            ev = self._line(line)
+            if ev is not None:
+                events.append(ev)
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            ev = SSEEvent(data="\n".join(self._data), event=self._event or "message", id=self._id)
+            self._data, self._event = [], ""
+            return ev
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None
+
+
+def _merge_tool_call(calls: list[dict[str, Any]], frag: dict[str, Any]) -> None:
+    idx = frag.get("index")
+    if not isinstance(idx, int):
+        idx = len(calls)
+    while len(calls) <= idx:
+        calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call = calls[idx]
+    if frag.get("id"):
+        call["id"] = frag["id"]
+    if frag.get("type"):
+        call["type"] = frag["type"]
+    fn = frag.get("function") or {}
+    if fn.get("name"):
+        call["function"]["name"] = fn["name"]
+    if isinstance(fn.get("arguments"), str):
+        call["function"]["arguments"] += fn["arguments"]
+
+
+class StreamAssembler:
+    """Folds ``chat.completion.chunk`` objects into one ``chat.completion``-shaped message."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.chunks = 0
+
+    def add(self, chunk: dict[str, Any]) -> tuple[str, str]:
+        """Add one chunk; returns the (content, reasoning) text it carried.
+
+        Raises:
+            ValueError: the chunk is not the shape the API promises.
+        """
+        if not isinstance(chunk, dict):
+            raise ValueError("chunk is not an object")
+        self.chunks += 1
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if choices is None:
+            return "", ""
+        if not isinstance(choices, list):
+            raise ValueError("choices is not a list")
+        text = thought = ""
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise ValueError("choice is not an object")
+            # some providers report usage inside the final choice
+            if isinstance(choice.get("usage"), dict):
+                self.usage = choice["usage"]
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise ValueError("delta is not an object")
+            if isinstance(delta.get("content"), str):
+                text += delta["content"]
+            if isinstance(delta.get("reasoning_content"), str):
+                thought += delta["reasoning_content"]
+            for frag in delta.get("tool_calls") or ():
+                if isinstance(frag, dict):
+                    _merge_tool_call(self.tool_calls, frag)
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+        if text:
+            self.content.append(text)
+        if thought:
+            self.reasoning.append(thought)
+        return text, thought
+
+    def message(self) -> dict[str, Any]:
+        """The assembled assistant message, as a non-streamed response would carry it."""
+        msg: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            msg["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        return msg
+
+    def completion(self) -> dict[str, Any]:
+        """The whole stream as one ``chat.completion`` object."""
+        out: dict[str, Any] = {
+            "object": "chat.completion",
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": self.message(), "finish_reason": self.finish_reason}
+            ],
+        }
+        if self.usage is not None:
+            out["usage"] = self.usage
+        return out

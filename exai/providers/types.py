@@ -1,0 +1,140 @@
+"""Value objects of the provider layer: the request a tool makes and the answer it gets."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import attrs
+
+__all__ = ["Attempt", "ChatRequest", "ChatResponse", "DeltaCallback", "StreamDelta", "Usage"]
+
+Step = Literal["single", "early", "final"]
+THINKING_MODES = ("minimal", "low", "medium", "high", "max")
+
+
+@attrs.frozen
+class StreamDelta:
+    """One streamed piece of an answer.
+
+    Attributes:
+        content: answer text in this chunk.
+        reasoning: reasoning text in this chunk (thinking models).
+        chars_received: answer and reasoning characters received so far in this attempt.
+        provider: the provider streaming.
+        model: the model streaming.
+    """
+
+    content: str
+    reasoning: str
+    chars_received: int
+    provider: str
+    model: str
+
+
+DeltaCallback = Callable[[StreamDelta], Awaitable[None]]
+
+
+@attrs.frozen(kw_only=True)
+class ChatRequest:
+    """What a tool asks of the provider layer.
+
+    Attributes:
+        messages: OpenAI-style chat messages (``role``/``content``).
+        model: a model name, ``"provider/model"`` to pin a provider, or ``"auto"``.
+        tool: the calling tool; ``auto`` routing uses it.
+        step: ``"single"`` for one-shot tools, ``"early"``/``"final"`` for workflow steps.
+        temperature: 0–1, or ``None`` for the provider's default.
+        thinking_mode: ``minimal`` … ``max`` or ``None``; mapped per provider.
+        use_websearch: enable the provider's web search (Kimi ``$web_search``, GLM
+            ``web_search``).
+        max_output_tokens: cap on generated tokens, or ``None``.
+        on_delta: called for each streamed piece; when given, the call streams.
+        allow_fallback: when false only the named model is tried (its providers, retried).
+    """
+
+    messages: tuple[dict[str, Any], ...] = attrs.field(converter=tuple)
+    model: str = "auto"
+    tool: str = "chat"
+    step: Step = "single"
+    temperature: float | None = None
+    thinking_mode: str | None = None
+    use_websearch: bool = False
+    max_output_tokens: int | None = None
+    on_delta: DeltaCallback | None = attrs.field(default=None, eq=False, repr=False)
+    allow_fallback: bool = True
+
+
+@attrs.frozen
+class Usage:
+    """Token counts of one answer; ``estimated`` when the provider reported none."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated: bool = False
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.estimated or other.estimated,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Attempt:
+    """One (provider, model) tried for a call and how it ended.
+
+    ``outcome`` is ``"ok"`` or the ``reason`` of the error (``circuit_open``,
+    ``upstream_unavailable``, ``upstream_rate_limited``, ``rate_limited``, ``upstream_auth`` …).
+    """
+
+    provider: str
+    model: str
+    outcome: str
+    detail: str = ""
+    retry_after_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "provider": self.provider,
+            "model": self.model,
+            "outcome": self.outcome,
+        }
+        if self.detail:
+            out["detail"] = self.detail
+        if self.retry_after_s is not None:
+            out["retry_after_s"] = round(self.retry_after_s, 3)
+        return out
+
+
+@attrs.frozen(kw_only=True)
+class ChatResponse:
+    """The answer to a :class:`ChatRequest`.
+
+    Attributes:
+        content: the answer text.
+        reasoning: reasoning content of a thinking model ("" when none).
+        model: the model that served the answer.
+        provider: the provider that served it.
+        usage: token counts (summed over a web-search loop).
+        attempts: every (provider, model) tried, in order, the last one being the answer.
+        finish_reason: as the provider reported it.
+        key_fingerprint: :meth:`exai.config.Secret.fingerprint` of the key used, or "".
+        web_search_rounds: builtin web-search round trips made.
+    """
+
+    content: str
+    reasoning: str = ""
+    model: str
+    provider: str
+    usage: Usage = Usage()
+    attempts: tuple[Attempt, ...] = ()
+    finish_reason: str | None = None
+    key_fingerprint: str = ""
+    web_search_rounds: int = 0

@@ -1,0 +1,121 @@
+"""`chat` and `listmodels` through the daemon, against mock upstreams over real HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from exai.config import Settings
+from exai.providers import ProviderRouter
+from exai.server.app import serve
+from exai.testing import MockUpstream
+from exai.tools import default_registry
+from tests.helpers import Rpc, make_settings, running_daemon, ws
+from tests.providers.conftest import KEY_A, mock_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def daemon_settings(tmp_path: Path, a: MockUpstream, b: MockUpstream, **kw: object) -> Settings:
+    providers = mock_settings(a, b)
+    return make_settings(
+        tmp_path,
+        providers=providers.providers,
+        fast_models=providers.fast_models,
+        quality_models=providers.quality_models,
+        **kw,
+    )
+
+
+async def test_chat_round_trip_streams_progress_to_the_client(tmp_path, two_mocks):
+    a, b = two_mocks
+    a.chunk_delay_s = 0.1  # a slow stream, so progress is worth sending
+    settings = daemon_settings(tmp_path, a, b)
+    async with (
+        ProviderRouter(settings) as router,
+        running_daemon(settings, default_registry(), {"providers": router}) as d,
+        ws(d) as conn,
+    ):
+        rpc = Rpc(conn)
+        res = await rpc.request(
+            "tools/call",
+            {
+                "name": "chat",
+                "arguments": {"prompt": "hello there", "model": "mock-a"},
+                "_meta": {"progressToken": "p1"},
+            },
+        )
+        result = res["result"]
+        assert result["isError"] is False
+        text = result["content"][0]["text"]
+        assert "mock:mock-a: hello there" in text
+        assert "mock-a" in text  # the answer says which model served it
+        progress = [n for n in rpc.notifications if n.get("method") == "notifications/progress"]
+        assert progress, "no progress notification reached the client"
+        assert all(n["params"]["progressToken"] == "p1" for n in progress)
+        assert len(a.chat_requests) == 1
+        assert a.chat_requests[0].json["stream"] is True
+        assert b.chat_requests == []
+
+
+async def test_listmodels_reports_providers_breakers_and_limits(tmp_path, two_mocks):
+    a, b = two_mocks
+    settings = daemon_settings(tmp_path, a, b)
+    async with (
+        ProviderRouter(settings) as router,
+        running_daemon(settings, default_registry(), {"providers": router}) as d,
+        ws(d) as conn,
+    ):
+        rpc = Rpc(conn)
+        res = await rpc.call("listmodels")
+        text = res["result"]["content"][0]["text"]
+        for word in ("mock-a", "mock-b", "closed"):
+            assert word in text
+        status = await rpc.call("status")
+        providers = status["result"]["structuredContent"]["providers"]["providers"]
+        assert providers["a"]["breaker"]["state"] == "closed"
+        assert KEY_A not in str(status)
+
+
+async def test_provider_key_rotation_reaches_the_upstream_on_the_next_call(tmp_path):
+    key_file = tmp_path / "mock.key"
+    key_file.write_text("key-before-rotation-000000\n")
+    async with MockUpstream(models=("mock-fast",)) as mock:
+        env = {
+            "EXAI_PROVIDER_MOCK_BASE_URL": mock.base_url,
+            "EXAI_PROVIDER_MOCK_MODELS": "mock-fast",
+            "EXAI_PROVIDER_MOCK_API_KEY_FILE": str(key_file),
+        }
+
+        def load() -> Settings:
+            base = Settings.from_env(env, env_file="", config_file="")
+            return attrs.evolve(base, port=0, admin_port=0, secret_watch_interval_s=0.05)
+
+        settings = load()
+        async with ProviderRouter(settings) as router, trio.open_nursery() as nursery:
+            d = await nursery.start(
+                lambda task_status: serve(
+                    settings,
+                    default_registry(),
+                    {"providers": router},
+                    announce=False,
+                    reload=load,
+                    reload_environ=env,
+                    task_status=task_status,
+                )
+            )
+            async with ws(d) as conn:
+                rpc = Rpc(conn)
+                args = {"prompt": "hi", "model": "mock-fast"}
+                assert (await rpc.call("chat", args))["result"]["isError"] is False
+                key_file.write_text("key-after-rotation-1111111\n")
+                with trio.fail_after(5):
+                    while d.reloader.reloads == 0:
+                        await trio.sleep(0.02)
+                assert (await rpc.call("chat", args))["result"]["isError"] is False
+            d.request_shutdown()
+        auth = [r.headers["authorization"] for r in mock.chat_requests]
+        assert auth == ["Bearer key-before-rotation-000000", "Bearer key-after-rotation-1111111"]
