@@ -19,8 +19,21 @@ __all__ = ["open_services"]
 async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """Yield ``{"providers": …, "conversations": …, "idempotency": …}`` for the daemon."""
     from exai.providers import ProviderRouter
+    from exai.storage.base import store_kind
+    from exai.storage.service import ConversationService
 
     services: dict[str, Any] = {}
     async with AsyncExitStack() as stack:
+        bridge = None
+        if settings.redis_url or store_kind(settings.effective_storage_url) == "postgres":
+            from exai.storage.aio_bridge import open_asyncio_bridge
+
+            bridge = await stack.enter_async_context(open_asyncio_bridge())
+        conversations = await stack.enter_async_context(
+            ConversationService.open(settings, bridge=bridge)
+        )
+        services["conversations"] = conversations
+        if conversations.idempotency is not None:
+            services["idempotency"] = conversations.idempotency
         services["providers"] = await stack.enter_async_context(ProviderRouter(settings))
         yield services

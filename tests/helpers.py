@@ -167,7 +167,9 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
         head += bytes([0x80 | 126]) + struct.pack("!H", n)
     else:
         head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    # XOR as big integers: a per-byte Python loop over 300 KB would itself stall the loop
+    full_mask = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(full_mask, "big")).to_bytes(n, "big")
     return head + mask + masked
 
 
@@ -249,3 +251,21 @@ def daemon_process(
             proc.kill()
         proc.wait(10)
         t.join(5)
+
+
+@asynccontextmanager
+async def async_daemon_process(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[subprocess.Popen[str], str]]:
+    """:func:`daemon_process` for async tests: start-up and teardown run in a worker thread."""
+    cm = daemon_process(tmp_path, *args, env=env)
+    proc, url = await trio.to_thread.run_sync(cm.__enter__)
+    try:
+        yield proc, url
+    finally:
+        await trio.to_thread.run_sync(cm.__exit__, None, None, None)
+
+
+async def wait_exit(proc: subprocess.Popen[str], timeout_s: float = 15) -> int:
+    """Wait for a subprocess to exit without blocking the trio loop."""
+    return await trio.to_thread.run_sync(proc.wait, timeout_s)

@@ -16,7 +16,6 @@ nothing, so tests that run on both backends can still ask for it.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -67,16 +66,10 @@ async def stall_detector(
     if backend != "trio":
         yield StallDetector(threshold)
         return
-    # A full collection of what earlier tests left behind can take 100+ ms on a loaded
-    # machine and would be blamed on this test: collect first and freeze the survivors, so
-    # collections during the test only walk what the test itself allocates.
-    gc.collect()
-    gc.freeze()
-    try:
-        with _install(threshold) as detector:
-            yield detector
-    finally:
-        gc.unfreeze()
+    # Garbage-collection pauses are left out: on a loaded machine a full collection of what
+    # earlier tests left behind can take 100+ ms, and this fixture looks for blocking calls.
+    with _install(threshold, exclude_gc=True) as detector:
+        yield detector
     report = stall_report(detector)
     if report is not None:
         pytest.fail(report, pytrace=False)

@@ -306,6 +306,7 @@ class Session:
             settings=self.settings,
             services=daemon.services,
             request_id=req.id,
+            call_key=key,
             session_id=self.id,
             client=self.identity.name,
         )

@@ -1,1 +1,76 @@
-"""exai.storage."""
+"""Conversation storage: the store protocol, SQLite, PostgreSQL, Redis, the spool, the service.
+
+Public names load on first use, so importing :mod:`exai.storage` does not import asyncpg,
+redis-py or trio-asyncio (which patches asyncio) until they are needed::
+
+    from exai.storage import ConversationService, Turn, open_asyncio_bridge
+
+See ``docs/storage.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AppendResult": "exai.storage.base",
+    "AsyncioBridge": "exai.storage.aio_bridge",
+    "BridgedPgPool": "exai.storage.aio_bridge",
+    "BridgedRedis": "exai.storage.aio_bridge",
+    "ConversationService": "exai.storage.service",
+    "ConversationStore": "exai.storage.base",
+    "GuardedRedis": "exai.storage.redis_cache",
+    "IdempotencyResults": "exai.storage.redis_cache",
+    "PostgresStore": "exai.storage.postgres",
+    "SQLiteStore": "exai.storage.sqlite",
+    "Spool": "exai.storage.spool",
+    "Thread": "exai.storage.model",
+    "ThreadCache": "exai.storage.redis_cache",
+    "Turn": "exai.storage.model",
+    "build_history": "exai.storage.service",
+    "migrate_storage": "exai.storage.service",
+    "open_asyncio_bridge": "exai.storage.aio_bridge",
+    "open_spool": "exai.storage.spool",
+    "open_store": "exai.storage.base",
+    "store_breaker": "exai.storage.service",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def migrate_main(argv: list[str]) -> int:
+    """``exai migrate``: apply pending migrations of the configured store and say what was done."""
+    import json
+    import sys
+
+    import trio
+
+    from exai.config import Settings
+    from exai.errors import ConfigError, ExaiError
+
+    if argv:
+        print("usage: exai migrate   (uses EXAI_STORAGE_URL)", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings.from_env()
+        service = importlib.import_module("exai.storage.service")
+        done = trio.run(service.migrate_storage, settings)
+    except (ConfigError, ExaiError) as exc:
+        print(f"exai: migrate failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(done, indent=2, default=str))
+    return 0
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'exai.storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

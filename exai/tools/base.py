@@ -54,6 +54,9 @@ class ToolContext:
     services: dict[str, Any] = attrs.field(factory=dict)
     progress: ProgressFn = _no_progress
     request_id: Any = None
+    #: the call's exactly-once key (the client's idempotency key, or session + request id):
+    #: tools use it to make their own writes idempotent
+    call_key: str = ""
     session_id: str = ""
     client: str = "anonymous"
     # filled by tools that call a provider, for the audit log and the result's metadata

@@ -121,26 +121,22 @@ async def save_turns(
         return {}
     from exai.storage.model import Turn
 
-    key = f"chat:{ctx.session_id}:{ctx.request_id if ctx.request_id is not None else uuid.uuid4()}"
-    await conv.add_turn(
-        thread.id, Turn(role="user", content=prompt, tool="chat", files=files), key + ":user"
+    key = "chat:" + (ctx.call_key or f"{ctx.session_id}:{ctx.request_id or uuid.uuid4()}")
+    after = await conv.add_turns(
+        thread,
+        [
+            Turn(role="user", content=prompt, tool="chat", files=tuple(files)),
+            Turn(
+                role="assistant",
+                content=resp.content,
+                tool="chat",
+                provider=resp.provider,
+                model=resp.model,
+            ),
+        ],
+        key,
     )
-    await conv.add_turn(
-        thread.id,
-        Turn(
-            role="assistant",
-            content=resp.content,
-            tool="chat",
-            provider=resp.provider,
-            model=resp.model,
-        ),
-        key + ":assistant",
-    )
-    remaining = conv.turns_remaining(thread)
-    if hasattr(remaining, "__await__"):
-        remaining = await remaining
-    # the two turns just written are not in ``thread``
-    remaining = max(0, int(remaining) - 2)
+    remaining = conv.turns_remaining(after)
     return {"continuation_id": thread.id, "remaining_turns": remaining}
 
 

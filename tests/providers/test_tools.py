@@ -146,11 +146,12 @@ class _FakeConversations:
     def build_history(self, thread: _FakeThread, budget: int) -> list[dict]:
         return [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "yes"}]
 
-    async def add_turn(self, thread_id: str, turn: Any, key: str) -> None:
-        self.added.append((thread_id, turn, key))
+    async def add_turns(self, thread: _FakeThread, turns: list, key: str) -> _FakeThread:
+        self.added.extend((thread.id, t, key) for t in turns)
+        return _FakeThread(thread.id, turns=(*thread.turns, *turns))
 
     def turns_remaining(self, thread: _FakeThread) -> int:
-        return 10
+        return 10 - len(thread.turns)
 
 
 @pytest.mark.anyio
@@ -162,9 +163,10 @@ async def test_chat_continues_a_thread_and_stores_both_turns(scripted):
         result = await CHAT.handler({"prompt": "and now?", "continuation_id": "t1"}, ctx)
     sent = a.chats[0]["messages"]
     assert [m["content"] for m in sent[1:]] == ["earlier", "yes", "and now?"]
+    # both turns in one atomic write under the call's key
     assert [(t.role, key) for _, t, key in conv.added] == [
-        ("user", "chat:s1:7:user"),
-        ("assistant", "chat:s1:7:assistant"),
+        ("user", "chat:s1:7"),
+        ("assistant", "chat:s1:7"),
     ]
     assert conv.added[1][1].model == "mock-a"
     assert result.structured is not None

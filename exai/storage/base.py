@@ -1,0 +1,129 @@
+"""The :class:`ConversationStore` protocol and :func:`open_store`, which picks a store by URL.
+
+A store is the single source of truth for conversations. It knows nothing about breakers,
+deadlines, the spool or the cache: :class:`~exai.storage.service.ConversationService` wraps it
+with those. Every store method is idempotent where it writes:
+
+- ``append_turns`` creates the thread row when it is missing and writes each turn unless a turn
+  with the same ``idempotency_key`` exists, in one transaction. Sequence numbers are assigned by
+  the store, gap-free and in call order, so two daemons appending to one thread never collide.
+- ``create_thread`` is an upsert.
+
+Errors: a store maps its driver's errors to :class:`~exai.errors.StoreUnavailableError` (could
+not reach the database, connection lost: retrying later may work) and
+:class:`~exai.errors.StoreError` (anything else).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+
+from exai.config import Settings
+from exai.errors import ConfigError
+from exai.storage.model import Thread, Turn
+
+if TYPE_CHECKING:
+    from exai.storage.aio_bridge import AsyncioBridge
+
+__all__ = ["AppendResult", "ConversationStore", "open_store", "store_kind"]
+
+
+@attrs.frozen(kw_only=True)
+class AppendResult:
+    """What one ``append_turns`` did.
+
+    Attributes:
+        written: turns newly written (the others were duplicates of earlier writes).
+        turn_count: turns in the thread after the write.
+    """
+
+    written: int
+    turn_count: int
+
+
+@runtime_checkable
+class ConversationStore(Protocol):
+    """Where threads live. Used as an async context manager (``async with store:``)."""
+
+    #: ``"sqlite"`` or ``"postgres"``.
+    kind: str
+
+    async def __aenter__(self) -> ConversationStore: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def create_thread(self, thread_id: str, *, created_at: float) -> None:
+        """Create an empty thread; a no-op when it exists."""
+        ...
+
+    async def append_turns(self, thread_id: str, turns: Sequence[Turn]) -> AppendResult:
+        """Append ``turns`` (each with an ``idempotency_key`` and ``created_at``) in one
+        transaction, creating the thread when missing; duplicates (same key) are skipped."""
+        ...
+
+    async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
+        """Append one turn; True if written, False if that key was already written."""
+        ...
+
+    async def get_thread(self, thread_id: str) -> Thread | None:
+        """The thread with its turns in order, or None. Expiry is the caller's business."""
+        ...
+
+    async def delete_expired(self, now: float) -> int:
+        """Delete threads whose ``expires_at`` is before ``now``; the number deleted."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Kind, location (secrets redacted) and pool use."""
+        ...
+
+
+def store_kind(url: str) -> str:
+    """``"sqlite"`` or ``"postgres"`` for a storage URL.
+
+    Raises:
+        ConfigError: the scheme is neither.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        return "sqlite"
+    if scheme in ("postgresql", "postgres"):
+        return "postgres"
+    raise ConfigError(
+        f"EXAI_STORAGE_URL: unsupported scheme {scheme!r}; use sqlite:///path or postgresql://…"
+    )
+
+
+@asynccontextmanager
+async def open_store(
+    settings: Settings, bridge: AsyncioBridge | None = None
+) -> AsyncIterator[ConversationStore]:
+    """Open the store ``settings.effective_storage_url`` names.
+
+    ``sqlite:///abs/path`` (or ``sqlite:///relative``) needs no bridge. ``postgresql://…`` runs
+    asyncpg through ``bridge`` and applies pending migrations before yielding.
+
+    Raises:
+        ConfigError: an unsupported URL, or PostgreSQL without a bridge.
+        StoreUnavailableError: PostgreSQL cannot be reached.
+    """
+    url = settings.effective_storage_url
+    kind = store_kind(url)
+    store: ConversationStore
+    if kind == "sqlite":
+        from exai.storage.sqlite import SQLiteStore
+
+        store = SQLiteStore.from_url(url, settings)
+    else:
+        if bridge is None:
+            raise ConfigError("a PostgreSQL store needs the asyncio bridge (open_asyncio_bridge)")
+        from exai.storage.postgres import PostgresStore
+
+        store = PostgresStore.from_url(url, settings, bridge)
+    async with store:
+        yield store

@@ -1,0 +1,126 @@
+"""The trio-asyncio bridge: asyncpg and redis-py from trio, with trio cancellation."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import pytest
+import trio
+
+from exai.errors import StoreUnavailableError
+from exai.storage.aio_bridge import BridgedPgPool, BridgedRedis, open_asyncio_bridge
+from tests.storage.conftest import PG_HOST, PG_PORT
+
+pytestmark = pytest.mark.anyio
+
+
+def _dsn(database: str) -> str:
+    return f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{database}"
+
+
+async def test_a_cancel_scope_cancels_an_in_flight_query_and_the_pool_stays_usable(
+    pg_database: str, stall_detector: object
+) -> None:
+    marker = f"exai-cancel-{uuid.uuid4().hex[:8]}"
+    async with open_asyncio_bridge() as bridge:
+        pool = await BridgedPgPool.create(bridge, _dsn(pg_database), min_size=1, max_size=2)
+        try:
+            started = trio.current_time()
+            with trio.move_on_after(0.2) as scope:
+                await pool.run(lambda c: c.fetch(f"SELECT pg_sleep(10) /* {marker} */"))
+            assert scope.cancelled_caught
+            assert trio.current_time() - started < 1.0
+            assert await pool.run(lambda c: c.fetchval("SELECT 41 + 1")) == 42
+            # the server stops the query too (the disconnect check notices within a second)
+            with trio.fail_after(5):
+                while await pool.run(
+                    lambda c: c.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 "
+                        "AND pid <> pg_backend_pid()",
+                        f"%{marker}%",
+                    )
+                ):
+                    await trio.sleep(0.1)
+            assert pool.status()["in_use"] == 0
+        finally:
+            await pool.close()
+
+
+async def test_a_task_from_a_nursery_opened_before_the_bridge_can_use_it(
+    pg_database: str,
+) -> None:
+    results: list[int] = []
+    async with trio.open_nursery() as outer, open_asyncio_bridge() as bridge:
+        pool = await BridgedPgPool.create(bridge, _dsn(pg_database), min_size=1, max_size=1)
+        done = trio.Event()
+
+        async def query() -> None:
+            results.append(await pool.run(lambda c: c.fetchval("SELECT 7")))
+            done.set()
+
+        outer.start_soon(query)
+        with trio.fail_after(5):
+            await done.wait()
+        await pool.close()
+    assert results == [7]
+
+
+async def test_an_unreachable_postgres_is_store_unavailable() -> None:
+    port = _free_port()
+    async with open_asyncio_bridge() as bridge:
+        with pytest.raises(StoreUnavailableError):
+            await BridgedPgPool.create(
+                bridge, f"postgresql://postgres@127.0.0.1:{port}/x", min_size=1, max_size=1
+            )
+
+
+async def test_redis_commands_run_through_the_bridge(redis_prefix: str) -> None:
+    async with open_asyncio_bridge() as bridge:
+        redis = BridgedRedis.from_url(bridge, "redis://127.0.0.1:6379/0", max_connections=2)
+        try:
+            key = redis_prefix + "k"
+            assert await redis.ping()
+            assert await redis.set(key, b"v", ex_s=5)
+            assert not await redis.set(key, b"w", nx=True)
+            assert await redis.get(key) == b"v"
+            assert await redis.mget(key, key + "-missing") == [b"v", None]
+            assert await redis.run_script("return ARGV[1]", [key], ["x"]) == b"x"
+            seconds, _micros = await redis.time()
+            assert seconds > 1_600_000_000
+            assert await redis.delete(key) == 1
+            assert redis.status()["max"] == 2
+        finally:
+            await redis.aclose()
+
+
+async def test_an_unreachable_redis_is_store_unavailable() -> None:
+    port = _free_port()
+    async with open_asyncio_bridge() as bridge:
+        redis = BridgedRedis.from_url(bridge, f"redis://127.0.0.1:{port}/0", max_connections=2)
+        try:
+            with pytest.raises(StoreUnavailableError):
+                await redis.get("x")
+        finally:
+            await redis.aclose()
+
+
+async def test_a_cancelled_redis_call_leaves_the_pool_usable(redis_prefix: str) -> None:
+    async with open_asyncio_bridge() as bridge:
+        redis = BridgedRedis.from_url(bridge, "redis://127.0.0.1:6379/0", max_connections=1)
+        try:
+            with anyio.move_on_after(0.1) as scope:
+                # BLPOP on an empty list blocks server-side for 5 s
+                await redis._call(redis._client.blpop, [redis_prefix + "empty"], 5)
+            assert scope.cancelled_caught
+            assert await redis.ping()
+        finally:
+            await redis.aclose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,130 @@
+"""The SQLite store: schema, WAL, idempotent appends, order, expiry, and no blocking calls."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+
+from exai.errors import ConfigError
+from exai.storage.base import AppendResult
+from exai.storage.model import Turn
+from exai.storage.sqlite import SCHEMA_VERSION, SQLiteStore, sqlite_path
+
+pytestmark = pytest.mark.anyio
+
+
+def _turn(content: str, key: str, at: float = 1000.0, role: str = "user") -> Turn:
+    return Turn(
+        role=role,
+        content=content,
+        tool="chat",
+        created_at=at,
+        idempotency_key=key,
+        thread_id="t1",
+    )
+
+
+def _count_turns(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT count(*) FROM turns").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_sqlite_urls_follow_the_three_and_four_slash_convention() -> None:
+    assert sqlite_path("sqlite:////var/lib/exai.db") == Path("/var/lib/exai.db")
+    assert sqlite_path("sqlite:///state/exai.db") == Path("state/exai.db")
+    with pytest.raises(ConfigError):
+        sqlite_path("sqlite:///")
+
+
+async def test_new_database_is_in_wal_mode_with_the_current_schema_version(
+    tmp_path: Path, stall_detector: object
+) -> None:
+    path = tmp_path / "sub" / "exai.db"
+    async with SQLiteStore(path, ttl_s=60.0):
+        pass
+
+    def inspect() -> tuple[str, int]:
+        conn = sqlite3.connect(path)
+        try:
+            return (
+                conn.execute("PRAGMA journal_mode").fetchone()[0],
+                conn.execute("PRAGMA user_version").fetchone()[0],
+            )
+        finally:
+            conn.close()
+
+    mode, version = await anyio.to_thread.run_sync(inspect)
+    assert (mode, version) == ("wal", SCHEMA_VERSION)
+
+
+async def test_appends_create_the_thread_and_number_turns_in_order(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        r1 = await store.append_turns("t1", [_turn("a", "k#0"), _turn("b", "k#1", 1001.0)])
+        r2 = await store.append_turns("t1", [_turn("c", "k2#0", 1002.0, role="assistant")])
+        thread = await store.get_thread("t1")
+    assert r1 == AppendResult(written=2, turn_count=2)
+    assert r2 == AppendResult(written=1, turn_count=3)
+    assert thread is not None
+    assert [(t.seq, t.content) for t in thread.turns] == [(1, "a"), (2, "b"), (3, "c")]
+    assert thread.created_at == 1000.0
+    assert thread.expires_at == 1002.0 + 60.0
+
+
+async def test_writing_the_same_turn_twice_leaves_one_row(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        first = await store.append_turn(_turn("a", "x"), "k#0")
+        second = await store.append_turn(_turn("a", "x"), "k#0")
+        thread = await store.get_thread("t1")
+        rows = await anyio.to_thread.run_sync(_count_turns, tmp_path / "db")
+    assert (first, second) == (True, False)
+    assert rows == 1
+    assert thread is not None and len(thread.turns) == 1
+
+
+async def test_a_missing_thread_reads_as_none(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        assert await store.get_thread("nope") is None
+
+
+async def test_delete_expired_removes_threads_and_their_turns(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=10.0) as store:
+        await store.append_turns("old", [_turn("a", "o#0", at=100.0)])
+        await store.append_turns("new", [_turn("b", "n#0", at=200.0)])
+        deleted = await store.delete_expired(now=150.0)
+        assert deleted == 1
+        assert await store.get_thread("old") is None
+        assert await store.get_thread("new") is not None
+
+
+async def test_threads_survive_closing_and_reopening_the_file(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        await store.append_turns("t1", [_turn("a", "k#0")])
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        thread = await store.get_thread("t1")
+    assert thread is not None and [t.content for t in thread.turns] == ["a"]
+
+
+async def test_concurrent_appends_to_one_thread_get_distinct_gap_free_seqs(
+    tmp_path: Path, stall_detector: object
+) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(store.append_turns, "t1", [_turn(f"m{i}", f"k{i}#0")])
+        thread = await store.get_thread("t1")
+    assert thread is not None
+    assert [t.seq for t in thread.turns] == list(range(1, 41))
+    assert sorted(t.content for t in thread.turns) == sorted(f"m{i}" for i in range(40))
+
+
+async def test_status_reports_the_worker_thread_pool(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        status = store.status()
+    assert status["kind"] == "sqlite"
+    assert status["pool"] == {"size": 1, "in_use": 0, "waiting": 0}
