@@ -18,11 +18,12 @@ __all__ = ["open_services"]
 @asynccontextmanager
 async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """Yield ``{"providers": …, "conversations": …, "idempotency": …}`` for the daemon."""
+    from exai.files import FileSandbox
     from exai.providers import ProviderRouter
     from exai.storage.base import store_kind
     from exai.storage.service import ConversationService
 
-    services: dict[str, Any] = {}
+    services: dict[str, Any] = {"files": FileSandbox(settings)}
     async with AsyncExitStack() as stack:
         bridge = None
         if settings.redis_url or store_kind(settings.effective_storage_url) == "postgres":

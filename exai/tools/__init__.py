@@ -12,5 +12,10 @@ def default_registry() -> ToolRegistry:
     from exai.tools.chat import CHAT
     from exai.tools.core import STATUS, VERSION
     from exai.tools.listmodels import LISTMODELS
+    from exai.tools.workflows import register_suite
 
-    return ToolRegistry([CHAT, LISTMODELS, VERSION, STATUS])
+    reg = ToolRegistry([CHAT])
+    register_suite(reg)
+    for spec in (LISTMODELS, VERSION, STATUS):
+        reg.register(spec)
+    return reg

@@ -37,7 +37,7 @@ async def _status(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     daemon = ctx.services.get("daemon")
     if daemon is not None:
         out["daemon"] = daemon.status()
-    for name in ("providers", "conversations"):
+    for name in ("providers", "conversations", "files"):
         svc = ctx.services.get(name)
         if svc is not None and hasattr(svc, "status"):
             res = svc.status()

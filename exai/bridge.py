@@ -1,0 +1,753 @@
+"""``exai bridge``: the stdio MCP server an MCP client launches, piped to the exai daemon.
+
+The bridge copies newline-delimited JSON-RPC between its stdin/stdout and one WebSocket
+connection to the daemon (``EXAI_URL``, ``EXAI_TOKEN``). What it adds to a plain pipe:
+
+* **Reconnect.** When the connection breaks it reconnects with exponential backoff and full
+  jitter (0.1 s doubling to 5 s; a 503's ``Retry-After`` wins), re-establishes the MCP session
+  itself (replays the client's last ``initialize`` or ``server/discover`` under an id of its own,
+  swallows the answer, replays ``notifications/initialized``), then re-sends every unanswered
+  request with its **original id**.
+* **Exactly one execution.** Every forwarded ``tools/call`` carries
+  ``params._meta["exai/idempotencyKey"] = "<bridge uuid>:<json id>"`` (the client's own ``_meta``
+  is kept), so a re-sent call joins the execution the daemon kept running, or gets its stored
+  result, instead of running twice.
+* **Bounded everything.** While disconnected, messages wait in a buffer of ``max_buffer``
+  (default 1,000); beyond it a request is answered with reason ``bridge_overloaded``. When the
+  daemon stays unreachable for longer than ``settings.call_timeout_s``, every waiting request is
+  answered with ``{"code": -32000, "data": {"reason": "daemon_unavailable"}}`` and so is every
+  new one until the daemon is back. A refused token (HTTP 401/403) is not retried: waiting and
+  new requests are answered with reason ``unauthorized``.
+* **Clean stdio.** stdout carries only JSON-RPC, one message per line; logs go to stderr (in
+  :func:`main` even a stray ``print`` lands on stderr). A line longer than
+  ``settings.max_frame_bytes`` is refused with a JSON-RPC error.
+* **No orphans.** Stdin EOF ends the bridge (exit 0) within 2 s; so does the death of its parent
+  (``PR_SET_PDEATHSIG`` where Linux offers it, and a 0.5 s ``getppid()`` poll everywhere).
+
+Notifications flow both ways unchanged; a ``notifications/cancelled`` from the client also drops
+its request from the re-send set. Requests from the daemon (``ping``, sampling, …) go to the
+client, and the client's answers go back on the same connection (an answer meant for a
+connection that has since broken is dropped: the new session never asked).
+
+Resource handling:
+    :meth:`Bridge.run` owns one task group: the stdin reader, the stdout writer and the
+    connection loop (which owns, per connection, a task group with the daemon reader, the sender
+    and the heartbeat). Everything ends when ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import ssl
+import stat
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import trio
+
+from exai.config import Secret, Settings, redact_url
+from exai.errors import SERVER_ERROR, ConfigError
+from exai.logs import configure_logging
+from exai.wsclient import (
+    HandshakeRejected,
+    WebSocketConnection,
+    WebSocketError,
+    connect_websocket,
+    make_ssl_context,
+)
+
+__all__ = ["IDEMPOTENCY_META_KEY", "Bridge", "backoff_delay", "main"]
+
+log = logging.getLogger("exai.bridge")
+
+#: ``params._meta`` key the daemon dedupes re-sent ``tools/call`` requests by.
+IDEMPOTENCY_META_KEY = "exai/idempotencyKey"
+#: Longest idempotency key the daemon accepts.
+MAX_IDEMPOTENCY_KEY = 200
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 5.0
+#: Longest ``Retry-After`` honoured as is (a bigger one is clamped).
+MAX_RETRY_AFTER_S = 60.0
+#: A ping is sent this often on an idle-looking connection; no pong in time = connection lost.
+PING_INTERVAL_S = 10.0
+PING_TIMEOUT_S = 10.0
+#: Bound on telling the daemon about cancelled calls when the client goes away.
+GOODBYE_S = 0.5
+#: How often the parent process is checked.
+PARENT_POLL_S = 0.5
+READ_CHUNK = 65536
+
+_INTERNAL_PREFIX = "exai-bridge:"
+#: What a broken or closed stdio stream raises (trio's FdStream raises trio's own classes).
+_STDIO_ERRORS = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+class ByteReceiver(Protocol):
+    """What the bridge reads the client from (trio streams fit)."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
+
+
+class ByteSender(Protocol):
+    """What the bridge writes the client to (trio streams fit)."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class _ClientGone(Exception):
+    """stdout is closed: nobody is listening any more."""
+
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base · 2^attempt)]."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** min(attempt, 30)))
+    return rng.uniform(0.0, ceiling)
+
+
+def _key(request_id: Any) -> str:
+    return json.dumps(request_id, sort_keys=True)
+
+
+def _dumps(message: Any) -> str:
+    # json.dumps escapes control characters, so a message is always exactly one line.
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Entry:
+    """A message from the client on its way to the daemon."""
+
+    __slots__ = ("ever_sent", "key", "msg", "sent", "seq")
+
+    def __init__(self, seq: int, msg: dict[str, Any], key: str | None) -> None:
+        self.seq = seq
+        self.msg = msg
+        self.key = key  # set for requests (they wait for an answer)
+        self.sent = False  # written to the current connection
+        self.ever_sent = False  # written to any connection
+
+
+class Bridge:
+    """Pipe one MCP client (byte streams) to the exai daemon (see the module docstring).
+
+    Args:
+        settings: ``url``, ``token``, ``tls_ca``, ``call_timeout_s`` (the unreachable bound),
+            ``handshake_timeout_s`` (bound on one connect attempt) and ``max_frame_bytes``.
+        url: overrides ``settings.url``.
+        token: overrides ``settings.token``.
+        ssl_context: for ``wss://``; default the system store or ``settings.tls_ca``.
+        max_buffer: messages held while disconnected (and requests in flight) before new
+            requests are refused with reason ``bridge_overloaded``.
+        unreachable_after_s: overrides ``settings.call_timeout_s`` as the unreachable bound.
+        rng: randomness for the backoff jitter (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        url: str | None = None,
+        token: Secret | str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_buffer: int = 1000,
+        unreachable_after_s: float | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = url or settings.url
+        tok = token if token is not None else settings.token
+        self._token = Secret(tok) if isinstance(tok, str) else tok
+        self._ssl = ssl_context
+        self.max_buffer = max_buffer
+        self.unreachable_after_s = (
+            settings.call_timeout_s if unreachable_after_s is None else unreachable_after_s
+        )
+        self._rng = rng or random.Random()
+        self.instance_id = str(uuid.uuid4())
+
+        self._pending: dict[str, _Entry] = {}
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._queue_kick = anyio.Event()
+        self._seq = 0
+        self._out_send, self._out_recv = anyio.create_memory_object_stream[dict[str, Any]](
+            max_buffer
+        )
+        self._handshake: dict[str, Any] | None = None  # last answered initialize/discover
+        self._initialized_seen = False
+        self._internal: dict[str, anyio.Event] = {}
+        self._internal_seq = 0
+        self._generation = 0
+        self._server_requests: dict[str, int] = {}  # daemon request id -> generation
+        self._connected = False
+        self._conn: WebSocketConnection | None = None
+        self._down_since: float | None = None
+        self._expired = False  # the unreachable bound passed during this outage
+        self._last_error = "not connected yet"
+        self._fatal: HandshakeRejected | None = None
+        #: connections made so far (for tests and status).
+        self.connections = 0
+
+    def __repr__(self) -> str:
+        state = "connected" if self._connected else "disconnected"
+        return (
+            f"<Bridge {redact_url(self.url)} {state} pending={len(self._pending)} "
+            f"queued={len(self._queue)} connections={self.connections}>"
+        )
+
+    # -- public --------------------------------------------------------------------------
+
+    async def run(self, stdin: ByteReceiver, stdout: ByteSender) -> None:
+        """Bridge until stdin reaches EOF or stdout breaks.
+
+        On EOF the daemon is told (bounded by :data:`GOODBYE_S`) that the calls still waiting
+        are cancelled, and the connection is closed.
+        """
+        self._down_since = anyio.current_time()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stdout_loop, stdout, tg.cancel_scope)
+                tg.start_soon(self._connection_loop)
+                await self._stdin_loop(stdin)
+                await self._goodbye()
+                tg.cancel_scope.cancel()
+        finally:
+            self._out_send.close()
+            self._out_recv.close()
+
+    # -- client side ---------------------------------------------------------------------
+
+    async def _stdin_loop(self, stdin: ByteReceiver) -> None:
+        limit = self.settings.max_frame_bytes
+        buf = bytearray()
+        discarding = False
+        while True:
+            try:
+                chunk = await stdin.receive_some(READ_CHUNK)
+            except _STDIO_ERRORS:
+                return
+            if not chunk:
+                if buf and not discarding:
+                    await self._line(bytes(buf))
+                return
+            buf += chunk
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    break
+                line = bytes(buf[:nl])
+                del buf[: nl + 1]
+                if discarding:
+                    discarding = False
+                    continue
+                await self._line(line)
+            if len(buf) > limit and not discarding:
+                discarding = True
+                buf.clear()
+                log.warning("refused a message from the client larger than %d bytes", limit)
+                await self._emit_error(
+                    None, -32600, f"message larger than {limit} bytes", "message_too_large"
+                )
+            elif discarding:
+                buf.clear()
+
+    async def _line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            message = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("the client sent a line that is not JSON")
+            await self._emit_error(None, -32700, "parse error: not valid JSON", "parse_error")
+            return
+        for item in message if isinstance(message, list) else [message]:
+            await self._from_client(item)
+
+    async def _from_client(self, msg: Any) -> None:
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            await self._emit_error(rid, -32600, "not a JSON-RPC 2.0 message", "invalid_request")
+            return
+        method = msg.get("method")
+        if isinstance(method, str) and "id" in msg:
+            await self._client_request(msg)
+        elif isinstance(method, str):
+            await self._client_notification(msg)
+        elif "id" in msg:
+            gen = self._server_requests.pop(_key(msg["id"]), None)
+            if gen is None or gen != self._generation or not self._connected:
+                log.info("dropped the client's answer to a request from a closed connection")
+                return
+            self._enqueue(_Entry(self._next_seq(), msg, None))
+        else:
+            await self._emit_error(None, -32600, "not a JSON-RPC 2.0 message", "invalid_request")
+
+    async def _client_request(self, msg: dict[str, Any]) -> None:
+        rid = msg["id"]
+        if self._fatal is not None:
+            await self._emit_error(rid, SERVER_ERROR, str(self._fatal), self._fatal.reason)
+            return
+        if self._expired:
+            await self._emit_unavailable(rid)
+            return
+        if len(self._pending) >= self.max_buffer or len(self._queue) >= self.max_buffer:
+            await self._emit_error(
+                rid,
+                SERVER_ERROR,
+                f"exai bridge is holding {self.max_buffer} messages; retry later",
+                "bridge_overloaded",
+                retry_after_s=1.0,
+            )
+            return
+        key = _key(rid)
+        if key in self._pending:
+            await self._emit_error(
+                rid, -32600, f"request id {rid!r} is already in flight", "duplicate_id"
+            )
+            return
+        if msg.get("method") == "tools/call":
+            msg = self._with_idempotency_key(msg)
+        entry = _Entry(self._next_seq(), msg, key)
+        self._pending[key] = entry
+        self._enqueue(entry)
+
+    def _with_idempotency_key(self, msg: dict[str, Any]) -> dict[str, Any]:
+        params = msg.get("params")
+        if not isinstance(params, dict):
+            return msg  # invalid; the daemon will say so
+        meta = params.get("_meta")
+        meta = dict(meta) if isinstance(meta, dict) else {}
+        if IDEMPOTENCY_META_KEY not in meta:
+            rid = _dumps(msg["id"])
+            key = f"{self.instance_id}:{rid}"
+            if len(key) > MAX_IDEMPOTENCY_KEY:
+                key = f"{self.instance_id}:sha256:{hashlib.sha256(rid.encode()).hexdigest()}"
+            meta[IDEMPOTENCY_META_KEY] = key
+        return {**msg, "params": {**params, "_meta": meta}}
+
+    async def _client_notification(self, msg: dict[str, Any]) -> None:
+        method = msg["method"]
+        if method == "notifications/cancelled":
+            params = msg.get("params") or {}
+            entry = self._pending.pop(_key(params.get("requestId")), None)
+            if entry is not None and not entry.ever_sent:
+                # The daemon never saw it: drop both, nothing to tell.
+                self._unqueue(entry)
+                return
+            if entry is not None:
+                self._unqueue(entry)
+        elif method == "notifications/initialized":
+            self._initialized_seen = True
+        if self._fatal is not None or self._expired:
+            log.debug("daemon out of reach: dropped a %s notification from the client", method)
+            return
+        if len(self._queue) >= self.max_buffer:
+            log.warning("bridge buffer full: dropped a %s notification from the client", method)
+            return
+        self._enqueue(_Entry(self._next_seq(), msg, None))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _enqueue(self, entry: _Entry) -> None:
+        self._queue.append(entry)
+        self._kick()
+
+    def _unqueue(self, entry: _Entry) -> None:
+        try:
+            self._queue.remove(entry)
+        except ValueError:
+            pass
+
+    def _kick(self) -> None:
+        self._queue_kick.set()
+        self._queue_kick = anyio.Event()
+
+    # -- to the client -------------------------------------------------------------------
+
+    async def _emit(self, msg: dict[str, Any]) -> None:
+        await self._out_send.send(msg)
+
+    async def _emit_error(
+        self,
+        rid: Any,
+        code: int,
+        message: str,
+        reason: str,
+        *,
+        retry_after_s: float | None = None,
+    ) -> None:
+        data: dict[str, Any] = {"reason": reason}
+        if retry_after_s is not None:
+            data["retry_after_s"] = retry_after_s
+        await self._emit(
+            {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message, "data": data}}
+        )
+
+    async def _emit_unavailable(self, rid: Any) -> None:
+        await self._emit_error(
+            rid,
+            SERVER_ERROR,
+            f"exai daemon unreachable at {redact_url(self.url)}: {self._last_error}",
+            "daemon_unavailable",
+        )
+
+    async def _fail_pending(self, fatal: bool) -> None:
+        """Answer every waiting request: the daemon is unreachable, or refused us for good."""
+        entries = sorted(self._pending.values(), key=lambda e: e.seq)
+        self._pending.clear()
+        for entry in entries:
+            self._unqueue(entry)
+        if fatal:
+            # Notifications for a daemon we will never reach again are dropped with the rest.
+            self._queue.clear()
+        for entry in entries:
+            rid = entry.msg["id"]
+            if fatal and self._fatal is not None:
+                await self._emit_error(rid, SERVER_ERROR, str(self._fatal), self._fatal.reason)
+            else:
+                await self._emit_unavailable(rid)
+
+    async def _stdout_loop(self, stdout: ByteSender, scope: anyio.CancelScope) -> None:
+        try:
+            async for msg in self._out_recv:
+                await stdout.send_all((_dumps(msg) + "\n").encode("utf-8"))
+        except _STDIO_ERRORS:
+            log.info("stdout is closed; the client is gone")
+            scope.cancel()
+
+    # -- daemon side ---------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        if self._ssl is None and self.url.startswith("wss://"):
+            # reading CA files blocks: not on the event loop
+            self._ssl = await anyio.to_thread.run_sync(make_ssl_context, self.settings)
+        attempt = 0
+        while True:
+            try:
+                with anyio.fail_after(self.settings.handshake_timeout_s):
+                    conn = await connect_websocket(
+                        self.url,
+                        token=self._token,
+                        ssl_context=self._ssl,
+                        max_message_bytes=self.settings.max_frame_bytes,
+                    )
+            except HandshakeRejected as exc:
+                self._last_error = str(exc)
+                if not exc.retryable:
+                    log.error("%s; not retrying", exc)
+                    self._fatal = exc
+                    await self._fail_pending(fatal=True)
+                    return
+                delay = backoff_delay(attempt, self._rng)
+                if exc.retry_after_s is not None:
+                    delay = min(exc.retry_after_s, MAX_RETRY_AFTER_S)
+                log.warning("%s; retrying in %.2fs", exc, delay)
+            except (WebSocketError, TimeoutError) as exc:
+                self._last_error = str(exc) if str(exc) else "connect timed out"
+                delay = backoff_delay(attempt, self._rng)
+                if attempt == 0 or attempt % 20 == 0:
+                    log.warning("%s; retrying", self._last_error)
+            else:
+                attempt = 0
+                async with conn:
+                    await self._serve(conn)
+                self._on_connection_lost()
+                delay = backoff_delay(0, self._rng)
+            attempt += 1
+            await self._wait_or_expire(delay)
+
+    def _on_connection_lost(self) -> None:
+        self._connected = False
+        self._conn = None
+        self._down_since = anyio.current_time()
+        resend = [e for e in self._pending.values() if e.sent]
+        for entry in resend:
+            entry.sent = False
+        self._queue = collections.deque(sorted([*resend, *self._queue], key=lambda e: e.seq))
+        for event in self._internal.values():
+            event.set()
+        self._internal.clear()
+        log.warning("lost the connection to the daemon (%s); reconnecting", self._last_error)
+
+    async def _wait_or_expire(self, delay: float) -> None:
+        """Sleep ``delay``, but wake to answer waiting requests once the outage is too long."""
+        assert self._down_since is not None
+        deadline = self._down_since + self.unreachable_after_s
+        now = anyio.current_time()
+        if not self._expired and now + delay >= deadline:
+            await anyio.sleep(max(0.0, deadline - now))
+            self._expired = True
+            log.error(
+                "exai daemon unreachable at %s for %.1fs: answering waiting requests with an error",
+                redact_url(self.url),
+                anyio.current_time() - self._down_since,
+            )
+            await self._fail_pending(fatal=False)
+            delay = max(0.0, now + delay - anyio.current_time())
+        await anyio.sleep(delay)
+
+    async def _serve(self, conn: WebSocketConnection) -> None:
+        """Run one connection until it breaks (or the bridge stops)."""
+        self.connections += 1
+        self._generation += 1
+        self._server_requests.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._guard, self._daemon_reader, conn, tg.cancel_scope)
+            if self._handshake is not None:
+                try:
+                    await self._replay_handshake(conn)
+                except WebSocketError as exc:
+                    self._last_error = str(exc)
+                    tg.cancel_scope.cancel()
+                    return
+            self._conn = conn
+            self._connected = True
+            self._down_since = None
+            if self._expired:
+                log.info("the daemon at %s is reachable again", redact_url(self.url))
+            self._expired = False
+            tg.start_soon(self._guard, self._sender, conn, tg.cancel_scope)
+            tg.start_soon(self._guard, self._heartbeat, conn, tg.cancel_scope)
+
+    async def _guard(self, fn: Any, conn: WebSocketConnection, scope: anyio.CancelScope) -> None:
+        try:
+            await fn(conn)
+        except WebSocketError as exc:
+            self._last_error = str(exc)
+        scope.cancel()
+
+    async def _replay_handshake(self, conn: WebSocketConnection) -> None:
+        assert self._handshake is not None
+        self._internal_seq += 1
+        rid = f"{_INTERNAL_PREFIX}{self.instance_id}:{self._internal_seq}"
+        answered = anyio.Event()
+        self._internal[rid] = answered
+        await conn.send_message(_dumps({**self._handshake, "id": rid}))
+        with anyio.move_on_after(self.settings.handshake_timeout_s) as scope:
+            await answered.wait()
+        if scope.cancelled_caught:
+            log.warning("the daemon did not answer the replayed %s", self._handshake["method"])
+        queued_initialized = any(
+            e.msg.get("method") == "notifications/initialized" for e in self._queue
+        )
+        if (
+            self._handshake["method"] == "initialize"
+            and self._initialized_seen
+            and not queued_initialized
+        ):
+            await conn.send_message(
+                _dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            )
+
+    async def _sender(self, conn: WebSocketConnection) -> None:
+        while True:
+            while self._queue:
+                entry = self._queue.popleft()
+                if entry.key is not None:
+                    if self._pending.get(entry.key) is not entry:
+                        continue  # answered or cancelled meanwhile
+                    entry.sent = entry.ever_sent = True
+                try:
+                    await conn.send_message(_dumps(entry.msg))
+                except WebSocketError:
+                    if entry.key is None:
+                        self._queue.appendleft(entry)  # a notification: keep it for next time
+                    raise
+            await self._queue_kick.wait()
+
+    async def _heartbeat(self, conn: WebSocketConnection) -> None:
+        while True:
+            await anyio.sleep(PING_INTERVAL_S)
+            with anyio.move_on_after(PING_TIMEOUT_S) as scope:
+                await conn.ping()
+            if scope.cancelled_caught:
+                raise WebSocketError(f"the daemon did not answer a ping in {PING_TIMEOUT_S:g}s")
+
+    async def _daemon_reader(self, conn: WebSocketConnection) -> None:
+        generation = self._generation
+        while True:
+            text = await conn.receive_message()
+            try:
+                message = json.loads(text)
+            except ValueError:
+                log.warning("the daemon sent a message that is not JSON; ignored")
+                continue
+            for msg in message if isinstance(message, list) else [message]:
+                if isinstance(msg, dict):
+                    await self._from_daemon(msg, generation)
+
+    async def _from_daemon(self, msg: dict[str, Any], generation: int) -> None:
+        method = msg.get("method")
+        if method is None:
+            rid = msg.get("id")
+            if isinstance(rid, str) and rid.startswith(_INTERNAL_PREFIX):
+                event = self._internal.pop(rid, None)
+                if event is not None:
+                    event.set()
+                if "error" in msg:
+                    log.warning("the daemon refused the replayed handshake: %s", msg["error"])
+                return
+            entry = self._pending.pop(_key(rid), None)
+            if entry is None:
+                log.debug("dropped an answer for id %r (answered, cancelled or not ours)", rid)
+                return
+            if entry.msg.get("method") in ("initialize", "server/discover") and "result" in msg:
+                self._handshake = {k: v for k, v in entry.msg.items() if k != "id"}
+            await self._emit(msg)
+            return
+        if "id" in msg:
+            self._server_requests[_key(msg["id"])] = generation
+        await self._emit(msg)
+
+    async def _goodbye(self) -> None:
+        """stdin closed: tell the daemon the calls still waiting are no longer wanted."""
+        waiting = sorted((e for e in self._pending.values() if e.ever_sent), key=lambda e: e.seq)
+        self._pending.clear()
+        self._queue.clear()
+        conn = self._conn
+        if conn is None or not waiting:
+            return
+        with anyio.move_on_after(GOODBYE_S):
+            for entry in waiting:
+                cancelled = {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/cancelled",
+                    "params": {"requestId": entry.msg["id"], "reason": "client went away"},
+                }
+                try:
+                    await conn.send_message(_dumps(cancelled))
+                except WebSocketError:
+                    return
+
+
+# ---------------------------------------------------------------------------------------
+# the process: stdio, parent watch, signals
+
+
+class _ThreadFd:
+    """Blocking fd I/O in a worker thread, for a stdin/stdout that is not a pipe or socket
+    (a terminal or a file), where non-blocking mode would leak into other processes."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await anyio.to_thread.run_sync(
+            os.read, self._fd, max_bytes or READ_CHUNK, limiter=self._limiter,
+            abandon_on_cancel=True,
+        )
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(bytes(data))
+        while view:
+            n = await anyio.to_thread.run_sync(os.write, self._fd, view, limiter=self._limiter)
+            view = view[n:]
+
+
+def _open_fd(fd: int) -> Any:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return trio.lowlevel.FdStream(fd)
+    return _ThreadFd(fd)
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to send SIGTERM when the parent dies (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+async def _watch_parent(original_ppid: int, scope: anyio.CancelScope) -> None:
+    while True:
+        if os.getppid() != original_ppid:
+            log.info("the parent process is gone; exiting")
+            scope.cancel()
+            return
+        await anyio.sleep(PARENT_POLL_S)
+
+
+async def _watch_signals(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s; exiting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``exai bridge``: run the stdio bridge until stdin closes or the parent dies.
+
+    Exit status: 0 on a normal end (EOF, parent gone, SIGTERM), 2 on a configuration error.
+    """
+    parser = argparse.ArgumentParser(
+        prog="exai bridge",
+        description="stdio MCP server that forwards to the exai daemon (EXAI_URL, EXAI_TOKEN)",
+    )
+    parser.add_argument("--url", help="daemon URL (default EXAI_URL)")
+    try:
+        args = parser.parse_args(list(argv or []))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+    # Only JSON-RPC may reach the client's stdout: keep a private handle on it, and point
+    # fd 1 (and sys.stdout) at stderr so that any stray print goes there instead.
+    out_fd = os.dup(1)
+    in_fd = os.dup(0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"exai bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError:
+        configure_logging("info", settings.log_format)
+
+    original_ppid = os.getppid()
+    _set_parent_death_signal()
+
+    async def run() -> None:
+        stdin, stdout = _open_fd(in_fd), _open_fd(out_fd)
+        bridge = Bridge(settings, url=args.url)
+        log.info("bridging stdio to %s", redact_url(bridge.url))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_parent, original_ppid, tg.cancel_scope)
+            tg.start_soon(_watch_signals, tg.cancel_scope)
+            await bridge.run(stdin, stdout)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(run, backend="trio")
+    except KeyboardInterrupt:
+        pass
+    return 0

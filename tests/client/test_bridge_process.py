@@ -1,0 +1,139 @@
+"""``exai bridge`` as a process: clean stdout, exit on stdin EOF, exit when its parent dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from .conftest import FakeDaemon
+
+BRIDGE = [
+    sys.executable,
+    "-c",
+    "import sys; from exai.bridge import main; sys.exit(main(sys.argv[1:]))",
+]
+
+
+def wait_for_exit(proc: psutil.Process, bound_s: float) -> float:
+    """Seconds until ``proc`` has exited. It is not our child, so it is reaped by whoever
+    adopted it, maybe late: a zombie counts as exited."""
+    start = time.monotonic()
+    while time.monotonic() - start < bound_s:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"process {proc.pid} still running after {bound_s}s")
+    return time.monotonic() - start
+
+
+def bridge_env(url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXAI_")}
+    env["EXAI_URL"] = url
+    env["EXAI_LOG_LEVEL"] = "debug"
+    return env
+
+
+def test_bridge_answers_over_stdio_and_exits_0_on_stdin_eof(threaded_daemon: FakeDaemon) -> None:
+    with subprocess.Popen(
+        BRIDGE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=bridge_env(threaded_daemon.url),
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert json.loads(line) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+        proc.stdin.close()
+        closed_at = time.monotonic()
+        code = proc.wait(timeout=10)
+        took = time.monotonic() - closed_at
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+    assert code == 0, err.decode()
+    assert took < 2.0
+    assert rest == b""  # nothing but JSON-RPC on stdout: the logs went to stderr
+    assert b"bridging stdio to" in err
+
+
+def test_stray_prints_inside_the_bridge_go_to_stderr(threaded_daemon: FakeDaemon) -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from exai import bridge
+        real_run = bridge.Bridge.run
+        async def noisy_run(self, stdin, stdout):
+            print("stray print")
+            await real_run(self, stdin, stdout)
+        bridge.Bridge.run = noisy_run
+        sys.exit(bridge.main([]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        input=b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n',
+        capture_output=True,
+        env=bridge_env(threaded_daemon.url),
+        timeout=20,
+    )
+    assert proc.returncode == 0
+    assert b"stray print" in proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in lines)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process tree")
+def test_bridge_exits_when_its_parent_dies(threaded_daemon: FakeDaemon) -> None:
+    # The test keeps the write end of the bridge's stdin open, so only the parent's death
+    # (not an EOF) can end the bridge.
+    read_fd, write_fd = os.pipe()
+    parent_code = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        p = subprocess.Popen({BRIDGE!r}, stdin={read_fd}, stdout=subprocess.DEVNULL,
+                             pass_fds=({read_fd},))
+        print(p.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code],
+        stdout=subprocess.PIPE,
+        pass_fds=(read_fd,),
+        env=bridge_env(threaded_daemon.url),
+    )
+    os.close(read_fd)
+    try:
+        assert parent.stdout is not None
+        bridge_pid = int(parent.stdout.readline())
+        bridge = psutil.Process(bridge_pid)
+        # wait until the bridge is connected, so it is past start-up
+        deadline = time.monotonic() + 10
+        while threaded_daemon.connections < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threaded_daemon.connections >= 1
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=5)
+        took = wait_for_exit(bridge, 5.0)
+        assert took < 2.0
+    finally:
+        os.close(write_fd)
+        if parent.stdout is not None:
+            parent.stdout.close()
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
