@@ -220,10 +220,7 @@ class Daemon:
         async def progress(
             progress: float | None = None, total: float | None = None, message: str | None = None
         ) -> None:
-            text = message
-            if progress is not None and message is None:
-                text = f"{progress:g}/{total:g}" if total else f"{progress:g}"
-            ex.progress(text, make=p.progress_notification)
+            ex.progress(message, make=p.progress_notification, value=progress, total=total)
 
         ctx.progress = progress
         try:

@@ -52,7 +52,7 @@ class Execution:
     payload: dict[str, Any] | None = None  # {"result": …} or {"error": …}
     cancelled: bool = False
     started_at: float = 0.0
-    progress_seq: int = 0
+    progress_value: float = 0.0
     number: int = attrs.field(factory=lambda: next(_ids))
 
     def attach(self, watcher: Watcher) -> None:
@@ -75,16 +75,28 @@ class Execution:
         self.cancelled = True
         self.scope.cancel()
 
-    def progress(self, message: str | None, *, make: Callable[..., dict[str, Any]]) -> None:
+    def progress(
+        self,
+        message: str | None,
+        *,
+        make: Callable[..., dict[str, Any]],
+        value: float | None = None,
+        total: float | None = None,
+    ) -> None:
         """Send a progress notification to every watcher that asked for progress.
 
-        The progress value is a counter, so it strictly increases across tool progress and
-        heartbeats as the MCP spec requires; the tool's own figures travel in ``message``.
+        The MCP spec wants the value to strictly increase. A tool's own ``value`` (and
+        ``total``) is passed on when it is above the last one sent; otherwise — a heartbeat,
+        or a tool going backwards — the last value plus a thousandth is sent, without a total.
         """
-        self.progress_seq += 1
+        if value is not None and value > self.progress_value:
+            self.progress_value = float(value)
+        else:
+            self.progress_value = round(self.progress_value + 0.001, 6)
+            total = None
         for w in list(self.watchers):
             if w.progress_token is not None:
-                w.send_progress(make(w.progress_token, float(self.progress_seq), None, message))
+                w.send_progress(make(w.progress_token, self.progress_value, total, message))
 
 
 class CallRegistry:
