@@ -10,6 +10,7 @@
     exai token new NAME                   a fresh client token and its tokens-file line
     exai mock-upstream [--port N]         the OpenAI-compatible mock upstream, for trying exai
     exai migrate                          apply database migrations of the configured store
+    exai doctor [--strict] [--offline]    check configuration, secret hygiene and connectivity
 """
 
 from __future__ import annotations
@@ -165,6 +166,12 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return mock_main(args.rest)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from exai.doctor import main as doctor_main
+
+    return doctor_main(args.rest)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from exai.storage import migrate_main
 
@@ -189,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", cmd_status, "the daemon's status"),
         ("mock-upstream", cmd_mock, "run the OpenAI-compatible mock upstream"),
         ("migrate", cmd_migrate, "apply database migrations"),
+        ("doctor", cmd_doctor, "check configuration, secrets hygiene and connectivity"),
     ):
         p = sub.add_parser(name, help=helptext, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -153,7 +153,7 @@ class TokenBucket:
             self._queued_cost -= cost
             if not self._waiters:
                 self._queued_cost = 0.0  # forget accumulated float error
-            elif head and False:
+            elif head:
                 self._waiters[0].wake.set()
         # No checkpoint between the last refill and here: the tokens are taken atomically.
         self._take(cost)

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from exai.errors import CircuitOpenError, RateLimiterUnavailableError
+from exai.errors import CircuitOpenError, RateLimiterUnavailableError, StoreUnavailableError
 
 from .breaker import CircuitBreaker
 from .bucket import TokenBucket
@@ -98,13 +98,24 @@ _UNREACHABLE: tuple[type[BaseException], ...] | None = None
 def is_redis_unreachable(exc: BaseException) -> bool:
     """True for errors that mean "Redis cannot be reached" rather than "the command failed".
 
-    ``OSError`` (which includes ``ConnectionError`` and ``TimeoutError``) and redis-py's
-    ``ConnectionError`` / ``TimeoutError``. A script error or a wrong reply is not one of them.
+    ``OSError`` (which includes ``ConnectionError`` and ``TimeoutError``), redis-py's
+    ``ConnectionError`` / ``TimeoutError``, and exai's ``StoreUnavailableError`` (what the
+    daemon's trio-asyncio Redis adapter raises). A script error or a wrong reply is not one of
+    them.
     """
     global _UNREACHABLE
     if _UNREACHABLE is None:
-        _UNREACHABLE = (OSError, *_redis_py_unreachable())
+        _UNREACHABLE = (OSError, StoreUnavailableError, *_redis_py_unreachable())
     return isinstance(exc, _UNREACHABLE)
+
+
+def _is_noscript(exc: BaseException) -> bool:
+    # redis-py raises NoScriptError and strips the "NOSCRIPT" code from the message; other
+    # clients keep the server's text ("NOSCRIPT No matching script. Please use EVAL.").
+    text = str(exc)
+    return type(exc).__name__ == "NoScriptError" or text.startswith(
+        ("NOSCRIPT", "No matching script")
+    )
 
 
 class _RedisUnreachable(Exception):
@@ -283,14 +294,10 @@ class RedisTokenBucket:
                 reply = None
                 # Shielded so a cancelled caller cannot abandon a script that may have run;
                 # bounded so a black-holed connection counts as unreachable instead of hanging.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(
-                    self.redis_call_bound_s
-                ):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.redis_call_bound_s):
                     reply = await self._run_script(args)
                 if reply is None:
-                    raise TimeoutError(
-                        f"Redis did not answer within {self.redis_call_bound_s}s"
-                    )
+                    raise TimeoutError(f"Redis did not answer within {self.redis_call_bound_s}s")
         except CircuitOpenError as exc:
             raise _RedisUnreachable(exc, exc.retry_after_s or 0.0) from exc
         except Exception as exc:
@@ -303,7 +310,7 @@ class RedisTokenBucket:
         try:
             return await self.redis.evalsha(_SCRIPT_SHA, 1, *args)
         except Exception as exc:
-            if "NOSCRIPT" not in str(exc):
+            if not _is_noscript(exc):
                 raise
         # The server lost its script cache (restart, failover, SCRIPT FLUSH): EVAL runs the
         # script and caches it again for the next EVALSHA.

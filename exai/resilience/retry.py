@@ -78,8 +78,16 @@ class RetryBudget:
         window_s: the sliding window, read on the event loop's clock.
     """
 
-    __slots__ = ("_buckets", "_calls", "_retries", "_width", "min_retries_per_s", "ratio",
-                 "refused", "window_s")
+    __slots__ = (
+        "_buckets",
+        "_calls",
+        "_retries",
+        "_width",
+        "min_retries_per_s",
+        "ratio",
+        "refused",
+        "window_s",
+    )
 
     def __init__(
         self, *, ratio: float = 0.2, min_retries_per_s: float = 1.0, window_s: float = 10.0

@@ -13,6 +13,7 @@ Data path of a connection (see docs/architecture in the design)::
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import sys
@@ -24,11 +25,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from exai import __version__, errors
+from exai.audit import AuditLog
 from exai.config import Settings, is_loopback
 from exai.logs import log_event
 from exai.metrics import DaemonMetrics
 from exai.resilience import TokenBucket
 from exai.server import protocol as p
+from exai.server.admin import serve_admin
 from exai.server.admission import Admission
 from exai.server.auth import TokenTable, parse_tokens
 from exai.server.calls import CallRegistry, Execution
@@ -37,6 +40,7 @@ from exai.server.reload import Reloader
 from exai.server.session import Session, unwrap_exception
 from exai.server.stalls import StallDetector, stall_detector
 from exai.server.wsconn import accept_request
+from exai.tools import default_registry
 from exai.tools.base import ToolContext, ToolRegistry
 
 __all__ = ["Daemon", "DaemonStats", "serve"]
@@ -93,6 +97,7 @@ class Daemon:
         self.stall_detector: StallDetector | None = None
         self.memory: OverloadManager | None = None
         self.metrics = DaemonMetrics(self)
+        self.audit: AuditLog = AuditLog.disabled()
         self.identity_buckets: dict[str, TokenBucket] = {}
         self.identity_limiters: dict[str, trio.CapacityLimiter] = {}
         self.url = ""
@@ -277,6 +282,19 @@ class Daemon:
             )
             ex.done.set()
             self.notify()
+            duration_s = trio.current_time() - ex.started_at
+            self.audit.record(
+                tool=ex.tool,
+                outcome=outcome,
+                client=ctx.client,
+                peer=ctx.peer,
+                provider=ctx.annotations.get("provider"),
+                model=ctx.annotations.get("model"),
+                key_fp=ctx.annotations.get("key_fingerprint"),
+                duration_s=duration_s,
+                session=ctx.session_id,
+                request_id=ctx.request_id,
+            )
             log_event(
                 "call.finished",
                 tool=ex.tool,
@@ -419,8 +437,6 @@ class Daemon:
 
 
 def _body(reason: str, message: str) -> bytes:
-    import json
-
     return json.dumps({"error": reason, "message": message}).encode()
 
 
@@ -508,8 +524,6 @@ async def serve(
         OSError: the port is taken.
     """
     if registry is None:
-        from exai.tools import default_registry
-
         registry = default_registry()
     daemon = Daemon(settings, registry, services)
     check_bind(settings, daemon.tokens)
@@ -532,9 +546,9 @@ async def _serve(
     announce: bool,
     task_status: trio.TaskStatus[Daemon],
 ) -> None:
-    from exai.server.admin import serve_admin
-
-    async with trio.open_nursery() as calls_nursery:
+    # the audit log closes after the calls drained, so their lines are written
+    async with AuditLog.from_settings(settings) as audit, trio.open_nursery() as calls_nursery:
+        daemon.audit = audit
         daemon.calls_nursery = calls_nursery
         async with trio.open_nursery() as conn_nursery:
             listeners: list[Any] = list(

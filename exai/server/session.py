@@ -309,6 +309,7 @@ class Session:
             call_key=key,
             session_id=self.id,
             client=self.identity.name,
+            peer=self.ip,
         )
         assert daemon.calls_nursery is not None
         daemon.calls_nursery.start_soon(

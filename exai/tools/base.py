@@ -59,6 +59,8 @@ class ToolContext:
     call_key: str = ""
     session_id: str = ""
     client: str = "anonymous"
+    #: the client's address (for the audit log)
+    peer: str = ""
     # filled by tools that call a provider, for the audit log and the result's metadata
     annotations: dict[str, Any] = attrs.field(factory=dict)
 

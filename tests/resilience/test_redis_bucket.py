@@ -1,0 +1,418 @@
+"""RedisTokenBucket against the real Redis on 127.0.0.1:6379, and through a fault proxy.
+
+Each test uses its own key prefix (``exai-test:<uuid>:``) and deletes its keys afterwards; the
+server is never flushed. Tests run on asyncio with ``redis.asyncio`` and on trio through a small
+trio-asyncio adapter (the shape of the daemon's storage bridge). Real time: waits stay short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis
+import redis.asyncio as aredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from exai.errors import RateLimiterUnavailableError, RejectedError
+from exai.resilience import CircuitBreaker, RedisTokenBucket, is_redis_unreachable
+from exai.testing.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.redis
+
+HOST, PORT = "127.0.0.1", 6379
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    # Real clocks: a mock clock would jump over the time Redis takes to answer.
+    return str(request.param)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    value = f"exai-test:{uuid.uuid4().hex}:"
+    yield value
+    sync = redis.Redis(host=HOST, port=PORT)
+    try:
+        keys = list(sync.scan_iter(match=f"{value}*", count=1000))
+        if keys:
+            sync.delete(*keys)
+    finally:
+        sync.close()
+
+
+class TrioRedis:
+    """Runs redis-py's asyncio client from trio through trio-asyncio (tests only)."""
+
+    def __init__(self, client: aredis.Redis) -> None:
+        self.client = client
+
+    async def _run(self, method: str, *args: Any) -> Any:
+        import trio_asyncio
+
+        return await trio_asyncio.aio_as_trio(getattr(self.client, method))(*args)
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._run("evalsha", sha, numkeys, *keys_and_args)
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._run("eval", script, numkeys, *keys_and_args)
+
+    async def script_load(self, script: str) -> Any:
+        return await self._run("script_load", script)
+
+    async def get(self, key: str) -> Any:
+        return await self._run("get", key)
+
+    async def pttl(self, key: str) -> Any:
+        return await self._run("pttl", key)
+
+
+def new_client(host: str, port: int) -> aredis.Redis:
+    # No retries inside redis-py (its default backoff spends seconds on a dead server): the
+    # bucket's breaker is what turns an outage into fast answers.
+    return aredis.Redis(
+        host=host, port=port, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
+
+
+@contextlib.asynccontextmanager
+async def redis_client(backend: str, host: str = HOST, port: int = PORT) -> AsyncIterator[Any]:
+    """A client for the current backend: redis.asyncio, or it wrapped for trio."""
+    if backend == "asyncio":
+        client = new_client(host, port)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+        return
+    import trio_asyncio
+
+    async with trio_asyncio.open_loop():
+        client = new_client(host, port)
+        try:
+            yield TrioRedis(client)
+        finally:
+            await trio_asyncio.aio_as_trio(client.aclose)()
+
+
+def fast_breaker(name: str = "redis-test") -> CircuitBreaker:
+    return CircuitBreaker(
+        name,
+        minimum_calls=2,
+        window_size=4,
+        slow_call_duration_s=1.0,
+        open_duration_s=0.2,
+        max_open_duration_s=0.4,
+        record=is_redis_unreachable,
+    )
+
+
+# -- the contract on a live Redis ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_admits_the_capacity_then_reports_the_wait(anyio_backend: str, prefix: str) -> None:
+    async with redis_client(anyio_backend) as client:
+        bucket = RedisTokenBucket(client, "rpm", rate_per_s=10.0, capacity=5, key_prefix=prefix)
+        assert [await bucket.try_acquire() for _ in range(5)] == [0.0] * 5
+        wait = await bucket.try_acquire()
+        assert 0.05 < wait <= 0.1
+        assert await bucket.try_acquire(5) > 0.4
+
+
+@pytest.mark.anyio
+async def test_key_carries_a_cluster_hash_tag_and_expires_when_full(
+    anyio_backend: str, prefix: str
+) -> None:
+    async with redis_client(anyio_backend) as client:
+        bucket = RedisTokenBucket(client, "kimi:tpm", 1000.0, 2000, key_prefix=prefix)
+        assert bucket.redis_key == f"{prefix}{{kimi:tpm}}"
+        await bucket.acquire(1500)
+        ttl_ms = await client.pttl(bucket.redis_key)
+        assert 0 < ttl_ms <= 1502  # gone once the bucket would be full again
+
+
+@pytest.mark.anyio
+async def test_acquire_waits_for_the_shared_tokens(anyio_backend: str, prefix: str) -> None:
+    async with redis_client(anyio_backend) as client:
+        bucket = RedisTokenBucket(client, "rps", rate_per_s=20.0, capacity=1, key_prefix=prefix)
+        await bucket.acquire()
+        start = anyio.current_time()
+        with anyio.fail_after(2.0):
+            await bucket.acquire()
+        assert anyio.current_time() - start >= 0.04  # one token takes 50 ms to come back
+
+
+@pytest.mark.anyio
+async def test_refund_gives_reserved_tokens_back(anyio_backend: str, prefix: str) -> None:
+    async with redis_client(anyio_backend) as client:
+        bucket = RedisTokenBucket(client, "tpm", rate_per_s=1.0, capacity=100, key_prefix=prefix)
+        await bucket.acquire(100)  # reserve an estimate
+        assert await bucket.try_acquire(60) > 50
+        await bucket.refund(70)  # the call used 30
+        assert await bucket.try_acquire(60) == 0.0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_takes_nothing(anyio_backend: str, prefix: str) -> None:
+    async with redis_client(anyio_backend) as client:
+        bucket = RedisTokenBucket(client, "rps", rate_per_s=5.0, capacity=1, key_prefix=prefix)
+        await bucket.acquire()
+        with anyio.move_on_after(0.05) as scope:
+            await bucket.acquire()  # needs 200 ms
+        assert scope.cancelled_caught
+        # Had the cancelled waiter taken a token, the next one would be ~400 ms away.
+        assert await bucket.try_acquire() < 0.2
+
+
+@pytest.mark.anyio
+async def test_noscript_falls_back_to_eval(anyio_backend: str, prefix: str) -> None:
+    async with redis_client(anyio_backend) as client:
+        evals = 0
+
+        class ForgetfulRedis:
+            """A server that lost its script cache (restart or failover)."""
+
+            async def evalsha(self, *args: Any) -> Any:
+                raise redis.exceptions.NoScriptError("NOSCRIPT No matching script.")
+
+            async def eval(self, *args: Any) -> Any:
+                nonlocal evals
+                evals += 1
+                return await client.eval(*args)
+
+            async def script_load(self, script: str) -> Any:
+                return await client.script_load(script)
+
+        bucket = RedisTokenBucket(ForgetfulRedis(), "rpm", 10.0, 2, key_prefix=prefix)
+        assert await bucket.try_acquire(2) == 0.0
+        assert await bucket.try_acquire() > 0.0
+        assert evals == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_two_processes_sharing_a_key_admit_the_configured_rate(prefix: str) -> None:
+    """Over 10 s at 200/s, two processes together admit within 2 % of rate × time."""
+    rate, capacity, duration = 200.0, 4.0, 10.0
+    sync = redis.Redis(host=HOST, port=PORT)
+    try:
+        sec, usec = sync.time()
+    finally:
+        sync.close()
+    start_us = sec * 1_000_000 + usec + 2_000_000  # both children start together, 2 s from now
+    argv = [
+        sys.executable,
+        str(HERE / "redis_hammer.py"),
+        prefix,
+        "shared",
+        str(rate),
+        str(capacity),
+        str(duration),
+        str(start_us),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    outputs: list[bytes] = []
+
+    async def child() -> None:
+        result = await anyio.run_process(argv, cwd=REPO, env=env, check=True)
+        outputs.append(result.stdout)
+
+    with anyio.fail_after(duration + 20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+            tg.start_soon(child)
+    counts = [json.loads(out)["admitted"] for out in outputs]
+    expected = rate * duration
+    assert abs(sum(counts) - expected) <= 0.02 * expected, counts
+    assert all(count > 0.25 * expected for count in counts), counts  # both took part
+
+
+# -- Redis cut (fault proxy) --------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_fail_closed_rejects_with_a_clear_error_when_redis_is_cut(
+    anyio_backend: str, prefix: str
+) -> None:
+    with anyio.fail_after(10):
+        async with (
+            FaultProxy(HOST, PORT) as proxy,
+            redis_client(anyio_backend, proxy.host, proxy.port) as client,
+        ):
+            bucket = RedisTokenBucket(
+                client, "rpm", 100.0, 10, key_prefix=prefix, breaker=fast_breaker()
+            )
+            assert await bucket.try_acquire() == 0.0
+            proxy.cut()
+            for _ in range(5):
+                with pytest.raises(RateLimiterUnavailableError) as info:
+                    await bucket.try_acquire()
+                with pytest.raises(RateLimiterUnavailableError):
+                    await bucket.acquire()
+            error = info.value
+            assert isinstance(error, RejectedError) and error.retryable
+            assert error.to_error_data()["reason"] == "rate_limiter_unavailable"
+            assert "Redis cannot be reached" in str(error)
+            assert bucket.breaker.state == "open"  # later calls fail fast, without Redis
+
+
+@pytest.mark.anyio
+async def test_local_share_admits_at_most_rate_over_replicas_while_redis_is_cut(
+    anyio_backend: str, prefix: str
+) -> None:
+    rate, capacity, replicas = 100.0, 8.0, 4
+    with anyio.fail_after(10):
+        async with (
+            FaultProxy(HOST, PORT) as proxy,
+            redis_client(anyio_backend, proxy.host, proxy.port) as client,
+        ):
+            bucket = RedisTokenBucket(
+                client,
+                "rpm",
+                rate,
+                capacity,
+                key_prefix=prefix,
+                on_redis_error="local_share",
+                replicas=replicas,
+                breaker=fast_breaker(),
+            )
+            proxy.cut()
+            admitted = 0
+            start = anyio.current_time()
+            with anyio.move_on_after(0.5):
+                while True:
+                    await bucket.acquire()
+                    admitted += 1
+            elapsed = anyio.current_time() - start
+    # The full rate would be 8 + 100 × 0.5 = 58; one replica's share is 2 + 25 × 0.5 = 14.5.
+    assert admitted <= capacity / replicas + rate / replicas * elapsed + 1
+    assert admitted >= 0.5 * rate / replicas * 0.5
+
+
+@pytest.mark.anyio
+async def test_a_black_holed_redis_counts_as_unreachable_within_the_call_bound(
+    anyio_backend: str, prefix: str
+) -> None:
+    with anyio.fail_after(10):
+        async with (
+            FaultProxy(HOST, PORT) as proxy,
+            redis_client(anyio_backend, proxy.host, proxy.port) as client,
+        ):
+            bucket = RedisTokenBucket(
+                client,
+                "rpm",
+                100.0,
+                10,
+                key_prefix=prefix,
+                breaker=fast_breaker(),
+                redis_call_bound_s=0.2,
+            )
+            proxy.cut(mode="blackhole")
+            for _ in range(3):
+                with pytest.raises(RateLimiterUnavailableError):
+                    await bucket.try_acquire()
+            assert bucket.breaker.state == "open"
+            start = anyio.current_time()
+            with pytest.raises(RateLimiterUnavailableError):
+                await bucket.try_acquire()
+            assert anyio.current_time() - start < 0.1  # the open breaker answers at once
+
+
+@pytest.mark.anyio
+async def test_shared_limit_resumes_when_redis_comes_back(anyio_backend: str, prefix: str) -> None:
+    with anyio.fail_after(10):
+        async with (
+            FaultProxy(HOST, PORT) as proxy,
+            redis_client(anyio_backend, proxy.host, proxy.port) as client,
+        ):
+            bucket = RedisTokenBucket(
+                client, "rpm", 100.0, 10, key_prefix=prefix, breaker=fast_breaker()
+            )
+            proxy.cut()
+            for _ in range(3):
+                with pytest.raises(RateLimiterUnavailableError):
+                    await bucket.try_acquire()
+            proxy.restore()
+            while True:
+                try:
+                    assert await bucket.try_acquire() == 0.0
+                    break
+                except RateLimiterUnavailableError:
+                    await anyio.sleep(0.05)  # the breaker lets a probe through soon
+            assert bucket.breaker.state == "closed"
+
+
+# -- error mapping without a server -------------------------------------------------------------
+
+
+class BrokenRedis:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.calls = 0
+
+    async def evalsha(self, *args: Any) -> Any:
+        self.calls += 1
+        raise self.error
+
+    async def eval(self, *args: Any) -> Any:
+        raise self.error
+
+    async def script_load(self, script: str) -> Any:
+        raise self.error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError(),
+        redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."),
+        redis.exceptions.TimeoutError("Timeout reading from socket"),
+    ],
+    ids=["refused", "timeout", "redis-connection", "redis-timeout"],
+)
+async def test_connection_errors_of_any_kind_mean_unreachable(
+    anyio_backend: str, error: Exception
+) -> None:
+    bucket = RedisTokenBucket(BrokenRedis(error), "rpm", 10.0, 5)
+    with pytest.raises(RateLimiterUnavailableError) as info:
+        await bucket.try_acquire()
+    assert info.value.__cause__ is not None
+
+
+@pytest.mark.anyio
+async def test_a_script_error_is_a_bug_not_an_outage(anyio_backend: str) -> None:
+    broken = BrokenRedis(redis.exceptions.ResponseError("ERR Error running script"))
+    bucket = RedisTokenBucket(broken, "rpm", 10.0, 5, breaker=fast_breaker())
+    for _ in range(5):
+        with pytest.raises(redis.exceptions.ResponseError):
+            await bucket.try_acquire()
+    assert bucket.breaker.state == "closed"
+    assert broken.calls == 5
+
+
+def test_local_share_requires_the_number_of_replicas() -> None:
+    with pytest.raises(ValueError, match="replicas"):
+        RedisTokenBucket(BrokenRedis(OSError()), "rpm", 10.0, 5, on_redis_error="local_share")
+
+
+def test_default_breaker_is_named_after_the_key() -> None:
+    bucket = RedisTokenBucket(BrokenRedis(OSError()), "provider:kimi:rpm", 10.0, 5)
+    assert bucket.breaker.name == "redis-bucket:provider:kimi:rpm"
