@@ -252,6 +252,12 @@ class Settings:
     conversation_max_bytes: int = _field(2_000_000, "bytes of content per thread")
     conversation_ttl_s: float = _field(3 * 3600.0, "a thread expires this long after its last turn")
     spool_max_bytes: int = _field(64 * 1024 * 1024, "bound of the local write spool")
+    rate_limit_replicas: int = _field(
+        1, "daemons sharing provider limits through Redis (each takes 1/N while Redis is down)"
+    )
+    rate_limit_on_redis_error: str = _field(
+        "local_share", "when Redis is down: local_share (rate/replicas locally) or fail_closed"
+    )
 
     # --- files ----------------------------------------------------------------------------
     file_roots: tuple[str, ...] = _field(
@@ -560,6 +566,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             "EXAI_MEMORY_LOW_WATERMARK must be below EXAI_MEMORY_HIGH_WATERMARK, both in (0, 1]"
         )
+    if s.rate_limit_on_redis_error not in ("local_share", "fail_closed"):
+        raise ConfigError("EXAI_RATE_LIMIT_ON_REDIS_ERROR must be local_share or fail_closed")
+    if s.rate_limit_replicas < 1:
+        raise ConfigError("EXAI_RATE_LIMIT_REPLICAS must be at least 1")
     if s.log_format not in ("auto", "json", "text"):
         raise ConfigError("EXAI_LOG_FORMAT must be auto, json or text")
     if bool(s.tls_cert) != bool(s.tls_key):

@@ -36,5 +36,8 @@ async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
         services["conversations"] = conversations
         if conversations.idempotency is not None:
             services["idempotency"] = conversations.idempotency
-        services["providers"] = await stack.enter_async_context(ProviderRouter(settings))
+        router = await stack.enter_async_context(ProviderRouter(settings))
+        if conversations.redis is not None:
+            router.share_limits(conversations.redis)
+        services["providers"] = router
         yield services

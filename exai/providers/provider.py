@@ -45,6 +45,7 @@ from exai.providers.dialect import dialect_for
 from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage
 from exai.resilience.breaker import CircuitBreaker
 from exai.resilience.bucket import TokenBucket
+from exai.resilience.redis_bucket import RedisTokenBucket
 
 __all__ = ["DEFAULT_OUTPUT_ESTIMATE", "Provider", "breaker_records", "estimate_tokens"]
 
@@ -133,6 +134,9 @@ class Provider:
             record=breaker_records,
             on_transition=self._on_transition,
         )
+        #: the requests-per-minute limit shared by every daemon through Redis, when set; it
+        #: then replaces the local RPM bucket (see :meth:`share_limits`)
+        self.shared_rpm: RedisTokenBucket | None = None
         self.limiter: anyio.CapacityLimiter | None = None
         self._hold_until = -math.inf
         self.counters = _Counters()
@@ -154,6 +158,41 @@ class Provider:
         seen = dict.fromkeys(self.settings.models)
         seen.update(dict.fromkeys(self.discovered_models))
         return tuple(seen)
+
+    def share_limits(
+        self, redis: Any, *, replicas: int, on_redis_error: str, key_prefix: str = "exai:bucket:"
+    ) -> None:
+        """Enforce ``rpm`` across every daemon that uses the same Redis (and key prefix).
+
+        While Redis is unreachable the bucket's policy applies: ``local_share`` admits
+        ``rpm / replicas`` here, ``fail_closed`` refuses.
+        """
+        s = self.settings
+        if s.rpm <= 0:
+            return
+        self.shared_rpm = RedisTokenBucket(
+            redis,
+            f"provider:{s.name}:rpm",
+            s.rpm / 60.0,
+            max(1.0, s.rpm),
+            on_redis_error=on_redis_error,  # type: ignore[arg-type]
+            replicas=replicas,
+            key_prefix=key_prefix,
+        )
+        self.rpm = None
+
+    async def _admit_shared(self) -> None:
+        if self.shared_rpm is None:
+            return
+        wait = await self.shared_rpm.try_acquire(1)
+        if wait > 0:
+            self.counters.refused += 1
+            raise RateLimitedError(
+                f"provider {self.name!r} is at its shared limit of {self.settings.rpm:g} "
+                f"requests per minute; retry in {wait:.3f}s",
+                retry_after_s=wait,
+                data={"provider": self.name, "limit": "rpm", "shared": True},
+            )
 
     def _on_transition(self, name: str, old: str, new: str) -> None:
         log_event("provider.breaker", provider=self.name, old=old, new=new)
@@ -229,6 +268,11 @@ class Provider:
         """
         estimate = estimate_tokens(req.messages, req.max_output_tokens)
         _, tpm_cost = self._admit(estimate)
+        try:
+            await self._admit_shared()
+        except BaseException:
+            self._settle_tpm(tpm_cost, None)
+            raise
         used: int | None = None
         start = anyio.current_time()
         try:

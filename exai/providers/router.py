@@ -341,6 +341,17 @@ class ProviderRouter:
                     tg.start_soon(one, p)
         return out
 
+    def share_limits(self, redis: Any) -> None:
+        """Enforce each provider's RPM across daemons through ``redis`` (a client with
+        awaitable ``evalsha``/``eval``/``script_load``, e.g. the daemon's bridged redis-py)."""
+        for p in self.providers.values():
+            p.share_limits(
+                redis,
+                replicas=self.settings.rate_limit_replicas,
+                on_redis_error=self.settings.rate_limit_on_redis_error,
+                key_prefix=f"{self.settings.redis_key_prefix}bucket:",
+            )
+
     def update_settings(self, settings: Settings) -> None:
         """Take rotated provider keys (and routing) from reloaded settings.
 

@@ -539,6 +539,14 @@ class ConversationService:
                 pass
 
     # -- status -----------------------------------------------------------------------------
+    @property
+    def redis(self) -> Any:
+        """The daemon's bridged Redis client (awaitable from trio), or None without Redis.
+
+        Shared with the provider layer's Redis token buckets, which have breakers of their own.
+        """
+        return self.cache.guard.redis if self.cache is not None else None
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """Breakers, pools and the spool for ``/metrics`` (see :mod:`exai.metrics`)."""
         breakers = [self.breaker.statistics()]
