@@ -377,7 +377,7 @@ class ProviderRouter:
                 if bucket is not None:
                     st = bucket.statistics()
                     buckets[f"provider:{name}:{kind}"] = {
-                        "waits": getattr(st, "waited", st.waiters),
+                        "waits": st.waited,
                         "rejections": st.rejected,
                     }
             if p.limiter is not None:

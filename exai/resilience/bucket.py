@@ -40,6 +40,7 @@ class TokenBucketStatistics:
         admitted_cost: cost admitted over the bucket's lifetime (net of refunds).
         admitted: requests admitted over the lifetime.
         rejected: :meth:`TokenBucket.try_acquire` calls that were refused.
+        waited: :meth:`TokenBucket.acquire` calls that had to queue for tokens.
     """
 
     rate_per_s: float
@@ -50,6 +51,7 @@ class TokenBucketStatistics:
     admitted_cost: float
     admitted: int
     rejected: int
+    waited: int = 0
 
 
 class _Waiter:
@@ -105,6 +107,7 @@ class TokenBucket:
         self.admitted = 0
         self.admitted_cost = 0.0
         self.rejected = 0
+        self.waited = 0
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -130,6 +133,7 @@ class TokenBucket:
             await anyio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter(cost)
+        self.waited += 1
         self._waiters.append(waiter)
         self._queued_cost += cost
         try:
@@ -208,6 +212,7 @@ class TokenBucket:
             admitted_cost=self.admitted_cost,
             admitted=self.admitted,
             rejected=self.rejected,
+            waited=self.waited,
         )
 
     def __repr__(self) -> str:
