@@ -90,6 +90,7 @@ class TokenBucket:
         "capacity",
         "rate_per_s",
         "rejected",
+        "waited",
     )
 
     def __init__(self, rate_per_s: float, capacity: float) -> None:
