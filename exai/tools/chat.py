@@ -14,16 +14,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import anyio
-
 from exai.errors import ToolError
-from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse, StreamDelta
+from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from exai.tools.progress import StreamProgress
 
 __all__ = ["CHAT", "INPUT_SCHEMA", "embed_files", "load_history", "make_chat_tool", "save_turns"]
 
-#: Shortest interval between two progress notifications.
-PROGRESS_INTERVAL_S = 0.25
 #: Tokens of earlier turns sent with a continuation.
 HISTORY_TOKEN_BUDGET = 24_000
 
@@ -57,27 +54,6 @@ INPUT_SCHEMA: dict[str, Any] = {
     "required": ["prompt"],
     "additionalProperties": False,
 }
-
-
-class _Progress:
-    """Turns stream deltas into rate-limited progress notifications."""
-
-    def __init__(self, ctx: ToolContext) -> None:
-        self.ctx = ctx
-        self.chars = 0
-        self.last = -float("inf")
-
-    async def on_delta(self, delta: StreamDelta) -> None:
-        self.chars += len(delta.content) + len(delta.reasoning)
-        now = anyio.current_time()
-        if now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.last = now
-        what = "thinking" if delta.reasoning and not delta.content else "answering"
-        await self.ctx.progress(
-            progress=self.chars,
-            message=f"{delta.provider}/{delta.model} {what}: {self.chars} chars",
-        )
 
 
 async def embed_files(paths: list[str], ctx: ToolContext) -> tuple[str, str | None]:
@@ -164,7 +140,7 @@ async def _chat(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     user = prompt if not file_text else f"{prompt}\n\n{file_text}"
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history]
     messages.append({"role": "user", "content": user})
-    progress = _Progress(ctx)
+    progress = StreamProgress(ctx)
     await ctx.progress(progress=0, message="asking a model")
     resp: ChatResponse = await router.complete(
         ChatRequest(

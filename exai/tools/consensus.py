@@ -54,8 +54,9 @@ from exai.errors import (
 from exai.files import context_tokens
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from exai.tools.progress import StreamProgress
 from exai.tools.schema import check_schema
-from exai.tools.workflow import HISTORY_TOKEN_BUDGET, ModelProgress, file_service
+from exai.tools.workflow import HISTORY_TOKEN_BUDGET, file_service
 
 __all__ = ["CONSENSUS", "INPUT_SCHEMA", "STANCE_PROMPTS", "Consultation", "make_consensus_tool"]
 
@@ -225,7 +226,7 @@ async def _consult(
     history: list[dict[str, Any]],
     user: str,
     args: dict[str, Any],
-    progress: ModelProgress,
+    progress: StreamProgress,
     done: list[int],
     total: int,
     ctx: ToolContext,
@@ -292,7 +293,7 @@ async def _synthesise(
     ctx: ToolContext,
     consultations: list[Consultation],
     deadline: float,
-    progress: ModelProgress,
+    progress: StreamProgress,
 ) -> tuple[ChatResponse | None, str | None]:
     left = _remaining(deadline)
     margin = min(0.5, max(0.02, left * 0.05)) if math.isfinite(left) else 0.0
@@ -348,7 +349,7 @@ async def _consensus(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     share = _remaining(deadline) * CONSULT_SHARE
     if share <= 0:
         raise DeadlineExceeded("no time left to consult the models")
-    progress = ModelProgress(ctx, "consensus")
+    progress = StreamProgress(ctx, "consensus")
     done = [0]
     await ctx.progress(
         progress=0, total=len(consultations), message="consensus: consulting the models"

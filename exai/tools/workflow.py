@@ -48,13 +48,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import anyio
 import attrs
 
 from exai.errors import InvalidParams, ToolError
 from exai.files import FileSandbox, context_tokens
-from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse, Step, StreamDelta
+from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse, Step
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from exai.tools.progress import StreamProgress
 from exai.tools.schema import check_schema
 
 __all__ = [
@@ -62,7 +62,6 @@ __all__ = [
     "HISTORY_TOKEN_BUDGET",
     "SEVERITIES",
     "STEP_MARKER",
-    "ModelProgress",
     "WorkflowDefinition",
     "active_steps",
     "file_service",
@@ -81,7 +80,6 @@ HISTORY_TOKEN_BUDGET = 24_000
 #: Share of the model's context window the files of the expert prompt may take.
 FILES_CONTEXT_SHARE = 0.5
 #: Shortest interval between two progress notifications while the expert answer streams.
-PROGRESS_INTERVAL_S = 0.25
 
 # Call options: they shape the model call, not the step, so they are not stored in it.
 _CALL_OPTIONS = frozenset({"continuation_id", "model", "temperature", "thinking_mode",
@@ -320,31 +318,6 @@ def _conversations(ctx: ToolContext, tool: str) -> Any:
             "this daemon runs without one (check EXAI_STORAGE_URL; SQLite is the default)"
         )
     return conv
-
-
-class ModelProgress:
-    """Turns stream deltas into rate-limited progress notifications."""
-
-    def __init__(self, ctx: ToolContext, label: str) -> None:
-        self.ctx = ctx
-        self.label = label
-        self.chars = 0
-        self.last = -float("inf")
-
-    async def on_delta(self, delta: StreamDelta) -> None:
-        self.chars += len(delta.content) + len(delta.reasoning)
-        now = anyio.current_time()
-        if now - self.last < PROGRESS_INTERVAL_S:
-            return
-        self.last = now
-        await self.ctx.progress(
-            progress=self.chars,
-            message=f"{self.label}: {delta.provider}/{delta.model} {self.chars} chars",
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# The handler
 
 
 def _step_files(rec: Mapping[str, Any]) -> list[str]:
@@ -644,7 +617,7 @@ async def _final(
     if defn.system_prompt:
         messages.append({"role": "system", "content": defn.system_prompt})
     messages += [*history, {"role": "user", "content": prompt}]
-    progress = ModelProgress(ctx, f"{defn.name} expert analysis")
+    progress = StreamProgress(ctx, f"{defn.name} expert analysis")
     await ctx.progress(progress=0, message=f"{defn.name}: asking a model for the expert analysis")
     resp: ChatResponse = await router.complete(
         ChatRequest(

@@ -17,8 +17,9 @@ from exai.config import Secret
 from exai.errors import ToolError
 from exai.providers import ProviderRouter
 from exai.tools.base import ToolContext
-from exai.tools.chat import CHAT, PROGRESS_INTERVAL_S
+from exai.tools.chat import CHAT
 from exai.tools.listmodels import LISTMODELS
+from exai.tools.progress import PROGRESS_INTERVAL_S
 
 from .conftest import KEY_A, KEY_B, ScriptedUpstream, provider_settings, settings_with
 
