@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: serve test lint typecheck bench bench-full services clean
+.PHONY: serve test lint bench bench-full services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,12 @@ $(TSTAMP): pyproject.toml $(STAMP)
 serve: $(STAMP)
 	$(BIN)/exai serve
 
-## Lint (ruff with the ASYNC rules) and run the whole suite against local Postgres and Redis.
+## Lint (ruff with the ASYNC rules, mypy) and run the whole suite against local Postgres and Redis.
 test: $(TSTAMP) services lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(TSTAMP)
 	$(BIN)/ruff check exai tests benchmarks
-
-typecheck: $(TSTAMP)
 	$(BIN)/mypy exai
 
 ## Make sure the loopback Postgres and Redis the tests use are up (starts them if down).

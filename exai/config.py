@@ -456,14 +456,14 @@ def _build(cls: type[Settings], env: Mapping[str, str], toml_data: dict[str, Any
     values: dict[str, Any] = {}
 
     toml_providers = toml_data.get("providers", {})
-    for key, raw in toml_data.items():
+    for key, toml_value in toml_data.items():
         if key == "providers":
             continue
         if key not in fields:
             raise ConfigError(
                 f"unknown setting {key!r} in the config file{_suggest(key, list(fields))}"
             )
-        values[key] = _convert(key, fields[key].type, raw)
+        values[key] = _convert(key, fields[key].type, toml_value)
 
     known = known_env_names()
     for var in env:

@@ -367,13 +367,13 @@ class FileSandbox:
                 pieces.append(f"[{note}]")
                 continue
             cap = min(self.max_file_bytes, bytes_left)
-            rendered, used, note = await anyio.to_thread.run_sync(
+            rendered, used, read_note = await anyio.to_thread.run_sync(
                 _read_one, item, cap, chars_left, limiter=FILE_LIMITER
             )
-            if note:
-                notes.append(note)
+            if read_note:
+                notes.append(read_note)
             if rendered is None:
-                pieces.append(f"[{note}]")
+                pieces.append(f"[{read_note}]")
                 continue
             pieces.append(rendered)
             included.append(item.given)

@@ -29,8 +29,8 @@ import math
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
@@ -399,7 +399,8 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         decoder = SSEDecoder()
         asm = StreamAssembler()
-        async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+        byte_iter = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+        async with contextlib.aclosing(byte_iter) as chunks:
             done = await self._pump(chunks, decoder, asm, on_chunk)
             if done:
                 await self._drain(chunks)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 import attrs
@@ -11,6 +11,10 @@ __all__ = ["Attempt", "ChatRequest", "ChatResponse", "DeltaCallback", "StreamDel
 
 Step = Literal["single", "early", "final"]
 THINKING_MODES = ("minimal", "low", "medium", "high", "max")
+
+
+def _messages(value: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    return tuple(value)
 
 
 @attrs.frozen
@@ -53,7 +57,7 @@ class ChatRequest:
         allow_fallback: when false only the named model is tried (its providers, retried).
     """
 
-    messages: tuple[dict[str, Any], ...] = attrs.field(converter=tuple)
+    messages: tuple[dict[str, Any], ...] = attrs.field(converter=_messages)
     model: str = "auto"
     tool: str = "chat"
     step: Step = "single"

@@ -227,8 +227,13 @@ def build_plan(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     branches: dict[str, dict[str, Any]] = {}
     for rec in steps:
         n = rec["step_number"]
-        bid = rec.get("branch_id")
+        bid: str | None = rec.get("branch_id")
         if rec.get("is_branch_point"):
+            if bid is None:
+                raise InvalidParams(
+                    "arguments.branch_id: a branch point needs a branch_id",
+                    field="arguments.branch_id",
+                )
             if rec["branch_from_step"] not in main:
                 raise InvalidParams(
                     f"arguments.branch_from_step: step {rec['branch_from_step']} is not on the "
