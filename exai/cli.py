@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import importlib
 import json
@@ -80,6 +81,10 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             daemon = await nursery.start(run)
+            # Everything loaded at start-up lives as long as the daemon: move it out of the
+            # collector's reach, so full collections (which block the loop) walk only what
+            # sessions allocate.
+            gc.freeze()
             if not daemon.tokens.enabled:
                 _err("no client tokens configured: serving loopback clients only, no auth")
             for line in provider_lines(settings):

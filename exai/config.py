@@ -208,7 +208,9 @@ class Settings:
     session_rate_per_s: float = _field(50.0, "messages per second per connection")
     session_burst: int = _field(100, "message burst per connection")
     session_abuse_limit: int = _field(
-        200, "rate-limited messages in a row after which the connection is closed (1008)"
+        200,
+        "rate-limited messages (beyond a tenth of the rate) after which the connection is "
+        "closed with 1008",
     )
     session_max_inflight: int = _field(8, "concurrent tools/call per connection")
     max_inflight: int = _field(64, "concurrent tools/call in the daemon")

@@ -388,6 +388,16 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception as exc:  # one connection's failure never takes the daemon down
+            if not _only_disconnects(exc):
+                self.stats.rejections["session_error"] += 1
+                log_event(
+                    "session.error",
+                    logging.ERROR,
+                    ip=ip,
+                    exc_type=type(unwrap_exception(exc)).__name__,
+                    error=str(unwrap_exception(exc))[:200],
+                )
         finally:
             if handshake_held:
                 self._handshakes.release()
@@ -434,6 +444,16 @@ class Daemon:
         finally:
             if not ok:
                 self.admission.release(ip)
+
+
+_DISCONNECTS = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _only_disconnects(exc: BaseException) -> bool:
+    """True when ``exc`` (or every leaf of an exception group) is a peer going away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_disconnects(e) for e in exc.exceptions)
+    return isinstance(exc, _DISCONNECTS)
 
 
 def _body(reason: str, message: str) -> bytes:

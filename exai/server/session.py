@@ -9,8 +9,8 @@ Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
     wsproto/trio-websocket), a binary frame closes with 1003. Every other bad input gets a
     JSON-RPC error and the session stays up. Over the message rate a request gets
-    ``data.reason = "rate_limited"``; ``session_abuse_limit`` rate-limited messages in a row
-    close the connection with 1008.
+    ``data.reason = "rate_limited"``; sustained abuse — more than ``session_abuse_limit``
+    rate-limited messages beyond a tenth of the rate — closes the connection with 1008.
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ class Session:
         self.bucket = TokenBucket(self.settings.session_rate_per_s, self.settings.session_burst)
         self.limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
         self.identity_bucket = daemon.identity_bucket(identity.name)
-        self.limited_in_a_row = 0
+        # Rate-limited messages drain this bucket; it refills at a tenth of the message rate.
+        # A client that keeps sending over its rate empties it and is closed with 1008, while
+        # one that overshoots now and then never is.
+        self.abuse = TokenBucket(
+            max(self.settings.session_rate_per_s / 10, 0.1), self.settings.session_abuse_limit
+        )
         self.era = p.EraGate()
         # request id (as JSON) → (execution, watcher, responder cancel scope)
         self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
@@ -108,6 +113,11 @@ class Session:
             async with self._outbox:
                 async for text in self._outbox:
                     await self.conn.send_message(text)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            # the peer went away with answers still queued: stop reading too; the answers are
+            # kept by the executions for a reconnecting bridge
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()
         finally:
             self._writer_done.set()
 
@@ -155,9 +165,8 @@ class Session:
         if wait <= 0 and self.identity_bucket is not None:
             wait = self.identity_bucket.try_acquire(1)
         if wait > 0:
-            self.limited_in_a_row += 1
             self.daemon.stats.rejections["rate_limited"] += 1
-            if self.limited_in_a_row >= self.settings.session_abuse_limit:
+            if self.abuse.try_acquire(1) > 0:
                 log_event("session.abuse_closed", logging.WARNING, session=self.id, ip=self.ip)
                 await self.close(1008, "message rate limit exceeded repeatedly")
                 return
@@ -169,7 +178,6 @@ class Session:
                 )
                 await self.send(p.error_from_exception(msg.id, exc))
             return
-        self.limited_in_a_row = 0
         if isinstance(msg, p.Notification):
             return  # notifications/initialized and others need no action
         await self._handle_request(msg)
@@ -308,6 +316,7 @@ class Session:
             request_id=req.id,
             call_key=key,
             session_id=self.id,
+            wants_progress=p.progress_token(req.params) is not None,
             client=self.identity.name,
             peer=self.ip,
         )

@@ -605,3 +605,20 @@ async def test_status_tool_reports_connections_inflight_limits_and_uptime(tmp_pa
         assert data["inflight"]["max_inflight"] == 9
         assert data["inflight"]["calls"] == 1  # the status call itself
         assert data["uptime_s"] >= 0
+
+
+async def test_client_vanishing_with_answers_queued_does_not_disturb_the_daemon(tmp_path):
+    settings = make_settings(tmp_path, session_rate_per_s=10_000, session_burst=10_000)
+    async with running_daemon(settings) as d, ws(d) as bystander:
+        port = int(d.url.rsplit(":", 1)[1].split("/")[0])
+        for _ in range(5):
+            stream, status, _, _ = await raw_upgrade("127.0.0.1", port)
+            assert status == 101
+            ping = ws_frame(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}')
+            await stream.send_all(ping * 2000)  # never reads a single answer
+            await trio.aclose_forcefully(stream)
+        with trio.fail_after(5):
+            while d.admission.open > 1:
+                await trio.sleep(0.01)
+        assert d.stats.rejections.get("session_error", 0) == 0
+        assert (await Rpc(bystander).request("ping"))["result"] == {}
