@@ -1,0 +1,190 @@
+"""Slow upstream: 2,000 concurrent calls (500 short) against a mock that takes 2 s per answer.
+
+The daemon's limits are opened wide enough for all of them (global and provider concurrency,
+connection pool, slot wait), so the figure is what the daemon itself adds when it holds
+thousands of calls at once: the wall time from the first request sent to the last answer
+received, every call's latency, the daemon's RSS (peak and per call in flight), and errors.
+
+The load process opens ``sessions`` MCP sessions first, then each session fires
+``per_session`` calls at once and waits for their answers.
+
+Target: all calls done within 1.25 × the upstream latency, none failed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from benchmarks.daemon import (
+    LoadProcess,
+    RssSampler,
+    chat_unavailable,
+    count,
+    exai_daemon,
+    latency_summary,
+    loop_stalls,
+    machine_load,
+    mock_upstream,
+    plot_name,
+    pyplot,
+    run_load,
+    save_figure,
+)
+
+NAME = "slow_upstream"
+DESCRIPTION = (
+    "2,000 concurrent chat calls (500 short) with 2 s upstream latency: wall time to complete "
+    "all, RSS, errors"
+)
+
+UPSTREAM_LATENCY_S = 2.0
+PER_SESSION = 50
+
+
+def run(full: bool) -> dict[str, Any]:
+    n = 2_000 if full else 500
+    sessions = n // PER_SESSION
+    result: dict[str, Any] = {
+        "form": "full" if full else "short",
+        "machine_load_at_start": machine_load(),
+        "settings": {
+            "calls": n,
+            "sessions": sessions,
+            "calls_per_session": PER_SESSION,
+            "upstream_latency_s": UPSTREAM_LATENCY_S,
+        },
+    }
+    with (
+        mock_upstream(latency_s=UPSTREAM_LATENCY_S) as mock,
+        exai_daemon(
+            mock=mock,
+            provider={"max_concurrency": n, "pool_max": n, "stall_timeout_s": 60},
+            max_inflight=n,
+            session_max_inflight=PER_SESSION,
+            session_rate_per_s=1_000_000,
+            session_burst=1_000_000,
+            slot_wait_s=30,
+            call_timeout_s=60,
+        ) as d,
+    ):
+        result["settings"]["daemon_env"] = d.env_settings
+        if full:
+            result["floor_bare_httpx"] = _bare_httpx(mock.base_url, n)
+        why = chat_unavailable(d)
+        if why is not None:
+            result.update(
+                measured=False,
+                reason=why,
+                targets={"measured": False, "reason": why},
+            )
+            return result
+        time.sleep(0.3)
+        rss_before = d.rss_bytes()
+        t_wall0 = time.time()
+        with RssSampler(d.pid, 0.05) as sampler:
+            lp = LoadProcess(
+                "closed",
+                {
+                    "mode": "mcp",
+                    "url": d.url,
+                    "connections": sessions,
+                    "inflight": PER_SESSION,
+                    "calls_per_worker": 1,
+                    "warmup_s": 0,
+                    "duration_s": 120,
+                },
+            )
+            res = lp.result(300)
+            time.sleep(0.3)
+        rss_after = d.rss_bytes()
+        result["loop_stall"] = loop_stalls(d, t_wall0)
+
+    recs = res["records"]
+    starts = recs["t"]
+    ends = [t + lat for t, lat in zip(starts, recs["lat"], strict=True)]
+    outcomes = count(recs["outcome"])
+    failed = sum(v for k, v in outcomes.items() if k != "ok")
+    wall = max(ends) - min(starts) if starts else None
+    bound = 1.25 * UPSTREAM_LATENCY_S
+    result.update(
+        {
+            "calls_made": len(starts),
+            "outcomes": outcomes,
+            "failed": failed,
+            "exceptions": res["exceptions"],
+            "wall_time_s": None if wall is None else round(wall, 3),
+            "send_spread_s": round(max(starts) - min(starts), 3) if starts else None,
+            "latency": latency_summary(recs["lat"]),
+            "rss_mb": {
+                "before": round(rss_before / 2**20, 1),
+                "peak": round(sampler.peak / 2**20, 1),
+                "after": round(rss_after / 2**20, 1),
+            },
+            "rss_per_call_in_flight_kb": round((sampler.peak - rss_before) / max(n, 1) / 1024, 1),
+        }
+    )
+    result["targets"] = {
+        "all_done_within_1.25x_upstream_latency": {
+            "value_s": result["wall_time_s"],
+            "bound_s": bound,
+            "met": wall is not None and wall <= bound and len(starts) == n,
+            "note": None if full else f"{n} calls (short form), not 2,000",
+        },
+        "none_failed": {"value": failed, "met": failed == 0 and len(starts) == n},
+    }
+    result["plots"] = [_plot(starts, ends, sampler.samples, n)]
+    return result
+
+
+def _bare_httpx(base_url: str, n: int) -> dict[str, Any]:
+    """The same ``n`` calls from one bare ``httpx.AsyncClient`` (pool of ``n``) to the mock."""
+    res = run_load(
+        "closed",
+        {
+            "mode": "httpx",
+            "url": base_url,
+            "connections": n,
+            "inflight": 1,
+            "calls_per_worker": 1,
+            "warmup_s": 0,
+            "duration_s": 120,
+        },
+        limit_s=300,
+    )
+    recs = res["records"]
+    ends = [t + lat for t, lat in zip(recs["t"], recs["lat"], strict=True)]
+    return {
+        "wall_time_s": round(max(ends) - min(recs["t"]), 3) if ends else None,
+        "latency": latency_summary(recs["lat"]),
+        "outcomes": count(recs["outcome"]),
+    }
+
+
+def _plot(starts: list[float], ends: list[float], rss: list[tuple[float, int]], n: int) -> str:
+    plt = pyplot()
+    t0 = min(starts)
+    fig, ax1 = plt.subplots(figsize=(10, 4.5))
+    events = sorted([(s - t0, 1) for s in starts] + [(e - t0, -1) for e in ends])
+    xs, ys, level = [], [], 0
+    for t, d in events:
+        level += d
+        xs.append(t)
+        ys.append(level)
+    ax1.step(xs, ys, where="post", label="calls in flight (client view)")
+    ax1.set_xlabel("time since first request (s)")
+    ax1.set_ylabel("calls in flight")
+    ax1.axvline(UPSTREAM_LATENCY_S, color="grey", ls=":", label="upstream latency")
+    ax1.axvline(1.25 * UPSTREAM_LATENCY_S, color="red", ls="--", label="target (1.25×)")
+    ax2 = ax1.twinx()
+    ax2.plot(
+        [t - t0 for t, _ in rss if t >= t0 - 0.5],
+        [b / 2**20 for t, b in rss if t >= t0 - 0.5],
+        color="tab:red",
+        alpha=0.7,
+    )
+    ax2.set_ylabel("daemon RSS (MiB)", color="tab:red")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax1.set_title(f"slow upstream: {n} concurrent calls, {UPSTREAM_LATENCY_S:g} s upstream latency")
+    ax1.grid(True, alpha=0.3)
+    return save_figure(fig, plot_name(NAME))
