@@ -29,7 +29,7 @@ import math
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import anyio
@@ -230,6 +230,10 @@ def _validate_completion(provider: str, data: Any) -> dict[str, Any]:
     return data
 
 
+#: connections per httpx client shard (see :class:`OpenAIClient`)
+SHARD_CONNECTIONS = 16
+
+
 class OpenAIClient:
     """One provider's HTTP side: a bounded ``httpx.AsyncClient`` and the OpenAI wire format.
 
@@ -240,9 +244,13 @@ class OpenAIClient:
         transport: an httpx transport to use instead of the network (unit tests).
 
     Resource handling:
-        One ``httpx.AsyncClient`` with at most ``settings.pool_max`` connections. A cancelled
-        call closes its response, and with it the connection, before the cancellation
-        propagates: the upstream sees the disconnect and stops generating.
+        At most ``settings.pool_max`` connections, split over ``ceil(pool_max / 16)``
+        ``httpx.AsyncClient`` shards of at most 16 connections each; a request goes to the
+        shard with the fewest requests in flight. (httpcore scans every pooled connection
+        for every queued request, so one pool of thousands of connections costs quadratic
+        CPU under load; small shards keep each scan short.) A cancelled call closes its
+        response, and with it the connection, before the cancellation propagates: the
+        upstream sees the disconnect and stops generating.
     """
 
     def __init__(
@@ -251,36 +259,61 @@ class OpenAIClient:
         self.settings = settings
         self.name = settings.name
         self._transport = transport
-        self._http: httpx.AsyncClient | None = None
+        self._shards: list[httpx.AsyncClient] = []
+        self._inflight: list[int] = []
 
     async def __aenter__(self) -> OpenAIClient:
         s = self.settings
         verify: ssl.SSLContext | bool = False  # plain http: no TLS, no context to build
         if self._transport is None and s.base_url.lower().startswith("https:"):
             verify = await shared_ssl_context()
-        limits = httpx.Limits(
-            max_connections=s.pool_max, max_keepalive_connections=s.pool_max, keepalive_expiry=30
-        )
+        pool_max = max(1, s.pool_max)
+        shards = 1 if self._transport is not None else -(-pool_max // SHARD_CONNECTIONS)
         # Only the connect phase has an httpx timeout; everything else is bounded by the
         # caller's cancel scope (the call deadline) and by the stream stall bound below.
         timeout = httpx.Timeout(None, connect=s.connect_timeout_s)
-        self._http = httpx.AsyncClient(
-            base_url=s.base_url.rstrip("/") + "/",
-            limits=limits,
-            timeout=timeout,
-            follow_redirects=False,
-            transport=self._transport,
-            headers={"user-agent": "exai"},
-            trust_env=False,
-            verify=verify,
-        )
-        await self._http.__aenter__()
+        try:
+            for i in range(shards):
+                size = pool_max // shards + (1 if i < pool_max % shards else 0)
+                limits = httpx.Limits(
+                    max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
+                )
+                client = httpx.AsyncClient(
+                    base_url=s.base_url.rstrip("/") + "/",
+                    limits=limits,
+                    timeout=timeout,
+                    follow_redirects=False,
+                    transport=self._transport,
+                    headers={"user-agent": "exai"},
+                    trust_env=False,
+                    verify=verify,
+                )
+                await client.__aenter__()
+                self._shards.append(client)
+                self._inflight.append(0)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._http is not None:
-            await self._http.__aexit__(*exc)  # type: ignore[arg-type]
-            self._http = None
+        shards, self._shards, self._inflight = self._shards, [], []
+        for client in shards:
+            with anyio.CancelScope(shield=True):
+                await client.__aexit__(None, None, None)
+
+    @contextlib.contextmanager
+    def _shard(self) -> Iterator[httpx.AsyncClient]:
+        """The least busy shard, counted as busy while the ``with`` block runs."""
+        if not self._shards:
+            raise RuntimeError(f"client for provider {self.name!r} is not open")
+        i = min(range(len(self._inflight)), key=self._inflight.__getitem__)
+        self._inflight[i] += 1
+        try:
+            yield self._shards[i]
+        finally:
+            if i < len(self._inflight):
+                self._inflight[i] -= 1
 
     # ------------------------------------------------------------------------------------
     def _headers(self, streaming: bool) -> dict[str, str]:
@@ -295,11 +328,6 @@ class OpenAIClient:
         key = self.settings.api_key
         return key.reveal() if key else None
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            raise RuntimeError(f"client for provider {self.name!r} is not open")
-        return self._http
-
     async def chat(
         self, body: dict[str, Any], *, on_chunk: ChunkCallback | None = None
     ) -> dict[str, Any]:
@@ -312,16 +340,16 @@ class OpenAIClient:
             UpstreamError: a subclass per the table in the module docstring.
         """
         streaming = bool(body.get("stream"))
-        http = self._client()
-        try:
-            request = http.build_request(
-                "POST", "chat/completions", json=body, headers=self._headers(streaming)
-            )
-            if streaming:
-                return await self._send_streaming(http, request, on_chunk)
-            return await self._send_plain(http, request)
-        except httpx.HTTPError as exc:
-            raise map_transport_error(self.name, exc) from None
+        with self._shard() as http:
+            try:
+                request = http.build_request(
+                    "POST", "chat/completions", json=body, headers=self._headers(streaming)
+                )
+                if streaming:
+                    return await self._send_streaming(http, request, on_chunk)
+                return await self._send_plain(http, request)
+            except httpx.HTTPError as exc:
+                raise map_transport_error(self.name, exc) from None
 
     async def _send_plain(self, http: httpx.AsyncClient, request: httpx.Request) -> dict[str, Any]:
         response = await http.send(request, stream=True)
@@ -474,17 +502,18 @@ class OpenAIClient:
         Raises:
             UpstreamError: as for :meth:`chat`.
         """
-        http = self._client()
-        try:
-            response = await http.send(
-                http.build_request("GET", "models", headers=self._headers(False)), stream=True
-            )
+        with self._shard() as http:
             try:
-                body = await self._read_body(response)
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise map_transport_error(self.name, exc) from None
+                response = await http.send(
+                    http.build_request("GET", "models", headers=self._headers(False)),
+                    stream=True,
+                )
+                try:
+                    body = await self._read_body(response)
+                finally:
+                    await response.aclose()
+            except httpx.HTTPError as exc:
+                raise map_transport_error(self.name, exc) from None
         self._raise_for_status(response, body)
         try:
             data = json.loads(body)
