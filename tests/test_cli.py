@@ -148,3 +148,18 @@ def test_signal_drains_a_running_call_before_exit(tmp_path, signum):
         res = trio.run(call_and_signal)
         assert res["result"]["content"][0]["text"] == "slept"
         assert proc.wait(15) == 0
+
+
+def test_non_loopback_bind_with_tokens_but_no_tls_is_refused_unless_allowed(tmp_path):
+    env = subprocess_env(tmp_path, EXAI_HOST="0.0.0.0", EXAI_TOKENS="a:tok-0123456789abcdef")
+    out = run_cli(["serve"], env)
+    assert out.returncode == 2
+    assert "without TLS" in out.stderr and "EXAI_ALLOW_INSECURE_BIND" in out.stderr
+
+
+def test_migrate_applies_the_schema_of_the_configured_store(tmp_path):
+    db = tmp_path / "m.sqlite3"
+    out = run_cli(["migrate"], subprocess_env(tmp_path, EXAI_STORAGE_URL=f"sqlite:///{db}"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["store"]["kind"] == "sqlite"
+    assert db.exists()

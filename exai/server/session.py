@@ -65,14 +65,11 @@ class Session:
         self.identity = identity
         self.id = f"s{next(_session_ids)}"
         self.bucket = TokenBucket(self.settings.session_rate_per_s, self.settings.session_burst)
-        self.limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
+        # made on first use: most sessions are idle most of the time, and 10,000 of them
+        # should cost little memory
+        self._limiter: trio.CapacityLimiter | None = None
+        self._abuse: TokenBucket | None = None
         self.identity_bucket = daemon.identity_bucket(identity.name)
-        # Rate-limited messages drain this bucket; it refills at a tenth of the message rate.
-        # A client that keeps sending over its rate empties it and is closed with 1008, while
-        # one that overshoots now and then never is.
-        self.abuse = TokenBucket(
-            max(self.settings.session_rate_per_s / 10, 0.1), self.settings.session_abuse_limit
-        )
         self.era = p.EraGate()
         # request id (as JSON) → (execution, watcher, responder cancel scope)
         self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
@@ -81,6 +78,26 @@ class Session:
         self.progress_dropped = 0
         self.nursery: trio.Nursery | None = None
         self.closing_reason: tuple[int, str] | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """This connection's in-flight limiter (``session_max_inflight``)."""
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
+        return self._limiter
+
+    @property
+    def abuse(self) -> TokenBucket:
+        """Rate-limited messages drain this bucket; it refills at a tenth of the message rate.
+
+        A client that keeps sending over its rate empties it and is closed with 1008, while
+        one that overshoots now and then never is.
+        """
+        if self._abuse is None:
+            self._abuse = TokenBucket(
+                max(self.settings.session_rate_per_s / 10, 0.1), self.settings.session_abuse_limit
+            )
+        return self._abuse
 
     # ---------------------------------------------------------------- running
     async def run(self) -> None:
@@ -177,6 +194,10 @@ class Session:
                     retry_after_s=wait,
                 )
                 await self.send(p.error_from_exception(msg.id, exc))
+            # Stop reading this connection for one message interval: TCP back-pressure then
+            # slows a flooding client down, so its refusals cannot take the CPU that other
+            # sessions need. Every request still gets its answer.
+            await trio.sleep(min(wait, 1.0 / self.settings.session_rate_per_s))
             return
         if isinstance(msg, p.Notification):
             return  # notifications/initialized and others need no action

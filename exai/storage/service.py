@@ -346,6 +346,16 @@ class ConversationService:
         have = len(known.turns) if known is not None else 0
         return not pending or pending[0].base <= have
 
+    def shrink_caches(self) -> int:
+        """Forget the in-process copies of recent threads (memory pressure); returns how many.
+
+        They only serve reads while the store is down; the store and the spool keep
+        everything.
+        """
+        n = len(self._known)
+        self._known.clear()
+        return n
+
     def _remember(self, thread: Thread) -> None:
         self._known[thread.id] = thread
         self._known.move_to_end(thread.id)

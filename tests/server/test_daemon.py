@@ -267,7 +267,7 @@ async def test_message_flood_is_rate_limited_then_closed_with_1008_while_others_
     tmp_path,
 ):
     settings = make_settings(
-        tmp_path, session_rate_per_s=5, session_burst=5, session_abuse_limit=50
+        tmp_path, session_rate_per_s=100, session_burst=5, session_abuse_limit=50
     )
     async with running_daemon(settings) as d, ws(d) as flooder_conn, ws(d) as bystander:
         limited = []

@@ -150,3 +150,26 @@ async def test_metrics_expose_connections_calls_rejections_inflight_and_stalls(t
         assert "exai_loop_max_stall_seconds" in families
         assert "exai_loop_stall_seconds" in families
         assert "tok-metrics" not in r.text
+
+
+async def test_per_identity_message_rate_spans_connections(tmp_path):
+    settings = make_settings(
+        tmp_path,
+        tokens=Secret("alice:tok-alice-0123456789,bob:tok-bob-0123456789"),
+        identity_rate_per_s=0.001,
+        identity_burst=3,
+    )
+    async with (
+        running_daemon(settings) as d,
+        ws(d, token="tok-alice-0123456789") as a1,
+        ws(d, token="tok-alice-0123456789") as a2,
+        ws(d, token="tok-bob-0123456789") as b,
+    ):
+        r1, r2 = Rpc(a1), Rpc(a2)
+        assert (await r1.request("ping"))["result"] == {}
+        assert (await r1.request("ping"))["result"] == {}
+        assert (await r2.request("ping"))["result"] == {}
+        # alice's burst of 3 is used up across her two connections
+        limited = await r2.request("ping")
+        assert limited["error"]["data"]["reason"] == "rate_limited"
+        assert (await Rpc(b).request("ping"))["result"] == {}  # bob has his own bucket
