@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import ssl
 import sys
 from collections import Counter
@@ -72,6 +73,8 @@ class Daemon:
         self.services: dict[str, Any] = dict(services or {})
         self.services.setdefault("daemon", self)
         self.version = __version__
+        #: a random id of this daemon run (session ids and call keys are built on it)
+        self.instance_id = secrets.token_hex(6)
         self.instructions = (
             "exai serves AI tools (chat, thinkdeep, codereview, consensus, …) through Kimi, GLM "
             "and OpenAI-compatible providers. Use continuation_id to continue a conversation."

@@ -63,7 +63,9 @@ class Session:
         self.conn = conn
         self.ip = ip
         self.identity = identity
-        self.id = f"s{next(_session_ids)}"
+        # unique across daemons and restarts: it is part of the keys that make a call's
+        # writes (conversation turns) idempotent in a shared store
+        self.id = f"{daemon.instance_id}-s{next(_session_ids)}"
         self.bucket = TokenBucket(self.settings.session_rate_per_s, self.settings.session_burst)
         # made on first use: most sessions are idle most of the time, and 10,000 of them
         # should cost little memory

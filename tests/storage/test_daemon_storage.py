@@ -56,6 +56,16 @@ async def test_thread_continues_across_a_daemon_restart_on_the_default_sqlite_st
         contents = [m["content"] for m in sent]
         assert any("PELICAN" in c for c in contents)  # the earlier turn came back from SQLite
         assert contents[-1].endswith("what was the word?")
+        # and the second daemon's turns were stored too, not taken for the first one's
+        rows = await trio.to_thread.run_sync(sqlite_turns, tmp_path / "state" / "exai.sqlite3")
+        assert rows == [(cid, 4)]
+
+
+def sqlite_turns(path: Path) -> list[tuple[str, int]]:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return list(conn.execute("SELECT thread_id, count(*) FROM turns GROUP BY thread_id"))
 
 
 def count_turns(database: str, schema: str) -> tuple[int, int]:
@@ -107,3 +117,35 @@ async def test_kill_9_with_turns_in_the_spool_replays_them_exactly_once(
             await wait_exit(proc)
         total, distinct = await trio.to_thread.run_sync(count_turns, pg_database, pg_schema)
         assert (total, distinct) == (12, 12)  # 6 calls × 2 turns, none lost, none twice
+
+
+async def test_two_daemons_sharing_postgres_and_redis_continue_each_others_threads(
+    tmp_path: Path, pg_database: str, pg_schema: str, redis_prefix: str
+):
+    async with MockUpstream(models=("mock-fast",)) as mock:
+        common = {
+            **provider_env(mock),
+            "EXAI_STORAGE_URL": pg_url(pg_database, schema=pg_schema),
+            "EXAI_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "EXAI_REDIS_KEY_PREFIX": redis_prefix,
+        }
+        env_a = subprocess_env(tmp_path / "a", **common)
+        env_b = subprocess_env(tmp_path / "b", **common)
+        async with (
+            async_daemon_process(tmp_path / "a", env=env_a) as (proc_a, url_a),
+            async_daemon_process(tmp_path / "b", env=env_b) as (proc_b, url_b),
+        ):
+            first = await chat(url_a, "the colour is TEAL")
+            cid = first["continuation_id"]
+            second = await chat(url_b, "which colour?", cid)
+            third = await chat(url_a, "and again?", cid)
+            assert second["continuation_id"] == third["continuation_id"] == cid
+            for proc in (proc_a, proc_b):
+                proc.send_signal(signal.SIGTERM)
+                await wait_exit(proc)
+        on_b = [m["content"] for m in mock.chat_requests[1].json["messages"]]
+        assert any("TEAL" in c for c in on_b)  # B read A's turns from Postgres
+        on_a = [m["content"] for m in mock.chat_requests[2].json["messages"]]
+        assert any("which colour?" in c for c in on_a)  # A saw B's turn: no stale cache
+        total, distinct = await trio.to_thread.run_sync(count_turns, pg_database, pg_schema)
+        assert (total, distinct) == (6, 6)
