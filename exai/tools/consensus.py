@@ -409,7 +409,7 @@ async def _save(
     from exai.storage.model import Turn
 
     rid = ctx.request_id if ctx.request_id is not None else uuid.uuid4()
-    key = f"consensus:{ctx.session_id}:{rid}"
+    key = "consensus:" + (ctx.call_key or f"{ctx.session_id}:{rid}")
     answer = (
         synthesis.content
         if synthesis is not None
