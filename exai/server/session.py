@@ -253,13 +253,16 @@ class Session:
     async def _respond_call(self, req: p.Request) -> None:
         id_key = json.dumps(req.id)
         daemon = self.daemon
+        owner = False
         try:
             name, args = p.tools_call_params(req.params)
             client_key = p.idempotency_key(req.params)
-            key = f"k:{client_key}" if client_key else f"s:{self.id}:{id_key}"
+            # A client's key is scoped to its identity: another token holder can neither join
+            # the call nor read its result.
+            key = (
+                f"k:{self.identity.name}:{client_key}" if client_key else f"s:{self.id}:{id_key}"
+            )
             stored = daemon.calls.finished(key)
-            if stored is None and client_key:
-                stored = await daemon.shared_result(client_key)
             if stored is not None:
                 await self.send(self._response(req.id, stored))
                 return
@@ -269,7 +272,12 @@ class Session:
                 if spec is None:
                     raise errors.InvalidParams(f"unknown tool: {name!r}", field="name")
                 validate(spec.input_schema, args)
-                ex = await self._launch(key, name, args, req, bool(client_key))
+                # Reserve the key before the first await: a duplicate that arrives while this
+                # request looks for a shared result or waits for slots joins it instead of
+                # running the tool a second time.
+                ex = Execution(key=key, tool=name, client_key=bool(client_key))
+                daemon.calls.running[key] = ex
+                owner = True
         except errors.ExaiError as exc:
             await self.send(p.error_from_exception(req.id, exc))
             return
@@ -278,6 +286,8 @@ class Session:
             self.inflight[id_key] = (ex, watcher, responder_scope)
             ex.attach(watcher)
             try:
+                if owner:
+                    await self._start(ex, args, req)
                 await ex.done.wait()
                 # (cancelled by notifications/cancelled: no response, by the spec)
                 if ex.payload is not None:
@@ -287,11 +297,37 @@ class Session:
                 ex.detach(watcher)
                 self.daemon.notify()
 
-    async def _launch(
-        self, key: str, name: str, args: dict[str, Any], req: p.Request, client_key: bool
-    ) -> Execution:
-        """Take the session and global slots within ``slot_wait_s`` and start the execution."""
+    async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
+        """Answer a reserved execution from another daemon's stored result, or start it.
+
+        Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
+        the reservation, so the joined duplicates get the same answer and a later retry runs.
+        """
         daemon = self.daemon
+        started = False
+        try:
+            shared = None
+            if ex.client_key:
+                shared = await daemon.shared_result(ex.key.removeprefix("k:"))
+            if shared is not None:
+                ex.payload = shared
+                daemon.calls.store(ex.key, shared)
+            else:
+                await self._launch(ex, args, req)
+                started = True
+        except errors.ExaiError as exc:
+            ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
+        finally:
+            if not started:
+                daemon.calls.running.pop(ex.key, None)
+                ex.done.set()
+                daemon.notify()
+
+    async def _launch(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
+        """Take the session, identity and global slots within ``slot_wait_s`` and start the
+        execution in the daemon's calls nursery."""
+        daemon = self.daemon
+        name, key = ex.tool, ex.key
         if daemon.draining:
             raise errors.OverloadedError(
                 "the daemon is shutting down; retry on the next one", retry_after_s=1.0
@@ -302,7 +338,6 @@ class Session:
                 f"the daemon is not accepting new calls ({daemon.overloaded_reason})",
                 retry_after_s=1.0,
             )
-        ex = Execution(key=key, tool=name, client_key=client_key)
         # per connection → per client identity → global; all or none, within slot_wait_s
         wanted: list[tuple[trio.CapacityLimiter, str]] = [
             (self.limiter, f"this connection's {self.settings.session_max_inflight}")
@@ -332,14 +367,12 @@ class Session:
             for limiter in held:
                 limiter.release_on_behalf_of(ex)
             raise
-        daemon.calls.running[key] = ex
         ctx = ToolContext(
             settings=self.settings,
             services=daemon.services,
             request_id=req.id,
             call_key=key,
             session_id=self.id,
-            wants_progress=p.progress_token(req.params) is not None,
             client=self.identity.name,
             peer=self.ip,
         )
@@ -347,7 +380,6 @@ class Session:
         daemon.calls_nursery.start_soon(
             daemon.run_execution, ex, args, ctx, held, name=f"call:{name}:{key[:40]}"
         )
-        return ex
 
     def _cancel(self, params: dict[str, Any]) -> None:
         rid = params.get("requestId")

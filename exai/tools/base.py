@@ -61,8 +61,6 @@ class ToolContext:
     client: str = "anonymous"
     #: the client's address (for the audit log)
     peer: str = ""
-    #: whether the client asked for progress (tools may skip streaming when it did not)
-    wants_progress: bool = True
     # filled by tools that call a provider, for the audit log and the result's metadata
     annotations: dict[str, Any] = attrs.field(factory=dict)
 

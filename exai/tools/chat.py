@@ -151,7 +151,7 @@ async def _chat(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
             temperature=args.get("temperature"),
             thinking_mode=args.get("thinking_mode"),
             use_websearch=bool(args.get("use_websearch", False)),
-            on_delta=progress.on_delta if ctx.wants_progress else None,
+            on_delta=progress.on_delta,
         )
     )
     ctx.annotations["provider"] = resp.provider

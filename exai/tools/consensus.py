@@ -242,7 +242,7 @@ async def _consult(
         temperature=args.get("temperature"),
         thinking_mode=args.get("thinking_mode"),
         use_websearch=bool(args.get("use_websearch", False)),
-        on_delta=progress.on_delta if progress.ctx.wants_progress else None,
+        on_delta=progress.on_delta,
         allow_fallback=False,
     )
     with anyio.move_on_after(share_s) as scope:
@@ -309,7 +309,7 @@ async def _synthesise(
         step="final",
         temperature=args.get("temperature"),
         thinking_mode=args.get("thinking_mode"),
-        on_delta=progress.on_delta if progress.ctx.wants_progress else None,
+        on_delta=progress.on_delta,
     )
     outcome: tuple[ChatResponse | None, str | None] = (
         None,

@@ -628,7 +628,7 @@ async def _final(
             temperature=args.get("temperature"),
             thinking_mode=args.get("thinking_mode") or defn.default_thinking_mode,
             use_websearch=bool(args.get("use_websearch", False)),
-            on_delta=progress.on_delta if ctx.wants_progress else None,
+            on_delta=progress.on_delta,
         )
     )
     ctx.annotations["provider"] = resp.provider

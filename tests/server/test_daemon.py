@@ -622,3 +622,62 @@ async def test_client_vanishing_with_answers_queued_does_not_disturb_the_daemon(
                 await trio.sleep(0.01)
         assert d.stats.rejections.get("session_error", 0) == 0
         assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
+async def test_duplicates_sent_back_to_back_run_once_even_while_waiting_for_a_slot(tmp_path):
+    blocker, probe = Probe("blocker"), Probe()
+    settings = make_settings(tmp_path, max_inflight=1, slot_wait_s=5)
+    async with (
+        running_daemon(settings, registry_with(blocker.spec, probe.spec)) as d,
+        ws(d) as conn,
+        ws(d) as other,
+    ):
+        rpc = Rpc(conn)
+        # hold the only global slot, so the probe's first request waits for it
+        await Rpc(other).send(
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "blocker"}}
+        )
+        with trio.fail_after(5):
+            await blocker.started_event.wait()
+        req = {"jsonrpc": "2.0", "id": "twice", "method": "tools/call", "params": {"name": "probe"}}
+        await rpc.send(req)
+        await rpc.send(req)  # arrives while the first one waits for its slot
+        blocker.release.set()
+        probe.release.set()
+        first, second = await rpc.response("twice"), await rpc.response("twice")
+        assert first["result"] == second["result"]
+        assert probe.started == 1
+
+
+async def test_same_idempotency_key_on_two_connections_back_to_back_runs_once(tmp_path):
+    probe = Probe()
+    params = {"name": "probe", "arguments": {}, "_meta": {"exai/idempotencyKey": "b-1:9"}}
+    async with (
+        running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d,
+        ws(d) as a,
+        ws(d) as b,
+    ):
+        ra, rb = Rpc(a), Rpc(b)
+        await ra.send({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params})
+        await rb.send({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params})
+        with trio.fail_after(5):
+            await probe.started_event.wait()
+        probe.release.set()
+        assert (await ra.response(9))["result"] == (await rb.response(9))["result"]
+        assert probe.started == 1
+
+
+async def test_an_idempotency_key_is_scoped_to_the_client_identity(tmp_path):
+    from exai.config import Secret
+
+    probe = Probe()
+    probe.release.set()
+    settings = make_settings(tmp_path, tokens=Secret("a:tok-a-0123456789,b:tok-b-0123456789"))
+    params = {"name": "probe", "arguments": {}, "_meta": {"exai/idempotencyKey": "same-key"}}
+    async with running_daemon(settings, registry_with(probe.spec)) as d:
+        async with ws(d, token="tok-a-0123456789") as a:
+            assert (await Rpc(a).request("tools/call", params))["result"]["isError"] is False
+        async with ws(d, token="tok-b-0123456789") as b:
+            # b's call with a's key runs on its own: it neither joins nor reads a's result
+            assert (await Rpc(b).request("tools/call", params))["result"]["isError"] is False
+        assert probe.started == 2
