@@ -209,8 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: subcommands whose arguments belong to another module's own parser
+PASSTHROUGH = {
+    "bridge": cmd_bridge,
+    "call": cmd_call,
+    "status": cmd_status,
+    "mock-upstream": cmd_mock,
+    "migrate": cmd_migrate,
+    "doctor": cmd_doctor,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in PASSTHROUGH:
+        # argparse's REMAINDER drops a leading --option; hand the rest over untouched
+        return PASSTHROUGH[args_list[0]](argparse.Namespace(rest=args_list[1:]))
+    args = build_parser().parse_args(args_list)
     code: int = args.fn(args)
     return code
 

@@ -163,3 +163,23 @@ def test_migrate_applies_the_schema_of_the_configured_store(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["store"]["kind"] == "sqlite"
     assert db.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["mock-upstream", "--help"], "--port"),
+        (["doctor", "--help"], "--strict"),
+        (["call", "--help"], "key=value"),
+    ],
+)
+def test_subcommands_take_their_own_options(tmp_path, args, expect):
+    out = run_cli(args, subprocess_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert expect in out.stdout + out.stderr
+
+
+def test_doctor_offline_runs_through_the_cli(tmp_path):
+    out = run_cli(["doctor", "--offline"], subprocess_env(tmp_path))
+    assert out.returncode in (0, 1), out.stderr
+    assert "unrecognized arguments" not in out.stderr
