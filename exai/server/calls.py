@@ -131,10 +131,13 @@ class CallRegistry:
                 break
 
     def shrink(self) -> int:
-        """Drop every stored result (memory pressure); running executions are kept."""
-        n = len(self._finished)
-        self._finished.clear()
-        return n
+        """Drop expired results (memory pressure). Live ones are kept: they are what makes a
+        retried call exactly-once, not a cache; ``max_entries`` bounds them."""
+        now = trio.current_time()
+        expired = [k for k, (exp, _) in self._finished.items() if exp <= now]
+        for k in expired:
+            del self._finished[k]
+        return len(expired)
 
     def __len__(self) -> int:
         return len(self._finished)

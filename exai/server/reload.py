@@ -100,6 +100,14 @@ class Reloader:
                 from exai.server.app import check_bind
 
                 check_bind(attrs.evolve(new, host=self.daemon.settings.host), tokens)
+                if self.daemon.tokens.enabled and not tokens.enabled:
+                    # an emptied tokens file (or one caught half-written) must not switch
+                    # authentication off for a running daemon
+                    raise ConfigError(
+                        "the reloaded settings have no client tokens, which would turn "
+                        "authentication off; keeping the current tokens (restart to run "
+                        "without tokens)"
+                    )
             except ConfigError as exc:
                 self.failures += 1
                 log_event("config.reload_failed", logging.ERROR, why=why, reason=str(exc))

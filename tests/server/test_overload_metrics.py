@@ -73,14 +73,24 @@ async def test_memory_watermarks_stop_and_resume_admission_and_inflight_calls_fi
             assert (await Rpc(again).request("ping"))["result"] == {}
 
 
-async def test_memory_pressure_drops_stored_results_first(tmp_path):
-    async with running_daemon(make_settings(tmp_path)) as d, ws(d) as conn:
-        await Rpc(conn).call("version")
+async def test_memory_pressure_shrinks_caches_but_keeps_exactly_once_results(tmp_path):
+    class Cache:
+        entries = 5
+
+        def shrink_caches(self) -> int:
+            freed, self.entries = self.entries, 0
+            return freed
+
+    cache = Cache()
+    async with running_daemon(make_settings(tmp_path), services={"cache": cache}) as d:
+        async with ws(d) as conn:
+            await Rpc(conn).call("version")
         assert len(d.calls) == 1
         assert d.memory is not None
         d.memory.reader = FakeMemory(999)
         await d.memory.check()
-        assert len(d.calls) == 0
+        assert cache.entries == 0  # the service cache was shrunk
+        assert len(d.calls) == 1  # the stored result of the call is not a cache
 
 
 async def test_per_identity_inflight_limit_spans_connections(tmp_path):

@@ -93,3 +93,17 @@ async def test_reload_that_fails_validation_keeps_the_old_tokens(tmp_path):
         async with ws(d, token=bearer(TOK_A)) as conn:
             assert (await Rpc(conn).request("ping"))["result"] == {}
         d.request_shutdown()
+
+
+async def test_a_reload_that_would_remove_every_token_keeps_authentication_on(tmp_path):
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file)}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        write(tokens_file)  # emptied
+        assert await d.reloader.reload("test") is False
+        with pytest.raises(ConnectionRejected):
+            async with ws(d):  # no token: still refused
+                pass
+        d.request_shutdown()
