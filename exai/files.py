@@ -50,7 +50,7 @@ import codecs
 import fnmatch
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,23 @@ _CONTEXT_TOKENS: tuple[tuple[str, int], ...] = (
     ("glm-4.5v", 64_000),
     ("glm-4.5", 128_000),
 )
+
+
+def exai_own_paths(settings: Settings, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Files and directories of exai itself that no tool may read: every ``*_FILE`` secret,
+    the tokens file, the TLS key, the TOML and ``.env`` files, the audit log and the state
+    directory (SQLite store, spool)."""
+    paths = [str(settings.state_path)]
+    for value in (settings.audit_log, settings.tls_key):
+        if value:
+            paths.append(value)
+    for name, value in environ.items():
+        if not value:
+            continue
+        secret_file = name.endswith("_FILE") and name.startswith(("EXAI_", "KIMI_", "GLM_"))
+        if secret_file or name in ("EXAI_CONFIG", "EXAI_ENV_FILE"):
+            paths.append(value)
+    return tuple(os.path.abspath(p) for p in paths)
 
 
 def context_tokens(model: str | None, default: int = 128_000) -> int:
@@ -207,11 +224,13 @@ class FileSandbox:
         settings: ``effective_file_roots``, ``file_max_bytes``, ``files_max_total_bytes``.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, environ: Mapping[str, str] | None = None) -> None:
         self.roots: tuple[str, ...] = tuple(settings.effective_file_roots)
         self.max_file_bytes = int(settings.file_max_bytes)
         self.max_total_bytes = int(settings.files_max_total_bytes)
         self._real_roots: tuple[str, ...] | None = None
+        self.own_paths = exai_own_paths(settings, os.environ if environ is None else environ)
+        self._real_own: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -265,6 +284,16 @@ class FileSandbox:
                     "those (see docs/tools.md)",
                     field,
                 )
+        if self._real_own is None:
+            self._real_own = tuple(os.path.realpath(p) for p in self.own_paths)
+        if any(_under(real, own) for own in self._real_own):
+            raise _refuse(
+                path,
+                "exai_secret",
+                f"{path!r} is one of exai's own files (secrets, state, audit log or "
+                "configuration); tools never read those",
+                field,
+            )
         if not any(_under(real, r) for r in roots):
             given_roots = (*self.roots, *roots)
             if any(_under(lexical, r) for r in given_roots):

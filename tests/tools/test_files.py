@@ -285,3 +285,26 @@ async def test_a_workflow_final_step_shows_the_truncation_notice_to_the_model(tm
         )
     assert "[… truncated: file is 6000 bytes, showing the first 2000" in prompts(mock)[0]
     assert any("truncated" in n for n in res["file_notes"])
+
+
+def test_exais_own_secret_state_and_audit_files_are_refused(tmp_path, root):
+    key_file = root / "conf" / "kimi_api_key"
+    tokens_file = root / "conf" / "tokens"
+    key_file.parent.mkdir()
+    for f in (key_file, tokens_file, root / "audit.log"):
+        f.write_text("secret-ish\n")
+    state = root / "state"
+    (state / "spool").mkdir(parents=True)
+    (state / "exai.sqlite3").write_text("db")
+    box = FileSandbox(
+        make_settings(
+            tmp_path,
+            file_roots=(str(root),),
+            state_dir=str(state),
+            audit_log=str(root / "audit.log"),
+        ),
+        environ={"KIMI_API_KEY_FILE": str(key_file), "EXAI_TOKENS_FILE": str(tokens_file)},
+    )
+    for path in (key_file, tokens_file, root / "audit.log", state / "exai.sqlite3"):
+        assert refused(box, str(path)).extra["rule"] == "exai_secret"
+    assert box.resolve(str(root / "src" / "app.py"))  # everything else still reads
