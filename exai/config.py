@@ -81,6 +81,8 @@ def redact_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "**********"
+    if parts.password is None:
+        return url.split("?", 1)[0]  # nothing to mask (and sqlite:////abs/path stays intact)
     netloc = parts.hostname or ""
     if parts.port:
         netloc = f"{netloc}:{parts.port}"

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import trio
+
 from exai.config import Settings
 
 __all__ = ["open_services"]
@@ -40,4 +42,9 @@ async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
         if conversations.redis is not None:
             router.share_limits(conversations.redis)
         services["providers"] = router
+        # learn what each configured provider serves (GET /models), bounded per provider, in
+        # the background: start-up does not wait for a slow or unreachable endpoint
+        background = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(background.cancel_scope.cancel)
+        background.start_soon(router.refresh_models)
         yield services

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import attrs
 
-from exai.config import PROVIDER_FIELDS, ProviderSettings, Settings, env_name
+from exai.config import (
+    _BUILTIN_PROVIDERS,
+    PROVIDER_FIELDS,
+    ProviderSettings,
+    Settings,
+    env_name,
+)
 
 HEADER = """\
 # exai settings. Copy to .env (never commit .env) or export in the environment.
@@ -42,11 +48,12 @@ def main() -> None:
     print("# --- as EXAI_PROVIDER_<NAME>_<FIELD> (e.g. EXAI_PROVIDER_VLLM_BASE_URL)")
     defaults = {f.name: f.default for f in attrs.fields(ProviderSettings)}
     for prefix in ("KIMI", "GLM"):
+        builtin = _BUILTIN_PROVIDERS[prefix.lower()]
         for fld in PROVIDER_FIELDS:
             if fld in ("models", "kind", "base_url", "api_key"):
-                value = ""
+                value = ""  # empty = the built-in default
             else:
-                value = str(defaults[fld])
+                value = str(builtin.get(fld, defaults[fld]))
             print(f"{prefix}_{fld.upper()}={value}")
         print()
     print("# EXAI_PROVIDER_MOCK_BASE_URL=http://127.0.0.1:9000/v1")

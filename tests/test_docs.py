@@ -28,3 +28,9 @@ def test_env_example_loads_as_a_dotenv_file_with_empty_secrets():
 def test_readme_quick_start_is_two_commands():
     text = (REPO / "README.md").read_text()
     assert "make serve" in text and "make test" in text
+
+
+def test_env_example_as_a_dotenv_file_changes_no_default():
+    from_example = Settings.from_env({}, env_file=REPO / ".env.example", config_file="")
+    defaults = Settings.from_env({}, env_file="", config_file="")
+    assert from_example.display() == defaults.display()

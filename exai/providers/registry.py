@@ -113,6 +113,13 @@ class ModelRegistry:
             other: ModelClass = "fast" if first == "quality" else "quality"
             chain = self._expand([*self.class_models(first), *self.class_models(other)])
             if not chain:
+                # none of the fast/quality models is served (say, only a local endpoint is
+                # configured): use what the configured providers do serve, in settings order
+                served = [
+                    (n, m) for n, p in self.providers.items() if p.configured for m in p.models()
+                ]
+                chain = served[:1] + [c for c in served[1:] if c[0] != served[0][0]]
+            if not chain:
                 raise self._no_provider(f"auto ({first} models)", self.class_models(first))
             return chain
         pinned = self._pinned(name)
