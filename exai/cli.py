@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from exai.config import Settings
-from exai.errors import ConfigError
+from exai.errors import ConfigError, ExaiError
 
 __all__ = ["main"]
 
@@ -124,6 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         _err(f"cannot start: {exc.strerror or exc}")
+        return 1
+    except ExaiError as exc:  # e.g. the conversation store cannot be reached at start
+        _err(f"cannot start: {exc}")
         return 1
     return 0
 

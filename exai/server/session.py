@@ -279,6 +279,7 @@ class Session:
                 daemon.calls.running[key] = ex
                 owner = True
         except errors.ExaiError as exc:
+            self._audit_refusal(req, exc)
             await self.send(p.error_from_exception(req.id, exc))
             return
         watcher = Watcher(self.send_progress, p.progress_token(req.params))
@@ -316,6 +317,7 @@ class Session:
                 await self._launch(ex, args, req)
                 started = True
         except errors.ExaiError as exc:
+            self._audit_refusal(req, exc)
             ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
         finally:
             if not started:
@@ -379,6 +381,19 @@ class Session:
         assert daemon.calls_nursery is not None
         daemon.calls_nursery.start_soon(
             daemon.run_execution, ex, args, ctx, held, name=f"call:{name}:{key[:40]}"
+        )
+
+    def _audit_refusal(self, req: p.Request, exc: errors.ExaiError) -> None:
+        """An audit line for a call refused before it ran (bad arguments, no slot, …)."""
+        name = req.params.get("name")
+        self.daemon.audit.record(
+            tool=name if isinstance(name, str) else "",
+            outcome=exc.reason,
+            client=self.identity.name,
+            peer=self.ip,
+            duration_s=0.0,
+            session=self.id,
+            request_id=req.id,
         )
 
     def _cancel(self, params: dict[str, Any]) -> None:

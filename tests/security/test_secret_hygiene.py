@@ -248,3 +248,10 @@ def test_no_secret_value_appears_in_the_audit_log(observed):
     records = [json.loads(line) for line in text.splitlines()]
     assert {r["client"] for r in records} == {"alice"}
     assert any(r["tool"] == "chat" and r["key_fp"] for r in records)
+
+
+def test_the_audit_log_has_a_line_for_a_refused_call_too(observed):
+    records = [json.loads(line) for line in observed["audit"].read_text().splitlines()]
+    refused = [r for r in records if r["tool"] == "nope"]
+    assert refused and refused[0]["outcome"] == "invalid_params"
+    assert refused[0]["client"] == "alice"
