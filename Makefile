@@ -12,11 +12,11 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[daemon]'
 	touch $@
 
 $(TSTAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[daemon,test,bench]'
 	touch $@
 
 ## Start the daemon on embedded defaults (no keys needed; it says how to add one).

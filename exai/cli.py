@@ -19,14 +19,13 @@ import argparse
 import gc
 import hashlib
 import importlib
+import importlib.util
 import json
 import secrets
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
-
-import trio
 
 from exai.config import Settings
 from exai.errors import ConfigError, ExaiError
@@ -68,6 +67,8 @@ def provider_lines(settings: Settings) -> list[str]:
 
 
 async def _serve_async(settings: Settings, registry: Any) -> None:
+    import trio
+
     from exai.server.app import serve
     from exai.services import open_services
 
@@ -103,6 +104,8 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
     from exai.logs import configure_logging
     from exai.server.app import check_bind
     from exai.server.auth import TokenTable, parse_tokens
@@ -224,6 +227,9 @@ PASSTHROUGH = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if importlib.util.find_spec("trio_websocket") is None:
+        _err("the daemon, bridge and client need their extras: pip install 'exai[daemon]'")
+        return 2
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in PASSTHROUGH:
         # argparse's REMAINDER drops a leading --option; hand the rest over untouched
