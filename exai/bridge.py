@@ -355,6 +355,14 @@ class Bridge:
                 return
             if entry is not None:
                 self._unqueue(entry)
+                # the call may now run on a session that never saw this id (we reconnected):
+                # the idempotency key lets the daemon find and cancel it all the same
+                ikey = ((entry.msg.get("params") or {}).get("_meta") or {}).get(
+                    IDEMPOTENCY_META_KEY
+                )
+                if ikey:
+                    meta = {**(params.get("_meta") or {}), IDEMPOTENCY_META_KEY: ikey}
+                    msg = {**msg, "params": {**params, "_meta": meta}}
         elif method == "notifications/initialized":
             self._initialized_seen = True
         if self._fatal is not None or self._expired:

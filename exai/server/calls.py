@@ -45,6 +45,9 @@ class Execution:
     tool: str
     client_key: bool
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: the wait for a shared result and slots before the run: shielded from the responder
+    #: that started it (other requests may have joined), cancelled only by :meth:`cancel`
+    wait_scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
     done: trio.Event = attrs.field(factory=trio.Event)
     adopted: trio.Event = attrs.field(factory=trio.Event)
     orphaned: trio.Event = attrs.field(factory=trio.Event)
@@ -73,6 +76,7 @@ class Execution:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.wait_scope.cancel()
         self.scope.cancel()
 
     def progress(

@@ -288,7 +288,10 @@ class Session:
             ex.attach(watcher)
             try:
                 if owner:
-                    await self._start(ex, args, req)
+                    # the start belongs to the execution, not to this responder: requests that
+                    # joined still want it if this one goes (bounded by slot_wait_s)
+                    with ex.wait_scope:
+                        await self._start(ex, args, req)
                 await ex.done.wait()
                 # (cancelled by notifications/cancelled: no response, by the spec)
                 if ex.payload is not None:
@@ -400,7 +403,17 @@ class Session:
         rid = params.get("requestId")
         entry = self.inflight.get(json.dumps(rid)) if isinstance(rid, (str, int)) else None
         if entry is None:
-            return  # unknown or already finished: ignore, as the spec says
+            # Unknown here — but a bridge that reconnected sends the call's idempotency key
+            # with the cancel: an execution of that key that nobody watches any more is
+            # cancelled rather than left to its orphan grace.
+            key = p.idempotency_key(params)
+            orphan = (
+                self.daemon.calls.running.get(f"k:{self.identity.name}:{key}") if key else None
+            )
+            if orphan is not None and not orphan.watchers:
+                orphan.cancel()
+                log_event("call.cancelled", session=self.id, tool=orphan.tool, orphan=True)
+            return  # otherwise unknown or already finished: ignore, as the spec says
         ex, watcher, responder_scope = entry
         responder_scope.cancel()
         if ex.watchers == [watcher]:

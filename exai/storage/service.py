@@ -43,13 +43,16 @@ Error handling:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
 import re
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -64,6 +67,7 @@ from exai.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from exai.logs import log_event
 from exai.resilience import CircuitBreaker
 from exai.storage.base import ConversationStore, open_store, store_kind
 from exai.storage.model import Thread, Turn, turn_key
@@ -73,7 +77,7 @@ from exai.storage.redis_cache import (
     ThreadCache,
     _breaker_status,
 )
-from exai.storage.spool import Spool, SpoolRecord, open_spool
+from exai.storage.spool import Spool, SpoolRecord, encode_record, open_spool
 
 __all__ = [
     "ConversationService",
@@ -90,9 +94,15 @@ _THREAD_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _START_NEW = "start a new thread (omit continuation_id)"
 
 
-def new_thread_id() -> str:
-    """A fresh ``continuation_id``."""
-    return str(uuid.uuid4())
+#: namespace of thread ids derived from a call's exactly-once key
+_THREAD_NS = uuid.UUID("6f1c2a4e-3b7d-5e8f-9a0b-1c2d3e4f5a6b")
+
+
+def new_thread_id(call_key: str = "") -> str:
+    """A fresh ``continuation_id``; derived from ``call_key`` when given, so a re-run of the
+    same call (a retry after a crash, on another daemon) continues the thread its first run
+    wrote instead of writing its turns nowhere."""
+    return str(uuid.uuid5(_THREAD_NS, call_key)) if call_key else str(uuid.uuid4())
 
 
 def estimate_tokens(text: str) -> int:
@@ -184,6 +194,7 @@ class ConversationService:
         self._known_max = 1024
         self.spooled_writes = 0
         self.replay_errors = 0
+        self.replay_rejected = 0
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -269,7 +280,9 @@ class ConversationService:
                     tg.cancel_scope.cancel()
 
     # -- reading --------------------------------------------------------------------------
-    async def start_or_continue(self, continuation_id: str | None, tool: str) -> Thread:
+    async def start_or_continue(
+        self, continuation_id: str | None, tool: str, *, call_key: str = ""
+    ) -> Thread:
         """A new thread (``continuation_id`` None) or the live thread it names.
 
         ``tool`` is the tool continuing it: any tool may continue any thread.
@@ -281,9 +294,11 @@ class ConversationService:
             CircuitOpenError, StoreUnavailableError: the store cannot be read.
         """
         if continuation_id is None:
+            # (no read: the id is derived from the call key, so a re-run writes into the
+            # thread its first run started, and its already-written turns are skipped by key)
             now = self.clock()
             return Thread(
-                id=new_thread_id(),
+                id=new_thread_id(call_key),
                 created_at=now,
                 updated_at=now,
                 expires_at=now + self.settings.conversation_ttl_s,
@@ -424,6 +439,9 @@ class ConversationService:
         prepared = [
             attrs.evolve(
                 t,
+                # PostgreSQL text cannot hold NUL: replace it here rather than spool a turn
+                # the store will refuse
+                content=t.content.replace("\x00", "\ufffd"),
                 thread_id=thread.id,
                 seq=None,
                 created_at=t.created_at if t.created_at is not None else now,
@@ -525,7 +543,28 @@ class ConversationService:
                 await wake.wait()
 
     async def _apply(self, record: SpoolRecord) -> None:
-        await self._primary(self.store.append_turns, record.thread_id, list(record.turns))
+        try:
+            await self._primary(self.store.append_turns, record.thread_id, list(record.turns))
+        except (CircuitOpenError, StoreUnavailableError):
+            raise  # the store is away: keep the record and retry later
+        except StoreError as exc:
+            # The store refuses this record for good: set it aside (fsync'd, never lost) so it
+            # cannot block every later record of every thread behind it.
+            await anyio.to_thread.run_sync(
+                _append_rejected,
+                Path(str(self.spool.path) + ".rejected"),
+                encode_record(record.thread_id, record.base, list(record.turns)),
+                limiter=_REJECT_LIMITER,
+            )
+            self.replay_rejected += 1
+            log_event(
+                "spool.record_rejected",
+                logging.ERROR,
+                thread_id=record.thread_id,
+                turns=len(record.turns),
+                error=str(exc)[:200],
+            )
+            return
         if self.cache is not None:
             await self.cache.invalidate(record.thread_id)
 
@@ -598,9 +637,22 @@ class ConversationService:
                 **self.spool.status(),
                 "spooled_writes": self.spooled_writes,
                 "replay_errors": self.replay_errors,
+                "replay_rejected": self.replay_rejected,
             },
             "redis": redis,
         }
+
+
+_REJECT_LIMITER = anyio.CapacityLimiter(1)
+
+
+def _append_rejected(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _shielded(fn: Callable[[], Awaitable[Any]]) -> None:

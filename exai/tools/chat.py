@@ -83,7 +83,7 @@ async def load_history(
         if continuation_id:
             raise ToolError("conversations are not available in this daemon; omit continuation_id")
         return None, []
-    thread = await conv.start_or_continue(continuation_id, "chat")
+    thread = await conv.start_or_continue(continuation_id, "chat", call_key=ctx.call_key)
     history = list(conv.build_history(thread, HISTORY_TOKEN_BUDGET)) if continuation_id else []
     return thread, history
 

@@ -339,7 +339,9 @@ async def _consensus(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     conv = ctx.services.get("conversations")
     thread, history = None, []
     if conv is not None:
-        thread = await conv.start_or_continue(args.get("continuation_id"), "consensus")
+        thread = await conv.start_or_continue(
+            args.get("continuation_id"), "consensus", call_key=ctx.call_key
+        )
         if args.get("continuation_id"):
             history = list(conv.build_history(thread, HISTORY_TOKEN_BUDGET))
     elif args.get("continuation_id"):

@@ -357,7 +357,7 @@ async def run_step(defn: WorkflowDefinition, args: dict[str, Any], ctx: ToolCont
                 await sandbox.check(list(args[key]), field=f"arguments.{key}")
 
     cid = args.get("continuation_id")
-    thread = await conv.start_or_continue(cid, defn.name)
+    thread = await conv.start_or_continue(cid, defn.name, call_key=ctx.call_key)
     earlier = session_steps(thread, defn.name)
     if step_number > 1 and not earlier:
         raise InvalidParams(
@@ -373,10 +373,18 @@ async def run_step(defn: WorkflowDefinition, args: dict[str, Any], ctx: ToolCont
     rec = _record(defn, args, total_steps)
     content = _canonical(rec)
     digest = hashlib.sha256(content.encode()).hexdigest()[:16]
-    key = f"{defn.name}:{thread.id}:{step_number}:{digest}"
-    thread = await conv.add_turn(
-        thread, Turn(role="user", content=content, tool=defn.name, files=new_files), key
+    # the call's exactly-once key: a retried call writes its step once, while the same step
+    # sent again by the agent (a new session, a reverted correction) is a new turn
+    key = (
+        f"{defn.name}:{ctx.call_key}"
+        if ctx.call_key
+        else f"{defn.name}:{thread.id}:{step_number}:{digest}"
     )
+    if not (step_number > 1 and earlier and _canonical(earlier[-1]) == content):
+        # (the same step sent again right away changes nothing: it is not stored twice)
+        thread = await conv.add_turn(
+            thread, Turn(role="user", content=content, tool=defn.name, files=new_files), key
+        )
     steps = session_steps(thread, defn.name)
     active = (defn.active or active_steps)(steps)
     remaining = int(conv.turns_remaining(thread))

@@ -270,7 +270,20 @@ async def test_client_cancellation_is_forwarded_to_the_daemon(daemon: FakeDaemon
         await client.send(call(1, "hold"))
         await daemon.hold_running.wait()
         await client.send(cancel)
-        await daemon.wait_for(lambda: (1, cancel) in daemon.received)
+
+        def forwarded() -> bool:
+            for _, msg in daemon.received:
+                if msg.get("method") == "notifications/cancelled":
+                    params = msg["params"]
+                    # with the call's idempotency key, so a daemon session that never saw
+                    # the id (after a reconnect) can still find the call
+                    return params["requestId"] == 1 and bool(
+                        params.get("_meta", {}).get("exai/idempotencyKey")
+                    )
+            return False
+
+        with trio.fail_after(10):
+            await daemon.wait_for(forwarded)
         nursery.cancel_scope.cancel()
 
 

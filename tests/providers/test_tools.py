@@ -141,7 +141,9 @@ class _FakeConversations:
     added: list = attrs.field(factory=list)
     thread: _FakeThread = attrs.field(factory=lambda: _FakeThread("t1"))
 
-    async def start_or_continue(self, continuation_id: str | None, tool: str) -> _FakeThread:
+    async def start_or_continue(
+        self, continuation_id: str | None, tool: str, *, call_key: str = ""
+    ) -> _FakeThread:
         return self.thread
 
     def build_history(self, thread: _FakeThread, budget: int) -> list[dict]:
