@@ -108,15 +108,23 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._writer)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._reader()
+                finally:
+                    # Detach before the responders wind down: a call nobody else watches is
+                    # cancelled now, even one still waiting (shielded) for its slots.
+                    self._detach_all()
+                    nursery.cancel_scope.cancel()
         except ConnectionClosed:
             pass
         finally:
-            for ex, watcher, _ in list(self.inflight.values()):
-                ex.detach(watcher)
+            self._detach_all()
             self.inflight.clear()
             self.nursery = None
+
+    def _detach_all(self) -> None:
+        for ex, watcher, _ in list(self.inflight.values()):
+            ex.detach(watcher)
 
     async def close(self, code: int, reason: str) -> None:
         """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s)."""
