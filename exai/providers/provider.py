@@ -34,6 +34,7 @@ import httpx
 from exai.config import ProviderSettings
 from exai.errors import (
     CallerError,
+    CircuitOpenError,
     RateLimitedError,
     UpstreamAuthError,
     UpstreamMalformedResponse,
@@ -283,6 +284,9 @@ class Provider:
                         resp = await self._exchange(req, model)
             except BaseException as exc:
                 self._after_failure(exc, start, model)
+                if isinstance(exc, CircuitOpenError) and self.shared_rpm is not None:
+                    # nothing was sent: the shared request token goes back too
+                    await self.shared_rpm.refund(1)
                 raise
             used = resp.usage.total_tokens
         finally:
@@ -299,7 +303,7 @@ class Provider:
         return resp
 
     def _after_failure(self, exc: BaseException, start: float, model: str) -> None:
-        from exai.errors import CircuitOpenError, ExaiError
+        from exai.errors import ExaiError
 
         if isinstance(exc, CircuitOpenError):
             # Nothing was sent: give the request-per-minute token back.
