@@ -110,6 +110,15 @@ class Rpc:
         result: dict[str, Any] = json.loads(await self.conn.get_message())
         return result
 
+    async def start_call(
+        self, name: str, arguments: dict[str, Any] | None = None, *, id: Any, **meta: Any
+    ) -> None:
+        """Send a ``tools/call`` without waiting for its answer (``meta`` becomes ``_meta``)."""
+        params: dict[str, Any] = {"name": name, "arguments": arguments or {}}
+        if meta:
+            params["_meta"] = meta
+        await self.send({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+
     async def call(
         self, name: str, arguments: dict[str, Any] | None = None, **kw: Any
     ) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import secrets
 import ssl
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -621,8 +621,3 @@ async def _serve(
 def _announce(daemon: Daemon) -> None:
     print(f"exai: listening on {daemon.url}", file=sys.stderr, flush=True)
     print(f"exai: admin on {daemon.admin_url}", file=sys.stderr, flush=True)
-
-
-def loopback_notice(daemon: Daemon) -> Iterable[str]:
-    if not daemon.tokens.enabled:
-        yield "exai: no client tokens configured; serving loopback clients without authentication"

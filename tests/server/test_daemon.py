@@ -298,14 +298,7 @@ async def test_cancelled_notification_cancels_the_tool_frees_slots_and_sends_no_
         ws(d) as conn,
     ):
         rpc = Rpc(conn)
-        await rpc.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 7,
-                "method": "tools/call",
-                "params": {"name": "probe", "arguments": {}},
-            }
-        )
+        await rpc.start_call("probe", id=7)
         with trio.fail_after(5):
             await probe.started_event.wait()
         assert d.inflight.borrowed_tokens == 1
@@ -331,14 +324,7 @@ async def test_closing_the_connection_cancels_its_calls(tmp_path):
     probe = Probe()
     async with running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d:
         async with ws(d) as conn:
-            await Rpc(conn).send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": 1,
-                    "method": "tools/call",
-                    "params": {"name": "probe", "arguments": {}},
-                }
-            )
+            await Rpc(conn).start_call("probe", id=1)
             with trio.fail_after(5):
                 await probe.started_event.wait()
         with trio.fail_after(5):
@@ -365,14 +351,7 @@ async def test_call_without_a_slot_in_time_is_rejected_as_overloaded(tmp_path):
     settings = make_settings(tmp_path, session_max_inflight=1, slot_wait_s=0.1)
     async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as conn:
         rpc = Rpc(conn)
-        await rpc.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "tools/call",
-                "params": {"name": "probe", "arguments": {}},
-            }
-        )
+        await rpc.start_call("probe", id=1)
         with trio.fail_after(5):
             await probe.started_event.wait()
         res = await rpc.call("probe", id=2)
@@ -388,14 +367,7 @@ async def test_global_inflight_cap_applies_across_connections(tmp_path):
     probe = Probe()
     settings = make_settings(tmp_path, max_inflight=1, slot_wait_s=0.1)
     async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as a, ws(d) as b:
-        await Rpc(a).send(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "tools/call",
-                "params": {"name": "probe", "arguments": {}},
-            }
-        )
+        await Rpc(a).start_call("probe", id=1)
         with trio.fail_after(5):
             await probe.started_event.wait()
         res = await Rpc(b).call("probe")
@@ -408,18 +380,7 @@ async def test_progress_token_gets_tool_progress_and_heartbeats(tmp_path):
     settings = make_settings(tmp_path, heartbeat_interval_s=0.05)
     async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as conn:
         rpc = Rpc(conn)
-        await rpc.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "tools/call",
-                "params": {
-                    "name": "probe",
-                    "arguments": {"progress": True},
-                    "_meta": {"progressToken": "tok"},
-                },
-            }
-        )
+        await rpc.start_call("probe", {"progress": True}, id=1, progressToken="tok")
         with trio.fail_after(5):
             while len(rpc.notifications) < 3:
                 rpc.notifications.append(await rpc.next_message())
@@ -529,14 +490,7 @@ async def test_shutdown_drains_inflight_calls_then_stops(tmp_path):
         )
         async with ws(d) as conn:
             rpc = Rpc(conn)
-            await rpc.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": 1,
-                    "method": "tools/call",
-                    "params": {"name": "probe", "arguments": {}},
-                }
-            )
+            await rpc.start_call("probe", id=1)
             with trio.fail_after(5):
                 await probe.started_event.wait()
             d.request_shutdown()
@@ -565,14 +519,7 @@ async def test_shutdown_cancels_calls_that_outlive_the_drain_bound(tmp_path):
                 )
             )
             async with ws(d) as conn:
-                await Rpc(conn).send(
-                    {
-                        "jsonrpc": "2.0",
-                        "id": 1,
-                        "method": "tools/call",
-                        "params": {"name": "probe", "arguments": {}},
-                    }
-                )
+                await Rpc(conn).start_call("probe", id=1)
                 with trio.fail_after(5):
                     await probe.started_event.wait()
                 d.request_shutdown()
@@ -634,9 +581,7 @@ async def test_duplicates_sent_back_to_back_run_once_even_while_waiting_for_a_sl
     ):
         rpc = Rpc(conn)
         # hold the only global slot, so the probe's first request waits for it
-        await Rpc(other).send(
-            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "blocker"}}
-        )
+        await Rpc(other).start_call("blocker", id=1)
         with trio.fail_after(5):
             await blocker.started_event.wait()
         req = {"jsonrpc": "2.0", "id": "twice", "method": "tools/call", "params": {"name": "probe"}}

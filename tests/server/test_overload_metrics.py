@@ -39,14 +39,7 @@ async def test_memory_watermarks_stop_and_resume_admission_and_inflight_calls_fi
         assert d.memory is not None
         d.memory.reader = fake
         rpc = Rpc(conn)
-        await rpc.send(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "tools/call",
-                "params": {"name": "probe", "arguments": {}},
-            }
-        )
+        await rpc.start_call("probe", id=1)
         with trio.fail_after(5):
             await probe.started_event.wait()
         fake.used = 950  # above the high watermark
@@ -107,14 +100,7 @@ async def test_per_identity_inflight_limit_spans_connections(tmp_path):
         ws(d, token="tok-alice-0123456789") as a2,
         ws(d, token="tok-bob-0123456789") as b,
     ):
-        await Rpc(a1).send(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "tools/call",
-                "params": {"name": "probe", "arguments": {}},
-            }
-        )
+        await Rpc(a1).start_call("probe", id=1)
         with trio.fail_after(5):
             await probe.started_event.wait()
         res = await Rpc(a2).call("version")
