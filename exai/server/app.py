@@ -57,6 +57,8 @@ class DaemonStats:
         self.rejections: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()  # by outcome
         self.by_tool: Counter[tuple[str, str]] = Counter()  # (tool, outcome)
+        #: progress notifications dropped because a slow client's send queue was full
+        self.progress_dropped = 0
 
 
 class Daemon:
@@ -142,6 +144,7 @@ class Daemon:
             "rejections": dict(self.stats.rejections),
             "calls": dict(self.stats.calls),
             "stored_results": len(self.calls),
+            "progress_dropped": self.stats.progress_dropped,
             "max_loop_stall_s": (
                 round(self.stall_detector.max_stall_s, 4) if self.stall_detector else None
             ),

@@ -77,7 +77,6 @@ class Session:
         self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
         self._send, self._outbox = trio.open_memory_channel[str](SEND_QUEUE)
         self._writer_done = trio.Event()
-        self.progress_dropped = 0
         self.nursery: trio.Nursery | None = None
         self.closing_reason: tuple[int, str] | None = None
 
@@ -160,7 +159,7 @@ class Session:
         try:
             self._send.send_nowait(p.encode(msg))
         except trio.WouldBlock:
-            self.progress_dropped += 1
+            self.daemon.stats.progress_dropped += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
