@@ -31,7 +31,8 @@ what a caller needs: a machine-readable ``reason``, a message a person understan
     │   ├── UpstreamBadRequest           400/404/422
     │   └── UpstreamMalformedResponse    a body that is not what the API promises
     ├── StoreError                       a conversation store failed
-    │   └── StoreUnavailableError        the store cannot be reached (retryable)
+    │   ├── StoreUnavailableError        the store cannot be reached (retryable)
+    │   └── ScriptNotLoadedError         Redis does not know a script's SHA (NOSCRIPT)
     ├── NoProviderError                  no configured provider serves the model
     └── ToolError                        a tool failed for a reason of its own
 """
@@ -56,6 +57,7 @@ __all__ = [
     "RateLimitedError",
     "RateLimiterUnavailableError",
     "RejectedError",
+    "ScriptNotLoadedError",
     "StorageUnavailableError",
     "StoreError",
     "StoreUnavailableError",
@@ -304,6 +306,14 @@ class StoreUnavailableError(StoreError):
 
     reason = "store_unavailable"
     retryable = True
+
+
+class ScriptNotLoadedError(StoreError):
+    """Redis answered ``NOSCRIPT``: its script cache does not hold the SHA (a fresh or restarted
+    server, ``SCRIPT FLUSH``, a failover). The caller runs the script with ``EVAL`` instead.
+
+    Recognised by type, never by message text: the message names the store and may change.
+    """
 
 
 class NoProviderError(ExaiError):

@@ -29,7 +29,12 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from exai.errors import CircuitOpenError, RateLimiterUnavailableError, StoreUnavailableError
+from exai.errors import (
+    CircuitOpenError,
+    RateLimiterUnavailableError,
+    ScriptNotLoadedError,
+    StoreUnavailableError,
+)
 
 from .breaker import CircuitBreaker
 from .bucket import TokenBucket
@@ -109,13 +114,27 @@ def is_redis_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, _UNREACHABLE)
 
 
+def _redis_py_noscript() -> tuple[type[BaseException], ...]:
+    try:
+        from redis import exceptions
+    except ImportError:  # pragma: no cover - redis-py is a dependency of the daemon only
+        return ()
+    return (exceptions.NoScriptError,)
+
+
+_NOSCRIPT: tuple[type[BaseException], ...] | None = None
+
+
 def _is_noscript(exc: BaseException) -> bool:
-    # redis-py raises NoScriptError and strips the "NOSCRIPT" code from the message; other
-    # clients keep the server's text ("NOSCRIPT No matching script. Please use EVAL.").
-    text = str(exc)
-    return type(exc).__name__ == "NoScriptError" or text.startswith(
-        ("NOSCRIPT", "No matching script")
-    )
+    """True when Redis did not know the script's SHA: redis-py's ``NoScriptError``, or exai's
+    :class:`~exai.errors.ScriptNotLoadedError` (what the daemon's Redis adapter maps it to).
+
+    By type only: error messages are for people, and a mapped message starts with the URL.
+    """
+    global _NOSCRIPT
+    if _NOSCRIPT is None:
+        _NOSCRIPT = (ScriptNotLoadedError, *_redis_py_noscript())
+    return isinstance(exc, _NOSCRIPT)
 
 
 class _RedisUnreachable(Exception):

@@ -17,6 +17,15 @@ hide exactly the time we want to see):
   ``before_io_wait`` (it goes back to check for I/O): :attr:`StallDetector.max_batch_s`. A long
   batch made of many short steps is load, not a bug; it is kept as a figure, not as a stall.
 
+A busy machine is not a blocking call. When the operating system takes the CPU away from the
+loop's thread in the middle of a step (another process needs it), the step's wall time grows
+although the code blocked nothing. With ``exclude_descheduled=True`` (what the test fixture uses)
+the detector reads the thread's run-queue delay from ``/proc/thread-self/schedstat`` (Linux; the
+second field: nanoseconds spent runnable but waiting for a CPU) before and after each step and
+subtracts it, so what remains is the time the step ran or blocked in a system call — exactly what
+``time.sleep``, file I/O or a CPU-heavy loop cost — while a step merely descheduled by a loaded
+machine is not a stall. Where the file does not exist the wall time is used unchanged.
+
 Use :func:`stall_detector` inside a trio run, or the ``stall_detector`` pytest fixture in
 ``tests/stall_plugin.py``.
 """
@@ -26,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -36,6 +46,27 @@ __all__ = ["StallDetector", "stall_detector"]
 #: How many stalls :attr:`StallDetector.stalls` keeps (the most recent ones).
 MAX_KEPT_STALLS = 100
 
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def _open_schedstat() -> int | None:
+    """A descriptor on the calling thread's schedstat, or ``None`` where there is none."""
+    try:
+        fd = os.open(_SCHEDSTAT, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        _run_delay_ns(fd)
+    except (OSError, ValueError, IndexError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _run_delay_ns(fd: int) -> int:
+    """Nanoseconds this thread has spent runnable but not running (its run-queue delay)."""
+    return int(os.pread(fd, 128, 0).split()[1])
+
 
 class StallDetector(trio.abc.Instrument):
     """A trio instrument that records task steps longer than ``threshold_s``.
@@ -45,6 +76,9 @@ class StallDetector(trio.abc.Instrument):
         on_stall: called as ``on_stall(duration_s, task_name)`` for each stall, from inside the
             trio run right after the step. It must be quick and must not raise: trio removes an
             instrument whose hook raises.
+        exclude_gc: subtract garbage-collection pauses from each step.
+        exclude_descheduled: subtract the time the operating system kept the thread off the CPU
+            (run-queue delay, Linux only) from each step; costs two small reads per step.
 
     Attributes:
         max_stall_s: the longest single task step seen since the last :meth:`reset`.
@@ -59,6 +93,7 @@ class StallDetector(trio.abc.Instrument):
         on_stall: Callable[[float, str], None] | None = None,
         *,
         exclude_gc: bool = False,
+        exclude_descheduled: bool = False,
     ) -> None:
         self.threshold_s = threshold_s
         self.on_stall = on_stall
@@ -67,6 +102,11 @@ class StallDetector(trio.abc.Instrument):
         self.exclude_gc = exclude_gc
         self._gc_started: float | None = None
         self._gc_in_step = 0.0
+        #: descriptor on the loop thread's schedstat (set by :func:`stall_detector`)
+        self._schedstat: int | None = None
+        self._delay_at_start = 0
+        #: wall time removed from steps because the thread was descheduled, in seconds
+        self.descheduled_s = 0.0
         self._stalls: collections.deque[tuple[float, str]] = collections.deque(
             maxlen=MAX_KEPT_STALLS
         )
@@ -101,6 +141,8 @@ class StallDetector(trio.abc.Instrument):
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._gc_in_step = 0.0
+        if self._schedstat is not None:
+            self._delay_at_start = _run_delay_ns(self._schedstat)
         self._step_started = time.perf_counter()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
@@ -111,6 +153,11 @@ class StallDetector(trio.abc.Instrument):
         duration = time.perf_counter() - started
         if self.exclude_gc:
             duration -= self._gc_in_step
+        if self._schedstat is not None:
+            off_cpu = (_run_delay_ns(self._schedstat) - self._delay_at_start) / 1e9
+            if off_cpu > 0:
+                self.descheduled_s += off_cpu
+                duration -= off_cpu
         self.steps += 1
         if duration > self.max_stall_s:
             self.max_stall_s = duration
@@ -145,13 +192,19 @@ def stall_detector(
     on_stall: Callable[[float, str], None] | None = None,
     *,
     exclude_gc: bool = False,
+    exclude_descheduled: bool = False,
 ) -> Iterator[StallDetector]:
     """Install a :class:`StallDetector` in the current trio run for the ``with`` block.
 
-    Must be entered inside a trio run (``trio.lowlevel.add_instrument`` needs one). The
-    instrument is removed on exit, also when the block raises.
+    Must be entered inside a trio run, on the loop's thread (``trio.lowlevel.add_instrument``
+    needs one; the run-queue delay is read for the thread that enters). The instrument is removed
+    on exit, also when the block raises.
     """
-    detector = StallDetector(threshold_s, on_stall, exclude_gc=exclude_gc)
+    detector = StallDetector(
+        threshold_s, on_stall, exclude_gc=exclude_gc, exclude_descheduled=exclude_descheduled
+    )
+    if exclude_descheduled:
+        detector._schedstat = _open_schedstat()
     trio.lowlevel.add_instrument(detector)
     if exclude_gc:
         gc.callbacks.append(detector._gc_callback)
@@ -164,3 +217,6 @@ def stall_detector(
         with contextlib.suppress(KeyError):
             # Already gone if one of its hooks raised (trio drops such an instrument).
             trio.lowlevel.remove_instrument(detector)
+        if detector._schedstat is not None:
+            fd, detector._schedstat = detector._schedstat, None
+            os.close(fd)

@@ -43,7 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from exai.config import redact_url
-from exai.errors import StoreError, StoreUnavailableError
+from exai.errors import ScriptNotLoadedError, StoreError, StoreUnavailableError
 
 __all__ = ["AsyncioBridge", "BridgedPgPool", "BridgedRedis", "open_asyncio_bridge"]
 
@@ -266,8 +266,8 @@ def map_redis_error(exc: BaseException, what: str) -> StoreError:
     if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | OSError):
         return StoreUnavailableError(f"{what} is unavailable: {type(exc).__name__}")
     if isinstance(exc, redis_exc.NoScriptError):
-        # "NOSCRIPT" in the message is what script users (RedisTokenBucket) look for
-        return StoreError(f"{what}: NOSCRIPT {exc}")
+        # a type of its own: script users (RedisTokenBucket) fall back to EVAL on it
+        return ScriptNotLoadedError(f"{what}: the server does not know the script ({exc})")
     return StoreError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 

@@ -181,3 +181,63 @@ def test_the_plugin_fails_only_the_test_that_blocked(tmp_path: Path) -> None:
     assert "ERROR test_user.py::test_polite" not in out, out
     assert "ERROR test_user.py::test_tolerated" not in out, out
     assert "'the-blocker'" in out, out
+
+
+# -- a busy machine is not a blocking call ---------------------------------------------------
+
+_HAS_SCHEDSTAT = os.path.exists("/proc/thread-self/schedstat") and hasattr(os, "sched_setaffinity")
+
+
+def _spin_cpu(seconds: float) -> None:
+    """Run Python code on the CPU for ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def _cpu_step() -> None:
+    _spin_cpu(0.02)
+    await trio.lowlevel.checkpoint()
+
+
+def _hogs_on(cpu: int, count: int) -> list[subprocess.Popen[bytes]]:
+    code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
+async def test_a_step_slowed_only_by_other_processes_is_not_a_stall() -> None:
+    # The loop's thread shares one CPU with four busy processes: a step of 20 ms of CPU takes
+    # about 100 ms of wall time. Wall time alone calls that a stall; the run-queue delay says
+    # the thread was waiting for the CPU, not blocking.
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hogs = _hogs_on(cpu, 4)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)  # noqa: ASYNC251 - let the hogs start before measuring
+        with (
+            stall_detector(threshold_s=0.05) as by_wall,
+            stall_detector(threshold_s=0.05, exclude_descheduled=True) as by_cpu,
+        ):
+            for _ in range(5):
+                await _cpu_step()
+    finally:
+        os.sched_setaffinity(0, before)
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+    assert by_wall.stall_count > 0, "the hogs did not slow the loop down; the test proves nothing"
+    assert by_cpu.stall_count == 0, by_cpu.stalls
+    assert by_cpu.descheduled_s > 0.05
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
+async def test_a_blocking_sleep_is_still_a_stall_when_descheduled_time_is_excluded() -> None:
+    with stall_detector(threshold_s=0.05, exclude_descheduled=True) as detector:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_blocker, name="blocker")
+
+    assert [name for _, name in detector.stalls] == ["blocker"]
+    assert detector.stalls[0][0] >= 0.19

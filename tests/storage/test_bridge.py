@@ -124,3 +124,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_a_shared_limit_works_on_a_fresh_redis_whose_script_cache_is_empty(
+    private_redis: str,
+) -> None:
+    # A fresh server knows no script: EVALSHA answers NOSCRIPT, which the daemon's adapter
+    # maps to ScriptNotLoadedError, and the bucket must fall back to EVAL (by type, not text).
+    from exai.errors import ScriptNotLoadedError
+    from exai.resilience import RedisTokenBucket
+    from exai.storage.aio_bridge import BridgedRedis, open_asyncio_bridge
+
+    async with open_asyncio_bridge() as bridge:
+        redis = BridgedRedis.from_url(bridge, private_redis, max_connections=2)
+        try:
+            with pytest.raises(ScriptNotLoadedError):
+                await redis.evalsha("0" * 40, 0)
+            bucket = RedisTokenBucket(redis, "fresh", rate_per_s=1.0, capacity=2.0)
+            assert await bucket.try_acquire(1) == 0.0
+            assert await bucket.try_acquire(1) == 0.0
+            assert await bucket.try_acquire(1) > 0.0
+        finally:
+            await redis.aclose()
