@@ -15,7 +15,16 @@ import pytest
 pytest_plugins = ["tests.stall_plugin"]
 
 #: folders whose async tests are wrapped in the stall detector
-STALL_CHECKED = ("server", "client", "storage", "providers", "tools", "security", "review")
+STALL_CHECKED = (
+    "server",
+    "client",
+    "storage",
+    "providers",
+    "tools",
+    "security",
+    "review",
+    "adversarial",
+)
 #: test files that block the loop on purpose (they test the detector itself)
 STALLS_ON_PURPOSE = ("test_stalls.py",)
 
