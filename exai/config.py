@@ -124,6 +124,7 @@ PROVIDER_FIELDS = (
     "breaker_window",
     "breaker_open_s",
     "breaker_max_open_s",
+    "quota_hold_s",
 )
 
 
@@ -151,6 +152,9 @@ class ProviderSettings:
     breaker_window: int = 20
     breaker_open_s: float = 5.0
     breaker_max_open_s: float = 120.0
+    #: after a "quota exhausted / insufficient balance" answer, no request is sent to this
+    #: provider for this long (a longer ``Retry-After`` wins)
+    quota_hold_s: float = 300.0
 
     @property
     def configured(self) -> bool:
@@ -231,6 +235,11 @@ class Settings:
     identity_burst: int = _field(200, "message burst per client identity")
     identity_max_inflight: int = _field(0, "concurrent tools/call per client identity (0 = off)")
     secret_watch_interval_s: float = _field(2.0, "how often secret files are checked for changes")
+    max_answer_bytes: int = _field(
+        4 * 1024 * 1024,
+        "largest answer (content + reasoning, UTF-8 bytes) read from a provider; the read stops "
+        "past it with answer_too_large",
+    )
 
     # --- client side (bridge, exai call, exai.Client) ------------------------------------
     url: str = _field("ws://127.0.0.1:8079/mcp", "daemon URL for the bridge and client")
@@ -560,6 +569,7 @@ def _validate(s: Settings) -> None:
         "session_max_inflight",
         "max_inflight",
         "max_json_depth",
+        "max_answer_bytes",
     ):
         if getattr(s, name) < 1:
             raise ConfigError(f"EXAI_{name.upper()} must be at least 1")
@@ -581,3 +591,6 @@ def _validate(s: Settings) -> None:
     for root in s.file_roots:
         if not os.path.isabs(root):
             raise ConfigError(f"EXAI_FILE_ROOTS: {root!r} is not an absolute path")
+    for p in s.providers:
+        if not p.quota_hold_s >= 0:
+            raise ConfigError(f"provider {p.name!r}: quota_hold_s must be at least 0")

@@ -29,7 +29,12 @@ what a caller needs: a machine-readable ``reason``, a message a person understan
     │   ├── UpstreamRateLimited          429 with Retry-After
     │   ├── UpstreamRetryableError       5xx, reset, timeout, stall
     │   ├── UpstreamBadRequest           400/404/422
-    │   └── UpstreamMalformedResponse    a body that is not what the API promises
+    │   ├── UpstreamMalformedResponse    a body that is not what the API promises (or empty)
+    │   ├── UpstreamQuotaExhausted       balance or quota used up: not retried, provider held
+    │   └── UpstreamAnswerError          the answer itself is unusable: the call ends
+    │       ├── UpstreamContentFiltered  content_filtered (the provider's filter stopped it)
+    │       ├── UpstreamTruncated        answer_truncated (output budget spent, e.g. reasoning)
+    │       └── AnswerTooLarge           answer_too_large (over EXAI_MAX_ANSWER_BYTES)
     ├── StoreError                       a conversation store failed
     │   ├── StoreUnavailableError        the store cannot be reached (retryable)
     │   └── ScriptNotLoadedError         Redis does not know a script's SHA (NOSCRIPT)
@@ -42,6 +47,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AnswerTooLarge",
     "CallerError",
     "CircuitOpenError",
     "ConfigError",
@@ -63,12 +69,16 @@ __all__ = [
     "StoreUnavailableError",
     "ToolError",
     "UnsupportedProtocolVersion",
+    "UpstreamAnswerError",
     "UpstreamAuthError",
     "UpstreamBadRequest",
+    "UpstreamContentFiltered",
     "UpstreamError",
     "UpstreamMalformedResponse",
+    "UpstreamQuotaExhausted",
     "UpstreamRateLimited",
     "UpstreamRetryableError",
+    "UpstreamTruncated",
 ]
 
 #: JSON-RPC code used for every exai-specific error; ``data.reason`` tells them apart.
@@ -293,6 +303,45 @@ class UpstreamMalformedResponse(UpstreamError):
     """The provider answered with a body that is not what its API promises."""
 
     reason = "upstream_malformed"
+
+
+class UpstreamQuotaExhausted(UpstreamError):
+    """The provider says the account's balance or quota is used up (Moonshot's 429
+    ``exceeded_current_quota_error``, OpenAI's ``insufficient_quota``, GLM code 1113).
+
+    No retry cures it: it is never retried, and the provider is held (refused locally, no
+    request sent) for its ``quota_hold_s``; ``retry_after_s`` says when it is tried again.
+    """
+
+    reason = "quota_exhausted"
+
+
+class UpstreamAnswerError(UpstreamError):
+    """The provider answered, but the answer cannot be used as one: the call ends (neither
+    retried nor answered by another provider) and nothing is stored. ``data.ending`` says how
+    the answer ended; it never counts against the provider's breaker."""
+
+    reason = "upstream_answer_unusable"
+
+
+class UpstreamContentFiltered(UpstreamAnswerError):
+    """The provider's content filter stopped the answer (``finish_reason`` ``content_filter``
+    or GLM's ``sensitive``, or an error code saying so)."""
+
+    reason = "content_filtered"
+
+
+class UpstreamTruncated(UpstreamAnswerError):
+    """The answer was cut at the output token limit (``finish_reason: "length"``);
+    ``data.cause`` is ``"reasoning"`` when the whole budget went to reasoning."""
+
+    reason = "answer_truncated"
+
+
+class AnswerTooLarge(UpstreamAnswerError):
+    """The answer passed ``EXAI_MAX_ANSWER_BYTES``; the read was stopped there."""
+
+    reason = "answer_too_large"
 
 
 class StoreError(ExaiError):

@@ -4,16 +4,25 @@
 ``POST /chat/completions`` (plain or SSE-streamed) and ``GET /models``. It knows nothing about
 buckets, breakers or fallbacks; :class:`exai.providers.provider.Provider` puts those around it.
 
-Error mapping (:func:`map_transport_error`, :func:`map_status`)::
+Error mapping (:func:`map_transport_error`, :func:`map_status`; error documents and endings are
+read by :mod:`exai.providers.ending`, the one place that decides how an answer ended)::
 
     httpx.TimeoutException, ConnectError, RemoteProtocolError, ReadError, WriteError
                                     → UpstreamRetryableError
+    a quota / balance code          → UpstreamQuotaExhausted       (never retried; provider held)
     401, 403                        → UpstreamAuthError           (never retried)
     429                             → UpstreamRateLimited          (retry_after_s from Retry-After)
     408, 5xx                        → UpstreamRetryableError
     400, 404, 413, 422, other 4xx   → UpstreamBadRequest
     3xx, bad JSON, wrong shape      → UpstreamMalformedResponse
     no bytes for stall_timeout_s    → UpstreamRetryableError("… stalled: no data for Xs")
+    an answer over max_answer_bytes → AnswerTooLarge               (the read stops there)
+    a 200 that is not a complete answer (error inside, no / bad finish reason, empty)
+                                    → see exai.providers.ending
+
+The request body is encoded here, before any byte is sent: a body that is not valid UTF-8 (a
+lone surrogate in a prompt) is the caller's :class:`~exai.errors.InvalidParams`, never an
+exception from inside httpx that a breaker would count.
 
 Keys: the ``Authorization`` header is built per request from ``ProviderSettings.api_key`` (so a
 rotated key takes effect on the next request), sent only to this provider's base URL (redirects
@@ -38,18 +47,28 @@ import httpx
 
 from exai.config import ProviderSettings
 from exai.errors import (
-    UpstreamAuthError,
-    UpstreamBadRequest,
+    AnswerTooLarge,
+    InvalidParams,
     UpstreamError,
     UpstreamMalformedResponse,
-    UpstreamRateLimited,
     UpstreamRetryableError,
 )
+from exai.providers.ending import (
+    MAX_ERROR_TEXT,
+    Ended,
+    ErrorDoc,
+    answer_bytes,
+    error_for,
+    judge,
+    read_error_doc,
+)
 from exai.providers.sse import SSEDecoder, StreamAssembler
+from exai.providers.types import unencodable_field
 
 __all__ = [
     "ChunkCallback",
     "OpenAIClient",
+    "encode_body",
     "map_status",
     "map_transport_error",
     "parse_retry_after",
@@ -57,8 +76,13 @@ __all__ = [
 
 #: The largest non-streamed response body accepted (a real completion is far smaller).
 MAX_BODY_BYTES = 32 * 1024 * 1024
-#: Longest provider error text carried into an exai error message.
-MAX_ERROR_TEXT = 300
+#: Bytes of a non-2xx body read for its error message and code.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+#: ``Settings.max_answer_bytes``'s default, for a client built without settings.
+DEFAULT_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+#: Once every choice has a finish reason, how long to wait for the usage chunk and ``[DONE]``
+#: before ending the read (some providers never send ``[DONE]`` and hold the connection open).
+FINISH_GRACE_S = 1.0
 #: Retry-After values are clamped to this (a provider asking for a day is treated as an hour).
 MAX_RETRY_AFTER_S = 3600.0
 
@@ -118,73 +142,66 @@ def parse_retry_after(headers: httpx.Headers | dict[str, str]) -> float | None:
     return _clamp(when.timestamp() - time.time())
 
 
+def encode_body(body: dict[str, Any]) -> bytes:
+    """``body`` as UTF-8 JSON.
+
+    Raises:
+        InvalidParams: a string in it is not valid Unicode (a lone surrogate such as
+            ``"\\ud800"``); ``field`` names it (``messages[1].content``).
+    """
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        where = unencodable_field(body.get("messages") or ()) or ("messages", -1)
+        field, pos = where
+        raise InvalidParams(
+            f"{field} is not valid Unicode text (a lone surrogate"
+            + (f" at character {pos}" if pos >= 0 else "")
+            + "); nothing was sent to the provider",
+            field=field,
+        ) from None
+    except ValueError as exc:  # NaN / Infinity in a number
+        raise InvalidParams(f"the request cannot be sent as JSON: {exc}") from None
+
+
 def _clamp(v: float) -> float | None:
     if math.isnan(v):
         return None
     return min(max(v, 0.0), MAX_RETRY_AFTER_S)
 
 
-def _error_text(body: bytes, secret: str | None) -> str:
-    text = ""
+def _error_doc(body: bytes) -> ErrorDoc:
+    """The error document of a non-2xx body (JSON or not)."""
     try:
         data = json.loads(body)
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            text = str(err.get("message") or err.get("code") or "")
-        elif isinstance(err, str):
-            text = err
-        elif isinstance(data, dict) and "message" in data:
-            text = str(data["message"])
     except (ValueError, UnicodeDecodeError):
-        text = body[:MAX_ERROR_TEXT].decode("utf-8", errors="replace")
-    return scrub(text[:MAX_ERROR_TEXT].strip(), secret)
-
-
-def scrub(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` masked (providers sometimes echo keys)."""
-    if secret and len(secret) >= 4 and secret in text:
-        text = text.replace(secret, "***")
-    return text
+        return ErrorDoc(message=body[:MAX_ERROR_TEXT].decode("utf-8", errors="replace"))
+    doc = read_error_doc(data) if isinstance(data, dict) and "error" in data else None
+    if doc is None and isinstance(data, dict) and "message" in data:
+        doc = read_error_doc(data)
+    return doc or ErrorDoc(message="")
 
 
 def map_status(
     provider: str, status: int, headers: httpx.Headers, body: bytes, secret: str | None = None
 ) -> UpstreamError:
-    """The exai error for a non-2xx HTTP answer."""
-    detail = _error_text(body, secret)
-    suffix = f": {detail}" if detail else ""
-    if status in (401, 403):
-        return UpstreamAuthError(
-            f"provider {provider!r} refused the API key (HTTP {status}){suffix}; "
-            "check the provider's API key",
-            provider=provider,
-        )
-    if status == 429:
-        ra = parse_retry_after(headers)
-        when = f"; retry after {ra:.3f}s" if ra is not None else ""
-        return UpstreamRateLimited(
-            f"provider {provider!r} is rate limiting (HTTP 429){when}{suffix}",
-            provider=provider,
-            retry_after_s=ra,
-        )
-    if status == 408 or status >= 500:
-        return UpstreamRetryableError(
-            f"provider {provider!r} is unavailable (HTTP {status}){suffix}",
-            provider=provider,
-            retry_after_s=parse_retry_after(headers),
-            data={"status": status},
-        )
-    if 400 <= status < 500:
-        return UpstreamBadRequest(
-            f"provider {provider!r} rejected the request (HTTP {status}){suffix}",
-            provider=provider,
-            data={"status": status},
-        )
-    return UpstreamMalformedResponse(
-        f"provider {provider!r} answered with unexpected HTTP {status}",
-        provider=provider,
-        data={"status": status},
+    """The exai error for a non-2xx HTTP answer (see :func:`exai.providers.ending.error_for`)."""
+    return error_for(
+        provider,
+        _error_doc(body),
+        http_status=status,
+        retry_after_s=parse_retry_after(headers),
+        secret=secret,
     )
+
+
+def _sse_error(data: str) -> ErrorDoc:
+    """The error document of an SSE ``event: error`` frame (JSON or plain text)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return ErrorDoc(message=data[:MAX_ERROR_TEXT])
+    return read_error_doc(parsed) or ErrorDoc(message=data[:MAX_ERROR_TEXT])
 
 
 def map_transport_error(provider: str, exc: httpx.HTTPError) -> UpstreamError:
@@ -242,6 +259,8 @@ class OpenAIClient:
     Args:
         settings: the provider; read on every request (``base_url`` fixed at open).
         transport: an httpx transport to use instead of the network (unit tests).
+        max_answer_bytes: the largest answer (content, reasoning and tool-call arguments, in
+            UTF-8 bytes) read; past it the read stops with ``AnswerTooLarge``.
 
     Resource handling:
         At most ``settings.pool_max`` connections, split over ``ceil(pool_max / 16)``
@@ -254,10 +273,16 @@ class OpenAIClient:
     """
 
     def __init__(
-        self, settings: ProviderSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: ProviderSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         self.settings = settings
         self.name = settings.name
+        #: the largest answer read (``Settings.max_answer_bytes``); settable on reload
+        self.max_answer_bytes = max_answer_bytes
         self._transport = transport
         self._shards: list[httpx.AsyncClient] = []
         self._inflight: list[int] = []
@@ -331,19 +356,28 @@ class OpenAIClient:
     async def chat(
         self, body: dict[str, Any], *, on_chunk: ChunkCallback | None = None
     ) -> dict[str, Any]:
-        """``POST /chat/completions``; returns a ``chat.completion`` object.
+        """``POST /chat/completions``; returns a complete ``chat.completion`` object.
 
         With ``body["stream"]`` true the answer is read as SSE, ``on_chunk`` is called for
-        each chunk with text, and the chunks are assembled into one completion.
+        each chunk with text, and the chunks are assembled into one completion. Either way
+        :func:`exai.providers.ending.judge` decides whether the answer is complete; only a
+        complete one is returned.
 
         Raises:
-            UpstreamError: a subclass per the table in the module docstring.
+            InvalidParams: the body cannot be encoded as UTF-8 JSON (a lone surrogate); nothing
+                was sent.
+            UpstreamError: a subclass per the table in the module docstring and in
+                :mod:`exai.providers.ending`; :class:`~exai.errors.AnswerTooLarge` past
+                ``max_answer_bytes``.
         """
         streaming = bool(body.get("stream"))
+        content = encode_body(body)
         with self._shard() as http:
             try:
+                headers = self._headers(streaming)
+                headers["content-type"] = "application/json"
                 request = http.build_request(
-                    "POST", "chat/completions", json=body, headers=self._headers(streaming)
+                    "POST", "chat/completions", content=content, headers=headers
                 )
                 if streaming:
                     return await self._send_streaming(http, request, on_chunk)
@@ -354,10 +388,29 @@ class OpenAIClient:
     async def _send_plain(self, http: httpx.AsyncClient, request: httpx.Request) -> dict[str, Any]:
         response = await http.send(request, stream=True)
         try:
-            body = await self._read_body(response)
+            if not 200 <= response.status_code < 300:
+                self._raise_for_status(response, await self._read_error_body(response))
+            body = await self._read_body(response, self._answer_body_limit, answer=True)
         finally:
             await response.aclose()
-        self._raise_for_status(response, body)
+        return self._plain_completion(response, body)
+
+    @property
+    def _answer_body_limit(self) -> int:
+        # JSON escapes at most 6 wire bytes per byte of text (a control character as \u00XX)
+        return 6 * self.max_answer_bytes + 64 * 1024
+
+    def _too_large(self) -> AnswerTooLarge:
+        cap = self.max_answer_bytes
+        return AnswerTooLarge(
+            f"provider {self.name!r} sent an answer larger than {cap} bytes "
+            "(EXAI_MAX_ANSWER_BYTES); the read was stopped there",
+            provider=self.name,
+            data={"limit_bytes": cap, "ending": "too_large"},
+        )
+
+    def _plain_completion(self, response: httpx.Response, body: bytes) -> dict[str, Any]:
+        """A whole (non-SSE) 2xx body → a complete completion, or the error it stands for."""
         try:
             data = json.loads(body)
         except ValueError:
@@ -365,18 +418,57 @@ class OpenAIClient:
                 f"provider {self.name!r} answered with a body that is not JSON",
                 provider=self.name,
             ) from None
-        return _validate_completion(self.name, data)
+        retry_after = parse_retry_after(response.headers)
+        doc = read_error_doc(data["error"]) if isinstance(data, dict) and "error" in data else None
+        if doc is not None:
+            # an error inside a 200: the provider's message and code, never "no choices"
+            raise error_for(
+                self.name,
+                doc,
+                retry_after_s=retry_after,
+                secret=self._secret(),
+                where="inside an HTTP 200 answer",
+            )
+        completion = _validate_completion(self.name, data)
+        if answer_bytes(completion["choices"][0]["message"]) > self.max_answer_bytes:
+            raise self._too_large()
+        judge(self.name, completion, ended="body", secret=self._secret())
+        return completion
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
+    async def _read_body(
+        self, response: httpx.Response, limit: int = MAX_BODY_BYTES, *, answer: bool = False
+    ) -> bytes:
+        """The whole body, at most ``limit`` bytes (past it: ``AnswerTooLarge`` for an answer,
+        else malformed), with no gap longer than ``stall_timeout_s`` between chunks."""
         buf = bytearray()
-        async for chunk in response.aiter_bytes():
-            buf += chunk
-            if len(buf) > MAX_BODY_BYTES:
-                raise UpstreamMalformedResponse(
-                    f"provider {self.name!r} answered with more than {MAX_BODY_BYTES} bytes",
-                    provider=self.name,
-                )
-        return bytes(buf)
+        chunks = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+        async with contextlib.aclosing(chunks):
+            while True:
+                chunk: bytes | None = None
+                with anyio.move_on_after(self.settings.stall_timeout_s):
+                    chunk = await anext(chunks, b"")
+                if chunk is None:
+                    raise self._stalled(f"after {len(buf)} bytes of the body")
+                if not chunk:
+                    return bytes(buf)
+                buf += chunk
+                if len(buf) > limit:
+                    if answer:
+                        raise self._too_large()
+                    raise UpstreamMalformedResponse(
+                        f"provider {self.name!r} answered with more than {limit} bytes",
+                        provider=self.name,
+                    )
+
+    async def _read_error_body(self, response: httpx.Response) -> bytes:
+        """The start of an error body: enough for the provider's message and code."""
+        buf = bytearray()
+        with anyio.move_on_after(min(self.settings.stall_timeout_s, 5.0)):
+            async for chunk in response.aiter_bytes():
+                buf += chunk
+                if len(buf) >= MAX_ERROR_BODY_BYTES:
+                    break
+        return bytes(buf[:MAX_ERROR_BODY_BYTES])
 
     def _raise_for_status(self, response: httpx.Response, body: bytes) -> None:
         if not 200 <= response.status_code < 300:
@@ -403,19 +495,12 @@ class OpenAIClient:
             raise self._stalled("waiting for the response headers")
         try:
             if not 200 <= response.status_code < 300:
-                body = await self._read_body(response)
-                self._raise_for_status(response, body)
+                self._raise_for_status(response, await self._read_error_body(response))
             ctype = response.headers.get("content-type", "")
             if "text/event-stream" not in ctype:
-                # A provider may ignore stream=true and answer in one piece.
-                body = await self._read_body(response)
-                try:
-                    return _validate_completion(self.name, json.loads(body))
-                except ValueError:
-                    raise UpstreamMalformedResponse(
-                        f"provider {self.name!r} answered with a body that is neither SSE nor JSON",
-                        provider=self.name,
-                    ) from None
+                # A provider may ignore stream=true and answer (or fail) in one piece.
+                body = await self._read_body(response, self._answer_body_limit, answer=True)
+                return self._plain_completion(response, body)
             return await self._read_sse(response, on_chunk)
         finally:
             # On cancellation too: closing an unfinished response closes the connection, so
@@ -429,15 +514,19 @@ class OpenAIClient:
         asm = StreamAssembler()
         byte_iter = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
         async with contextlib.aclosing(byte_iter) as chunks:
-            done = await self._pump(chunks, decoder, asm, on_chunk)
-            if done:
+            ended = await self._pump(chunks, decoder, asm, on_chunk)
+            if ended == "done":
                 await self._drain(chunks)
-        if not done and asm.finish_reason is None:
-            raise UpstreamRetryableError(
-                f"provider {self.name!r} stream ended early after {asm.chunks} chunks",
-                provider=self.name,
-            )
-        return asm.completion()
+        completion = asm.completion()
+        judge(
+            self.name,
+            completion,
+            errors=asm.errors,
+            ended=ended,
+            retry_after_s=parse_retry_after(response.headers),
+            secret=self._secret(),
+        )
+        return completion
 
     async def _drain(self, chunks: AsyncIterator[bytes]) -> None:
         """Read what follows ``[DONE]`` (the end of the chunked body, normally at once) so the
@@ -455,17 +544,35 @@ class OpenAIClient:
         decoder: SSEDecoder,
         asm: StreamAssembler,
         on_chunk: ChunkCallback | None,
-    ) -> bool:
+    ) -> Ended:
+        """Read events until the stream says it is over; returns how the read stopped.
+
+        ``"done"``: ``[DONE]``; ``"eof"``: the connection closed; ``"error"``: an error
+        document arrived (a chunk's ``error``, an ``event: error`` frame: nothing after it can
+        make the answer whole); ``"finished"``: every choice had its finish reason and nothing
+        more came within :data:`FINISH_GRACE_S` (a provider that never sends ``[DONE]`` and
+        holds the connection open). No byte for ``stall_timeout_s`` before that is a stall.
+        """
         stall = self.settings.stall_timeout_s
-        done = False
-        while not done:
+        grace_until: float | None = None
+        while True:
+            wait = stall
+            if grace_until is None and asm.all_finished:
+                # Usage may still follow the finish chunk, then [DONE]; wait a little, once.
+                grace_until = anyio.current_time() + FINISH_GRACE_S
+            if grace_until is not None:
+                wait = min(stall, grace_until - anyio.current_time())
+                if wait <= 0:
+                    return "finished"
             raw: bytes | None = None
-            with anyio.move_on_after(stall):
+            with anyio.move_on_after(wait):
                 raw = await anext(chunks, b"")
             if raw is None:
+                if grace_until is not None:
+                    return "finished"
                 raise self._stalled(f"after {asm.chunks} chunks")
             if raw == b"":
-                break
+                return "eof"
             try:
                 events = decoder.feed(raw)
             except ValueError as exc:
@@ -473,28 +580,26 @@ class OpenAIClient:
                     f"provider {self.name!r} sent a malformed stream: {exc}", provider=self.name
                 ) from None
             for ev in events:
+                if ev.event == "error":
+                    asm.errors.append(_sse_error(ev.data))
+                    return "error"
                 data = ev.data.strip()
                 if data == "[DONE]":
-                    done = True
-                    break
+                    return "done"
                 try:
-                    chunk = json.loads(data)
-                    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                        raise UpstreamRetryableError(
-                            f"provider {self.name!r} reported an error mid-stream: "
-                            + _error_text(data.encode(), self._secret()),
-                            provider=self.name,
-                        )
-                    text, thought = asm.add(chunk)
+                    text, thought = asm.add(json.loads(data))
                 except ValueError:
                     raise UpstreamMalformedResponse(
                         f"provider {self.name!r} sent a stream chunk that is not a "
                         "chat.completion.chunk",
                         provider=self.name,
                     ) from None
+                if asm.errors:
+                    return "error"
+                if asm.answer_bytes > self.max_answer_bytes:
+                    raise self._too_large()
                 if on_chunk is not None and (text or thought):
                     await on_chunk(text, thought)
-        return done
 
     async def list_models(self) -> list[str]:
         """``GET /models``: the model ids the provider reports.

@@ -11,14 +11,17 @@ A call passes the stages in that order; each can refuse it before any byte leave
 4. a ``CapacityLimiter`` of ``max_concurrency`` slots;
 5. the ``httpx`` pool of ``pool_max`` connections (:class:`~exai.providers.client.OpenAIClient`).
 
-What the breaker counts (``breaker_records``): retryable upstream failures (5xx, reset, timeout,
-stall) and malformed answers count as failures. A 429 counts as neither; instead it holds the
-breaker open (``open_until``) and the provider refuses calls locally until ``Retry-After`` has
-passed. Auth failures (401/403) count as neither: they say the key is wrong, not that the
-provider is down, and a breaker tripped by them would keep failing calls for up to
-``breaker_max_open_s`` after the key was fixed. A call with a wrong key costs one fast round trip,
-is never retried, and the router falls back to the next provider. Bad requests (a
-:class:`~exai.errors.CallerError`) and cancellation count as neither.
+What the breaker counts (``breaker_records``): only the provider's own failures — a retryable
+upstream failure (5xx, reset, timeout, stall, an answer that broke off or never finished) and a
+malformed answer. Everything else counts as neither: a 429 holds the breaker open
+(``open_until``) and the provider refuses calls locally until ``Retry-After`` has passed; a
+"quota exhausted" answer holds it for ``quota_hold_s``; auth failures (401/403) say the key is
+wrong, not that the provider is down (a breaker tripped by them would keep failing calls for up
+to ``breaker_max_open_s`` after the key was fixed); a filtered, truncated or too large answer is
+about the request. Anything the *request* caused — a :class:`~exai.errors.CallerError` such as a
+prompt that is not valid Unicode, refused before any upstream call — and any bug of exai's own
+never counts: one client's bad input must not take a shared provider away from everyone.
+Cancellation counts as neither.
 """
 
 from __future__ import annotations
@@ -33,17 +36,18 @@ import httpx
 
 from exai.config import ProviderSettings
 from exai.errors import (
-    CallerError,
     CircuitOpenError,
+    InvalidParams,
     RateLimitedError,
-    UpstreamAuthError,
     UpstreamMalformedResponse,
+    UpstreamQuotaExhausted,
     UpstreamRateLimited,
+    UpstreamRetryableError,
 )
 from exai.logs import log_event
 from exai.providers.client import OpenAIClient, host_of
 from exai.providers.dialect import dialect_for
-from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage
+from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage, unencodable_field
 from exai.resilience.breaker import CircuitBreaker
 from exai.resilience.bucket import TokenBucket
 from exai.resilience.redis_bucket import RedisTokenBucket
@@ -55,8 +59,12 @@ DEFAULT_OUTPUT_ESTIMATE = 1024
 
 
 def breaker_records(exc: BaseException) -> bool:
-    """Whether the provider breaker counts ``exc`` as a failure (see the module docstring)."""
-    return not isinstance(exc, CallerError | UpstreamAuthError | UpstreamRateLimited)
+    """Whether the provider breaker counts ``exc`` as a failure (see the module docstring).
+
+    An allow-list: only upstream outcomes that say the provider is unwell count, so a new kind
+    of error (or a bug) can never open a shared breaker by accident.
+    """
+    return isinstance(exc, UpstreamRetryableError | UpstreamMalformedResponse)
 
 
 def estimate_tokens(messages: Any, max_output_tokens: int | None) -> int:
@@ -112,13 +120,19 @@ class Provider:
     """
 
     def __init__(
-        self, settings: ProviderSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: ProviderSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_answer_bytes: int | None = None,
     ) -> None:
         s = settings
         self.settings = s
         self.name = s.name
         self.dialect = dialect_for(s.kind)
         self.client = OpenAIClient(s, transport=transport)
+        if max_answer_bytes is not None:
+            self.client.max_answer_bytes = max_answer_bytes
         self.discovered_models: tuple[str, ...] = ()
         self.rpm = TokenBucket(s.rpm / 60.0, max(1.0, s.rpm)) if s.rpm > 0 else None
         self.tpm = TokenBucket(s.tpm / 60.0, max(1.0, s.tpm)) if s.tpm > 0 else None
@@ -140,6 +154,7 @@ class Provider:
         self.shared_rpm: RedisTokenBucket | None = None
         self.limiter: anyio.CapacityLimiter | None = None
         self._hold_until = -math.inf
+        self._hold_quota = False  # the hold is for an exhausted quota, not a Retry-After
         self.counters = _Counters()
 
     async def __aenter__(self) -> Provider:
@@ -199,9 +214,12 @@ class Provider:
         log_event("provider.breaker", provider=self.name, old=old, new=new)
 
     # -- the call ------------------------------------------------------------------------
-    def hold(self, seconds: float) -> None:
-        """Refuse calls locally for ``seconds`` (the provider's ``Retry-After``)."""
+    def hold(self, seconds: float, *, quota: bool = False) -> None:
+        """Refuse calls locally for ``seconds`` (the provider's ``Retry-After``, or
+        ``quota_hold_s`` after a quota-exhausted answer when ``quota``)."""
         now = anyio.current_time()
+        if now + seconds >= self._hold_until:
+            self._hold_quota = quota or (self._hold_quota and now < self._hold_until)
         self._hold_until = max(self._hold_until, now + seconds)
         self.breaker.open_until(seconds)
 
@@ -211,6 +229,14 @@ class Provider:
         if now < self._hold_until:
             wait = self._hold_until - now
             self.counters.refused += 1
+            if self._hold_quota:
+                raise UpstreamQuotaExhausted(
+                    f"provider {self.name!r} said its quota or balance is used up; it is not "
+                    f"called again for {wait:.3f}s",
+                    provider=self.name,
+                    retry_after_s=wait,
+                    data={"held": True},
+                )
             raise UpstreamRateLimited(
                 f"provider {self.name!r} asked to wait (Retry-After); retry in {wait:.3f}s",
                 provider=self.name,
@@ -267,6 +293,15 @@ class Provider:
 
         Bounded by the caller's cancel scope; see the module docstring for the stages.
         """
+        bad = unencodable_field(req.messages)
+        if bad is not None:
+            # The request's fault, found before any limit, breaker or byte is spent on it.
+            field, pos = bad
+            raise InvalidParams(
+                f"{field} is not valid Unicode text (a lone surrogate at character {pos}); "
+                "nothing was sent to the provider",
+                field=field,
+            )
         estimate = estimate_tokens(req.messages, req.max_output_tokens)
         _, tpm_cost = self._admit(estimate)
         try:
@@ -316,6 +351,13 @@ class Provider:
         self.counters.failed += 1
         if isinstance(exc, UpstreamRateLimited) and exc.retry_after_s:
             self.hold(exc.retry_after_s)
+        if isinstance(exc, UpstreamQuotaExhausted) and not exc.extra.get("held"):
+            # No retry cures an empty balance: hold the provider (no request at all) until the
+            # configured time has passed, or the provider's own Retry-After if that is longer.
+            seconds = max(self.settings.quota_hold_s, exc.retry_after_s or 0.0)
+            if seconds > 0:
+                self.hold(seconds, quota=True)
+                exc.retry_after_s = seconds
         reason = exc.reason if isinstance(exc, ExaiError) else type(exc).__name__
         self.counters.last_error = {
             "reason": reason,

@@ -13,7 +13,12 @@ tried once, in order, until one answers:
   without any network work;
 * a retryable failure (5xx, reset, timeout, stall, malformed answer) moves on to the next one;
 * an auth failure moves on, and that provider is not tried again in this call;
-* a bad request (400/404/422) ends the call at once: another provider would refuse it too.
+* a quota-exhausted answer moves on; that provider is held (no request) for its
+  ``quota_hold_s``, and the failure alone never starts another pass;
+* a bad request (400/404/422, or a request that cannot be sent, such as a prompt that is not
+  valid Unicode) ends the call at once: another provider would refuse it too;
+* an unusable answer (:class:`~exai.errors.UpstreamAnswerError`: filtered, truncated, too large)
+  ends the call at once: the request, not the provider, decides it.
 
 When a pass fails, :func:`exai.resilience.retrying` decides about the next one: it waits at least
 the shortest ``retry_after_s`` seen, never sleeps past the deadline, and draws on a shared retry
@@ -44,6 +49,7 @@ from exai.errors import (
     ExaiError,
     NoProviderError,
     RateLimitedError,
+    UpstreamAnswerError,
     UpstreamAuthError,
     UpstreamError,
     UpstreamMalformedResponse,
@@ -133,6 +139,7 @@ class _PassFailed:
                 provider=auth[-1].provider,
                 data={"attempts": attempts},
             )
+        errs[-1].extra.setdefault("attempts", attempts)
         return errs[-1]
 
 
@@ -162,7 +169,10 @@ class ProviderRouter:
         self.settings = settings
         transports = transports or {}
         self.providers: dict[str, Provider] = {
-            p.name: Provider(p, transport=transports.get(p.name)) for p in settings.providers
+            p.name: Provider(
+                p, transport=transports.get(p.name), max_answer_bytes=settings.max_answer_bytes
+            )
+            for p in settings.providers
         }
         self.registry = ModelRegistry(settings, self.providers)
         self._attempts = attempts
@@ -294,7 +304,8 @@ class ProviderRouter:
             running[:] = [(prov_name, model)]
             try:
                 resp = await provider.complete(req, model)
-            except CallerError as exc:
+            except (CallerError, UpstreamAnswerError) as exc:
+                # the request decides these: no other provider, no other pass
                 running.clear()
                 attempts.append(Attempt(prov_name, model, exc.reason, str(exc)[:200]))
                 exc.extra.setdefault("attempts", [a.to_dict() for a in attempts])
@@ -366,6 +377,7 @@ class ProviderRouter:
                 continue
             provider.settings = new
             provider.client.settings = new
+            provider.client.max_answer_bytes = settings.max_answer_bytes
         self.registry.settings = settings
 
     def metrics_snapshot(self) -> dict[str, Any]:

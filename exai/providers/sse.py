@@ -6,7 +6,9 @@ I/O, so the client feeds it whatever chunks the socket gave and the tests feed i
 
 :class:`StreamAssembler` folds OpenAI ``chat.completion.chunk`` objects into the one message a
 non-streamed call would have returned: content, reasoning content (thinking models), tool calls
-(assembled from their indexed fragments), finish reason, usage.
+(assembled from their indexed fragments), finish reason, usage — and keeps what
+:func:`exai.providers.ending.judge` needs to decide how the stream ended: the finish reason of
+each choice, the error documents carried by chunks, and the answer's size in bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+
+from exai.providers.ending import ErrorDoc, read_error_doc
 
 __all__ = ["SSEDecoder", "SSEEvent", "StreamAssembler"]
 
@@ -82,15 +86,26 @@ class SSEDecoder:
             self._data.append(value)
         elif name == "event":
             self._event = value
-        elif name == "id":
+        elif name == "id" and "\0" not in value:  # the spec ignores an id holding NUL
             self._id = value
         return None
 
 
+def _utf8_len(text: str) -> int:
+    # ASCII (most of any answer) needs no encoding to be measured
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+#: Tool calls one answer may carry (the index is the provider's: bound the list it grows).
+MAX_TOOL_CALLS = 128
+
+
 def _merge_tool_call(calls: list[dict[str, Any]], frag: dict[str, Any]) -> None:
     idx = frag.get("index")
-    if not isinstance(idx, int):
+    if not isinstance(idx, int) or isinstance(idx, bool):
         idx = len(calls)
+    if not 0 <= idx < MAX_TOOL_CALLS:
+        raise ValueError(f"tool call index {idx} outside 0..{MAX_TOOL_CALLS - 1}")
     while len(calls) <= idx:
         calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
     call = calls[idx]
@@ -116,6 +131,18 @@ class StreamAssembler:
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
         self.chunks = 0
+        #: finish reason per choice index, and every choice index seen
+        self.finished: dict[int, str] = {}
+        self.choices: set[int] = set()
+        #: error documents carried by chunks (a top-level ``error``), in order
+        self.errors: list[ErrorDoc] = []
+        #: UTF-8 bytes of content, reasoning and tool-call arguments received
+        self.answer_bytes = 0
+
+    @property
+    def all_finished(self) -> bool:
+        """Every choice seen has a finish reason (and at least one choice was seen)."""
+        return bool(self.choices) and self.choices <= self.finished.keys()
 
     def add(self, chunk: dict[str, Any]) -> tuple[str, str]:
         """Add one chunk; returns the (content, reasoning) text it carried.
@@ -130,15 +157,23 @@ class StreamAssembler:
             self.model = chunk["model"]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
+        if chunk.get("error") is not None:
+            doc = read_error_doc(chunk["error"])
+            if doc is not None:
+                self.errors.append(doc)
         choices = chunk.get("choices")
         if choices is None:
             return "", ""
         if not isinstance(choices, list):
             raise ValueError("choices is not a list")
         text = thought = ""
-        for choice in choices:
+        for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 raise ValueError("choice is not an object")
+            index = choice.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                index = position
+            self.choices.add(index)
             # some providers report usage inside the final choice
             if isinstance(choice.get("usage"), dict):
                 self.usage = choice["usage"]
@@ -152,8 +187,13 @@ class StreamAssembler:
             for frag in delta.get("tool_calls") or ():
                 if isinstance(frag, dict):
                     _merge_tool_call(self.tool_calls, frag)
+                    args = (frag.get("function") or {}).get("arguments")
+                    if isinstance(args, str):
+                        self.answer_bytes += _utf8_len(args)
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
+                self.finished[index] = self.finish_reason
+        self.answer_bytes += _utf8_len(text) + _utf8_len(thought)
         if text:
             self.content.append(text)
         if thought:

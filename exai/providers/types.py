@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 import attrs
 
-__all__ = ["Attempt", "ChatRequest", "ChatResponse", "DeltaCallback", "StreamDelta", "Usage"]
+__all__ = [
+    "Attempt",
+    "ChatRequest",
+    "ChatResponse",
+    "DeltaCallback",
+    "StreamDelta",
+    "Usage",
+    "unencodable_field",
+]
 
 Step = Literal["single", "early", "final"]
 THINKING_MODES = ("minimal", "low", "medium", "high", "max")
@@ -15,6 +23,38 @@ THINKING_MODES = ("minimal", "low", "medium", "high", "max")
 
 def _messages(value: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     return tuple(value)
+
+
+#: Strings looked at by :func:`unencodable_field` before it gives up (a bound on the walk).
+_MAX_STRINGS = 100_000
+
+
+def unencodable_field(messages: Iterable[Any]) -> tuple[str, int] | None:
+    """The first string in ``messages`` that is not valid Unicode (it holds a lone surrogate,
+    so it cannot be sent as UTF-8), as ``("messages[1].content", character index)``; ``None``
+    when every string is fine. Bounded: at most 100,000 strings are looked at."""
+    stack: list[tuple[str, Any]] = [
+        (f"messages[{i}]", m) for i, m in reversed(list(enumerate(messages)))
+    ]
+    seen = 0
+    while stack and seen < _MAX_STRINGS:
+        path, value = stack.pop()
+        seen += 1
+        if isinstance(value, str):
+            if value.isascii():
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path, exc.start
+        elif isinstance(value, dict):
+            for key, child in reversed(list(value.items())):
+                stack.append((f"{path}.{key}", child))
+                if isinstance(key, str) and not key.isascii():
+                    stack.append((f"{path} (a key)", key))
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}[{i}]", c) for i, c in reversed(list(enumerate(value))))
+    return None
 
 
 @attrs.frozen

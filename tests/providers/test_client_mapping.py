@@ -174,7 +174,7 @@ async def test_a_stream_that_ends_without_finishing_is_retryable() -> None:
         )
 
     async with OpenAIClient(_settings(), transport=httpx.MockTransport(handler)) as c:
-        with pytest.raises(UpstreamRetryableError, match="ended early"):
+        with pytest.raises(UpstreamRetryableError, match="ended the answer early"):
             await c.chat({"model": "m", "messages": [], "stream": True})
 
 
