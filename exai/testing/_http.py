@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import http
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import anyio
 import anyio.abc
@@ -69,11 +69,20 @@ class HttpConnection:
     Args:
         stream: The accepted connection.
         max_body_bytes: Larger request bodies raise :class:`BadRequest` (413).
+        on_body_bytes: called with the size of each piece of response body handed to the
+            socket (the mock upstream counts what it sent).
     """
 
-    def __init__(self, stream: anyio.abc.ByteStream, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        max_body_bytes: int,
+        on_body_bytes: Callable[[int], None] | None = None,
+    ) -> None:
         self.stream = stream
         self.max_body_bytes = max_body_bytes
+        self._on_body_bytes = on_body_bytes
         self._h11 = h11.Connection(h11.SERVER)
         self._pipelined = 0
         self._eof = False
@@ -177,6 +186,10 @@ class HttpConnection:
 
     async def _send(self, *events: h11.Event) -> None:
         data = b"".join(self._h11.send(event) or b"" for event in events)
+        if self._on_body_bytes is not None:
+            body = sum(len(e.data) for e in events if isinstance(e, h11.Data))
+            if body:
+                self._on_body_bytes(body)
         if data:
             try:
                 await self.stream.send(data)

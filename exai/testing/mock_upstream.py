@@ -71,6 +71,42 @@ Faults act before authentication and validation, like an outage in front of the 
                                   that is not JSON, then ``[DONE]``)
 ================================  ===========================================================
 
+How real providers end an answer (each one has fooled a popular gateway); see the table in
+``docs/providers.md`` for what exai makes of each:
+
+=====================================  ======================================================
+``Fault.no_done()``                    streaming: every chunk, the last with
+                                       ``finish_reason`` and usage, then no ``[DONE]`` and the
+                                       connection held open until the client leaves
+                                       (non-streaming: a normal answer)
+``Fault.error_chunk(n, message,        ``n`` chunks, then one with a top-level ``error``
+code)``                                ``{"code", "message"}`` **and**
+                                       ``choices[0].finish_reason: "error"`` (OpenRouter), then
+                                       ``[DONE]`` (non-streaming: a 200 with both, the content
+                                       cut in half)
+``Fault.sse_error(n, message, code)``  ``n`` events, then a frame ``event: error`` whose data is
+                                       ``{"error": {"message", "code"}}``, then ``[DONE]``
+                                       (non-streaming: as ``error_in_200``)
+``Fault.finish(reason, content=,       the answer ends with ``finish_reason: reason``;
+reasoning=, cut=)``                    ``content`` / ``reasoning`` replace the text when given
+                                       (``""`` = none), ``cut`` halves the content
+``Fault.network_error()``              GLM: the content cut in half, ``finish_reason:
+                                       "network_error"``
+``Fault.content_filtered()``           GLM: empty content, ``finish_reason: "sensitive"``
+``Fault.reasoning_exhausted()``        reasoning only, empty content, ``finish_reason:
+                                       "length"``
+``Fault.error_in_200(status, ...)``    HTTP 200 whose JSON body is only ``{"error": {"message",
+                                       "code": status}}`` (``Retry-After`` when given), streamed
+                                       or not
+``Fault.quota_exhausted()``            Moonshot: 429, type ``exceeded_current_quota_error``,
+                                       "insufficient balance", no ``Retry-After``
+``Fault.huge_answer(size_bytes)``      an answer of ``size_bytes`` of content, produced lazily
+                                       (streaming: ``chunk_bytes`` per chunk)
+=====================================  ======================================================
+
+:attr:`MockUpstream.body_bytes_sent` counts the response body bytes handed to the sockets, so a
+test can see that a client stopped reading.
+
 A client that goes away before its response is complete (during a latency wait, a hang, a
 stall or a stream) is noticed at once — a reader watches each connection while its handler
 waits — and counted in :attr:`MockUpstream.disconnects`.
@@ -98,7 +134,7 @@ import contextlib
 import hmac
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -115,7 +151,19 @@ from exai.testing._http import BadRequest, ClientGone, HttpConnection, Request
 __all__ = ["Fault", "MockUpstream", "RecordedRequest", "main"]
 
 FaultKind = Literal[
-    "status", "latency", "reset", "hang", "stream_stall", "stream_break", "malformed"
+    "status",
+    "latency",
+    "reset",
+    "hang",
+    "stream_stall",
+    "stream_break",
+    "malformed",
+    "no_done",
+    "error_chunk",
+    "sse_error",
+    "finish",
+    "error_in_200",
+    "huge_answer",
 ]
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
@@ -123,6 +171,10 @@ JSON_HEADERS = (("content-type", "application/json"),)
 SSE_HEADERS = (("content-type", "text/event-stream"), ("cache-control", "no-cache"))
 MALFORMED_BODY = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "tru'
 MAX_ERRORS_KEPT = 100
+QUOTA_MESSAGE = (
+    "Your account org-mock<ak-mock> is suspended due to insufficient balance, please recharge "
+    "your account or check your plan and billing details"
+)
 _Next = Literal["keep", "close", "abort"]
 
 
@@ -136,6 +188,17 @@ class Fault:
     seconds: float = 0.0
     after_chunks: int = 0
     message: str | None = None
+    #: the provider's error ``code`` / ``type`` (error faults)
+    code: str | int | None = None
+    error_type: str | None = None
+    #: the answer's ending (``finish``) and its text when replaced (``None`` = as usual)
+    finish_reason: str | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    cut: bool = False
+    #: ``huge_answer``: bytes of content, and per streamed chunk
+    size_bytes: int = 0
+    chunk_bytes: int = 16 * 1024
 
     @classmethod
     def status(
@@ -183,6 +246,110 @@ class Fault:
         """200 with a body that is not valid JSON."""
         return cls(kind="malformed")
 
+    # -- how real providers end an answer ------------------------------------------------
+
+    @classmethod
+    def no_done(cls) -> Fault:
+        """Stream every chunk (the last with ``finish_reason`` and usage), then no ``[DONE]``;
+        the connection stays open until the client leaves."""
+        return cls(kind="no_done")
+
+    @classmethod
+    def error_chunk(
+        cls,
+        after_chunks: int = 2,
+        *,
+        message: str = "Provider disconnected unexpectedly (mock)",
+        code: str | int = "server_error",
+    ) -> Fault:
+        """OpenRouter's mid-stream error: ``after_chunks`` chunks, then a chunk with a
+        top-level ``error`` and ``finish_reason: "error"``, then ``[DONE]``."""
+        return cls(kind="error_chunk", after_chunks=after_chunks, message=message, code=code)
+
+    @classmethod
+    def sse_error(
+        cls,
+        after_chunks: int = 2,
+        *,
+        message: str = "upstream generation failed (mock)",
+        code: str | int | None = "server_error",
+    ) -> Fault:
+        """``after_chunks`` events, then an ``event: error`` frame, then ``[DONE]``."""
+        return cls(kind="sse_error", after_chunks=after_chunks, message=message, code=code)
+
+    @classmethod
+    def finish(
+        cls,
+        reason: str,
+        *,
+        content: str | None = None,
+        reasoning: str | None = None,
+        cut: bool = False,
+    ) -> Fault:
+        """End the answer with ``finish_reason: reason``; ``content``/``reasoning`` replace
+        its text when given, ``cut`` halves the content."""
+        return cls(
+            kind="finish", finish_reason=reason, content=content, reasoning=reasoning, cut=cut
+        )
+
+    @classmethod
+    def network_error(cls) -> Fault:
+        """GLM's broken generation: half the content, ``finish_reason: "network_error"``."""
+        return cls.finish("network_error", cut=True)
+
+    @classmethod
+    def content_filtered(cls) -> Fault:
+        """GLM's content filter: empty content, ``finish_reason: "sensitive"``."""
+        return cls.finish("sensitive", content="")
+
+    @classmethod
+    def reasoning_exhausted(cls) -> Fault:
+        """A thinking model that spent its whole budget reasoning: reasoning, no content,
+        ``finish_reason: "length"``."""
+        return cls.finish(
+            "length",
+            content="",
+            reasoning="mock reasoning that went on until the output budget ran out",
+        )
+
+    @classmethod
+    def error_in_200(
+        cls,
+        status: int = 429,
+        *,
+        message: str = "Rate limit exceeded (mock)",
+        retry_after_s: float | None = None,
+        code: str | int | None = None,
+    ) -> Fault:
+        """HTTP 200 whose body is only ``{"error": {"message", "code"}}`` (``code`` defaults to
+        ``status``), with ``Retry-After`` when given."""
+        return cls(
+            kind="error_in_200",
+            status_code=status,
+            message=message,
+            retry_after_s=retry_after_s,
+            code=status if code is None else code,
+        )
+
+    @classmethod
+    def quota_exhausted(cls) -> Fault:
+        """Moonshot's 429 "insufficient balance" (type ``exceeded_current_quota_error``), no
+        ``Retry-After``: no retry will cure it."""
+        return cls(
+            kind="status",
+            status_code=429,
+            message=QUOTA_MESSAGE,
+            error_type="exceeded_current_quota_error",
+        )
+
+    @classmethod
+    def huge_answer(cls, size_bytes: int, *, chunk_bytes: int = 16 * 1024) -> Fault:
+        """An answer with ``size_bytes`` of content (``chunk_bytes`` per streamed chunk),
+        produced as it is sent."""
+        if size_bytes < 1 or chunk_bytes < 1:
+            raise ValueError("size_bytes and chunk_bytes must be >= 1")
+        return cls(kind="huge_answer", size_bytes=size_bytes, chunk_bytes=chunk_bytes)
+
 
 @attrs.frozen(kw_only=True)
 class RecordedRequest:
@@ -226,6 +393,7 @@ class MockUpstream:
         connections: TCP connections accepted.
         peak_active: The most requests ever handled at the same time.
         errors: Exceptions from bugs in the mock itself (each answered with a 500).
+        body_bytes_sent: Response body bytes handed to the sockets, all requests together.
     """
 
     def __init__(
@@ -254,6 +422,7 @@ class MockUpstream:
         self.request_count = 0
         self.connections = 0
         self.peak_active = 0
+        self.body_bytes_sent = 0
         self.errors: list[BaseException] = []
         self._requested_port = port
         self._port = 0
@@ -342,6 +511,7 @@ class MockUpstream:
         self.request_count = 0
         self.connections = 0
         self.peak_active = 0
+        self.body_bytes_sent = 0
 
     async def wait_disconnect(self, n: int = 1) -> None:
         """Wait until :attr:`disconnects` reaches ``n`` (bound it with ``fail_after``)."""
@@ -381,7 +551,9 @@ class MockUpstream:
 
     async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
         self.connections += 1
-        conn = HttpConnection(stream, max_body_bytes=self.max_body_bytes)
+        conn = HttpConnection(
+            stream, max_body_bytes=self.max_body_bytes, on_body_bytes=self._count_sent
+        )
         how: _Next = "close"
         try:
             while True:
@@ -440,6 +612,9 @@ class MockUpstream:
         if client_gone:
             self._count_disconnect()
         return outcome[0] if outcome else "close"
+
+    def _count_sent(self, n: int) -> None:
+        self.body_bytes_sent += n
 
     def _count_disconnect(self) -> None:
         self.disconnects += 1
@@ -544,10 +719,19 @@ class MockUpstream:
                 f"The model `{reply.model}` does not exist or you do not have access to it.",
                 code="model_not_found",
             )
-        partial = fault if fault is not None and fault.kind.startswith("stream_") else None
+        reply = _shaped(reply, fault)
         if stream:
-            return await self._stream(conn, reply, partial)
-        body_bytes = json.dumps(_openai.reply_json(reply)).encode()
+            return await self._stream(conn, reply, fault)
+        if fault is not None and fault.kind == "huge_answer":
+            return await self._huge_body(conn, reply, fault)
+        doc = _openai.reply_json(reply)
+        if fault is not None and fault.kind == "error_chunk":
+            doc["error"] = _error_member(fault)
+            doc["choices"][0]["finish_reason"] = "error"
+            message = doc["choices"][0]["message"]
+            message["content"] = message["content"][: len(message["content"]) // 2]
+        body_bytes = json.dumps(doc).encode()
+        partial = fault if fault is not None and fault.kind.startswith("stream_") else None
         if partial is None:
             await conn.send_response(200, JSON_HEADERS, body_bytes)
             return "keep"
@@ -556,21 +740,62 @@ class MockUpstream:
         return await self._stall_or_break(partial)
 
     async def _stream(
-        self, conn: HttpConnection, reply: _openai.ChatReply, partial: Fault | None
+        self, conn: HttpConnection, reply: _openai.ChatReply, fault: Fault | None
     ) -> _Next:
-        events = [
-            b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            for chunk in _openai.reply_chunks(reply)
-        ]
-        events.append(b"data: [DONE]\n\n")
-        limit = partial.after_chunks if partial is not None else len(events)
+        kind = fault.kind if fault is not None else None
+        chunks = _openai.reply_chunks(reply)
+        events: Iterable[bytes] = [*(_sse(chunk) for chunk in chunks), b"data: [DONE]\n\n"]
+        hold = False
+        if fault is not None and kind in ("stream_stall", "stream_break"):
+            events = list(events)[: fault.after_chunks]
+        elif kind == "no_done":
+            events = list(events)[:-1]
+            hold = True
+        elif fault is not None and kind in ("error_chunk", "sse_error"):
+            keep = [
+                _sse(chunk) for chunk in chunks[: max(0, min(fault.after_chunks, len(chunks) - 1))]
+            ]
+            if kind == "error_chunk":
+                last = dict(chunks[-1])
+                last["choices"] = [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]
+                last["error"] = _error_member(fault)
+                last.pop("usage", None)
+                keep.append(_sse(last))
+            else:
+                frame = json.dumps({"error": _error_member(fault)}).encode()
+                keep.append(b"event: error\ndata: " + frame + b"\n\n")
+            events = [*keep, b"data: [DONE]\n\n"]
+        elif fault is not None and kind == "huge_answer":
+            events = _huge_events(reply, fault)
         await conn.start_response(200, SSE_HEADERS, content_length=None)
-        for event in events[:limit]:
+        for event in events:
             if self.chunk_delay_s > 0:
                 await anyio.sleep(self.chunk_delay_s)
             await conn.send_data(event)
-        if partial is not None:
-            return await self._stall_or_break(partial)
+        if fault is not None and kind in ("stream_stall", "stream_break"):
+            return await self._stall_or_break(fault)
+        if hold:
+            await anyio.sleep_forever()
+        await conn.end_response()
+        return "keep"
+
+    async def _huge_body(
+        self, conn: HttpConnection, reply: _openai.ChatReply, fault: Fault
+    ) -> _Next:
+        doc = _openai.reply_json(attrs.evolve(reply, content=""))
+        head, _, tail = json.dumps(doc).encode().partition(b'"content": ""')
+        head += b'"content": "'
+        tail = b'"' + tail
+        await conn.start_response(
+            200, JSON_HEADERS, content_length=len(head) + fault.size_bytes + len(tail)
+        )
+        await conn.send_data(head)
+        left = fault.size_bytes
+        piece = b"x" * min(fault.chunk_bytes * 4, 256 * 1024)
+        while left > 0:
+            await conn.send_data(piece[:left])
+            left -= len(piece)
+        await conn.send_data(tail)
         await conn.end_response()
         return "keep"
 
@@ -606,9 +831,17 @@ class MockUpstream:
                     "invalid_request_error",
                     "mock_status",
                 )
+            err_code: str | None = err
+            if fault.error_type is not None:
+                type_, err_code = fault.error_type, None
             return await self._send_error(
-                conn, code, fault.message or message, type_=type_, code=err, headers=headers
+                conn, code, fault.message or message, type_=type_, code=err_code, headers=headers
             )
+        if fault.kind == "error_in_200" or (fault.kind == "sse_error" and not stream):
+            headers = []
+            if fault.retry_after_s is not None:
+                headers.append(("retry-after", f"{fault.retry_after_s:g}"))
+            return await self._send_json(conn, 200, {"error": _error_member(fault)}, headers)
         if fault.kind == "reset":
             return "abort"
         if fault.kind == "hang":
@@ -648,6 +881,49 @@ class MockUpstream:
     ) -> _Next:
         doc = _openai.error_body(message, type_=type_, code=code)
         return await self._send_json(conn, status, doc, headers)
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _error_member(fault: Fault) -> dict[str, Any]:
+    member: dict[str, Any] = {"message": fault.message or "error (mock)", "code": fault.code}
+    if fault.error_type is not None:
+        member["type"] = fault.error_type
+    return member
+
+
+def _shaped(reply: _openai.ChatReply, fault: Fault | None) -> _openai.ChatReply:
+    """The reply as a ``finish`` fault reshapes it (its ending and text)."""
+    if fault is None or fault.kind != "finish":
+        return reply
+    content = reply.content if fault.content is None else fault.content
+    if fault.cut:
+        content = content[: len(content) // 2]
+    reasoning = reply.reasoning_content if fault.reasoning is None else (fault.reasoning or None)
+    return attrs.evolve(
+        reply,
+        content=content,
+        reasoning_content=reasoning,
+        finish_reason=fault.finish_reason or reply.finish_reason,
+    )
+
+
+def _huge_events(reply: _openai.ChatReply, fault: Fault) -> Iterator[bytes]:
+    """The SSE events of a ``huge_answer``, made as they are sent (bounded memory)."""
+    first, *_, last = _openai.reply_chunks(attrs.evolve(reply, content="x"))
+    yield _sse(first)
+    body = dict(first)
+    body.pop("web_search", None)
+    left = fault.size_bytes
+    while left > 0:
+        n = min(left, fault.chunk_bytes)
+        body["choices"] = [{"index": 0, "delta": {"content": "x" * n}, "finish_reason": None}]
+        yield _sse(body)
+        left -= n
+    yield _sse(last)
+    yield b"data: [DONE]\n\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
