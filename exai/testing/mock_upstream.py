@@ -85,7 +85,7 @@ code)``                                ``{"code", "message"}`` **and**
                                        ``[DONE]`` (non-streaming: a 200 with both, the content
                                        cut in half)
 ``Fault.sse_error(n, message, code)``  ``n`` events, then a frame ``event: error`` whose data is
-                                       ``{"error": {"message", "code"}}``, then ``[DONE]``
+                                       ``{"message", "code"}``, then ``[DONE]``
                                        (non-streaming: as ``error_in_200``)
 ``Fault.finish(reason, content=,       the answer ends with ``finish_reason: reason``;
 reasoning=, cut=)``                    ``content`` / ``reasoning`` replace the text when given
@@ -762,7 +762,8 @@ class MockUpstream:
                 last.pop("usage", None)
                 keep.append(_sse(last))
             else:
-                frame = json.dumps({"error": _error_member(fault)}).encode()
+                # the frame's data is the error itself (no "error" wrapper, no choices)
+                frame = json.dumps(_error_member(fault)).encode()
                 keep.append(b"event: error\ndata: " + frame + b"\n\n")
             events = [*keep, b"data: [DONE]\n\n"]
         elif fault is not None and kind == "huge_answer":
