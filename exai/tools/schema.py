@@ -23,8 +23,9 @@ schema), ``enum``, ``const``, ``minimum``, ``maximum``, ``exclusiveMinimum``,
 
 Deliberate differences from full JSON Schema: ``integer`` means a JSON integer (``3``, not
 ``3.0``), so handlers can rely on getting a Python ``int``; booleans are never numbers; numbers
-must be finite. Equality for ``enum``/``const``/``uniqueItems`` is JSON equality (``true`` is not
-``1``; ``1`` equals ``1.0``).
+must be finite; strings must be valid Unicode (a lone surrogate such as ``"\\ud800"`` is
+refused: it could not be sent on as UTF-8). Equality for ``enum``/``const``/``uniqueItems`` is
+JSON equality (``true`` is not ``1``; ``1`` equals ``1.0``).
 
 Bounds: schemas are ours, values are hostile. A value nesting deeper than :data:`MAX_VALUE_DEPTH`
 is refused before anything else looks at it, so no later step can recurse without limit; schemas
@@ -297,6 +298,15 @@ def _plural(n: int, word: str) -> str:
 
 
 def _check_string(schema: dict[str, Any], value: str, path: str) -> None:
+    if not value.isascii():
+        # JSON lets a client send "\ud800"; such a string cannot be sent on as UTF-8, so it is
+        # refused here, naming the field, before any provider is called (issue 12).
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _fail(
+                path, f"is not valid Unicode text (a lone surrogate at character {exc.start})"
+            ) from None
     if "minLength" in schema and len(value) < schema["minLength"]:
         raise _fail(
             path,

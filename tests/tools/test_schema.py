@@ -288,3 +288,12 @@ def test_check_schema_refuses_absurd_nesting() -> None:
 
     with pytest.raises(SchemaError, match="nests deeper"):
         check_schema(schema)
+
+
+def test_a_string_that_is_not_unicode_is_refused_naming_the_field():
+    schema = {"type": "object", "properties": {"prompt": {"type": "string"}}}
+    with pytest.raises(InvalidParams) as info:
+        validate(schema, {"prompt": "caf\u00e9 \ud800 x"})
+    assert info.value.field == "arguments.prompt"
+    assert "lone surrogate at character 5" in str(info.value)
+    validate(schema, {"prompt": "caf\u00e9 \U0001f600"})  # real non-ASCII text is fine
