@@ -46,8 +46,13 @@ class SSEDecoder:
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
+        # the last chunk ended in \r: a \n opening the next one belongs to that line end
+        self._after_cr = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._after_cr = False
         self._buf += chunk
         events: list[SSEEvent] = []
         while True:
@@ -60,8 +65,12 @@ class SSEDecoder:
                 return events
             if cr >= 0 and (nl < 0 or cr < nl):
                 if cr == len(self._buf) - 1:
-                    return events  # a lone \r at the end might be the start of \r\n
-                end, skip = cr, 2 if self._buf[cr + 1 : cr + 2] == b"\n" else 1
+                    # A \r that ends the chunk ends the line now (the event it completes must
+                    # not wait for the next byte); a \n that follows is skipped.
+                    self._after_cr = True
+                    end, skip = cr, 1
+                else:
+                    end, skip = cr, 2 if self._buf[cr + 1 : cr + 2] == b"\n" else 1
             else:
                 end, skip = nl, 1
             line = self._buf[:end].decode("utf-8", errors="replace")

@@ -138,3 +138,11 @@ def test_token_estimate_covers_prompt_and_output_cap() -> None:
     msgs = [{"role": "user", "content": "x" * 4000}]
     assert estimate_tokens(msgs, 100) >= 1000 + 100
     assert estimate_tokens(msgs, None) > estimate_tokens(msgs, 100)
+
+
+def test_an_event_ended_by_a_cr_at_the_end_of_a_chunk_is_not_held_back() -> None:
+    # A CR-only server that then pauses (or holds the connection open) must not have its last
+    # event wait for a byte that may never come; a LF opening the next chunk is that CR's.
+    dec = SSEDecoder()
+    assert [e.data for e in dec.feed(b"data: a\r\r")] == ["a"]
+    assert [e.data for e in dec.feed(b"\ndata: b\r\n\r\n")] == ["b"]
