@@ -284,3 +284,85 @@ async def test_an_answer_over_the_cap_stops_the_read(two_mocks, stream):
     # the mock could hand the kernel only what the socket buffers held once exai stopped
     assert a.body_bytes_sent < HUGE // 2
     assert b.chat_requests == []
+
+
+# -- shapes exai already read right before issue 13, kept as a table too ----------------------
+
+_CHUNK = '{"choices": [{"index": 0, "delta": {"content": "%s"}, "finish_reason": null}]}'
+_LAST = '{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"%s}]%s}'
+_USAGE = '"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}'
+
+
+def _sse_body(nl: str = "\n", *, usage_in_choice: bool = False, comments: bool = False) -> bytes:
+    events = [_CHUNK % "caf\u00e9 ", _CHUNK % "\u4e16\u754c"]
+    if usage_in_choice:
+        events.append(_LAST % (", " + _USAGE, ""))
+    else:
+        events.append(_LAST % ("", ", " + _USAGE))
+    out = []
+    for ev in [*events, "[DONE]"]:
+        if comments:
+            out.append(": keep-alive" + nl + nl)
+        out.append("data: " + ev + nl + nl)
+    return "".join(out).encode("utf-8")
+
+
+def _known_shapes() -> dict[str, tuple[list[bytes], dict[str, str]]]:
+    import gzip
+
+    body = _sse_body()
+    cut = body.index("\u00e9".encode()) + 1  # inside the two bytes of "é"
+    return {
+        "multi-byte UTF-8 split across chunks": ([body[:cut], body[cut:]], {}),
+        "comment lines": ([_sse_body(comments=True)], {}),
+        "CRLF line ends": ([_sse_body("\r\n")], {}),
+        "gzip body": ([gzip.compress(body)], {"content-encoding": "gzip"}),
+        "usage inside the choice": ([_sse_body(usage_in_choice=True)], {}),
+    }
+
+
+@pytest.mark.parametrize("shape", list(_known_shapes()))
+async def test_shapes_read_right_before_still_are(shape):
+    import httpx
+
+    from exai.providers.client import OpenAIClient
+
+    from .conftest import provider_settings
+
+    chunks, headers = _known_shapes()[shape]
+
+    async def body():  # the chunks as the network would hand them over
+        for chunk in chunks:
+            yield chunk
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream", **headers}, content=body()
+        )
+
+    settings = provider_settings("p", "http://upstream.test/v1", None, ("m",))
+    async with OpenAIClient(settings, transport=httpx.MockTransport(handler)) as client:
+        out = await client.chat({"model": "m", "messages": [], "stream": True})
+    assert out["choices"][0]["message"]["content"] == "caf\u00e9 \u4e16\u754c"
+    assert out["usage"]["total_tokens"] == 5
+
+
+async def test_a_data_error_without_choices_fails_with_the_providers_message():
+    import httpx
+
+    from exai.providers.client import OpenAIClient
+
+    from .conftest import provider_settings
+
+    body = b'data: {"choices": [{"delta": {"content": "par"}}]}\n\n'
+    body += b'data: {"error": {"message": "overloaded, try later", "code": 503}}\n\n'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    settings = provider_settings("p", "http://upstream.test/v1", None, ("m",))
+    async with OpenAIClient(settings, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ExaiError) as info:
+            await client.chat({"model": "m", "messages": [], "stream": True})
+    assert info.value.reason == "upstream_unavailable"
+    assert "overloaded, try later" in str(info.value)
