@@ -150,8 +150,8 @@ def read_error_doc(value: Any) -> ErrorDoc | None:
     ``None`` when there is none (``error: null``, no ``error`` key)."""
     if isinstance(value, Mapping) and "error" in value:
         value = value["error"]
-    if value is None or value is False:
-        return None
+    if value is None or value is False or value == "" or value == {}:
+        return None  # some providers send "error": null (or empty) in every healthy chunk
     if isinstance(value, str):
         return ErrorDoc(message=value)
     if not isinstance(value, Mapping):

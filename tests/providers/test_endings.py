@@ -366,3 +366,45 @@ async def test_a_data_error_without_choices_fails_with_the_providers_message():
             await client.chat({"model": "m", "messages": [], "stream": True})
     assert info.value.reason == "upstream_unavailable"
     assert "overloaded, try later" in str(info.value)
+
+
+def test_an_empty_or_null_error_member_is_not_an_error():
+    from exai.providers.ending import read_error_doc
+
+    assert read_error_doc(None) is None
+    assert read_error_doc({}) is None
+    assert read_error_doc("") is None
+    doc = read_error_doc({"error": {"code": 429, "message": "slow down", "type": "rate_limit"}})
+    assert doc is not None and doc.status == 429 and doc.message == "slow down"
+    assert read_error_doc({"code": "1113", "message": "欠费"}).status is None  # GLM codes
+
+
+async def test_keep_alives_after_the_finish_do_not_hold_the_read_open():
+    """A provider that finishes, sends no [DONE] and keeps the connection alive with comments:
+    the grace after the finish is counted once, not restarted by each keep-alive."""
+    import httpx
+
+    from exai.providers.client import OpenAIClient
+
+    from .conftest import provider_settings
+
+    keepalives = 0
+
+    async def body():
+        nonlocal keepalives
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+        yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        while True:
+            await anyio.sleep(0.05)
+            keepalives += 1
+            yield b": keep-alive\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    settings = provider_settings("p", "http://upstream.test/v1", None, ("m",), stall_timeout_s=600)
+    async with OpenAIClient(settings, transport=httpx.MockTransport(handler)) as client:
+        with anyio.fail_after(60):
+            out = await client.chat({"model": "m", "messages": [], "stream": True})
+    assert out["choices"][0]["message"]["content"] == "hi"
+    assert keepalives > 0

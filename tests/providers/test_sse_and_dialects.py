@@ -146,3 +146,9 @@ def test_an_event_ended_by_a_cr_at_the_end_of_a_chunk_is_not_held_back() -> None
     dec = SSEDecoder()
     assert [e.data for e in dec.feed(b"data: a\r\r")] == ["a"]
     assert [e.data for e in dec.feed(b"\ndata: b\r\n\r\n")] == ["b"]
+
+
+def test_a_tool_call_index_far_out_of_range_is_refused_not_allocated() -> None:
+    frag = {"index": 10**9, "function": {"name": "x", "arguments": ""}}
+    with pytest.raises(ValueError, match="tool call index"):
+        StreamAssembler().add({"choices": [{"delta": {"tool_calls": [frag]}}]})
