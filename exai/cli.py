@@ -66,6 +66,30 @@ def provider_lines(settings: Settings) -> list[str]:
     ]
 
 
+def warn_exposed_secret_files(settings: Settings) -> None:
+    """Log a warning for each secret file other accounts can read (what ``exai doctor`` flags
+    as an error): the daemon still starts, but the operator hears about it at once."""
+    import logging
+    import os
+    from pathlib import Path
+
+    from exai.doctor import secret_file_problem, secret_files
+    from exai.logs import log_event
+
+    env_file = next((Path(p) for v, p in settings.source_files if v == "EXAI_ENV_FILE"), None)
+    for var, path in secret_files(settings, os.environ, env_file):
+        problem = secret_file_problem(var, path)
+        if problem is not None:
+            message, fix = problem
+            log_event(
+                "config.secret_file_exposed",
+                logging.WARNING,
+                variable=var,
+                problem=message,
+                fix=fix,
+            )
+
+
 async def _serve_async(settings: Settings, registry: Any) -> None:
     import trio
 
@@ -116,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = _settings()
         check_bind(settings, TokenTable(parse_tokens(settings.tokens)))
         configure_logging(settings.log_level, settings.log_format)
+        warn_exposed_secret_files(settings)
         registry = default_registry()
         load_plugins(registry, settings, args.plugin or [])
         try:

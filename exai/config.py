@@ -297,6 +297,14 @@ class Settings:
         default=(), metadata={"doc": "LLM providers", "env": "-"}
     )
 
+    #: ``(variable, path)`` of every file these settings were read from: the TOML file, the
+    #: ``.env`` file and each ``*_FILE`` secret, whichever source named it (set by
+    #: :meth:`from_env`). The file sandbox refuses them by identity; ``exai serve`` warns about
+    #: those that other accounts can read.
+    source_files: tuple[tuple[str, str], ...] = attrs.field(
+        default=(), metadata={"doc": "files the settings were read from", "env": "-"}
+    )
+
     # ------------------------------------------------------------------------------------
     @property
     def state_path(self) -> Path:
@@ -336,21 +344,25 @@ class Settings:
         """
         env = dict(os.environ if environ is None else environ)
         merged: dict[str, str] = {}
+        sources: list[tuple[str, str]] = []
         ef = env_file if env_file is not None else env.get("EXAI_ENV_FILE")
         if ef is None and Path(".env").is_file():
             ef = ".env"
         if ef:
             merged.update(_read_env_file(Path(ef)))
+            sources.append(("EXAI_ENV_FILE", os.path.abspath(ef)))
         merged.update(env)
         cf = config_file if config_file is not None else merged.get("EXAI_CONFIG")
         toml_data = _read_toml(Path(cf)) if cf else {}
-        return _build(cls, merged, toml_data)
+        if cf:
+            sources.append(("EXAI_CONFIG", os.path.abspath(cf)))
+        return _build(cls, merged, toml_data, sources)
 
     def display(self) -> dict[str, Any]:
         """Every effective setting, secrets redacted: what ``exai config`` prints."""
         out: dict[str, Any] = {}
         for f in attrs.fields(Settings):
-            if f.name == "providers":
+            if f.name in ("providers", "source_files"):
                 continue
             out[f.name] = _display_value(getattr(self, f.name))
         out["effective_storage_url"] = redact_url(self.effective_storage_url)
@@ -418,11 +430,25 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def _read_secret_file(var: str, path: str) -> str:
+def _read_secret_file(var: str, path: str, sources: list[tuple[str, str]]) -> str:
+    """The content of the secret file ``path`` named by ``var``, recorded in ``sources``.
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8, or is empty (an empty tokens file
+            would turn authentication off, an empty key would fail every call).
+    """
+    sources.append((var, os.path.abspath(path)))
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        value = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{var}: cannot read secret file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{var}: secret file {path} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(
+            f"{var}: secret file {path} is empty; write the secret into it, or unset {var}"
+        )
+    return value
 
 
 def _convert(name: str, typ: Any, raw: Any) -> Any:
@@ -458,21 +484,70 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _secret_from(env: Mapping[str, str], var: str) -> str | None:
+def _secret_from(env: Mapping[str, str], var: str, sources: list[tuple[str, str]]) -> str | None:
     if env.get(var + "_FILE"):
-        return _read_secret_file(var + "_FILE", env[var + "_FILE"])
+        return _read_secret_file(var + "_FILE", env[var + "_FILE"], sources)
     return env.get(var)
 
 
-def _build(cls: type[Settings], env: Mapping[str, str], toml_data: dict[str, Any]) -> Settings:
+def _toml_secret_files(
+    table: dict[str, Any], secret_names: set[str], where: str, sources: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """``table`` with each ``<secret>_file = "path"`` key replaced by the file's content."""
+    out = dict(table)
+    for key in list(table):
+        base = key.removesuffix("_file")
+        if key == base or base not in secret_names:
+            continue
+        path = out.pop(key)
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}{key} must be the path of a file")
+        out[base] = _read_secret_file(f"{where}{key}", path, sources)
+    return out
+
+
+def _check_token_entries(var: str, raw: str) -> None:
+    """A tokens value that holds no entry at all (blank lines, comments, commas) would turn
+    authentication off without a word: refuse it, naming the variable."""
+    for line in raw.replace(",", "\n").splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            return
+    raise ConfigError(
+        f"{var} holds no token entry (only blank lines or comments), which would turn "
+        f"authentication off; add entries (see `exai token new NAME`) or unset {var}"
+    )
+
+
+def _origin(env: Mapping[str, str], toml_keys: set[str], name: str) -> str:
+    """Which variable or config-file key gave the secret setting ``name`` its value."""
+    var = "EXAI_" + name.upper()
+    if env.get(var + "_FILE"):
+        return var + "_FILE"
+    if env.get(var):
+        return var
+    key = name + "_file" if name + "_file" in toml_keys else name
+    return f"{key} in the config file"
+
+
+def _build(
+    cls: type[Settings],
+    env: Mapping[str, str],
+    toml_data: dict[str, Any],
+    sources: list[tuple[str, str]] | None = None,
+) -> Settings:
     fields = {f.name: f for f in attrs.fields(Settings)}
     values: dict[str, Any] = {}
+    sources = [] if sources is None else sources
 
+    secret_fields = {name for name, f in fields.items() if _is_secret(f)}
     toml_providers = toml_data.get("providers", {})
+    toml_keys = set(toml_data)
+    toml_data = _toml_secret_files(toml_data, secret_fields, "", sources)
     for key, toml_value in toml_data.items():
         if key == "providers":
             continue
-        if key not in fields:
+        if key not in fields or fields[key].metadata.get("env") == "-":
             raise ConfigError(
                 f"unknown setting {key!r} in the config file{_suggest(key, list(fields))}"
             )
@@ -488,11 +563,14 @@ def _build(cls: type[Settings], env: Mapping[str, str], toml_data: dict[str, Any
         if f.metadata.get("env") == "-":
             continue
         var = env_name(f)
-        raw: str | None = _secret_from(env, var) if _is_secret(f) else env.get(var)
+        raw: str | None = _secret_from(env, var, sources) if _is_secret(f) else env.get(var)
         if raw:  # an empty value (as in a copied .env.example) means "the default"
             values[name] = _convert(var, f.type, raw)
+    if values.get("tokens"):
+        _check_token_entries(_origin(env, toml_keys, "tokens"), values["tokens"].reveal())
 
-    values["providers"] = _build_providers(env, toml_providers)
+    values["providers"] = _build_providers(env, toml_providers, sources)
+    values["source_files"] = tuple(sources)
     try:
         settings = cls(**values)
     except (TypeError, ValueError) as exc:
@@ -501,18 +579,20 @@ def _build(cls: type[Settings], env: Mapping[str, str], toml_data: dict[str, Any
     return settings
 
 
-def _provider_values(prefix: str, env: Mapping[str, str]) -> dict[str, Any]:
+def _provider_values(
+    prefix: str, env: Mapping[str, str], sources: list[tuple[str, str]]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for fld in PROVIDER_FIELDS:
         var = f"{prefix}_{fld.upper()}"
-        raw = _secret_from(env, var) if fld == "api_key" else env.get(var)
+        raw = _secret_from(env, var, sources) if fld == "api_key" else env.get(var)
         if raw:
             out[fld] = raw
     return out
 
 
 def _build_providers(
-    env: Mapping[str, str], toml_providers: dict[str, Any]
+    env: Mapping[str, str], toml_providers: dict[str, Any], sources: list[tuple[str, str]]
 ) -> tuple[ProviderSettings, ...]:
     pfields = {f.name: f for f in attrs.fields(ProviderSettings)}
     specs: dict[str, dict[str, Any]] = {}
@@ -521,16 +601,17 @@ def _build_providers(
     for name, table in toml_providers.items():
         if not isinstance(table, dict):
             raise ConfigError(f"[providers.{name}] must be a table")
+        table = _toml_secret_files(table, {"api_key"}, f"[providers.{name}] ", sources)
         for key in table:
             if key not in pfields or key == "name":
                 hint = _suggest(key, list(PROVIDER_FIELDS))
                 raise ConfigError(f"unknown key {key!r} in [providers.{name}]{hint}")
         specs.setdefault(name, {}).update(table)
     for name in ("kimi", "glm"):
-        specs[name].update(_provider_values(name.upper(), env))
+        specs[name].update(_provider_values(name.upper(), env, sources))
     extra_names = {m.group(1) for v in env if (m := _PROVIDER_ENV.match(v))}
     for upper in sorted(extra_names):
-        vals = _provider_values(f"EXAI_PROVIDER_{upper}", env)
+        vals = _provider_values(f"EXAI_PROVIDER_{upper}", env, sources)
         bad = [
             v
             for v in env
@@ -555,6 +636,18 @@ def _build_providers(
 
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+#: What a client token may be made of, and why (used by the daemon's tokens and EXAI_TOKEN).
+TOKEN_TEXT_RULE = (
+    "a token must be printable ASCII without spaces (letters, digits and punctuation): it "
+    "travels in an HTTP header, where clients disagree on how to encode other characters "
+    "(UTF-8 or Latin-1), so such a token would work for some clients and not others"
+)
+
+
+def is_token_text(value: str) -> bool:
+    """Whether ``value`` may be used as a client token (see :data:`TOKEN_TEXT_RULE`)."""
+    return bool(_TOKEN_TEXT.fullmatch(value))
 
 
 def is_loopback(host: str) -> bool:
@@ -594,3 +687,5 @@ def _validate(s: Settings) -> None:
     for p in s.providers:
         if not p.quota_hold_s >= 0:
             raise ConfigError(f"provider {p.name!r}: quota_hold_s must be at least 0")
+    if s.token and not is_token_text(s.token.reveal()):
+        raise ConfigError(f"EXAI_TOKEN: {TOKEN_TEXT_RULE}")

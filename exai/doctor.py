@@ -70,6 +70,8 @@ __all__ = [
     "network_findings",
     "render",
     "run_doctor",
+    "secret_file_problem",
+    "secret_files",
 ]
 
 Level = Literal["ok", "warn", "error"]
@@ -207,43 +209,63 @@ def _env_file_has_secrets(path: Path) -> bool:
     return any(v and _SECRET_VARS.match(k) for k, v in values.items())
 
 
+def secret_files(
+    settings: Settings, env: Mapping[str, str], env_file: Path | None
+) -> list[tuple[str, str]]:
+    """``(variable, path)`` of every file holding a secret: each ``*_FILE`` the settings were
+    read from (environment, ``.env`` or TOML), ``EXAI_TLS_KEY``, and the ``.env`` file when it
+    holds secrets. Sorted by variable."""
+    found: dict[str, tuple[str, str]] = {}
+    named = list(_secret_file_vars(env))
+    named += [
+        (var, path)
+        for var, path in settings.source_files
+        if var not in ("EXAI_ENV_FILE", "EXAI_CONFIG")
+    ]
+    if settings.tls_key:
+        named.append(("EXAI_TLS_KEY", settings.tls_key))
+    if env_file is not None and env_file.is_file() and _env_file_has_secrets(env_file):
+        named.append(("env file", str(env_file)))
+    for var, path in named:
+        found.setdefault(os.path.abspath(path), (var, path))
+    return sorted(found.values())
+
+
+def secret_file_problem(var: str, path: str) -> tuple[str, str] | None:
+    """What is wrong with the secret file ``path`` (named by ``var``): ``(message, fix)``, or
+    ``None`` when only its owner can read it. Blocking (``stat``)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return (
+            f"{var} names {path}, which cannot be read ({exc.strerror})",
+            f"create the file or correct {var}",
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return None
+    who = (
+        "group and others"
+        if mode & 0o007 and mode & 0o070
+        else ("others" if mode & 0o007 else "its group")
+    )
+    return (
+        f"{var} file {path} is readable by {who} (mode {mode:04o}): other accounts "
+        "on this machine can read the secret",
+        f"chmod 600 {path}",
+    )
+
+
 def check_secret_files(
     settings: Settings, env: Mapping[str, str], env_file: Path | None
 ) -> list[Finding]:
     """Secret files readable by group or others, or not readable at all."""
-    files = _secret_file_vars(env)
-    if settings.tls_key:
-        files.append(("EXAI_TLS_KEY", settings.tls_key))
-    if env_file is not None and env_file.is_file() and _env_file_has_secrets(env_file):
-        files.append(("env file", str(env_file)))
+    files = secret_files(settings, env, env_file)
     out: list[Finding] = []
     for var, path in files:
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            out.append(
-                _error(
-                    "secret-files",
-                    f"{var} names {path}, which cannot be read ({exc.strerror})",
-                    f"create the file or correct {var}",
-                )
-            )
-            continue
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            who = (
-                "group and others"
-                if mode & 0o007 and mode & 0o070
-                else ("others" if mode & 0o007 else "its group")
-            )
-            out.append(
-                _error(
-                    "secret-files",
-                    f"{var} file {path} is readable by {who} (mode {mode:04o}): other accounts "
-                    "on this machine can read the secret",
-                    f"chmod 600 {path}",
-                )
-            )
+        problem = secret_file_problem(var, path)
+        if problem is not None:
+            out.append(_error("secret-files", *problem))
     if not out:
         what = ", ".join(v for v, _ in files) if files else "none configured"
         out.append(_ok("secret-files", f"secret files private to their owner ({what})"))

@@ -8,6 +8,7 @@ line, ``#`` comments allowed) take four forms::
     sha256:<64 hex>              stored hash of a token
     alice:sha256:<64 hex>        named stored hash
 
+A plain token must be printable ASCII without spaces (see :data:`exai.config.TOKEN_TEXT_RULE`).
 Only digests are kept in memory after parsing; the plain value is never logged or shown.
 """
 
@@ -19,7 +20,7 @@ import re
 
 import attrs
 
-from exai.config import Secret
+from exai.config import TOKEN_TEXT_RULE, Secret, is_token_text
 from exai.errors import ConfigError
 
 __all__ = ["Identity", "TokenTable", "parse_tokens"]
@@ -67,6 +68,8 @@ def parse_tokens(secret: Secret | None) -> tuple[Identity, ...]:
         else:
             if not value:
                 raise ConfigError(f"token entry {lineno}: empty token")
+            if not is_token_text(value):
+                raise ConfigError(f"token entry {lineno}: {TOKEN_TEXT_RULE}")
             out.append(Identity(name, _digest(value)))
     names = [i.name for i in out]
     dup = next((n for n in names if names.count(n) > 1), None)

@@ -87,6 +87,11 @@ class Reloader:
         self.daemon = daemon
         self.load = load
         self.paths = watched_files(os.environ if environ is None else environ)
+        # and every file the settings were read from, whichever source named it (a tokens
+        # file named in .env or in the TOML file is rotated like one named in the environment)
+        for _var, path in daemon.settings.source_files:
+            if Path(path) not in self.paths:
+                self.paths.append(Path(path))
         self.reloads = 0
         self.failures = 0
         self._lock = trio.Lock()
@@ -119,7 +124,9 @@ class Reloader:
         daemon = self.daemon
         old = daemon.settings
         ignored = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(old, f)]
-        daemon.settings = attrs.evolve(old, tokens=new.tokens, providers=new.providers)
+        daemon.settings = attrs.evolve(
+            old, tokens=new.tokens, providers=new.providers, source_files=new.source_files
+        )
         daemon.tokens = tokens
         for service in daemon.services.values():
             update = getattr(service, "update_settings", None)

@@ -107,3 +107,35 @@ async def test_a_reload_that_would_remove_every_token_keeps_authentication_on(tm
             async with ws(d):  # no token: still refused
                 pass
         d.request_shutdown()
+
+
+async def test_a_tokens_file_named_in_dotenv_is_watched_and_rotated(tmp_path):
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    dotenv = tmp_path / "exai.env"
+    dotenv.write_text(f"EXAI_TOKENS_FILE={tokens_file}\n")
+
+    def load() -> Settings:
+        import attrs
+
+        base = Settings.from_env({}, env_file=str(dotenv), config_file="")
+        return attrs.evolve(
+            base, port=0, admin_port=0, state_dir=str(tmp_path / "state"),
+            secret_watch_interval_s=0.05,
+        )  # fmt: skip
+
+    async with trio.open_nursery() as nursery:
+        d = await nursery.start(
+            lambda task_status: serve(
+                load(), announce=False, reload=load, reload_environ={}, task_status=task_status
+            )
+        )
+        with trio.fail_after(5):
+            while d.reloader.reloads == 0:
+                # named only in the .env file, not in the environment (written again until the
+                # watcher, which takes its first look in a thread, has seen a change)
+                write(tokens_file, TOK_A, TOK_B)
+                await trio.sleep(0.2)
+        async with ws(d, token=bearer(TOK_B)) as sb:
+            assert (await Rpc(sb).request("ping"))["result"] == {}
+        d.request_shutdown()
