@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from exai.errors import ToolError
+from exai.files import MAX_PATHS
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
@@ -48,6 +49,7 @@ INPUT_SCHEMA: dict[str, Any] = {
         "files": {
             "type": "array",
             "items": {"type": "string", "pattern": "^/"},
+            "maxItems": MAX_PATHS,
             "description": "absolute paths of files to include",
         },
     },

@@ -51,7 +51,7 @@ from exai.errors import (
     ToolError,
     UpstreamError,
 )
-from exai.files import context_tokens
+from exai.files import MAX_PATHS, context_tokens
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
@@ -129,7 +129,7 @@ INPUT_SCHEMA: dict[str, Any] = {
         "files": {
             "type": "array",
             "items": {"type": "string", "pattern": "^/"},
-            "maxItems": 100,
+            "maxItems": MAX_PATHS,
             "description": "absolute paths of files every model should see",
         },
         "continuation_id": {"type": "string", "minLength": 1},

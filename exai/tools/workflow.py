@@ -51,7 +51,7 @@ from typing import Any
 import attrs
 
 from exai.errors import InvalidParams, ToolError
-from exai.files import FileSandbox, context_tokens
+from exai.files import MAX_PATHS, FileSandbox, context_tokens
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse, Step
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
@@ -85,7 +85,7 @@ FILES_CONTEXT_SHARE = 0.5
 _CALL_OPTIONS = frozenset({"continuation_id", "model", "temperature", "thinking_mode",
                            "use_websearch"})  # fmt: skip
 
-_FILES = {"type": "array", "items": {"type": "string", "pattern": "^/"}, "maxItems": 100}
+_FILES = {"type": "array", "items": {"type": "string", "pattern": "^/"}, "maxItems": MAX_PATHS}
 
 COMMON_PROPERTIES: dict[str, dict[str, Any]] = {
     "step": {
@@ -616,8 +616,16 @@ async def _final(
         budget = int(context_tokens(model) * FILES_CONTEXT_SHARE)
         # every path was vetted at the step that named it; a refusal now means the file
         # system changed since (a swapped symlink), and the index is into the session's list
-        block = await sandbox.read(files, token_budget=budget, field="session.relevant_files")
+        # a long session may have named more files than one read takes: the latest ones
+        to_read = files[-MAX_PATHS:]
+        block = await sandbox.read(to_read, token_budget=budget, field="session.relevant_files")
         files_text, file_notes = block.text, block.notes
+        if len(to_read) < len(files):
+            dropped = len(files) - len(to_read)
+            file_notes = (
+                f"{dropped} files named in earlier steps not read: at most {MAX_PATHS} per call",
+                *file_notes,
+            )
     history_thread = _without_session(thread, defn.name, session_steps(thread, defn.name))
     history = list(conv.build_history(history_thread, HISTORY_TOKEN_BUDGET))
     prompt = _expert_prompt(defn, active, files_text)

@@ -7,14 +7,23 @@ the daemon (``chat`` and a workflow) against a mock upstream to show the same ru
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import attrs
 import pytest
 
-from exai.errors import FileAccessError
-from exai.files import FileSandbox, context_tokens
+from exai.config import Settings
+from exai.errors import FileAccessError, InvalidParams
+from exai.files import (
+    MAX_PATH_BYTES,
+    MAX_PATH_COMPONENTS,
+    MAX_PATHS,
+    FileSandbox,
+    context_tokens,
+)
 from exai.testing import MockUpstream
 from tests.helpers import make_settings
 from tests.tools.suite import error_of, prompts, suite_env
@@ -308,3 +317,94 @@ def test_exais_own_secret_state_and_audit_files_are_refused(tmp_path, root):
     for path in (key_file, tokens_file, root / "audit.log", state / "exai.sqlite3"):
         assert refused(box, str(path)).extra["rule"] == "exai_secret"
     assert box.resolve(str(root / "src" / "app.py"))  # everything else still reads
+
+
+async def test_vetting_stops_between_two_paths_once_its_call_is_cancelled(
+    tmp_path, root, monkeypatch
+):
+    # a slow disk: each path takes a while to vet; the call is cancelled (its deadline) early
+    box = sandbox(tmp_path, root)
+    vetted: list[str] = []
+    real_vet = FileSandbox._vet
+
+    def slow_vet(self: FileSandbox, path: str, *args: object) -> object:
+        vetted.append(path)
+        time.sleep(0.02)
+        return real_vet(self, path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FileSandbox, "_vet", slow_vet)
+    paths = [str(root / f"missing-{i}.py") for i in range(100)]
+    with anyio.move_on_after(0.1) as scope:
+        await box.read(paths, token_budget=1000)
+    assert scope.cancelled_caught
+    with anyio.fail_after(10):  # the worker thread notices at its next path, then stops
+        while True:
+            seen = len(vetted)
+            await anyio.sleep(0.2)
+            if len(vetted) == seen:
+                break
+    assert len(vetted) < len(paths)
+
+
+async def test_more_paths_than_the_cap_are_refused_before_any_is_looked_at(tmp_path, root):
+    box = sandbox(tmp_path, root)
+    with pytest.raises(InvalidParams) as info:
+        await box.read([str(root / f"f{i}") for i in range(MAX_PATHS + 1)], token_budget=10)
+    assert info.value.extra == {"field": "arguments.files", "max_items": MAX_PATHS}
+    with pytest.raises(InvalidParams):
+        await box.check([str(root)] * (MAX_PATHS + 1), field="arguments.relevant_files")
+
+
+def test_a_path_too_long_or_with_too_many_components_is_refused_before_it_is_resolved(
+    tmp_path, root
+):
+    box = sandbox(tmp_path, root)
+    assert refused(box, str(root) + "/x" * MAX_PATH_BYTES).extra["rule"] == "bad_path"
+    assert refused(box, str(root) + "/x" * MAX_PATH_COMPONENTS).extra["rule"] == "bad_path"
+
+
+def test_every_array_in_every_tool_schema_has_a_cap():
+    from exai.tools import default_registry
+
+    registry = default_registry()
+    unbounded = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if (kind == "array" or (isinstance(kind, list) and "array" in kind)) and (
+                "maxItems" not in node
+            ):
+                unbounded.append(where)
+            for key, child in node.items():
+                walk(child, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{where}[{i}]")
+
+    for name in registry.names():
+        spec = registry.get(name)
+        assert spec is not None
+        walk(spec.input_schema, name)
+    assert unbounded == []
+
+
+def test_own_files_are_known_by_identity_even_under_another_name(tmp_path, root):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:t-0123456789abcdef0123456789abcdef\n")
+    settings = Settings.from_env(
+        {"EXAI_TOKENS_FILE": str(tokens), "EXAI_STATE_DIR": str(tmp_path / "state")},
+        env_file="",
+        config_file="",
+    )
+    box = FileSandbox(attrs.evolve(settings, file_roots=(str(root),)), environ={})
+    os.link(tokens, root / "innocent.txt")
+    assert refused(box, str(root / "innocent.txt")).extra["rule"] == "exai_secret"
+
+
+@pytest.mark.parametrize(
+    "path", ["/proc/self/environ", f"/proc/{os.getpid()}/cmdline", "/sys/kernel/hostname"]
+)
+def test_kernel_pseudo_files_are_refused_even_under_a_root_of_slash(tmp_path, path):
+    box = FileSandbox(make_settings(tmp_path, file_roots=("/",)), environ={})
+    assert refused(box, path).extra["rule"] == "system_path"
