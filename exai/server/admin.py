@@ -42,8 +42,7 @@ def _healthz(daemon: Daemon) -> tuple[int, str, bytes]:
 
 @route("/readyz")
 def _readyz(daemon: Daemon) -> tuple[int, str, bytes]:
-    ready = daemon.ready and not daemon.draining and daemon.overloaded_reason is None
-    reason = "draining" if daemon.draining else daemon.overloaded_reason
+    ready, reason = daemon.readiness()
     return _json(200 if ready else 503, {"ready": ready, "reason": reason})
 
 

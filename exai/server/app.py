@@ -40,7 +40,7 @@ from exai.server.overload import OverloadManager
 from exai.server.reload import Reloader
 from exai.server.session import Session, unwrap_exception
 from exai.server.stalls import StallDetector, stall_detector
-from exai.server.wsconn import accept_request
+from exai.server.wsconn import accept_request, http_version
 from exai.tools import default_registry
 from exai.tools.base import ToolContext, ToolRegistry
 
@@ -122,7 +122,7 @@ class Daemon:
         return {
             "version": self.version,
             "uptime_s": round(trio.current_time() - self.started_at, 3),
-            "ready": self.ready and not self.draining and self.overloaded_reason is None,
+            "ready": self.readiness()[0],
             "draining": self.draining,
             "overloaded": self.overloaded_reason,
             "auth": "tokens" if self.tokens.enabled else "none (loopback only)",
@@ -155,6 +155,19 @@ class Daemon:
                 else None
             ),
         }
+
+    def readiness(self) -> tuple[bool, str | None]:
+        """Whether a balancer should send new connections here, and if not why: draining,
+        overloaded, or every connection slot taken (``max_connections``)."""
+        if not self.ready:
+            return False, "starting"
+        if self.draining:
+            return False, "draining"
+        if self.overloaded_reason is not None:
+            return False, self.overloaded_reason
+        if self.admission.open >= self.admission.max_connections:
+            return False, "max_connections"
+        return True, None
 
     def shrink_caches(self) -> int:
         """Drop what can be rebuilt (stored results, service caches). Returns entries freed."""
@@ -417,6 +430,10 @@ class Daemon:
         """Decide before the upgrade. Returns (status, headers, body) to refuse, or None after
         taking an admission slot (the caller releases it)."""
         json_ct = (b"Content-Type", b"application/json")
+        malformed = _malformed_upgrade(request)
+        if malformed is not None:
+            self.stats.rejections["bad_request"] += 1
+            return 400, [json_ct], _body("bad_request", malformed)
         if self.draining or self.overloaded_reason is not None:
             reason = "draining" if self.draining else "overloaded"
             self.stats.rejections[reason] += 1
@@ -464,6 +481,20 @@ def _only_disconnects(exc: BaseException) -> bool:
 
 def _body(reason: str, message: str) -> bytes:
     return json.dumps({"error": reason, "message": message}).encode()
+
+
+def _malformed_upgrade(request: WebSocketRequest) -> str | None:
+    """Why the upgrade request is refused with 400 before anything else, or ``None``.
+
+    An HTTP/1.0 upgrade (RFC 6455 needs 1.1), and more than one ``Authorization`` header
+    (which one counts would depend on the reader; a proxy may have checked the other).
+    """
+    version = http_version(request)
+    if version is not None and version != b"1.1":
+        return f"a WebSocket upgrade needs HTTP/1.1 (got HTTP/{version.decode('ascii', 'replace')})"
+    if sum(1 for k, _ in request.headers if k.lower() == b"authorization") > 1:
+        return "more than one Authorization header; send exactly one"
+    return None
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:

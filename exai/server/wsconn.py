@@ -21,7 +21,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
-__all__ = ["ServerConnection", "accept_request"]
+__all__ = ["ServerConnection", "accept_request", "http_version"]
 
 
 class ServerConnection(WebSocketConnection):
@@ -45,3 +45,15 @@ async def accept_request(
     )
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()
+
+
+def http_version(request: WebSocketRequest) -> bytes | None:
+    """The HTTP version of the upgrade request (``b"1.1"``, ``b"1.0"``), or ``None`` when
+    trio-websocket's internals do not show it. wsproto accepts an HTTP/1.0 upgrade, which
+    RFC 6455 §4.1 does not allow; the daemon refuses it."""
+    try:
+        h11_conn = request._connection._wsproto.handshake._h11_connection  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    version = getattr(h11_conn, "their_http_version", None)
+    return version if isinstance(version, bytes) else None
