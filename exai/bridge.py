@@ -20,7 +20,19 @@ connection to the daemon (``EXAI_URL``, ``EXAI_TOKEN``). What it adds to a plain
   new requests are answered with reason ``unauthorized``.
 * **Clean stdio.** stdout carries only JSON-RPC, one message per line; logs go to stderr (in
   :func:`main` even a stray ``print`` lands on stderr). A line longer than
-  ``settings.max_frame_bytes`` is refused with a JSON-RPC error.
+  ``settings.max_frame_bytes`` is dropped as it arrives and refused with a JSON-RPC error
+  (``message_too_large``) that carries the request's id, found by a scan of the line's first
+  and last 4 KiB (:mod:`exai.server.idscan`), so the client's call fails at once instead of
+  waiting for an answer it cannot match.
+* **Never ended by one message.** Lines are parsed as strictly as the daemon parses frames
+  (no ``NaN``; 100,000-deep nesting is a parse error, not a crash) and every message is encoded
+  once, when it arrives, by the daemon's own encoder, which cannot fail on decoded JSON (a lone
+  surrogate such as ``"\\ud800"`` is written as an escape). A request that cannot be read or
+  sent (a parse error, larger than a frame once encoded) is answered with an error carrying its
+  id; a connection closed with 1009 (the daemon refused a frame of ours as too large, or we
+  refused an answer over our cap) answers the request concerned instead of re-sending it to
+  every new connection forever. An answer from the daemon that cannot be written is replaced by
+  an error carrying its id.
 * **No orphans.** Stdin EOF ends the bridge (exit 0) within 2 s; so does the death of its parent
   (``PR_SET_PDEATHSIG`` where Linux offers it, and a 0.5 s ``getppid()`` poll everywhere).
 
@@ -59,10 +71,13 @@ import anyio.abc
 import anyio.to_thread
 import trio
 
-from exai.config import Secret, Settings, redact_url
+from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text, redact_url
 from exai.errors import SERVER_ERROR, ConfigError
 from exai.logs import configure_logging
+from exai.server.idscan import ID_SCAN_BYTES, recover_id, recover_id_from_ends
+from exai.server.protocol import encode as encode_message
 from exai.wsclient import (
+    ConnectionClosed,
     HandshakeRejected,
     WebSocketConnection,
     WebSocketError,
@@ -129,21 +144,82 @@ def _key(request_id: Any) -> str:
 
 
 def _dumps(message: Any) -> str:
-    # json.dumps escapes control characters, so a message is always exactly one line.
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    """One message as one line of JSON, always encodable as UTF-8.
+
+    The daemon's own encoder (:func:`exai.server.protocol.encode`): ``json.dumps`` escapes
+    control characters, so the text is exactly one line; non-ASCII is written as is, and a
+    string holding a lone surrogate (``"\\ud800"``, which JSON allows and the TypeScript SDK
+    sends for a split emoji) falls back to ``\\u`` escapes instead of failing to encode.
+
+    Raises:
+        ValueError: ``message`` holds NaN or an infinity (JSON cannot carry them).
+    """
+    return encode_message(message)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: The client's lines are read as strictly as the daemon reads frames: no NaN/Infinity.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 class _Entry:
-    """A message from the client on its way to the daemon."""
+    """A message from the client on its way to the daemon, encoded once when it arrives."""
 
-    __slots__ = ("ever_sent", "key", "msg", "sent", "seq")
+    __slots__ = ("ever_sent", "key", "msg", "sent", "seq", "size", "text")
 
-    def __init__(self, seq: int, msg: dict[str, Any], key: str | None) -> None:
+    def __init__(self, seq: int, msg: dict[str, Any], key: str | None, text: str) -> None:
         self.seq = seq
         self.msg = msg
+        self.text = text  # what is sent, every time it is sent
+        self.size = len(text.encode("utf-8"))
         self.key = key  # set for requests (they wait for an answer)
         self.sent = False  # written to the current connection
         self.ever_sent = False  # written to any connection
+
+
+class _Oversized:
+    """A line from the client over the size cap, being dropped as it arrives: only its first
+    and last :data:`~exai.server.idscan.ID_SCAN_BYTES` are kept, to find its id."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+        self.tail = b""
+        self.answered = False
+        self.rid = recover_id_from_ends(head, b"")
+
+    def keep_tail(self, data: bytes | bytearray) -> None:
+        self.tail = (self.tail + bytes(data[-ID_SCAN_BYTES:]))[-ID_SCAN_BYTES:]
+
+    def find_id(self) -> Any:
+        return self.rid if self.rid is not None else recover_id_from_ends(self.head, self.tail)
+
+
+def _to_client_line(msg: dict[str, Any]) -> str:
+    """``msg`` as one line for the client. A message that cannot be encoded (a daemon, or
+    something posing as one, sent NaN or absurd nesting) never ends the bridge: an answer is
+    replaced by an error carrying its id, anything else by a log line and nothing."""
+    try:
+        return _dumps(msg)
+    except (ValueError, TypeError, RecursionError):
+        rid = msg.get("id")
+        if "method" in msg or not isinstance(rid, str | int) or isinstance(rid, bool):
+            log.warning("dropped a message from the daemon that cannot be encoded")
+            return ""
+        log.warning("the daemon's answer to %r cannot be encoded; answering with an error", rid)
+        return _dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": rid,
+                "error": {
+                    "code": -32603,
+                    "message": "the exai daemon's answer holds a value JSON cannot carry",
+                    "data": {"reason": "internal_error"},
+                },
+            }
+        )
 
 
 class Bridge:
@@ -176,6 +252,8 @@ class Bridge:
         self.url = url or settings.url
         tok = token if token is not None else settings.token
         self._token = Secret(tok) if isinstance(tok, str) else tok
+        if self._token and not is_token_text(self._token.reveal()):
+            raise ConfigError(f"EXAI_TOKEN: {TOKEN_TEXT_RULE}")
         self._ssl = ssl_context
         self.max_buffer = max_buffer
         self.unreachable_after_s = (
@@ -203,6 +281,10 @@ class Bridge:
         self._expired = False  # the unreachable bound passed during this outage
         self._last_error = "not connected yet"
         self._fatal: HandshakeRejected | None = None
+        #: the largest message sent on the current connection, and how that connection ended
+        #: (a 1009 close names a message too large; see :meth:`_fail_too_large`)
+        self._largest_sent: _Entry | None = None
+        self._closed: ConnectionClosed | None = None
         #: connections made so far (for tests and status).
         self.connections = 0
 
@@ -238,14 +320,17 @@ class Bridge:
     async def _stdin_loop(self, stdin: ByteReceiver) -> None:
         limit = self.settings.max_frame_bytes
         buf = bytearray()
-        discarding = False
+        # an oversized line is dropped as it arrives; its first and last bytes are kept to
+        # find its id, so the refusal can be matched to the request (never "id": null when
+        # the id can be found)
+        oversized: _Oversized | None = None
         while True:
             try:
                 chunk = await stdin.receive_some(READ_CHUNK)
             except _STDIO_ERRORS:
                 return
             if not chunk:
-                if buf and not discarding:
+                if buf and oversized is None:
                     await self._line(bytes(buf))
                 return
             buf += chunk
@@ -255,29 +340,47 @@ class Bridge:
                     break
                 line = bytes(buf[:nl])
                 del buf[: nl + 1]
-                if discarding:
-                    discarding = False
+                if oversized is not None:
+                    oversized.keep_tail(line)
+                    await self._refuse_oversized(oversized, limit)
+                    oversized = None
                     continue
                 await self._line(line)
-            if len(buf) > limit and not discarding:
-                discarding = True
-                buf.clear()
+            if oversized is None and len(buf) > limit:
+                oversized = _Oversized(bytes(buf[:ID_SCAN_BYTES]))
                 log.warning("refused a message from the client larger than %d bytes", limit)
-                await self._emit_error(
-                    None, -32600, f"message larger than {limit} bytes", "message_too_large"
-                )
-            elif discarding:
+                if oversized.rid is not None:  # found at the start: answer at once
+                    await self._refuse_oversized(oversized, limit)
+            if oversized is not None:
+                oversized.keep_tail(buf)
                 buf.clear()
+
+    async def _refuse_oversized(self, oversized: _Oversized, limit: int) -> None:
+        if oversized.answered:
+            return
+        oversized.answered = True
+        await self._emit_error(
+            oversized.find_id(),
+            -32600,
+            f"message larger than {limit} bytes (EXAI_MAX_FRAME_BYTES); send less, e.g. fewer "
+            "or smaller files or arguments",
+            "message_too_large",
+            extra={"max_bytes": limit},
+        )
 
     async def _line(self, line: bytes) -> None:
         line = line.strip()
         if not line:
             return
         try:
-            message = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("the client sent a line that is not JSON")
-            await self._emit_error(None, -32700, "parse error: not valid JSON", "parse_error")
+            message = _DECODER.decode(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: a 100,000-deep [[[[ … is refused, not a crash of the bridge
+            what = "nests too deep" if isinstance(exc, RecursionError) else "is not valid JSON"
+            log.warning("the client sent a line that %s", what)
+            await self._emit_error(
+                recover_id(line), -32700, f"parse error: the message {what}", "parse_error"
+            )
             return
         for item in message if isinstance(message, list) else [message]:
             await self._from_client(item)
@@ -297,7 +400,9 @@ class Bridge:
             if gen is None or gen != self._generation or not self._connected:
                 log.info("dropped the client's answer to a request from a closed connection")
                 return
-            self._enqueue(_Entry(self._next_seq(), msg, None))
+            entry = self._entry(msg, None)
+            if entry is not None:
+                self._enqueue(entry)
         else:
             await self._emit_error(None, -32600, "not a JSON-RPC 2.0 message", "invalid_request")
 
@@ -326,9 +431,37 @@ class Bridge:
             return
         if msg.get("method") == "tools/call":
             msg = self._with_idempotency_key(msg)
-        entry = _Entry(self._next_seq(), msg, key)
+        entry = self._entry(msg, key)
+        if entry is None:
+            await self._refuse_unencodable(msg)
+            return
         self._pending[key] = entry
         self._enqueue(entry)
+
+    def _entry(self, msg: dict[str, Any], key: str | None) -> _Entry | None:
+        """``msg`` encoded for the daemon, or ``None`` when it cannot be sent: it holds what
+        JSON cannot carry, or its encoding is larger than a frame may be (the daemon would
+        close the connection, and a re-sent request would close every new one too)."""
+        try:
+            text = _dumps(msg)
+        except (ValueError, TypeError, RecursionError):
+            return None
+        entry = _Entry(self._next_seq(), msg, key, text)
+        if entry.size > self.settings.max_frame_bytes:
+            return None
+        return entry
+
+    async def _refuse_unencodable(self, msg: dict[str, Any]) -> None:
+        limit = self.settings.max_frame_bytes
+        log.warning("refused a request from the client that cannot be sent to the daemon")
+        await self._emit_error(
+            msg["id"],
+            -32600,
+            f"the message cannot be sent to the exai daemon: once encoded it is larger than "
+            f"{limit} bytes (EXAI_MAX_FRAME_BYTES), or it holds a value JSON cannot carry",
+            "message_too_large",
+            extra={"max_bytes": limit},
+        )
 
     def _with_idempotency_key(self, msg: dict[str, Any]) -> dict[str, Any]:
         params = msg.get("params")
@@ -337,7 +470,7 @@ class Bridge:
         meta = params.get("_meta")
         meta = dict(meta) if isinstance(meta, dict) else {}
         if IDEMPOTENCY_META_KEY not in meta:
-            rid = _dumps(msg["id"])
+            rid = json.dumps(msg["id"])  # ASCII: a lone surrogate is escaped, never hashed raw
             key = f"{self.instance_id}:{rid}"
             if len(key) > MAX_IDEMPOTENCY_KEY:
                 key = f"{self.instance_id}:sha256:{hashlib.sha256(rid.encode()).hexdigest()}"
@@ -347,7 +480,8 @@ class Bridge:
     async def _client_notification(self, msg: dict[str, Any]) -> None:
         method = msg["method"]
         if method == "notifications/cancelled":
-            params = msg.get("params") or {}
+            params = msg.get("params")
+            params = params if isinstance(params, dict) else {}
             entry = self._pending.pop(_key(params.get("requestId")), None)
             if entry is not None and not entry.ever_sent:
                 # The daemon never saw it: drop both, nothing to tell.
@@ -361,7 +495,9 @@ class Bridge:
                     IDEMPOTENCY_META_KEY
                 )
                 if ikey:
-                    meta = {**(params.get("_meta") or {}), IDEMPOTENCY_META_KEY: ikey}
+                    own_meta = params.get("_meta")
+                    own_meta = own_meta if isinstance(own_meta, dict) else {}
+                    meta = {**own_meta, IDEMPOTENCY_META_KEY: ikey}
                     msg = {**msg, "params": {**params, "_meta": meta}}
         elif method == "notifications/initialized":
             self._initialized_seen = True
@@ -371,7 +507,11 @@ class Bridge:
         if len(self._queue) >= self.max_buffer:
             log.warning("bridge buffer full: dropped a %s notification from the client", method)
             return
-        self._enqueue(_Entry(self._next_seq(), msg, None))
+        entry = self._entry(msg, None)
+        if entry is None:
+            log.warning("dropped a %s notification that cannot be sent to the daemon", method)
+            return
+        self._enqueue(entry)
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -404,8 +544,9 @@ class Bridge:
         reason: str,
         *,
         retry_after_s: float | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        data: dict[str, Any] = {"reason": reason}
+        data: dict[str, Any] = {"reason": reason, **(extra or {})}
         if retry_after_s is not None:
             data["retry_after_s"] = retry_after_s
         await self._emit(
@@ -439,7 +580,9 @@ class Bridge:
     async def _stdout_loop(self, stdout: ByteSender, scope: anyio.CancelScope) -> None:
         try:
             async for msg in self._out_recv:
-                await stdout.send_all((_dumps(msg) + "\n").encode("utf-8"))
+                line = _to_client_line(msg)
+                if line:
+                    await stdout.send_all((line + "\n").encode("utf-8"))
         except _STDIO_ERRORS:
             log.info("stdout is closed; the client is gone")
             scope.cancel()
@@ -481,6 +624,7 @@ class Bridge:
                 async with conn:
                     await self._serve(conn)
                 self._on_connection_lost()
+                await self._fail_too_large()
                 delay = backoff_delay(0, self._rng)
             attempt += 1
             await self._wait_or_expire(delay)
@@ -515,11 +659,50 @@ class Bridge:
             delay = max(0.0, now + delay - anyio.current_time())
         await anyio.sleep(delay)
 
+    async def _fail_too_large(self) -> None:
+        """After the connection closed with 1009 (a message too big), answer the request that
+        cannot go through instead of re-sending it to every new connection forever.
+
+        The daemon closed on a frame of ours larger than its limit: the largest one sent on
+        that connection is such a frame. The bridge closed on an answer larger than its own
+        limit: the id is read from the answer's first bytes.
+        """
+        closed, self._closed = self._closed, None
+        largest, self._largest_sent = self._largest_sent, None
+        if closed is None or closed.code != 1009:
+            return
+        if closed.oversized_head:  # an answer from the daemon we refused to take
+            rid = recover_id(closed.oversized_head)
+            entry = self._pending.pop(_key(rid), None) if rid is not None else None
+            if entry is not None:
+                self._unqueue(entry)
+                await self._emit_error(
+                    entry.msg["id"],
+                    SERVER_ERROR,
+                    "the exai daemon's answer is larger than EXAI_MAX_FRAME_BYTES "
+                    f"({self.settings.max_frame_bytes} bytes) of this bridge",
+                    "answer_too_large",
+                    extra={"max_bytes": self.settings.max_frame_bytes},
+                )
+            return
+        if largest is not None and largest.key and self._pending.get(largest.key) is largest:
+            del self._pending[largest.key]
+            self._unqueue(largest)
+            await self._emit_error(
+                largest.msg["id"],
+                -32600,
+                f"the exai daemon refused the message as too large ({largest.size} bytes; "
+                f"the daemon's EXAI_MAX_FRAME_BYTES is lower than this bridge's)",
+                "message_too_large",
+            )
+
     async def _serve(self, conn: WebSocketConnection) -> None:
         """Run one connection until it breaks (or the bridge stops)."""
         self.connections += 1
         self._generation += 1
         self._server_requests.clear()
+        self._largest_sent = None
+        self._closed = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._guard, self._daemon_reader, conn, tg.cancel_scope)
             if self._handshake is not None:
@@ -543,6 +726,8 @@ class Bridge:
             await fn(conn)
         except WebSocketError as exc:
             self._last_error = str(exc)
+            if isinstance(exc, ConnectionClosed) and self._closed is None:
+                self._closed = exc
         scope.cancel()
 
     async def _replay_handshake(self, conn: WebSocketConnection) -> None:
@@ -577,11 +762,13 @@ class Bridge:
                         continue  # answered or cancelled meanwhile
                     entry.sent = entry.ever_sent = True
                 try:
-                    await conn.send_message(_dumps(entry.msg))
+                    await conn.send_message(entry.text)
                 except WebSocketError:
                     if entry.key is None:
                         self._queue.appendleft(entry)  # a notification: keep it for next time
                     raise
+                if self._largest_sent is None or entry.size > self._largest_sent.size:
+                    self._largest_sent = entry
             await self._queue_kick.wait()
 
     async def _heartbeat(self, conn: WebSocketConnection) -> None:
@@ -598,7 +785,7 @@ class Bridge:
             text = await conn.receive_message()
             try:
                 message = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 log.warning("the daemon sent a message that is not JSON; ignored")
                 continue
             for msg in message if isinstance(message, list) else [message]:
@@ -663,7 +850,10 @@ class _ThreadFd:
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await anyio.to_thread.run_sync(
-            os.read, self._fd, max_bytes or READ_CHUNK, limiter=self._limiter,
+            os.read,
+            self._fd,
+            max_bytes or READ_CHUNK,
+            limiter=self._limiter,
             abandon_on_cancel=True,
         )
 

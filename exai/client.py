@@ -22,6 +22,12 @@ Resource handling:
     the responses of every other call.
 
 Error handling:
+    No single message ends the client. A call whose arguments JSON cannot carry (``NaN``, an
+    infinity) or whose request would be larger than ``settings.max_frame_bytes`` raises
+    :class:`~exai.errors.InvalidParams` before anything is sent (sent, it would be answered with
+    an error no call could be matched to, or close the connection under every other call); a
+    lone surrogate is sent as a ``\\u`` escape. A received message that is not JSON (or nests
+    too deep to decode) or has the wrong shape is logged and skipped.
     When the connection breaks, every waiting call raises
     :class:`~exai.wsclient.ConnectionClosed` and so does every later call. A call whose caller
     cancels it (a cancel scope) sends ``notifications/cancelled`` for it before unwinding.
@@ -46,8 +52,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 import exai
 from exai import errors
-from exai.config import Secret, Settings
+from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text
 from exai.errors import ExaiError
+from exai.server.protocol import encode as encode_message
 from exai.wsclient import (
     ConnectionClosed,
     WebSocketConnection,
@@ -150,6 +157,12 @@ def error_from_jsonrpc(error: dict[str, Any]) -> ExaiError:
     return exc
 
 
+def _check_token(token: Secret | None) -> None:
+    """A token given to the constructor obeys the same rule as ``EXAI_TOKEN``."""
+    if token and not is_token_text(token.reveal()):
+        raise errors.ConfigError(f"token: {TOKEN_TEXT_RULE}")
+
+
 def _key(request_id: Any) -> str:
     """Ids 1 and "1" are different requests: key them by their JSON form."""
     return json.dumps(request_id, sort_keys=True)
@@ -196,6 +209,9 @@ class Client:
     Attributes:
         server_info: the ``initialize`` result (server name, version, capabilities) once open.
 
+    Raises:
+        ConfigError: (from the constructor) ``token`` is not printable ASCII without spaces.
+
     Raises (from ``async with``):
         HandshakeRejected: the daemon refused the connection (401 bad token, 503 overloaded).
         WebSocketError: the daemon cannot be reached within ``settings.handshake_timeout_s``.
@@ -214,6 +230,7 @@ class Client:
         self._settings_arg = settings
         self._url_arg = url
         self._token_arg = Secret(token) if isinstance(token, str) else token
+        _check_token(self._token_arg)
         self._ssl_context = ssl_context
         self._client_name = client_name
         self.server_info: dict[str, Any] = {}
@@ -223,6 +240,7 @@ class Client:
         self._progress: dict[str, _Pending] = {}
         self._ids = itertools.count(1)
         self._broken: ConnectionClosed | None = None
+        self._max_frame_bytes = 4 * 1024 * 1024
         self.url = url or ""
 
     def __repr__(self) -> str:
@@ -233,6 +251,7 @@ class Client:
 
     async def __aenter__(self) -> Client:
         settings = self._settings_arg or Settings.from_env()
+        self._max_frame_bytes = settings.max_frame_bytes
         self.url = self._url_arg or settings.url
         token = self._token_arg if self._token_arg is not None else settings.token
         ctx = self._ssl_context
@@ -318,7 +337,7 @@ class Client:
                 text = await conn.receive_message()
                 try:
                     message = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):
                     log.warning("exai.Client: ignoring a message that is not JSON")
                     continue
                 for item in message if isinstance(message, list) else [message]:
@@ -360,12 +379,18 @@ class Client:
                 return
             return
         if method == "notifications/progress":
-            params = msg.get("params") or {}
+            params = msg.get("params")
+            params = params if isinstance(params, dict) else {}
             token = params.get("progressToken")
             pending = self._progress.get(_key(token)) if token is not None else None
             if pending is None:
                 return
-            item = (_num(params.get("progress")), _num(params.get("total")), params.get("message"))
+            message = params.get("message")
+            item = (
+                _num(params.get("progress")),
+                _num(params.get("total")),
+                message if isinstance(message, str) else None,
+            )
             try:
                 pending.progress_send.send_nowait(item)
             except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -373,12 +398,39 @@ class Client:
 
     # -- sending -------------------------------------------------------------------------
 
+    def _encode(self, message: dict[str, Any]) -> str:
+        """``message`` as one frame's text, or the error for this call alone.
+
+        A message the connection cannot carry is refused here, before it is sent: sent, a NaN
+        would be answered with an error the call could not be matched to, and a frame over
+        the daemon's limit would close the connection and every other call with it.
+
+        Raises:
+            InvalidParams: a value JSON cannot carry (NaN, an infinity, a non-JSON type), or
+                the encoded message is larger than ``settings.max_frame_bytes``.
+        """
+        try:
+            text = encode_message(message)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise errors.InvalidParams(
+                f"the request holds a value JSON cannot carry ({exc})", field="params"
+            ) from None
+        size = len(text.encode("utf-8"))
+        if size > self._max_frame_bytes:
+            raise errors.InvalidParams(
+                f"the request is {size} bytes once encoded, more than EXAI_MAX_FRAME_BYTES "
+                f"({self._max_frame_bytes}); send less",
+                field="params",
+                data={"max_bytes": self._max_frame_bytes},
+            )
+        return text
+
     async def _send(self, message: dict[str, Any]) -> None:
         if self._broken is not None:
             raise ConnectionClosed(self._broken.code, self._broken.close_reason, url=self.url)
         if self._conn is None:
             raise RuntimeError("exai.Client is not open; use 'async with Client(...)'")
-        await self._conn.send_message(json.dumps(message, separators=(",", ":")))
+        await self._conn.send_message(self._encode(message))
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send a notification.

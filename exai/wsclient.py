@@ -62,6 +62,8 @@ CLOSE_GRACE_S = 0.5
 RECEIVE_CHUNK = 65536
 #: Largest HTTP rejection body kept (for the error message).
 MAX_REJECT_BODY = 4096
+#: Characters of a too-large received message kept on the 1009 error (for its id).
+OVERSIZED_HEAD_CHARS = 4096
 
 
 class WebSocketError(ExaiError):
@@ -114,11 +116,16 @@ class ConnectionClosed(WebSocketError):
         code: the close code (1000 normal, 1001 going away, 1008 policy, 1009 too big, 1006
             when the connection was lost without a close frame).
         close_reason: the reason text the closing side gave (may be empty).
+        oversized_head: when this side closed with 1009, the first
+            :data:`OVERSIZED_HEAD_CHARS` characters of the message that was too large (its
+            JSON-RPC id is there, so the caller can answer the request it belonged to).
     """
 
     reason = "connection_closed"
 
-    def __init__(self, code: int, close_reason: str = "", *, url: str = "") -> None:
+    def __init__(
+        self, code: int, close_reason: str = "", *, url: str = "", oversized_head: str = ""
+    ) -> None:
         where = f" to {url}" if url else ""
         text = f"WebSocket connection{where} closed with code {code}"
         if close_reason:
@@ -126,6 +133,7 @@ class ConnectionClosed(WebSocketError):
         super().__init__(text, data={"close_code": code})
         self.code = code
         self.close_reason = close_reason
+        self.oversized_head = oversized_head
 
 
 def make_ssl_context(settings: Settings | None = None) -> ssl.SSLContext:
@@ -218,9 +226,7 @@ class WebSocketConnection:
         subprotocol: the subprotocol the server accepted.
     """
 
-    def __init__(
-        self, stream: anyio.abc.ByteStream, *, url: str, max_message_bytes: int
-    ) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, *, url: str, max_message_bytes: int) -> None:
         self.url = url
         self.subprotocol: str | None = None
         self._stream = stream
@@ -308,9 +314,7 @@ class WebSocketConnection:
                     f"exai daemon at {self.url} sent an invalid upgrade response: {exc}"
                 ) from exc
 
-    def _reject(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytearray
-    ) -> None:
+    def _reject(self, status: int, headers: list[tuple[bytes, bytes]], body: bytearray) -> None:
         text = bytes(body).decode("utf-8", "replace").strip()
         raise HandshakeRejected(self.url, status, text[:500], _retry_after(headers))
 
@@ -382,9 +386,13 @@ class WebSocketConnection:
 
     async def _on_event(self, event: wse.Event) -> str | None:
         if isinstance(event, wse.TextMessage):
-            self._size += len(event.data.encode("utf-8")) if event.data else 0
+            self._size += len(event.data.encode("utf-8", "surrogatepass")) if event.data else 0
             if self._size > self._max:
-                await self._fail(1009, f"message larger than {self._max} bytes")
+                head = "".join([*self._parts, event.data[:OVERSIZED_HEAD_CHARS]])
+                self._parts.clear()
+                await self._fail(
+                    1009, f"message larger than {self._max} bytes", head[:OVERSIZED_HEAD_CHARS]
+                )
             self._parts.append(event.data)
             if event.message_finished:
                 text = "".join(self._parts)
@@ -414,9 +422,11 @@ class WebSocketConnection:
             raise closed
         return None
 
-    async def _fail(self, code: int, reason: str) -> None:
+    async def _fail(self, code: int, reason: str, oversized_head: str = "") -> None:
         """Close our side with ``code`` and raise it (the peer broke the contract)."""
-        closed = self._mark_closed(ConnectionClosed(code, reason, url=self.url))
+        closed = self._mark_closed(
+            ConnectionClosed(code, reason, url=self.url, oversized_head=oversized_head)
+        )
         with anyio.move_on_after(CLOSE_GRACE_S, shield=True):
             try:
                 async with self._send_lock:

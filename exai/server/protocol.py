@@ -10,7 +10,8 @@ frame with :func:`decode`, which returns exactly one of :class:`Request`, :class
 Decoding is hostile-input safe: it never raises, never recurses without a bound (a
 100,000-deep ``[[[[…`` is refused in microseconds), refuses ``NaN``/``Infinity`` and numbers
 that overflow a float, and echoes the request ``id`` in an error only when that id is itself
-valid.
+valid. When the text cannot be decoded at all, the id is looked for by a scan bounded to the
+message's ends (:func:`exai.server.idscan.recover_id`), so even a parse error can be matched.
 
 Protocol eras — what exai answers
 =================================
@@ -80,6 +81,7 @@ from typing import Any, Final, Literal
 import attrs
 
 from exai.errors import ExaiError, InvalidParams, InvalidRequest, UnsupportedProtocolVersion
+from exai.server.idscan import recover_id
 
 __all__ = [
     "CLIENT_CAPABILITIES_META_KEY",
@@ -366,7 +368,10 @@ def decode(
     try:
         value = _load(text, max_depth)
     except _Refused as exc:
-        return DecodeError(None, exc.code, exc.message, exc.data)
+        # an error nobody can match would leave the client waiting: find the id by a scan
+        # bounded to the message's ends (exai.server.idscan)
+        rid = recover_id(text, max_id_bytes=max_id_bytes)
+        return DecodeError(rid, exc.code, exc.message, exc.data)
     return _classify(value, max_id_bytes)
 
 

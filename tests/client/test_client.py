@@ -297,3 +297,11 @@ def test_exai_call_failure_exits_1_with_the_message(
 def test_exai_call_rejects_an_argument_without_equals(capsys: pytest.CaptureFixture[str]) -> None:
     assert call_main(["echo", "oops"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_a_token_that_is_not_printable_ascii_is_refused_when_the_client_is_made() -> None:
+    from exai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ASCII") as info:
+        Client("ws://127.0.0.1:9/mcp", token="tök€n-0123456789abcdef0123456789")
+    assert "tök€n" not in str(info.value)
