@@ -88,7 +88,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Child:
     """A child process whose stderr is collected and scanned for announced addresses."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], patterns: dict[str, Any]):
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        patterns: dict[str, Any],
+        cwd: str | None = None,
+    ):
         self.name = name
         self.cmd = cmd
         self.lines: list[str] = []
@@ -98,7 +105,7 @@ class Child:
         self.proc = subprocess.Popen(
             cmd,
             env=env,
-            cwd=str(REPO),
+            cwd=cwd or str(REPO),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO
 
-OURS = ("overhead", "connections", "slow_upstream", "outage", "flood", "rate_accuracy")
+OURS = ("overhead", "connections", "slow_upstream", "outage", "flood", "rate_accuracy", "peer")
 
 
 @pytest.mark.parametrize("name", OURS)
@@ -81,3 +82,91 @@ def test_idle_sessions_are_held_and_the_daemon_answers_503_past_its_cap() -> Non
             lp.kill()
     assert held["n"] == 5
     assert [p["status"] for p in probed["probes"]] == [503, 503, 503]
+
+
+def test_peer_scenario_measures_exai_and_its_floor_and_skips_a_missing_litellm(
+    tmp_path, monkeypatch
+) -> None:
+    """The peer scenario end to end on a tiny plan: every exai and floor series completes calls
+    and reads the server's CPU; LiteLLM, absent from an empty cache and not to be installed,
+    is a skip with its reason, and its ratios are left empty rather than invented."""
+    from benchmarks.scenarios import peer
+
+    monkeypatch.setenv("EXAI_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EXAI_BENCH_LITELLM", raising=False)
+    plan = peer.Plan(
+        rounds=1,
+        duration_s=0.3,
+        warmup_s=0.1,
+        concurrency=(1,),
+        install=False,
+        plot_dir=tmp_path / "plots",
+    )
+    out = peer.measure(plan)
+
+    assert out["litellm"]["measured"] is False
+    assert "not installed" in out["litellm"]["reason"]
+    expected = {
+        f"{k}_c1"
+        for k in (
+            "echo",
+            "http",
+            "http_stream",
+            "commit",
+            "commit_thread",
+            "exai_chat",
+            "exai_chat_stream",
+            "exai_version",
+        )
+    }
+    assert set(out["series"]) == expected
+    for key, s in out["series"].items():
+        assert s["calls_in_windows"] > 0, key
+        assert s["not_ok"] == {}, (key, s["not_ok"])
+        assert s["cpu_ms_per_call"] is not None and s["cpu_ms_per_call"] >= 0, key
+        assert s["p50_ms"] is not None, key
+    for kind in ("chat_c1", "chat_stream_c1"):
+        assert out["floor"][kind]["cpu_ms_per_call"] is not None
+        assert out["floor"][kind]["p50_ms"] is not None
+    targets = out["targets"]
+    assert targets["cpu_per_chat_call_at_most_3x_floor"]["values"]["chat_c1"] is not None
+    assert targets["version_cpu_at_most_3x_echo"]["values"]["c1"] is not None
+    assert targets["cpu_per_chat_call_at_most_0.1x_litellm"]["met"] is None
+    assert all(p.endswith(".png") and (tmp_path / "plots") in Path(p).parents for p in out["plots"])
+
+
+def test_litellm_can_be_turned_off_and_is_then_a_skip_with_a_reason(monkeypatch) -> None:
+    from benchmarks import litellm_peer
+
+    monkeypatch.setenv("EXAI_BENCH_LITELLM", "off")
+    python, reason = litellm_peer.ensure(install=True)
+    assert python is None
+    assert reason is not None and "EXAI_BENCH_LITELLM" in reason
+
+
+def test_profile_shares_buckets_loop_stacks_by_innermost_subsystem_and_counts_workers() -> None:
+    from benchmarks.profile_shares import shares
+
+    run = "thread (1): MainThread;main (exai/cli.py:1);run (trio/_core/_run.py:1)"
+    task = run + ";unrolled_run (trio/_core/_run.py:2)"
+    raw = "\n".join(
+        [
+            # the run loop waiting in epoll: no task step
+            f"{run};EpollIOManager.get_events (trio/_core/_io_epoll.py:243) 30",
+            # h11 under httpx under the provider: the innermost subsystem wins
+            f"{task};Provider._exchange (exai/providers/provider.py:1);"
+            "AsyncClient.send (httpx/_client.py:1);next_event (h11/_connection.py:1) 50",
+            # json under the session: a stdlib leaf counts for its caller
+            f"{task};Session.send (exai/server/session.py:1);dumps (json/__init__.py:1) 20",
+            # a worker thread's SQLite commit: beside the loop, not in its shares
+            "thread (2): Thread-1;_work (trio/_core/_thread_cache.py:1);"
+            "_append_sync (exai/storage/sqlite.py:1) 40",
+        ]
+    )
+    out = shares(raw)
+    assert out["loop_thread_samples"] == 100
+    assert out["worker_thread_samples"] == 40
+    table = out["share_of_loop_thread_pct"]
+    assert table["httpx / httpcore / h11"] == 50.0
+    assert table["WebSocket / session"] == 20.0
+    assert table["trio loop / epoll (no task running)"] == 30.0

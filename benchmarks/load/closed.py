@@ -3,29 +3,49 @@
 Modes:
 
 ``mcp``
-    ``tools/call`` of ``tool`` (default ``chat``) over MCP WebSocket sessions to the daemon.
+    ``tools/call`` of ``tool`` (default ``chat``) over MCP WebSocket sessions to the daemon;
+    with ``progress`` the request carries ``_meta.progressToken`` (the client asks for the
+    answer's progress while it streams).
 ``echo``
     the same request frame to the floor's bare trio-websocket echo server.
-``http_raw``
-    the same POST over hand-written keep-alive HTTP/1.1 (one TCP stream per worker): the
-    exchange without any client library.
+``http`` / ``http_raw``
+    a POST over hand-written keep-alive HTTP/1.1 (:mod:`benchmarks.load.rawhttp`, one TCP stream
+    per worker): the exchange without any client library. ``http`` posts to ``url`` itself with
+    ``headers`` and, with ``stream``, asks for and decodes an SSE answer; ``http_raw`` posts the
+    provider's body to ``{url}/chat/completions``.
 ``httpx``
     ``POST {url}/chat/completions`` with the body the provider would send, from one
     ``httpx.AsyncClient`` whose pool holds ``connections`` connections.
+``sqlite`` / ``sqlite_thread``
+    one durable commit of a chat call's two turns (:mod:`benchmarks.load.sqlite_floor`) into
+    ``db_path``, on the loop thread or handed to a worker thread (``trio.to_thread``, one at a
+    time, as exai's store does).
 
 Config (JSON): ``mode``, ``url``, ``connections`` (sessions or pool size), ``inflight`` (workers
 per connection), ``duration_s``, ``warmup_s`` (calls sent before it are not recorded),
 ``think_s`` (pause after each call), ``prompt``, ``model``, ``tool``, ``arguments``,
 ``start_at`` (``time.monotonic()`` to begin at, to line up with the orchestrator),
 ``until_stop`` (run until a ``stop`` line on stdin instead of for ``duration_s``),
-``calls_per_worker`` (each worker stops after that many calls).
+``calls_per_worker`` (each worker stops after that many calls), ``token`` (a bearer token sent
+with the WebSocket upgrade), ``headers``/``stream``/``body`` (``http``), ``db_path`` (sqlite),
+``cpu_pids`` (see below).
 
-Result: per-call records (send time, latency, outcome) of the measured window, its start and end.
+Metering: with ``cpu_pids`` (process ids, or ``"self"`` for this process) the load reads each
+process's CPU time (user + system, its child processes included) when the measured window opens
+(after the warm-up) and when it closes (``duration_s`` later, before the calls in flight drain),
+and counts the calls that *completed* inside the window. In a steady closed loop the work in
+flight at both edges is alike, so CPU ÷ completions is the CPU per call of each process — a
+figure that holds on a shared machine, where wall-clock rates do not.
+
+Result: per-call records (send time, latency, outcome) of calls sent in the measured window, its
+start and end, and with ``cpu_pids`` a ``meter`` (``window_s``, ``completed``, ``completed_ok``,
+``cpu_s`` per pid, ``cpu_total_s``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import trio
@@ -40,47 +60,54 @@ from benchmarks.load.common import (
     raise_nofile,
     stdin_lines,
 )
+from benchmarks.load.rawhttp import RawHttpCaller
 
 
-async def _raw_http_caller(base_url: str, prompt: str, model: str) -> Any:
-    """A keep-alive HTTP/1.1 connection written by hand: the cost of the exchange itself."""
-    from urllib.parse import urlsplit
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process and its live children, now."""
+    import psutil
 
-    u = urlsplit(base_url)
-    stream = await trio.open_tcp_stream(u.hostname or "127.0.0.1", u.port or 80)
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]})
-    request = (
-        f"POST {u.path}/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
-    ).encode()
-
-    async def one_call() -> str:
-        await stream.send_all(request)
-        buf = b""
-        while True:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                raise trio.BrokenResourceError("closed")
-            buf += chunk
-            head, sep, rest = buf.partition(b"\r\n\r\n")
-            if not sep:
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs = [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
                 continue
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    length = int(v)
-            if len(rest) >= length:
-                json.loads(rest[:length])
-                status = int(head.split(b" ", 2)[1])
-                return "ok" if status == 200 else f"http_{status}"
+            total += t.user + t.system
+        out[pid] = total
+    return out
 
-    return one_call
+
+def _sqlite_callers(cfg: dict[str, Any], n: int, threaded: bool) -> list[Any]:
+    from benchmarks.load.sqlite_floor import commit_two_turns, open_db
+
+    conn = open_db(cfg["db_path"])
+    prompt = cfg.get("prompt", "ping")
+    answer = f"mock:{cfg.get('model', 'mock-fast')}: {prompt}"
+    limiter = trio.CapacityLimiter(1)
+
+    async def on_loop() -> str:
+        commit_two_turns(conn, prompt, answer)
+        await trio.lowlevel.checkpoint()
+        return "ok"
+
+    async def in_thread() -> str:
+        await trio.to_thread.run_sync(commit_two_turns, conn, prompt, answer, limiter=limiter)
+        return "ok"
+
+    return [in_thread if threaded else on_loop] * n
 
 
 async def main(cfg: dict[str, Any]) -> None:
     mode = cfg.get("mode", "mcp")
-    url = cfg["url"]
+    url = cfg.get("url", "")
     connections = int(cfg.get("connections", 1))
     inflight = int(cfg.get("inflight", 1))
     duration_s = float(cfg.get("duration_s", 5.0))
@@ -90,8 +117,12 @@ async def main(cfg: dict[str, Any]) -> None:
     model = cfg.get("model", "mock-fast")
     tool = cfg.get("tool", "chat")
     arguments = cfg.get("arguments", {"prompt": prompt, "model": model})
+    progress = bool(cfg.get("progress"))
+    raw_pids = cfg.get("cpu_pids") or []
+    cpu_pids = [os.getpid() if p == "self" else int(p) for p in raw_pids]
     recs = Records()
     errors: dict[str, int] = {}
+    http_callers: list[RawHttpCaller] = []
 
     async with trio.open_nursery() as nursery:
         if mode == "httpx":
@@ -109,28 +140,48 @@ async def main(cfg: dict[str, Any]) -> None:
                 return "ok" if r.status_code == 200 else f"http_{r.status_code}"
 
             callers = [one_call] * (connections * inflight)
-        elif mode == "http_raw":
-            callers = [
-                await _raw_http_caller(url, prompt, model)
-                for _ in range(connections)
-                for _ in range(inflight)
+        elif mode in ("http", "http_raw"):
+            stream = bool(cfg.get("stream")) and mode == "http"
+            body = cfg.get("body") or {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+            }
+            if stream:
+                body = {**body, "stream": True}
+            target = url if mode == "http" else url + "/chat/completions"
+            headers = cfg.get("headers") or {}
+            http_callers = [
+                RawHttpCaller(target, body, headers, stream=stream)
+                for _ in range(connections * inflight)
             ]
+            for c in http_callers:
+                await c.connect()
+            callers = list(http_callers)
+        elif mode in ("sqlite", "sqlite_thread"):
+            callers = _sqlite_callers(cfg, connections * inflight, mode == "sqlite_thread")
         else:
             conns: list[McpConn] = []
+            headers_ws = (
+                [(b"authorization", f"Bearer {cfg['token']}".encode())]
+                if cfg.get("token")
+                else None
+            )
             for _ in range(connections):
-                conns.append(await McpConn.open(nursery, url, echo=(mode == "echo")))
+                conns.append(
+                    await McpConn.open(
+                        nursery, url, echo=(mode == "echo"), extra_headers=headers_ws
+                    )
+                )
 
             def make(conn: McpConn) -> Any:
                 async def one_call() -> str:
                     conn.next_id += 1
                     rid = conn.next_id
+                    params: dict[str, Any] = {"name": tool, "arguments": arguments}
+                    if progress:
+                        params["_meta"] = {"progressToken": rid}
                     text = json.dumps(
-                        {
-                            "jsonrpc": "2.0",
-                            "id": rid,
-                            "method": "tools/call",
-                            "params": {"name": tool, "arguments": arguments},
-                        }
+                        {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
                     )
                     return outcome_of(await conn.send_text(rid, text))
 
@@ -158,6 +209,21 @@ async def main(cfg: dict[str, Any]) -> None:
 
             nursery.start_soon(wait_stop)
 
+        # the metered window: [opened, closed] as read, completions counted by the workers
+        meter: dict[str, Any] = {"opened": None, "closed": None, "completed": 0, "ok": 0}
+        cpu_at: list[dict[int, float]] = []
+
+        async def metering() -> None:
+            await trio.sleep(max(0.0, measure_from - now()))
+            cpu_at.append(cpu_seconds(cpu_pids))
+            meter["opened"] = now()
+            await trio.sleep(max(0.0, stop_at - now()))
+            cpu_at.append(cpu_seconds(cpu_pids))
+            meter["closed"] = now()
+
+        if cpu_pids and stop_at != float("inf"):
+            nursery.start_soon(metering)
+
         per_worker = int(cfg.get("calls_per_worker") or 0)
 
         async def worker(call: Any) -> None:
@@ -176,6 +242,9 @@ async def main(cfg: dict[str, Any]) -> None:
                 done = now()
                 if t >= measure_from:
                     recs.add(t, done - t, outcome)
+                if meter["opened"] is not None and meter["closed"] is None:
+                    meter["completed"] += 1
+                    meter["ok"] += outcome == "ok"
                 if think_s:
                     await trio.sleep(think_s)
 
@@ -185,11 +254,24 @@ async def main(cfg: dict[str, Any]) -> None:
         t_end = now()
         if mode == "httpx":
             await client.aclose()
-        elif mode != "http_raw":
+        elif http_callers:
+            for c in http_callers:
+                await c.aclose()
+        elif mode not in ("sqlite", "sqlite_thread"):
             for c in conns:
                 with trio.move_on_after(1):
                     await c.aclose()
         nursery.cancel_scope.cancel()
+    extra: dict[str, Any] = {}
+    if len(cpu_at) == 2:
+        cpu_s = {str(pid): round(cpu_at[1][pid] - cpu_at[0][pid], 4) for pid in cpu_at[1]}
+        extra["meter"] = {
+            "window_s": round(meter["closed"] - meter["opened"], 4),
+            "completed": meter["completed"],
+            "completed_ok": meter["ok"],
+            "cpu_s": cpu_s,
+            "cpu_total_s": round(sum(cpu_s.values()), 4),
+        }
     emit(
         "result",
         mode=mode,
@@ -199,6 +281,7 @@ async def main(cfg: dict[str, Any]) -> None:
         t_end=t_end,
         exceptions=errors,
         records=recs.to_json(),
+        **extra,
     )
 
 

@@ -89,10 +89,20 @@ class McpConn:
 
     @classmethod
     async def open(
-        cls, nursery: trio.Nursery, url: str, *, echo: bool = False, initialize: bool = True
+        cls,
+        nursery: trio.Nursery,
+        url: str,
+        *,
+        echo: bool = False,
+        initialize: bool = True,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> McpConn:
         conn = await connect_websocket_url(
-            nursery, url, subprotocols=["mcp"], max_message_size=64 * 1024 * 1024
+            nursery,
+            url,
+            subprotocols=["mcp"],
+            max_message_size=64 * 1024 * 1024,
+            extra_headers=extra_headers,
         )
         self = cls(conn, echo)
         nursery.start_soon(self._reader)
