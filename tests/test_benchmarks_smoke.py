@@ -170,3 +170,21 @@ def test_profile_shares_buckets_loop_stacks_by_innermost_subsystem_and_counts_wo
     assert table["httpx / httpcore / h11"] == 50.0
     assert table["WebSocket / session"] == 20.0
     assert table["trio loop / epoll (no task running)"] == 30.0
+
+
+def test_cpu_meter_gives_no_figure_rather_than_a_partial_one_for_a_process_it_cannot_read(
+    tmp_path,
+) -> None:
+    from benchmarks.daemon import run_load
+
+    cfg = {
+        "mode": "sqlite",
+        "db_path": str(tmp_path / "floor.db"),
+        "duration_s": 0.2,
+        "warmup_s": 0.05,
+    }
+    gone = 2**22 + 12345  # above the default pid_max: no such process
+    read = run_load("closed", {**cfg, "cpu_pids": ["self"]}, limit_s=60)["meter"]
+    unread = run_load("closed", {**cfg, "cpu_pids": ["self", gone]}, limit_s=60)["meter"]
+    assert read["completed"] > 0 and read["cpu_total_s"] is not None
+    assert unread["completed"] > 0 and unread["cpu_total_s"] is None

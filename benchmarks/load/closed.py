@@ -264,13 +264,19 @@ async def main(cfg: dict[str, Any]) -> None:
         nursery.cancel_scope.cancel()
     extra: dict[str, Any] = {}
     if len(cpu_at) == 2:
-        cpu_s = {str(pid): round(cpu_at[1][pid] - cpu_at[0][pid], 4) for pid in cpu_at[1]}
+        # a process that ended inside the window has no reading at its close: left out
+        cpu_s = {
+            str(pid): round(cpu_at[1][pid] - cpu_at[0][pid], 4)
+            for pid in cpu_at[1]
+            if pid in cpu_at[0]
+        }
         extra["meter"] = {
             "window_s": round(meter["closed"] - meter["opened"], 4),
             "completed": meter["completed"],
             "completed_ok": meter["ok"],
             "cpu_s": cpu_s,
-            "cpu_total_s": round(sum(cpu_s.values()), 4),
+            # None, not a smaller sum, when a process could not be read at both edges
+            "cpu_total_s": round(sum(cpu_s.values()), 4) if len(cpu_s) == len(cpu_pids) else None,
         }
     emit(
         "result",

@@ -153,7 +153,7 @@ def _pool(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     done = sum(r["completed"] for r in rounds)
     ok = sum(r["completed_ok"] for r in rounds)
     window = sum(r["window_s"] or 0 for r in rounds)
-    cpu = sum(r["cpu_s"] or 0 for r in rounds)
+    cpu = None if any(r["cpu_s"] is None for r in rounds) else sum(r["cpu_s"] for r in rounds)
     not_ok: dict[str, int] = {}
     for r in rounds:
         for k, v in r["not_ok"].items():
@@ -162,7 +162,7 @@ def _pool(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     summary.pop("n", None)
     return {
         "calls_per_s": round(ok / window, 1) if window else None,
-        "cpu_ms_per_call": round(1000 * cpu / done, 4) if done else None,
+        "cpu_ms_per_call": round(1000 * cpu / done, 4) if done and cpu is not None else None,
         **summary,
         "calls_in_windows": done,
         "not_ok": not_ok,
