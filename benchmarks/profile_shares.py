@@ -5,8 +5,10 @@ Input: ``py-spy record --format raw --threads`` output (one line per distinct st
 samples are not in it (py-spy leaves them out unless ``--idle``), so a share is of the time a
 thread was *running* Python.
 
-Threads: a stack with a frame in trio's thread cache (``trio/_core/_thread_cache.py``) is a worker
-thread (SQLite, DNS…); every other stack is the event-loop thread. Shares are of the loop
+Threads: a stack with a frame of trio's run loop (``trio/_core/_run.py``) is the event-loop
+thread's; every other stack is a worker thread's (SQLite writes handed off with
+``to_thread``, DNS…) — including the time a worker waits for its next job when py-spy counts
+that wait as running. Shares are of the loop
 thread's samples; the worker threads' samples are reported beside them, relative to the loop's.
 
 Each loop-thread sample goes to the subsystem of its **innermost** frame that belongs to one
@@ -98,8 +100,8 @@ def shares(raw: str, top: int = 15) -> dict[str, Any]:
         frames = stack.split(";")
         if frames and frames[0].startswith(("thread ", "process ")):
             frames = frames[1:]
-        if any("trio/_core/_thread_cache.py" in f for f in frames):
-            workers += count
+        if not any("trio/_core/_run.py" in f for f in frames):
+            workers += count  # a thread the trio run loop is not on: a worker thread
             continue
         name = _classify(frames)
         loop[name] = loop.get(name, 0) + count
