@@ -265,6 +265,18 @@ class Settings:
     conversation_max_bytes: int = _field(2_000_000, "bytes of content per thread")
     conversation_ttl_s: float = _field(3 * 3600.0, "a thread expires this long after its last turn")
     spool_max_bytes: int = _field(64 * 1024 * 1024, "bound of the local write spool")
+    spool_flush_timeout_s: float = _field(
+        5.0, "on a graceful shutdown, how long the spool may replay into the store before exit"
+    )
+    thread_cache_max_bytes: int = _field(
+        32 * 1024 * 1024,
+        "bytes of recently used threads kept in memory (served while the store is down)",
+    )
+    conversation_shared_across_identities: bool = _field(
+        False,
+        "let every client identity continue every thread (default: only the identity that "
+        "created it)",
+    )
     rate_limit_replicas: int = _field(
         1, "daemons sharing provider limits through Redis (each takes 1/N while Redis is down)"
     )
@@ -673,6 +685,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             "EXAI_MEMORY_LOW_WATERMARK must be below EXAI_MEMORY_HIGH_WATERMARK, both in (0, 1]"
         )
+    if s.store_timeout_s <= 0:
+        raise ConfigError("EXAI_STORE_TIMEOUT_S must be greater than 0")
+    for name in ("spool_flush_timeout_s", "thread_cache_max_bytes", "spool_max_bytes"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"EXAI_{name.upper()} must not be negative")
     if s.rate_limit_on_redis_error not in ("local_share", "fail_closed"):
         raise ConfigError("EXAI_RATE_LIMIT_ON_REDIS_ERROR must be local_share or fail_closed")
     if s.rate_limit_replicas < 1:

@@ -8,6 +8,8 @@ loop (``anyio.current_time()``), so a trio ``MockClock`` drives them in tests.
 * :class:`RedisTokenBucket`: the same contract shared by many processes through one Redis key.
 * :func:`retrying` and :class:`RetryBudget`: bounded retries that honour ``Retry-After`` and the
   caller's deadline.
+* :class:`Backoff` and :func:`drain_loop`: the shape of every background retry loop (a pass
+  that completed nothing always waits, at least the breaker's retry time).
 
 Errors come from :mod:`exai.errors`: :class:`~exai.errors.CircuitOpenError` and
 :class:`~exai.errors.RateLimiterUnavailableError`.
@@ -15,6 +17,7 @@ Errors come from :mod:`exai.errors`: :class:`~exai.errors.CircuitOpenError` and
 
 from __future__ import annotations
 
+from .backoff import Backoff, DrainStatistics, Wakeup, drain_loop
 from .breaker import BreakerState, BreakerStatistics, CircuitBreaker, count_unless_caller_error
 from .bucket import TokenBucket, TokenBucketStatistics
 from .redis_bucket import GCRA_SCRIPT, RedisLike, RedisTokenBucket, is_redis_unreachable
@@ -22,9 +25,11 @@ from .retry import RetryBudget, RetryBudgetStatistics, RetryPolicy, is_retryable
 
 __all__ = [
     "GCRA_SCRIPT",
+    "Backoff",
     "BreakerState",
     "BreakerStatistics",
     "CircuitBreaker",
+    "DrainStatistics",
     "RedisLike",
     "RedisTokenBucket",
     "RetryBudget",
@@ -32,7 +37,9 @@ __all__ = [
     "RetryPolicy",
     "TokenBucket",
     "TokenBucketStatistics",
+    "Wakeup",
     "count_unless_caller_error",
+    "drain_loop",
     "is_redis_unreachable",
     "is_retryable",
     "retrying",

@@ -158,7 +158,8 @@ class Daemon:
 
     def readiness(self) -> tuple[bool, str | None]:
         """Whether a balancer should send new connections here, and if not why: draining,
-        overloaded, or every connection slot taken (``max_connections``)."""
+        overloaded, every connection slot taken (``max_connections``), or a shared service (the
+        conversation store) that says it cannot serve (``not_ready_reason() -> str | None``)."""
         if not self.ready:
             return False, "starting"
         if self.draining:
@@ -167,6 +168,12 @@ class Daemon:
             return False, self.overloaded_reason
         if self.admission.open >= self.admission.max_connections:
             return False, "max_connections"
+        for service in self.services.values():
+            check = getattr(service, "not_ready_reason", None)
+            if check is not None and service is not self:
+                reason = check()
+                if reason:
+                    return False, str(reason)
         return True, None
 
     def shrink_caches(self) -> int:

@@ -4,9 +4,12 @@ A store is the single source of truth for conversations. It knows nothing about 
 deadlines, the spool or the cache: :class:`~exai.storage.service.ConversationService` wraps it
 with those. Every store method is idempotent where it writes:
 
-- ``append_turns`` creates the thread row when it is missing and writes each turn unless a turn
-  with the same ``idempotency_key`` exists, in one transaction. Sequence numbers are assigned by
-  the store, gap-free and in call order, so two daemons appending to one thread never collide.
+- ``append_turns`` creates the thread row when it is missing (with its ``owner`` and
+  ``creation_key``) and writes each turn unless a turn with the same ``idempotency_key`` exists,
+  in one transaction. Sequence numbers are assigned by the store, gap-free and in call order, so
+  two daemons appending to one thread never collide. When ``creation_key`` already created
+  another thread (a re-run of the same call), the turns go to that thread and the result says
+  which (``AppendResult.thread_id``).
 - ``create_thread`` is an upsert.
 
 Errors: a store maps its driver's errors to :class:`~exai.errors.StoreUnavailableError` (could
@@ -40,10 +43,13 @@ class AppendResult:
     Attributes:
         written: turns newly written (the others were duplicates of earlier writes).
         turn_count: turns in the thread after the write.
+        thread_id: the thread the turns are in (another thread than the one asked for when
+            the creation key had created it); empty when the store does not say.
     """
 
     written: int
     turn_count: int
+    thread_id: str = ""
 
 
 @runtime_checkable
@@ -61,9 +67,18 @@ class ConversationStore(Protocol):
         """Create an empty thread; a no-op when it exists."""
         ...
 
-    async def append_turns(self, thread_id: str, turns: Sequence[Turn]) -> AppendResult:
+    async def append_turns(
+        self,
+        thread_id: str,
+        turns: Sequence[Turn],
+        *,
+        owner: str | None = None,
+        creation_key: str | None = None,
+    ) -> AppendResult:
         """Append ``turns`` (each with an ``idempotency_key`` and ``created_at``) in one
-        transaction, creating the thread when missing; duplicates (same key) are skipped."""
+        transaction, creating the thread (owned by ``owner``, under ``creation_key``) when
+        missing; duplicates (same key) are skipped. When ``creation_key`` names an existing
+        thread, the turns go there."""
         ...
 
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
@@ -71,7 +86,8 @@ class ConversationStore(Protocol):
         ...
 
     async def get_thread(self, thread_id: str) -> Thread | None:
-        """The thread with its turns in order, or None. Expiry is the caller's business."""
+        """The thread with its turns and owner, or None. Expiry and ownership are the caller's
+        business."""
         ...
 
     async def delete_expired(self, now: float) -> int:

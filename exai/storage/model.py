@@ -110,6 +110,10 @@ class Thread:
         created_at: wall-clock epoch seconds of the first turn (or of creation).
         updated_at: wall-clock epoch seconds of the last turn.
         expires_at: after this instant the thread is gone (``updated_at`` + TTL).
+        owner: the client identity that created it; None for a thread written before
+            ownership was recorded (nobody's: see docs/security.md).
+        creation_key: the key the thread is created under (see
+            :func:`exai.storage.service.creation_key`); only set on a new thread.
     """
 
     id: str
@@ -117,6 +121,8 @@ class Thread:
     created_at: float
     updated_at: float
     expires_at: float
+    owner: str | None = None
+    creation_key: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -152,6 +158,7 @@ class Thread:
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
                 "expires_at": self.expires_at,
+                "owner": self.owner,
                 "turns": [t.to_dict() for t in self.turns],
             },
             separators=(",", ":"),
@@ -159,12 +166,19 @@ class Thread:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Thread:
-        """The inverse of :meth:`to_json`."""
+        """The inverse of :meth:`to_json`.
+
+        Raises:
+            KeyError: a value without ``owner`` (cached by an exai that did not record owners:
+                the cache treats it as a miss and reads the store).
+        """
         data = json.loads(text)
+        owner = data["owner"]
         return cls(
             id=data["id"],
             created_at=data["created_at"],
             updated_at=data["updated_at"],
             expires_at=data["expires_at"],
+            owner=owner if isinstance(owner, str) else None,
             turns=tuple(Turn.from_dict(t) for t in data["turns"]),
         )

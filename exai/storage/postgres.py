@@ -10,7 +10,8 @@ Migrations are numbered SQL scripts applied in order at start (and by ``exai mig
 calls :func:`migrate`), each in its own transaction, under a transaction-scoped advisory lock so
 two daemons starting together apply each script once.
 
-A turn is written in one transaction: the thread row is upserted and locked
+A turn is written in one transaction: the thread row is upserted (with its owner and creation
+key; a taken creation key sends the turns to the thread that holds it) and locked
 (``SELECT … FOR UPDATE``), each turn is inserted with the next sequence number
 ``ON CONFLICT (idempotency_key) DO NOTHING``, and the thread's counters move only for turns
 actually inserted. The row lock serialises appends to one thread across every daemon, so
@@ -63,6 +64,17 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             idempotency_key  text NOT NULL UNIQUE,
             PRIMARY KEY (thread_id, seq)
         );
+        """,
+    ),
+    (
+        2,
+        # thread ownership: the identity that created a thread (NULL: written before this
+        # migration, nobody's), and the key it was created under (unique: a re-run of the
+        # call finds the thread instead of making another)
+        """
+        ALTER TABLE exai_threads ADD COLUMN owner text;
+        ALTER TABLE exai_threads ADD COLUMN creation_key text;
+        CREATE UNIQUE INDEX exai_threads_creation_key ON exai_threads (creation_key);
         """,
     ),
 )
@@ -237,13 +249,24 @@ class PostgresStore:
         """Create an empty thread; a no-op when it exists."""
         await self.pool.run(_create_thread, thread_id, created_at, self._ttl_s)
 
-    async def append_turns(self, thread_id: str, turns: Sequence[Turn]) -> AppendResult:
-        """Append ``turns`` in one transaction; turns whose key exists are skipped."""
+    async def append_turns(
+        self,
+        thread_id: str,
+        turns: Sequence[Turn],
+        *,
+        owner: str | None = None,
+        creation_key: str | None = None,
+    ) -> AppendResult:
+        """Append ``turns`` in one transaction; turns whose key exists are skipped. A missing
+        thread is created owned by ``owner`` under ``creation_key``; when that key already
+        created another thread, the turns go there (``AppendResult.thread_id``)."""
         for t in turns:
             if not t.idempotency_key or t.created_at is None:
                 raise StoreError("a stored turn needs an idempotency_key and created_at")
-        written, count = await self.pool.run(_append, thread_id, list(turns), self._ttl_s)
-        return AppendResult(written=written, turn_count=count)
+        written, count, landed = await self.pool.run(
+            _append, thread_id, list(turns), self._ttl_s, owner, creation_key
+        )
+        return AppendResult(written=written, turn_count=count, thread_id=landed)
 
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
         """Append one turn; True if written, False if the key was already written."""
@@ -291,17 +314,31 @@ async def _create_thread(
 
 
 async def _append(
-    conn: asyncpg.Connection, thread_id: str, turns: list[Turn], ttl_s: float
-) -> tuple[int, int]:
+    conn: asyncpg.Connection,
+    thread_id: str,
+    turns: list[Turn],
+    ttl_s: float,
+    owner: str | None,
+    creation_key: str | None,
+) -> tuple[int, int, str]:
     first = min((t.created_at or 0.0) for t in turns) if turns else 0.0
     async with conn.transaction():
+        # no conflict target: a taken id and a taken creation key both do nothing
         await conn.execute(
-            "INSERT INTO exai_threads (id, created_at, updated_at, expires_at) "
-            "VALUES ($1, $2, $2, $3) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO exai_threads (id, created_at, updated_at, expires_at, owner, "
+            "creation_key) VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             thread_id,
             first,
             first + ttl_s,
+            owner,
+            creation_key,
         )
+        if creation_key is not None:
+            holder = await conn.fetchval(
+                "SELECT id FROM exai_threads WHERE creation_key = $1", creation_key
+            )
+            if holder is not None:
+                thread_id = holder
         row = await conn.fetchrow(
             "SELECT turn_count, bytes FROM exai_threads WHERE id = $1 FOR UPDATE", thread_id
         )
@@ -342,13 +379,13 @@ async def _append(
                 last,
                 last + ttl_s,
             )
-    return written, count
+    return written, count, thread_id
 
 
 async def _get(conn: asyncpg.Connection, thread_id: str) -> Thread | None:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         row = await conn.fetchrow(
-            "SELECT created_at, updated_at, expires_at FROM exai_threads WHERE id = $1",
+            "SELECT created_at, updated_at, expires_at, owner FROM exai_threads WHERE id = $1",
             thread_id,
         )
         if row is None:
@@ -363,6 +400,7 @@ async def _get(conn: asyncpg.Connection, thread_id: str) -> Thread | None:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
+        owner=row["owner"],
         turns=tuple(
             Turn(
                 thread_id=thread_id,

@@ -16,8 +16,9 @@ it read before loading**. A writer commits to the store first, then runs a scrip
 and deletes the value. So a reader that loaded a version older than a concurrent write can never
 put it back (its fill sees a new gen), and a write is visible to every daemon's next read once
 its invalidation ran. When the invalidation itself cannot reach Redis, the thread id is kept in
-a bounded local set, retried before this process's next Redis call and by
-:meth:`GuardedRedis.flush_pending`, and the thread is never served from the cache here meanwhile;
+a bounded local set (count and bytes), retried before this process's next Redis read and by a
+background loop that waits between attempts (:func:`exai.resilience.drain_loop`: at least the
+Redis breaker's retry time), and the cache is not read here meanwhile;
 the cache TTL bounds what another daemon could read in that window.
 
 Idempotency results
@@ -38,6 +39,7 @@ import anyio
 
 from exai.errors import CircuitOpenError, StoreError
 from exai.resilience import CircuitBreaker
+from exai.resilience.backoff import Wakeup
 from exai.storage.aio_bridge import BridgedRedis
 from exai.storage.model import Thread
 
@@ -59,8 +61,11 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-#: how many un-delivered invalidations are remembered while Redis is unreachable
+#: how many un-delivered invalidations are remembered while Redis is unreachable, and their
+#: bytes (two keys each); beyond either the invalidation is dropped and counted (the cache TTL
+#: then bounds how stale another daemon's read can be)
 MAX_PENDING_INVALIDATIONS = 10_000
+MAX_PENDING_INVALIDATION_BYTES = 4 << 20
 
 
 class GuardedRedis:
@@ -79,9 +84,12 @@ class GuardedRedis:
         self._timeout_s = call_timeout_s
         self.errors = 0
         self.rejected = 0
-        self._pending: set[tuple[str, str]] = set()  # (value key, gen key)
+        self._pending: dict[str, str] = {}  # value key -> gen key
+        self._pending_bytes = 0
         self.pending_overflow = 0
         self._gen_ttl_ms = 0
+        #: set when an invalidation is remembered (wakes the loop that delivers them)
+        self.work = Wakeup()
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> tuple[bool, T | None]:
         """Run ``fn(*args)`` under the breaker and the bound: (True, result) or (False, None)."""
@@ -98,28 +106,40 @@ class GuardedRedis:
     # -- invalidations that could not be delivered ----------------------------------------
     def remember(self, value_key: str, gen_key: str, gen_ttl_ms: int) -> None:
         self._gen_ttl_ms = gen_ttl_ms
-        if len(self._pending) >= MAX_PENDING_INVALIDATIONS:
+        if value_key in self._pending:
+            return
+        size = len(value_key) + len(gen_key)
+        if (
+            len(self._pending) >= MAX_PENDING_INVALIDATIONS
+            or self._pending_bytes + size > MAX_PENDING_INVALIDATION_BYTES
+        ):
             self.pending_overflow += 1
             return
-        self._pending.add((value_key, gen_key))
+        self._pending[value_key] = gen_key
+        self._pending_bytes += size
+        self.work.set()
 
     def is_pending(self, value_key: str) -> bool:
-        return any(v == value_key for v, _ in self._pending)
+        return value_key in self._pending
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    async def flush_pending(self) -> bool:
-        """Deliver remembered invalidations; True when none is left."""
-        for item in list(self._pending):
+    async def flush_pending(self) -> int:
+        """Deliver remembered invalidations, oldest first, until one fails; how many were
+        delivered (0 when Redis is away: callers must not treat that as done)."""
+        delivered = 0
+        for value_key, gen_key in list(self._pending.items()):
             ok, _ = await self.call(
-                self.redis.run_script, _INVALIDATE, list(item), [self._gen_ttl_ms]
+                self.redis.run_script, _INVALIDATE, [value_key, gen_key], [self._gen_ttl_ms]
             )
             if not ok:
-                return False
-            self._pending.discard(item)
-        return True
+                break
+            if self._pending.pop(value_key, None) is not None:
+                self._pending_bytes -= len(value_key) + len(gen_key)
+            delivered += 1
+        return delivered
 
     def status(self) -> dict[str, Any]:
         stats = self.breaker.statistics()
@@ -129,6 +149,7 @@ class GuardedRedis:
             "errors": self.errors,
             "rejected": self.rejected,
             "pending_invalidations": len(self._pending),
+            "pending_invalidation_bytes": self._pending_bytes,
             "pending_overflow": self.pending_overflow,
         }
 
@@ -172,9 +193,11 @@ class ThreadCache:
     async def lookup(self, thread_id: str) -> tuple[Thread | None, bytes | None]:
         """(cached thread or None, the generation token to pass to :meth:`fill`)."""
         value_key, gen_key = self.keys(thread_id)
-        if self.guard.pending and not await self.guard.flush_pending():
-            self.misses += 1
-            return None, None
+        if self.guard.pending:
+            await self.guard.flush_pending()
+            if self.guard.pending:  # Redis still away: the cache may be stale, so miss
+                self.misses += 1
+                return None, None
         ok, reply = await self.guard.call(self.guard.redis.mget, value_key, gen_key)
         if not ok or reply is None:
             self.misses += 1

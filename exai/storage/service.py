@@ -21,16 +21,26 @@ each call is bounded by ``settings.store_timeout_s`` inside the caller's own dea
 open or the write fails retryably, the turns go to the spool and the call succeeds; when the
 spool is full it fails with :class:`~exai.errors.StorageUnavailableError`
 (``data.reason = "storage_unavailable"``) and nothing is written. A background task replays the
-spool, idempotently and in order, once the store answers again. While a thread has spooled turns,
-its new turns are spooled behind them (order is kept) and reads of it merge them in.
+spool, idempotently and in order, as soon as the store's breaker closes (that transition is the
+signal, not a poll), record by record. A new turn of a thread that still has spooled turns first
+pushes that thread's spooled turns to the store (order is kept) and is then written directly; only
+while the store is down does it queue behind them in the spool. Reads merge spooled turns in.
+
+Ownership: a thread belongs to the client identity that created it (``owner``); any other identity
+gets exactly the answer an unknown id gets, unless
+``settings.conversation_shared_across_identities`` is on. Thread ids are random (uuid4, 122
+bits). A call re-run under the same exactly-once key (after a crash) continues the thread its
+first run created: the store keeps each thread's *creation key* (a digest of owner and call key)
+under a unique index and sends the re-run's write to that thread.
 
 Thread creation is lazy: a new thread is only an id until its first turns are written (the
 store creates the row with them), so a call that fails leaves no empty thread behind.
 
 Resource handling:
     :meth:`ConversationService.open` owns the store, the spool, the Redis client and a task
-    group running the replay and expiry tasks; leaving it cancels them and closes everything.
-    The spool stays on disk and is replayed by the next start.
+    group running the replay, invalidation and expiry tasks. Leaving it normally first gives the
+    replay up to ``settings.spool_flush_timeout_s`` to empty the spool, then cancels the tasks and
+    closes everything; whatever is left stays on disk and is replayed by the next start.
 
 Error handling:
     :class:`~exai.errors.ConversationNotFound`: unknown, malformed or expired
@@ -38,10 +48,13 @@ Error handling:
     thread is out of turns or bytes. :class:`~exai.errors.StorageUnavailableError`: store down
     and spool full. Reads while the store is down and the cache misses raise
     :class:`~exai.errors.CircuitOpenError` or :class:`~exai.errors.StoreUnavailableError`.
+    Store errors that leave the service carry a message without any server detail (no path,
+    host or driver text: those go to the log as ``store.error``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -50,7 +63,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +82,7 @@ from exai.errors import (
 )
 from exai.logs import log_event
 from exai.resilience import CircuitBreaker
+from exai.resilience.backoff import Backoff, DrainStatistics, Wakeup, drain_loop
 from exai.storage.base import ConversationStore, open_store, store_kind
 from exai.storage.model import Thread, Turn, turn_key
 from exai.storage.redis_cache import (
@@ -81,7 +95,9 @@ from exai.storage.spool import Spool, SpoolRecord, encode_record, open_spool
 
 __all__ = [
     "ConversationService",
+    "RecentThreads",
     "build_history",
+    "creation_key",
     "estimate_tokens",
     "migrate_storage",
     "new_thread_id",
@@ -94,15 +110,16 @@ _THREAD_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _START_NEW = "start a new thread (omit continuation_id)"
 
 
-#: namespace of thread ids derived from a call's exactly-once key
-_THREAD_NS = uuid.UUID("6f1c2a4e-3b7d-5e8f-9a0b-1c2d3e4f5a6b")
+def new_thread_id() -> str:
+    """A fresh ``continuation_id``: a random uuid4 (122 random bits from ``os.urandom``), so
+    nothing logged (session ids, request ids, idempotency keys) lets anyone derive it."""
+    return str(uuid.uuid4())
 
 
-def new_thread_id(call_key: str = "") -> str:
-    """A fresh ``continuation_id``; derived from ``call_key`` when given, so a re-run of the
-    same call (a retry after a crash, on another daemon) continues the thread its first run
-    wrote instead of writing its turns nowhere."""
-    return str(uuid.uuid5(_THREAD_NS, call_key)) if call_key else str(uuid.uuid4())
+def creation_key(owner: str, call_key: str) -> str:
+    """The key a new thread is created under: a digest of the owner and the call's
+    exactly-once key (stored, never shown; a re-run of the call finds its thread by it)."""
+    return hashlib.sha256(f"{owner}\0{call_key}".encode()).hexdigest()[:40]
 
 
 def estimate_tokens(text: str) -> int:
@@ -150,19 +167,88 @@ def store_breaker(name: str, settings: Settings) -> CircuitBreaker:
     )
 
 
+#: what one thread in the in-process cache costs beyond its content (objects, keys)
+_THREAD_OVERHEAD_BYTES = 1024
+_TURN_OVERHEAD_BYTES = 400
+
+
+class RecentThreads:
+    """The last store view of recently used threads, bounded in count and bytes (oldest out
+    first). Read only while the store cannot be; the store and the spool keep everything.
+
+    Args:
+        max_entries: threads kept at most.
+        max_bytes: bytes kept at most (content plus a per-thread and per-turn overhead); a
+            thread larger than the whole budget is not kept.
+    """
+
+    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._threads: OrderedDict[str, tuple[Thread, int]] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    @staticmethod
+    def cost(thread: Thread) -> int:
+        return thread.size_bytes + _THREAD_OVERHEAD_BYTES + _TURN_OVERHEAD_BYTES * len(thread.turns)
+
+    def get(self, thread_id: str) -> Thread | None:
+        item = self._threads.get(thread_id)
+        return item[0] if item is not None else None
+
+    def put(self, thread: Thread) -> None:
+        self.forget(thread.id)
+        size = self.cost(thread)
+        if size > self.max_bytes or self.max_entries <= 0:
+            return
+        self._threads[thread.id] = (thread, size)
+        self.bytes += size
+        while len(self._threads) > self.max_entries or self.bytes > self.max_bytes:
+            _, (_, old) = self._threads.popitem(last=False)
+            self.bytes -= old
+            self.evictions += 1
+
+    def forget(self, thread_id: str) -> None:
+        item = self._threads.pop(thread_id, None)
+        if item is not None:
+            self.bytes -= item[1]
+
+    def clear(self) -> int:
+        n = len(self._threads)
+        self._threads.clear()
+        self.bytes = 0
+        return n
+
+    def __len__(self) -> int:
+        return len(self._threads)
+
+    def status(self) -> dict[str, int]:
+        return {
+            "threads": len(self._threads),
+            "bytes": self.bytes,
+            "max_threads": self.max_entries,
+            "max_bytes": self.max_bytes,
+            "evictions": self.evictions,
+        }
+
+
 class ConversationService:
     """Threads over a primary store, a spool and an optional Redis cache.
 
     Build it with :meth:`open`; the constructor is for tests that assemble the parts.
 
     Args:
-        settings: limits (turns, bytes, TTL), ``store_timeout_s``.
+        settings: limits (turns, bytes, TTL), ``store_timeout_s``, the thread cache budget,
+            whether threads are shared across identities.
         store: the primary store (opened).
         spool: the local spool (opened).
         breaker: the primary store's breaker.
         cache: the Redis thread cache, if any.
         idempotency: the Redis idempotency results, if any.
         clock: wall-clock seconds for timestamps and TTL decisions (tests pass their own).
+        replay_min_delay_s, replay_max_delay_s: the replay's backoff after a pass that applied
+            nothing (never shorter than the breaker's retry time).
     """
 
     def __init__(
@@ -185,16 +271,31 @@ class ConversationService:
         self.cache = cache
         self.idempotency = idempotency
         self.clock = clock
-        self._replay_min_s = replay_min_delay_s
-        self._replay_max_s = replay_max_delay_s
-        self._wake = anyio.Event()
-        self._drained = anyio.Event()
+        self._replay_backoff = Backoff(
+            replay_min_delay_s, max(replay_min_delay_s, replay_max_delay_s)
+        )
+        self._redis_backoff = Backoff(
+            replay_min_delay_s, max(replay_min_delay_s, replay_max_delay_s)
+        )
+        self.replay_stats = DrainStatistics()
+        self.invalidation_stats = DrainStatistics()
+        self._work = Wakeup()  # the spool has new records
+        self._recovered = Wakeup()  # the store's breaker closed
+        self._redis_recovered = Wakeup()
+        self._progress = Wakeup()  # the replay finished a pass
+        _on_close(breaker, self._recovered)
+        if cache is not None:
+            _on_close(cache.guard.breaker, self._redis_recovered)
         # The last store view of recently used threads: read only while the store is down.
-        self._known: OrderedDict[str, Thread] = OrderedDict()
-        self._known_max = 1024
+        self.recent = RecentThreads(max_entries=1024, max_bytes=settings.thread_cache_max_bytes)
         self.spooled_writes = 0
-        self.replay_errors = 0
         self.replay_rejected = 0
+        self.redirected_writes = 0
+
+    @property
+    def replay_errors(self) -> int:
+        """Replay passes that failed (the store was away)."""
+        return self.replay_stats.errors
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -205,6 +306,8 @@ class ConversationService:
         *,
         bridge: Any = None,
         store: ConversationStore | None = None,
+        spool: Spool | None = None,
+        cache: ThreadCache | None = None,
         clock: Callable[[], float] = time.time,
         breaker: CircuitBreaker | None = None,
         redis_breaker: CircuitBreaker | None = None,
@@ -220,6 +323,10 @@ class ConversationService:
                 PostgreSQL and Redis. When None and one is needed, the service opens its own.
             store: an opened store to use instead of the one the settings name (tests,
                 embedding); the caller keeps closing it.
+            spool: an opened spool to use instead of the one in the state directory (tests);
+                the caller keeps closing it.
+            cache: a Redis thread cache to use instead of one built from ``redis_url``
+                (tests); its guard is used for idempotency results too.
             breaker: the primary store's breaker (default :func:`store_breaker`).
             redis_breaker: Redis's breaker (default :func:`store_breaker` named ``redis``).
             cache_ttl_s: the longest a thread stays in the Redis cache.
@@ -227,23 +334,35 @@ class ConversationService:
         Raises:
             ConfigError: a bad storage URL.
             StoreUnavailableError: the primary store cannot be reached at start.
+            StoreError: the store refuses to open (a corrupt SQLite file: the message names
+                the file and how to recover).
         """
         url = settings.effective_storage_url
         kind = store.kind if store is not None else store_kind(url)
         async with AsyncExitStack() as stack:
-            needs_bridge = (kind == "postgres" and store is None) or settings.redis_url
+            needs_bridge = (kind == "postgres" and store is None) or (
+                settings.redis_url and cache is None
+            )
             if bridge is None and needs_bridge:
                 from exai.storage.aio_bridge import open_asyncio_bridge
 
                 bridge = await stack.enter_async_context(open_asyncio_bridge())
             if store is None:
                 store = await stack.enter_async_context(open_store(settings, bridge))
-            stem = "turns-" + hashlib.sha256(url.encode()).hexdigest()[:12]
-            spool = await stack.enter_async_context(
-                open_spool(settings.state_path / "spool", stem, max_bytes=settings.spool_max_bytes)
-            )
-            cache = idem = None
-            if settings.redis_url:
+            if spool is None:
+                stem = "turns-" + hashlib.sha256(url.encode()).hexdigest()[:12]
+                spool = await stack.enter_async_context(
+                    open_spool(
+                        settings.state_path / "spool",
+                        stem,
+                        max_bytes=settings.spool_max_bytes,
+                        io_timeout_s=settings.store_timeout_s,
+                    )
+                )
+            idem = None
+            if cache is not None:
+                idem = IdempotencyResults(cache.guard, prefix=cache.prefix)
+            elif settings.redis_url:
                 from exai.storage.aio_bridge import BridgedRedis
 
                 redis = BridgedRedis.from_url(
@@ -252,7 +371,7 @@ class ConversationService:
                     max_connections=settings.redis_pool_max,
                     socket_timeout_s=settings.store_timeout_s,
                 )
-                stack.push_async_callback(_shielded, redis.aclose)
+                stack.push_async_callback(_bounded_shielded, redis.aclose, settings.store_timeout_s)
                 guard = GuardedRedis(
                     redis,
                     redis_breaker or store_breaker("redis", settings),
@@ -273,35 +392,57 @@ class ConversationService:
             )
             async with _single_errors(), anyio.create_task_group() as tg:
                 tg.start_soon(service._replay_loop)
+                if cache is not None:
+                    tg.start_soon(service._invalidation_loop)
                 tg.start_soon(service._expire_loop)
                 try:
                     yield service
-                finally:
+                except BaseException:
                     tg.cancel_scope.cancel()
+                    raise
+                # a graceful end: give the replay a bounded chance to empty the spool
+                await service.flush(settings.spool_flush_timeout_s)
+                tg.cancel_scope.cancel()
 
     # -- reading --------------------------------------------------------------------------
     async def start_or_continue(
-        self, continuation_id: str | None, tool: str, *, call_key: str = ""
+        self,
+        continuation_id: str | None,
+        tool: str,
+        *,
+        call_key: str = "",
+        owner: str = "anonymous",
     ) -> Thread:
-        """A new thread (``continuation_id`` None) or the live thread it names.
+        """A new thread (``continuation_id`` None) owned by ``owner``, or the live thread
+        ``continuation_id`` names if ``owner`` may use it.
 
-        ``tool`` is the tool continuing it: any tool may continue any thread.
+        ``tool`` is the tool continuing it: any tool may continue any thread. ``call_key`` is
+        the call's exactly-once key: a new thread is created under it, so a re-run of the
+        call continues the thread its first run created.
 
         Raises:
-            ConversationNotFound: unknown, malformed or expired id; the message says to start
-                a new thread.
+            ConversationNotFound: unknown, malformed, expired, or another identity's id (the
+                same answer for each: no oracle); the message says to start a new thread.
             InvalidParams: the thread has no turns left (``field="continuation_id"``).
             CircuitOpenError, StoreUnavailableError: the store cannot be read.
         """
         if continuation_id is None:
-            # (no read: the id is derived from the call key, so a re-run writes into the
-            # thread its first run started, and its already-written turns are skipped by key)
+            ck = creation_key(owner, call_key) if call_key else None
+            if ck is not None:
+                # a re-run of a call whose first run is still in the spool: the same thread
+                spooled = self.spool.thread_for_creation_key(ck)
+                if spooled is not None:
+                    found = self._merge_spool(spooled, self.recent.get(spooled))
+                    if found is not None and self._may_use(found, owner):
+                        return found
             now = self.clock()
             return Thread(
-                id=new_thread_id(call_key),
+                id=new_thread_id(),
                 created_at=now,
                 updated_at=now,
                 expires_at=now + self.settings.conversation_ttl_s,
+                owner=owner,
+                creation_key=ck,
             )
         if not isinstance(continuation_id, str) or not _THREAD_ID.match(continuation_id):
             raise ConversationNotFound(
@@ -309,7 +450,7 @@ class ConversationService:
                 data={"continuation_id": str(continuation_id)[:128]},
             )
         thread = await self.get_thread(continuation_id)
-        if thread is None or thread.expired(self.clock()):
+        if thread is None or thread.expired(self.clock()) or not self._may_use(thread, owner):
             raise ConversationNotFound(
                 f"conversation {continuation_id} does not exist or has expired; {_START_NEW}",
                 data={"continuation_id": continuation_id},
@@ -322,9 +463,16 @@ class ConversationService:
             )
         return thread
 
+    def _may_use(self, thread: Thread, owner: str) -> bool:
+        """Whether ``owner`` may read and continue ``thread`` (see docs/security.md)."""
+        if self.settings.conversation_shared_across_identities:
+            return True
+        # a thread written before ownership was recorded (owner None) belongs to nobody
+        return thread.owner is not None and thread.owner == owner
+
     async def get_thread(self, thread_id: str) -> Thread | None:
-        """The thread as the store has it plus its spooled turns, or None. Expiry is not
-        checked here (see :meth:`start_or_continue`).
+        """The thread as the store has it plus its spooled turns, or None. Expiry and
+        ownership are not checked here (see :meth:`start_or_continue`).
 
         Raises:
             CircuitOpenError, StoreUnavailableError: the store cannot be read, the cache
@@ -343,18 +491,18 @@ class ConversationService:
             except (CircuitOpenError, StoreUnavailableError):
                 if not self._known_is_whole(thread_id):
                     raise
-                stored = self._known.get(thread_id)
+                stored = self.recent.get(thread_id)
             else:
                 if self.cache is not None and stored is not None:
                     await self.cache.fill(stored, gen, now=self.clock())
         if stored is not None:
-            self._remember(stored)
+            self.recent.put(stored)
         return self._merge_spool(thread_id, stored)
 
     def _known_is_whole(self, thread_id: str) -> bool:
         """While the store cannot be read: True when the thread as this process last saw it
         in the store, plus its spooled turns, is the whole thread (no turn in between)."""
-        known = self._known.get(thread_id)
+        known = self.recent.get(thread_id)
         pending = self.spool.pending(thread_id)
         if known is None and not pending:
             return False
@@ -367,15 +515,7 @@ class ConversationService:
         They only serve reads while the store is down; the store and the spool keep
         everything.
         """
-        n = len(self._known)
-        self._known.clear()
-        return n
-
-    def _remember(self, thread: Thread) -> None:
-        self._known[thread.id] = thread
-        self._known.move_to_end(thread.id)
-        while len(self._known) > self._known_max:
-            self._known.popitem(last=False)
+        return self.recent.clear()
 
     def _merge_spool(self, thread_id: str, stored: Thread | None) -> Thread | None:
         pending = self.spool.pending(thread_id)
@@ -389,12 +529,53 @@ class ConversationService:
                 created_at=first,
                 updated_at=first,
                 expires_at=first + self.settings.conversation_ttl_s,
+                owner=pending[0].owner,
+                creation_key=pending[0].creation_key,
             )
         return stored.with_turns(turns, ttl_s=self.settings.conversation_ttl_s)
 
     def turns_remaining(self, thread: Thread) -> int:
         """Turns the thread may still take."""
         return max(0, self.settings.conversation_max_turns - len(thread.turns))
+
+    def check_room(self, thread: Thread, *, turns: int, sizes: Mapping[str, int]) -> None:
+        """Refuse, before any upstream call, a call whose turns the thread could not store.
+
+        ``turns`` is how many turns the call will write; ``sizes`` the bytes of what the
+        caller sends that will be stored, by the argument's name (``{"arguments.prompt":
+        n}``). The model's answer is not counted: an answer that was paid for is always kept
+        (bounded by the provider's answer cap); the next call on a thread it filled is
+        refused here, before paying.
+
+        Raises:
+            InvalidParams: out of turns (``field="arguments.continuation_id"``) or bytes (the
+                field is the largest of ``sizes``), with the numbers and what to do.
+        """
+        s = self.settings
+        used = len(thread.turns)
+        if used + turns > s.conversation_max_turns:
+            left = max(0, s.conversation_max_turns - used)
+            raise InvalidParams(
+                f"conversation {thread.id} has {left} of its {s.conversation_max_turns} turns "
+                f"left and this call stores {turns}; {_START_NEW}",
+                field="arguments.continuation_id",
+            )
+        have = thread.size_bytes
+        adding = sum(sizes.values())
+        if not sizes or have + adding <= s.conversation_max_bytes:
+            return
+        field, size = max(sizes.items(), key=lambda kv: kv[1])
+        if size > s.conversation_max_bytes or not thread.turns:
+            raise InvalidParams(
+                f"{field} is {size} bytes, more than the {s.conversation_max_bytes} bytes a "
+                "conversation can hold (EXAI_CONVERSATION_MAX_BYTES); shorten it",
+                field=field,
+            )
+        raise InvalidParams(
+            f"{field} is {size} bytes and conversation {thread.id} already holds {have} of its "
+            f"{s.conversation_max_bytes} bytes; shorten {field} or {_START_NEW}",
+            field=field,
+        )
 
     def build_history(
         self,
@@ -411,16 +592,25 @@ class ConversationService:
 
     # -- writing --------------------------------------------------------------------------
     async def add_turns(
-        self, thread: Thread | str, turns: Sequence[Turn], idempotency_key: str
+        self,
+        thread: Thread | str,
+        turns: Sequence[Turn],
+        idempotency_key: str,
+        *,
+        owner: str = "anonymous",
     ) -> Thread:
         """Append ``turns`` to ``thread`` durably; the thread as it is now.
 
         ``idempotency_key`` identifies the call (the daemon core's request key): the i-th turn
         is stored under ``<key>#<i>``, so repeating a call writes nothing twice. Missing
-        ``created_at`` is stamped with the clock.
+        ``created_at`` is stamped with the clock. A thread given by id that does not exist
+        yet is created owned by ``owner``. The returned thread's id may differ from
+        ``thread``'s when this call re-ran under the key that created another thread: the
+        turns went there (see :func:`creation_key`).
 
         Raises:
-            InvalidParams: the turns would exceed the thread's turn or byte limit.
+            InvalidParams: the turns would exceed the thread's turn limit, or what the caller
+                sent (every turn but the model's answers) its byte limit.
             StorageUnavailableError: the store is unavailable and the spool is full.
             StoreError: the store rejected the write for another reason.
         """
@@ -433,6 +623,7 @@ class ConversationService:
                     created_at=now,
                     updated_at=now,
                     expires_at=now + self.settings.conversation_ttl_s,
+                    owner=owner,
                 )
             thread = found
         now = self.clock()
@@ -450,27 +641,57 @@ class ConversationService:
             for i, t in enumerate(turns)
         ]
         after = thread.with_turns(prepared, ttl_s=self.settings.conversation_ttl_s)
-        self._check_limits(thread, after)
+        self._check_limits(thread, after, prepared)
         base = len(thread.turns)
+        creating = thread.creation_key if base == 0 else None
         if self.spool.has_pending(thread.id):
-            # keep the thread's order: its earlier turns are still waiting in the spool
-            await self._spool_write(thread.id, prepared, base, cause=None)
-            return after
+            try:
+                # keep the thread's order: push its spooled turns to the store first
+                await self._flush_thread(thread.id)
+            except (CircuitOpenError, StoreUnavailableError):
+                pass
+            if self.spool.has_pending(thread.id):
+                # the store is still away: queue behind them
+                await self._spool_write(thread, prepared, base, creating, cause=None)
+                return after
         try:
-            await self._primary(self.store.append_turns, thread.id, prepared)
+            result = await self._primary(
+                functools.partial(
+                    self.store.append_turns,
+                    thread.id,
+                    prepared,
+                    owner=thread.owner,
+                    creation_key=creating,
+                )
+            )
         except (CircuitOpenError, StoreUnavailableError) as exc:
-            await self._spool_write(thread.id, prepared, base, cause=exc)
+            await self._spool_write(thread, prepared, base, creating, cause=exc)
             return after
-        self._remember(after)
+        if result.thread_id and result.thread_id != thread.id:
+            after = await self._redirected(thread, result.thread_id)
+        else:
+            self.recent.put(after)
         if self.cache is not None:
-            await self.cache.invalidate(thread.id)
+            await self.cache.invalidate(after.id)
         return after
 
-    async def add_turn(self, thread: Thread | str, turn: Turn, idempotency_key: str) -> Thread:
-        """:meth:`add_turns` with one turn."""
-        return await self.add_turns(thread, [turn], idempotency_key)
+    async def _redirected(self, thread: Thread, other: str) -> Thread:
+        """The thread a re-run's write landed in (it was created by the first run)."""
+        self.redirected_writes += 1
+        log_event("conversation.redirected", thread_id=other)
+        try:
+            found = await self.get_thread(other)
+        except (CircuitOpenError, StoreUnavailableError):
+            found = None
+        return found if found is not None else attrs.evolve(thread, id=other)
 
-    def _check_limits(self, before: Thread, after: Thread) -> None:
+    async def add_turn(
+        self, thread: Thread | str, turn: Turn, idempotency_key: str, *, owner: str = "anonymous"
+    ) -> Thread:
+        """:meth:`add_turns` with one turn."""
+        return await self.add_turns(thread, [turn], idempotency_key, owner=owner)
+
+    def _check_limits(self, before: Thread, after: Thread, adding: Sequence[Turn]) -> None:
         s = self.settings
         if len(after.turns) > s.conversation_max_turns:
             raise InvalidParams(
@@ -478,7 +699,10 @@ class ConversationService:
                 f"turns ({len(before.turns)} used); {_START_NEW}",
                 field="continuation_id",
             )
-        if after.size_bytes > s.conversation_max_bytes and after.size_bytes > before.size_bytes:
+        # Only what the caller sent counts here: a model's answer was paid for and is kept
+        # (check_room refuses the next call on a full thread before it pays).
+        sent = sum(t.size_bytes for t in adding if t.role != "assistant")
+        if sent and before.size_bytes + sent > s.conversation_max_bytes:
             raise InvalidParams(
                 f"conversation {before.id} would exceed its limit of {s.conversation_max_bytes} "
                 f"bytes ({before.size_bytes} used); {_START_NEW}",
@@ -486,16 +710,32 @@ class ConversationService:
             )
 
     async def _spool_write(
-        self, thread_id: str, turns: list[Turn], base: int, *, cause: BaseException | None
+        self,
+        thread: Thread,
+        turns: list[Turn],
+        base: int,
+        creating: str | None,
+        *,
+        cause: BaseException | None,
     ) -> None:
         try:
-            await self.spool.append(thread_id, turns, base=base)
+            await self.spool.append(
+                thread.id, turns, base=base, owner=thread.owner, creation_key=creating
+            )
         except StorageUnavailableError as full:
             if cause is not None:
                 raise full from cause
             raise
         self.spooled_writes += 1
-        self._kick()
+        self._work.set()
+
+    async def _flush_thread(self, thread_id: str) -> None:
+        """Apply one thread's spooled records to the store, in order (bounded: a thread has at
+        most ``conversation_max_turns`` records)."""
+        for record in self.spool.pending(thread_id):
+            if self.spool.is_pending(record):
+                await self._apply(record)
+                self.spool.mark_applied(record)
 
     # -- the primary store under its breaker and the deadline ----------------------------
     async def _primary(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -503,80 +743,133 @@ class ConversationService:
         deadline = anyio.current_effective_deadline()
         if deadline != math.inf:
             bound = min(bound, max(0.0, 0.8 * (deadline - anyio.current_time())))
-        async with self.breaker:
-            try:
-                with anyio.fail_after(bound):
-                    return await fn(*args)
-            except TimeoutError as exc:
-                raise StoreUnavailableError(
-                    f"the {self.store.kind} store did not answer within {bound:.3g}s"
-                ) from exc
+        kind = self.store.kind
+        try:
+            async with self.breaker:
+                try:
+                    with anyio.fail_after(bound):
+                        return await fn(*args)
+                except TimeoutError as exc:
+                    raise StoreUnavailableError(
+                        f"the {kind} store did not answer within {bound:.3g}s"
+                    ) from exc
+        except StoreUnavailableError as exc:
+            _log_store_error(kind, exc)
+            raise StoreUnavailableError(
+                f"the {kind} conversation store is unavailable",
+                retry_after_s=exc.retry_after_s,
+            ) from exc
+        except StoreError as exc:
+            _log_store_error(kind, exc)
+            raise StoreError(f"the {kind} conversation store failed") from exc
 
     # -- background -----------------------------------------------------------------------
-    def _kick(self) -> None:
-        self._wake.set()
-
     async def _replay_loop(self) -> None:
-        delay = self._replay_min_s
-        while True:
-            # a fresh event first, then the check: a kick after this line is never lost
-            wake = self._wake = anyio.Event()
-            guard = self.cache.guard if self.cache is not None else None
-            if self.spool.depth == 0 and (guard is None or guard.pending == 0):
-                self._drained.set()
-                await wake.wait()
-                continue
-            try:
-                if self.spool.depth:
-                    await self.spool.replay(self._apply)
-                if guard is not None and guard.pending:
-                    await guard.flush_pending()
-            except CircuitOpenError as exc:
-                delay = max(self._replay_min_s, exc.retry_after_s or 0.0)
-            except StoreError:
-                self.replay_errors += 1
-                delay = min(self._replay_max_s, max(self._replay_min_s, delay * 2))
-            else:
-                delay = self._replay_min_s
-                continue
-            with anyio.move_on_after(delay):
-                await wake.wait()
+        await drain_loop(
+            self._replay_step,
+            lambda: self.spool.depth,
+            backoff=self._replay_backoff,
+            work=self._work,
+            recovered=self._recovered,
+            breaker=self.breaker,
+            stats=self.replay_stats,
+        )
+
+    async def _replay_step(self) -> int:
+        before = self.spool.replayed
+        try:
+            await self.spool.replay(self._apply)
+        finally:
+            self._progress.set()
+        return self.spool.replayed - before
+
+    async def _invalidation_loop(self) -> None:
+        assert self.cache is not None
+        guard = self.cache.guard
+        await drain_loop(
+            guard.flush_pending,
+            lambda: guard.pending,
+            backoff=self._redis_backoff,
+            work=guard.work,
+            recovered=self._redis_recovered,
+            breaker=guard.breaker,
+            stats=self.invalidation_stats,
+        )
 
     async def _apply(self, record: SpoolRecord) -> None:
         try:
-            await self._primary(self.store.append_turns, record.thread_id, list(record.turns))
+            result = await self._primary(
+                functools.partial(
+                    self.store.append_turns,
+                    record.thread_id,
+                    list(record.turns),
+                    owner=record.owner,
+                    creation_key=record.creation_key,
+                )
+            )
         except (CircuitOpenError, StoreUnavailableError):
             raise  # the store is away: keep the record and retry later
         except StoreError as exc:
             # The store refuses this record for good: set it aside (fsync'd, never lost) so it
             # cannot block every later record of every thread behind it.
-            await anyio.to_thread.run_sync(
-                _append_rejected,
-                Path(str(self.spool.path) + ".rejected"),
-                encode_record(record.thread_id, record.base, list(record.turns)),
-                limiter=_REJECT_LIMITER,
-            )
+            with anyio.fail_after(self.settings.store_timeout_s):
+                await anyio.to_thread.run_sync(
+                    _append_rejected,
+                    Path(str(self.spool.path) + ".rejected"),
+                    encode_record(record.thread_id, record.base, list(record.turns)),
+                    limiter=_REJECT_LIMITER,
+                    abandon_on_cancel=True,
+                )
             self.replay_rejected += 1
             log_event(
                 "spool.record_rejected",
                 logging.ERROR,
                 thread_id=record.thread_id,
                 turns=len(record.turns),
-                error=str(exc)[:200],
+                error=str(exc.__cause__ or exc)[:200],
             )
             return
+        landed = result.thread_id or record.thread_id
+        known = self.recent.get(landed)
+        if known is not None:
+            if record.base <= len(known.turns):
+                self.recent.put(
+                    known.with_turns(record.turns, ttl_s=self.settings.conversation_ttl_s)
+                )
+            else:
+                self.recent.forget(landed)
         if self.cache is not None:
-            await self.cache.invalidate(record.thread_id)
+            await self.cache.invalidate(landed)
 
     async def wait_replayed(self) -> None:
         """Return once the spool is empty and every cache invalidation delivered; bound it
         with the caller's deadline."""
         while self.spool.depth or (self.cache is not None and self.cache.guard.pending):
-            if self._drained.is_set():
-                self._drained = anyio.Event()
-            drained = self._drained
-            self._kick()
-            await drained.wait()
+            self._progress.clear()
+            self._work.set()
+            if self.cache is not None and self.cache.guard.pending:
+                self.cache.guard.work.set()
+            with anyio.move_on_after(0.05):
+                await self._progress.wait()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Give the replay up to ``timeout_s`` to empty the spool (graceful shutdown); True
+        when it is empty. Redis invalidations are not waited for (Redis is a cache)."""
+        if self.spool.depth == 0:
+            return True
+        with anyio.move_on_after(timeout_s):
+            self._work.set()
+            while self.spool.depth:
+                self._progress.clear()
+                await self._progress.wait()
+        left = self.spool.depth
+        log_event(
+            "spool.shutdown_flush",
+            logging.INFO if left == 0 else logging.WARNING,
+            replayed=self.spool.replayed,
+            left=left,
+        )
+        return left == 0
 
     async def _expire_loop(self) -> None:
         interval = min(3600.0, max(60.0, self.settings.conversation_ttl_s / 10))
@@ -595,6 +888,21 @@ class ConversationService:
         Shared with the provider layer's Redis token buckets, which have breakers of their own.
         """
         return self.cache.guard.redis if self.cache is not None else None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the daemon should not get traffic because of its conversation store, or None.
+
+        A corrupt store, and a local (SQLite) store whose breaker is open, make the daemon not
+        ready: another daemon would serve better. A shared (PostgreSQL) store's outage does
+        not: every daemon sees it, the spool keeps calls working, and taking every daemon out
+        of a balancer at once would turn an outage of the store into one of the service.
+        """
+        kind = self.store.kind
+        if getattr(self.store, "corrupt", False):
+            return f"the {kind} conversation store is corrupt (see the log)"
+        if kind == "sqlite" and self.breaker.state == "open":
+            return f"the {kind} conversation store is unavailable"
+        return None
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Breakers, pools and the spool for ``/metrics`` (see :mod:`exai.metrics`)."""
@@ -625,12 +933,16 @@ class ConversationService:
         }
 
     def status(self) -> dict[str, Any]:
-        """Each store's breaker, pool use and the spool's depth (for ``exai status``)."""
+        """Each store's breaker, pool use, the spool, the replay and the thread cache."""
         primary = dict(self.store.status())
         primary["breaker"] = _breaker_status(self.breaker, self.breaker.statistics())
         redis = None
         if self.cache is not None:
-            redis = {**self.cache.guard.status(), "cache": self.cache.status()}
+            redis = {
+                **self.cache.guard.status(),
+                "cache": self.cache.status(),
+                "invalidation_loop": self.invalidation_stats.to_dict(),
+            }
         return {
             "primary": primary,
             "spool": {
@@ -638,9 +950,36 @@ class ConversationService:
                 "spooled_writes": self.spooled_writes,
                 "replay_errors": self.replay_errors,
                 "replay_rejected": self.replay_rejected,
+                "replay_loop": self.replay_stats.to_dict(),
             },
+            "thread_cache": self.recent.status(),
+            "redirected_writes": self.redirected_writes,
             "redis": redis,
         }
+
+
+def _on_close(breaker: CircuitBreaker, wakeup: Wakeup) -> None:
+    """Chain a breaker's transition hook so ``wakeup`` is set when it closes."""
+    previous = breaker.on_transition
+
+    def hook(name: str, old: str, new: str) -> None:
+        if previous is not None:
+            previous(name, old, new)  # type: ignore[arg-type]
+        if new == "closed":
+            wakeup.set()
+
+    breaker.on_transition = hook
+
+
+def _log_store_error(kind: str, exc: BaseException) -> None:
+    # the whole text (paths, hosts, driver messages) is for the operator's log only
+    log_event(
+        "store.error",
+        logging.WARNING,
+        store=kind,
+        error=type(exc).__name__,
+        detail=str(exc)[:300],
+    )
 
 
 _REJECT_LIMITER = anyio.CapacityLimiter(1)
@@ -655,8 +994,10 @@ def _append_rejected(path: Path, line: bytes) -> None:
         os.close(fd)
 
 
-async def _shielded(fn: Callable[[], Awaitable[Any]]) -> None:
-    with anyio.CancelScope(shield=True):
+async def _bounded_shielded(fn: Callable[[], Awaitable[Any]], bound_s: float) -> None:
+    """Run a closing call even when the caller is cancelled, but never longer than
+    ``bound_s`` (a dead server must not hold up the shutdown)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(bound_s):
         await fn()
 
 

@@ -20,7 +20,15 @@ from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
 
-__all__ = ["CHAT", "INPUT_SCHEMA", "embed_files", "load_history", "make_chat_tool", "save_turns"]
+__all__ = [
+    "CHAT",
+    "INPUT_SCHEMA",
+    "check_room",
+    "embed_files",
+    "load_history",
+    "make_chat_tool",
+    "save_turns",
+]
 
 #: Tokens of earlier turns sent with a continuation.
 HISTORY_TOKEN_BUDGET = 24_000
@@ -85,9 +93,23 @@ async def load_history(
         if continuation_id:
             raise ToolError("conversations are not available in this daemon; omit continuation_id")
         return None, []
-    thread = await conv.start_or_continue(continuation_id, "chat", call_key=ctx.call_key)
+    thread = await conv.start_or_continue(
+        continuation_id, "chat", call_key=ctx.call_key, owner=ctx.client
+    )
     history = list(conv.build_history(thread, HISTORY_TOKEN_BUDGET)) if continuation_id else []
     return thread, history
+
+
+def check_room(ctx: ToolContext, thread: Any, turns: int, sizes: dict[str, str]) -> None:
+    """Refuse before any upstream call a call whose turns the thread could not keep
+    (``sizes``: what the call stores, by argument name); see
+    :meth:`~exai.storage.service.ConversationService.check_room`."""
+    conv = ctx.services.get("conversations")
+    if conv is None or thread is None:
+        return
+    conv.check_room(
+        thread, turns=turns, sizes={k: len(v.encode("utf-8", "replace")) for k, v in sizes.items()}
+    )
 
 
 async def save_turns(
@@ -113,9 +135,11 @@ async def save_turns(
             ),
         ],
         key,
+        owner=ctx.client,
     )
     remaining = conv.turns_remaining(after)
-    return {"continuation_id": thread.id, "remaining_turns": remaining}
+    # (after.id: a re-run of this call continues the thread its first run created)
+    return {"continuation_id": after.id, "remaining_turns": remaining}
 
 
 def _thread_model(thread: Any) -> str | None:
@@ -134,6 +158,7 @@ async def _chat(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     files: list[str] = list(args.get("files") or [])
     file_text, file_note = await embed_files(files, ctx)
     thread, history = await load_history(ctx, args.get("continuation_id"))
+    check_room(ctx, thread, 2, {"arguments.prompt": prompt})
 
     model = args.get("model") or ctx.settings.default_model or "auto"
     if model == "auto" and thread is not None and history:

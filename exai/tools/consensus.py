@@ -340,8 +340,10 @@ async def _consensus(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     thread, history = None, []
     if conv is not None:
         thread = await conv.start_or_continue(
-            args.get("continuation_id"), "consensus", call_key=ctx.call_key
+            args.get("continuation_id"), "consensus", call_key=ctx.call_key, owner=ctx.client
         )
+        prompt_bytes = len(str(args["prompt"]).encode("utf-8", "replace"))
+        conv.check_room(thread, turns=2, sizes={"arguments.prompt": prompt_bytes})
         if args.get("continuation_id"):
             history = list(conv.build_history(thread, HISTORY_TOKEN_BUDGET))
     elif args.get("continuation_id"):
@@ -432,6 +434,7 @@ async def _save(
             ),
         ],
         key,
+        owner=ctx.client,
     )
     return {"continuation_id": thread.id, "remaining_turns": int(conv.turns_remaining(thread))}
 

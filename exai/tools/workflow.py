@@ -357,7 +357,7 @@ async def run_step(defn: WorkflowDefinition, args: dict[str, Any], ctx: ToolCont
                 await sandbox.check(list(args[key]), field=f"arguments.{key}")
 
     cid = args.get("continuation_id")
-    thread = await conv.start_or_continue(cid, defn.name, call_key=ctx.call_key)
+    thread = await conv.start_or_continue(cid, defn.name, call_key=ctx.call_key, owner=ctx.client)
     earlier = session_steps(thread, defn.name)
     if step_number > 1 and not earlier:
         raise InvalidParams(
@@ -380,10 +380,25 @@ async def run_step(defn: WorkflowDefinition, args: dict[str, Any], ctx: ToolCont
         if ctx.call_key
         else f"{defn.name}:{thread.id}:{step_number}:{digest}"
     )
-    if not (step_number > 1 and earlier and _canonical(earlier[-1]) == content):
+    repeated = step_number > 1 and bool(earlier) and _canonical(earlier[-1]) == content
+    # every limit before any upstream call: this step's turn, and the expert's answer to come
+    expert = (
+        not rec["next_step_required"]
+        and defn.calls_model
+        and not (defn.skip_expert_when_certain and rec.get("confidence") == "certain")
+    )
+    conv.check_room(
+        thread,
+        turns=(0 if repeated else 1) + (1 if expert else 0),
+        sizes={} if repeated else _field_sizes(rec),
+    )
+    if not repeated:
         # (the same step sent again right away changes nothing: it is not stored twice)
         thread = await conv.add_turn(
-            thread, Turn(role="user", content=content, tool=defn.name, files=new_files), key
+            thread,
+            Turn(role="user", content=content, tool=defn.name, files=new_files),
+            key,
+            owner=ctx.client,
         )
     steps = session_steps(thread, defn.name)
     active = (defn.active or active_steps)(steps)
@@ -399,6 +414,14 @@ async def run_step(defn: WorkflowDefinition, args: dict[str, Any], ctx: ToolCont
     if rec["next_step_required"]:
         return _intermediate(defn, rec, active, base, raised=total_steps != args["total_steps"])
     return await _final(defn, args, rec, active, base, thread, key, conv, ctx)
+
+
+def _field_sizes(rec: Mapping[str, Any]) -> dict[str, int]:
+    """Bytes each argument adds to the stored step (what ``check_room`` names when too big)."""
+    return {
+        f"arguments.{k}": len(json.dumps(v, ensure_ascii=False).encode("utf-8", "replace"))
+        for k, v in rec.items()
+    }
 
 
 def _next_guidance(defn: WorkflowDefinition, rec: Mapping[str, Any]) -> str:
@@ -664,6 +687,7 @@ async def _final(
             model=resp.model,
         ),
         key + ":expert",
+        owner=ctx.client,
     )
     remaining = int(conv.turns_remaining(thread))
     summary["remaining_turns"] = remaining

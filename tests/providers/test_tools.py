@@ -142,14 +142,19 @@ class _FakeConversations:
     thread: _FakeThread = attrs.field(factory=lambda: _FakeThread("t1"))
 
     async def start_or_continue(
-        self, continuation_id: str | None, tool: str, *, call_key: str = ""
+        self, continuation_id: str | None, tool: str, *, call_key: str = "", owner: str = ""
     ) -> _FakeThread:
         return self.thread
+
+    def check_room(self, thread: _FakeThread, *, turns: int, sizes: dict) -> None:
+        return None
 
     def build_history(self, thread: _FakeThread, budget: int) -> list[dict]:
         return [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "yes"}]
 
-    async def add_turns(self, thread: _FakeThread, turns: list, key: str) -> _FakeThread:
+    async def add_turns(
+        self, thread: _FakeThread, turns: list, key: str, *, owner: str = ""
+    ) -> _FakeThread:
         self.added.extend((thread.id, t, key) for t in turns)
         return _FakeThread(thread.id, turns=(*thread.turns, *turns))
 

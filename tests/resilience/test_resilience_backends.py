@@ -84,9 +84,11 @@ async def test_retrying_retries_honours_retry_after_and_the_deadline() -> None:
 def test_public_api_is_pinned() -> None:
     assert set(exai.resilience.__all__) == {
         "GCRA_SCRIPT",
+        "Backoff",
         "BreakerState",
         "BreakerStatistics",
         "CircuitBreaker",
+        "DrainStatistics",
         "RedisLike",
         "RedisTokenBucket",
         "RetryBudget",
@@ -94,7 +96,9 @@ def test_public_api_is_pinned() -> None:
         "RetryPolicy",
         "TokenBucket",
         "TokenBucketStatistics",
+        "Wakeup",
         "count_unless_caller_error",
+        "drain_loop",
         "is_redis_unreachable",
         "is_retryable",
         "retrying",

@@ -37,7 +37,7 @@ class DownStore:
     async def create_thread(self, thread_id: str, *, created_at: float) -> None:
         raise StoreUnavailableError("down")
 
-    async def append_turns(self, thread_id: str, turns: Sequence[Turn]) -> AppendResult:
+    async def append_turns(self, thread_id: str, turns: Sequence[Turn], **kw: Any) -> AppendResult:
         raise StoreUnavailableError("down")
 
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:

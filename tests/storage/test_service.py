@@ -66,10 +66,10 @@ class FlakyStore:
         await self._gate()
         await self.inner.create_thread(thread_id, created_at=created_at)
 
-    async def append_turns(self, thread_id: str, turns: Sequence[Turn]) -> AppendResult:
+    async def append_turns(self, thread_id: str, turns: Sequence[Turn], **kw: Any) -> AppendResult:
         await self._gate()
         self.appends += 1
-        return await self.inner.append_turns(thread_id, turns)
+        return await self.inner.append_turns(thread_id, turns, **kw)
 
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
         await self._gate()

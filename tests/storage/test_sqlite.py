@@ -68,8 +68,8 @@ async def test_appends_create_the_thread_and_number_turns_in_order(tmp_path: Pat
         r1 = await store.append_turns("t1", [_turn("a", "k#0"), _turn("b", "k#1", 1001.0)])
         r2 = await store.append_turns("t1", [_turn("c", "k2#0", 1002.0, role="assistant")])
         thread = await store.get_thread("t1")
-    assert r1 == AppendResult(written=2, turn_count=2)
-    assert r2 == AppendResult(written=1, turn_count=3)
+    assert r1 == AppendResult(written=2, turn_count=2, thread_id="t1")
+    assert r2 == AppendResult(written=1, turn_count=3, thread_id="t1")
     assert thread is not None
     assert [(t.seq, t.content) for t in thread.turns] == [(1, "a"), (2, "b"), (3, "c")]
     assert thread.created_at == 1000.0
