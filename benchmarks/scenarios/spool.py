@@ -19,6 +19,9 @@ Three phases, each against a fresh ``exai serve`` process with the mock provider
    that saw the breaker closed.
 3. **SIGTERM flush**: Postgres cut, ``n`` calls spool, Postgres restored, SIGTERM at once.
    Figures: records left in the spool file after the process ended, turns in Postgres.
+4. **Drain rate**: Postgres cut while ``drain_calls`` calls (8 clients) fill the spool; Postgres
+   restored with no client running. Figures: how long from the restore until the replay applied
+   its first record, and the records per second from then until the spool was empty.
 
 Run: ``.venv/bin/python -m benchmarks run spool``. Against another tree's daemon (to compare a
 fix with the code before it): ``cd OTHER_TREE && /path/to/.venv/bin/python -m benchmarks run
@@ -63,6 +66,7 @@ async def _run(full: bool) -> dict[str, Any]:
         "between_cuts_s": 2.0,
         "after_s": 4.0 if full else 3.0,
         "flush_calls": 20,
+        "drain_calls": 480,
         "store_timeout_s": 0.5,
     }
     db = f"exai_bench_{uuid.uuid4().hex[:10]}"
@@ -72,6 +76,7 @@ async def _run(full: bool) -> dict[str, Any]:
         out["redis_dead_postgres_blip"] = await _phase_redis_dead(db, settings)
         out["replay_after_two_cuts"] = await _phase_replay(db, settings)
         out["sigterm_flush"] = await _phase_flush(db, settings)
+        out["drain_rate"] = await _phase_drain(db, settings)
     finally:
         await trio.to_thread.run_sync(_admin_sql, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     return out
@@ -192,6 +197,7 @@ def _env(db: str, schema: str, pg_port: int, **extra: Any) -> dict[str, Any]:
         "session_rate_per_s": 100000,
         "session_burst": 100000,
         "call_timeout_s": 30,
+        "conversation_max_turns": 1000,
     }
     env.update(extra)
     return env
@@ -397,6 +403,56 @@ async def _phase_flush(db: str, s: dict[str, Any]) -> dict[str, Any]:
         "turns_in_postgres": stored,
         "turns_expected": 2 * (1 + s["flush_calls"]),
         "sigterm_to_exit_s": round(exit_s, 2),
+    }
+
+
+# -------------------------------------------------------------------------- phase 4
+async def _phase_drain(db: str, s: dict[str, Any]) -> dict[str, Any]:
+    import trio
+
+    from benchmarks.daemon import mock_upstream
+    from exai.testing.faultproxy import FaultProxy
+
+    samples: list[tuple[float, int, int]] = []
+    with mock_upstream() as mock:
+        async with FaultProxy(*PG) as pg:
+            env = _env(db, "p4", pg.port, mock=mock, store_timeout_s=s["store_timeout_s"])
+            async with _Daemon(env) as d:
+                pg.cut()
+                per = s["drain_calls"] // 8
+                outcomes: list[str] = []
+
+                async def worker(w: int) -> None:
+                    cid = None
+                    for i in range(per):
+                        o, cid, _ = await _chat(d.url, f"w{w} {i}", cid)
+                        outcomes.append(o)
+
+                async with trio.open_nursery() as n:
+                    for w in range(8):
+                        n.start_soon(worker, w)
+                st = (await _status(d.url))["conversations"]["spool"]
+                spooled = st["depth"]
+                pg.restore()
+                t0 = time.monotonic()
+                deadline = t0 + 120
+                while time.monotonic() < deadline:
+                    st = (await _status(d.url))["conversations"]["spool"]
+                    samples.append((time.monotonic() - t0, st["depth"], st["replayed"]))
+                    if st["depth"] == 0:
+                        break
+                    await trio.sleep(0.05)
+    first = next((t for t, _, r in samples if r > 0), None)
+    empty = next((t for t, depth, _ in samples if depth == 0), None)
+    rate = None
+    if first is not None and empty is not None and empty > first:
+        rate = round(spooled / (empty - first), 1)
+    return {
+        "call_outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+        "spooled_records": spooled,
+        "first_record_replayed_after_restore_s": None if first is None else round(first, 2),
+        "spool_empty_after_restore_s": None if empty is None else round(empty, 2),
+        "records_per_s_once_replaying": rate,
     }
 
 

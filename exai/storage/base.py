@@ -33,7 +33,10 @@ from exai.storage.model import Thread, Turn
 if TYPE_CHECKING:
     from exai.storage.aio_bridge import AsyncioBridge
 
-__all__ = ["AppendResult", "ConversationStore", "open_store", "store_kind"]
+__all__ = ["AppendResult", "BatchItem", "ConversationStore", "open_store", "store_kind"]
+
+#: one write of a batch: (thread id, turns, owner, creation key), as ``append_turns`` takes them
+BatchItem = tuple[str, Sequence[Turn], str | None, str | None]
 
 
 @attrs.frozen(kw_only=True)
@@ -79,6 +82,11 @@ class ConversationStore(Protocol):
         transaction, creating the thread (owned by ``owner``, under ``creation_key``) when
         missing; duplicates (same key) are skipped. When ``creation_key`` names an existing
         thread, the turns go there."""
+        ...
+
+    async def append_batch(self, items: Sequence[BatchItem]) -> list[AppendResult]:
+        """Several ``append_turns`` in one transaction, applied in order: all or none. The
+        spool's replay uses it (one round trip per batch instead of per record)."""
         ...
 
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:

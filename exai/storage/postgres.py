@@ -32,7 +32,7 @@ import attrs
 from exai.config import Settings, redact_url
 from exai.errors import ConfigError, StoreError
 from exai.storage.aio_bridge import AsyncioBridge, BridgedPgPool
-from exai.storage.base import AppendResult
+from exai.storage.base import AppendResult, BatchItem
 from exai.storage.model import Thread, Turn
 
 __all__ = ["MIGRATIONS", "PostgresStore", "migrate", "parse_postgres_url"]
@@ -268,6 +268,16 @@ class PostgresStore:
         )
         return AppendResult(written=written, turn_count=count, thread_id=landed)
 
+    async def append_batch(self, items: Sequence[BatchItem]) -> list[AppendResult]:
+        """Several :meth:`append_turns` in one transaction (the spool's replay): all land or
+        none."""
+        for _, turns, _, _ in items:
+            for t in turns:
+                if not t.idempotency_key or t.created_at is None:
+                    raise StoreError("a stored turn needs an idempotency_key and created_at")
+        rows = await self.pool.run(_append_batch, list(items), self._ttl_s)
+        return [AppendResult(written=w, turn_count=c, thread_id=t) for w, c, t in rows]
+
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
         """Append one turn; True if written, False if the key was already written."""
         t = attrs.evolve(turn, idempotency_key=idempotency_key)
@@ -321,64 +331,89 @@ async def _append(
     owner: str | None,
     creation_key: str | None,
 ) -> tuple[int, int, str]:
-    first = min((t.created_at or 0.0) for t in turns) if turns else 0.0
     async with conn.transaction():
-        # no conflict target: a taken id and a taken creation key both do nothing
-        await conn.execute(
-            "INSERT INTO exai_threads (id, created_at, updated_at, expires_at, owner, "
-            "creation_key) VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        return await _append_in_tx(conn, thread_id, turns, ttl_s, owner, creation_key)
+
+
+async def _append_batch(
+    conn: asyncpg.Connection, items: list[BatchItem], ttl_s: float
+) -> list[tuple[int, int, str]]:
+    # row locks taken in thread-id order (stable: a thread's own writes keep their order), so
+    # two daemons replaying batches at once do not lock in opposite orders
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    results: list[tuple[int, int, str] | None] = [None] * len(items)
+    async with conn.transaction():
+        for i in order:
+            thread_id, turns, owner, creation_key = items[i]
+            results[i] = await _append_in_tx(conn, thread_id, turns, ttl_s, owner, creation_key)
+    return [r for r in results if r is not None]
+
+
+async def _append_in_tx(
+    conn: asyncpg.Connection,
+    thread_id: str,
+    turns: Sequence[Turn],
+    ttl_s: float,
+    owner: str | None,
+    creation_key: str | None,
+) -> tuple[int, int, str]:
+    first = min((t.created_at or 0.0) for t in turns) if turns else 0.0
+    # no conflict target: a taken id and a taken creation key both do nothing
+    await conn.execute(
+        "INSERT INTO exai_threads (id, created_at, updated_at, expires_at, owner, "
+        "creation_key) VALUES ($1, $2, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        thread_id,
+        first,
+        first + ttl_s,
+        owner,
+        creation_key,
+    )
+    if creation_key is not None:
+        holder = await conn.fetchval(
+            "SELECT id FROM exai_threads WHERE creation_key = $1", creation_key
+        )
+        if holder is not None:
+            thread_id = holder
+    row = await conn.fetchrow(
+        "SELECT turn_count, bytes FROM exai_threads WHERE id = $1 FOR UPDATE", thread_id
+    )
+    count, size = row["turn_count"], row["bytes"]
+    written = 0
+    last: float | None = None
+    for t in turns:
+        inserted = await conn.fetchval(
+            "INSERT INTO exai_turns (thread_id, seq, role, content, tool, provider, model, "
+            "files, created_at, idempotency_key) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10) "
+            "ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq",
             thread_id,
-            first,
-            first + ttl_s,
-            owner,
-            creation_key,
+            count + 1,
+            t.role,
+            t.content,
+            t.tool,
+            t.provider,
+            t.model,
+            json.dumps(list(t.files)),
+            t.created_at,
+            t.idempotency_key,
         )
-        if creation_key is not None:
-            holder = await conn.fetchval(
-                "SELECT id FROM exai_threads WHERE creation_key = $1", creation_key
-            )
-            if holder is not None:
-                thread_id = holder
-        row = await conn.fetchrow(
-            "SELECT turn_count, bytes FROM exai_threads WHERE id = $1 FOR UPDATE", thread_id
+        if inserted is not None:
+            written += 1
+            count += 1
+            size += t.size_bytes
+            assert t.created_at is not None
+            last = t.created_at if last is None else max(last, t.created_at)
+    if last is not None:
+        await conn.execute(
+            "UPDATE exai_threads SET turn_count = $2, bytes = $3, "
+            "updated_at = GREATEST(updated_at, $4), expires_at = GREATEST(expires_at, $5) "
+            "WHERE id = $1",
+            thread_id,
+            count,
+            size,
+            last,
+            last + ttl_s,
         )
-        count, size = row["turn_count"], row["bytes"]
-        written = 0
-        last: float | None = None
-        for t in turns:
-            inserted = await conn.fetchval(
-                "INSERT INTO exai_turns (thread_id, seq, role, content, tool, provider, model, "
-                "files, created_at, idempotency_key) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10) "
-                "ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq",
-                thread_id,
-                count + 1,
-                t.role,
-                t.content,
-                t.tool,
-                t.provider,
-                t.model,
-                json.dumps(list(t.files)),
-                t.created_at,
-                t.idempotency_key,
-            )
-            if inserted is not None:
-                written += 1
-                count += 1
-                size += t.size_bytes
-                assert t.created_at is not None
-                last = t.created_at if last is None else max(last, t.created_at)
-        if last is not None:
-            await conn.execute(
-                "UPDATE exai_threads SET turn_count = $2, bytes = $3, "
-                "updated_at = GREATEST(updated_at, $4), expires_at = GREATEST(expires_at, $5) "
-                "WHERE id = $1",
-                thread_id,
-                count,
-                size,
-                last,
-                last + ttl_s,
-            )
     return written, count, thread_id
 
 

@@ -83,7 +83,7 @@ from exai.errors import (
 from exai.logs import log_event
 from exai.resilience import CircuitBreaker
 from exai.resilience.backoff import Backoff, DrainStatistics, Wakeup, drain_loop
-from exai.storage.base import ConversationStore, open_store, store_kind
+from exai.storage.base import AppendResult, ConversationStore, open_store, store_kind
 from exai.storage.model import Thread, Turn, turn_key
 from exai.storage.redis_cache import (
     GuardedRedis,
@@ -105,6 +105,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: the spool's replay writes at most this many records, and bytes, per store transaction (the
+#: record count halves when a batch runs out of time and doubles back as batches succeed)
+REPLAY_BATCH_RECORDS = 64
+REPLAY_BATCH_BYTES = 1 << 20
 
 _THREAD_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _START_NEW = "start a new thread (omit continuation_id)"
@@ -288,6 +293,7 @@ class ConversationService:
             _on_close(cache.guard.breaker, self._redis_recovered)
         # The last store view of recently used threads: read only while the store is down.
         self.recent = RecentThreads(max_entries=1024, max_bytes=settings.thread_cache_max_bytes)
+        self._batch_records = REPLAY_BATCH_RECORDS  # adapts: halved on a timeout, doubled back
         self.spooled_writes = 0
         self.replay_rejected = 0
         self.redirected_writes = 0
@@ -748,7 +754,11 @@ class ConversationService:
             async with self.breaker:
                 try:
                     with anyio.fail_after(bound):
-                        return await fn(*args)
+                        result = await fn(*args)
+                    if self.spool.depth:
+                        # the store answers: a replay waiting out its backoff starts now
+                        self._recovered.set()
+                    return result
                 except TimeoutError as exc:
                     raise StoreUnavailableError(
                         f"the {kind} store did not answer within {bound:.3g}s"
@@ -776,12 +786,70 @@ class ConversationService:
         )
 
     async def _replay_step(self) -> int:
+        """One pass over the spool, oldest first, a batch per store transaction; the number of
+        records applied. A pass that applied some records and then failed returns that number
+        (progress: the next pass starts at once); one that applied none raises (it waits)."""
         before = self.spool.replayed
         try:
-            await self.spool.replay(self._apply)
+            batch: list[SpoolRecord] = []
+            size = 0
+            for record in self.spool.records():
+                if not self.spool.is_pending(record):
+                    continue
+                batch.append(record)
+                size += record.size_bytes
+                # while the breaker is not closed the store is on probation: probe with one
+                # record, not a full batch
+                limit = self._batch_records if self.breaker.state == "closed" else 1
+                if len(batch) >= limit or size >= REPLAY_BATCH_BYTES:
+                    await self._apply_batch(batch)
+                    batch, size = [], 0
+                    await self.spool.maybe_compact()
+            if batch:
+                await self._apply_batch(batch)
+        except (CircuitOpenError, StoreError):
+            if self.spool.replayed == before:
+                raise
+            self.replay_stats.errors += 1
         finally:
+            await self.spool.maybe_compact(final=True)
             self._progress.set()
         return self.spool.replayed - before
+
+    async def _apply_batch(self, batch: list[SpoolRecord]) -> None:
+        """Apply records in one store transaction and mark them applied; a batch the store
+        refuses for good is applied record by record, so only the bad record is set aside."""
+        if len(batch) == 1:
+            await self._apply(batch[0])
+            self.spool.mark_applied(batch[0])
+            return
+        try:
+            results = await self._primary(
+                functools.partial(
+                    self.store.append_batch,
+                    [(r.thread_id, list(r.turns), r.owner, r.creation_key) for r in batch],
+                )
+            )
+        except StoreUnavailableError:
+            # too big a transaction for the store's bound (a slow store, lock waits): halve it
+            self._batch_records = max(1, len(batch) // 2)
+            raise
+        except CircuitOpenError:
+            raise
+        except StoreError:
+            for record in batch:
+                if self.spool.is_pending(record):
+                    await self._apply(record)
+                    self.spool.mark_applied(record)
+            return
+        self._batch_records = min(REPLAY_BATCH_RECORDS, 2 * self._batch_records)
+        landed: dict[str, None] = {}
+        for record, result in zip(batch, results, strict=True):
+            landed[self._applied(record, result)] = None
+            self.spool.mark_applied(record)
+        if self.cache is not None:
+            for thread_id in landed:
+                await self.cache.invalidate(thread_id)
 
     async def _invalidation_loop(self) -> None:
         assert self.cache is not None
@@ -812,14 +880,25 @@ class ConversationService:
         except StoreError as exc:
             # The store refuses this record for good: set it aside (fsync'd, never lost) so it
             # cannot block every later record of every thread behind it.
-            with anyio.fail_after(self.settings.store_timeout_s):
-                await anyio.to_thread.run_sync(
-                    _append_rejected,
-                    Path(str(self.spool.path) + ".rejected"),
-                    encode_record(record.thread_id, record.base, list(record.turns)),
-                    limiter=_REJECT_LIMITER,
-                    abandon_on_cancel=True,
-                )
+            line = encode_record(
+                record.thread_id,
+                record.base,
+                list(record.turns),
+                owner=record.owner,
+                creation_key=record.creation_key,
+            )
+            try:
+                with anyio.fail_after(self.settings.store_timeout_s):
+                    await anyio.to_thread.run_sync(
+                        _append_rejected,
+                        Path(str(self.spool.path) + ".rejected"),
+                        line,
+                        limiter=_REJECT_LIMITER,
+                        abandon_on_cancel=True,
+                    )
+            except (TimeoutError, OSError) as disk:
+                # not set aside: it stays in the spool and is tried again later
+                raise StoreUnavailableError("the spool's disk did not answer in time") from disk
             self.replay_rejected += 1
             log_event(
                 "spool.record_rejected",
@@ -829,6 +908,13 @@ class ConversationService:
                 error=str(exc.__cause__ or exc)[:200],
             )
             return
+        landed = self._applied(record, result)
+        if self.cache is not None:
+            await self.cache.invalidate(landed)
+
+    def _applied(self, record: SpoolRecord, result: AppendResult) -> str:
+        """Bring the thread cache up to date with a record the store now has; the thread id
+        it landed in."""
         landed = result.thread_id or record.thread_id
         known = self.recent.get(landed)
         if known is not None:
@@ -838,8 +924,7 @@ class ConversationService:
                 )
             else:
                 self.recent.forget(landed)
-        if self.cache is not None:
-            await self.cache.invalidate(landed)
+        return landed
 
     async def wait_replayed(self) -> None:
         """Return once the spool is empty and every cache invalidation delivered; bound it

@@ -502,14 +502,24 @@ class Spool:
                 await apply(record)
                 if self.mark_applied(record):
                     done += 1
-                cut = self.compactable_bytes
-                if cut >= COMPACT_MIN_BYTES and 2 * cut >= self._bytes:
-                    await self.compact()
+                await self.maybe_compact()
         finally:
-            if self.compactable_bytes:
-                with anyio.CancelScope(shield=True), contextlib.suppress(ExaiError, OSError):
-                    await self.compact()  # bounded by io_timeout_s
+            await self.maybe_compact(final=True)
         return done
+
+    async def maybe_compact(self, *, final: bool = False) -> int:
+        """Compact when the applied prefix is worth a rewrite (at least ``COMPACT_MIN_BYTES``
+        and half the file), or whenever there is one and ``final``. Never raises: a compaction
+        that fails or runs out of time leaves the records to be re-applied (no-ops) later."""
+        cut = self.compactable_bytes
+        if not cut or not (final or (cut >= COMPACT_MIN_BYTES and 2 * cut >= self._bytes)):
+            return 0
+        with anyio.CancelScope(shield=True):  # bounded by io_timeout_s
+            try:
+                return await self.compact()
+            except (ExaiError, OSError):
+                pass
+        return 0
 
     async def compact(self) -> int:
         """Cut the applied records at the head of the file; the bytes cut.

@@ -52,7 +52,7 @@ import attrs
 from exai.config import Settings
 from exai.errors import ConfigError, StoreError, StoreUnavailableError
 from exai.logs import log_event
-from exai.storage.base import AppendResult
+from exai.storage.base import AppendResult, BatchItem
 from exai.storage.model import Thread, Turn
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "sqlite_path"]
@@ -337,64 +337,83 @@ class SQLiteStore:
         owner: str | None = None,
         creation_key: str | None = None,
     ) -> AppendResult:
+        return self._batch_sync([(thread_id, turns, owner, creation_key)])[0]
+
+    async def append_batch(self, items: Sequence[BatchItem]) -> list[AppendResult]:
+        """Several :meth:`append_turns` in one transaction, in order (the spool's replay):
+        all land or none."""
+        return await self._run(self._batch_sync, list(items))
+
+    def _batch_sync(self, items: list[BatchItem]) -> list[AppendResult]:
         conn = self._c()
-        first = min((t.created_at or 0.0) for t in turns) if turns else 0.0
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # ON CONFLICT without a target: a taken id or a taken creation key both do nothing
-            conn.execute(
-                "INSERT INTO threads (id, created_at, updated_at, expires_at, owner, "
-                "creation_key) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (thread_id, first, first, first + self._ttl_s, owner, creation_key),
-            )
-            if creation_key is not None:
-                row = conn.execute(
-                    "SELECT id FROM threads WHERE creation_key = ?", (creation_key,)
-                ).fetchone()
-                if row is not None:
-                    thread_id = row[0]
-            count, size = conn.execute(
-                "SELECT turn_count, bytes FROM threads WHERE id = ?", (thread_id,)
-            ).fetchone()
-            written = 0
-            last = None
-            for t in turns:
-                if not t.idempotency_key or t.created_at is None:
-                    raise StoreError("a stored turn needs an idempotency_key and created_at")
-                cur = conn.execute(
-                    "INSERT INTO turns (thread_id, seq, role, content, tool, provider, model, "
-                    "files, created_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (idempotency_key) DO NOTHING",
-                    (
-                        thread_id,
-                        count + 1,
-                        t.role,
-                        t.content,
-                        t.tool,
-                        t.provider,
-                        t.model,
-                        json.dumps(list(t.files)),
-                        t.created_at,
-                        t.idempotency_key,
-                    ),
-                )
-                if cur.rowcount == 1:
-                    written += 1
-                    count += 1
-                    size += t.size_bytes
-                    last = t.created_at if last is None else max(last, t.created_at)
-            if last is not None:
-                conn.execute(
-                    "UPDATE threads SET turn_count = ?, bytes = ?, "
-                    "updated_at = MAX(updated_at, ?), expires_at = MAX(expires_at, ?) "
-                    "WHERE id = ?",
-                    (count, size, last, last + self._ttl_s, thread_id),
-                )
+            results = [self._append_in_tx(conn, *item) for item in items]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return results
+
+    def _append_in_tx(
+        self,
+        conn: sqlite3.Connection,
+        thread_id: str,
+        turns: Sequence[Turn],
+        owner: str | None,
+        creation_key: str | None,
+    ) -> AppendResult:
+        first = min((t.created_at or 0.0) for t in turns) if turns else 0.0
+        # ON CONFLICT without a target: a taken id or a taken creation key both do nothing
+        conn.execute(
+            "INSERT INTO threads (id, created_at, updated_at, expires_at, owner, "
+            "creation_key) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (thread_id, first, first, first + self._ttl_s, owner, creation_key),
+        )
+        if creation_key is not None:
+            row = conn.execute(
+                "SELECT id FROM threads WHERE creation_key = ?", (creation_key,)
+            ).fetchone()
+            if row is not None:
+                thread_id = row[0]
+        count, size = conn.execute(
+            "SELECT turn_count, bytes FROM threads WHERE id = ?", (thread_id,)
+        ).fetchone()
+        written = 0
+        last = None
+        for t in turns:
+            if not t.idempotency_key or t.created_at is None:
+                raise StoreError("a stored turn needs an idempotency_key and created_at")
+            cur = conn.execute(
+                "INSERT INTO turns (thread_id, seq, role, content, tool, provider, model, "
+                "files, created_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (idempotency_key) DO NOTHING",
+                (
+                    thread_id,
+                    count + 1,
+                    t.role,
+                    t.content,
+                    t.tool,
+                    t.provider,
+                    t.model,
+                    json.dumps(list(t.files)),
+                    t.created_at,
+                    t.idempotency_key,
+                ),
+            )
+            if cur.rowcount == 1:
+                written += 1
+                count += 1
+                size += t.size_bytes
+                last = t.created_at if last is None else max(last, t.created_at)
+        if last is not None:
+            conn.execute(
+                "UPDATE threads SET turn_count = ?, bytes = ?, "
+                "updated_at = MAX(updated_at, ?), expires_at = MAX(expires_at, ?) "
+                "WHERE id = ?",
+                (count, size, last, last + self._ttl_s, thread_id),
+            )
         return AppendResult(written=written, turn_count=count, thread_id=thread_id)
 
     async def get_thread(self, thread_id: str) -> Thread | None:

@@ -32,6 +32,7 @@ class MemoryStore:
         self.delay_s = 0.0
         self.calls = 0
         self.appends = 0
+        self.batches = 0
         self.released = anyio.Event()
 
     async def __aenter__(self) -> MemoryStore:
@@ -67,6 +68,19 @@ class MemoryStore:
         await self._gate()
         if self.delay_s:
             await anyio.sleep(self.delay_s)
+        return self._put(thread_id, turns, owner, creation_key)
+
+    async def append_batch(self, items: Sequence[Any]) -> list[AppendResult]:
+        """One "transaction": one gate, one delay, all items."""
+        await self._gate()
+        if self.delay_s:
+            await anyio.sleep(self.delay_s)
+        self.batches += 1
+        return [self._put(*item) for item in items]
+
+    def _put(
+        self, thread_id: str, turns: Sequence[Turn], owner: str | None, creation_key: str | None
+    ) -> AppendResult:
         self.appends += 1
         if creation_key is not None and creation_key in self.by_creation:
             thread_id = self.by_creation[creation_key]

@@ -40,6 +40,9 @@ class DownStore:
     async def append_turns(self, thread_id: str, turns: Sequence[Turn], **kw: Any) -> AppendResult:
         raise StoreUnavailableError("down")
 
+    async def append_batch(self, items: Sequence[Any]) -> list[AppendResult]:
+        raise StoreUnavailableError("down")
+
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
         raise StoreUnavailableError("down")
 

@@ -71,6 +71,11 @@ class FlakyStore:
         self.appends += 1
         return await self.inner.append_turns(thread_id, turns, **kw)
 
+    async def append_batch(self, items: Sequence[Any]) -> list[AppendResult]:
+        await self._gate()
+        self.appends += 1
+        return await self.inner.append_batch(items)
+
     async def append_turn(self, turn: Turn, idempotency_key: str) -> bool:
         await self._gate()
         return await self.inner.append_turn(turn, idempotency_key)
