@@ -31,6 +31,7 @@ Error handling:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -189,9 +190,14 @@ class BridgedPgPool:
             keep = False
             raise
         finally:
+            # a connection the server or network dropped was already handed back by asyncpg
+            # (its proxy is detached): terminating or releasing it again raises InterfaceError,
+            # which must not replace the error that explains the failure
             if not keep:
-                conn.terminate()
-            await self._pool.release(conn, timeout=self._release_timeout_s)
+                with contextlib.suppress(asyncpg.exceptions.InterfaceError):
+                    conn.terminate()
+            with contextlib.suppress(asyncpg.exceptions.InterfaceError):
+                await self._pool.release(conn, timeout=self._release_timeout_s)
 
     async def close(self) -> None:
         """Close gracefully; terminate whatever has not closed within the release bound."""

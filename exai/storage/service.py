@@ -124,7 +124,8 @@ def new_thread_id() -> str:
 def creation_key(owner: str, call_key: str) -> str:
     """The key a new thread is created under: a digest of the owner and the call's
     exactly-once key (stored, never shown; a re-run of the call finds its thread by it)."""
-    return hashlib.sha256(f"{owner}\0{call_key}".encode()).hexdigest()[:40]
+    # (surrogatepass: a lone surrogate in a client's key must not make this raise)
+    return hashlib.sha256(f"{owner}\0{call_key}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def estimate_tokens(text: str) -> int:
@@ -432,6 +433,7 @@ class ConversationService:
             InvalidParams: the thread has no turns left (``field="continuation_id"``).
             CircuitOpenError, StoreUnavailableError: the store cannot be read.
         """
+        owner = _storable_key(owner)
         if continuation_id is None:
             ck = creation_key(owner, call_key) if call_key else None
             if ck is not None:
@@ -629,20 +631,22 @@ class ConversationService:
                     created_at=now,
                     updated_at=now,
                     expires_at=now + self.settings.conversation_ttl_s,
-                    owner=owner,
+                    owner=_storable_key(owner),
                 )
             thread = found
         now = self.clock()
         prepared = [
             attrs.evolve(
                 t,
-                # PostgreSQL text cannot hold NUL: replace it here rather than spool a turn
-                # the store will refuse
-                content=t.content.replace("\x00", "\ufffd"),
+                # Text a store cannot hold (NUL for PostgreSQL, lone surrogates for any UTF-8
+                # store) is replaced here rather than spooled and refused at every replay.
+                content=_storable(t.content),
+                files=tuple(_storable(f) for f in t.files),
                 thread_id=thread.id,
                 seq=None,
                 created_at=t.created_at if t.created_at is not None else now,
-                idempotency_key=turn_key(idempotency_key, i),
+                # keys stay distinct: a surrogate becomes its escape, not a replacement char
+                idempotency_key=turn_key(_storable_key(idempotency_key), i),
             )
             for i, t in enumerate(turns)
         ]
@@ -1041,6 +1045,22 @@ class ConversationService:
             "redirected_writes": self.redirected_writes,
             "redis": redis,
         }
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    """``text`` with NUL and lone surrogates (every surrogate in a Python str is lone)
+    replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _storable_key(key: str) -> str:
+    """A key with NUL and surrogates escaped (``\\ud800``), so it stays apart from others."""
+    if not _UNSTORABLE.search(key):
+        return key
+    return key.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _on_close(breaker: CircuitBreaker, wakeup: Wakeup) -> None:

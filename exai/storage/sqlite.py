@@ -275,6 +275,11 @@ class SQLiteStore:
             raise
         except sqlite3.Error as exc:
             raise self._map(exc) from exc
+        except (UnicodeError, ValueError, TypeError) as exc:
+            # a value SQLite cannot bind (text that is not UTF-8): this write, not the store
+            raise StoreError(
+                f"the SQLite store cannot hold a value ({type(exc).__name__})"
+            ) from exc
 
     def _map(self, exc: sqlite3.Error) -> StoreError:
         code = _primary_code(exc)
