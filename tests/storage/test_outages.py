@@ -188,6 +188,7 @@ async def test_calls_keep_working_while_redis_is_cut_and_its_breaker_recovers(
             await svc.start_or_continue(thread.id, "chat")  # fills the cache
 
             for mode in ("refuse", "blackhole"):
+                trips_before = breaker.statistics().trips
                 proxy.cut(mode=mode)  # type: ignore[arg-type]
                 for i in range(6):
                     with anyio.fail_after(3):
@@ -195,7 +196,8 @@ async def test_calls_keep_working_while_redis_is_cut_and_its_breaker_recovers(
                         thread = await svc.add_turns(
                             thread, [Turn(role="user", content=f"{mode}-{i}")], f"{mode}-{i}"
                         )
-                assert breaker.state == "open"
+                # (a count, not the state: on a busy machine the open time may be over by now)
+                assert breaker.statistics().trips >= trips_before + 1
                 assert svc.spool.depth == 0  # Redis down never touches durability
                 proxy.restore()
                 with anyio.fail_after(5):
