@@ -211,6 +211,9 @@ class Settings:
     handshake_timeout_s: float = _field(5.0, "bound on the HTTP upgrade (slowloris guard)")
     max_frame_bytes: int = _field(4 * 1024 * 1024, "largest accepted WebSocket message")
     max_json_depth: int = _field(64, "deepest accepted JSON nesting in a message")
+    max_json_elements: int = _field(
+        100_000, "most JSON values in one message (checked before decoding)"
+    )
     session_rate_per_s: float = _field(50.0, "messages per second per connection")
     session_burst: int = _field(100, "message burst per connection")
     session_abuse_limit: int = _field(
@@ -219,13 +222,33 @@ class Settings:
         "closed with 1008",
     )
     session_max_inflight: int = _field(8, "concurrent tools/call per connection")
+    session_queue_max: int = _field(
+        32, "calls waiting (FIFO, each until its deadline) for one of the connection's slots"
+    )
+    session_max_pending: int = _field(
+        64, "requests admitted on one connection and not yet answered (running, queued, unread)"
+    )
+    session_max_pending_bytes: int = _field(
+        16 * 1024 * 1024, "bytes those may hold on one connection (requests and unread answers)"
+    )
+    max_pending_bytes: int = _field(
+        256 * 1024 * 1024, "bytes all connections' pending requests and unread answers may hold"
+    )
+    send_timeout_s: float = _field(
+        30.0, "a connection whose writer makes no progress this long is closed with 1008"
+    )
     max_inflight: int = _field(64, "concurrent tools/call in the daemon")
-    slot_wait_s: float = _field(1.0, "longest wait for an in-flight slot before 'overloaded'")
+    slot_wait_s: float = _field(
+        1.0, "longest wait for an identity or daemon-wide slot before 'overloaded'"
+    )
     call_timeout_s: float = _field(300.0, "default deadline of a tools/call")
     heartbeat_interval_s: float = _field(5.0, "progress heartbeat while a call runs")
     drain_timeout_s: float = _field(10.0, "on shutdown, how long in-flight calls may finish")
     idempotency_ttl_s: float = _field(600.0, "how long a finished call's result is kept")
     idempotency_max_entries: int = _field(10_000, "results kept for retried requests")
+    result_cache_max_bytes: int = _field(
+        64 * 1024 * 1024, "bytes of finished results kept for retried requests (oldest out)"
+    )
     memory_limit_bytes: int = _field(0, "memory budget when no cgroup limit (0 = none)")
     memory_high_watermark: float = _field(0.90, "fraction of the memory limit that stops admission")
     memory_low_watermark: float = _field(0.80, "fraction of the memory limit that resumes it")
@@ -675,12 +698,30 @@ def _validate(s: Settings) -> None:
         "max_inflight",
         "max_json_depth",
         "max_answer_bytes",
+        "max_json_elements",
+        "session_max_pending",
+        "session_max_pending_bytes",
+        "max_pending_bytes",
+        "result_cache_max_bytes",
     ):
         if getattr(s, name) < 1:
             raise ConfigError(f"EXAI_{name.upper()} must be at least 1")
-    for name in ("call_timeout_s", "handshake_timeout_s", "slot_wait_s", "session_rate_per_s"):
+    for name in (
+        "call_timeout_s",
+        "handshake_timeout_s",
+        "slot_wait_s",
+        "session_rate_per_s",
+        "send_timeout_s",
+    ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"EXAI_{name.upper()} must be greater than 0")
+    if s.session_queue_max < 0:
+        raise ConfigError("EXAI_SESSION_QUEUE_MAX must be 0 or more")
+    if s.session_max_pending < s.session_max_inflight:
+        raise ConfigError(
+            "EXAI_SESSION_MAX_PENDING must be at least EXAI_SESSION_MAX_INFLIGHT (every running "
+            "call is a pending request)"
+        )
     if not 0 < s.memory_low_watermark < s.memory_high_watermark <= 1:
         raise ConfigError(
             "EXAI_MEMORY_LOW_WATERMARK must be below EXAI_MEMORY_HIGH_WATERMARK, both in (0, 1]"

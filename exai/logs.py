@@ -2,27 +2,43 @@
 
 Use :func:`log_event` with an event name and fields. Values pass through :func:`_safe`, which
 renders :class:`exai.config.Secret` masked; nothing here ever calls ``Secret.reveal``.
+
+Writing never happens on the caller's thread (the event loop, in the daemon): a record is put on
+a bounded queue (:data:`QUEUE_MAX` records, each field clipped to :data:`FIELD_MAX_CHARS`) and a
+listener thread formats and writes it. When the queue is full a record is dropped and counted
+(:func:`dropped_log_records`, shown by ``status``); :func:`flush_logging` (also run at exit)
+writes what is queued.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from exai.config import Secret
 
-__all__ = ["configure_logging", "log_event", "logger"]
+__all__ = ["configure_logging", "dropped_log_records", "flush_logging", "log_event", "logger"]
 
 logger = logging.getLogger("exai")
+
+#: records waiting for the writer thread at most; more are dropped and counted
+QUEUE_MAX = 10_000
+#: a string field longer than this is clipped (so the queue is bounded in bytes too)
+FIELD_MAX_CHARS = 2_000
 
 
 def _safe(v: Any) -> Any:
     if isinstance(v, Secret):
         return repr(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
+    if isinstance(v, str):
+        return v if len(v) <= FIELD_MAX_CHARS else v[: FIELD_MAX_CHARS - 1] + "…"
+    if isinstance(v, (int, float, bool)) or v is None:
         return v
     if isinstance(v, dict):
         return {str(k): _safe(x) for k, x in v.items()}
@@ -39,8 +55,11 @@ class _JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", record.getMessage()),
         }
         out.update(getattr(record, "fields", {}))
-        if record.exc_info and record.exc_info[0] is not None:
-            out["exc_type"] = record.exc_info[0].__name__
+        exc_type = getattr(record, "exc_type_name", None)
+        if exc_type is None and record.exc_info and record.exc_info[0] is not None:
+            exc_type = record.exc_info[0].__name__
+        if exc_type is not None:
+            out["exc_type"] = exc_type
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
@@ -53,14 +72,97 @@ class _TextFormatter(logging.Formatter):
         return f"{stamp} {record.levelname.lower():7} {event} {extra}".rstrip()
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Send exai's logs to stderr, one line per event."""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Puts records on a bounded queue without blocking; a full queue drops and counts."""
+
+    def __init__(self, q: queue.Queue[Any]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Formatting happens in the writer thread; only make the record safe to hand over.
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_type_name = record.exc_info[0].__name__
+        record.msg = record.getMessage()
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The writer thread. Stopping waits (bounded) for room to queue its stop mark."""
+
+    def __init__(self, q: queue.Queue[Any], handler: logging.Handler) -> None:
+        super().__init__(q, handler, respect_handler_level=False)
+        self._bounded: queue.Queue[Any] = q
+
+    def enqueue_sentinel(self) -> None:
+        try:
+            self._bounded.put(getattr(self, "_sentinel", None), timeout=FLUSH_TIMEOUT_S)
+        except queue.Full:
+            pass  # the writer is stuck on a stream nobody reads: give up on it
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.enqueue_sentinel()
+            self._thread.join(FLUSH_TIMEOUT_S)
+            self._thread = None
+
+
+#: how long flushing at exit may wait for a stuck stderr
+FLUSH_TIMEOUT_S = 5.0
+
+_handler: _DroppingQueueHandler | None = None
+_listener: _Listener | None = None
+
+
+def dropped_log_records() -> int:
+    """Log records dropped because the writer thread could not keep up."""
+    return _handler.dropped if _handler is not None else 0
+
+
+def flush_logging() -> None:
+    """Write every queued record and stop the writer thread (idempotent; run at exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Send exai's logs to ``stream`` (default stderr), one line per event, through the writer
+    thread. Warnings of other libraries (the root logger) take the same path.
+    """
+    global _handler, _listener
+    flush_logging()
+    out = stream if stream is not None else sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    handler = logging.StreamHandler(out)
     handler.setFormatter(_JsonFormatter() if use_json else _TextFormatter())
-    logger.handlers[:] = [handler]
+    q: queue.Queue[Any] = queue.Queue(QUEUE_MAX)
+    dropped = _handler.dropped if _handler is not None else 0
+    _handler = _DroppingQueueHandler(q)
+    _handler.dropped = dropped
+    _listener = _Listener(q, handler)
+    _listener.start()
+    logger.handlers[:] = [_handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _DroppingQueueHandler)]
+    root.addHandler(_handler)
+    if root.level == logging.NOTSET or root.level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+
+
+atexit.register(flush_logging)
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:

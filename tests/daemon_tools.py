@@ -6,6 +6,10 @@ They let tests observe executions from outside the daemon process:
   optionally writes a line to ``path + ".cancelled"`` when it is cancelled, sleeps ``seconds``,
   returns the number of executions so far.
 - ``fail``: raises the exai error named by ``reason`` (or a plain crash).
+- ``blob``: after ``seconds``, answers ``bytes`` characters of text, carried twice as a
+  provider tool's answer is (in the text and in ``structuredContent.content``).
+- ``unencodable``: answers something JSON has no form for (``what``: ``nan`` in the structured
+  content, or a lone ``surrogate`` in the text).
 """
 
 from __future__ import annotations
@@ -58,6 +62,18 @@ async def _fail(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     raise RuntimeError("secret-free crash for tests")
 
 
+async def _blob(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+    await trio.sleep(float(args.get("seconds", 0.0)))
+    body = ("exai " * (int(args["bytes"]) // 5 + 1))[: int(args["bytes"])]
+    return ToolResult(text=body + "\n\n---\nmodel: blob", structured={"content": body})
+
+
+async def _unencodable(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+    if args.get("what") == "surrogate":
+        return ToolResult(text="half a pair: \ud800")
+    return ToolResult(text="a ratio", structured={"ratio": float("nan")})
+
+
 SLEEP = ToolSpec(
     name="sleep",
     description="Test tool: sleep for `seconds`.",
@@ -91,7 +107,33 @@ FAIL = ToolSpec(
 )
 
 
+BLOB = ToolSpec(
+    name="blob",
+    description="Test tool: answer `bytes` characters (text and structured) after `seconds`.",
+    input_schema={
+        "type": "object",
+        "properties": {
+            "bytes": {"type": "integer", "minimum": 0},
+            "seconds": {"type": "number", "minimum": 0},
+        },
+        "required": ["bytes"],
+        "additionalProperties": False,
+    },
+    handler=_blob,
+)
+UNENCODABLE = ToolSpec(
+    name="unencodable",
+    description="Test tool: answer what JSON cannot hold (`what`: nan or surrogate).",
+    input_schema={
+        "type": "object",
+        "properties": {"what": {"type": "string"}},
+        "additionalProperties": False,
+    },
+    handler=_unencodable,
+)
+
+
 def register(registry: ToolRegistry, settings: object = None) -> None:
-    for spec in (SLEEP, COUNT, FAIL):
+    for spec in (SLEEP, COUNT, FAIL, BLOB, UNENCODABLE):
         if spec.name not in registry:
             registry.register(spec)

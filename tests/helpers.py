@@ -236,10 +236,14 @@ def daemon_process(
     lines: list[str] = []
     url_found = threading.Event()
     url: list[str] = []
+    # cleared by a test to stop draining the daemon's stderr (a full pipe, as when nobody reads)
+    gate = threading.Event()
+    gate.set()
 
     def reader() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
+            gate.wait()
             lines.append(line.rstrip("\n"))
             m = _LISTEN.search(line)
             if m and not url:
@@ -250,12 +254,14 @@ def daemon_process(
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     proc.stderr_lines = lines  # type: ignore[attr-defined]
+    proc.stderr_gate = gate  # type: ignore[attr-defined]
     try:
         if not url_found.wait(30) or not url:
             proc.kill()
             raise RuntimeError("exai serve did not start:\n" + "\n".join(lines))
         yield proc, url[0]
     finally:
+        gate.set()
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)

@@ -28,14 +28,16 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 from exai import __version__, errors
 from exai.audit import AuditLog
 from exai.config import Settings, is_loopback
-from exai.logs import log_event
+from exai.logs import dropped_log_records, log_event
 from exai.metrics import DaemonMetrics
 from exai.resilience import TokenBucket
 from exai.server import protocol as p
 from exai.server.admin import serve_admin
 from exai.server.admission import Admission
 from exai.server.auth import TokenTable, parse_tokens
+from exai.server.budget import MemoryBudget
 from exai.server.calls import CallRegistry, Execution
+from exai.server.outbox import ProgressStream
 from exai.server.overload import OverloadManager
 from exai.server.reload import Reloader
 from exai.server.session import Session, unwrap_exception
@@ -48,6 +50,7 @@ __all__ = ["Daemon", "DaemonStats", "serve"]
 
 #: how long an execution started by a bridge (idempotency key) waits to be re-adopted
 ORPHAN_GRACE_S = 30.0
+_TLS_LIMITER = trio.CapacityLimiter(1)
 
 
 class DaemonStats:
@@ -87,15 +90,17 @@ class Daemon:
         self.calls = CallRegistry(
             ttl_s=settings.idempotency_ttl_s,
             max_entries=settings.idempotency_max_entries,
+            max_bytes=settings.result_cache_max_bytes,
             orphan_grace_s=ORPHAN_GRACE_S,
         )
+        #: bytes charged by every session's pending requests and unwritten answers
+        self.budget = MemoryBudget(settings.max_pending_bytes)
         self.sessions: set[Session] = set()
         self.stats = DaemonStats()
         self.started_at = 0.0
         self.draining = False
         self.ready = False
-        #: set by the overload manager while admission is suspended (reason text)
-        self.overloaded_reason: str | None = None
+        self._overloaded_reason: str | None = None
         self.calls_nursery: trio.Nursery | None = None
         self.conn_nursery: trio.Nursery | None = None
         self.reloader: Reloader | None = None
@@ -144,13 +149,27 @@ class Daemon:
             "rejections": dict(self.stats.rejections),
             "calls": dict(self.stats.calls),
             "stored_results": len(self.calls),
+            "stored_results_bytes": self.calls.nbytes,
+            "pending": {
+                **self.budget.snapshot(),
+                "session_max_pending": s.session_max_pending,
+                "session_max_pending_bytes": s.session_max_pending_bytes,
+                "session_queue_max": s.session_queue_max,
+            },
+            "log_dropped": dropped_log_records(),
             "progress_dropped": self.stats.progress_dropped,
             "max_loop_stall_s": (
                 round(self.stall_detector.max_stall_s, 4) if self.stall_detector else None
             ),
             "loop_stalls": self.stall_detector.stall_count if self.stall_detector else None,
             "memory": (
-                {"used_bytes": self.memory.used_bytes, "limit_bytes": self.memory.limit_bytes}
+                {
+                    "used_bytes": self.memory.used_bytes,
+                    "limit_bytes": self.memory.limit_bytes,
+                    "baseline_bytes": self.memory.baseline_bytes,
+                    "reserved_bytes": self.reserved_bytes(),
+                    "sheds": self.memory.sheds,
+                }
                 if self.memory
                 else None
             ),
@@ -176,9 +195,39 @@ class Daemon:
                     return False, str(reason)
         return True, None
 
+    @property
+    def overloaded_reason(self) -> str | None:
+        """Why new calls and connections are refused now (``None`` = admitting): the memory
+        backstop, or the pending-bytes budget being full (until it drains to 80 %)."""
+        if self._overloaded_reason is not None:
+            return self._overloaded_reason
+        if self.memory is not None and self.memory.reason is not None:
+            return self.memory.reason
+        if self.budget.full:
+            return (
+                f"pending requests and unwritten answers fill the memory budget "
+                f"({self.budget.charged_bytes} of {self.budget.limit_bytes} bytes)"
+            )
+        return None
+
+    @overloaded_reason.setter
+    def overloaded_reason(self, reason: str | None) -> None:
+        self._overloaded_reason = reason
+
+    def reserved_bytes(self) -> int:
+        """The byte budgets of the daemon's caches (what they may hold at most): the stored
+        results and every service with a ``memory_budget_bytes()``."""
+        total = self.calls.max_bytes
+        for service in self.services.values():
+            budget = getattr(service, "memory_budget_bytes", None)
+            if budget is not None and service is not self:
+                total += int(budget() or 0)
+        return total
+
     def shrink_caches(self) -> int:
-        """Drop what can be rebuilt (stored results, service caches). Returns entries freed."""
-        freed = self.calls.shrink()
+        """Drop what can be rebuilt (stored results down to half their budget, service
+        caches). Returns entries freed."""
+        freed = self.calls.shrink(0.5)
         for service in self.services.values():
             shrink = getattr(service, "shrink_caches", None)
             if shrink is not None and service is not self:
@@ -246,6 +295,8 @@ class Daemon:
         assert spec is not None
         timeout = spec.timeout_s if spec.timeout_s is not None else self.settings.call_timeout_s
         ex.started_at = trio.current_time()
+        if ex.deadline == float("inf"):
+            ex.deadline = ex.started_at + timeout
         outcome = "ok"
 
         async def progress(
@@ -261,7 +312,8 @@ class Daemon:
                     if ex.client_key:
                         nursery.start_soon(self.calls.orphan_watch, ex)
                     try:
-                        with trio.fail_after(timeout):
+                        # the deadline was fixed at admission: waiting for a slot counted
+                        with trio.fail_at(ex.deadline):
                             result = await spec.handler(args, ctx)
                         ex.payload = {"result": result.to_mcp()}
                     except trio.TooSlowError:
@@ -297,7 +349,7 @@ class Daemon:
         finally:
             self.calls.running.pop(ex.key, None)
             if ex.payload is not None:
-                self.calls.store(ex.key, ex.payload)
+                ex.payload_bytes = self.calls.store(ex.key, ex.digest, ex.payload)
                 await self._share_result(ex)
             for limiter in limiters:
                 limiter.release_on_behalf_of(ex)
@@ -338,9 +390,7 @@ class Daemon:
         with trio.move_on_after(self.settings.store_timeout_s) as scope:
             scope.shield = True  # finishing bookkeeping even while being cancelled
             try:
-                await store.put(
-                    ex.key.removeprefix("k:"), ex.payload, self.settings.idempotency_ttl_s
-                )
+                await store.put(ex.shared_key, ex.payload, self.settings.idempotency_ttl_s)
             except errors.ExaiError:
                 pass
 
@@ -372,8 +422,10 @@ class Daemon:
                 raise
             nursery.start_soon(self._handle_stream, stream)
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        ip = _peer_ip(stream)
+    async def _handle_stream(self, raw_stream: trio.abc.Stream) -> None:
+        ip = _peer_ip(raw_stream)
+        # the writer's deadline follows the bytes actually written (see exai.server.outbox)
+        stream = ProgressStream(raw_stream)
         handshake_held = True
         admitted = False
         try:
@@ -401,7 +453,7 @@ class Daemon:
                 assert identity is not None  # checked in _admit
                 subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
                 conn = await request.accept(subprotocol=subprotocol)
-                session = Session(self, conn, ip, identity)
+                session = Session(self, conn, ip, identity, stream)
                 self.sessions.add(session)
                 try:
                     await session.run()
@@ -591,7 +643,8 @@ async def serve(
         registry = default_registry()
     daemon = Daemon(settings, registry, services)
     check_bind(settings, daemon.tokens)
-    ssl_ctx = _ssl_context(settings)
+    # reading the certificate and key files is blocking file I/O: not on the loop
+    ssl_ctx = await trio.to_thread.run_sync(_ssl_context, settings, limiter=_TLS_LIMITER)
     daemon.started_at = trio.current_time()
     daemon.memory = OverloadManager(daemon)
     if reload is not None:

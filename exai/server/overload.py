@@ -1,20 +1,33 @@
-"""The overload manager: memory watermarks that stop admitting work before the process dies.
+"""The overload manager: admission on the memory exai accounts for, RSS as a backstop.
 
-In the spirit of Envoy's overload manager. A task owned by the daemon reads the memory in use
-every ``memory_check_interval_s``:
+In the spirit of Envoy's overload manager, with one lesson learnt: a Python heap rarely gives
+memory back, so admission that waits for RSS to fall below a low mark may never resume.
 
-* the limit is the cgroup's (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) when there is
-  one, else ``EXAI_MEMORY_LIMIT_BYTES``; with neither, the manager does nothing;
-* at or above the high watermark (``EXAI_MEMORY_HIGH_WATERMARK`` × limit) it shrinks caches
-  first, then sets the daemon overloaded: new connections get HTTP 503 + Retry-After and new
-  calls ``data.reason = "overloaded"``; nothing in flight is touched;
-* at or below the low watermark it resumes.
+Admission is decided on **accounted** memory (:mod:`exai.server.budget`): every pending
+request and unwritten answer is charged to the daemon's :class:`~exai.server.budget.
+MemoryBudget`, and a call that does not fit is refused with ``data.reason = "overloaded"``.
+Charges are given back as answers are written, so admission resumes by itself. When a memory
+limit is known — the cgroup's (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), else
+``EXAI_MEMORY_LIMIT_BYTES`` — the first reading sets the budget to what is left of
+``high watermark × limit`` after the daemon's resident size at start and the byte budgets of
+its caches (never more than ``EXAI_MAX_PENDING_BYTES``, never less than two frames).
 
-Reads of ``/proc`` and ``/sys`` go through a worker thread, like every file read in exai.
+RSS (or the cgroup's usage) is the **backstop**, read every ``memory_check_interval_s``:
+
+* at or above ``high watermark × limit`` the caches are shed (stored results down to half
+  their budget, services' ``shrink_caches()``) and freed heap is handed back to the system
+  (``malloc_trim``, glibc); if requests are pending, new calls and connections are refused
+  until they have drained;
+* admission resumes when usage falls to ``low watermark × limit`` **or** when nothing is
+  pending any more: then what remains is caches and heap slack, not work in flight, and
+  refusing would only keep the daemon refusing until a restart.
+
+Reads of ``/proc`` and ``/sys`` and ``malloc_trim`` go through a worker thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -83,11 +96,19 @@ async def read_memory(fallback_limit: int) -> MemoryReading:
     return await anyio.to_thread.run_sync(_read_memory_sync, fallback_limit, limiter=_LIMITER)
 
 
+def _malloc_trim() -> None:
+    """Give freed heap back to the system (glibc only; elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class OverloadManager:
-    """Watches memory and suspends admission between the watermarks.
+    """Sets the daemon's memory budget from its limit, and watches RSS as a backstop.
 
     Args:
-        daemon: whose ``overloaded_reason`` it sets and clears.
+        daemon: whose ``budget``, ``overloaded_reason`` and caches it manages.
         reader: ``async () -> MemoryReading``; tests pass a fake.
     """
 
@@ -102,33 +123,64 @@ class OverloadManager:
         self.reader = reader or (lambda: read_memory(s.memory_limit_bytes))
         self.used_bytes = 0
         self.limit_bytes = 0
+        #: resident size at the first reading (what the budget is planned around)
+        self.baseline_bytes = 0
         self.transitions = 0
+        self.sheds = 0
+        self._planned = False
+        #: why the backstop refuses new work now, or None
+        self.reason: str | None = None
+
+    def plan(self, reading: MemoryReading) -> None:
+        """Fit the daemon's pending-bytes budget into the memory limit (first reading only)."""
+        self._planned = True
+        self.baseline_bytes = reading.used_bytes
+        if reading.limit_bytes <= 0:
+            return
+        daemon, s = self.daemon, self.daemon.settings
+        room = int(self.high * reading.limit_bytes) - reading.used_bytes - daemon.reserved_bytes()
+        floor = 2 * s.max_frame_bytes
+        daemon.budget.limit_bytes = min(s.max_pending_bytes, max(floor, room))
+        log_event(
+            "overload.planned",
+            limit_bytes=reading.limit_bytes,
+            baseline_bytes=reading.used_bytes,
+            reserved_bytes=daemon.reserved_bytes(),
+            pending_budget_bytes=daemon.budget.limit_bytes,
+        )
 
     async def check(self) -> None:
-        """Take one reading and apply the watermarks."""
+        """Take one reading and apply the backstop."""
         reading = await self.reader()
+        if not self._planned:
+            self.plan(reading)
         self.used_bytes, self.limit_bytes = reading.used_bytes, reading.limit_bytes
         if reading.limit_bytes <= 0:
             return
         fraction = reading.used_bytes / reading.limit_bytes
         daemon = self.daemon
-        if daemon.overloaded_reason is None and fraction >= self.high:
+        pending = daemon.budget.charged_bytes > 0
+        if fraction >= self.high:
             freed = daemon.shrink_caches()
-            log_event(
-                "overload.memory_high",
-                logging.WARNING,
-                used_bytes=reading.used_bytes,
-                limit_bytes=reading.limit_bytes,
-                cache_entries_freed=freed,
-            )
-            daemon.overloaded_reason = (
-                f"memory at {fraction:.0%} of {reading.limit_bytes} bytes ({reading.source})"
-            )
+            self.sheds += 1
+            await anyio.to_thread.run_sync(_malloc_trim, limiter=_LIMITER)
+            if self.reason is None and pending:
+                self.reason = (
+                    f"memory at {fraction:.0%} of {reading.limit_bytes} bytes ({reading.source})"
+                )
+                self.transitions += 1
+                log_event(
+                    "overload.memory_high",
+                    logging.WARNING,
+                    used_bytes=reading.used_bytes,
+                    limit_bytes=reading.limit_bytes,
+                    cache_entries_freed=freed,
+                )
+                return
+        if self.reason is not None and (fraction <= self.low or not pending):
+            self.reason = None
             self.transitions += 1
-        elif daemon.overloaded_reason is not None and fraction <= self.low:
-            daemon.overloaded_reason = None
-            self.transitions += 1
-            log_event("overload.memory_ok", used_bytes=reading.used_bytes)
+            log_event("overload.memory_ok", used_bytes=reading.used_bytes, pending=pending)
 
     async def run(self) -> None:
         """Check forever (the daemon's nursery owns and cancels this task)."""

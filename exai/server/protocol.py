@@ -73,12 +73,15 @@ looked up, not a bad argument to one method.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import json.scanner
 import math
 import sys
 from typing import Any, Final, Literal
 
 import attrs
+import msgspec
 
 from exai.errors import ExaiError, InvalidParams, InvalidRequest, UnsupportedProtocolVersion
 from exai.server.idscan import recover_id
@@ -86,6 +89,8 @@ from exai.server.idscan import recover_id
 __all__ = [
     "CLIENT_CAPABILITIES_META_KEY",
     "CLIENT_INFO_META_KEY",
+    "DEFAULT_MAX_ELEMENTS",
+    "ELEMENT_COST_BYTES",
     "HANDSHAKE_VERSIONS",
     "IDEMPOTENCY_KEY_META_KEY",
     "INTERNAL_ERROR",
@@ -103,11 +108,14 @@ __all__ = [
     "DecodeError",
     "EraGate",
     "Notification",
+    "Peeked",
     "Request",
     "Response",
+    "call_digest",
     "decode",
     "discover_result",
     "encode",
+    "encode_reply",
     "error",
     "error_from_exception",
     "finalize_result",
@@ -118,6 +126,7 @@ __all__ = [
     "negotiate_version",
     "notification",
     "opening_era",
+    "peek",
     "progress_notification",
     "progress_token",
     "request_meta",
@@ -161,6 +170,10 @@ _CACHEABLE_METHODS: Final = frozenset(
 
 RequestId = str | int
 
+#: Most JSON values one message may hold unless the caller says otherwise
+#: (``EXAI_MAX_JSON_ELEMENTS`` in the daemon).
+DEFAULT_MAX_ELEMENTS: Final = 100_000
+
 
 # --------------------------------------------------------------------------------------------
 # Decoded messages
@@ -168,11 +181,16 @@ RequestId = str | int
 
 @attrs.frozen
 class Request:
-    """A call that expects an answer. ``params`` is ``{}`` when the message had none."""
+    """A call that expects an answer. ``params`` is ``{}`` when the message had none.
+
+    ``cost_bytes`` is what the decoded request may hold in memory, an upper bound set by
+    :func:`decode`: the frame's bytes plus :data:`ELEMENT_COST_BYTES` per JSON value.
+    """
 
     id: RequestId
     method: str
     params: dict[str, Any] = attrs.field(factory=dict)
+    cost_bytes: int = attrs.field(default=0, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -215,11 +233,15 @@ Message = Request | Notification | Response | DecodeError
 class _Refused(Exception):
     """Internal: a decode step found the problem that :func:`decode` reports."""
 
-    def __init__(self, code: int, message: str, data: dict[str, Any]) -> None:
+    def __init__(
+        self, code: int, message: str, data: dict[str, Any], *, limit: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
+        #: valid JSON refused for its size or shape (its id may still be read from its head)
+        self.limit = limit
 
 
 def _reject_constant(name: str) -> Any:
@@ -242,6 +264,7 @@ def _finite_float(text: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_FAST_DECODE = msgspec.json.Decoder().decode
 _JSON_TYPE_NAMES: Final = {
     dict: "an object",
     list: "an array",
@@ -261,26 +284,13 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+#: Bytes of memory one decoded element may cost beyond its text (a list or dict header and the
+#: pointer to it). A request is charged ``len(frame) + ELEMENT_COST_BYTES × elements`` against
+#: its session's and the daemon's budgets (:attr:`Request.cost_bytes`).
+ELEMENT_COST_BYTES: Final = 64
+
 _BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def _depth_exceeds(text: str, max_depth: int) -> bool:
-    """Whether the objects/arrays of valid JSON ``text`` nest deeper than ``max_depth``.
-
-    The top-level container is level 1. Works on the text with C-speed byte operations only
-    (a Python walk over the decoded value costs several times the parse on a frame of many small
-    containers): drop escaped backslashes and quotes, drop string contents (every other piece
-    between quotes), keep only the brackets, then strip innermost ``[]`` pairs once per level.
-    No recursion anywhere. Only valid JSON may be passed: the string handling relies on it.
-    """
-    data = text.encode("utf-8", "surrogatepass").replace(b"\\\\", b"").replace(b'\\"', b"")
-    brackets = b"".join(data.split(b'"')[::2]).translate(_BRACKETS, _NOT_BRACKETS)
-    for _ in range(max_depth):
-        if not brackets:
-            return False
-        brackets = brackets.replace(b"[]", b"")
-    return bool(brackets)
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{},"')
 
 
 def _nesting_error(max_depth: int) -> _Refused:
@@ -288,21 +298,86 @@ def _nesting_error(max_depth: int) -> _Refused:
         PARSE_ERROR,
         f"Parse error: objects/arrays nest deeper than the limit of {max_depth} levels",
         {"reason": "parse_error", "max_depth": max_depth},
+        limit=True,
     )
 
 
-def _load(text: str | bytes, max_depth: int) -> Any:
-    if isinstance(text, bytes | bytearray):
-        try:
-            text = bytes(text).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Refused(
-                PARSE_ERROR,
-                f"Parse error: the message is not valid UTF-8 (byte {exc.start})",
-                {"reason": "parse_error"},
-            ) from None
+def _elements_error(max_elements: int) -> _Refused:
+    return _Refused(
+        PARSE_ERROR,
+        f"Parse error: the message holds more than the limit of {max_elements} JSON values",
+        {"reason": "parse_error", "max_elements": max_elements},
+        limit=True,
+    )
+
+
+def _structure(data: bytes) -> bytes:
+    """Only ``[]{},"`` of JSON text, escaped backslashes and quotes dropped first."""
+    return data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+
+
+def _nests_deeper(outside: bytes, max_depth: int) -> bool:
+    """Whether the brackets of ``outside`` (structure outside strings) nest past ``max_depth``.
+
+    Strips innermost ``[]`` pairs once per level; no recursion anywhere.
+    """
+    brackets = outside.translate(_BRACKETS, b",")
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
+
+
+def _depth_exceeds(text: str, max_depth: int) -> bool:
+    """Whether the objects/arrays of valid JSON ``text`` nest deeper than ``max_depth`` (the
+    top-level container is level 1)."""
+    structure = _structure(text.encode("utf-8", "surrogatepass"))
+    return _nests_deeper(b"".join(structure.split(b'"')[::2]), max_depth)
+
+
+def _prescan(data: bytes, max_depth: int, max_elements: int) -> int:
+    """Refuse text that nests deeper than ``max_depth`` or holds more than ``max_elements``
+    values, before any decoder builds an object; returns the number of values (an upper bound).
+
+    Only C-speed byte operations, a few passes over the text: drop escaped backslashes and
+    quotes, keep only ``[]{},"``; then, unless the bracket and comma counts alone settle it, drop
+    string contents (every other piece between quotes) and count again; nesting is measured by
+    stripping innermost ``[]`` pairs once per level. Values are counted as commas + opening
+    brackets + 1 (every value but the first in a container follows a comma): an upper bound
+    that counts an empty container twice.
+
+    Exact for valid JSON. For invalid JSON the answer may be wrong either way, which is safe: a
+    refusal refuses invalid text anyway, and text let through stops the decoder at its first
+    invalid byte, while the part before it was counted exactly.
+    """
+    s = _structure(data)
+    opens = s.count(b"[") + s.count(b"{")
+    upper = s.count(b",") + opens + 1
+    if opens <= max_depth and upper <= max_elements:
+        return upper
+    # Strings are keys or values, and every key has a value: more than 2 × max_elements
+    # strings means more than max_elements values, without splitting millions of pieces.
+    if s.count(b'"') // 2 > 2 * max_elements:
+        raise _elements_error(max_elements)
+    outside = b"".join(s.split(b'"')[::2])
+    opens = outside.count(b"[") + outside.count(b"{")
+    elements = outside.count(b",") + opens + 1
+    # Depth is told first when both limits are passed (the more useful message), as long as
+    # the brackets are few enough for max_depth passes over them to stay cheap.
+    if opens > max_depth and opens <= 2 * max_elements and _nests_deeper(outside, max_depth):
+        raise _nesting_error(max_depth)
+    if elements > max_elements:
+        raise _elements_error(max_elements)
+    return elements
+
+
+def _load_stdlib(text: str, max_depth: int) -> Any:
+    """The standard library's decoder: exact messages (line and column) and every value the
+    fast decoder refuses but JSON allows (lone surrogates in ``\\u`` escapes, integers over 4,300
+    digits refused by name, …). Called only after :func:`_prescan`, so its cost is bounded."""
     try:
-        value = _DECODER.decode(text)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise _Refused(
             PARSE_ERROR,
@@ -310,8 +385,6 @@ def _load(text: str | bytes, max_depth: int) -> Any:
             {"reason": "parse_error", "line": exc.lineno, "column": exc.colno},
         ) from None
     except RecursionError:
-        # The C scanner gives up around the interpreter's recursion limit, long before a
-        # 100,000-deep input is read to its end: cheap, and reported as the nesting limit.
         raise _nesting_error(max_depth) from None
     except ValueError:
         # int() refusing a number with thousands of digits (sys.set_int_max_str_digits).
@@ -320,14 +393,30 @@ def _load(text: str | bytes, max_depth: int) -> Any:
             f"Parse error: a number has more than {sys.get_int_max_str_digits()} digits",
             {"reason": "parse_error"},
         ) from None
-    # Fast path: fewer brackets in the whole text than the limit cannot nest past it.
-    if (
-        isinstance(value, dict | list)
-        and (text.count("[") + text.count("{")) > max_depth
-        and _depth_exceeds(text, max_depth)
-    ):
-        raise _nesting_error(max_depth)
-    return value
+
+
+def _load(text: str | bytes, max_depth: int, max_elements: int) -> tuple[Any, int]:
+    """Decode one frame: the value, and what it costs in memory (bytes, an upper bound)."""
+    if isinstance(text, bytes | bytearray):
+        data = bytes(text)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Refused(
+                PARSE_ERROR,
+                f"Parse error: the message is not valid UTF-8 (byte {exc.start})",
+                {"reason": "parse_error"},
+            ) from None
+    else:
+        data = text.encode("utf-8", "surrogatepass")
+    cost = len(data) + ELEMENT_COST_BYTES * _prescan(data, max_depth, max_elements)
+    try:
+        return _FAST_DECODE(data), cost
+    except msgspec.DecodeError:
+        # Whatever msgspec refuses (invalid JSON, NaN, 1e999, huge integers, lone surrogates)
+        # goes to the standard library, which either reads it as JSON allows or says exactly
+        # where and why not.
+        return _load_stdlib(text, max_depth), cost
 
 
 def _id_problem(raw: Any, max_id_bytes: int) -> str | None:
@@ -348,7 +437,11 @@ _MISSING: Final = object()
 
 
 def decode(
-    text: str | bytes, *, max_depth: int = 64, max_id_bytes: int = 256
+    text: str | bytes,
+    *,
+    max_depth: int = 64,
+    max_id_bytes: int = 256,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Request | Notification | Response | DecodeError:
     """Turn one frame's text into one message, or into the error to answer it with.
 
@@ -356,6 +449,8 @@ def decode(
         text: one WebSocket text frame or one stdio line. ``bytes`` are read as UTF-8.
         max_depth: deepest nesting of objects/arrays accepted (the message itself is level 1).
         max_id_bytes: longest request id accepted, measured as encoded JSON.
+        max_elements: most JSON values (objects, arrays, strings, numbers, literals; keys not
+            counted) accepted in one message. Checked with depth before decoding.
 
     Returns:
         A :class:`Request`, :class:`Notification` or :class:`Response`, or a
@@ -366,13 +461,16 @@ def decode(
         Never raises for any input: every failure is a :class:`DecodeError`.
     """
     try:
-        value = _load(text, max_depth)
+        value, cost = _load(text, max_depth, max_elements)
     except _Refused as exc:
         # an error nobody can match would leave the client waiting: find the id by a scan
         # bounded to the message's ends (exai.server.idscan)
         rid = recover_id(text, max_id_bytes=max_id_bytes)
         return DecodeError(rid, exc.code, exc.message, exc.data)
-    return _classify(value, max_id_bytes)
+    msg = _classify(value, max_id_bytes)
+    if isinstance(msg, Request):
+        return attrs.evolve(msg, cost_bytes=cost)
+    return msg
 
 
 def _invalid(id_: RequestId | None, message: str, field: str | None = None) -> DecodeError:
@@ -499,6 +597,106 @@ def encode(msg: dict[str, Any]) -> str:
         except UnicodeEncodeError:
             text = json.dumps(msg, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return text
+
+
+def encode_reply(msg: dict[str, Any]) -> str | None:
+    """:func:`encode`, for a message whose content came from elsewhere (a tool's result):
+    never raises.
+
+    A message that cannot be encoded (NaN, an object JSON has no form for, an integer too long
+    to print) is replaced, when it has an ``id``, by the JSON-RPC error for that id
+    (``-32603``, ``data.reason = "unencodable_result"``) so the client is answered and the
+    connection carries on; a notification that cannot be encoded gives ``None`` (drop it).
+    """
+    try:
+        return encode(msg)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        if "id" not in msg:
+            return None
+        rid = msg["id"]
+        if isinstance(rid, bool) or not isinstance(rid, str | int):
+            rid = None
+        return encode(
+            error(
+                rid,
+                INTERNAL_ERROR,
+                f"the answer could not be encoded as JSON ({type(exc).__name__}); "
+                "the call ran, its result is lost",
+                {"reason": "unencodable_result"},
+            )
+        )
+
+
+_PEEK_CHARS: Final = 4096
+_SCAN: Final = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class Peeked:
+    """What :func:`peek` found: the request id (``None`` if absent or invalid) and the method
+    (``None`` if not found in the frame's head)."""
+
+    id: RequestId | None
+    method: str | None
+
+
+def peek(text: str, *, max_id_bytes: int = 256) -> Peeked:
+    """The id and method of a frame, found without decoding the whole frame (bounded work).
+
+    Looks at the top-level members within the first 4,096 characters only. For frames that
+    are answered without being decoded (over the message rate): the refusal still carries the
+    request's id when it is near the start, as every MCP client writes it.
+    """
+    head = text[:_PEEK_CHARS]
+    found_id: RequestId | None = None
+    method: str | None = None
+    i = _skip_ws(head, 0)
+    if not head.startswith("{", i):
+        return Peeked(None, None)
+    i += 1
+    try:
+        while True:
+            i = _skip_ws(head, i)
+            key, i = _SCAN(head, i)
+            i = _skip_ws(head, i)
+            if not isinstance(key, str) or not head.startswith(":", i):
+                break
+            i = _skip_ws(head, i + 1)
+            value, i = _SCAN(head, i)
+            if key == "id":
+                valid = not isinstance(value, bool) and isinstance(value, str | int)
+                found_id = value if valid and _id_problem(value, max_id_bytes) is None else None
+            elif key == "method" and isinstance(value, str):
+                method = value
+            i = _skip_ws(head, i)
+            if not head.startswith(",", i):
+                break
+            i += 1
+    except (StopIteration, ValueError, RecursionError, _Refused):
+        pass
+    return Peeked(found_id, method)
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def call_digest(method: str, params: dict[str, Any]) -> str:
+    """A digest of what a request asks: its method and its params but ``_meta``.
+
+    The exactly-once key of a call includes it, so a request id reused for another question is
+    never answered from the first one. ``_meta`` is left out on purpose: it carries transport
+    hints (progress token, protocol envelope, idempotency key) that a client re-sending the same
+    question may change. Keys are sorted, so a re-serialised re-send digests the same.
+    """
+    content = [method, {k: v for k, v in params.items() if k != "_meta"}]
+    try:
+        blob = msgspec.json.encode(content, order="sorted")
+    except (TypeError, ValueError, OverflowError):  # lone surrogates (UnicodeEncodeError), …
+        blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,29 @@
 """One MCP session: a WebSocket connection after the upgrade.
 
 The session owns a nursery with a reader (this task), a writer and one responder task per
-``tools/call``. Outgoing messages go through a bounded channel to the writer: responses wait for
-room (back-pressure onto the slow client's own calls), progress notifications are dropped when
-the channel is full (they are advisory).
+admitted ``tools/call``.
+
+Admission (nothing is started for a request before it):
+    a frame first pays the message token bucket (one message per started 256 KiB), before it
+    is decoded; then :func:`exai.server.protocol.decode` checks its nesting and element count at
+    C speed before building any object. A ``tools/call`` is then admitted only if its session's
+    :class:`~exai.server.budget.Ledger` (``session_max_pending`` requests and
+    ``session_max_pending_bytes`` bytes not yet answered) and the daemon's
+    :class:`~exai.server.budget.MemoryBudget` have room; otherwise it is refused at once with
+    ``data.reason = "overloaded"``. Only then is its responder task started.
+
+Slots:
+    an admitted call takes one of the connection's ``session_max_inflight`` slots; when all are
+    busy it waits in a FIFO of at most ``session_queue_max`` calls, each until its own deadline
+    (``call_timeout_s`` from admission); beyond the FIFO it is refused with "overloaded". The
+    identity and daemon-wide slots are then waited for at most ``slot_wait_s``.
+
+Writing:
+    answers and notifications wait in a bounded :class:`~exai.server.outbox.Outbox` (count and
+    bytes); an answer waits for room (back-pressure on the slow client's own calls), progress is
+    dropped and counted when there is none. A writer that makes no progress for
+    ``send_timeout_s`` closes the connection with 1008 and everything the session held is freed.
+    A message that cannot be encoded becomes a JSON-RPC error carrying its id.
 
 Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
@@ -27,7 +47,10 @@ from exai import errors
 from exai.logs import log_event
 from exai.resilience import TokenBucket
 from exai.server import protocol as p
+from exai.server.budget import InboundMeter, Ledger
 from exai.server.calls import Execution, Watcher
+from exai.server.outbox import Outbox, ProgressStream
+from exai.server.wsconn import ServerConnection
 from exai.tools.base import ToolContext
 from exai.tools.schema import validate
 
@@ -39,8 +62,10 @@ __all__ = ["Session"]
 
 _session_ids = itertools.count(1)
 
-#: outgoing messages buffered per session before responses wait and progress is dropped
+#: outgoing messages queued per session at most (bytes are bounded by the pending budget)
 SEND_QUEUE = 256
+#: a frame costs one token of the message bucket per started this many bytes
+BYTES_PER_MESSAGE_TOKEN = 256 * 1024
 
 
 def unwrap_exception(exc: BaseException) -> BaseException:
@@ -53,20 +78,30 @@ def unwrap_exception(exc: BaseException) -> BaseException:
 
 
 class Session:
-    """Serve one WebSocket connection until it closes or the daemon stops."""
+    """Serve one WebSocket connection until it closes or the daemon stops.
+
+    Args:
+        stream: the connection's transport wrapped in a :class:`ProgressStream`, so the writer's
+            deadline follows its progress (``None`` in tests that build sessions by hand).
+    """
 
     def __init__(
-        self, daemon: Daemon, conn: WebSocketConnection, ip: str, identity: Identity
+        self,
+        daemon: Daemon,
+        conn: WebSocketConnection,
+        ip: str,
+        identity: Identity,
+        stream: ProgressStream | None = None,
     ) -> None:
         self.daemon = daemon
-        self.settings = daemon.settings
+        self.settings = s = daemon.settings
         self.conn = conn
         self.ip = ip
         self.identity = identity
         # unique across daemons and restarts: it is part of the keys that make a call's
         # writes (conversation turns) idempotent in a shared store
         self.id = f"{daemon.instance_id}-s{next(_session_ids)}"
-        self.bucket = TokenBucket(self.settings.session_rate_per_s, self.settings.session_burst)
+        self.bucket = TokenBucket(s.session_rate_per_s, s.session_burst)
         # made on first use: most sessions are idle most of the time, and 10,000 of them
         # should cost little memory
         self._limiter: trio.CapacityLimiter | None = None
@@ -75,7 +110,16 @@ class Session:
         self.era = p.EraGate()
         # request id (as JSON) → (execution, watcher, responder cancel scope)
         self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
-        self._send, self._outbox = trio.open_memory_channel[str](SEND_QUEUE)
+        self.ledger = Ledger(s.session_max_pending, s.session_max_pending_bytes, daemon.budget)
+        self.outbox = Outbox(SEND_QUEUE, s.session_max_pending_bytes, self.ledger)
+        #: calls waiting in this connection's FIFO for one of its slots
+        self.queued = 0
+        self._write_scope: trio.CancelScope | None = None
+        if stream is not None:
+            stream.on_progress = self._write_progress
+        self.meter = InboundMeter(daemon.budget)
+        if isinstance(conn, ServerConnection):
+            conn.meter = self.meter
         self._writer_done = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.closing_reason: tuple[int, str] | None = None
@@ -102,7 +146,8 @@ class Session:
 
     # ---------------------------------------------------------------- running
     async def run(self) -> None:
-        """Serve until the peer goes away; on exit every call of this session is detached."""
+        """Serve until the peer goes away; on exit every call of this session is detached and
+        every byte it had charged is given back."""
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -120,6 +165,10 @@ class Session:
             self._detach_all()
             self.inflight.clear()
             self.nursery = None
+            self.outbox.close(drop=True)
+            self.ledger.release_all()
+            self.meter.release_all()
+            self.daemon.notify()
 
     def _detach_all(self) -> None:
         for ex, watcher, _ in list(self.inflight.values()):
@@ -128,17 +177,33 @@ class Session:
     async def close(self, code: int, reason: str) -> None:
         """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s)."""
         self.closing_reason = (code, reason)
-        self._send.close()
+        self.outbox.close(drop=False)
         with trio.move_on_after(1.0):
             await self._writer_done.wait()
         with trio.move_on_after(1.0):
             await self.conn.aclose(code, reason)
 
+    def _write_progress(self) -> None:
+        scope = self._write_scope
+        if scope is not None:
+            scope.deadline = trio.current_time() + self.settings.send_timeout_s
+
     async def _writer(self) -> None:
         try:
-            async with self._outbox:
-                async for text in self._outbox:
+            while True:
+                try:
+                    text = await self.outbox.get()
+                except trio.EndOfChannel:
+                    return
+                with trio.CancelScope() as scope:
+                    self._write_scope = scope
+                    scope.deadline = trio.current_time() + self.settings.send_timeout_s
                     await self.conn.send_message(text)
+                self._write_scope = None
+                if scope.cancelled_caught:
+                    await self._stalled()
+                    return
+                self.outbox.written()
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             # the peer went away with answers still queued: stop reading too; the answers are
             # kept by the executions for a reconnecting bridge
@@ -147,21 +212,43 @@ class Session:
         finally:
             self._writer_done.set()
 
+    async def _stalled(self) -> None:
+        """The peer read nothing for ``send_timeout_s``: close with 1008 and free everything."""
+        timeout = self.settings.send_timeout_s
+        self.daemon.stats.rejections["send_timeout"] += 1
+        log_event(
+            "session.send_timeout",
+            logging.WARNING,
+            session=self.id,
+            ip=self.ip,
+            queued_bytes=self.outbox.queued_bytes,
+            pending=self.ledger.count,
+        )
+        reason = f"not reading: nothing could be written for {timeout:g}s"
+        self.closing_reason = (1008, reason)
+        self.outbox.close(drop=True)
+        # The send buffer is full, so the close frame may not go out either: give it a moment,
+        # then the connection's owner closes the TCP stream.
+        with trio.move_on_after(min(1.0, timeout)):
+            await self.conn.aclose(1008, reason)
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
     async def send(self, msg: dict[str, Any]) -> None:
-        """Queue a message that must be delivered (waits for room in the bounded queue)."""
+        """Queue a message that must be delivered (waits for room in the bounded outbox)."""
+        text = p.encode_reply(msg)
+        if text is None:
+            return
         try:
-            await self._send.send(p.encode(msg))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            await self.outbox.put(text)
+        except trio.ClosedResourceError:
             pass  # the session is closing; nothing more can be delivered
 
     def send_progress(self, msg: dict[str, Any]) -> None:
-        """Queue an advisory message; dropped (and counted) when the queue is full."""
-        try:
-            self._send.send_nowait(p.encode(msg))
-        except trio.WouldBlock:
+        """Queue an advisory message; dropped (and counted) when the outbox is full."""
+        text = p.encode_reply(msg)
+        if text is not None and not self.outbox.put_nowait(text):
             self.daemon.stats.progress_dropped += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async def _reader(self) -> None:
         while True:
@@ -169,48 +256,78 @@ class Session:
                 message = await self.conn.get_message()
             except ConnectionClosed:
                 return
-            if isinstance(message, bytes):
-                await self.close(1003, "binary frames are not supported; send JSON-RPC as text")
-                return
-            await self._handle_text(message)
+            try:
+                if isinstance(message, bytes):
+                    await self.close(1003, "binary frames are not supported; send JSON-RPC as text")
+                    return
+                await self._handle_text(message)
+            finally:
+                # the frame is handled: what a call keeps of it is charged to its ledger
+                self.meter.release(len(message))
             if self.closing_reason is not None:
                 return
 
     # ---------------------------------------------------------------- dispatch
+    def _rate_wait(self, text: str) -> float:
+        """Take this frame's cost from the message buckets; > 0 is how long until it fits."""
+        cost = min(1 + len(text) // BYTES_PER_MESSAGE_TOKEN, self.settings.session_burst)
+        wait = self.bucket.try_acquire(cost)
+        if wait <= 0 and self.identity_bucket is not None:
+            wait = self.identity_bucket.try_acquire(min(cost, self.settings.identity_burst))
+        return wait
+
     async def _handle_text(self, text: str) -> None:
-        msg = p.decode(text, max_depth=self.settings.max_json_depth)
+        # Cheap checks first: the message bucket is paid before anything is decoded.
+        wait = self._rate_wait(text)
+        if wait > 0:
+            await self._over_rate(text, wait)
+            return
+        msg = self._decode(text)
         if isinstance(msg, p.DecodeError):
             await self.send(p.error(msg.id, msg.code, msg.message, msg.data))
             return
         if isinstance(msg, p.Response):
             return  # the daemon sends no requests that need answers
-        if isinstance(msg, p.Notification) and msg.method == "notifications/cancelled":
-            self._cancel(msg.params)  # never rate limited: it frees resources
-            return
-        wait = self.bucket.try_acquire(1)
-        if wait <= 0 and self.identity_bucket is not None:
-            wait = self.identity_bucket.try_acquire(1)
-        if wait > 0:
-            self.daemon.stats.rejections["rate_limited"] += 1
-            if self.abuse.try_acquire(1) > 0:
-                log_event("session.abuse_closed", logging.WARNING, session=self.id, ip=self.ip)
-                await self.close(1008, "message rate limit exceeded repeatedly")
-                return
-            if isinstance(msg, p.Request):
-                exc = errors.RateLimitedError(
-                    f"more than {self.settings.session_rate_per_s:g} messages/s on this "
-                    "connection; slow down",
-                    retry_after_s=wait,
-                )
-                await self.send(p.error_from_exception(msg.id, exc))
-            # Stop reading this connection for one message interval: TCP back-pressure then
-            # slows a flooding client down, so its refusals cannot take the CPU that other
-            # sessions need. Every request still gets its answer.
-            await trio.sleep(min(wait, 1.0 / self.settings.session_rate_per_s))
-            return
         if isinstance(msg, p.Notification):
+            if msg.method == "notifications/cancelled":
+                self._cancel(msg.params)
             return  # notifications/initialized and others need no action
         await self._handle_request(msg)
+
+    def _decode(self, text: str) -> p.Request | p.Notification | p.Response | p.DecodeError:
+        s = self.settings
+        return p.decode(text, max_depth=s.max_json_depth, max_elements=s.max_json_elements)
+
+    async def _over_rate(self, text: str, wait: float) -> None:
+        """A frame over the message rate: answered without decoding it (the id is peeked at),
+        except a cancellation, which is never rate limited: it frees resources."""
+        peeked = p.peek(text)
+        if peeked.method is None or peeked.method == "notifications/cancelled":
+            # a cancellation, or a frame whose head says nothing: decode it (bounded work)
+            msg = self._decode(text)
+            if isinstance(msg, p.Notification) and msg.method == "notifications/cancelled":
+                self._cancel(msg.params)
+                return
+            if isinstance(msg, p.Request):
+                peeked = p.Peeked(msg.id, msg.method)
+            elif not isinstance(msg, p.DecodeError):
+                peeked = p.Peeked(None, "")
+        self.daemon.stats.rejections["rate_limited"] += 1
+        if self.abuse.try_acquire(1) > 0:
+            log_event("session.abuse_closed", logging.WARNING, session=self.id, ip=self.ip)
+            await self.close(1008, "message rate limit exceeded repeatedly")
+            return
+        if peeked.id is not None or peeked.method is None:
+            exc = errors.RateLimitedError(
+                f"more than {self.settings.session_rate_per_s:g} messages/s on this "
+                "connection; slow down",
+                retry_after_s=wait,
+            )
+            await self.send(p.error_from_exception(peeked.id, exc))
+        # Stop reading this connection for one message interval: TCP back-pressure then
+        # slows a flooding client down, so its refusals cannot take the CPU that other
+        # sessions need. Every request still gets its answer.
+        await trio.sleep(min(wait, 1.0 / self.settings.session_rate_per_s))
 
     async def _handle_request(self, req: p.Request) -> None:
         method, params = req.method, req.params
@@ -254,59 +371,111 @@ class Session:
 
     # ---------------------------------------------------------------- tools/call
     def _start_call(self, req: p.Request) -> None:
+        """Admit the call, then start its responder; a call that does not fit is refused."""
+        daemon = self.daemon
+        if daemon.draining:
+            refusal: str | None = "the daemon is shutting down; retry on the next one"
+        elif daemon.overloaded_reason is not None:
+            refusal = f"the daemon is not accepting new calls ({daemon.overloaded_reason})"
+        else:
+            refusal = self.ledger.refusal(req.cost_bytes)
+        if refusal is not None:
+            self.daemon.stats.rejections["overloaded"] += 1
+            exc = errors.OverloadedError(refusal, retry_after_s=1.0)
+            self._audit_refusal(req, exc)
+            text = p.encode_reply(p.error_from_exception(req.id, exc))
+            # Refusals are small and must not make the reader wait: if even this does not
+            # fit, the outbox is full and the writer's deadline will close the connection.
+            if text is not None and not self.outbox.put_nowait(text):
+                self.daemon.stats.progress_dropped += 1
+            return
+        self.ledger.admit(req.cost_bytes)
         assert self.nursery is not None
         self.nursery.start_soon(self._respond_call, req)
 
     async def _respond_call(self, req: p.Request) -> None:
+        charged = req.cost_bytes
+        try:
+            payload = await self._run_call(req)
+            if payload is None:
+                return  # cancelled by notifications/cancelled: no response, by the spec
+            # From here the answer is what this request holds, not its arguments.
+            size = max(payload[1], 0)
+            self.ledger.add(size - charged)
+            charged = size
+            await self.outbox.wait_room(size)
+            text = p.encode_reply(self._response(req.id, payload[0]))
+            if text is not None:
+                await self.outbox.put(text)
+        except trio.ClosedResourceError:
+            pass  # the session is closing
+        finally:
+            self.ledger.done(charged)
+
+    async def _run_call(self, req: p.Request) -> tuple[dict[str, Any], int] | None:
+        """The call's payload (``{"result"}`` or ``{"error"}``) and its size, or ``None``."""
         id_key = json.dumps(req.id)
         daemon = self.daemon
         owner = False
         try:
             name, args = p.tools_call_params(req.params)
             client_key = p.idempotency_key(req.params)
+            digest = p.call_digest(req.method, req.params)
             # A client's key is scoped to its identity: another token holder can neither join
             # the call nor read its result.
-            key = (
-                f"k:{self.identity.name}:{client_key}" if client_key else f"s:{self.id}:{id_key}"
-            )
-            stored = daemon.calls.finished(key)
-            if stored is not None:
-                await self.send(self._response(req.id, stored))
-                return
+            key = f"k:{self.identity.name}:{client_key}" if client_key else f"s:{self.id}:{id_key}"
             ex = daemon.calls.running.get(key)
+            if ex is not None and ex.digest != digest:
+                raise errors.InvalidRequest(
+                    f"request id {_clip_id(req.id)} is already in use by a call that is still "
+                    "running; JSON-RPC ids must be unique among requests in flight",
+                    data={"field": "id", "id": req.id},
+                )
             if ex is None:
+                stored = daemon.calls.finished(key)
+                if stored is not None and stored.digest == digest:
+                    return stored.payload, stored.nbytes
+                # (the same id asking something else after the first finished: a new call)
                 spec = daemon.registry.get(name)
                 if spec is None:
                     raise errors.InvalidParams(f"unknown tool: {name!r}", field="name")
                 validate(spec.input_schema, args)
+                timeout = spec.timeout_s if spec.timeout_s is not None else None
                 # Reserve the key before the first await: a duplicate that arrives while this
                 # request looks for a shared result or waits for slots joins it instead of
                 # running the tool a second time.
-                ex = Execution(key=key, tool=name, client_key=bool(client_key))
+                ex = Execution(
+                    key=key,
+                    tool=name,
+                    client_key=bool(client_key),
+                    digest=digest,
+                    deadline=trio.current_time() + (timeout or self.settings.call_timeout_s),
+                )
                 daemon.calls.running[key] = ex
                 owner = True
         except errors.ExaiError as exc:
             self._audit_refusal(req, exc)
-            await self.send(p.error_from_exception(req.id, exc))
-            return
+            return {"error": p.error_from_exception(None, exc)["error"]}, 0
         watcher = Watcher(self.send_progress, p.progress_token(req.params))
         with trio.CancelScope() as responder_scope:
-            self.inflight[id_key] = (ex, watcher, responder_scope)
+            entry = (ex, watcher, responder_scope)
+            self.inflight[id_key] = entry
             ex.attach(watcher)
             try:
                 if owner:
                     # the start belongs to the execution, not to this responder: requests that
-                    # joined still want it if this one goes (bounded by slot_wait_s)
+                    # joined still want it if this one goes (bounded by its deadline)
                     with ex.wait_scope:
                         await self._start(ex, args, req)
                 await ex.done.wait()
-                # (cancelled by notifications/cancelled: no response, by the spec)
                 if ex.payload is not None:
-                    await self.send(self._response(req.id, ex.payload))
+                    return ex.payload, ex.payload_bytes
             finally:
-                self.inflight.pop(id_key, None)
+                if self.inflight.get(id_key) is entry:
+                    del self.inflight[id_key]
                 ex.detach(watcher)
                 self.daemon.notify()
+        return None
 
     async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
         """Answer a reserved execution from another daemon's stored result, or start it.
@@ -319,10 +488,10 @@ class Session:
         try:
             shared = None
             if ex.client_key:
-                shared = await daemon.shared_result(ex.key.removeprefix("k:"))
+                shared = await daemon.shared_result(ex.shared_key)
             if shared is not None:
                 ex.payload = shared
-                daemon.calls.store(ex.key, shared)
+                ex.payload_bytes = daemon.calls.store(ex.key, ex.digest, shared)
             else:
                 await self._launch(ex, args, req)
                 started = True
@@ -335,41 +504,68 @@ class Session:
                 ex.done.set()
                 daemon.notify()
 
+    async def _session_slot(self, ex: Execution) -> None:
+        """Take one of this connection's slots, waiting in its FIFO until the call's deadline.
+
+        Raises:
+            OverloadedError: every slot is busy and the FIFO is full.
+            DeadlineExceeded: the call's deadline passed while it waited.
+        """
+        limiter = self.limiter
+        try:
+            limiter.acquire_on_behalf_of_nowait(ex)
+            return
+        except trio.WouldBlock:
+            pass
+        s = self.settings
+        if self.queued >= s.session_queue_max:
+            self.daemon.stats.rejections["overloaded"] += 1
+            raise errors.OverloadedError(
+                f"this connection's {s.session_max_inflight} in-flight calls are all busy and "
+                f"{self.queued} more are waiting (EXAI_SESSION_QUEUE_MAX="
+                f"{s.session_queue_max}); retry shortly",
+                retry_after_s=1.0,
+            )
+        self.queued += 1
+        try:
+            with trio.move_on_at(ex.deadline):
+                await limiter.acquire_on_behalf_of(ex)
+                return
+        finally:
+            self.queued -= 1
+        raise errors.DeadlineExceeded(
+            f"tool {ex.tool!r} waited for one of this connection's {s.session_max_inflight} "
+            "slots until its deadline"
+        )
+
     async def _launch(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
-        """Take the session, identity and global slots within ``slot_wait_s`` and start the
-        execution in the daemon's calls nursery."""
+        """Take the session slot (FIFO, until the call's deadline), then the identity and global
+        slots within ``slot_wait_s``, and start the execution in the daemon's calls nursery."""
         daemon = self.daemon
-        name, key = ex.tool, ex.key
+        name = ex.tool
         if daemon.draining:
             raise errors.OverloadedError(
                 "the daemon is shutting down; retry on the next one", retry_after_s=1.0
             )
-        if daemon.overloaded_reason is not None:
-            daemon.stats.rejections["overloaded"] += 1
-            raise errors.OverloadedError(
-                f"the daemon is not accepting new calls ({daemon.overloaded_reason})",
-                retry_after_s=1.0,
-            )
-        # per connection → per client identity → global; all or none, within slot_wait_s
-        wanted: list[tuple[trio.CapacityLimiter, str]] = [
-            (self.limiter, f"this connection's {self.settings.session_max_inflight}")
-        ]
+        started = trio.current_time()
+        await self._session_slot(ex)
+        held: list[trio.CapacityLimiter] = [self.limiter]
+        # then per client identity → global; all or none, within slot_wait_s
+        wanted: list[tuple[trio.CapacityLimiter, str]] = []
         ident_limiter = daemon.identity_limiter(self.identity.name)
         if ident_limiter is not None:
             wanted.append(
                 (ident_limiter, f"client {self.identity.name!r}'s {ident_limiter.total_tokens}")
             )
         wanted.append((daemon.inflight, f"the daemon's {self.settings.max_inflight}"))
-        held: list[trio.CapacityLimiter] = []
-        started = trio.current_time()
         try:
             with trio.move_on_after(self.settings.slot_wait_s):
                 for limiter, _ in wanted:
                     await limiter.acquire_on_behalf_of(ex)
                     held.append(limiter)
             daemon.metrics.slot_wait.observe(trio.current_time() - started)
-            if len(held) < len(wanted):
-                which = wanted[len(held)][1]
+            if len(held) < len(wanted) + 1:
+                which = wanted[len(held) - 1][1]
                 daemon.stats.rejections["overloaded"] += 1
                 raise errors.OverloadedError(
                     f"{which} in-flight calls are all busy; retry shortly",
@@ -383,14 +579,14 @@ class Session:
             settings=self.settings,
             services=daemon.services,
             request_id=req.id,
-            call_key=key,
+            call_key=ex.call_key,
             session_id=self.id,
             client=self.identity.name,
             peer=self.ip,
         )
         assert daemon.calls_nursery is not None
         daemon.calls_nursery.start_soon(
-            daemon.run_execution, ex, args, ctx, held, name=f"call:{name}:{key[:40]}"
+            daemon.run_execution, ex, args, ctx, held, name=f"call:{name}:{ex.key[:40]}"
         )
 
     def _audit_refusal(self, req: p.Request, exc: errors.ExaiError) -> None:
@@ -414,9 +610,7 @@ class Session:
             # with the cancel: an execution of that key that nobody watches any more is
             # cancelled rather than left to its orphan grace.
             key = p.idempotency_key(params)
-            orphan = (
-                self.daemon.calls.running.get(f"k:{self.identity.name}:{key}") if key else None
-            )
+            orphan = self.daemon.calls.running.get(f"k:{self.identity.name}:{key}") if key else None
             if orphan is not None and not orphan.watchers:
                 orphan.cancel()
                 log_event("call.cancelled", session=self.id, tool=orphan.tool, orphan=True)
@@ -426,3 +620,8 @@ class Session:
         if ex.watchers == [watcher]:
             ex.cancel()
         log_event("call.cancelled", session=self.id, tool=ex.tool)
+
+
+def _clip_id(rid: Any) -> str:
+    text = json.dumps(rid, ensure_ascii=True)
+    return text if len(text) <= 80 else text[:79] + "…"

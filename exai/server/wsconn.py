@@ -7,8 +7,14 @@ close frames in the REMOTE_CLOSING state. :class:`ServerConnection` sends the cl
 the parse failure's code (1007 for invalid UTF-8, 1002 for a protocol error) before the stream
 is closed, as RFC 6455 §7.1.7 asks.
 
+It also charges every part of a frame being received to the daemon's budget
+(:class:`~exai.server.budget.InboundMeter`, set by the session): a part that does not fit
+closes the connection with 1013 (try again later), so the frames of a thousand connections
+cannot pile up outside the budget.
+
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_reader_task``,
-``_get_request``); pyproject pins the minor version it was checked against.
+``_get_request``, ``_close_reason``, ``_recv_channel``, ``_reader_running``,
+``_message_parts``); pyproject pins the minor version it was checked against.
 """
 
 from __future__ import annotations
@@ -17,14 +23,34 @@ import contextlib
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket._impl import CloseReason
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
+
+from exai.server.budget import InboundMeter
 
 __all__ = ["ServerConnection", "accept_request", "http_version"]
 
 
 class ServerConnection(WebSocketConnection):
+    #: charged for every part of a frame as it arrives (``None`` until the session sets it)
+    meter: InboundMeter | None = None
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        meter = self.meter
+        if meter is not None and not meter.take(len(event.data)):
+            reason = "the daemon holds as many client bytes as its budget allows; try again later"
+            self._message_parts = []
+            self._message_size = 0
+            self._close_reason = CloseReason(1013, reason)
+            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                await self._send(CloseConnection(code=1013, reason=reason))
+            await self._recv_channel.aclose()
+            self._reader_running = False
+            return
+        await super()._handle_message_event(event)
+
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == ConnectionState.OPEN:
             # not a close frame from the peer: a local parse failure; say why before closing

@@ -6,6 +6,9 @@ import platform
 import sys
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from exai import __version__
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 
@@ -13,9 +16,20 @@ __all__ = ["STATUS", "VERSION"]
 
 _EMPTY: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
+_platform: str | None = None
+_PLATFORM_LIMITER = anyio.CapacityLimiter(1)
+
+
+async def platform_name() -> str:
+    """``platform.platform()``, computed once in a worker thread: it reads the interpreter's
+    binary and may run ``uname``, which must not happen on the event loop."""
+    global _platform
+    if _platform is None:
+        _platform = await anyio.to_thread.run_sync(platform.platform, limiter=_PLATFORM_LIMITER)
+    return _platform
+
 
 async def _version(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
-    import anyio
     import trio
 
     from exai.server import protocol
@@ -24,7 +38,7 @@ async def _version(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
         {
             "exai": __version__,
             "python": sys.version.split()[0],
-            "platform": platform.platform(),
+            "platform": await platform_name(),
             "trio": trio.__version__,
             "anyio": anyio.__version__ if hasattr(anyio, "__version__") else "unknown",
             "protocol_versions": list(protocol.SUPPORTED_VERSIONS),

@@ -72,6 +72,13 @@ class LiveDaemon:
                 found.append(rec)
         return found
 
+    def pause_stderr(self) -> None:
+        """Stop reading the daemon's stderr: once the pipe is full its writes would block."""
+        self.proc.stderr_gate.clear()  # type: ignore[attr-defined]
+
+    def resume_stderr(self) -> None:
+        self.proc.stderr_gate.set()  # type: ignore[attr-defined]
+
     def rss_bytes(self) -> int:
         """The daemon's resident set size now."""
         return int(psutil.Process(self.pid).memory_info().rss)

@@ -346,9 +346,10 @@ async def test_call_past_its_deadline_gets_reason_timeout(tmp_path):
         assert d.inflight.borrowed_tokens == 0
 
 
-async def test_call_without_a_slot_in_time_is_rejected_as_overloaded(tmp_path):
+async def test_call_beyond_the_slots_and_the_fifo_is_rejected_as_overloaded(tmp_path):
+    # (calls beyond the connection's slots wait in its FIFO; with none, they are refused)
     probe = Probe()
-    settings = make_settings(tmp_path, session_max_inflight=1, slot_wait_s=0.1)
+    settings = make_settings(tmp_path, session_max_inflight=1, session_queue_max=0)
     async with running_daemon(settings, registry_with(probe.spec)) as d, ws(d) as conn:
         rpc = Rpc(conn)
         await rpc.start_call("probe", id=1)

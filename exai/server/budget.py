@@ -1,0 +1,169 @@
+"""Byte and count budgets for requests admitted but not yet answered.
+
+Every ``tools/call`` is *admitted* before any task is started for it: its session's
+:class:`Ledger` and the daemon's :class:`MemoryBudget` must both have room for it. From then
+until its answer has been written to the socket it is *pending* — running, waiting in its
+session's FIFO for a slot, or waiting to be written — and its bytes are charged:
+
+* when admitted: :attr:`exai.server.protocol.Request.cost_bytes` (the frame and its decoded
+  form, an upper bound);
+* when its answer is known: the answer's size, until it has been written;
+* the encoded text of every message queued for a session's writer (see
+  :mod:`exai.server.outbox`).
+
+A request that does not fit is refused at once with ``data.reason = "overloaded"``; nothing
+waits for room. As answers are written and connections close, charges are given back, so
+admission resumes on its own: no state has to "release". See ``docs/security.md`` for how these
+budgets add up to the daemon's memory ceiling.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["InboundMeter", "Ledger", "MemoryBudget"]
+
+
+class MemoryBudget:
+    """The daemon-wide count of bytes charged by every session, and its limit.
+
+    Args:
+        limit_bytes: what may be charged in all (``EXAI_MAX_PENDING_BYTES``, lowered by the
+            overload manager when a memory limit is known).
+        resume_fraction: after the budget was found full, new connections are admitted again
+            once the charge falls to this fraction of the limit (hysteresis; calls are admitted
+            whenever they fit).
+    """
+
+    def __init__(self, limit_bytes: int, resume_fraction: float = 0.8) -> None:
+        self.limit_bytes = limit_bytes
+        self.resume_fraction = resume_fraction
+        self.charged_bytes = 0
+        self.peak_bytes = 0
+        #: True from the moment a request did not fit until the charge falls to
+        #: ``resume_fraction × limit_bytes``: the daemon then refuses new connections.
+        self.full = False
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more may be charged now."""
+        fits = self.charged_bytes + nbytes <= self.limit_bytes
+        if not fits:
+            self.full = True
+        return fits
+
+    def charge(self, nbytes: int) -> None:
+        self.charged_bytes += nbytes
+        if self.charged_bytes > self.peak_bytes:
+            self.peak_bytes = self.charged_bytes
+
+    def refund(self, nbytes: int) -> None:
+        self.charged_bytes -= nbytes
+        if self.full and self.charged_bytes <= self.resume_fraction * self.limit_bytes:
+            self.full = False
+
+    def snapshot(self) -> dict[str, int | bool]:
+        return {
+            "charged_bytes": self.charged_bytes,
+            "limit_bytes": self.limit_bytes,
+            "peak_bytes": self.peak_bytes,
+            "full": self.full,
+        }
+
+
+@attrs.define
+class Ledger:
+    """One session's pending requests: how many and how many bytes, charged to the daemon too.
+
+    Args:
+        max_count: requests admitted and not yet answered (``EXAI_SESSION_MAX_PENDING``).
+        max_bytes: bytes they may hold (``EXAI_SESSION_MAX_PENDING_BYTES``).
+        budget: the daemon's budget, charged and refunded with this ledger.
+    """
+
+    max_count: int
+    max_bytes: int
+    budget: MemoryBudget
+    count: int = 0
+    nbytes: int = 0
+
+    def refusal(self, cost: int) -> str | None:
+        """Why a request costing ``cost`` bytes cannot be admitted, or ``None`` if it can."""
+        if self.count >= self.max_count:
+            return (
+                f"this connection has {self.count} requests admitted and not yet answered "
+                f"(EXAI_SESSION_MAX_PENDING={self.max_count}); read your answers or wait "
+                "for some to finish"
+            )
+        if self.nbytes and self.nbytes + cost > self.max_bytes:
+            return (
+                f"this connection's requests and unread answers hold {self.nbytes} bytes "
+                f"(EXAI_SESSION_MAX_PENDING_BYTES={self.max_bytes}); read your answers or "
+                "wait for some to finish"
+            )
+        if not self.budget.fits(cost):
+            return (
+                "the daemon holds as many pending requests and answers as its memory budget "
+                "allows; retry shortly"
+            )
+        return None
+
+    def admit(self, cost: int) -> None:
+        """Count one request of ``cost`` bytes (after :meth:`refusal` said it fits)."""
+        self.count += 1
+        self.add(cost)
+
+    def add(self, nbytes: int) -> None:
+        """Charge ``nbytes`` more (negative to refund part) to this session and the daemon."""
+        self.nbytes += nbytes
+        if nbytes >= 0:
+            self.budget.charge(nbytes)
+        else:
+            self.budget.refund(-nbytes)
+
+    def done(self, nbytes: int) -> None:
+        """One request answered: forget it and refund the ``nbytes`` still charged for it."""
+        self.count -= 1
+        self.add(-nbytes)
+
+    def release_all(self) -> None:
+        """The session is gone: refund whatever is still charged (idempotent)."""
+        if self.nbytes:
+            self.budget.refund(self.nbytes)
+        self.nbytes = 0
+        self.count = 0
+
+
+class InboundMeter:
+    """One connection's frames being received, charged to the daemon's budget as they arrive.
+
+    A frame arrives in parts; each part is taken from the budget before it is kept
+    (:meth:`take`), and the whole frame is given back once the session has handled it
+    (:meth:`release`). A part that does not fit means the daemon holds as many client bytes
+    as it may: the connection is closed with 1013 (try again later) rather than let frames
+    of 1,024 connections pile up unaccounted. The first :data:`SMALL_FRAME_BYTES` a
+    connection holds always fit (charged all the same), so small messages — a cancellation,
+    ``initialize``, a ping — still get through to be answered, or refused, one by one.
+    """
+
+    #: what a connection may hold in frames being received even when the budget is full
+    SMALL_FRAME_BYTES = 64 * 1024
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, nbytes: int) -> bool:
+        small = self.held + nbytes <= self.SMALL_FRAME_BYTES
+        if not small and not self.budget.fits(nbytes):
+            return False
+        self.budget.charge(nbytes)
+        self.held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        nbytes = min(nbytes, self.held)
+        self.held -= nbytes
+        self.budget.refund(nbytes)
+
+    def release_all(self) -> None:
+        self.release(self.held)

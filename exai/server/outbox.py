@@ -1,0 +1,158 @@
+"""The writing side of a connection: a queue bounded in count and bytes, and a stream that
+reports progress.
+
+A session's answers and notifications wait in its :class:`Outbox` until the writer task sends
+them. The outbox holds at most ``max_count`` messages and ``max_bytes`` bytes of encoded text
+(one message larger than that is let in when the outbox is empty, so it can still be sent);
+every byte queued is charged to the session's :class:`~exai.server.budget.Ledger`. A message
+that must be delivered waits for room; an advisory one (progress) is dropped and counted.
+
+:class:`ProgressStream` wraps the connection's transport stream and writes in 64 KiB chunks,
+calling back after each one. The writer keeps a deadline of ``send_timeout_s`` from the last
+progress, so a peer that stops reading is detected whatever the message size, while one that
+reads slowly but steadily is not cut off.
+
+Resource handling:
+    :meth:`Outbox.close` drops whatever is queued and refunds its bytes; waiting senders get
+    :class:`trio.ClosedResourceError`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+from exai.server.budget import Ledger
+
+__all__ = ["Outbox", "ProgressStream"]
+
+#: the unit :class:`ProgressStream` writes in: the writer's deadline moves after each one
+CHUNK_BYTES = 64 * 1024
+
+
+class Outbox:
+    """Encoded messages waiting to be written to one connection.
+
+    Args:
+        max_count: messages queued at most.
+        max_bytes: bytes of text queued at most (``EXAI_SESSION_MAX_PENDING_BYTES``).
+        ledger: the session's ledger, charged for every queued byte.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int, ledger: Ledger) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.ledger = ledger
+        self._queue: deque[str] = deque()
+        self.queued_bytes = 0
+        self._changed = trio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def _has_room(self, nbytes: int) -> bool:
+        if not self._queue:
+            return True
+        return len(self._queue) < self.max_count and self.queued_bytes + nbytes <= self.max_bytes
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _push(self, text: str) -> None:
+        self._queue.append(text)
+        self.queued_bytes += len(text)
+        self.ledger.add(len(text))
+        self._wake()
+
+    async def wait_room(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` fit (the writer's progress bounds the wait).
+
+        Raises:
+            trio.ClosedResourceError: the outbox was closed.
+        """
+        while not self._closed and not self._has_room(nbytes):
+            await self._changed.wait()
+        if self._closed:
+            raise trio.ClosedResourceError("the connection is closing")
+
+    async def put(self, text: str) -> None:
+        """Queue ``text``, waiting for room.
+
+        Raises:
+            trio.ClosedResourceError: the outbox was closed.
+        """
+        await self.wait_room(len(text))
+        self._push(text)
+
+    def put_nowait(self, text: str) -> bool:
+        """Queue ``text`` if it fits now; returns False (nothing queued) if not."""
+        if self._closed or not self._has_room(len(text)):
+            return False
+        self._push(text)
+        return True
+
+    async def get(self) -> str:
+        """The oldest message, waiting for one; the caller calls :meth:`written` after sending.
+
+        Raises:
+            trio.EndOfChannel: closed and empty.
+        """
+        while not self._queue:
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._changed.wait()
+        return self._queue[0]
+
+    def written(self) -> None:
+        """The message :meth:`get` returned was sent: drop it and refund its bytes."""
+        text = self._queue.popleft()
+        self.queued_bytes -= len(text)
+        self.ledger.add(-len(text))
+        self._wake()
+
+    def close(self, *, drop: bool) -> None:
+        """No more messages. With ``drop``, forget (and refund) what is queued; otherwise the
+        writer sends what is queued and then sees the end."""
+        self._closed = True
+        if drop:
+            self.ledger.add(-self.queued_bytes)
+            self._queue.clear()
+            self.queued_bytes = 0
+        self._wake()
+
+
+class ProgressStream(trio.abc.HalfCloseableStream):
+    """A stream that writes in :data:`CHUNK_BYTES` chunks and calls ``on_progress`` after each.
+
+    Everything else is passed to the wrapped stream unchanged.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.on_progress: Callable[[], None] | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if not view:
+            await trio.lowlevel.checkpoint()
+        for start in range(0, len(view), CHUNK_BYTES):
+            await self.inner.send_all(view[start : start + CHUNK_BYTES])
+            if self.on_progress is not None:
+                self.on_progress()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

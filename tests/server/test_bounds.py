@@ -1,0 +1,282 @@
+"""The bounds of issue 11 at unit level: result store bytes, the outbox, the ledger and the
+daemon budget, the memory backstop, and the writer's send deadline."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed
+
+from exai.server.budget import Ledger, MemoryBudget
+from exai.server.calls import CallRegistry, approx_size, compact, expand
+from exai.server.outbox import Outbox, ProgressStream
+from exai.server.overload import MemoryReading
+from exai.tools.base import ToolResult
+from tests.helpers import Rpc, make_settings, running_daemon, ws
+
+pytestmark = pytest.mark.anyio
+
+KiB = 1024
+
+
+def chat_like(body: str, footer: str = "model: m") -> dict[str, Any]:
+    """A payload shaped like chat's: the answer in the text and in structuredContent."""
+    result = ToolResult(text=body.rstrip() + "\n\n---\n" + footer, structured={"content": body})
+    return {"result": result.to_mcp()}
+
+
+def registry(**kw: Any) -> CallRegistry:
+    kw.setdefault("ttl_s", 600.0)
+    kw.setdefault("max_entries", 10_000)
+    kw.setdefault("max_bytes", 1 << 30)
+    return CallRegistry(orphan_grace_s=30.0, **kw)
+
+
+# ------------------------------------------------------------------------ the result store
+
+
+def test_a_chat_answer_is_stored_with_its_text_once() -> None:
+    payload = chat_like("x" * 100 * KiB + "  \n")
+
+    stored = compact(payload)
+
+    assert approx_size(payload) > 200 * KiB
+    assert approx_size(stored) < 110 * KiB
+    assert expand(stored) == payload
+
+
+def test_a_consensus_like_answer_with_several_long_strings_is_stored_once_each() -> None:
+    a, b = "a" * 5 * KiB, "b" * 7 * KiB
+    text = f"## one\n{a}\n## two\n{b}\n---\nfooter"
+    payload = {
+        "result": {
+            "content": [{"type": "text", "text": text}],
+            "isError": False,
+            "structuredContent": {"consultations": [{"content": a}, {"content": b}]},
+        }
+    }
+
+    stored = compact(payload)
+
+    assert approx_size(stored) < approx_size(payload) - 11 * KiB
+    assert expand(stored) == payload
+
+
+@given(
+    body=st.text(min_size=0, max_size=3000),
+    before=st.text(max_size=20),
+    after=st.text(max_size=20),
+)
+def test_compact_then_expand_gives_the_payload_back(body: str, before: str, after: str) -> None:
+    payload = {
+        "result": {
+            "content": [{"type": "text", "text": before + body.rstrip() + after}],
+            "isError": False,
+            "structuredContent": {"content": body, "n": 1},
+        }
+    }
+
+    assert expand(compact(payload)) == payload
+
+
+async def test_the_store_keeps_its_byte_budget_oldest_first() -> None:
+    calls = registry(max_bytes=300 * KiB)
+    sizes = [calls.store(f"k{i}", "d", chat_like(str(i) * 100 * KiB)) for i in range(5)]
+
+    assert all(100 * KiB < s < 110 * KiB for s in sizes)
+    assert calls.nbytes <= 300 * KiB
+    assert [calls.finished(f"k{i}") is None for i in range(5)] == [True, True, True, False, False]
+    assert calls.evicted == 3
+
+
+async def test_an_answer_larger_than_the_whole_budget_is_not_kept() -> None:
+    calls = registry(max_bytes=50 * KiB)
+    calls.store("small", "d", chat_like("s"))
+
+    calls.store("big", "d", chat_like("b" * 100 * KiB))
+
+    assert calls.finished("big") is None and calls.too_large == 1
+    assert calls.finished("small") is not None
+
+
+async def test_a_stored_answer_comes_back_with_its_digest_and_expires() -> None:
+    calls = registry(ttl_s=10.0)
+    calls.store("k", "digest-1", chat_like("y" * 2 * KiB))
+
+    found = calls.finished("k")
+    assert found is not None and found.digest == "digest-1"
+    assert found.payload == chat_like("y" * 2 * KiB)
+    await trio.sleep(11)
+    assert calls.finished("k") is None and calls.nbytes == 0
+
+
+async def test_shrinking_under_memory_pressure_keeps_at_most_the_fraction_asked() -> None:
+    calls = registry(max_bytes=1000 * KiB)
+    for i in range(8):
+        calls.store(f"k{i}", "d", chat_like(str(i) * 100 * KiB))
+
+    calls.shrink(0.5)
+
+    assert calls.nbytes <= 500 * KiB and len(calls) == 4
+
+
+# ------------------------------------------------------------------------ ledger and budget
+
+
+def test_a_ledger_refuses_past_its_count_its_bytes_and_the_daemon_budget() -> None:
+    budget = MemoryBudget(limit_bytes=1000)
+    ledger = Ledger(max_count=2, max_bytes=600, budget=budget)
+
+    assert ledger.refusal(100) is None
+    ledger.admit(100)
+    assert "EXAI_SESSION_MAX_PENDING_BYTES=600" in (ledger.refusal(550) or "")
+    ledger.admit(400)
+    assert "EXAI_SESSION_MAX_PENDING=2" in (ledger.refusal(1) or "")
+
+    other = Ledger(max_count=10, max_bytes=10_000, budget=budget)
+    assert "memory budget" in (other.refusal(600) or "")
+    assert budget.full  # the daemon refuses new connections until it drains to 80 %
+
+    ledger.release_all()
+    assert budget.charged_bytes == 0 and not budget.full
+    assert other.refusal(600) is None
+
+
+def test_a_lone_request_larger_than_the_session_bytes_is_still_admitted() -> None:
+    ledger = Ledger(max_count=4, max_bytes=100, budget=MemoryBudget(10_000))
+
+    assert ledger.refusal(5000) is None
+
+
+# ------------------------------------------------------------------------ outbox
+
+
+async def test_the_outbox_bounds_count_and_bytes_and_drops_only_advisory_messages() -> None:
+    budget = MemoryBudget(1 << 20)
+    ledger = Ledger(max_count=8, max_bytes=1 << 20, budget=budget)
+    box = Outbox(max_count=3, max_bytes=100, ledger=ledger)
+
+    assert box.put_nowait("a" * 200)  # alone, a message larger than the bound goes in
+    assert not box.put_nowait("b")  # then nothing fits until it is written
+    assert ledger.nbytes == 200 == budget.charged_bytes
+
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def must_deliver() -> None:
+            await box.put("c" * 50)
+            done.set()
+
+        nursery.start_soon(must_deliver)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()  # waits for room
+        assert await box.get() == "a" * 200
+        box.written()
+        await done.wait()
+    assert ledger.nbytes == 50
+
+    box.close(drop=True)
+    assert ledger.nbytes == 0 == budget.charged_bytes
+    with pytest.raises(trio.ClosedResourceError):
+        await box.put("d")
+
+
+async def test_a_progress_stream_reports_progress_per_chunk() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    stream = ProgressStream(left)
+    seen: list[int] = []
+    stream.on_progress = lambda: seen.append(1)
+
+    async with trio.open_nursery() as nursery:
+
+        async def drain() -> None:
+            got = 0
+            while got < 200 * KiB:
+                got += len(await right.receive_some())
+
+        nursery.start_soon(drain)
+        await stream.send_all(b"x" * 200 * KiB)
+
+    assert len(seen) == 4  # 64 KiB chunks
+
+
+# ------------------------------------------------------------------------ memory backstop
+
+
+class FakeMemory:
+    def __init__(self, used: int, limit: int = 1000) -> None:
+        self.used = used
+        self.limit = limit
+
+    async def __call__(self) -> MemoryReading:
+        return MemoryReading(self.used, self.limit, "fake")
+
+
+async def test_high_rss_with_nothing_pending_does_not_keep_the_daemon_refusing(tmp_path):
+    """A heap that never shrinks must not stop admission forever (the bug of issue 11.3)."""
+    async with running_daemon(make_settings(tmp_path)) as d, ws(d) as conn:
+        assert d.memory is not None
+        d.memory.reader = FakeMemory(950)  # above the high watermark, and it stays there
+        await d.memory.check()
+        assert d.overloaded_reason is None  # nothing pending: caches shed, still admitting
+        assert d.memory.sheds == 1
+        assert (await Rpc(conn).call("version"))["result"]["isError"] is False
+
+
+async def test_a_known_memory_limit_sizes_the_pending_budget(tmp_path):
+    mib = 1024 * 1024
+    settings = make_settings(tmp_path, result_cache_max_bytes=8 * mib, max_frame_bytes=mib)
+    async with running_daemon(settings) as d:
+        assert d.memory is not None
+        d.memory._planned = False
+        d.memory.reader = FakeMemory(100 * mib, limit=200 * mib)
+        await d.memory.check()
+        # 0.9 × 200 MiB − 100 MiB at start − 8 MiB of result cache
+        assert d.budget.limit_bytes == 180 * mib - 100 * mib - 8 * mib
+
+
+# ------------------------------------------------------------------------ the writer
+
+
+async def test_a_peer_that_stops_reading_is_closed_once_the_writer_makes_no_progress(tmp_path):
+    settings = make_settings(
+        tmp_path, send_timeout_s=0.5, session_rate_per_s=10_000, session_burst=10_000
+    )
+    async with running_daemon(settings) as d, ws(d) as bystander:
+        async with ws(d) as reader:
+            # a stuck TCP window: the peer's socket is never read
+            big = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+            with contextlib.suppress(ConnectionClosed):  # (closed by the daemon meanwhile)
+                for _ in range(3000):
+                    await Rpc(reader).send(big)
+            with trio.fail_after(20):
+                while d.stats.rejections.get("send_timeout", 0) == 0:
+                    await trio.sleep(0.05)
+        with trio.fail_after(20):
+            while d.admission.open > 1:
+                await trio.sleep(0.05)
+        assert d.budget.charged_bytes < 4096
+        assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
+async def test_frames_past_the_daemon_budget_close_their_connection_with_1013(tmp_path):
+    mib = 1024 * 1024
+    settings = make_settings(tmp_path, max_pending_bytes=mib, max_frame_bytes=4 * mib)
+    async with running_daemon(settings) as d, ws(d) as bystander:
+        async with ws(d) as big:
+            with contextlib.suppress(ConnectionClosed):
+                await big.send_message(
+                    '{"jsonrpc":"2.0","id":1,"method":"ping","x":"' + "y" * 2 * mib + '"}'
+                )
+                await big.get_message()
+            assert big.closed is not None and big.closed.code == 1013
+        with trio.fail_after(10):
+            while d.budget.charged_bytes > 4096:
+                await trio.sleep(0.01)
+        assert (await Rpc(bystander).request("ping"))["result"] == {}
