@@ -234,10 +234,12 @@ def echo_server() -> Iterator[Child]:
 class Daemon(Child):
     """``python -m exai.cli serve`` with benchmark settings."""
 
-    def __init__(self, env: dict[str, str], state_dir: str) -> None:
+    def __init__(
+        self, env: dict[str, str], state_dir: str, args: tuple[str, ...] = ()
+    ) -> None:
         self.env_settings = {k: v for k, v in env.items() if k.startswith("EXAI_")}
         self.state_dir = state_dir
-        cmd = list(SERVE_CMD)
+        cmd = [*SERVE_CMD, *args]
         super().__init__("exai daemon", cmd, clean_env(**env), {"url": _LISTEN, "admin": _ADMIN})
         found = self.wait_for(["url", "admin"])
         self.url = found["url"]
@@ -342,17 +344,19 @@ def mock_provider_env(mock: MockUpstream | None, **fields: Any) -> dict[str, str
 def exai_daemon(
     mock: MockUpstream | None = None,
     provider: dict[str, Any] | None = None,
+    args: tuple[str, ...] = (),
     **settings: Any,
 ) -> Iterator[Daemon]:
     """Run ``exai serve`` as a process with :data:`BASE_ENV`, ``settings`` (``max_inflight=…``
-    become ``EXAI_MAX_INFLIGHT``) and, with ``mock``, a provider named ``mock`` for it."""
+    become ``EXAI_MAX_INFLIGHT``) and, with ``mock``, a provider named ``mock`` for it.
+    ``args`` go on the command line (``--plugin tests.daemon_tools:register``)."""
     state = tempfile.mkdtemp(prefix="exai-bench-")
     env = dict(BASE_ENV)
     env["EXAI_STATE_DIR"] = state
     env.update(mock_provider_env(mock, **(provider or {})))
     for key, value in settings.items():
         env[f"EXAI_{key.upper()}"] = str(value)
-    daemon = Daemon(env, state)
+    daemon = Daemon(env, state, args)
     try:
         yield daemon
     finally:

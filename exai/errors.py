@@ -18,7 +18,7 @@ what a caller needs: a machine-readable ``reason``, a message a person understan
     │   ├── FileAccessError              a path outside the allowed roots
     │   └── UpstreamBadRequest           the provider said 400 (also an UpstreamError)
     ├── RejectedError                    refused before any work; retry later
-    │   ├── OverloadedError              no slot in time / memory watermark
+    │   ├── OverloadedError              no slot, no room in a budget, memory backstop
     │   ├── RateLimitedError             a token bucket said no
     │   ├── CircuitOpenError             a breaker is open (carries the breaker's name)
     │   ├── RateLimiterUnavailableError  a shared (Redis) limiter is unreachable; fail closed

@@ -28,9 +28,9 @@ __all__ = ["configure_logging", "dropped_log_records", "flush_logging", "log_eve
 logger = logging.getLogger("exai")
 
 #: records waiting for the writer thread at most; more are dropped and counted
-QUEUE_MAX = 10_000
+QUEUE_MAX = 4_096
 #: a string field longer than this is clipped (so the queue is bounded in bytes too)
-FIELD_MAX_CHARS = 2_000
+FIELD_MAX_CHARS = 500
 
 
 def _safe(v: Any) -> Any:

@@ -122,10 +122,22 @@ class _StateCollector(Collector):
         sess.add_metric([], len(d.sessions))
         yield sess
         over = GaugeMetricFamily(
-            "exai_overloaded", "1 while admission is suspended (memory watermark or draining)."
+            "exai_overloaded", "1 while admission is suspended (memory budget or draining)."
         )
         over.add_metric([], 1 if (d.overloaded_reason or d.draining) else 0)
         yield over
+        pend = GaugeMetricFamily(
+            "exai_pending_bytes",
+            "Bytes of frames being received, pending requests and unwritten answers.",
+        )
+        pend.add_metric([], d.budget.charged_bytes)
+        yield pend
+        plim = GaugeMetricFamily("exai_pending_limit_bytes", "Budget of exai_pending_bytes.")
+        plim.add_metric([], d.budget.limit_bytes)
+        yield plim
+        store = GaugeMetricFamily("exai_result_store_bytes", "Bytes of stored finished results.")
+        store.add_metric([], d.calls.nbytes)
+        yield store
         if d.stall_detector is not None:
             mx = GaugeMetricFamily(
                 "exai_loop_max_stall_seconds", "Longest event-loop task step since start."

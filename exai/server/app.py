@@ -38,7 +38,7 @@ from exai.server.auth import TokenTable, parse_tokens
 from exai.server.budget import MemoryBudget
 from exai.server.calls import CallRegistry, Execution
 from exai.server.outbox import ProgressStream
-from exai.server.overload import OverloadManager
+from exai.server.overload import OverloadManager, tune_malloc
 from exai.server.reload import Reloader
 from exai.server.session import Session, unwrap_exception
 from exai.server.stalls import StallDetector, stall_detector
@@ -169,6 +169,7 @@ class Daemon:
                     "baseline_bytes": self.memory.baseline_bytes,
                     "reserved_bytes": self.reserved_bytes(),
                     "sheds": self.memory.sheds,
+                    "trims": self.memory.trims,
                 }
                 if self.memory
                 else None
@@ -646,6 +647,7 @@ async def serve(
     # reading the certificate and key files is blocking file I/O: not on the loop
     ssl_ctx = await trio.to_thread.run_sync(_ssl_context, settings, limiter=_TLS_LIMITER)
     daemon.started_at = trio.current_time()
+    tune_malloc()
     daemon.memory = OverloadManager(daemon)
     if reload is not None:
         daemon.reloader = Reloader(daemon, reload, reload_environ)

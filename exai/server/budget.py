@@ -19,9 +19,14 @@ budgets add up to the daemon's memory ceiling.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
-__all__ = ["InboundMeter", "Ledger", "MemoryBudget"]
+if TYPE_CHECKING:
+    from exai.config import Settings
+
+__all__ = ["InboundMeter", "Ledger", "MemoryBudget", "memory_ceiling"]
 
 
 class MemoryBudget:
@@ -167,3 +172,59 @@ class InboundMeter:
 
     def release_all(self) -> None:
         self.release(self.held)
+
+
+#: resident size of one idle session, as measured (benchmarks/README.md, *connections*: 29.2 KB
+#: per session at 10,000), rounded up
+SESSION_FIXED_BYTES = 32 * 1024
+#: an upper bound of one log record waiting for the writer thread (fields are clipped)
+LOG_RECORD_MAX_BYTES = 8 * 1024
+#: an upper bound of one audit record waiting for its writer (ids are at most 256 bytes)
+AUDIT_RECORD_MAX_BYTES = 1024
+#: copies of one answer a running call may hold at once before it is charged (the streamed
+#: chunks, their joined text, the tool's text with its footer)
+ANSWER_COPIES = 3
+
+
+def memory_ceiling(
+    settings: Settings,
+    *,
+    baseline_bytes: int,
+    answer_bytes: int,
+    caches: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """The most memory the daemon can hold with ``settings``, whatever clients send, by term.
+
+    Args:
+        baseline_bytes: the resident size of the idle daemon (measured; ~60 MB here).
+        answer_bytes: the largest answer a running call can build (the provider layer's
+            per-answer cap): calls admitted before the budget filled may finish above it.
+        caches: byte budgets of other caches (the conversation thread cache, …), by name.
+
+    Returns:
+        ``{term: bytes}`` with a ``"total"``. See ``docs/security.md`` for each term.
+    """
+    from exai.audit import DEFAULT_CAPACITY
+    from exai.logs import QUEUE_MAX
+    from exai.server.protocol import ELEMENT_COST_BYTES
+
+    s = settings
+    terms = {
+        "baseline (idle daemon)": baseline_bytes,
+        "connections (fixed state + small frames always let in)": s.max_connections
+        * (SESSION_FIXED_BYTES + InboundMeter.SMALL_FRAME_BYTES),
+        "pending budget (frames received, requests, unwritten answers)": s.max_pending_bytes,
+        "wire copies of the messages being written (each also in the budget)": (
+            s.max_pending_bytes
+        ),
+        "answers being built by running calls (chunks, text, payload)": s.max_inflight
+        * ANSWER_COPIES
+        * answer_bytes,
+        "one frame being decoded": s.max_frame_bytes + ELEMENT_COST_BYTES * s.max_json_elements,
+        "result store": s.result_cache_max_bytes,
+        "log queue": QUEUE_MAX * LOG_RECORD_MAX_BYTES,
+        "audit queue": DEFAULT_CAPACITY * AUDIT_RECORD_MAX_BYTES,
+    }
+    terms.update(caches or {})
+    terms["total"] = sum(terms.values())
+    return terms

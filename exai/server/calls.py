@@ -13,7 +13,10 @@ Resource handling:
 
 The :class:`CallRegistry` maps a key — the client's ``_meta["exai/idempotencyKey"]`` or, when
 absent, ``session id + request id`` — to the running execution or to its finished response,
-kept for ``ttl_s`` and at most ``max_entries``.
+kept for ``ttl_s``, at most ``max_entries`` of them and ``max_bytes`` in all (oldest first
+out), each answer's text stored once (:func:`compact`). Every entry carries the digest of the
+request that made it (:func:`exai.server.protocol.call_digest`): the same key asking another
+question is another call, never answered from this one.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ RSS (or the cgroup's usage) is the **backstop**, read every ``memory_check_inter
   pending any more: then what remains is caches and heap slack, not work in flight, and
   refusing would only keep the daemon refusing until a restart.
 
+With or without a limit, memory a burst leaves behind is handed back: at start the daemon
+fixes glibc's mmap threshold at 128 KiB (:func:`tune_malloc`: large answers and frames get
+their own mappings, unmapped when freed), and when RSS exceeds the start size plus what exai
+accounts for by more than 64 MiB it calls ``malloc_trim``.
+
 Reads of ``/proc`` and ``/sys`` and ``malloc_trim`` go through a worker thread.
 """
 
@@ -43,9 +48,11 @@ from exai.logs import log_event
 if TYPE_CHECKING:
     from exai.server.app import Daemon
 
-__all__ = ["MemoryReading", "OverloadManager", "read_memory"]
+__all__ = ["MemoryReading", "OverloadManager", "read_memory", "tune_malloc"]
 
 _LIMITER = anyio.CapacityLimiter(1)
+#: heap the process may hold beyond its start size and what it accounts for before a trim
+TRIM_SLACK_BYTES = 64 * 1024 * 1024
 _NO_LIMIT = 1 << 60
 
 
@@ -96,12 +103,38 @@ async def read_memory(fallback_limit: int) -> MemoryReading:
     return await anyio.to_thread.run_sync(_read_memory_sync, fallback_limit, limiter=_LIMITER)
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim() -> None:
     """Give freed heap back to the system (glibc only; elsewhere nothing happens)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+#: glibc's ``M_MMAP_THRESHOLD`` option of ``mallopt``
+_M_MMAP_THRESHOLD = -3
+#: allocations at least this large get their own mapping, returned to the system when freed
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def tune_malloc() -> bool:
+    """Keep glibc from serving large blocks (answers, frames) from the heap.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after
+    which large strings come from the heap, whose freed pages stay resident: a burst of large
+    answers then leaves RSS high for good. Fixing the threshold keeps every block of 128 KiB or
+    more in its own mapping, unmapped when freed. Returns whether it applied (glibc only).
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 class OverloadManager:
@@ -127,6 +160,8 @@ class OverloadManager:
         self.baseline_bytes = 0
         self.transitions = 0
         self.sheds = 0
+        self.trims = 0
+        self._since_trim = 0
         self._planned = False
         #: why the backstop refuses new work now, or None
         self.reason: str | None = None
@@ -155,6 +190,7 @@ class OverloadManager:
         if not self._planned:
             self.plan(reading)
         self.used_bytes, self.limit_bytes = reading.used_bytes, reading.limit_bytes
+        await self._trim_slack(reading.used_bytes)
         if reading.limit_bytes <= 0:
             return
         fraction = reading.used_bytes / reading.limit_bytes
@@ -181,6 +217,18 @@ class OverloadManager:
             self.reason = None
             self.transitions += 1
             log_event("overload.memory_ok", used_bytes=reading.used_bytes, pending=pending)
+
+    async def _trim_slack(self, used: int) -> None:
+        """After a burst, hand freed heap back: when the process holds far more than its start
+        size plus what it accounts for, ``malloc_trim`` (at most every 10 checks)."""
+        daemon = self.daemon
+        accounted = daemon.budget.charged_bytes + daemon.calls.nbytes
+        slack = used - self.baseline_bytes - accounted
+        self._since_trim += 1
+        if slack > TRIM_SLACK_BYTES and self._since_trim >= 10:
+            self._since_trim = 0
+            self.trims += 1
+            await anyio.to_thread.run_sync(_malloc_trim, limiter=_LIMITER)
 
     async def run(self) -> None:
         """Check forever (the daemon's nursery owns and cancels this task)."""

@@ -8,10 +8,41 @@ frame with :func:`decode`, which returns exactly one of :class:`Request`, :class
 :func:`encode`.
 
 Decoding is hostile-input safe: it never raises, never recurses without a bound (a
-100,000-deep ``[[[[…`` is refused in microseconds), refuses ``NaN``/``Infinity`` and numbers
-that overflow a float, and echoes the request ``id`` in an error only when that id is itself
-valid. When the text cannot be decoded at all, the id is looked for by a scan bounded to the
-message's ends (:func:`exai.server.idscan.recover_id`), so even a parse error can be matched.
+100,000-deep ``[[[[…`` is refused in about a millisecond), refuses ``NaN``/``Infinity`` and
+numbers that overflow a float, and echoes the request ``id`` in an error only when that id is
+itself valid. When the text cannot be decoded at all, the id is looked for by a scan bounded to
+the message's ends (:func:`exai.server.idscan.recover_id`), so even a parse error can be matched.
+
+Decoding cost: small and known per byte
+=======================================
+
+The cost of reading JSON is mostly the objects it builds, not the parser: a 4 MiB frame of
+``[],[],…`` is 1.4 million lists, which every decoder needs about 0.25 s of CPU to build. So
+before anything is built, :func:`decode` counts the message's values and measures its nesting
+with C-speed byte operations (:func:`_prescan`: counting, ``split``, ``replace``, no Python loop
+over the text) and refuses more than ``max_elements`` values or more than ``max_depth`` levels.
+What passes is decoded by **msgspec** (the fastest on strings, exact on integers of any size,
+strict JSON); what msgspec refuses goes to the standard library, which either reads it as JSON
+allows (lone surrogates in ``\\u`` escapes, kept as before) or says exactly where and why not —
+a second pass that the scan has already bounded.
+
+Measured (``python -m benchmarks run decoder``, CPU ms per 4 MiB frame, best of 3, this
+project's 2-vCPU machine under a load average of 5; ``benchmarks/README.md``):
+
+====================  ===========  ======  =======  ==============
+frame                 stdlib+depth orjson  msgspec  exai decode
+====================  ===========  ======  =======  ==============
+nested groups              1,254     541      735   19 (refused)
+tiny arrays                  259     263      277   19 (refused)
+tiny strings                  27      20       12    6 (refused)
+long integer/float           2–3      ~1     1–2    5
+lone surrogates                9   (err)    (err)   11
+100,000 deep                 0.1   (err)    (err)    1 (refused)
+normal 4 MiB prompt            5       4        1   15
+====================  ===========  ======  =======  ==============
+
+orjson was not chosen: it turns integers above 64 bits into floats without a word (a request
+id of ``10**20`` would change meaning), and on the frames that matter it is no faster.
 
 Protocol eras — what exai answers
 =================================
@@ -77,6 +108,7 @@ import hashlib
 import json
 import json.scanner
 import math
+import re
 import sys
 from typing import Any, Final, Literal
 
@@ -290,7 +322,7 @@ def _clip(text: str, limit: int) -> str:
 ELEMENT_COST_BYTES: Final = 64
 
 _BRACKETS: Final = bytes.maketrans(b"{}", b"[]")
-_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'[]{},"')
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def _nesting_error(max_depth: int) -> _Refused:
@@ -311,20 +343,41 @@ def _elements_error(max_elements: int) -> _Refused:
     )
 
 
-def _structure(data: bytes) -> bytes:
-    """Only ``[]{},"`` of JSON text, escaped backslashes and quotes dropped first."""
-    return data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+def _outside_strings(data: bytes) -> bytes:
+    """The text with every string's content dropped (escaped backslashes and quotes first)."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(unescaped.split(b'"')[::2])
+
+
+#: above this many runs of brackets the depth is measured by stripping levels instead
+_MAX_RUNS = 20_000
+_RUNS: Final = re.compile(rb"\[+|\]+")
 
 
 def _nests_deeper(outside: bytes, max_depth: int) -> bool:
-    """Whether the brackets of ``outside`` (structure outside strings) nest past ``max_depth``.
+    """Whether the brackets of ``outside`` (text outside strings) nest past ``max_depth``.
 
-    Strips innermost ``[]`` pairs once per level; no recursion anywhere.
+    No recursion, C-speed steps only, cost bounded by the number of brackets: a run of more
+    than ``max_depth`` opening brackets settles it at once; otherwise innermost ``[]`` pairs
+    are stripped one level per pass while the brackets form many runs, and once they form few
+    the deepest point is found by walking the runs (after ``k`` passes the remaining brackets
+    nest exactly ``depth - k`` deep).
     """
-    brackets = outside.translate(_BRACKETS, b",")
-    for _ in range(max_depth):
+    brackets = outside.translate(_BRACKETS, _NOT_BRACKETS)
+    if b"[" * (max_depth + 1) in brackets:
+        return True
+    for level in range(max_depth + 1):
         if not brackets:
             return False
+        if brackets.count(b"[]") + brackets.count(b"][") <= _MAX_RUNS:
+            depth = deepest = 0
+            for run in _RUNS.finditer(brackets):
+                if brackets[run.start()] == 0x5B:  # "["
+                    depth += run.end() - run.start()
+                    deepest = max(deepest, depth)
+                else:
+                    depth -= run.end() - run.start()
+            return deepest > max_depth - level
         brackets = brackets.replace(b"[]", b"")
     return bool(brackets)
 
@@ -332,43 +385,44 @@ def _nests_deeper(outside: bytes, max_depth: int) -> bool:
 def _depth_exceeds(text: str, max_depth: int) -> bool:
     """Whether the objects/arrays of valid JSON ``text`` nest deeper than ``max_depth`` (the
     top-level container is level 1)."""
-    structure = _structure(text.encode("utf-8", "surrogatepass"))
-    return _nests_deeper(b"".join(structure.split(b'"')[::2]), max_depth)
+    return _nests_deeper(_outside_strings(text.encode("utf-8", "surrogatepass")), max_depth)
 
 
 def _prescan(data: bytes, max_depth: int, max_elements: int) -> int:
     """Refuse text that nests deeper than ``max_depth`` or holds more than ``max_elements``
     values, before any decoder builds an object; returns the number of values (an upper bound).
 
-    Only C-speed byte operations, a few passes over the text: drop escaped backslashes and
-    quotes, keep only ``[]{},"``; then, unless the bracket and comma counts alone settle it, drop
-    string contents (every other piece between quotes) and count again; nesting is measured by
-    stripping innermost ``[]`` pairs once per level. Values are counted as commas + opening
-    brackets + 1 (every value but the first in a container follows a comma): an upper bound
-    that counts an empty container twice.
+    Only C-speed byte operations, a few passes over the text: count brackets and commas; unless
+    that settles it, drop string contents (escaped backslashes and quotes first, then every
+    other piece between quotes) and count again; nesting is measured by :func:`_nests_deeper`.
+    Values are counted as commas + opening brackets + 1 (every value but the first in a
+    container follows a comma): an upper bound that counts an empty container twice.
 
     Exact for valid JSON. For invalid JSON the answer may be wrong either way, which is safe: a
     refusal refuses invalid text anyway, and text let through stops the decoder at its first
     invalid byte, while the part before it was counted exactly.
     """
-    s = _structure(data)
-    opens = s.count(b"[") + s.count(b"{")
-    upper = s.count(b",") + opens + 1
-    if opens <= max_depth and upper <= max_elements:
-        return upper
+    opens = data.count(b"[") + data.count(b"{")
+    elements = data.count(b",") + opens + 1
+    if opens <= max_depth and elements <= max_elements:
+        return elements
+    quotes = data.count(b'"')
     # Strings are keys or values, and every key has a value: more than 2 × max_elements
     # strings means more than max_elements values, without splitting millions of pieces.
-    if s.count(b'"') // 2 > 2 * max_elements:
+    if quotes // 2 > 2 * max_elements:
         raise _elements_error(max_elements)
-    outside = b"".join(s.split(b'"')[::2])
-    opens = outside.count(b"[") + outside.count(b"{")
-    elements = outside.count(b",") + opens + 1
-    # Depth is told first when both limits are passed (the more useful message), as long as
-    # the brackets are few enough for max_depth passes over them to stay cheap.
-    if opens > max_depth and opens <= 2 * max_elements and _nests_deeper(outside, max_depth):
+    outside = data
+    if quotes:
+        outside = _outside_strings(data)
+        opens = outside.count(b"[") + outside.count(b"{")
+        elements = outside.count(b",") + opens + 1
+    # Depth is told first when it is cheap to tell (the more useful message).
+    if opens > max_depth and b"[" * (max_depth + 1) in outside:  # a run of nested arrays
         raise _nesting_error(max_depth)
     if elements > max_elements:
         raise _elements_error(max_elements)
+    if opens > max_depth and _nests_deeper(outside, max_depth):
+        raise _nesting_error(max_depth)
     return elements
 
 

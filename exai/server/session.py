@@ -334,7 +334,7 @@ class Session:
         try:
             self.era.admit(method, params)
             if method == "tools/call":
-                self._start_call(req)
+                await self._start_call(req)
                 return
             if method == "initialize":
                 requested = params.get("protocolVersion")
@@ -370,7 +370,7 @@ class Session:
         return {"jsonrpc": "2.0", "id": req_id, **payload}
 
     # ---------------------------------------------------------------- tools/call
-    def _start_call(self, req: p.Request) -> None:
+    async def _start_call(self, req: p.Request) -> None:
         """Admit the call, then start its responder; a call that does not fit is refused."""
         daemon = self.daemon
         if daemon.draining:
@@ -383,11 +383,8 @@ class Session:
             self.daemon.stats.rejections["overloaded"] += 1
             exc = errors.OverloadedError(refusal, retry_after_s=1.0)
             self._audit_refusal(req, exc)
-            text = p.encode_reply(p.error_from_exception(req.id, exc))
-            # Refusals are small and must not make the reader wait: if even this does not
-            # fit, the outbox is full and the writer's deadline will close the connection.
-            if text is not None and not self.outbox.put_nowait(text):
-                self.daemon.stats.progress_dropped += 1
+            # (waits for room like any answer: a client that does not read stops being read)
+            await self.send(p.error_from_exception(req.id, exc))
             return
         self.ledger.admit(req.cost_bytes)
         assert self.nursery is not None
