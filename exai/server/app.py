@@ -87,6 +87,9 @@ class Daemon:
         self.tokens = TokenTable(parse_tokens(settings.tokens))
         self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
         self.inflight = trio.CapacityLimiter(settings.max_inflight)
+        #: what connections' second and later concurrent calls share: three quarters of the
+        #: daemon's slots, so a quarter stays for connections running one call each
+        self.shared_inflight = trio.CapacityLimiter(max(1, settings.max_inflight * 3 // 4))
         self.calls = CallRegistry(
             ttl_s=settings.idempotency_ttl_s,
             max_entries=settings.idempotency_max_entries,
@@ -207,7 +210,7 @@ class Daemon:
         if self.budget.full:
             return (
                 f"pending requests and unwritten answers fill the memory budget "
-                f"({self.budget.charged_bytes} of {self.budget.limit_bytes} bytes)"
+                f"({self.budget.charged_bytes} bytes; EXAI_MAX_PENDING_BYTES and its reserve)"
             )
         return None
 

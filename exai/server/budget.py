@@ -19,9 +19,11 @@ budgets add up to the daemon's memory ceiling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
+import trio
 
 if TYPE_CHECKING:
     from exai.config import Settings
@@ -30,49 +32,107 @@ __all__ = ["InboundMeter", "Ledger", "MemoryBudget", "memory_ceiling"]
 
 
 class MemoryBudget:
-    """The daemon-wide count of bytes charged by every session, and its limit.
+    """The daemon-wide count of bytes charged by every session, and its limits.
+
+    The budget has two pools, so clients that stop reading or ask for huge answers cannot starve
+    the ones that read theirs. Heavy sessions (and frames being received) may charge up to
+    ``limit_bytes``; **light** sessions — those holding less than :data:`LIGHT_SESSION_BYTES` —
+    may charge while the total is under ``limit_bytes`` and, past it, from a reserve of a
+    quarter of it kept for them alone. A session moves between the pools as it crosses the
+    threshold. When the reserve itself is exhausted the budget is
+    *full*: every call and every new connection is refused until the reserve has drained to
+    ``resume_fraction`` of itself.
 
     Args:
-        limit_bytes: what may be charged in all (``EXAI_MAX_PENDING_BYTES``, lowered by the
-            overload manager when a memory limit is known).
-        resume_fraction: after the budget was found full, new connections are admitted again
-            once the charge falls to this fraction of the limit (hysteresis; calls are admitted
-            whenever they fit).
+        limit_bytes: what heavy sessions may charge in all (``EXAI_MAX_PENDING_BYTES``, lowered
+            by the overload manager when a memory limit is known).
+        resume_fraction: hysteresis of the *full* state.
     """
+
+    #: the reserve of light sessions, as a share of the limit (on top of it)
+    RESERVE_FRACTION = 0.25
 
     def __init__(self, limit_bytes: int, resume_fraction: float = 0.8) -> None:
         self.limit_bytes = limit_bytes
         self.resume_fraction = resume_fraction
         self.charged_bytes = 0
+        #: the part of ``charged_bytes`` held by light sessions
+        self.light_bytes = 0
         self.peak_bytes = 0
-        #: True from the moment a request did not fit until the charge falls to
-        #: ``resume_fraction × limit_bytes``: the daemon then refuses new connections.
+        #: True from the moment the reserve could not take a light session's request until it
+        #: drains: the daemon then refuses new calls and connections
         self.full = False
+        self._changed = trio.Event()
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` more may be charged now."""
-        fits = self.charged_bytes + nbytes <= self.limit_bytes
-        if not fits:
+    @property
+    def reserve_bytes(self) -> int:
+        return int(self.limit_bytes * self.RESERVE_FRACTION)
+
+    @property
+    def heavy_bytes(self) -> int:
+        return self.charged_bytes - self.light_bytes
+
+    def fits(self, nbytes: int, *, light: bool = False) -> bool:
+        """Whether ``nbytes`` more may be charged now by a light or a heavy session."""
+        if light:
+            total = self.charged_bytes + nbytes <= self.limit_bytes
+            if total or self.light_bytes + nbytes <= self.reserve_bytes:
+                return True
             self.full = True
-        return fits
+            return False
+        return self.heavy_bytes + nbytes <= self.limit_bytes
 
-    def charge(self, nbytes: int) -> None:
+    def charge(self, nbytes: int, *, light: bool = False) -> None:
         self.charged_bytes += nbytes
+        if light:
+            self.light_bytes += nbytes
         if self.charged_bytes > self.peak_bytes:
             self.peak_bytes = self.charged_bytes
 
-    def refund(self, nbytes: int) -> None:
+    def refund(self, nbytes: int, *, light: bool = False) -> None:
         self.charged_bytes -= nbytes
-        if self.full and self.charged_bytes <= self.resume_fraction * self.limit_bytes:
+        if light:
+            self.light_bytes -= nbytes
+        if self.full and self.light_bytes <= self.resume_fraction * self.reserve_bytes:
             self.full = False
+        self._wake()
+
+    def move(self, nbytes: int, *, to_light: bool) -> None:
+        """A session holding ``nbytes`` crossed the light threshold."""
+        self.light_bytes += nbytes if to_light else -nbytes
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiting:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    _waiting = 0
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, checked whenever a charge is given back (the caller
+        bounds the wait)."""
+        while not predicate():
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
 
     def snapshot(self) -> dict[str, int | bool]:
         return {
             "charged_bytes": self.charged_bytes,
+            "light_bytes": self.light_bytes,
             "limit_bytes": self.limit_bytes,
+            "reserve_bytes": self.reserve_bytes,
             "peak_bytes": self.peak_bytes,
             "full": self.full,
         }
+
+
+#: a session holding less than this (requests and unread answers) is *light*: it may use the
+#: reserve of the daemon's budget
+LIGHT_SESSION_BYTES = 1024 * 1024
 
 
 @attrs.define
@@ -105,12 +165,17 @@ class Ledger:
                 f"(EXAI_SESSION_MAX_PENDING_BYTES={self.max_bytes}); read your answers or "
                 "wait for some to finish"
             )
-        if not self.budget.fits(cost):
+        if not self.budget.fits(cost, light=self.nbytes + cost < LIGHT_SESSION_BYTES):
             return (
                 "the daemon holds as many pending requests and answers as its memory budget "
-                "allows; retry shortly"
+                "allows (EXAI_MAX_PENDING_BYTES); retry shortly"
             )
         return None
+
+    @property
+    def light(self) -> bool:
+        """Whether this session holds little: its charges then go to the daemon's reserve."""
+        return self.nbytes < LIGHT_SESSION_BYTES
 
     def admit(self, cost: int) -> None:
         """Count one request of ``cost`` bytes (after :meth:`refusal` said it fits)."""
@@ -119,11 +184,14 @@ class Ledger:
 
     def add(self, nbytes: int) -> None:
         """Charge ``nbytes`` more (negative to refund part) to this session and the daemon."""
-        self.nbytes += nbytes
+        was_light = self.light
         if nbytes >= 0:
-            self.budget.charge(nbytes)
+            self.budget.charge(nbytes, light=was_light)
         else:
-            self.budget.refund(-nbytes)
+            self.budget.refund(-nbytes, light=was_light)
+        self.nbytes += nbytes
+        if self.light != was_light:
+            self.budget.move(self.nbytes, to_light=self.light)
 
     def done(self, nbytes: int) -> None:
         """One request answered: forget it and refund the ``nbytes`` still charged for it."""
@@ -133,7 +201,7 @@ class Ledger:
     def release_all(self) -> None:
         """The session is gone: refund whatever is still charged (idempotent)."""
         if self.nbytes:
-            self.budget.refund(self.nbytes)
+            self.budget.refund(self.nbytes, light=self.light)
         self.nbytes = 0
         self.count = 0
 
@@ -213,7 +281,8 @@ def memory_ceiling(
         "baseline (idle daemon)": baseline_bytes,
         "connections (fixed state + small frames always let in)": s.max_connections
         * (SESSION_FIXED_BYTES + InboundMeter.SMALL_FRAME_BYTES),
-        "pending budget (frames received, requests, unwritten answers)": s.max_pending_bytes,
+        "pending budget (frames received, requests, unwritten answers; with the reserve of "
+        "light sessions)": int(s.max_pending_bytes * (1 + MemoryBudget.RESERVE_FRACTION)),
         "wire copies of the messages being written (each also in the budget)": (
             s.max_pending_bytes
         ),

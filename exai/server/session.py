@@ -535,6 +535,42 @@ class Session:
             "slots until its deadline"
         )
 
+    async def _answer_room(self, ex: Execution) -> None:
+        """Wait (until the call's deadline) for room for one more answer before starting it.
+
+        A request costs little when admitted, but its answer may be large: a connection that
+        holds ``session_max_pending_bytes`` of unread answers starts no new call until the
+        client reads, and no connection starts one while its pool of the daemon's budget is
+        used up (see :class:`~exai.server.budget.MemoryBudget`). So beyond the budget there can
+        only be the answers of calls already running.
+
+        Raises:
+            DeadlineExceeded: the deadline passed first.
+        """
+        budget, ledger = self.daemon.budget, self.ledger
+        limit = self.settings.session_max_pending_bytes
+
+        def room() -> bool:
+            if ledger.nbytes >= limit:
+                return False
+            if budget.charged_bytes < budget.limit_bytes:
+                return True
+            if not ledger.light or self.limiter.borrowed_tokens > 1:
+                # (answers still to come count too: only a session's one call at a time may
+                # start from the reserve)
+                return budget.heavy_bytes < budget.limit_bytes
+            return budget.light_bytes < budget.reserve_bytes
+
+        if room():
+            return
+        with trio.move_on_at(ex.deadline):
+            await budget.wait_until(room)
+            return
+        raise errors.DeadlineExceeded(
+            f"tool {ex.tool!r} waited until its deadline for this connection's unread answers "
+            "to be read"
+        )
+
     async def _launch(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
         """Take the session slot (FIFO, until the call's deadline), then the identity and global
         slots within ``slot_wait_s``, and start the execution in the daemon's calls nursery."""
@@ -547,6 +583,25 @@ class Session:
         started = trio.current_time()
         await self._session_slot(ex)
         held: list[trio.CapacityLimiter] = [self.limiter]
+        try:
+            await self._answer_room(ex)
+            if self.limiter.borrowed_tokens > 1:
+                # A connection's second and later concurrent calls take a shared slot too,
+                # waiting (until the deadline) while a quarter of the daemon's slots is left
+                # for connections running one call each: a bridge multiplexing a whole
+                # editor does not make everyone else wait for a slot.
+                with trio.move_on_at(ex.deadline):
+                    await daemon.shared_inflight.acquire_on_behalf_of(ex)
+                    held.append(daemon.shared_inflight)
+                if len(held) == 1:
+                    raise errors.DeadlineExceeded(
+                        f"tool {ex.tool!r} waited for a slot until its deadline"
+                    )
+        except BaseException:
+            for limiter in held:
+                limiter.release_on_behalf_of(ex)
+            raise
+        base = len(held)
         # then per client identity → global; all or none, within slot_wait_s
         wanted: list[tuple[trio.CapacityLimiter, str]] = []
         ident_limiter = daemon.identity_limiter(self.identity.name)
@@ -561,8 +616,8 @@ class Session:
                     await limiter.acquire_on_behalf_of(ex)
                     held.append(limiter)
             daemon.metrics.slot_wait.observe(trio.current_time() - started)
-            if len(held) < len(wanted) + 1:
-                which = wanted[len(held) - 1][1]
+            if len(held) < len(wanted) + base:
+                which = wanted[len(held) - base][1]
                 daemon.stats.rejections["overloaded"] += 1
                 raise errors.OverloadedError(
                     f"{which} in-flight calls are all busy; retry shortly",

@@ -129,23 +129,58 @@ async def test_shrinking_under_memory_pressure_keeps_at_most_the_fraction_asked(
 # ------------------------------------------------------------------------ ledger and budget
 
 
-def test_a_ledger_refuses_past_its_count_its_bytes_and_the_daemon_budget() -> None:
-    budget = MemoryBudget(limit_bytes=1000)
-    ledger = Ledger(max_count=2, max_bytes=600, budget=budget)
+def test_a_ledger_refuses_past_its_count_and_its_bytes() -> None:
+    ledger = Ledger(max_count=2, max_bytes=600, budget=MemoryBudget(limit_bytes=10_000))
 
     assert ledger.refusal(100) is None
     ledger.admit(100)
     assert "EXAI_SESSION_MAX_PENDING_BYTES=600" in (ledger.refusal(550) or "")
     ledger.admit(400)
     assert "EXAI_SESSION_MAX_PENDING=2" in (ledger.refusal(1) or "")
+    ledger.done(100)
+    assert ledger.refusal(1) is None
 
-    other = Ledger(max_count=10, max_bytes=10_000, budget=budget)
-    assert "memory budget" in (other.refusal(600) or "")
-    assert budget.full  # the daemon refuses new connections until it drains to 80 %
 
+def test_the_daemon_budget_keeps_a_reserve_for_sessions_that_hold_little() -> None:
+    mib = 1024 * 1024
+    budget = MemoryBudget(limit_bytes=4 * mib)  # and a reserve of 1 MiB for light sessions
+    heavy = Ledger(max_count=10, max_bytes=64 * mib, budget=budget)
+    for _ in range(2):
+        assert heavy.refusal(2 * mib) is None
+        heavy.admit(2 * mib)
+
+    # the limit is reached: a session holding a lot is refused …
+    assert "EXAI_MAX_PENDING_BYTES" in (heavy.refusal(KiB) or "")
+    assert not budget.full
+    # … sessions holding little are still admitted, from the reserve
+    light = [Ledger(max_count=10, max_bytes=64 * mib, budget=budget) for _ in range(3)]
+    for ledger in light[:2]:
+        assert ledger.refusal(512 * KiB) is None
+        ledger.admit(512 * KiB)
+    assert budget.light_bytes == mib and budget.heavy_bytes == 4 * mib
+    # the reserve is used up: the budget is full, everything is refused
+    assert light[2].refusal(512 * KiB) is not None
+    assert budget.full
+
+    light[0].release_all()  # the reserve drains below 80 %: admitting again
+    assert not budget.full
+    assert light[2].refusal(512 * KiB) is None
+
+
+def test_a_session_moves_between_the_pools_as_it_crosses_the_threshold() -> None:
+    mib = 1024 * 1024
+    budget = MemoryBudget(limit_bytes=64 * mib)
+    ledger = Ledger(max_count=10, max_bytes=64 * mib, budget=budget)
+    ledger.admit(KiB)
+    assert budget.light_bytes == KiB
+
+    ledger.add(2 * mib)  # its answer arrives: now it holds a lot
+    assert budget.light_bytes == 0 and budget.heavy_bytes == 2 * mib + KiB
+
+    ledger.done(2 * mib)  # written: light again
+    assert budget.light_bytes == KiB == budget.charged_bytes
     ledger.release_all()
-    assert budget.charged_bytes == 0 and not budget.full
-    assert other.refusal(600) is None
+    assert budget.charged_bytes == 0 == budget.light_bytes
 
 
 def test_a_lone_request_larger_than_the_session_bytes_is_still_admitted() -> None:
