@@ -15,7 +15,17 @@ import pytest
 
 from tests.helpers import REPO
 
-OURS = ("overhead", "connections", "slow_upstream", "outage", "flood", "rate_accuracy", "peer")
+OURS = (
+    "overhead",
+    "connections",
+    "slow_upstream",
+    "outage",
+    "flood",
+    "rate_accuracy",
+    "peer",
+    "abuse",
+    "decoder",
+)
 
 
 @pytest.mark.parametrize("name", OURS)
@@ -188,3 +198,23 @@ def test_cpu_meter_gives_no_figure_rather_than_a_partial_one_for_a_process_it_ca
     unread = run_load("closed", {**cfg, "cpu_pids": ["self", gone]}, limit_s=60)["meter"]
     assert read["completed"] > 0 and read["cpu_total_s"] is not None
     assert unread["completed"] > 0 and unread["cpu_total_s"] is None
+
+
+@pytest.mark.parametrize(
+    ("attack", "config"),
+    [
+        ("slow_readers", {"connections": 1, "calls": 4, "answer_bytes": 1024}),
+        ("hostile_json", {}),
+        ("one_connection_burst", {"connections": 1, "parallel": 3, "seconds": 0.1}),
+        ("big_answers", {"answer_bytes": 1024}),
+    ],
+)
+def test_every_abuse_attack_runs_against_a_daemon_process(attack: str, config: dict) -> None:
+    from benchmarks.daemon import exai_daemon, run_load
+    from benchmarks.scenarios.abuse import ATTACKS, PLUGIN
+
+    assert attack in {name for name, _, _ in ATTACKS}
+    with exai_daemon(args=PLUGIN) as d:
+        res = run_load("abuse", {"attack": attack, "url": d.url, "duration_s": 0.5, **config})
+        assert res["attack"] == attack
+        assert d.proc.poll() is None

@@ -12,7 +12,7 @@ For each attack the JSON gives:
 
 * the daemon's **peak RSS** during the attack and its pause, against the documented ceiling
   of the default settings (:func:`exai.server.budget.memory_ceiling`, with this machine's idle
-  RSS as the baseline and the largest answer the attacks ask for as the answer size);
+  RSS as the baseline);
 * its **settled RSS** at the end of the pause, against the idle daemon's;
 * the well-behaved client's **p99** during the attack, against its baseline p99, and its
   failures;
@@ -75,7 +75,7 @@ ATTACKS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"connections": 8, "parallel": 20, "seconds": 1.0},
     ),
 ]
-#: the largest answer the attacks ask for (the "answer size" term of the ceiling)
+#: the largest answer the attacks ask for
 LARGEST_ANSWER = 2 * MiB
 
 
@@ -84,7 +84,7 @@ def documented_ceiling(daemon_env: dict[str, str], idle_rss: int) -> dict[str, i
     from exai.server.budget import memory_ceiling
 
     settings = Settings.from_env(daemon_env, env_file="", config_file="")
-    return memory_ceiling(settings, baseline_bytes=idle_rss, answer_bytes=LARGEST_ANSWER)
+    return memory_ceiling(settings, baseline_bytes=idle_rss)
 
 
 def run(full: bool) -> dict[str, Any]:

@@ -220,8 +220,9 @@ class Daemon:
 
     def reserved_bytes(self) -> int:
         """The byte budgets of the daemon's caches (what they may hold at most): the stored
-        results and every service with a ``memory_budget_bytes()``."""
-        total = self.calls.max_bytes
+        results, the conversation thread cache, and every service with a
+        ``memory_budget_bytes()``."""
+        total = self.calls.max_bytes + self.settings.thread_cache_max_bytes
         for service in self.services.values():
             budget = getattr(service, "memory_budget_bytes", None)
             if budget is not None and service is not self:

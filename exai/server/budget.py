@@ -249,8 +249,8 @@ SESSION_FIXED_BYTES = 32 * 1024
 LOG_RECORD_MAX_BYTES = 8 * 1024
 #: an upper bound of one audit record waiting for its writer (ids are at most 256 bytes)
 AUDIT_RECORD_MAX_BYTES = 1024
-#: copies of one answer a running call may hold at once before it is charged (the streamed
-#: chunks, their joined text, the tool's text with its footer)
+#: copies of one answer a running call may hold at once before it is charged (the provider's
+#: text, the tool's text with its footer, the stored result being compacted)
 ANSWER_COPIES = 3
 
 
@@ -258,15 +258,15 @@ def memory_ceiling(
     settings: Settings,
     *,
     baseline_bytes: int,
-    answer_bytes: int,
+    answer_bytes: int | None = None,
     caches: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """The most memory the daemon can hold with ``settings``, whatever clients send, by term.
 
     Args:
         baseline_bytes: the resident size of the idle daemon (measured; ~60 MB here).
-        answer_bytes: the largest answer a running call can build (the provider layer's
-            per-answer cap): calls admitted before the budget filled may finish above it.
+        answer_bytes: the largest answer a call can build; default ``EXAI_MAX_ANSWER_BYTES``
+            (the provider layer stops reading there).
         caches: byte budgets of other caches (the conversation thread cache, …), by name.
 
     Returns:
@@ -275,8 +275,11 @@ def memory_ceiling(
     from exai.audit import DEFAULT_CAPACITY
     from exai.logs import QUEUE_MAX
     from exai.server.protocol import ELEMENT_COST_BYTES
+    from exai.storage.redis_cache import MAX_PENDING_INVALIDATION_BYTES
 
     s = settings
+    answer = s.max_answer_bytes if answer_bytes is None else answer_bytes
+    provider_calls = sum(p.max_concurrency for p in s.providers)
     terms = {
         "baseline (idle daemon)": baseline_bytes,
         "connections (fixed state + small frames always let in)": s.max_connections
@@ -286,11 +289,15 @@ def memory_ceiling(
         "wire copies of the messages being written (each also in the budget)": (
             s.max_pending_bytes
         ),
-        "answers being built by running calls (chunks, text, payload)": s.max_inflight
+        "provider answers being read (body up to 6 bytes per answer byte)": provider_calls
+        * (6 * answer + 64 * 1024),
+        "answers being built by running calls (text, result, payload)": s.max_inflight
         * ANSWER_COPIES
-        * answer_bytes,
+        * answer,
         "one frame being decoded": s.max_frame_bytes + ELEMENT_COST_BYTES * s.max_json_elements,
         "result store": s.result_cache_max_bytes,
+        "thread cache and Redis invalidations waiting": s.thread_cache_max_bytes
+        + MAX_PENDING_INVALIDATION_BYTES,
         "log queue": QUEUE_MAX * LOG_RECORD_MAX_BYTES,
         "audit queue": DEFAULT_CAPACITY * AUDIT_RECORD_MAX_BYTES,
     }

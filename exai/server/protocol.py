@@ -26,20 +26,20 @@ strict JSON); what msgspec refuses goes to the standard library, which either re
 allows (lone surrogates in ``\\u`` escapes, kept as before) or says exactly where and why not —
 a second pass that the scan has already bounded.
 
-Measured (``python -m benchmarks run decoder``, CPU ms per 4 MiB frame, best of 3, this
-project's 2-vCPU machine under a load average of 5; ``benchmarks/README.md``):
+Measured (``python -m benchmarks run decoder --full``, CPU ms per 4 MiB frame, best of 7, this
+project's 2-vCPU machine; ``benchmarks/README.md``):
 
-====================  ===========  ======  =======  ==============
-frame                 stdlib+depth orjson  msgspec  exai decode
-====================  ===========  ======  =======  ==============
-nested groups              1,254     541      735   19 (refused)
-tiny arrays                  259     263      277   19 (refused)
-tiny strings                  27      20       12    6 (refused)
-long integer/float           2–3      ~1     1–2    5
-lone surrogates                9   (err)    (err)   11
-100,000 deep                 0.1   (err)    (err)    1 (refused)
-normal 4 MiB prompt            5       4        1   15
-====================  ===========  ======  =======  ==============
+====================  ============  ======  =======  ==============
+frame                 stdlib (old)  orjson  msgspec  exai decode
+====================  ============  ======  =======  ==============
+nested groups                1,248     493      693   19 (refused)
+tiny arrays                    294     270      276   19 (refused)
+tiny strings                    28      20       13    6 (refused)
+long integer/float             2–3      ~1      1–2   4–5
+lone surrogates                  9   (err)    (err)   11
+100,000 deep                   0.0   (err)    (err)   0.8 (refused)
+normal 4 MiB prompt              5       4        1   15
+====================  ============  ======  =======  ==============
 
 orjson was not chosen: it turns integers above 64 bits into floats without a word (a request
 id of ``10**20`` would change meaning), and on the frames that matter it is no faster.
@@ -265,15 +265,11 @@ Message = Request | Notification | Response | DecodeError
 class _Refused(Exception):
     """Internal: a decode step found the problem that :func:`decode` reports."""
 
-    def __init__(
-        self, code: int, message: str, data: dict[str, Any], *, limit: bool = False
-    ) -> None:
+    def __init__(self, code: int, message: str, data: dict[str, Any]) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
-        #: valid JSON refused for its size or shape (its id may still be read from its head)
-        self.limit = limit
 
 
 def _reject_constant(name: str) -> Any:
@@ -330,7 +326,6 @@ def _nesting_error(max_depth: int) -> _Refused:
         PARSE_ERROR,
         f"Parse error: objects/arrays nest deeper than the limit of {max_depth} levels",
         {"reason": "parse_error", "max_depth": max_depth},
-        limit=True,
     )
 
 
@@ -339,7 +334,6 @@ def _elements_error(max_elements: int) -> _Refused:
         PARSE_ERROR,
         f"Parse error: the message holds more than the limit of {max_elements} JSON values",
         {"reason": "parse_error", "max_elements": max_elements},
-        limit=True,
     )
 
 
@@ -697,9 +691,9 @@ class Peeked:
 def peek(text: str, *, max_id_bytes: int = 256) -> Peeked:
     """The id and method of a frame, found without decoding the whole frame (bounded work).
 
-    Looks at the top-level members within the first 4,096 characters only. For frames that
-    are answered without being decoded (over the message rate): the refusal still carries the
-    request's id when it is near the start, as every MCP client writes it.
+    Looks at the top-level members within the first 4,096 characters, and for the id at the
+    last ones too (:func:`exai.server.idscan.recover_id`). For frames that are answered without
+    being decoded (over the message rate): the refusal still carries the request's id.
     """
     head = text[:_PEEK_CHARS]
     found_id: RequestId | None = None
@@ -728,6 +722,8 @@ def peek(text: str, *, max_id_bytes: int = 256) -> Peeked:
             i += 1
     except (StopIteration, ValueError, RecursionError, _Refused):
         pass
+    if found_id is None:
+        found_id = recover_id(text, max_id_bytes=max_id_bytes)  # (also looks at the tail)
     return Peeked(found_id, method)
 
 

@@ -266,14 +266,19 @@ async def test_high_rss_with_nothing_pending_does_not_keep_the_daemon_refusing(t
 
 async def test_a_known_memory_limit_sizes_the_pending_budget(tmp_path):
     mib = 1024 * 1024
-    settings = make_settings(tmp_path, result_cache_max_bytes=8 * mib, max_frame_bytes=mib)
+    settings = make_settings(
+        tmp_path,
+        result_cache_max_bytes=8 * mib,
+        thread_cache_max_bytes=4 * mib,
+        max_frame_bytes=mib,
+    )
     async with running_daemon(settings) as d:
         assert d.memory is not None
         d.memory._planned = False
         d.memory.reader = FakeMemory(100 * mib, limit=200 * mib)
         await d.memory.check()
-        # 0.9 × 200 MiB − 100 MiB at start − 8 MiB of result cache
-        assert d.budget.limit_bytes == 180 * mib - 100 * mib - 8 * mib
+        # 0.9 × 200 MiB − 100 MiB at start − 8 MiB of result store − 4 MiB of thread cache
+        assert d.budget.limit_bytes == 180 * mib - 100 * mib - 8 * mib - 4 * mib
 
 
 # ------------------------------------------------------------------------ the writer

@@ -121,7 +121,7 @@ def test_the_value_count_agrees_with_walking_the_value(value: Any, limit: int) -
     ("text", "expected"),
     [
         ('{"jsonrpc":"2.0","id":5,"method":"m","params":{"a":"' + "b" * 9000 + '"}}', (5, "m")),
-        ('{"jsonrpc":"2.0","method":"m","params":{"a":"' + "b" * 9000 + '"},"id":5}', (None, "m")),
+        ('{"jsonrpc":"2.0","method":"m","params":{"a":"' + "b" * 9000 + '"},"id":5}', (5, "m")),
         ('  {"id" : "abc", "method": "x"', ("abc", "x")),
         ('{"params": {"id": 3}, "id": 4}', (4, None)),
         ('{"id": true, "method": 1}', (None, None)),
@@ -131,7 +131,7 @@ def test_the_value_count_agrees_with_walking_the_value(value: Any, limit: int) -
         ("", (None, None)),
     ],
 )
-def test_peek_reads_id_and_method_from_the_head_only(text: str, expected: Any) -> None:
+def test_peek_reads_id_and_method_from_the_ends_only(text: str, expected: Any) -> None:
     peeked = p.peek(text)
 
     assert (peeked.id, peeked.method) == expected
