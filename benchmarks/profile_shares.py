@@ -38,10 +38,10 @@ SUBSYSTEMS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("exai/server/stalls.py", "trio/_core/_instrumentation.py"),
     ),
     ("logging", ("logging/", "exai/logs.py")),
-    ("metrics", ("prometheus_client/", "exai/metrics.py")),
+    ("metrics", ("prometheus_client/", "exai/server/metrics.py")),
     (
         "storage and its thread hand-off",
-        ("exai/storage/", "exai/services.py", "trio/_threads.py", "anyio/to_thread.py"),
+        ("exai/storage/", "exai/server/services.py", "trio/_threads.py", "anyio/to_thread.py"),
     ),
     ("httpx / httpcore / h11", ("httpx/", "httpcore/", "h11/")),
     ("provider layer (router, breaker, SSE)", ("exai/providers/", "exai/resilience/")),
@@ -49,7 +49,7 @@ SUBSYSTEMS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "WebSocket / session",
         ("trio_websocket/", "wsproto/", "exai/server/session.py", "exai/server/wsconn.py"),
     ),
-    ("JSON-RPC and dispatch", ("exai/server/", "exai/audit.py", "exai/security.py")),
+    ("JSON-RPC and dispatch", ("exai/server/", "exai/security.py")),
     ("tools (chat)", ("exai/tools/",)),
     ("other exai", ("exai/",)),
 )

@@ -157,7 +157,7 @@ def test_litellm_can_be_turned_off_and_is_then_a_skip_with_a_reason(monkeypatch)
 def test_profile_shares_buckets_loop_stacks_by_innermost_subsystem_and_counts_workers() -> None:
     from benchmarks.profile_shares import shares
 
-    run = "thread (1): MainThread;main (exai/cli.py:1);run (trio/_core/_run.py:1)"
+    run = "thread (1): MainThread;main (exai/cli/main.py:1);run (trio/_core/_run.py:1)"
     task = run + ";unrolled_run (trio/_core/_run.py:2)"
     raw = "\n".join(
         [

@@ -58,7 +58,7 @@ def _redis_wiring() -> dict[str, Any]:
 
     try:
         import exai.providers.provider as prov
-        import exai.services as services
+        import exai.server.services as services
     except ImportError as exc:
         return {"wired": False, "why": f"cannot import the provider layer: {exc}"}
     text = inspect.getsource(prov) + inspect.getsource(services)

@@ -381,7 +381,7 @@ class ProviderRouter:
         self.registry.settings = settings
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """Breakers, buckets and pools for ``/metrics`` (see :mod:`exai.metrics`)."""
+        """Breakers, buckets and pools for ``/metrics`` (see :mod:`exai.server.metrics`)."""
         buckets: dict[str, dict[str, int]] = {}
         pools: dict[str, dict[str, int]] = {}
         for name, p in self.providers.items():

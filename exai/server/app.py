@@ -26,17 +26,17 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from exai import __version__, errors
-from exai.audit import AuditLog
 from exai.config import Settings, is_loopback
 from exai.logs import dropped_log_records, log_event
-from exai.metrics import DaemonMetrics
 from exai.resilience import TokenBucket
 from exai.server import protocol as p
 from exai.server.admin import serve_admin
 from exai.server.admission import Admission
+from exai.server.audit import AuditLog
 from exai.server.auth import TokenTable, parse_tokens
 from exai.server.budget import MemoryBudget
 from exai.server.calls import CallRegistry, Execution
+from exai.server.metrics import DaemonMetrics
 from exai.server.outbox import ProgressStream
 from exai.server.overload import OverloadManager, tune_malloc
 from exai.server.reload import Reloader

@@ -272,8 +272,8 @@ def memory_ceiling(
     Returns:
         ``{term: bytes}`` with a ``"total"``. See ``docs/security.md`` for each term.
     """
-    from exai.audit import DEFAULT_CAPACITY
     from exai.logs import QUEUE_MAX
+    from exai.server.audit import DEFAULT_CAPACITY
     from exai.server.protocol import ELEMENT_COST_BYTES
     from exai.storage.redis_cache import MAX_PENDING_INVALIDATION_BYTES
 

@@ -994,7 +994,7 @@ class ConversationService:
         return None
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """Breakers, pools and the spool for ``/metrics`` (see :mod:`exai.metrics`)."""
+        """Breakers, pools and the spool for ``/metrics`` (see :mod:`exai.server.metrics`)."""
         breakers = [self.breaker.statistics()]
         pools: dict[str, dict[str, int]] = {}
         primary_pool = self.store.status().get("pool") or {}

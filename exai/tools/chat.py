@@ -15,10 +15,10 @@ import uuid
 from typing import Any
 
 from exai.errors import ToolError
-from exai.files import MAX_PATHS
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
+from exai.tools.sandbox import MAX_PATHS
 
 __all__ = [
     "CHAT",

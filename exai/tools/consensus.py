@@ -51,10 +51,10 @@ from exai.errors import (
     ToolError,
     UpstreamError,
 )
-from exai.files import MAX_PATHS, context_tokens
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
+from exai.tools.sandbox import MAX_PATHS, context_tokens
 from exai.tools.schema import check_schema
 from exai.tools.workflow import HISTORY_TOKEN_BUDGET, file_service
 

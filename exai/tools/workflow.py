@@ -51,10 +51,10 @@ from typing import Any
 import attrs
 
 from exai.errors import InvalidParams, ToolError
-from exai.files import MAX_PATHS, FileSandbox, context_tokens
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse, Step
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from exai.tools.progress import StreamProgress
+from exai.tools.sandbox import MAX_PATHS, FileSandbox, context_tokens
 from exai.tools.schema import check_schema
 
 __all__ = [

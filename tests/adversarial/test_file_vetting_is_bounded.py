@@ -29,7 +29,7 @@ from tests.adversarial.harness import SERVED_WITHIN_S, LiveDaemon, live_daemon
 
 pytestmark = pytest.mark.anyio
 
-#: the documented caps (exai.files.MAX_PATHS, MAX_PATH_COMPONENTS), stated here as the contract
+#: the documented caps (exai.tools.sandbox.MAX_PATHS, MAX_PATH_COMPONENTS), stated as the contract
 MAX_PATHS = 100
 MAX_PATH_COMPONENTS = 128
 

@@ -20,9 +20,9 @@ from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 
 from exai import Client
+from exai.client.ws import ConnectionClosed
 from exai.config import Settings
 from exai.errors import ExaiError, InvalidParams
-from exai.wsclient import ConnectionClosed
 from tests.adversarial.bridge_process import EXAI, bridge_process
 from tests.adversarial.harness import SERVED_WITHIN_S, live_daemon
 from tests.helpers import REPO, ws

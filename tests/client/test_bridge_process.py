@@ -18,7 +18,7 @@ from .conftest import FakeDaemon
 BRIDGE = [
     sys.executable,
     "-c",
-    "import sys; from exai.bridge import main; sys.exit(main(sys.argv[1:]))",
+    "import sys; from exai.client.bridge import main; sys.exit(main(sys.argv[1:]))",
 ]
 
 
@@ -74,7 +74,7 @@ def test_stray_prints_inside_the_bridge_go_to_stderr(threaded_daemon: FakeDaemon
     code = textwrap.dedent(
         """
         import sys
-        from exai import bridge
+        from exai.client import bridge
         real_run = bridge.Bridge.run
         async def noisy_run(self, stdin, stdout):
             print("stray print")

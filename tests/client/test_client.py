@@ -10,9 +10,10 @@ import pytest
 import trio
 
 from exai import errors
-from exai.client import PROTOCOL_VERSION, Client, call_main, error_from_jsonrpc
+from exai.client import PROTOCOL_VERSION, Client, error_from_jsonrpc
+from exai.client.client import call_main
+from exai.client.ws import ConnectionClosed, HandshakeRejected
 from exai.config import Settings
-from exai.wsclient import ConnectionClosed, HandshakeRejected
 
 from .conftest import FakeDaemon
 

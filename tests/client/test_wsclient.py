@@ -1,4 +1,4 @@
-"""The WebSocket client transport (exai.wsclient) against a trio-websocket server."""
+"""The WebSocket client transport (exai.client.ws) against a trio-websocket server."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ import trio
 import trio_websocket
 from trio_websocket import WebSocketRequest
 
-from exai.config import Settings
-from exai.errors import ExaiError
-from exai.wsclient import (
+from exai.client.ws import (
     ConnectionClosed,
     HandshakeRejected,
     WebSocketError,
     connect_websocket,
     make_ssl_context,
 )
+from exai.config import Settings
+from exai.errors import ExaiError
 
 from .conftest import FakeDaemon
 

@@ -19,12 +19,12 @@ import pytest
 import trio
 
 from exai.config import Settings
-from exai.files import FileSandbox
 from exai.providers import ProviderRouter
 from exai.resilience.retry import RetryBudget
 from exai.storage.service import ConversationService
 from exai.testing import MockUpstream
 from exai.tools import default_registry
+from exai.tools.sandbox import FileSandbox
 from tests.helpers import Rpc, make_settings, running_daemon, ws
 from tests.providers.conftest import provider_settings
 from tests.providers.test_endings import CAP, OUTCOME_OF_A, QUOTA_HOLD_S, ROWS, Row

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from exai.bridge import Bridge
+from exai.client.bridge import Bridge
 from exai.config import Settings
 from exai.testing.faultproxy import FaultProxy
 from exai.tools.base import ToolContext, ToolResult, ToolSpec

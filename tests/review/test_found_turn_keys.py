@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from exai.files import FileSandbox
 from exai.providers import ProviderRouter
 from exai.storage.service import ConversationService
 from exai.testing import MockUpstream
+from exai.tools.sandbox import FileSandbox
 from tests.helpers import Rpc, running_daemon, ws
 from tests.tools.suite import suite_env, suite_registry, suite_settings
 

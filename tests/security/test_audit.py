@@ -9,8 +9,8 @@ import stat
 import anyio
 import pytest
 
-from exai.audit import FIELDS, AuditLog
 from exai.config import Secret
+from exai.server.audit import FIELDS, AuditLog
 from tests.helpers import make_settings
 
 

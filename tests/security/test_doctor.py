@@ -20,9 +20,9 @@ import anyio.abc
 import pytest
 import trio.testing
 
-from exai import doctor
+from exai.cli import doctor
+from exai.cli.doctor import Finding, main, render
 from exai.config import Settings
-from exai.doctor import Finding, main, render
 from exai.testing import MockUpstream
 from tests.helpers import free_port, make_settings, running_daemon
 

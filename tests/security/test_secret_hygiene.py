@@ -26,8 +26,8 @@ import pytest
 import trio
 
 from exai.client import Client
+from exai.client.ws import WebSocketError
 from exai.config import Settings
-from exai.wsclient import WebSocketError
 from tests.helpers import REPO, Rpc, daemon_process, free_port, subprocess_env, ws
 
 TOKEN_ALICE = "tok-hygiene-alice-secret-000000000001"
@@ -135,13 +135,8 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> str:
 
 
 def doctor_command() -> list[str]:
-    """``exai doctor`` once the CLI has it; the module until then."""
-    from exai.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    if "doctor" in getattr(sub, "choices", {}):
-        return ["-m", "exai.cli", "doctor"]
-    return ["-m", "exai.doctor"]
+    """``exai doctor``."""
+    return ["-m", "exai.cli", "doctor"]
 
 
 async def exercise(url: str) -> list[str]:

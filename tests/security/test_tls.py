@@ -23,11 +23,11 @@ from anyio import open_process  # imported early: a lazy import inside a test tr
 from anyio.streams.text import TextReceiveStream
 
 from exai.client import Client
+from exai.client.ws import WebSocketError
 from exai.config import Secret, Settings
 from exai.errors import ConfigError
 from exai.server.app import check_bind
 from exai.server.auth import TokenTable, parse_tokens
-from exai.wsclient import WebSocketError
 from tests.helpers import (
     REPO,
     Rpc,

@@ -12,11 +12,11 @@ from typing import Any
 import attrs
 
 from exai.config import Settings
-from exai.files import FileSandbox
 from exai.providers import ProviderRouter
 from exai.storage.service import ConversationService
 from exai.testing import MockUpstream
 from exai.tools import ToolRegistry, ToolSpec, default_registry
+from exai.tools.sandbox import FileSandbox
 from tests.helpers import Rpc, make_settings, running_daemon, ws
 from tests.providers.conftest import provider_settings
 

@@ -1,7 +1,7 @@
 """The file sandbox: which paths are read, how much of them, and how cuts are shown.
 
-Unit tests run :class:`exai.files.FileSandbox` on a temporary root; the last tests go through
-the daemon (``chat`` and a workflow) against a mock upstream to show the same rules there.
+Unit tests run :class:`exai.tools.sandbox.FileSandbox` on a temporary root; the last tests go
+through the daemon (``chat`` and a workflow) against a mock upstream to show the same rules there.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import pytest
 
 from exai.config import Settings
 from exai.errors import FileAccessError, InvalidParams
-from exai.files import (
+from exai.testing import MockUpstream
+from exai.tools.sandbox import (
     MAX_PATH_BYTES,
     MAX_PATH_COMPONENTS,
     MAX_PATHS,
     FileSandbox,
     context_tokens,
 )
-from exai.testing import MockUpstream
 from tests.helpers import make_settings
 from tests.tools.suite import error_of, prompts, suite_env
 

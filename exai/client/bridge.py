@@ -71,12 +71,7 @@ import anyio.abc
 import anyio.to_thread
 import trio
 
-from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text, redact_url
-from exai.errors import SERVER_ERROR, ConfigError
-from exai.logs import configure_logging
-from exai.server.idscan import ID_SCAN_BYTES, recover_id, recover_id_from_ends
-from exai.server.protocol import encode as encode_message
-from exai.wsclient import (
+from exai.client.ws import (
     ConnectionClosed,
     HandshakeRejected,
     WebSocketConnection,
@@ -84,10 +79,15 @@ from exai.wsclient import (
     connect_websocket,
     make_ssl_context,
 )
+from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text, redact_url
+from exai.errors import SERVER_ERROR, ConfigError
+from exai.logs import configure_logging
+from exai.server.idscan import ID_SCAN_BYTES, recover_id, recover_id_from_ends
+from exai.server.protocol import encode as encode_message
 
 __all__ = ["IDEMPOTENCY_META_KEY", "Bridge", "backoff_delay", "main"]
 
-log = logging.getLogger("exai.bridge")
+log = logging.getLogger("exai.client.bridge")
 
 #: ``params._meta`` key the daemon dedupes re-sent ``tools/call`` requests by.
 IDEMPOTENCY_META_KEY = "exai/idempotencyKey"

@@ -7,7 +7,7 @@
         result = await client.call_tool("version", {})
         print(result["content"][0]["text"])
 
-One WebSocket connection (see :mod:`exai.wsclient`) carries any number of concurrent requests: a
+One WebSocket connection (see :mod:`exai.client.ws`) carries any number of concurrent requests: a
 reader task routes each response to the call waiting on its id, and progress notifications to the
 call that asked for them. A JSON-RPC error becomes an :mod:`exai.errors` exception
 (:func:`error_from_jsonrpc`). The client does not reconnect; the bridge does.
@@ -29,7 +29,7 @@ Error handling:
     lone surrogate is sent as a ``\\u`` escape. A received message that is not JSON (or nests
     too deep to decode) or has the wrong shape is logged and skipped.
     When the connection breaks, every waiting call raises
-    :class:`~exai.wsclient.ConnectionClosed` and so does every later call. A call whose caller
+    :class:`~exai.client.ws.ConnectionClosed` and so does every later call. A call whose caller
     cancels it (a cancel scope) sends ``notifications/cancelled`` for it before unwinding.
 """
 
@@ -52,16 +52,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 import exai
 from exai import errors
-from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text
-from exai.errors import ExaiError
-from exai.server.protocol import encode as encode_message
-from exai.wsclient import (
+from exai.client.ws import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketError,
     connect_websocket,
     make_ssl_context,
 )
+from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text
+from exai.errors import ExaiError
+from exai.server.protocol import encode as encode_message
 
 __all__ = ["PROTOCOL_VERSION", "Client", "ProgressCallback", "call_main", "error_from_jsonrpc"]
 

@@ -51,12 +51,12 @@ import attrs
 import httpx
 
 from exai.client import Client
+from exai.client.ws import HandshakeRejected, WebSocketError
 from exai.config import Settings, is_loopback, redact_url
 from exai.errors import ConfigError
 from exai.security import child_env, secret_values, token_entries
 from exai.server.auth import parse_tokens
 from exai.storage.postgres import parse_postgres_url
-from exai.wsclient import HandshakeRejected, WebSocketError
 
 __all__ = [
     "CONNECT_S",

@@ -20,10 +20,10 @@ __all__ = ["open_services"]
 @asynccontextmanager
 async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """Yield ``{"providers": …, "conversations": …, "idempotency": …}`` for the daemon."""
-    from exai.files import FileSandbox
     from exai.providers import ProviderRouter
     from exai.storage.base import store_kind
     from exai.storage.service import ConversationService
+    from exai.tools.sandbox import FileSandbox
 
     services: dict[str, Any] = {"files": FileSandbox(settings)}
     async with AsyncExitStack() as stack:

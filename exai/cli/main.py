@@ -73,7 +73,7 @@ def warn_exposed_secret_files(settings: Settings) -> None:
     import os
     from pathlib import Path
 
-    from exai.doctor import secret_file_problem, secret_files
+    from exai.cli.doctor import secret_file_problem, secret_files
     from exai.logs import log_event
 
     env_file = next((Path(p) for v, p in settings.source_files if v == "EXAI_ENV_FILE"), None)
@@ -94,7 +94,7 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
     import trio
 
     from exai.server.app import serve
-    from exai.services import open_services
+    from exai.server.services import open_services
 
     async with open_services(settings) as services, trio.open_nursery() as nursery:
 
@@ -179,19 +179,19 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from exai.client import call_main
+    from exai.client.client import call_main
 
     return call_main(["status", *args.rest])
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from exai.client import call_main
+    from exai.client.client import call_main
 
     return call_main(args.rest)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    from exai.bridge import main as bridge_main
+    from exai.client.bridge import main as bridge_main
 
     return bridge_main(args.rest)
 
@@ -203,7 +203,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from exai.doctor import main as doctor_main
+    from exai.cli.doctor import main as doctor_main
 
     return doctor_main(args.rest)
 
