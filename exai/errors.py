@@ -79,6 +79,7 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamRetryableError",
     "UpstreamTruncated",
+    "unwrap_exception",
 ]
 
 #: JSON-RPC code used for every exai-specific error; ``data.reason`` tells them apart.
@@ -375,3 +376,16 @@ class ToolError(ExaiError):
     """A tool failed for a reason of its own."""
 
     reason = "tool_error"
+
+
+def unwrap_exception(exc: BaseException) -> BaseException:
+    """The one error a caller should see: groups of one are unwrapped, an ExaiError preferred.
+
+    A nursery reports a task's failure as an exception group; a boundary that answers one
+    request (a tool call, ``exai serve`` at start-up) reports the error inside it.
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        inner = exc.exceptions
+        preferred = [e for e in inner if isinstance(e, ExaiError)]
+        exc = preferred[0] if preferred else inner[0]
+    return exc

@@ -130,10 +130,9 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
+    from exai.errors import unwrap_exception
     from exai.logs import configure_logging
-    from exai.server.app import check_bind
-    from exai.server.auth import TokenTable, parse_tokens
-    from exai.server.session import unwrap_exception
+    from exai.server.auth import TokenTable, check_bind, parse_tokens
     from exai.tools import default_registry
 
     try:

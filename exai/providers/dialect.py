@@ -4,6 +4,7 @@ A :class:`Dialect` builds the ``/chat/completions`` body for a :class:`ChatReque
 what to do when the answer asks for a tool call (Kimi's ``$web_search`` builtin is answered by
 echoing it back). :class:`OpenAIDialect` is the plain OpenAI wire format; ``kimi.py`` and
 ``glm.py`` hold the two providers' differences. Dialects are pure: no I/O, easy to test.
+Which dialect speaks for a provider kind is decided above them, in :mod:`exai.providers.dialects`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from exai.providers.types import ChatRequest
 
-__all__ = ["Dialect", "OpenAIDialect", "dialect_for"]
+__all__ = ["Dialect", "OpenAIDialect"]
 
 
 class Dialect:
@@ -53,11 +54,3 @@ class Dialect:
 
 class OpenAIDialect(Dialect):
     """Any OpenAI-compatible endpoint (vLLM, Ollama, OpenRouter, the exai mock)."""
-
-
-def dialect_for(kind: str) -> Dialect:
-    """The dialect for a ``ProviderSettings.kind``; unknown kinds speak plain OpenAI."""
-    from exai.providers.glm import GLMDialect
-    from exai.providers.kimi import KimiDialect
-
-    return {"kimi": KimiDialect, "glm": GLMDialect}.get(kind, OpenAIDialect)()

@@ -46,7 +46,7 @@ from exai.errors import (
 )
 from exai.logs import log_event
 from exai.providers.client import OpenAIClient, host_of
-from exai.providers.dialect import dialect_for
+from exai.providers.dialects import dialect_for
 from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage, unencodable_field
 from exai.resilience.breaker import CircuitBreaker
 from exai.resilience.bucket import TokenBucket

@@ -1,59 +1,48 @@
-"""The admin HTTP listener: ``/healthz``, ``/readyz`` and (when wired) ``/metrics``.
+"""The admin HTTP listener: ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Loopback by default (``EXAI_ADMIN_HOST``). A deliberately small HTTP/1.1 server on h11: one
-request per connection, bounded header size and time, GET only.
+request per connection, bounded header size and time, GET only. It is handed the two things it
+serves: a readiness view (``() -> (ready, reason)``) and the metrics renderer (``() -> bytes``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import h11
 import trio
 
-if TYPE_CHECKING:
-    from exai.server.app import Daemon
-
 __all__ = ["serve_admin"]
 
-#: route → handler(daemon) returning (status, content type, body)
-Route = Callable[["Daemon"], tuple[int, str, bytes]]
-ROUTES: dict[str, Route] = {}
-
-
-def route(path: str) -> Callable[[Route], Route]:
-    def deco(fn: Route) -> Route:
-        ROUTES[path] = fn
-        return fn
-
-    return deco
+#: a route's handler: () -> (status, content type, body)
+Route = Callable[[], tuple[int, str, bytes]]
 
 
 def _json(status: int, data: dict[str, Any]) -> tuple[int, str, bytes]:
     return status, "application/json", json.dumps(data).encode()
 
 
-@route("/healthz")
-def _healthz(daemon: Daemon) -> tuple[int, str, bytes]:
-    return _json(200, {"status": "ok"})
+def _routes(
+    readiness: Callable[[], tuple[bool, str | None]], metrics: Callable[[], bytes]
+) -> dict[str, Route]:
+    def healthz() -> tuple[int, str, bytes]:
+        return _json(200, {"status": "ok"})
+
+    def readyz() -> tuple[int, str, bytes]:
+        ready, reason = readiness()
+        return _json(200 if ready else 503, {"ready": ready, "reason": reason})
+
+    def render_metrics() -> tuple[int, str, bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return 200, CONTENT_TYPE_LATEST, metrics()
+
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": render_metrics}
 
 
-@route("/readyz")
-def _readyz(daemon: Daemon) -> tuple[int, str, bytes]:
-    ready, reason = daemon.readiness()
-    return _json(200 if ready else 503, {"ready": ready, "reason": reason})
-
-
-@route("/metrics")
-def _metrics(daemon: Daemon) -> tuple[int, str, bytes]:
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    return 200, CONTENT_TYPE_LATEST, daemon.metrics.render()
-
-
-async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
+async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     with trio.move_on_after(5.0):
         try:
@@ -69,13 +58,13 @@ async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
                     break
                 return
             target = event.target.decode("latin-1").split("?", 1)[0]
-            handler = ROUTES.get(target)
+            handler = routes.get(target)
             if event.method != b"GET":
                 status, ctype, body = _json(405, {"error": "only GET is served"})
             elif handler is None:
-                status, ctype, body = _json(404, {"error": "not found", "paths": sorted(ROUTES)})
+                status, ctype, body = _json(404, {"error": "not found", "paths": sorted(routes)})
             else:
-                status, ctype, body = handler(daemon)
+                status, ctype, body = handler()
             headers = [
                 ("Content-Type", ctype),
                 ("Content-Length", str(len(body))),
@@ -91,11 +80,23 @@ async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
 
 
 async def serve_admin(
-    daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    host: str,
+    port: int,
+    *,
+    readiness: Callable[[], tuple[bool, str | None]],
+    metrics: Callable[[], bytes],
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the admin endpoints until cancelled; ``task_status.started(url)`` when listening."""
-    s = daemon.settings
-    listeners = await trio.open_tcp_listeners(s.admin_port, host=s.admin_host)
+    """Serve the admin endpoints until cancelled; ``task_status.started(url)`` when listening.
+
+    Args:
+        host: the address to bind (``EXAI_ADMIN_HOST``).
+        port: the port (``EXAI_ADMIN_PORT``; 0 = a free one).
+        readiness: what ``/readyz`` reports: ``(ready, reason)``.
+        metrics: what ``/metrics`` serves: the Prometheus text exposition.
+    """
+    routes = _routes(readiness, metrics)
+    listeners = await trio.open_tcp_listeners(port, host=host)
     host, port = listeners[0].socket.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
@@ -103,7 +104,7 @@ async def serve_admin(
 
     async def handler(stream: trio.SocketStream) -> None:
         async with limiter:
-            await _handle(daemon, stream)
+            await _handle(routes, stream)
 
     async with trio.open_nursery() as nursery:
         task_status.started(f"http://{host}:{port}")

@@ -1,14 +1,22 @@
-"""Connection admission: a global cap and a per-address cap, counted exactly.
+"""Admission: connection caps (:class:`Admission`) and the daemon-wide call slots
+(:class:`CallSlots`).
 
-A slot is taken before the WebSocket upgrade and released in ``finally`` by the code that took
-it, so a client that vanishes mid-handshake or mid-session gives its slot back.
+A connection slot is taken before the WebSocket upgrade and released in ``finally`` by the code
+that took it, so a client that vanishes mid-handshake or mid-session gives its slot back. A call
+takes its session's slot, then (for a connection's second and later concurrent calls) a shared
+slot, its client identity's and the daemon's — see :meth:`exai.server.session.Session._launch`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-__all__ = ["Admission"]
+import trio
+
+from exai.config import Settings
+from exai.resilience import TokenBucket
+
+__all__ = ["Admission", "CallSlots"]
 
 
 class Admission:
@@ -57,3 +65,45 @@ class Admission:
             "accepted_total": self.accepted_total,
             "rejected": dict(self.rejected),
         }
+
+
+class CallSlots:
+    """The limiters every session's calls share, and the per-identity message buckets.
+
+    Attributes:
+        inflight: ``max_inflight`` calls running in the daemon.
+        shared_inflight: what connections' second and later concurrent calls share: three
+            quarters of the daemon's slots, so a quarter stays for connections running one
+            call each.
+
+    Per-identity limiters and buckets are made on first use and kept for the daemon's life
+    (one per configured identity: their number is bounded by the tokens table).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.inflight = trio.CapacityLimiter(settings.max_inflight)
+        self.shared_inflight = trio.CapacityLimiter(max(1, settings.max_inflight * 3 // 4))
+        self._identity_buckets: dict[str, TokenBucket] = {}
+        self._identity_limiters: dict[str, trio.CapacityLimiter] = {}
+
+    def identity_bucket(self, name: str) -> TokenBucket | None:
+        """The message bucket shared by every connection of one client identity."""
+        s = self._settings
+        if s.identity_rate_per_s <= 0:
+            return None
+        bucket = self._identity_buckets.get(name)
+        if bucket is None:
+            bucket = TokenBucket(s.identity_rate_per_s, s.identity_burst)
+            self._identity_buckets[name] = bucket
+        return bucket
+
+    def identity_limiter(self, name: str) -> trio.CapacityLimiter | None:
+        """The in-flight limiter shared by every connection of one client identity."""
+        if self._settings.identity_max_inflight <= 0:
+            return None
+        lim = self._identity_limiters.get(name)
+        if lim is None:
+            lim = trio.CapacityLimiter(self._settings.identity_max_inflight)
+            self._identity_limiters[name] = lim
+        return lim

@@ -10,6 +10,9 @@ line, ``#`` comments allowed) take four forms::
 
 A plain token must be printable ASCII without spaces (see :data:`exai.config.TOKEN_TEXT_RULE`).
 Only digests are kept in memory after parsing; the plain value is never logged or shown.
+
+:func:`check_bind` refuses a listener address that would expose the daemon without tokens or
+without TLS (``exai serve``, the reloader and ``exai doctor``'s advice follow the same rule).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import re
 
 import attrs
 
-from exai.config import TOKEN_TEXT_RULE, Secret, is_token_text
+from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_loopback, is_token_text
 from exai.errors import ConfigError
 
-__all__ = ["Identity", "TokenTable", "parse_tokens"]
+__all__ = ["Identity", "TokenTable", "check_bind", "parse_tokens"]
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -107,3 +110,26 @@ class TokenTable:
             if hmac.compare_digest(presented, ident.digest):
                 found = ident
         return found
+
+
+def check_bind(settings: Settings, tokens: TokenTable) -> None:
+    """Refuse an unsafe bind with a message saying what it would expose.
+
+    Raises:
+        ConfigError: non-loopback without tokens; or non-loopback without TLS unless
+            ``EXAI_ALLOW_INSECURE_BIND`` is set.
+    """
+    if is_loopback(settings.host):
+        return
+    if not tokens.enabled:
+        raise ConfigError(
+            f"refusing to listen on {settings.host}: no client tokens are configured, so anyone "
+            "who can reach this address could use your provider keys. Set EXAI_TOKENS or "
+            "EXAI_TOKENS_FILE (see `exai token new NAME`), or bind 127.0.0.1."
+        )
+    if not settings.tls_cert and not settings.allow_insecure_bind:
+        raise ConfigError(
+            f"refusing to listen on {settings.host} without TLS: client tokens and every "
+            "prompt, file and answer would cross the network in clear text. Set EXAI_TLS_CERT "
+            "and EXAI_TLS_KEY, or EXAI_ALLOW_INSECURE_BIND=1 if the network is trusted."
+        )

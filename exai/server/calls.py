@@ -1,36 +1,62 @@
-"""Executions of ``tools/call`` and the exactly-once registry.
+"""Executions of ``tools/call``: the exactly-once registry and the runner.
 
-An :class:`Execution` is one run of a tool. It lives in the daemon's calls nursery, not in the
+An :class:`Execution` is one run of a tool. It lives in the runner's calls nursery, not in the
 session that started it, so that a bridge which lost its connection can reconnect and *join*
 the execution instead of running the tool again. Sessions attach to an execution as watchers
 (to receive its progress and its result) and detach when they close.
+
+The lifecycle, in order: a session reserves the execution's key in the :class:`CallRegistry`
+(``running``), takes its slots, and hands it to :meth:`CallRunner.start`; the runner runs the
+tool under the call's deadline with a heartbeat, stores the answer (here and, for a client's
+idempotency key, in the store shared by daemons), releases the slots, counts, times and audits
+the call, and wakes every watcher.
 
 Resource handling:
     An execution holds one slot of its session's limiter and one of the global limiter from
     before it starts until it ends (released in ``finally``). When its last watcher detaches,
     an execution started without an idempotency key is cancelled at once; one started with a
     key (a bridge that will re-send) is given ``orphan_grace_s`` to be adopted, then cancelled.
+    :class:`CallRunner` is an async context manager owning the nursery every execution runs in.
 
 The :class:`CallRegistry` maps a key — the client's ``_meta["exai/idempotencyKey"]`` or, when
 absent, ``session id + request id`` — to the running execution or to its finished response,
 kept for ``ttl_s``, at most ``max_entries`` of them and ``max_bytes`` in all (oldest first
-out), each answer's text stored once (:func:`compact`). Every entry carries the digest of the
-request that made it (:func:`exai.server.protocol.call_digest`): the same key asking another
-question is another call, never answered from this one.
+out), each answer's text stored once (:func:`~exai.server.compact.compact`). Every entry
+carries the digest of the request that made it (:func:`exai.server.protocol.call_digest`): the
+same key asking another question is another call, never answered from this one.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Protocol
 
 import attrs
 import trio
 
-__all__ = ["CallRegistry", "Execution", "Finished", "Watcher", "approx_size", "compact", "expand"]
+from exai import errors
+from exai.config import Settings
+from exai.logs import log_event
+from exai.server import protocol as p
+from exai.server.audit import AuditLog
+from exai.server.compact import approx_size, compact, expand
+from exai.server.stats import DaemonStats
+from exai.tools.base import ToolContext, ToolRegistry
+
+__all__ = [
+    "CallRegistry",
+    "CallRunner",
+    "Changes",
+    "Execution",
+    "Finished",
+    "SharedResults",
+    "Watcher",
+]
 
 _ids = itertools.count(1)
 
@@ -141,146 +167,6 @@ class Finished:
     nbytes: int
 
 
-@attrs.frozen
-class _Ref:
-    """Part of a text block stored as a reference to a string of ``structuredContent``."""
-
-    path: tuple[str | int, ...]
-    length: int
-
-
-@attrs.frozen
-class _Spliced:
-    """A text block's text stored as pieces: plain strings and :class:`_Ref`."""
-
-    pieces: tuple[str | _Ref, ...]
-
-
-#: strings shorter than this are not worth a reference
-_SPLICE_MIN_CHARS = 1024
-#: how many nodes of ``structuredContent`` are searched for strings the text repeats
-_SPLICE_MAX_NODES = 1000
-
-
-def _long_strings(structured: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
-    """Strings of ``structured`` at least ``_SPLICE_MIN_CHARS`` long, with their paths."""
-    found: list[tuple[tuple[str | int, ...], str]] = []
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), structured)]
-    seen = 0
-    while stack and seen < _SPLICE_MAX_NODES:
-        path, node = stack.pop()
-        seen += 1
-        if isinstance(node, str):
-            if len(node) >= _SPLICE_MIN_CHARS:
-                found.append((path, node))
-        elif isinstance(node, dict):
-            stack.extend(((*path, k), v) for k, v in node.items())
-        elif isinstance(node, list):
-            stack.extend(((*path, i), v) for i, v in enumerate(node))
-    return found
-
-
-def _splice(text: str, strings: list[tuple[tuple[str | int, ...], str]]) -> _Spliced | None:
-    """``text`` as pieces referring to the long strings it contains (longest first, without
-    overlap; a string is matched without its trailing whitespace, which tools often strip)."""
-    spans: list[tuple[int, int, _Ref]] = []
-    for path, value in sorted(strings, key=lambda item: -len(item[1])):
-        core = value.rstrip()
-        if len(core) < _SPLICE_MIN_CHARS:
-            continue
-        at = text.find(core)
-        if at < 0 or any(at < end and start < at + len(core) for start, end, _ in spans):
-            continue
-        spans.append((at, at + len(core), _Ref(path, len(core))))
-    if not spans:
-        return None
-    pieces: list[str | _Ref] = []
-    pos = 0
-    for start, end, ref in sorted(spans, key=lambda s: s[0]):
-        if start > pos:
-            pieces.append(text[pos:start])
-        pieces.append(ref)
-        pos = end
-    if pos < len(text):
-        pieces.append(text[pos:])
-    return _Spliced(tuple(pieces))
-
-
-def compact(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` with its answer text stored once.
-
-    A tool's result carries its answer twice: as the text content and inside
-    ``structuredContent`` (``chat``'s ``content``, ``consensus``'s answers). The text blocks are
-    kept as references into ``structuredContent`` for every string of at least 1 KiB they
-    repeat; :func:`expand` rebuilds them. Payloads with nothing repeated come back as they are.
-    """
-    result = payload.get("result")
-    if not isinstance(result, dict):
-        return payload
-    structured, content = result.get("structuredContent"), result.get("content")
-    if not isinstance(structured, dict) or not isinstance(content, list):
-        return payload
-    strings = _long_strings(structured)
-    if not strings:
-        return payload
-    blocks: list[Any] = []
-    changed = False
-    for block in content:
-        text = block.get("text") if isinstance(block, dict) else None
-        spliced = _splice(text, strings) if isinstance(text, str) else None
-        if spliced is not None:
-            block = {**block, "text": spliced}
-            changed = True
-        blocks.append(block)
-    if not changed:
-        return payload
-    return {**payload, "result": {**result, "content": blocks}}
-
-
-def expand(payload: dict[str, Any]) -> dict[str, Any]:
-    """The payload :func:`compact` was given (a new dict; the stored one is not changed)."""
-    result = payload.get("result")
-    if not isinstance(result, dict) or not isinstance(result.get("content"), list):
-        return payload
-    content = result["content"]
-    if not any(isinstance(b, dict) and isinstance(b.get("text"), _Spliced) for b in content):
-        return payload
-    structured = result["structuredContent"]
-    blocks = []
-    for block in content:
-        if isinstance(block, dict) and isinstance(block.get("text"), _Spliced):
-            parts = []
-            for piece in block["text"].pieces:
-                if isinstance(piece, _Ref):
-                    node: Any = structured
-                    for step in piece.path:
-                        node = node[step]
-                    parts.append(node[: piece.length])
-                else:
-                    parts.append(piece)
-            block = {**block, "text": "".join(parts)}
-        blocks.append(block)
-    return {**payload, "result": {**result, "content": blocks}}
-
-
-def approx_size(value: Any) -> int:
-    """Bytes ``value`` holds in memory: ``sys.getsizeof`` of every str, container and scalar
-    reached (shared objects counted each time they are reached)."""
-    total = 0
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        total += sys.getsizeof(node)
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
-        elif isinstance(node, _Spliced):
-            stack.extend(node.pieces)
-    return total
-
-
 class CallRegistry:
     """Running executions and finished answers by key, bounded in count, bytes and time.
 
@@ -370,3 +256,247 @@ class CallRegistry:
             if not ex.watchers:
                 ex.cancel()
                 return
+
+
+class Changes:
+    """A wake-up for whoever waits until executions, sessions or responders have changed.
+
+    :meth:`notify` is called by whatever changed them (an execution ending, a session closing);
+    :meth:`wait_for` re-checks its predicate on every notification. Used by the daemon's drain.
+    """
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def notify(self) -> None:
+        """Wake :meth:`wait_for` waiters."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds (re-checked on every :meth:`notify`); the caller
+        bounds the wait."""
+        while not predicate():
+            await self._changed.wait()
+
+
+class SharedResults(Protocol):
+    """Finished results shared by every daemon (Redis), keyed by the client's idempotency key
+    (:class:`exai.storage.IdempotencyResults`)."""
+
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+
+    async def put(self, key: str, payload: dict[str, Any], ttl_s: float) -> None: ...
+
+
+class _Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Histogram(Protocol):
+    def labels(self, *labelvalues: str) -> _Observer: ...
+
+
+class CallRunner:
+    """Runs executions in its nursery, each under its deadline, and finishes them.
+
+    Args:
+        settings: ``call_timeout_s`` (a tool without its own timeout), ``heartbeat_interval_s``,
+            ``store_timeout_s`` and ``idempotency_ttl_s`` (the shared results).
+        tools: where each execution's tool is looked up.
+        calls: the registry the answers are stored in and the running executions removed from.
+        stats: counts each call by outcome and by tool.
+        call_duration: a histogram labelled ``(tool, outcome)``.
+        audit: one line per call.
+        changes: notified when an execution ends.
+        shared: the results shared by daemons (``None`` without Redis).
+
+    Resource handling:
+        ``async with runner:`` owns the calls nursery; leaving it waits for every execution
+        (the daemon's drain cancels them past its bound).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        tools: ToolRegistry,
+        calls: CallRegistry,
+        stats: DaemonStats,
+        call_duration: _Histogram,
+        audit: AuditLog,
+        changes: Changes,
+        shared: SharedResults | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tools = tools
+        self.calls = calls
+        self.stats = stats
+        self.call_duration = call_duration
+        self.audit = audit
+        self.changes = changes
+        self.shared = shared
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
+
+    async def __aenter__(self) -> CallRunner:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery_cm is not None
+        try:
+            return await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        finally:
+            self._nursery = None
+
+    def start(
+        self,
+        ex: Execution,
+        args: dict[str, Any],
+        ctx: ToolContext,
+        limiters: list[trio.CapacityLimiter],
+    ) -> None:
+        """Start ``ex`` in the calls nursery; its slots (``limiters``, held on behalf of ``ex``)
+        are released when it ends."""
+        assert self._nursery is not None, "the runner is not open"
+        self._nursery.start_soon(
+            self.run, ex, args, ctx, limiters, name=f"call:{ex.tool}:{ex.key[:40]}"
+        )
+
+    async def shared_result(self, client_key: str) -> dict[str, Any] | None:
+        """A result stored by another daemon for ``client_key`` (Redis), if configured."""
+        store = self.shared
+        if store is None:
+            return None
+        try:
+            with trio.move_on_after(self.settings.store_timeout_s):
+                result: dict[str, Any] | None = await store.get(client_key)
+                return result
+        except errors.ExaiError:
+            return None
+        return None
+
+    async def run(
+        self,
+        ex: Execution,
+        args: dict[str, Any],
+        ctx: ToolContext,
+        limiters: list[trio.CapacityLimiter],
+    ) -> None:
+        """Run one tool call under its deadline; store its response; release its slots."""
+        spec = self.tools.get(ex.tool)
+        assert spec is not None
+        timeout = spec.timeout_s if spec.timeout_s is not None else self.settings.call_timeout_s
+        ex.started_at = trio.current_time()
+        if ex.deadline == float("inf"):
+            ex.deadline = ex.started_at + timeout
+        outcome = "ok"
+
+        async def progress(
+            progress: float | None = None, total: float | None = None, message: str | None = None
+        ) -> None:
+            ex.progress(message, make=p.progress_notification, value=progress, total=total)
+
+        ctx.progress = progress
+        try:
+            with ex.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, ex)
+                    if ex.client_key:
+                        nursery.start_soon(self.calls.orphan_watch, ex)
+                    try:
+                        # the deadline was fixed at admission: waiting for a slot counted
+                        with trio.fail_at(ex.deadline):
+                            result = await spec.handler(args, ctx)
+                        ex.payload = {"result": result.to_mcp()}
+                    except trio.TooSlowError:
+                        outcome = "timeout"
+                        exc = errors.DeadlineExceeded(
+                            f"tool {ex.tool!r} did not finish within its deadline of {timeout:g}s"
+                        )
+                        ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
+                    except Exception as raw:
+                        exc2 = errors.unwrap_exception(raw)
+                        if isinstance(exc2, errors.ExaiError):
+                            outcome = exc2.reason
+                            err = p.error_from_exception(None, exc2)["error"]
+                        else:
+                            outcome = "internal_error"
+                            log_event(
+                                "call.crashed",
+                                logging.ERROR,
+                                tool=ex.tool,
+                                exc_type=type(exc2).__name__,
+                            )
+                            err = p.error(
+                                None,
+                                -32603,
+                                f"internal error in tool {ex.tool!r} ({type(exc2).__name__})",
+                                {"reason": "internal_error"},
+                            )["error"]
+                        ex.payload = {"error": err}
+                    nursery.cancel_scope.cancel()
+            if ex.scope.cancelled_caught:
+                outcome = "cancelled"
+                ex.payload = None
+        finally:
+            self.calls.running.pop(ex.key, None)
+            if ex.payload is not None:
+                ex.payload_bytes = self.calls.store(ex.key, ex.digest, ex.payload)
+                await self._share_result(ex)
+            for limiter in limiters:
+                limiter.release_on_behalf_of(ex)
+            self.stats.calls[outcome] += 1
+            self.stats.by_tool[(ex.tool, outcome)] += 1
+            self.call_duration.labels(ex.tool, outcome).observe(trio.current_time() - ex.started_at)
+            ex.done.set()
+            self.changes.notify()
+            duration_s = trio.current_time() - ex.started_at
+            self.audit.record(
+                tool=ex.tool,
+                outcome=outcome,
+                client=ctx.client,
+                peer=ctx.peer,
+                provider=ctx.annotations.get("provider"),
+                model=ctx.annotations.get("model"),
+                key_fp=ctx.annotations.get("key_fingerprint"),
+                duration_s=duration_s,
+                session=ctx.session_id,
+                request_id=ctx.request_id,
+            )
+            log_event(
+                "call.finished",
+                tool=ex.tool,
+                client=ctx.client,
+                outcome=outcome,
+                duration_s=round(trio.current_time() - ex.started_at, 4),
+                provider=ctx.annotations.get("provider"),
+                model=ctx.annotations.get("model"),
+            )
+
+    async def _share_result(self, ex: Execution) -> None:
+        store = self.shared
+        if store is None or not ex.client_key or ex.payload is None:
+            return
+        with trio.move_on_after(self.settings.store_timeout_s) as scope:
+            scope.shield = True  # finishing bookkeeping even while being cancelled
+            try:
+                await store.put(ex.shared_key, ex.payload, self.settings.idempotency_ttl_s)
+            except errors.ExaiError:
+                pass
+
+    async def _heartbeat(self, ex: Execution) -> None:
+        interval = self.settings.heartbeat_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            elapsed = trio.current_time() - ex.started_at
+            ex.progress(f"{ex.tool}: still working ({elapsed:.0f}s)", make=p.progress_notification)

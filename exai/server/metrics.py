@@ -1,13 +1,17 @@
 """Prometheus metrics of one daemon, served at ``/metrics`` on the admin listener.
 
-Each daemon has its own :class:`prometheus_client.CollectorRegistry` (several daemons can run in
-one test process). Two kinds of figures:
+Each daemon has its own :class:`DaemonMetrics` (several daemons can run in one test process): a
+:class:`prometheus_client.CollectorRegistry` with two kinds of figures:
 
-* observed as they happen: call latency histograms, in-flight slot waits, loop stalls;
-* read at scrape time from live state by :class:`_StateCollector`: connections, rejections,
-  calls by outcome, in-flight, and whatever the services report through
-  ``metrics_snapshot()`` — breaker states and transitions, token-bucket waits and rejections,
-  pool use, spool depth.
+* observed as they happen (histograms a part is handed): call latency, in-flight slot waits,
+  loop stalls;
+* read at scrape time from live state by collectors the composition root registers with
+  :meth:`DaemonMetrics.add_collector` — the functions below, each given only the parts it
+  reads: connections and refusals (:func:`connection_metrics`), calls and in-flight
+  (:func:`call_metrics`), pending bytes and overload (:func:`pressure_metrics`), the loop
+  (:func:`loop_metrics`), memory (:func:`memory_metrics`), and whatever the services report
+  through ``metrics_snapshot()`` (:func:`service_metrics`) — breaker states and transitions,
+  token-bucket waits and rejections, pool use, spool depth.
 
 A service (providers, conversations) opts in by having ``metrics_snapshot() -> dict`` with any of
 these keys::
@@ -20,17 +24,31 @@ these keys::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from exai.server.app import Daemon
+from exai.server.admission import Admission
+from exai.server.budget import MemoryBudget
+from exai.server.calls import CallRegistry
+from exai.server.overload import OverloadManager
+from exai.server.readiness import Readiness
+from exai.server.stalls import StallDetector
+from exai.server.stats import DaemonStats
 
-__all__ = ["BREAKER_STATE_VALUE", "DaemonMetrics"]
+__all__ = [
+    "BREAKER_STATE_VALUE",
+    "DaemonMetrics",
+    "call_metrics",
+    "connection_metrics",
+    "loop_metrics",
+    "memory_metrics",
+    "pressure_metrics",
+    "service_metrics",
+]
 
 BREAKER_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -38,11 +56,14 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _STALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
+#: a collector: the metric families of some live state, read at scrape time
+CollectFn = Callable[[], Iterable[Metric]]
+
 
 class DaemonMetrics:
-    """The metrics of one daemon."""
+    """The metrics registry of one daemon: its histograms and the collectors of live state."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.call_duration = Histogram(
             "exai_call_duration_seconds",
@@ -63,103 +84,132 @@ class DaemonMetrics:
             buckets=_STALL_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(daemon))
+        self._collector = _Collectors()
+        self.registry.register(self._collector)
+
+    def add_collector(self, collect: CollectFn) -> None:
+        """Have ``collect()`` read at every scrape (in the order added)."""
+        self._collector.functions.append(collect)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
 
-class _StateCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+class _Collectors(Collector):
+    def __init__(self) -> None:
+        self.functions: list[CollectFn] = []
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        adm = d.admission
-        g = GaugeMetricFamily("exai_connections_open", "Open MCP WebSocket connections.")
-        g.add_metric([], adm.open)
-        yield g
-        c = CounterMetricFamily(
-            "exai_connections_accepted", "Connections admitted since start.", labels=[]
-        )
-        c.add_metric([], adm.accepted_total)
-        yield c
-        rej = CounterMetricFamily(
-            "exai_connections_rejected",
-            "Connections refused before the upgrade, by reason.",
-            labels=["reason"],
-        )
-        reasons: dict[str, int] = dict(adm.rejected)
-        for key in ("unauthorized", "handshake_timeout", "draining", "overloaded", "not_found"):
-            if key in d.stats.rejections:
-                reasons[key] = reasons.get(key, 0) + d.stats.rejections[key]
-        for reason, n in sorted(reasons.items()):
-            rej.add_metric([reason], n)
-        yield rej
-        r = CounterMetricFamily(
-            "exai_rejections", "Requests refused, by reason.", labels=["reason"]
-        )
-        for reason, n in sorted(d.stats.rejections.items()):
-            r.add_metric([reason], n)
-        yield r
-        calls = CounterMetricFamily(
-            "exai_calls",
-            "Finished tools/call executions, by tool and outcome.",
-            labels=["tool", "outcome"],
-        )
-        for (tool, outcome), n in sorted(d.stats.by_tool.items()):
-            calls.add_metric([tool, outcome], n)
-        yield calls
-        infl = GaugeMetricFamily("exai_inflight_calls", "tools/call executions running now.")
-        infl.add_metric([], len(d.calls.running))
-        yield infl
-        lim = GaugeMetricFamily("exai_inflight_limit", "In-flight limits.", labels=["scope"])
-        lim.add_metric(["global"], d.settings.max_inflight)
-        lim.add_metric(["session"], d.settings.session_max_inflight)
-        yield lim
-        sess = GaugeMetricFamily("exai_sessions", "Sessions after the upgrade.")
-        sess.add_metric([], len(d.sessions))
-        yield sess
-        over = GaugeMetricFamily(
-            "exai_overloaded", "1 while admission is suspended (memory budget or draining)."
-        )
-        over.add_metric([], 1 if (d.overloaded_reason or d.draining) else 0)
-        yield over
-        pend = GaugeMetricFamily(
-            "exai_pending_bytes",
-            "Bytes of frames being received, pending requests and unwritten answers.",
-        )
-        pend.add_metric([], d.budget.charged_bytes)
-        yield pend
-        plim = GaugeMetricFamily("exai_pending_limit_bytes", "Budget of exai_pending_bytes.")
-        plim.add_metric([], d.budget.limit_bytes)
-        yield plim
-        store = GaugeMetricFamily("exai_result_store_bytes", "Bytes of stored finished results.")
-        store.add_metric([], d.calls.nbytes)
-        yield store
-        if d.stall_detector is not None:
-            mx = GaugeMetricFamily(
-                "exai_loop_max_stall_seconds", "Longest event-loop task step since start."
-            )
-            mx.add_metric([], d.stall_detector.max_stall_s)
-            yield mx
-            st = CounterMetricFamily(
-                "exai_loop_stalls", "Task steps over the stall threshold since start."
-            )
-            st.add_metric([], d.stall_detector.stall_count)
-            yield st
-        if d.memory is not None:
-            mem = GaugeMetricFamily("exai_memory_used_bytes", "Memory the watermarks watch.")
-            mem.add_metric([], d.memory.used_bytes)
-            yield mem
-            mlim = GaugeMetricFamily("exai_memory_limit_bytes", "Memory limit watched.")
-            mlim.add_metric([], d.memory.limit_bytes)
-            yield mlim
-        yield from _service_metrics(d.services)
+        for fn in self.functions:
+            yield from fn()
 
 
-def _service_metrics(services: dict[str, Any]) -> Iterator[Metric]:
+#: refusals before the upgrade counted by the listener (the caps are counted by Admission)
+_UPGRADE_REFUSALS = ("unauthorized", "handshake_timeout", "draining", "overloaded", "not_found")
+
+
+def connection_metrics(
+    admission: Admission, stats: DaemonStats, sessions: Callable[[], int]
+) -> Iterator[Metric]:
+    """Open and accepted connections, refusals before the upgrade and of requests, sessions."""
+    g = GaugeMetricFamily("exai_connections_open", "Open MCP WebSocket connections.")
+    g.add_metric([], admission.open)
+    yield g
+    c = CounterMetricFamily(
+        "exai_connections_accepted", "Connections admitted since start.", labels=[]
+    )
+    c.add_metric([], admission.accepted_total)
+    yield c
+    rej = CounterMetricFamily(
+        "exai_connections_rejected",
+        "Connections refused before the upgrade, by reason.",
+        labels=["reason"],
+    )
+    reasons: dict[str, int] = dict(admission.rejected)
+    for key in _UPGRADE_REFUSALS:
+        if key in stats.rejections:
+            reasons[key] = reasons.get(key, 0) + stats.rejections[key]
+    for reason, n in sorted(reasons.items()):
+        rej.add_metric([reason], n)
+    yield rej
+    r = CounterMetricFamily("exai_rejections", "Requests refused, by reason.", labels=["reason"])
+    for reason, n in sorted(stats.rejections.items()):
+        r.add_metric([reason], n)
+    yield r
+    sess = GaugeMetricFamily("exai_sessions", "Sessions after the upgrade.")
+    sess.add_metric([], sessions())
+    yield sess
+
+
+def call_metrics(
+    stats: DaemonStats, calls: CallRegistry, *, max_inflight: int, session_max_inflight: int
+) -> Iterator[Metric]:
+    """Finished calls by tool and outcome, running calls, the in-flight limits."""
+    finished = CounterMetricFamily(
+        "exai_calls",
+        "Finished tools/call executions, by tool and outcome.",
+        labels=["tool", "outcome"],
+    )
+    for (tool, outcome), n in sorted(stats.by_tool.items()):
+        finished.add_metric([tool, outcome], n)
+    yield finished
+    infl = GaugeMetricFamily("exai_inflight_calls", "tools/call executions running now.")
+    infl.add_metric([], len(calls.running))
+    yield infl
+    lim = GaugeMetricFamily("exai_inflight_limit", "In-flight limits.", labels=["scope"])
+    lim.add_metric(["global"], max_inflight)
+    lim.add_metric(["session"], session_max_inflight)
+    yield lim
+
+
+def pressure_metrics(
+    readiness: Readiness, budget: MemoryBudget, calls: CallRegistry
+) -> Iterator[Metric]:
+    """Whether admission is suspended, the pending bytes and their budget, stored results."""
+    over = GaugeMetricFamily(
+        "exai_overloaded", "1 while admission is suspended (memory budget or draining)."
+    )
+    over.add_metric([], 1 if (readiness.overloaded_reason or readiness.draining) else 0)
+    yield over
+    pend = GaugeMetricFamily(
+        "exai_pending_bytes",
+        "Bytes of frames being received, pending requests and unwritten answers.",
+    )
+    pend.add_metric([], budget.charged_bytes)
+    yield pend
+    plim = GaugeMetricFamily("exai_pending_limit_bytes", "Budget of exai_pending_bytes.")
+    plim.add_metric([], budget.limit_bytes)
+    yield plim
+    store = GaugeMetricFamily("exai_result_store_bytes", "Bytes of stored finished results.")
+    store.add_metric([], calls.nbytes)
+    yield store
+
+
+def loop_metrics(detector: StallDetector) -> Iterator[Metric]:
+    """The longest event-loop task step and the number of stalls."""
+    mx = GaugeMetricFamily(
+        "exai_loop_max_stall_seconds", "Longest event-loop task step since start."
+    )
+    mx.add_metric([], detector.max_stall_s)
+    yield mx
+    st = CounterMetricFamily("exai_loop_stalls", "Task steps over the stall threshold since start.")
+    st.add_metric([], detector.stall_count)
+    yield st
+
+
+def memory_metrics(memory: OverloadManager) -> Iterator[Metric]:
+    """The memory the watermarks watch, and its limit."""
+    mem = GaugeMetricFamily("exai_memory_used_bytes", "Memory the watermarks watch.")
+    mem.add_metric([], memory.used_bytes)
+    yield mem
+    mlim = GaugeMetricFamily("exai_memory_limit_bytes", "Memory limit watched.")
+    mlim.add_metric([], memory.limit_bytes)
+    yield mlim
+
+
+def service_metrics(services: Mapping[str, Any]) -> Iterator[Metric]:
+    """What each service reports through ``metrics_snapshot()`` (see the module docstring)."""
     state = GaugeMetricFamily(
         "exai_breaker_state",
         "Circuit breaker state: 0 closed, 1 half-open, 2 open.",

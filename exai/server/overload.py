@@ -37,16 +37,14 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import attrs
 import trio
 
+from exai.config import Settings
 from exai.logs import log_event
-
-if TYPE_CHECKING:
-    from exai.server.app import Daemon
+from exai.server.budget import MemoryBudget
 
 __all__ = ["MemoryReading", "OverloadManager", "read_memory", "tune_malloc"]
 
@@ -141,15 +139,37 @@ class OverloadManager:
     """Sets the daemon's memory budget from its limit, and watches RSS as a backstop.
 
     Args:
-        daemon: whose ``budget``, ``overloaded_reason`` and caches it manages.
+        settings: the watermarks, the check interval, ``memory_limit_bytes`` (when no cgroup
+            limit is found), ``max_pending_bytes`` and ``max_frame_bytes`` (the budget's bounds).
+        budget: the pending-bytes budget it sizes, and whose charges tell whether work is
+            pending.
+        reserved_bytes: ``() -> int``, what the daemon's caches may hold at most (left out of
+            the budget).
+        shrink_caches: ``() -> int``, drop what can be rebuilt; returns entries freed.
+        cached_bytes: ``() -> int``, what the caches hold now (the stored results): with the
+            pending bytes, the memory exai accounts for.
         reader: ``async () -> MemoryReading``; tests pass a fake.
+
+    :attr:`reason` is why the backstop refuses new work now (``None`` = admitting); the
+    daemon's :class:`~exai.server.readiness.Readiness` reads it.
     """
 
     def __init__(
-        self, daemon: Daemon, reader: Callable[[], Awaitable[MemoryReading]] | None = None
+        self,
+        settings: Settings,
+        budget: MemoryBudget,
+        *,
+        reserved_bytes: Callable[[], int],
+        shrink_caches: Callable[[], int],
+        cached_bytes: Callable[[], int],
+        reader: Callable[[], Awaitable[MemoryReading]] | None = None,
     ) -> None:
-        s = daemon.settings
-        self.daemon = daemon
+        s = settings
+        self.settings = settings
+        self.budget = budget
+        self.reserved_bytes = reserved_bytes
+        self.shrink_caches = shrink_caches
+        self.cached_bytes = cached_bytes
         self.high = s.memory_high_watermark
         self.low = s.memory_low_watermark
         self.interval_s = s.memory_check_interval_s
@@ -172,16 +192,16 @@ class OverloadManager:
         self.baseline_bytes = reading.used_bytes
         if reading.limit_bytes <= 0:
             return
-        daemon, s = self.daemon, self.daemon.settings
-        room = int(self.high * reading.limit_bytes) - reading.used_bytes - daemon.reserved_bytes()
+        s = self.settings
+        room = int(self.high * reading.limit_bytes) - reading.used_bytes - self.reserved_bytes()
         floor = 2 * s.max_frame_bytes
-        daemon.budget.limit_bytes = min(s.max_pending_bytes, max(floor, room))
+        self.budget.limit_bytes = min(s.max_pending_bytes, max(floor, room))
         log_event(
             "overload.planned",
             limit_bytes=reading.limit_bytes,
             baseline_bytes=reading.used_bytes,
-            reserved_bytes=daemon.reserved_bytes(),
-            pending_budget_bytes=daemon.budget.limit_bytes,
+            reserved_bytes=self.reserved_bytes(),
+            pending_budget_bytes=self.budget.limit_bytes,
         )
 
     async def check(self) -> None:
@@ -194,10 +214,9 @@ class OverloadManager:
         if reading.limit_bytes <= 0:
             return
         fraction = reading.used_bytes / reading.limit_bytes
-        daemon = self.daemon
-        pending = daemon.budget.charged_bytes > 0
+        pending = self.budget.charged_bytes > 0
         if fraction >= self.high:
-            freed = daemon.shrink_caches()
+            freed = self.shrink_caches()
             self.sheds += 1
             await anyio.to_thread.run_sync(_malloc_trim, limiter=_LIMITER)
             if self.reason is None and pending:
@@ -221,8 +240,7 @@ class OverloadManager:
     async def _trim_slack(self, used: int) -> None:
         """After a burst, hand freed heap back: when the process holds far more than its start
         size plus what it accounts for, ``malloc_trim`` (at most every 10 checks)."""
-        daemon = self.daemon
-        accounted = daemon.budget.charged_bytes + daemon.calls.nbytes
+        accounted = self.budget.charged_bytes + self.cached_bytes()
         slack = used - self.baseline_bytes - accounted
         self._since_trim += 1
         if slack > TRIM_SLACK_BYTES and self._since_trim >= 10:

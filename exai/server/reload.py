@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import attrs
@@ -32,10 +32,7 @@ import trio
 from exai.config import Settings
 from exai.errors import ConfigError
 from exai.logs import log_event
-from exai.server.auth import TokenTable, parse_tokens
-
-if TYPE_CHECKING:
-    from exai.server.app import Daemon
+from exai.server.auth import TokenTable, check_bind, parse_tokens
 
 __all__ = ["REVOKED_CLOSE_CODE", "Reloader", "watched_files"]
 
@@ -73,23 +70,36 @@ class Reloader:
     """Reloads secrets into a running daemon.
 
     Args:
-        daemon: the daemon to update.
+        settings: the settings the daemon started with (what a reload is compared with).
+        tokens: the client tokens the daemon started with.
         load: builds fresh settings (``Settings.from_env`` in ``exai serve``); runs in a thread.
+        apply: ``apply(settings, tokens) -> sessions revoked``: hands validated settings (the
+            old ones with the new tokens, providers and source files) and their token table
+            to the daemon, which closes the sessions whose token was removed.
         environ: where the watched file names come from (default ``os.environ``).
+
+    Attributes:
+        settings: the settings in force (after the last successful reload).
+        tokens: the token table in force.
     """
 
     def __init__(
         self,
-        daemon: Daemon,
+        settings: Settings,
+        tokens: TokenTable,
         load: Callable[[], Settings],
+        *,
+        apply: Callable[[Settings, TokenTable], int],
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.daemon = daemon
+        self.settings = settings
+        self.tokens = tokens
         self.load = load
+        self.apply = apply
         self.paths = watched_files(os.environ if environ is None else environ)
         # and every file the settings were read from, whichever source named it (a tokens
         # file named in .env or in the TOML file is rotated like one named in the environment)
-        for _var, path in daemon.settings.source_files:
+        for _var, path in settings.source_files:
             if Path(path) not in self.paths:
                 self.paths.append(Path(path))
         self.reloads = 0
@@ -102,10 +112,8 @@ class Reloader:
             try:
                 new = await anyio.to_thread.run_sync(self.load, limiter=_LIMITER)
                 tokens = TokenTable(parse_tokens(new.tokens))
-                from exai.server.app import check_bind
-
-                check_bind(attrs.evolve(new, host=self.daemon.settings.host), tokens)
-                if self.daemon.tokens.enabled and not tokens.enabled:
+                check_bind(attrs.evolve(new, host=self.settings.host), tokens)
+                if self.tokens.enabled and not tokens.enabled:
                     # an emptied tokens file (or one caught half-written) must not switch
                     # authentication off for a running daemon
                     raise ConfigError(
@@ -121,27 +129,13 @@ class Reloader:
             return True
 
     def _apply(self, new: Settings, tokens: TokenTable, why: str) -> None:
-        daemon = self.daemon
-        old = daemon.settings
+        old = self.settings
         ignored = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(old, f)]
-        daemon.settings = attrs.evolve(
+        self.settings = attrs.evolve(
             old, tokens=new.tokens, providers=new.providers, source_files=new.source_files
         )
-        daemon.tokens = tokens
-        for service in daemon.services.values():
-            update = getattr(service, "update_settings", None)
-            if update is not None and service is not daemon:
-                update(daemon.settings)
-        revoked = 0
-        if tokens.enabled:
-            valid = {i.digest for i in tokens.identities}
-            for session in list(daemon.sessions):
-                if session.identity.digest not in valid:
-                    revoked += 1
-                    if daemon.conn_nursery is not None:
-                        daemon.conn_nursery.start_soon(
-                            session.close, REVOKED_CLOSE_CODE, "token revoked"
-                        )
+        self.tokens = tokens
+        revoked = self.apply(self.settings, tokens)
         self.reloads += 1
         fields: dict[str, Any] = {
             "why": why,
@@ -155,7 +149,7 @@ class Reloader:
 
     async def watch(self) -> None:
         """Reload whenever a watched file changes (runs until cancelled)."""
-        interval = self.daemon.settings.secret_watch_interval_s
+        interval = self.settings.secret_watch_interval_s
         if interval <= 0 or not self.paths:
             return
         seen = await anyio.to_thread.run_sync(_fingerprints, self.paths, limiter=_LIMITER)

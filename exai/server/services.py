@@ -1,28 +1,85 @@
-"""Shared services the daemon hands to tools: providers, conversations, idempotency results.
+"""The composition root: what a daemon is made of, and who gets what.
 
-:func:`open_services` is the one place that starts them, each an async context manager owned
-by the daemon's run, and closes them in reverse order on exit.
+:func:`open_services` starts the shared services the tools use — providers, conversations,
+idempotency results, the file sandbox — each an async context manager, and closes them in
+reverse order on exit.
+
+:func:`compose` builds every part of one daemon from its settings, tools and services and wires
+them together. Each part is handed only the narrow things it needs — the readiness view, the
+metrics registry and its histograms, the call runner, callbacks — and none refers back to the
+daemon::
+
+    Listener      ← settings, Admission, TokenTable, Readiness, DaemonStats, SessionTable.serve
+    SessionTable  ← SessionShared (tools, Readiness, CallSlots, MemoryBudget, CallRegistry,
+                    CallRunner, Changes, DaemonStats, slot-wait histogram, AuditLog)
+    CallRunner    ← settings, tools, CallRegistry, DaemonStats, call histogram, AuditLog,
+                    Changes, the shared results (Redis)
+    OverloadManager ← settings, MemoryBudget, reserved_bytes / shrink_caches / cached_bytes
+    Readiness     ← Admission, MemoryBudget, the overload reason, services' not_ready_reason
+    Reloader      ← settings, TokenTable, apply(settings, tokens) -> sessions revoked
+    admin         ← Readiness.readiness, DaemonMetrics.render      (started by exai.server.app)
+    tools         ← services["daemon"]: a status view (status(), protocol_versions)
+
+:class:`Daemon` is what the composition hands back to its owner (:func:`exai.server.app.serve`,
+the CLI, tests): the parts by name, and :meth:`Daemon.status`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
+from exai import __version__
 from exai.config import Settings
+from exai.logs import dropped_log_records, log_event
+from exai.server import protocol as p
+from exai.server.admission import Admission, CallSlots
+from exai.server.audit import AuditLog
+from exai.server.auth import TokenTable, parse_tokens
+from exai.server.budget import MemoryBudget
+from exai.server.calls import CallRegistry, CallRunner, Changes
+from exai.server.listener import Listener
+from exai.server.metrics import (
+    DaemonMetrics,
+    call_metrics,
+    connection_metrics,
+    loop_metrics,
+    memory_metrics,
+    pressure_metrics,
+    service_metrics,
+)
+from exai.server.overload import OverloadManager
+from exai.server.readiness import Readiness
+from exai.server.reload import REVOKED_CLOSE_CODE, Reloader
+from exai.server.session import SessionShared
+from exai.server.sessions import SessionTable
+from exai.server.stalls import StallDetector
+from exai.server.stats import DaemonStats
+from exai.tools.base import ToolRegistry
 
-__all__ = ["open_services"]
+__all__ = ["ORPHAN_GRACE_S", "Daemon", "DaemonView", "compose", "open_services"]
+
+#: how long an execution started by a bridge (idempotency key) waits to be re-adopted
+ORPHAN_GRACE_S = 30.0
+
+INSTRUCTIONS = (
+    "exai serves AI tools (chat, thinkdeep, codereview, consensus, …) through Kimi, GLM "
+    "and OpenAI-compatible providers. Use continuation_id to continue a conversation."
+)
 
 
 @asynccontextmanager
 async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """Yield ``{"providers": …, "conversations": …, "idempotency": …}`` for the daemon."""
     from exai.providers import ProviderRouter
-    from exai.storage.base import store_kind
     from exai.storage.service import ConversationService
+    from exai.storage.stores import store_kind
     from exai.tools.sandbox import FileSandbox
 
     services: dict[str, Any] = {"files": FileSandbox(settings)}
@@ -48,3 +105,280 @@ async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
         stack.callback(background.cancel_scope.cancel)
         background.start_soon(router.refresh_models)
         yield services
+
+
+@attrs.frozen
+class DaemonView:
+    """What tools see of the daemon that runs them (``services["daemon"]``, the
+    :class:`exai.tools.base.DaemonView` protocol): its status and the protocol versions."""
+
+    status: Callable[[], dict[str, Any]]
+    protocol_versions: tuple[str, ...] = p.SUPPORTED_VERSIONS
+
+
+class Daemon:
+    """The parts of one daemon, as :func:`compose` wired them (see the module docstring).
+
+    Nothing inside the daemon holds this object: it is for the daemon's owner — the run in
+    :mod:`exai.server.app`, ``exai serve`` (shutdown, SIGHUP), and tests that look at a part.
+    """
+
+    def __init__(self, settings: Settings, registry: ToolRegistry, services: dict[str, Any]):
+        self.settings = settings
+        self.registry = registry
+        self.services = services
+        self.version = __version__
+        #: a random id of this daemon run (session ids and call keys are built on it)
+        self.instance_id = secrets.token_hex(6)
+        self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
+        self.slots = CallSlots(settings)
+        self.calls = CallRegistry(
+            ttl_s=settings.idempotency_ttl_s,
+            max_entries=settings.idempotency_max_entries,
+            max_bytes=settings.result_cache_max_bytes,
+            orphan_grace_s=ORPHAN_GRACE_S,
+        )
+        #: bytes charged by every session's pending requests and unwritten answers
+        self.budget = MemoryBudget(settings.max_pending_bytes)
+        self.stats = DaemonStats()
+        self.metrics = DaemonMetrics()
+        self.changes = Changes()
+        self.audit = AuditLog.from_settings(settings)
+        self.started_at = 0.0
+        self.url = ""
+        self.admin_url = ""
+        self.stall_detector: StallDetector | None = None
+        self.reloader: Reloader | None = None
+        #: where the daemon's run starts its background work (session closes on revocation)
+        self.conn_nursery: trio.Nursery | None = None
+        self._shutdown = trio.Event()
+        # set by compose()
+        self.memory: OverloadManager
+        self.readiness: Readiness
+        self.runner: CallRunner
+        self.sessions: SessionTable
+        self.listener: Listener
+
+    # the handles tests and the CLI use
+    @property
+    def tokens(self) -> TokenTable:
+        """The client tokens in force."""
+        return self.listener.tokens
+
+    @property
+    def inflight(self) -> trio.CapacityLimiter:
+        return self.slots.inflight
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready
+
+    @property
+    def draining(self) -> bool:
+        return self.readiness.draining
+
+    @property
+    def overloaded_reason(self) -> str | None:
+        return self.readiness.overloaded_reason
+
+    @overloaded_reason.setter
+    def overloaded_reason(self, reason: str | None) -> None:
+        self.readiness.overloaded_reason = reason
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._shutdown.set()
+
+    async def wait_for_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+    def reserved_bytes(self) -> int:
+        """The byte budgets of the daemon's caches (what they may hold at most): the stored
+        results, the conversation thread cache, and every service with a
+        ``memory_budget_bytes()``."""
+        total = self.calls.max_bytes + self.settings.thread_cache_max_bytes
+        for service in self.services.values():
+            budget = getattr(service, "memory_budget_bytes", None)
+            if budget is not None:
+                total += int(budget() or 0)
+        return total
+
+    def shrink_caches(self) -> int:
+        """Drop what can be rebuilt (stored results down to half their budget, service
+        caches). Returns entries freed."""
+        freed = self.calls.shrink(0.5)
+        for service in self.services.values():
+            shrink = getattr(service, "shrink_caches", None)
+            if shrink is not None:
+                freed += int(shrink() or 0)
+        return freed
+
+    def on_stall(self, duration_s: float, task_name: str) -> None:
+        """The stall detector's callback: observed and logged."""
+        self.metrics.loop_stall.observe(duration_s)
+        log_event("loop.stall", logging.WARNING, duration_s=round(duration_s, 4), task=task_name)
+
+    def status(self) -> dict[str, Any]:
+        """What the ``status`` tool and ``exai status`` report. Never contains a secret."""
+        s = self.settings
+        detector, memory = self.stall_detector, self.memory
+        return {
+            "version": self.version,
+            "uptime_s": round(trio.current_time() - self.started_at, 3),
+            "ready": self.readiness.readiness()[0],
+            "draining": self.readiness.draining,
+            "overloaded": self.readiness.overloaded_reason,
+            "auth": "tokens" if self.tokens.enabled else "none (loopback only)",
+            "connections": self.admission.snapshot(),
+            "sessions": len(self.sessions),
+            "inflight": {
+                "calls": int(self.slots.inflight.borrowed_tokens),
+                "max_inflight": s.max_inflight,
+                "session_max_inflight": s.session_max_inflight,
+                "running_executions": len(self.calls.running),
+            },
+            "limits": {
+                "max_frame_bytes": s.max_frame_bytes,
+                "session_rate_per_s": s.session_rate_per_s,
+                "session_burst": s.session_burst,
+                "call_timeout_s": s.call_timeout_s,
+                "slot_wait_s": s.slot_wait_s,
+            },
+            "rejections": dict(self.stats.rejections),
+            "calls": dict(self.stats.calls),
+            "stored_results": len(self.calls),
+            "stored_results_bytes": self.calls.nbytes,
+            "pending": {
+                **self.budget.snapshot(),
+                "session_max_pending": s.session_max_pending,
+                "session_max_pending_bytes": s.session_max_pending_bytes,
+                "session_queue_max": s.session_queue_max,
+            },
+            "log_dropped": dropped_log_records(),
+            "progress_dropped": self.stats.progress_dropped,
+            "max_loop_stall_s": round(detector.max_stall_s, 4) if detector else None,
+            "loop_stalls": detector.stall_count if detector else None,
+            "memory": (
+                {
+                    "used_bytes": memory.used_bytes,
+                    "limit_bytes": memory.limit_bytes,
+                    "baseline_bytes": memory.baseline_bytes,
+                    "reserved_bytes": self.reserved_bytes(),
+                    "sheds": memory.sheds,
+                    "trims": memory.trims,
+                }
+                if memory
+                else None
+            ),
+        }
+
+
+def compose(
+    settings: Settings,
+    registry: ToolRegistry,
+    services: Mapping[str, Any] | None = None,
+    *,
+    reload: Callable[[], Settings] | None = None,
+    reload_environ: Mapping[str, str] | None = None,
+) -> Daemon:
+    """Build and wire every part of one daemon (see the module docstring). Starts nothing:
+    :func:`exai.server.app.serve` runs what is built here.
+
+    Args:
+        settings: the daemon's settings.
+        registry: its tools.
+        services: the shared services tools use (:func:`open_services`); a ``"daemon"`` entry
+            (the status view) is added unless given.
+        reload: builds fresh settings for secret rotation; ``None`` disables it.
+        reload_environ: where the names of the watched secret files come from.
+
+    Raises:
+        ConfigError: a malformed token entry.
+    """
+    tool_services: dict[str, Any] = dict(services or {})
+    d = Daemon(settings, registry, tool_services)
+    tool_services.setdefault("daemon", DaemonView(status=d.status))
+    others = [svc for name, svc in tool_services.items() if name != "daemon"]
+
+    d.memory = OverloadManager(
+        settings,
+        d.budget,
+        reserved_bytes=d.reserved_bytes,
+        shrink_caches=d.shrink_caches,
+        cached_bytes=lambda: d.calls.nbytes,
+    )
+    d.readiness = Readiness(
+        d.admission,
+        d.budget,
+        memory_reason=lambda: d.memory.reason,
+        checks=[
+            check for svc in others if (check := getattr(svc, "not_ready_reason", None)) is not None
+        ],
+    )
+    d.runner = CallRunner(
+        settings=settings,
+        tools=registry,
+        calls=d.calls,
+        stats=d.stats,
+        call_duration=d.metrics.call_duration,
+        audit=d.audit,
+        changes=d.changes,
+        shared=tool_services.get("idempotency"),
+    )
+    shared = SessionShared(
+        instance_id=d.instance_id,
+        version=d.version,
+        instructions=INSTRUCTIONS,
+        tools=registry,
+        tool_services=tool_services,
+        readiness=d.readiness,
+        slots=d.slots,
+        budget=d.budget,
+        calls=d.calls,
+        runner=d.runner,
+        changes=d.changes,
+        stats=d.stats,
+        slot_wait=d.metrics.slot_wait,
+        audit=d.audit,
+    )
+    d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
+    tokens = TokenTable(parse_tokens(settings.tokens))
+    d.listener = Listener(
+        settings,
+        admission=d.admission,
+        tokens=tokens,
+        readiness=d.readiness,
+        stats=d.stats,
+        serve_session=d.sessions.serve,
+    )
+
+    if reload is not None:
+
+        def apply(new: Settings, new_tokens: TokenTable) -> int:
+            d.settings = new
+            d.listener.tokens = new_tokens
+            for svc in others:
+                update = getattr(svc, "update_settings", None)
+                if update is not None:
+                    update(new)
+            return d.sessions.revoke(
+                new_tokens, d.conn_nursery, REVOKED_CLOSE_CODE, "token revoked"
+            )
+
+        d.reloader = Reloader(settings, tokens, reload, apply=apply, environ=reload_environ)
+
+    m = d.metrics
+    m.add_collector(lambda: connection_metrics(d.admission, d.stats, lambda: len(d.sessions)))
+    m.add_collector(
+        lambda: call_metrics(
+            d.stats,
+            d.calls,
+            max_inflight=settings.max_inflight,
+            session_max_inflight=settings.session_max_inflight,
+        )
+    )
+    m.add_collector(lambda: pressure_metrics(d.readiness, d.budget, d.calls))
+    m.add_collector(lambda: loop_metrics(d.stall_detector) if d.stall_detector else ())
+    m.add_collector(lambda: memory_metrics(d.memory))
+    m.add_collector(lambda: service_metrics(tool_services))
+    return d

@@ -38,27 +38,30 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from exai import errors
+from exai.config import Settings
 from exai.logs import log_event
 from exai.resilience import TokenBucket
 from exai.server import protocol as p
-from exai.server.budget import InboundMeter, Ledger
-from exai.server.calls import Execution, Watcher
+from exai.server.admission import CallSlots
+from exai.server.audit import AuditLog
+from exai.server.auth import Identity
+from exai.server.budget import InboundMeter, Ledger, MemoryBudget
+from exai.server.calls import CallRegistry, CallRunner, Changes, Execution, Watcher
 from exai.server.outbox import Outbox, ProgressStream
+from exai.server.readiness import Readiness
+from exai.server.stats import DaemonStats
 from exai.server.wsconn import ServerConnection
-from exai.tools.base import ToolContext
+from exai.tools.base import ToolContext, ToolRegistry
 from exai.tools.schema import validate
 
-if TYPE_CHECKING:
-    from exai.server.app import Daemon
-    from exai.server.auth import Identity
-
-__all__ = ["Session"]
+__all__ = ["Session", "SessionShared"]
 
 _session_ids = itertools.count(1)
 
@@ -68,56 +71,92 @@ SEND_QUEUE = 256
 BYTES_PER_MESSAGE_TOKEN = 256 * 1024
 
 
-def unwrap_exception(exc: BaseException) -> BaseException:
-    """The one error a caller should see: groups of one are unwrapped, an ExaiError preferred."""
-    while isinstance(exc, BaseExceptionGroup):
-        inner = exc.exceptions
-        preferred = [e for e in inner if isinstance(e, errors.ExaiError)]
-        exc = preferred[0] if preferred else inner[0]
-    return exc
+class _Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class SessionShared:
+    """What every session of a daemon shares, handed to each by the composition root
+    (:func:`exai.server.services.compose`). Nothing here refers back to the daemon.
+
+    Attributes:
+        instance_id: this daemon run's random id (session ids are built on it).
+        version: the server version ``initialize`` and ``server/discover`` report.
+        instructions: the instructions they report.
+        tools: the tools (``tools/list``, and the lookup of a call's tool).
+        tool_services: what a tool's :class:`~exai.tools.base.ToolContext` carries.
+        readiness: whether new calls are admitted (draining, overloaded).
+        slots: the daemon-wide and per-identity call limiters and message buckets.
+        budget: the daemon's pending-bytes budget.
+        calls: running executions and finished answers (exactly-once).
+        runner: runs an admitted call; looks up results other daemons stored.
+        changes: notified when a session's calls or responders change.
+        stats: counters of refusals and dropped progress.
+        slot_wait: a histogram of the time a call waited for its slots.
+        audit: one line per call refused before it ran.
+    """
+
+    instance_id: str
+    version: str
+    instructions: str
+    tools: ToolRegistry
+    tool_services: dict[str, Any]
+    readiness: Readiness
+    slots: CallSlots
+    budget: MemoryBudget
+    calls: CallRegistry
+    runner: CallRunner
+    changes: Changes
+    stats: DaemonStats
+    slot_wait: _Observer
+    audit: AuditLog
 
 
 class Session:
     """Serve one WebSocket connection until it closes or the daemon stops.
 
     Args:
+        shared: what every session of the daemon shares.
+        settings: the daemon's settings when the connection was admitted.
         stream: the connection's transport wrapped in a :class:`ProgressStream`, so the writer's
             deadline follows its progress (``None`` in tests that build sessions by hand).
     """
 
     def __init__(
         self,
-        daemon: Daemon,
+        shared: SessionShared,
+        settings: Settings,
         conn: WebSocketConnection,
         ip: str,
         identity: Identity,
         stream: ProgressStream | None = None,
     ) -> None:
-        self.daemon = daemon
-        self.settings = s = daemon.settings
+        self.shared = shared
+        self.settings = s = settings
         self.conn = conn
         self.ip = ip
         self.identity = identity
         # unique across daemons and restarts: it is part of the keys that make a call's
         # writes (conversation turns) idempotent in a shared store
-        self.id = f"{daemon.instance_id}-s{next(_session_ids)}"
+        self.id = f"{shared.instance_id}-s{next(_session_ids)}"
         self.bucket = TokenBucket(s.session_rate_per_s, s.session_burst)
         # made on first use: most sessions are idle most of the time, and 10,000 of them
         # should cost little memory
         self._limiter: trio.CapacityLimiter | None = None
         self._abuse: TokenBucket | None = None
-        self.identity_bucket = daemon.identity_bucket(identity.name)
+        self.identity_bucket = shared.slots.identity_bucket(identity.name)
         self.era = p.EraGate()
         # request id (as JSON) → (execution, watcher, responder cancel scope)
         self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
-        self.ledger = Ledger(s.session_max_pending, s.session_max_pending_bytes, daemon.budget)
+        self.ledger = Ledger(s.session_max_pending, s.session_max_pending_bytes, shared.budget)
         self.outbox = Outbox(SEND_QUEUE, s.session_max_pending_bytes, self.ledger)
         #: calls waiting in this connection's FIFO for one of its slots
         self.queued = 0
         self._write_scope: trio.CancelScope | None = None
         if stream is not None:
             stream.on_progress = self._write_progress
-        self.meter = InboundMeter(daemon.budget)
+        self.meter = InboundMeter(shared.budget)
         if isinstance(conn, ServerConnection):
             conn.meter = self.meter
         self._writer_done = trio.Event()
@@ -168,7 +207,7 @@ class Session:
             self.outbox.close(drop=True)
             self.ledger.release_all()
             self.meter.release_all()
-            self.daemon.notify()
+            self.shared.changes.notify()
 
     def _detach_all(self) -> None:
         for ex, watcher, _ in list(self.inflight.values()):
@@ -215,7 +254,7 @@ class Session:
     async def _stalled(self) -> None:
         """The peer read nothing for ``send_timeout_s``: close with 1008 and free everything."""
         timeout = self.settings.send_timeout_s
-        self.daemon.stats.rejections["send_timeout"] += 1
+        self.shared.stats.rejections["send_timeout"] += 1
         log_event(
             "session.send_timeout",
             logging.WARNING,
@@ -248,7 +287,7 @@ class Session:
         """Queue an advisory message; dropped (and counted) when the outbox is full."""
         text = p.encode_reply(msg)
         if text is not None and not self.outbox.put_nowait(text):
-            self.daemon.stats.progress_dropped += 1
+            self.shared.stats.progress_dropped += 1
 
     async def _reader(self) -> None:
         while True:
@@ -312,7 +351,7 @@ class Session:
                 peeked = p.Peeked(msg.id, msg.method)
             elif not isinstance(msg, p.DecodeError):
                 peeked = p.Peeked(None, "")
-        self.daemon.stats.rejections["rate_limited"] += 1
+        self.shared.stats.rejections["rate_limited"] += 1
         if self.abuse.try_acquire(1) > 0:
             log_event("session.abuse_closed", logging.WARNING, session=self.id, ip=self.ip)
             await self.close(1008, "message rate limit exceeded repeatedly")
@@ -340,19 +379,19 @@ class Session:
                 requested = params.get("protocolVersion")
                 res = p.initialize_result(
                     requested if isinstance(requested, str) else None,
-                    server_version=self.daemon.version,
-                    instructions=self.daemon.instructions,
+                    server_version=self.shared.version,
+                    instructions=self.shared.instructions,
                 )
             elif method == "server/discover":
                 res = p.discover_result(
                     server_name="exai",
-                    server_version=self.daemon.version,
-                    instructions=self.daemon.instructions,
+                    server_version=self.shared.version,
+                    instructions=self.shared.instructions,
                 )
             elif method == "ping":
                 res = {}
             elif method == "tools/list":
-                res = {"tools": self.daemon.registry.to_mcp()}
+                res = {"tools": self.shared.tools.to_mcp()}
             else:
                 raise errors.MethodNotFound(f"method not found: {method!r}")
             await self.send(p.result(req.id, self._finalize(method, res)))
@@ -372,15 +411,16 @@ class Session:
     # ---------------------------------------------------------------- tools/call
     async def _start_call(self, req: p.Request) -> None:
         """Admit the call, then start its responder; a call that does not fit is refused."""
-        daemon = self.daemon
-        if daemon.draining:
+        readiness = self.shared.readiness
+        overloaded = readiness.overloaded_reason
+        if readiness.draining:
             refusal: str | None = "the daemon is shutting down; retry on the next one"
-        elif daemon.overloaded_reason is not None:
-            refusal = f"the daemon is not accepting new calls ({daemon.overloaded_reason})"
+        elif overloaded is not None:
+            refusal = f"the daemon is not accepting new calls ({overloaded})"
         else:
             refusal = self.ledger.refusal(req.cost_bytes)
         if refusal is not None:
-            self.daemon.stats.rejections["overloaded"] += 1
+            self.shared.stats.rejections["overloaded"] += 1
             exc = errors.OverloadedError(refusal, retry_after_s=1.0)
             self._audit_refusal(req, exc)
             # (waits for room like any answer: a client that does not read stops being read)
@@ -412,7 +452,7 @@ class Session:
     async def _run_call(self, req: p.Request) -> tuple[dict[str, Any], int] | None:
         """The call's payload (``{"result"}`` or ``{"error"}``) and its size, or ``None``."""
         id_key = json.dumps(req.id)
-        daemon = self.daemon
+        calls = self.shared.calls
         owner = False
         try:
             name, args = p.tools_call_params(req.params)
@@ -421,7 +461,7 @@ class Session:
             # A client's key is scoped to its identity: another token holder can neither join
             # the call nor read its result.
             key = f"k:{self.identity.name}:{client_key}" if client_key else f"s:{self.id}:{id_key}"
-            ex = daemon.calls.running.get(key)
+            ex = calls.running.get(key)
             if ex is not None and ex.digest != digest:
                 raise errors.InvalidRequest(
                     f"request id {_clip_id(req.id)} is already in use by a call that is still "
@@ -429,11 +469,11 @@ class Session:
                     data={"field": "id", "id": req.id},
                 )
             if ex is None:
-                stored = daemon.calls.finished(key)
+                stored = calls.finished(key)
                 if stored is not None and stored.digest == digest:
                     return stored.payload, stored.nbytes
                 # (the same id asking something else after the first finished: a new call)
-                spec = daemon.registry.get(name)
+                spec = self.shared.tools.get(name)
                 if spec is None:
                     raise errors.InvalidParams(f"unknown tool: {name!r}", field="name")
                 validate(spec.input_schema, args)
@@ -448,7 +488,7 @@ class Session:
                     digest=digest,
                     deadline=trio.current_time() + (timeout or self.settings.call_timeout_s),
                 )
-                daemon.calls.running[key] = ex
+                calls.running[key] = ex
                 owner = True
         except errors.ExaiError as exc:
             self._audit_refusal(req, exc)
@@ -471,7 +511,7 @@ class Session:
                 if self.inflight.get(id_key) is entry:
                     del self.inflight[id_key]
                 ex.detach(watcher)
-                self.daemon.notify()
+                self.shared.changes.notify()
         return None
 
     async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
@@ -480,15 +520,15 @@ class Session:
         Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
         the reservation, so the joined duplicates get the same answer and a later retry runs.
         """
-        daemon = self.daemon
+        shared = self.shared
         started = False
         try:
-            shared = None
+            elsewhere = None
             if ex.client_key:
-                shared = await daemon.shared_result(ex.shared_key)
-            if shared is not None:
-                ex.payload = shared
-                ex.payload_bytes = daemon.calls.store(ex.key, ex.digest, shared)
+                elsewhere = await shared.runner.shared_result(ex.shared_key)
+            if elsewhere is not None:
+                ex.payload = elsewhere
+                ex.payload_bytes = shared.calls.store(ex.key, ex.digest, elsewhere)
             else:
                 await self._launch(ex, args, req)
                 started = True
@@ -497,9 +537,9 @@ class Session:
             ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
         finally:
             if not started:
-                daemon.calls.running.pop(ex.key, None)
+                shared.calls.running.pop(ex.key, None)
                 ex.done.set()
-                daemon.notify()
+                shared.changes.notify()
 
     async def _session_slot(self, ex: Execution) -> None:
         """Take one of this connection's slots, waiting in its FIFO until the call's deadline.
@@ -516,7 +556,7 @@ class Session:
             pass
         s = self.settings
         if self.queued >= s.session_queue_max:
-            self.daemon.stats.rejections["overloaded"] += 1
+            self.shared.stats.rejections["overloaded"] += 1
             raise errors.OverloadedError(
                 f"this connection's {s.session_max_inflight} in-flight calls are all busy and "
                 f"{self.queued} more are waiting (EXAI_SESSION_QUEUE_MAX="
@@ -547,7 +587,7 @@ class Session:
         Raises:
             DeadlineExceeded: the deadline passed first.
         """
-        budget, ledger = self.daemon.budget, self.ledger
+        budget, ledger = self.shared.budget, self.ledger
         limit = self.settings.session_max_pending_bytes
 
         def room() -> bool:
@@ -573,10 +613,10 @@ class Session:
 
     async def _launch(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
         """Take the session slot (FIFO, until the call's deadline), then the identity and global
-        slots within ``slot_wait_s``, and start the execution in the daemon's calls nursery."""
-        daemon = self.daemon
-        name = ex.tool
-        if daemon.draining:
+        slots within ``slot_wait_s``, and hand the execution to the daemon's call runner."""
+        shared = self.shared
+        slots = shared.slots
+        if shared.readiness.draining:
             raise errors.OverloadedError(
                 "the daemon is shutting down; retry on the next one", retry_after_s=1.0
             )
@@ -591,8 +631,8 @@ class Session:
                 # for connections running one call each: a bridge multiplexing a whole
                 # editor does not make everyone else wait for a slot.
                 with trio.move_on_at(ex.deadline):
-                    await daemon.shared_inflight.acquire_on_behalf_of(ex)
-                    held.append(daemon.shared_inflight)
+                    await slots.shared_inflight.acquire_on_behalf_of(ex)
+                    held.append(slots.shared_inflight)
                 if len(held) == 1:
                     raise errors.DeadlineExceeded(
                         f"tool {ex.tool!r} waited for a slot until its deadline"
@@ -604,21 +644,21 @@ class Session:
         base = len(held)
         # then per client identity → global; all or none, within slot_wait_s
         wanted: list[tuple[trio.CapacityLimiter, str]] = []
-        ident_limiter = daemon.identity_limiter(self.identity.name)
+        ident_limiter = slots.identity_limiter(self.identity.name)
         if ident_limiter is not None:
             wanted.append(
                 (ident_limiter, f"client {self.identity.name!r}'s {ident_limiter.total_tokens}")
             )
-        wanted.append((daemon.inflight, f"the daemon's {self.settings.max_inflight}"))
+        wanted.append((slots.inflight, f"the daemon's {self.settings.max_inflight}"))
         try:
             with trio.move_on_after(self.settings.slot_wait_s):
                 for limiter, _ in wanted:
                     await limiter.acquire_on_behalf_of(ex)
                     held.append(limiter)
-            daemon.metrics.slot_wait.observe(trio.current_time() - started)
+            shared.slot_wait.observe(trio.current_time() - started)
             if len(held) < len(wanted) + base:
                 which = wanted[len(held) - base][1]
-                daemon.stats.rejections["overloaded"] += 1
+                shared.stats.rejections["overloaded"] += 1
                 raise errors.OverloadedError(
                     f"{which} in-flight calls are all busy; retry shortly",
                     retry_after_s=self.settings.slot_wait_s,
@@ -629,22 +669,19 @@ class Session:
             raise
         ctx = ToolContext(
             settings=self.settings,
-            services=daemon.services,
+            services=shared.tool_services,
             request_id=req.id,
             call_key=ex.call_key,
             session_id=self.id,
             client=self.identity.name,
             peer=self.ip,
         )
-        assert daemon.calls_nursery is not None
-        daemon.calls_nursery.start_soon(
-            daemon.run_execution, ex, args, ctx, held, name=f"call:{name}:{ex.key[:40]}"
-        )
+        shared.runner.start(ex, args, ctx, held)
 
     def _audit_refusal(self, req: p.Request, exc: errors.ExaiError) -> None:
         """An audit line for a call refused before it ran (bad arguments, no slot, …)."""
         name = req.params.get("name")
-        self.daemon.audit.record(
+        self.shared.audit.record(
             tool=name if isinstance(name, str) else "",
             outcome=exc.reason,
             client=self.identity.name,
@@ -662,7 +699,7 @@ class Session:
             # with the cancel: an execution of that key that nobody watches any more is
             # cancelled rather than left to its orphan grace.
             key = p.idempotency_key(params)
-            orphan = self.daemon.calls.running.get(f"k:{self.identity.name}:{key}") if key else None
+            orphan = self.shared.calls.running.get(f"k:{self.identity.name}:{key}") if key else None
             if orphan is not None and not orphan.watchers:
                 orphan.cancel()
                 log_event("call.cancelled", session=self.id, tool=orphan.tool, orphan=True)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "migrate_storage": "exai.storage.service",
     "open_asyncio_bridge": "exai.storage.aio_bridge",
     "open_spool": "exai.storage.spool",
-    "open_store": "exai.storage.base",
+    "open_store": "exai.storage.stores",
     "store_breaker": "exai.storage.service",
 }
 

@@ -1,4 +1,5 @@
-"""The :class:`ConversationStore` protocol and :func:`open_store`, which picks a store by URL.
+"""The :class:`ConversationStore` protocol every store implements (:mod:`exai.storage.stores`
+picks one by URL).
 
 A store is the single source of truth for conversations. It knows nothing about breakers,
 deadlines, the spool or the cache: :class:`~exai.storage.service.ConversationService` wraps it
@@ -19,21 +20,14 @@ not reach the database, connection lost: retrying later may work) and
 
 from __future__ import annotations
 
-import urllib.parse
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from exai.config import Settings
-from exai.errors import ConfigError
 from exai.storage.model import Thread, Turn
 
-if TYPE_CHECKING:
-    from exai.storage.aio_bridge import AsyncioBridge
-
-__all__ = ["AppendResult", "BatchItem", "ConversationStore", "open_store", "store_kind"]
+__all__ = ["AppendResult", "BatchItem", "ConversationStore"]
 
 #: one write of a batch: (thread id, turns, owner, creation key), as ``append_turns`` takes them
 BatchItem = tuple[str, Sequence[Turn], str | None, str | None]
@@ -105,49 +99,3 @@ class ConversationStore(Protocol):
     def status(self) -> dict[str, Any]:
         """Kind, location (secrets redacted) and pool use."""
         ...
-
-
-def store_kind(url: str) -> str:
-    """``"sqlite"`` or ``"postgres"`` for a storage URL.
-
-    Raises:
-        ConfigError: the scheme is neither.
-    """
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme == "sqlite":
-        return "sqlite"
-    if scheme in ("postgresql", "postgres"):
-        return "postgres"
-    raise ConfigError(
-        f"EXAI_STORAGE_URL: unsupported scheme {scheme!r}; use sqlite:///path or postgresql://…"
-    )
-
-
-@asynccontextmanager
-async def open_store(
-    settings: Settings, bridge: AsyncioBridge | None = None
-) -> AsyncIterator[ConversationStore]:
-    """Open the store ``settings.effective_storage_url`` names.
-
-    ``sqlite:///abs/path`` (or ``sqlite:///relative``) needs no bridge. ``postgresql://…`` runs
-    asyncpg through ``bridge`` and applies pending migrations before yielding.
-
-    Raises:
-        ConfigError: an unsupported URL, or PostgreSQL without a bridge.
-        StoreUnavailableError: PostgreSQL cannot be reached.
-    """
-    url = settings.effective_storage_url
-    kind = store_kind(url)
-    store: ConversationStore
-    if kind == "sqlite":
-        from exai.storage.sqlite import SQLiteStore
-
-        store = SQLiteStore.from_url(url, settings)
-    else:
-        if bridge is None:
-            raise ConfigError("a PostgreSQL store needs the asyncio bridge (open_asyncio_bridge)")
-        from exai.storage.postgres import PostgresStore
-
-        store = PostgresStore.from_url(url, settings, bridge)
-    async with store:
-        yield store

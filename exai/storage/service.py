@@ -83,7 +83,7 @@ from exai.errors import (
 from exai.logs import log_event
 from exai.resilience import CircuitBreaker
 from exai.resilience.backoff import Backoff, DrainStatistics, Wakeup, drain_loop
-from exai.storage.base import AppendResult, ConversationStore, open_store, store_kind
+from exai.storage.base import AppendResult, ConversationStore
 from exai.storage.model import Thread, Turn, turn_key
 from exai.storage.redis_cache import (
     GuardedRedis,
@@ -92,6 +92,7 @@ from exai.storage.redis_cache import (
     _breaker_status,
 )
 from exai.storage.spool import Spool, SpoolRecord, encode_record, open_spool
+from exai.storage.stores import open_store, store_kind
 
 __all__ = [
     "ConversationService",

@@ -20,7 +20,24 @@ import attrs
 
 from exai.config import Settings
 
-__all__ = ["ProgressFn", "ToolContext", "ToolRegistry", "ToolResult", "ToolSpec"]
+__all__ = ["DaemonView", "ProgressFn", "ToolContext", "ToolRegistry", "ToolResult", "ToolSpec"]
+
+
+class DaemonView(Protocol):
+    """What a tool may know of the daemon that runs it: ``ctx.services["daemon"]``.
+
+    The daemon hands this narrow view to its tools (the ``status`` and ``version`` tools read
+    it); tools never import the server.
+    """
+
+    @property
+    def protocol_versions(self) -> tuple[str, ...]:
+        """The MCP protocol versions the daemon speaks."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status (connections, in-flight calls, limits, …); never a secret."""
+        ...
 
 
 class ProgressFn(Protocol):
@@ -41,8 +58,9 @@ class ToolContext:
 
     Attributes:
         settings: the daemon's settings at the time the call started.
-        services: shared daemon services (``providers``, ``conversations``, ``status``); a
-            mapping so tests can run tools with only what they need.
+        services: shared daemon services (``providers``, ``conversations``, ``files``,
+            ``daemon`` — a :class:`DaemonView`); a mapping so tests can run tools with only
+            what they need.
         progress: report progress; a no-op when the client asked for none. Never blocks on a
             slow client for long (the session bounds its send queue).
         request_id: the JSON-RPC id of the call.

@@ -1,4 +1,8 @@
-"""Local tools of the daemon core: ``version`` and ``status``."""
+"""Local tools of the daemon core: ``version`` and ``status``.
+
+Both read the daemon through the narrow view it hands its tools (``ctx.services["daemon"]``, a
+:class:`~exai.tools.base.DaemonView`): its status and the protocol versions it speaks.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ async def platform_name() -> str:
 async def _version(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
     import trio
 
-    from exai.server import protocol
-
+    daemon = ctx.services.get("daemon")
+    versions = getattr(daemon, "protocol_versions", ())
     return ToolResult.json(
         {
             "exai": __version__,
@@ -41,7 +45,7 @@ async def _version(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
             "platform": await platform_name(),
             "trio": trio.__version__,
             "anyio": anyio.__version__ if hasattr(anyio, "__version__") else "unknown",
-            "protocol_versions": list(protocol.SUPPORTED_VERSIONS),
+            "protocol_versions": list(versions),
         }
     )
 

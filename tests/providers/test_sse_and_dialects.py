@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from exai.providers.dialect import OpenAIDialect, dialect_for
+from exai.providers.dialect import OpenAIDialect
+from exai.providers.dialects import dialect_for
 from exai.providers.glm import GLMDialect
 from exai.providers.kimi import KimiDialect
 from exai.providers.provider import estimate_tokens

@@ -26,8 +26,7 @@ from exai.client import Client
 from exai.client.ws import WebSocketError
 from exai.config import Secret, Settings
 from exai.errors import ConfigError
-from exai.server.app import check_bind
-from exai.server.auth import TokenTable, parse_tokens
+from exai.server.auth import TokenTable, check_bind, parse_tokens
 from tests.helpers import (
     REPO,
     Rpc,

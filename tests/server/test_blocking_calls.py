@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -87,7 +88,7 @@ async def test_the_version_tool_computes_the_platform_once_off_the_loop(
     monkeypatch.setattr(core, "_platform", None)
     loop_thread = threading.current_thread().name
 
-    ctx: Any = None
+    ctx: Any = SimpleNamespace(services={})
     first = await core.VERSION.handler({}, ctx)
     second = await core.VERSION.handler({}, ctx)
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
 from exai.server.budget import Ledger, MemoryBudget
-from exai.server.calls import CallRegistry, approx_size, compact, expand
+from exai.server.calls import CallRegistry
+from exai.server.compact import approx_size, compact, expand
 from exai.server.outbox import Outbox, ProgressStream
 from exai.server.overload import MemoryReading
 from exai.tools.base import ToolResult

@@ -1,0 +1,156 @@
+"""The stored form of a finished call's answer: its text kept once, and its size in memory.
+
+A tool's result carries its answer twice: as the text content and inside ``structuredContent``.
+:func:`compact` keeps the text blocks as references into ``structuredContent`` for every long
+string they repeat; :func:`expand` rebuilds them; :func:`approx_size` is what the stored form
+costs. Used by :class:`exai.server.calls.CallRegistry`. Pure functions: no I/O, no time.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import attrs
+
+__all__ = ["approx_size", "compact", "expand"]
+
+
+@attrs.frozen
+class _Ref:
+    """Part of a text block stored as a reference to a string of ``structuredContent``."""
+
+    path: tuple[str | int, ...]
+    length: int
+
+
+@attrs.frozen
+class _Spliced:
+    """A text block's text stored as pieces: plain strings and :class:`_Ref`."""
+
+    pieces: tuple[str | _Ref, ...]
+
+
+#: strings shorter than this are not worth a reference
+_SPLICE_MIN_CHARS = 1024
+#: how many nodes of ``structuredContent`` are searched for strings the text repeats
+_SPLICE_MAX_NODES = 1000
+
+
+def _long_strings(structured: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Strings of ``structured`` at least ``_SPLICE_MIN_CHARS`` long, with their paths."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), structured)]
+    seen = 0
+    while stack and seen < _SPLICE_MAX_NODES:
+        path, node = stack.pop()
+        seen += 1
+        if isinstance(node, str):
+            if len(node) >= _SPLICE_MIN_CHARS:
+                found.append((path, node))
+        elif isinstance(node, dict):
+            stack.extend(((*path, k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(node))
+    return found
+
+
+def _splice(text: str, strings: list[tuple[tuple[str | int, ...], str]]) -> _Spliced | None:
+    """``text`` as pieces referring to the long strings it contains (longest first, without
+    overlap; a string is matched without its trailing whitespace, which tools often strip)."""
+    spans: list[tuple[int, int, _Ref]] = []
+    for path, value in sorted(strings, key=lambda item: -len(item[1])):
+        core = value.rstrip()
+        if len(core) < _SPLICE_MIN_CHARS:
+            continue
+        at = text.find(core)
+        if at < 0 or any(at < end and start < at + len(core) for start, end, _ in spans):
+            continue
+        spans.append((at, at + len(core), _Ref(path, len(core))))
+    if not spans:
+        return None
+    pieces: list[str | _Ref] = []
+    pos = 0
+    for start, end, ref in sorted(spans, key=lambda s: s[0]):
+        if start > pos:
+            pieces.append(text[pos:start])
+        pieces.append(ref)
+        pos = end
+    if pos < len(text):
+        pieces.append(text[pos:])
+    return _Spliced(tuple(pieces))
+
+
+def compact(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with its answer text stored once.
+
+    A tool's result carries its answer twice: as the text content and inside
+    ``structuredContent`` (``chat``'s ``content``, ``consensus``'s answers). The text blocks are
+    kept as references into ``structuredContent`` for every string of at least 1 KiB they
+    repeat; :func:`expand` rebuilds them. Payloads with nothing repeated come back as they are.
+    """
+    result = payload.get("result")
+    if not isinstance(result, dict):
+        return payload
+    structured, content = result.get("structuredContent"), result.get("content")
+    if not isinstance(structured, dict) or not isinstance(content, list):
+        return payload
+    strings = _long_strings(structured)
+    if not strings:
+        return payload
+    blocks: list[Any] = []
+    changed = False
+    for block in content:
+        text = block.get("text") if isinstance(block, dict) else None
+        spliced = _splice(text, strings) if isinstance(text, str) else None
+        if spliced is not None:
+            block = {**block, "text": spliced}
+            changed = True
+        blocks.append(block)
+    if not changed:
+        return payload
+    return {**payload, "result": {**result, "content": blocks}}
+
+
+def expand(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload :func:`compact` was given (a new dict; the stored one is not changed)."""
+    result = payload.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("content"), list):
+        return payload
+    content = result["content"]
+    if not any(isinstance(b, dict) and isinstance(b.get("text"), _Spliced) for b in content):
+        return payload
+    structured = result["structuredContent"]
+    blocks = []
+    for block in content:
+        if isinstance(block, dict) and isinstance(block.get("text"), _Spliced):
+            parts = []
+            for piece in block["text"].pieces:
+                if isinstance(piece, _Ref):
+                    node: Any = structured
+                    for step in piece.path:
+                        node = node[step]
+                    parts.append(node[: piece.length])
+                else:
+                    parts.append(piece)
+            block = {**block, "text": "".join(parts)}
+        blocks.append(block)
+    return {**payload, "result": {**result, "content": blocks}}
+
+
+def approx_size(value: Any) -> int:
+    """Bytes ``value`` holds in memory: ``sys.getsizeof`` of every str, container and scalar
+    reached (shared objects counted each time they are reached)."""
+    total = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        total += sys.getsizeof(node)
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif isinstance(node, _Spliced):
+            stack.extend(node.pieces)
+    return total

@@ -1,0 +1,258 @@
+"""The front door: accept, bound the handshake, decide before the upgrade, hand over a session.
+
+Data path of a connection::
+
+    accept (bounded handshakes) → HTTP request read within handshake_timeout_s
+      → 400 malformed upgrade → 503 draining/overloaded → per-IP cap → global cap (503)
+      → bearer token (401) → path /mcp (404) → upgrade → serve_session(...)
+
+Every refusal is an HTTP status with a JSON body (``{"error": reason, "message": …}``) sent
+before any WebSocket state exists. A connection's failure never takes the daemon down: it is
+counted (``session_error``) and logged, and its admission slot is given back in ``finally``.
+
+The listener is handed what it decides with — the settings, the connection counts, the token
+table (replaced as a whole on reload: :attr:`Listener.tokens`), the readiness view and the
+counters — and one callback, ``serve_session(conn, ip, identity, stream)``, that runs an
+admitted connection until it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from exai import errors
+from exai.config import Settings
+from exai.logs import log_event
+from exai.server.admission import Admission
+from exai.server.auth import Identity, TokenTable
+from exai.server.outbox import ProgressStream
+from exai.server.readiness import Readiness
+from exai.server.stats import DaemonStats
+from exai.server.wsconn import accept_request, http_version
+
+__all__ = ["Listener", "SessionRunner", "load_ssl_context"]
+
+#: runs one admitted connection until it ends: (connection, peer address, identity, stream)
+SessionRunner = Callable[[WebSocketConnection, str, Identity, ProgressStream], Awaitable[None]]
+
+_DISCONNECTS = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Listener:
+    """Accepts and admits connections (see the module docstring).
+
+    Args:
+        settings: ``handshake_timeout_s``, ``max_frame_bytes`` and the connection caps.
+        admission: the connection counts; a slot is taken before the upgrade.
+        tokens: the client tokens (a reload replaces :attr:`tokens`).
+        readiness: refuses connections while draining or overloaded.
+        stats: counts refusals and session errors.
+        serve_session: runs an admitted connection until it ends.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        admission: Admission,
+        tokens: TokenTable,
+        readiness: Readiness,
+        stats: DaemonStats,
+        serve_session: SessionRunner,
+    ) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.tokens = tokens
+        self.readiness = readiness
+        self.stats = stats
+        self.serve_session = serve_session
+        self._handshakes = trio.Semaphore(max(64, min(1024, settings.max_connections)))
+
+    async def accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        """Accept until ``listener`` closes; each connection runs in ``nursery``. At most
+        64–1024 connections (per ``max_connections``) may be in their handshake at once."""
+        while True:
+            await self._handshakes.acquire()
+            try:
+                stream = await listener.accept()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._handshakes.release()
+                return
+            except OSError as exc:
+                self._handshakes.release()
+                log_event("listener.accept_error", logging.WARNING, error=exc.strerror)
+                await trio.sleep(0.05)  # EMFILE and friends: back off instead of spinning
+                continue
+            except BaseException:
+                self._handshakes.release()
+                raise
+            nursery.start_soon(self._handle_stream, stream)
+
+    async def _handle_stream(self, raw_stream: trio.abc.Stream) -> None:
+        ip = _peer_ip(raw_stream)
+        # the writer's deadline follows the bytes actually written (see exai.server.outbox)
+        stream = ProgressStream(raw_stream)
+        handshake_held = True
+        admitted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(self.settings.handshake_timeout_s):
+                    request = await accept_request(
+                        nursery, stream, max_message_size=self.settings.max_frame_bytes
+                    )
+                self._handshakes.release()
+                handshake_held = False
+                if request is None:
+                    self.stats.rejections["handshake_timeout"] += 1
+                    nursery.cancel_scope.cancel()
+                    return
+                refusal = self._admit(request, ip)
+                if refusal is not None:
+                    status, headers, body = refusal
+                    with trio.move_on_after(self.settings.handshake_timeout_s):
+                        await request.reject(status, extra_headers=headers, body=body)
+                    nursery.cancel_scope.cancel()
+                    return
+                admitted = True
+                identity = self.tokens.authenticate(_header(request, b"authorization"))
+                assert identity is not None  # checked in _admit
+                subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
+                conn = await request.accept(subprotocol=subprotocol)
+                try:
+                    await self.serve_session(conn, ip, identity, stream)
+                finally:
+                    with trio.move_on_after(1.0) as closing:
+                        closing.shield = True
+                        await conn.aclose()
+                    nursery.cancel_scope.cancel()
+        except _DISCONNECTS:
+            pass
+        except Exception as exc:  # one connection's failure never takes the daemon down
+            if not _only_disconnects(exc):
+                self.stats.rejections["session_error"] += 1
+                unwrapped = errors.unwrap_exception(exc)
+                log_event(
+                    "session.error",
+                    logging.ERROR,
+                    ip=ip,
+                    exc_type=type(unwrapped).__name__,
+                    error=str(unwrapped)[:200],
+                )
+        finally:
+            if handshake_held:
+                self._handshakes.release()
+            if admitted:
+                self.admission.release(ip)
+            await trio.aclose_forcefully(stream)
+
+    def _admit(
+        self, request: WebSocketRequest, ip: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """Decide before the upgrade. Returns (status, headers, body) to refuse, or None after
+        taking an admission slot (the caller releases it)."""
+        json_ct = (b"Content-Type", b"application/json")
+        malformed = _malformed_upgrade(request)
+        if malformed is not None:
+            self.stats.rejections["bad_request"] += 1
+            return 400, [json_ct], _body("bad_request", malformed)
+        draining = self.readiness.draining
+        if draining or self.readiness.overloaded_reason is not None:
+            reason = "draining" if draining else "overloaded"
+            self.stats.rejections[reason] += 1
+            return 503, [json_ct, (b"Retry-After", b"1")], _body(reason, "not accepting now")
+        refused = self.admission.try_admit(ip)
+        if refused is not None:
+            limit = (
+                self.settings.max_connections
+                if refused == "max_connections"
+                else self.settings.max_connections_per_ip
+            )
+            return (
+                503,
+                [json_ct, (b"Retry-After", b"1")],
+                _body(refused, f"connection limit reached ({refused}={limit}); retry later"),
+            )
+        ok = False
+        try:
+            if self.tokens.authenticate(_header(request, b"authorization")) is None:
+                self.stats.rejections["unauthorized"] += 1
+                return (
+                    401,
+                    [json_ct, (b"WWW-Authenticate", b'Bearer realm="exai"')],
+                    _body("unauthorized", "missing or invalid bearer token"),
+                )
+            if request.path.split("?", 1)[0] != "/mcp":
+                self.stats.rejections["not_found"] += 1
+                return 404, [json_ct], _body("not_found", "the MCP endpoint is /mcp")
+            ok = True
+            return None
+        finally:
+            if not ok:
+                self.admission.release(ip)
+
+
+def _only_disconnects(exc: BaseException) -> bool:
+    """True when ``exc`` (or every leaf of an exception group) is a peer going away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_disconnects(e) for e in exc.exceptions)
+    return isinstance(exc, _DISCONNECTS)
+
+
+def _body(reason: str, message: str) -> bytes:
+    return json.dumps({"error": reason, "message": message}).encode()
+
+
+def _malformed_upgrade(request: WebSocketRequest) -> str | None:
+    """Why the upgrade request is refused with 400 before anything else, or ``None``.
+
+    An HTTP/1.0 upgrade (RFC 6455 needs 1.1), and more than one ``Authorization`` header
+    (which one counts would depend on the reader; a proxy may have checked the other).
+    """
+    version = http_version(request)
+    if version is not None and version != b"1.1":
+        return f"a WebSocket upgrade needs HTTP/1.1 (got HTTP/{version.decode('ascii', 'replace')})"
+    if sum(1 for k, _ in request.headers if k.lower() == b"authorization") > 1:
+        return "more than one Authorization header; send exactly one"
+    return None
+
+
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for k, v in request.headers:
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    sock_stream: Any = stream
+    if isinstance(stream, trio.SSLStream):
+        sock_stream = stream.transport_stream
+    try:
+        return str(sock_stream.socket.getpeername()[0])
+    except (AttributeError, OSError):
+        return "unknown"
+
+
+def load_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context from ``EXAI_TLS_CERT``/``EXAI_TLS_KEY``, or ``None`` without
+    them. Blocking (reads the files): call it from a worker thread.
+
+    Raises:
+        ConfigError: the files do not load.
+    """
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(f"cannot load EXAI_TLS_CERT/EXAI_TLS_KEY: {exc}") from exc
+    return ctx
