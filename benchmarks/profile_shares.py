@@ -49,7 +49,7 @@ SUBSYSTEMS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "WebSocket / session",
         ("trio_websocket/", "wsproto/", "exai/server/session.py", "exai/server/wsconn.py"),
     ),
-    ("JSON-RPC and dispatch", ("exai/server/", "exai/security.py")),
+    ("JSON-RPC and dispatch", ("exai/server/", "exai/config/hygiene.py")),
     ("tools (chat)", ("exai/tools/",)),
     ("other exai", ("exai/",)),
 )

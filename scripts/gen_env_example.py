@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 
 from exai.config import (
-    _BUILTIN_PROVIDERS,
+    BUILTIN_PROVIDERS,
     PROVIDER_FIELDS,
     ProviderSettings,
     Settings,
@@ -48,7 +48,7 @@ def main() -> None:
     print("# --- as EXAI_PROVIDER_<NAME>_<FIELD> (e.g. EXAI_PROVIDER_VLLM_BASE_URL)")
     defaults = {f.name: f.default for f in attrs.fields(ProviderSettings)}
     for prefix in ("KIMI", "GLM"):
-        builtin = _BUILTIN_PROVIDERS[prefix.lower()]
+        builtin = BUILTIN_PROVIDERS[prefix.lower()]
         for fld in PROVIDER_FIELDS:
             if fld in ("models", "kind", "base_url", "api_key"):
                 value = ""  # empty = the built-in default

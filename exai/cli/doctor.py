@@ -53,8 +53,8 @@ import httpx
 from exai.client import Client
 from exai.client.ws import HandshakeRejected, WebSocketError
 from exai.config import Settings, is_loopback, redact_url
+from exai.config.hygiene import child_env, secret_values, token_entries
 from exai.errors import ConfigError
-from exai.security import child_env, secret_values, token_entries
 from exai.server.auth import parse_tokens
 from exai.storage.postgres import parse_postgres_url
 

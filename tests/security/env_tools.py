@@ -4,7 +4,7 @@ to observe its process environment from outside without moving a secret over the
 ``hygiene_environ`` answers with:
 - ``value_digests``: the first 16 hex digits of the SHA-256 of every value in ``os.environ``
   (the test compares them with the digests of the secrets it put in ``*_FILE`` files);
-- ``child_env``: the environment a child process started with :func:`exai.security.child_env`
+- ``child_env``: the environment a child process started with :func:`exai.config.hygiene.child_env`
   actually sees (it must hold no secret at all, so it may be shown in full).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from exai.security import child_env
+from exai.config.hygiene import child_env
 from exai.tools.base import ToolContext, ToolRegistry, ToolResult, ToolSpec
 
 

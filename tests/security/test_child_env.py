@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from exai.config import Settings
-from exai.security import child_env, secret_values, token_entries
+from exai.config.hygiene import child_env, secret_values, token_entries
 
 AMBIENT = {
     "PATH": "/usr/bin:/bin",

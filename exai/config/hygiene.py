@@ -1,4 +1,9 @@
-"""Process-environment hygiene: what a child process (git, a formatter, a hook) may inherit.
+"""Secrets hygiene: which values the settings hold are secrets, and what a child process (git, a
+formatter, a hook) may inherit.
+
+Shared by several layers on purpose: tools that start a process (and plugins that do) use
+:func:`child_env`; ``exai doctor`` uses :func:`child_env`, :func:`secret_values` and
+:func:`token_entries`. It belongs with the settings because it is a statement about them.
 
 exai holds provider keys, client tokens and database passwords. A child process needs none of
 them, and a child that logs its environment (or crashes with it in a core dump) must not be able
@@ -30,7 +35,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from exai.config import Secret, Settings
+from exai.config.secret import Secret
+from exai.config.settings import Settings
 
 __all__ = ["TokenEntry", "child_env", "secret_values", "token_entries"]
 
