@@ -155,6 +155,11 @@ class Settings:
     rate_limit_on_redis_error: str = _field(
         "local_share", "when Redis is down: local_share (rate/replicas locally) or fail_closed"
     )
+    shared_health_poll_s: float = _field(
+        0.5,
+        "how often a daemon reads the providers' shared 'open until' from Redis (0 = do not "
+        "share provider health)",
+    )
 
     # --- files ----------------------------------------------------------------------------
     file_roots: tuple[str, ...] = _field(
@@ -312,6 +317,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("EXAI_RATE_LIMIT_ON_REDIS_ERROR must be local_share or fail_closed")
     if s.rate_limit_replicas < 1:
         raise ConfigError("EXAI_RATE_LIMIT_REPLICAS must be at least 1")
+    if not 0 <= s.shared_health_poll_s <= 60:
+        raise ConfigError("EXAI_SHARED_HEALTH_POLL_S must be between 0 (off) and 60")
     if s.log_format not in ("auto", "json", "text"):
         raise ConfigError("EXAI_LOG_FORMAT must be auto, json or text")
     if bool(s.tls_cert) != bool(s.tls_key):

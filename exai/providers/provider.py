@@ -11,6 +11,12 @@ A call passes the stages in that order; each can refuse it before any byte leave
 4. a ``CapacityLimiter`` of ``max_concurrency`` slots;
 5. the ``httpx`` pool of ``pool_max`` connections (:class:`~exai.providers.client.OpenAIClient`).
 
+Across daemons (:meth:`Provider.share_limits`, :mod:`exai.providers.health`): with Redis, the
+RPM and TPM buckets are shared by every daemon of the deployment (the TPM one reserve-then-settle:
+an overrun is charged to the shared bucket, which goes into debt that every daemon waits out),
+and a provider closed on one daemon — breaker trip, ``Retry-After``, exhausted quota — is held
+closed on the others from what they read in the background (never on a call).
+
 What the breaker counts (``breaker_records``): only the provider's own failures — a retryable
 upstream failure (5xx, reset, timeout, stall, an answer that broke off or never finished) and a
 malformed answer. Everything else counts as neither: a 429 holds the breaker open
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -39,6 +46,7 @@ from exai.errors import (
     CircuitOpenError,
     InvalidParams,
     RateLimitedError,
+    RateLimiterUnavailableError,
     UpstreamMalformedResponse,
     UpstreamQuotaExhausted,
     UpstreamRateLimited,
@@ -97,6 +105,8 @@ class _Counters:
     tpm_reserved: float = 0.0
     tpm_settled: float = 0.0
     tpm_debt: float = 0.0
+    #: tokens a shared settlement could not move (Redis unreachable, fail-closed)
+    tpm_unsettled: float = 0.0
     last_error: dict[str, Any] | None = None
 
 
@@ -149,13 +159,19 @@ class Provider:
             record=breaker_records,
             on_transition=self._on_transition,
         )
-        #: the requests-per-minute limit shared by every daemon through Redis, when set; it
-        #: then replaces the local RPM bucket (see :meth:`share_limits`)
+        #: the requests- and tokens-per-minute limits shared by every daemon through Redis,
+        #: when set; they then replace the local buckets (see :meth:`share_limits`)
         self.shared_rpm: RedisTokenBucket | None = None
+        self.shared_tpm: RedisTokenBucket | None = None
         self.limiter: anyio.CapacityLimiter | None = None
         self._hold_until = -math.inf
         self._hold_quota = False  # the hold is for an exhausted quota, not a Retry-After
         self.counters = _Counters()
+        #: told ``(provider, kind, seconds)`` whenever this provider closes to calls here on
+        #: what this daemon saw itself (breaker trip, Retry-After, quota); set by
+        #: :class:`~exai.providers.health.SharedHealth` to publish it to the other daemons
+        self.on_opened: Callable[[str, str, float], None] | None = None
+        self._quiet = False  # applying a learned hold, or a hold's own breaker hold
 
     async def __aenter__(self) -> Provider:
         self.limiter = anyio.CapacityLimiter(max(1, self.settings.max_concurrency))
@@ -178,50 +194,145 @@ class Provider:
     def share_limits(
         self, redis: Any, *, replicas: int, on_redis_error: str, key_prefix: str = "exai:bucket:"
     ) -> None:
-        """Enforce ``rpm`` across every daemon that uses the same Redis (and key prefix).
+        """Enforce ``rpm`` and ``tpm`` across every daemon that uses the same Redis (and key
+        prefix).
 
-        While Redis is unreachable the bucket's policy applies: ``local_share`` admits
-        ``rpm / replicas`` here, ``fail_closed`` refuses.
+        TPM is reserve-then-settle on the shared bucket: the estimate is taken before the call,
+        and afterwards the unused part is refunded, or an overrun charged (the shared bucket
+        goes into debt that every daemon then waits out). While Redis is unreachable the
+        bucket's policy applies: ``local_share`` admits ``limit / replicas`` here,
+        ``fail_closed`` refuses.
         """
         s = self.settings
-        if s.rpm <= 0:
-            return
-        self.shared_rpm = RedisTokenBucket(
-            redis,
-            f"provider:{s.name}:rpm",
-            s.rpm / 60.0,
-            max(1.0, s.rpm),
-            on_redis_error=on_redis_error,  # type: ignore[arg-type]
-            replicas=replicas,
-            key_prefix=key_prefix,
-        )
-        self.rpm = None
+        for kind, limit in (("rpm", s.rpm), ("tpm", s.tpm)):
+            if limit <= 0:
+                continue
+            bucket = RedisTokenBucket(
+                redis,
+                f"provider:{s.name}:{kind}",
+                limit / 60.0,
+                max(1.0, limit),
+                on_redis_error=on_redis_error,  # type: ignore[arg-type]
+                replicas=replicas,
+                key_prefix=key_prefix,
+            )
+            if kind == "rpm":
+                self.shared_rpm, self.rpm = bucket, None
+            else:
+                self.shared_tpm, self.tpm = bucket, None
 
-    async def _admit_shared(self) -> None:
-        if self.shared_rpm is None:
-            return
-        wait = await self.shared_rpm.try_acquire(1)
+    async def _admit_shared(self, estimate: int) -> float:
+        """The shared RPM token and TPM reservation; returns the TPM cost reserved."""
+        if self.shared_rpm is not None:
+            wait = await self.shared_rpm.try_acquire(1)
+            if wait > 0:
+                self.counters.refused += 1
+                raise RateLimitedError(
+                    f"provider {self.name!r} is at its shared limit of {self.settings.rpm:g} "
+                    f"requests per minute; retry in {wait:.3f}s",
+                    retry_after_s=wait,
+                    data={"provider": self.name, "limit": "rpm", "shared": True},
+                )
+        if self.shared_tpm is None:
+            return 0.0
+        cost = min(float(estimate), self.shared_tpm.capacity)
+        try:
+            wait = await self.shared_tpm.try_acquire(cost)
+        except BaseException:
+            await self._give_back_rpm()
+            raise
         if wait > 0:
+            await self._give_back_rpm()
             self.counters.refused += 1
             raise RateLimitedError(
-                f"provider {self.name!r} is at its shared limit of {self.settings.rpm:g} "
-                f"requests per minute; retry in {wait:.3f}s",
+                f"provider {self.name!r} is at its shared limit of {self.settings.tpm:g} tokens "
+                f"per minute; retry in {wait:.3f}s",
                 retry_after_s=wait,
-                data={"provider": self.name, "limit": "rpm", "shared": True},
+                data={"provider": self.name, "limit": "tpm", "shared": True},
             )
+        self.counters.tpm_reserved += cost
+        return cost
+
+    async def _give_back_rpm(self) -> None:
+        if self.shared_rpm is None:
+            return
+        with anyio.CancelScope(shield=True):  # bounded by the bucket's own Redis bound
+            try:
+                await self.shared_rpm.refund(1)
+            except RateLimiterUnavailableError:
+                pass  # Redis is gone (fail-closed): a lost refund only admits less
+
+    async def _settle_shared_tpm(self, reserved: float, used: int | None) -> None:
+        """Refund the unused part of a shared reservation, or charge the overrun."""
+        bucket = self.shared_tpm
+        if bucket is None or reserved <= 0:
+            return
+        if used is None:
+            self.counters.tpm_reserved -= reserved
+        else:
+            self.counters.tpm_settled += used
+        # shielded (settling is bookkeeping that must happen even for a cancelled call);
+        # each Redis round trip is bounded by the bucket itself
+        with anyio.CancelScope(shield=True):
+            try:
+                if used is None:
+                    await bucket.refund(reserved)
+                elif used < reserved:
+                    await bucket.refund(reserved - used)
+                elif used > reserved:
+                    await bucket.charge(used - reserved)
+            except RateLimiterUnavailableError:
+                self.counters.tpm_unsettled += abs((used or 0) - reserved)
 
     def _on_transition(self, name: str, old: str, new: str) -> None:
-        log_event("provider.breaker", provider=self.name, old=old, new=new)
+        log_event("provider.breaker", provider=self.name, old=old, new=new, learned=self._quiet)
+        if new == "open" and not self._quiet and self.on_opened is not None:
+            self.on_opened(self.name, "breaker", self.breaker.statistics().retry_after_s)
 
     # -- the call ------------------------------------------------------------------------
     def hold(self, seconds: float, *, quota: bool = False) -> None:
         """Refuse calls locally for ``seconds`` (the provider's ``Retry-After``, or
-        ``quota_hold_s`` after a quota-exhausted answer when ``quota``)."""
+        ``quota_hold_s`` after a quota-exhausted answer when ``quota``), and tell the other
+        daemons (``on_opened``)."""
+        self._hold(seconds, quota=quota)
+        if self.on_opened is not None:
+            self.on_opened(self.name, "quota" if quota else "rate_limited", seconds)
+
+    def _hold(self, seconds: float, *, quota: bool) -> bool:
+        """Extend the local hold; True when it now ends later than before."""
         now = anyio.current_time()
+        extended = now + seconds > self._hold_until
         if now + seconds >= self._hold_until:
             self._hold_quota = quota or (self._hold_quota and now < self._hold_until)
         self._hold_until = max(self._hold_until, now + seconds)
-        self.breaker.open_until(seconds)
+        quiet, self._quiet = self._quiet, True
+        try:
+            self.breaker.open_until(seconds)  # its transition is this hold, not a trip to share
+        finally:
+            self._quiet = quiet
+        return extended
+
+    def learn(self, kind: str, seconds: float) -> bool:
+        """Apply a hold another daemon published (see :mod:`exai.providers.health`).
+
+        ``kind`` is ``"breaker"`` (open the breaker until then, not a trip),
+        ``"rate_limited"`` or ``"quota"`` (the local hold). Nothing is re-published. Returns
+        True when it closed the provider longer than it already was.
+        """
+        if not seconds > 0:
+            return False
+        if kind == "breaker":
+            before = self.breaker.statistics()
+            was_until = before.retry_after_s if before.state == "open" else 0.0
+            quiet, self._quiet = self._quiet, True
+            try:
+                self.breaker.open_until(seconds)
+            finally:
+                self._quiet = quiet
+            return seconds > was_until + 1e-3
+        if kind in ("rate_limited", "quota"):
+            return self._hold(seconds, quota=kind == "quota")
+        return False
 
     def _admit(self, estimate: int) -> tuple[float, float]:
         """Stages 1–2: returns (rpm cost, tpm cost) taken; raises when refused."""
@@ -305,7 +416,7 @@ class Provider:
         estimate = estimate_tokens(req.messages, req.max_output_tokens)
         _, tpm_cost = self._admit(estimate)
         try:
-            await self._admit_shared()
+            shared_tpm_cost = await self._admit_shared(estimate)
         except BaseException:
             self._settle_tpm(tpm_cost, None)
             raise
@@ -319,13 +430,14 @@ class Provider:
                         resp = await self._exchange(req, model)
             except BaseException as exc:
                 self._after_failure(exc, start, model)
-                if isinstance(exc, CircuitOpenError) and self.shared_rpm is not None:
+                if isinstance(exc, CircuitOpenError):
                     # nothing was sent: the shared request token goes back too
-                    await self.shared_rpm.refund(1)
+                    await self._give_back_rpm()
                 raise
             used = resp.usage.total_tokens
         finally:
             self._settle_tpm(tpm_cost, used)
+            await self._settle_shared_tpm(shared_tpm_cost, used)
         self.counters.ok += 1
         log_event(
             "provider.call",
@@ -390,8 +502,11 @@ class Provider:
             body = self.dialect.build_body(
                 attrs.evolve(req, messages=tuple(messages)), model, stream=streaming
             )
-            if rounds and self.rpm is not None:
-                await self.rpm.acquire(1)  # each web-search round is a request of its own
+            if rounds:  # each web-search round is a request of its own
+                if self.rpm is not None:
+                    await self.rpm.acquire(1)
+                elif self.shared_rpm is not None:
+                    await self.shared_rpm.acquire(1)
             self.counters.requests += 1
             completion = await self.client.chat(body, on_chunk=on_chunk if streaming else None)
             choice = completion["choices"][0]
@@ -457,6 +572,11 @@ class Provider:
                 "rpm_available": round(self.rpm.statistics().tokens, 3) if self.rpm else None,
                 "tpm_available": round(self.tpm.statistics().tokens, 1) if self.tpm else None,
                 "tpm_debt": self.counters.tpm_debt,
+                "shared_limits": [
+                    kind
+                    for kind, b in (("rpm", self.shared_rpm), ("tpm", self.shared_tpm))
+                    if b is not None
+                ],
                 "retry_after_s": round(max(0.0, self._hold_until - now), 3),
             },
             "counters": {

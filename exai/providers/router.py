@@ -57,6 +57,7 @@ from exai.errors import (
     UpstreamRetryableError,
 )
 from exai.logs import log_event
+from exai.providers.health import SharedHealth
 from exai.providers.provider import Provider
 from exai.providers.registry import ModelRegistry
 from exai.providers.types import Attempt, ChatRequest, ChatResponse
@@ -180,6 +181,8 @@ class ProviderRouter:
         self._budget = retry_budget
         self._policy: RetryPolicy | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        #: set when provider health is shared across daemons (see ``exai.services``)
+        self.shared_health: SharedHealth | None = None
 
     async def __aenter__(self) -> ProviderRouter:
         if self._budget is None:
@@ -407,6 +410,9 @@ class ProviderRouter:
         """Per provider: configured, host, models, breaker, limits and current use."""
         return {
             "providers": {name: p.status() for name, p in self.providers.items()},
+            "shared_health": (
+                self.shared_health.status() if self.shared_health is not None else None
+            ),
             "routing": {
                 "default_model": self.settings.default_model,
                 "fast_models": list(self.settings.fast_models),

@@ -43,7 +43,9 @@ __all__ = ["GCRA_SCRIPT", "RedisLike", "RedisTokenBucket", "is_redis_unreachable
 
 OnRedisError = Literal["fail_closed", "local_share"]
 
-#: KEYS[1]: the bucket's key. ARGV: µs per token, capacity (tokens), cost (negative: refund).
+#: KEYS[1]: the bucket's key. ARGV: µs per token, capacity (tokens), cost (negative: refund),
+#: and optionally ``"1"`` to *charge*: take the cost even when it is not there (the bucket goes
+#: into debt that later requests wait out; at most one capacity's worth per charge).
 #: Returns {admitted (0/1), µs to wait (0 when admitted)}.
 GCRA_SCRIPT = """
 local t = redis.call('TIME')
@@ -51,6 +53,10 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local force = ARGV[4] == '1'
+if force and cost > capacity then
+  cost = capacity
+end
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then
   tat = now
@@ -66,7 +72,7 @@ if cost < 0 then
   return {1, 0}
 end
 local allow_at = new_tat - capacity * interval
-if allow_at > now then
+if allow_at > now and not force then
   return {0, math.ceil(allow_at - now)}
 end
 redis.call('SET', KEYS[1], string.format('%.17g', new_tat),
@@ -284,6 +290,29 @@ class RedisTokenBucket:
                 raise self._unavailable(exc) from exc
             self._local.refund(min(cost, self._local.capacity))
 
+    async def charge(self, cost: float) -> None:
+        """Take ``cost`` tokens whether or not the bucket has them (settling an overrun).
+
+        What a reservation did not cover is still spent: the shared bucket goes into debt and
+        later requests — on every process — wait it out, so over time the bucket sees the real
+        use. One charge takes at most ``capacity``. While Redis is unreachable a local share
+        takes what it can of it; fail-closed raises.
+
+        Raises:
+            ValueError: ``cost`` is negative.
+            RateLimiterUnavailableError: Redis is unreachable and the policy is fail-closed.
+        """
+        if cost < 0 or math.isnan(cost):
+            raise ValueError("charge cost must be >= 0")
+        if cost == 0:
+            return
+        try:
+            await self._eval(min(cost, self.capacity), force=True)
+        except _RedisUnreachable as exc:
+            if self._local is None:
+                raise self._unavailable(exc) from exc
+            self._local.try_acquire(min(cost, self._local.capacity))
+
     def __repr__(self) -> str:
         return (
             f"<RedisTokenBucket key={self.redis_key!r} rate_per_s={self.rate_per_s} "
@@ -305,9 +334,16 @@ class RedisTokenBucket:
             return 0.0
         return max(wait_us / 1e6, 1e-6)
 
-    async def _eval(self, cost: float) -> tuple[bool, int]:
+    async def _eval(self, cost: float, *, force: bool = False) -> tuple[bool, int]:
         """One atomic script run; maps "cannot reach Redis" to :class:`_RedisUnreachable`."""
-        args = (self.redis_key, repr(self._interval_us), repr(self.capacity), repr(float(cost)))
+        args: tuple[str, ...] = (
+            self.redis_key,
+            repr(self._interval_us),
+            repr(self.capacity),
+            repr(float(cost)),
+        )
+        if force:
+            args += ("1",)
         try:
             async with self.breaker:
                 reply = None

@@ -78,6 +78,7 @@ INSTRUCTIONS = (
 async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """Yield ``{"providers": …, "conversations": …, "idempotency": …}`` for the daemon."""
     from exai.providers import ProviderRouter
+    from exai.providers.health import SharedHealth
     from exai.storage.service import ConversationService
     from exai.storage.stores import store_kind
     from exai.tools.sandbox import FileSandbox
@@ -98,6 +99,17 @@ async def open_services(settings: Settings) -> AsyncIterator[dict[str, Any]]:
         router = await stack.enter_async_context(ProviderRouter(settings))
         if conversations.redis is not None:
             router.share_limits(conversations.redis)
+            if settings.shared_health_poll_s > 0:
+                # one daemon's open breaker, Retry-After or quota hold closes the provider on
+                # every daemon of the deployment (read in the background, never on a call)
+                router.shared_health = await stack.enter_async_context(
+                    SharedHealth(
+                        conversations.redis,
+                        router.providers.values(),
+                        key_prefix=settings.redis_key_prefix,
+                        poll_interval_s=settings.shared_health_poll_s,
+                    )
+                )
         services["providers"] = router
         # learn what each configured provider serves (GET /models), bounded per provider, in
         # the background: start-up does not wait for a slow or unreachable endpoint

@@ -169,6 +169,22 @@ async def test_refund_gives_reserved_tokens_back(anyio_backend: str, prefix: str
 
 
 @pytest.mark.anyio
+async def test_charge_takes_tokens_that_are_not_there_and_later_requests_wait_out_the_debt(
+    anyio_backend: str, prefix: str
+) -> None:
+    async with redis_client(anyio_backend) as client:
+        bucket = RedisTokenBucket(client, "tpm", rate_per_s=100.0, capacity=100, key_prefix=prefix)
+        assert await bucket.try_acquire(60) == 0.0
+        await bucket.charge(90)  # 60 reserved, 150 used: 50 more than the bucket held
+        wait = await bucket.try_acquire(10)
+        assert 0.4 < wait <= 0.61  # the 50 of debt, then the 10 asked for, at 100/s
+        await bucket.charge(10_000)  # one charge takes at most one capacity's worth
+        assert 1.3 < await bucket.try_acquire(1) <= 1.52
+        with pytest.raises(ValueError):
+            await bucket.charge(-1)
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_waiter_takes_nothing(anyio_backend: str, prefix: str) -> None:
     async with redis_client(anyio_backend) as client:
         bucket = RedisTokenBucket(client, "rps", rate_per_s=5.0, capacity=1, key_prefix=prefix)
