@@ -107,6 +107,13 @@ reasoning=, cut=)``                    ``content`` / ``reasoning`` replace the t
 :attr:`MockUpstream.body_bytes_sent` counts the response body bytes handed to the sockets, so a
 test can see that a client stopped reading.
 
+:attr:`MockUpstream.completed` keeps the body of every chat request whose answer was sent in
+full (its last byte handed to the socket, no fault): what a provider would bill. While
+:meth:`MockUpstream.hold_answers` is in force, every normal chat answer stops before its end
+(streaming: before the chunk with ``finish_reason``; plain: before the body) until
+:meth:`MockUpstream.release_answers`; :attr:`MockUpstream.held` counts the answers waiting, so a
+test can act at a moment when no answer is half-way between "sent" and "received".
+
 A client that goes away before its response is complete (during a latency wait, a hang, a
 stall or a stream) is noticed at once — a reader watches each connection while its handler
 waits — and counted in :attr:`MockUpstream.disconnects`.
@@ -432,6 +439,11 @@ class MockUpstream:
         self._standing: Fault | None = None
         self._standing_until: float | None = None
         self._recorded: collections.deque[RecordedRequest] = collections.deque(maxlen=max_recorded)
+        #: bodies of the chat requests answered in full (see the module docstring)
+        self.completed: collections.deque[Any] = collections.deque(maxlen=max_recorded)
+        #: answers waiting at the gate of :meth:`hold_answers` right now
+        self.held = 0
+        self._gate: anyio.Event | None = None
         self._disconnected = anyio.Event()
         self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -501,11 +513,33 @@ class MockUpstream:
         self._standing = fault
         self._standing_until = anyio.current_time() + duration_s
 
+    def hold_answers(self) -> None:
+        """Stop every normal chat answer before its end until :meth:`release_answers`."""
+        if self._gate is None:
+            self._gate = anyio.Event()
+
+    def release_answers(self) -> None:
+        """Let the answers held by :meth:`hold_answers` finish (and new ones run through)."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    async def _at_gate(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        self.held += 1
+        try:
+            await gate.wait()
+        finally:
+            self.held -= 1
+
     def clear(self) -> None:
         """Drop queued and standing faults and forget recorded requests and counters."""
         self._script.clear()
         self.set_fault(None)
         self._recorded.clear()
+        self.completed.clear()
         self.errors.clear()
         self.disconnects = 0
         self.request_count = 0
@@ -721,7 +755,7 @@ class MockUpstream:
             )
         reply = _shaped(reply, fault)
         if stream:
-            return await self._stream(conn, reply, fault)
+            return await self._stream(conn, reply, fault, body)
         if fault is not None and fault.kind == "huge_answer":
             return await self._huge_body(conn, reply, fault)
         doc = _openai.reply_json(reply)
@@ -733,16 +767,22 @@ class MockUpstream:
         body_bytes = json.dumps(doc).encode()
         partial = fault if fault is not None and fault.kind.startswith("stream_") else None
         if partial is None:
+            normal = fault is None or fault.kind == "latency"
+            if normal:
+                await self._at_gate()
             await conn.send_response(200, JSON_HEADERS, body_bytes)
+            if normal:
+                self.completed.append(body)
             return "keep"
         await conn.start_response(200, JSON_HEADERS, content_length=len(body_bytes))
         await conn.send_data(body_bytes[: len(body_bytes) // 2])
         return await self._stall_or_break(partial)
 
     async def _stream(
-        self, conn: HttpConnection, reply: _openai.ChatReply, fault: Fault | None
+        self, conn: HttpConnection, reply: _openai.ChatReply, fault: Fault | None, body: Any
     ) -> _Next:
         kind = fault.kind if fault is not None else None
+        normal = fault is None or kind == "latency"
         chunks = _openai.reply_chunks(reply)
         events: Iterable[bytes] = [*(_sse(chunk) for chunk in chunks), b"data: [DONE]\n\n"]
         hold = False
@@ -769,7 +809,11 @@ class MockUpstream:
         elif fault is not None and kind == "huge_answer":
             events = _huge_events(reply, fault)
         await conn.start_response(200, SSE_HEADERS, content_length=None)
-        for event in events:
+        # a normal answer: its last two events (the finish chunk and [DONE]) wait at the gate
+        gate_at = len(events) - 2 if normal and isinstance(events, list) else -1
+        for i, event in enumerate(events):
+            if i == gate_at:
+                await self._at_gate()
             if self.chunk_delay_s > 0:
                 await anyio.sleep(self.chunk_delay_s)
             await conn.send_data(event)
@@ -778,6 +822,8 @@ class MockUpstream:
         if hold:
             await anyio.sleep_forever()
         await conn.end_response()
+        if normal:
+            self.completed.append(body)
         return "keep"
 
     async def _huge_body(

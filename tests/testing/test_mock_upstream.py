@@ -741,3 +741,43 @@ async def test_command_line_prints_one_listening_line_and_serves() -> None:
             proc.terminate()
             with anyio.CancelScope(shield=True):
                 await proc.wait()
+
+
+# -- completed answers and the answer gate (scale-out tests) -----------------------------------
+
+
+@pytest.mark.anyio
+async def test_completed_keeps_only_answers_sent_in_full(
+    mock: MockUpstream, client: httpx.AsyncClient
+) -> None:
+    assert (await client.post("/chat/completions", json=chat_body("one"))).status_code == 200
+    await stream_chat(client, chat_body("two"))
+    mock.push(Fault.status(503))
+    assert (await client.post("/chat/completions", json=chat_body("three"))).status_code == 503
+    mock.push(Fault.stream_break(2))
+    with pytest.raises(httpx.HTTPError):
+        await stream_chat(client, chat_body("four"))
+    assert [b["messages"][-1]["content"] for b in mock.completed] == ["one", "two"]
+
+
+@pytest.mark.anyio
+async def test_held_answers_stop_before_their_end_until_released(
+    mock: MockUpstream, client: httpx.AsyncClient
+) -> None:
+    mock.hold_answers()
+    got: list[list[str]] = []
+
+    async def streamed() -> None:
+        got.append(await stream_chat(client, chat_body("held")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(streamed)
+        with anyio.fail_after(5):
+            while mock.held < 1:
+                await anyio.sleep(0.01)
+        await anyio.sleep(1.0)  # mock clock: however long, it stays held
+        assert got == [] and list(mock.completed) == []
+        mock.release_answers()
+    assert got[0][-1] == "[DONE]"
+    assert mock.held == 0
+    assert len(mock.completed) == 1
