@@ -1,5 +1,6 @@
 #!/bin/sh
-# Make sure the PostgreSQL and Redis servers the tests use answer on loopback; start them if not.
+# Make sure the PostgreSQL and Redis servers the tests use answer on loopback; start them if not;
+# install the haproxy binary the scale-out tests use where apt can.
 # Never stops or flushes anything: tests use their own database and key prefix.
 set -u
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
@@ -12,6 +13,16 @@ fi
 if ! pg_up; then
   echo "ensure-services: starting PostgreSQL" >&2
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
+fi
+# HAProxy for the scale-out tests (tests/scaleout): only the binary, no service is started.
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "ensure-services: installing haproxy (Debian package)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy >/dev/null 2>&1 \
+      || echo "ensure-services: could not install haproxy; the scale-out tests will skip" >&2
+  else
+    echo "ensure-services: haproxy is not installed; the scale-out tests will skip" >&2
+  fi
 fi
 i=0
 while [ $i -lt 30 ]; do

@@ -26,7 +26,8 @@ per connection), ``duration_s``, ``warmup_s`` (calls sent before it are not reco
 ``think_s`` (pause after each call), ``prompt``, ``model``, ``tool``, ``arguments``,
 ``start_at`` (``time.monotonic()`` to begin at, to line up with the orchestrator),
 ``until_stop`` (run until a ``stop`` line on stdin instead of for ``duration_s``),
-``calls_per_worker`` (each worker stops after that many calls), ``token`` (a bearer token sent
+``calls_per_worker`` (each worker stops after that many calls), ``idempotency`` (each call
+carries an ``exai/idempotencyKey`` as ``exai bridge`` sends it), ``token`` (a bearer token sent
 with the WebSocket upgrade), ``headers``/``stream``/``body`` (``http``), ``db_path`` (sqlite),
 ``cpu_pids`` (see below).
 
@@ -118,6 +119,8 @@ async def main(cfg: dict[str, Any]) -> None:
     tool = cfg.get("tool", "chat")
     arguments = cfg.get("arguments", {"prompt": prompt, "model": model})
     progress = bool(cfg.get("progress"))
+    idempotent = bool(cfg.get("idempotency"))
+    run_id = os.urandom(8).hex()
     raw_pids = cfg.get("cpu_pids") or []
     cpu_pids = [os.getpid() if p == "self" else int(p) for p in raw_pids]
     recs = Records()
@@ -178,8 +181,14 @@ async def main(cfg: dict[str, Any]) -> None:
                     conn.next_id += 1
                     rid = conn.next_id
                     params: dict[str, Any] = {"name": tool, "arguments": arguments}
+                    meta: dict[str, Any] = {}
                     if progress:
-                        params["_meta"] = {"progressToken": rid}
+                        meta["progressToken"] = rid
+                    if idempotent:
+                        # what exai bridge adds to every call (exactly-once across daemons)
+                        meta["exai/idempotencyKey"] = f"{run_id}:{id(conn)}:{rid}"
+                    if meta:
+                        params["_meta"] = meta
                     text = json.dumps(
                         {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
                     )

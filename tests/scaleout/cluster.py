@@ -199,6 +199,22 @@ class DaemonProcess:
                 return float(m.group(3))
         return 0.0
 
+    async def status(self) -> dict[str, Any]:
+        """The ``status`` tool's document, asked of this daemon directly."""
+        from tests.helpers import Rpc, ws
+
+        with trio.fail_after(30):
+            async with ws(self.url, token=self.env.get("EXAI_STATUS_TOKEN")) as conn:
+                reply = await Rpc(conn).call("status")
+        doc: dict[str, Any] = reply["result"]["structuredContent"]
+        return doc
+
+    async def redis_round_trips(self) -> int:
+        """Redis commands this daemon's client has sent since it started (its own counter)."""
+        doc = await self.status()
+        redis = (doc.get("conversations") or {}).get("redis") or {}
+        return int((redis.get("pool") or {}).get("calls") or 0)
+
     def log_events(self, event: str) -> list[dict[str, Any]]:
         """Its JSON log lines whose ``event`` is ``event`` (every run)."""
         out = []

@@ -60,11 +60,20 @@ def cluster_factory(
     """``async with cluster_factory(**env) as cluster:`` — HAProxy and three daemons sharing
     this test's Redis prefix and Postgres schema; ``env`` is added to every daemon's."""
 
-    def make(running: int = 3, argv: tuple[str, ...] = (), **env: Any) -> Any:
+    def make(
+        running: int = 3,
+        argv: tuple[str, ...] = (),
+        *,
+        pg_port: int = 5432,
+        redis_port: int = 6379,
+        **env: Any,
+    ) -> Any:
+        """``pg_port`` / ``redis_port`` reach the servers another way (a FaultProxy)."""
         return open_cluster(
             tmp_path / "cluster",
             mock_url=mock.base_url,
-            storage_url=pg_url(pg_database, schema=pg_schema),
+            storage_url=pg_url(pg_database, schema=pg_schema, port=pg_port),
+            redis_url=f"redis://127.0.0.1:{redis_port}/0",
             redis_prefix=redis_prefix,
             running=running,
             env={k: str(v) for k, v in env.items()},
