@@ -53,21 +53,24 @@ async def test_with_redis_cut_the_daemons_keep_serving_and_admit_only_their_loca
     cluster_factory: ClusterFactory, mock: MockUpstream
 ) -> None:
     rpm = 30.0
-    async with FaultProxy(REDIS_HOST, REDIS_PORT) as proxy:
-        # 30 requests a minute for the deployment: 10 (+ a tenth of the refill) for each daemon
-        # while Redis is away; a short call deadline keeps refused calls from waiting for refills
-        async with cluster_factory(
+    # 30 requests a minute for the deployment: 10 (+ a third of the refill) for each daemon
+    # while Redis is away; a short call deadline keeps refused calls from waiting for refills
+    proxy = FaultProxy(REDIS_HOST, REDIS_PORT)
+    async with (
+        proxy,
+        cluster_factory(
             redis_port=proxy.port,
             EXAI_PROVIDER_MOCK_RPM=int(rpm),
             EXAI_RATE_LIMIT_REPLICAS=3,
             EXAI_RATE_LIMIT_ON_REDIS_ERROR="local_share",
             EXAI_CALL_TIMEOUT_S=2,
-        ) as cluster:
-            proxy.cut()
-            t0 = trio.current_time()
-            replies = await _calls(cluster, [f"cut-{i}" for i in range(90)], sessions=9)
-            elapsed = trio.current_time() - t0
-            by_daemon = await cluster.calls_by_daemon("ok")
+        ) as cluster,
+    ):
+        proxy.cut()
+        t0 = trio.current_time()
+        replies = await _calls(cluster, [f"cut-{i}" for i in range(90)], sessions=9)
+        elapsed = trio.current_time() - t0
+        by_daemon = await cluster.calls_by_daemon("ok")
     outcomes = [_reason(r) for r in replies.values()]
     assert set(outcomes) <= {"ok", "rate_limited", "timeout"}, outcomes
     ok = outcomes.count("ok")
@@ -88,18 +91,18 @@ async def test_with_postgres_cut_calls_are_answered_and_every_turn_lands_once_wh
     pg_schema: str,
     tmp_path: Path,
 ) -> None:
-    async with FaultProxy(PG_HOST, PG_PORT) as proxy:
-        async with cluster_factory(pg_port=proxy.port, EXAI_STORE_TIMEOUT_S=1) as cluster:
-            before = await _calls(cluster, [f"pg-before-{i}" for i in range(12)])
-            proxy.cut()
-            during = await _calls(cluster, [f"pg-during-{i}" for i in range(30)])
-            spooled = [await d.metric("exai_spool_writes_total") for d in cluster.daemons]
-            proxy.restore()
-            # each daemon replays its own spool once the store answers again
-            with trio.fail_after(WITHIN_S):
-                while any([await d.metric("exai_spool_depth") for d in cluster.daemons]):
-                    await trio.sleep(0.2)
-            after = await _calls(cluster, [f"pg-after-{i}" for i in range(12)])
+    proxy = FaultProxy(PG_HOST, PG_PORT)
+    async with proxy, cluster_factory(pg_port=proxy.port, EXAI_STORE_TIMEOUT_S=1) as cluster:
+        before = await _calls(cluster, [f"pg-before-{i}" for i in range(12)])
+        proxy.cut()
+        during = await _calls(cluster, [f"pg-during-{i}" for i in range(30)])
+        spooled = [await d.metric("exai_spool_writes_total") for d in cluster.daemons]
+        proxy.restore()
+        # each daemon replays its own spool once the store answers again
+        with trio.fail_after(WITHIN_S):
+            while any([await d.metric("exai_spool_depth") for d in cluster.daemons]):
+                await trio.sleep(0.2)
+        after = await _calls(cluster, [f"pg-after-{i}" for i in range(12)])
     assert sum(spooled) >= 30 and all(n > 0 for n in spooled), spooled  # each one spooled
     for replies in (before, during, after):
         assert {_reason(r) for r in replies.values()} == {"ok"}, replies
