@@ -1,4 +1,5 @@
-"""Threads across daemons: any daemon continues any thread of the same identity (PostgreSQL)."""
+"""Threads across daemons: any daemon continues any thread of the same identity (PostgreSQL),
+and no daemon lets another identity continue it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ async def _chat(url: str, token: str, prompt: str, cont: str | None = None) -> d
             return await Rpc(conn).call("chat", args)
 
 
-async def test_a_thread_started_on_one_daemon_is_continued_on_each_other_one(
+async def test_a_thread_started_on_one_daemon_is_continued_on_each_other_one_by_its_owner_only(
     cluster_factory: ClusterFactory, mock: MockUpstream
 ) -> None:
     async with cluster_factory(EXAI_TOKENS=TOKENS) as cluster:
@@ -37,6 +38,12 @@ async def test_a_thread_started_on_one_daemon_is_continued_on_each_other_one(
         second = await _chat(two.url, ALICE, "second question", cont)
         third = await _chat(three.url, ALICE, "third question", cont)
         via_lb = await _chat(cluster.url, ALICE, "fourth question", cont)
+        requests_before_bob = len(mock.chat_requests)
+        # another identity, on any daemon, gets what an unknown id gets
+        bobs = [await _chat(d.url, BOB, "whose thread?", cont) for d in cluster.daemons]
+    for reply in bobs:
+        assert reply["error"]["data"]["reason"] == "continuation_not_found", reply
+    assert len(mock.chat_requests) == requests_before_bob
     for reply in (second, third, via_lb):
         assert reply["result"]["isError"] is False, reply
         assert reply["result"]["structuredContent"]["continuation_id"] == cont
