@@ -98,4 +98,5 @@ async def test_three_daemons_behind_haproxy_admit_1200_rpm_over_60_s(
 ) -> None:
     async with cluster_factory(EXAI_PROVIDER_MOCK_RPM=1200) as cluster:
         got = await measure_admitted_rate(cluster, mock, 1200.0, window_s=60.0)
+    print(got)
     assert_within_2pct_and_spread(got)
