@@ -9,6 +9,7 @@ metadata holds its documentation (``.env.example`` is generated from it) and, wh
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,12 @@ class Settings:
     # --- admission and sessions ----------------------------------------------------------
     max_connections: int = _field(1024, "open WebSocket connections, in all")
     max_connections_per_ip: int = _field(256, "open WebSocket connections from one address")
+    trusted_proxies: tuple[str, ...] = _field(
+        (),
+        "addresses or networks of load balancers whose X-Forwarded-For names the client "
+        "(per-IP limits, audit); empty = the TCP peer is the client",
+        converter=_tuple,
+    )
     handshake_timeout_s: float = _field(5.0, "bound on the HTTP upgrade (slowloris guard)")
     max_frame_bytes: int = _field(4 * 1024 * 1024, "largest accepted WebSocket message")
     max_json_depth: int = _field(64, "deepest accepted JSON nesting in a message")
@@ -323,6 +330,13 @@ def _validate(s: Settings) -> None:
         raise ConfigError("EXAI_LOG_FORMAT must be auto, json or text")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError("EXAI_TLS_CERT and EXAI_TLS_KEY must be set together")
+    for proxy in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"EXAI_TRUSTED_PROXIES: {proxy!r} is not an IP address or network"
+            ) from None
     for root in s.file_roots:
         if not os.path.isabs(root):
             raise ConfigError(f"EXAI_FILE_ROOTS: {root!r} is not an absolute path")
