@@ -58,7 +58,7 @@ from exai.providers.dialects import dialect_for
 from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage, unencodable_field
 from exai.resilience.breaker import CircuitBreaker
 from exai.resilience.bucket import TokenBucket
-from exai.resilience.redis_bucket import RedisTokenBucket
+from exai.resilience.redis_bucket import RedisBucketGroup, RedisTokenBucket
 
 __all__ = ["DEFAULT_OUTPUT_ESTIMATE", "Provider", "breaker_records", "estimate_tokens"]
 
@@ -163,6 +163,7 @@ class Provider:
         #: when set; they then replace the local buckets (see :meth:`share_limits`)
         self.shared_rpm: RedisTokenBucket | None = None
         self.shared_tpm: RedisTokenBucket | None = None
+        self.shared_group: RedisBucketGroup | None = None
         self.limiter: anyio.CapacityLimiter | None = None
         self._hold_until = -math.inf
         self._hold_quota = False  # the hold is for an exhausted quota, not a Retry-After
@@ -197,92 +198,89 @@ class Provider:
         """Enforce ``rpm`` and ``tpm`` across every daemon that uses the same Redis (and key
         prefix).
 
-        TPM is reserve-then-settle on the shared bucket: the estimate is taken before the call,
-        and afterwards the unused part is refunded, or an overrun charged (the shared bucket
-        goes into debt that every daemon then waits out). While Redis is unreachable the
-        bucket's policy applies: ``local_share`` admits ``limit / replicas`` here,
-        ``fail_closed`` refuses.
+        Both are reserved in **one** Redis round trip per call (a
+        :class:`~exai.resilience.RedisBucketGroup`). TPM is reserve-then-settle: the estimate
+        is taken before the call; afterwards the unused part is given back with this daemon's
+        next reservation (no round trip of its own), and an overrun is charged at once (the
+        shared bucket goes into debt that every daemon then waits out). While Redis is
+        unreachable the buckets' policy applies: ``local_share`` admits ``limit / replicas``
+        here, ``fail_closed`` refuses.
         """
         s = self.settings
+        buckets = []
         for kind, limit in (("rpm", s.rpm), ("tpm", s.tpm)):
             if limit <= 0:
                 continue
             bucket = RedisTokenBucket(
                 redis,
-                f"provider:{s.name}:{kind}",
+                kind,
                 limit / 60.0,
                 max(1.0, limit),
                 on_redis_error=on_redis_error,  # type: ignore[arg-type]
                 replicas=replicas,
                 key_prefix=key_prefix,
+                hash_tag=f"provider:{s.name}",
             )
+            buckets.append(bucket)
             if kind == "rpm":
                 self.shared_rpm, self.rpm = bucket, None
             else:
                 self.shared_tpm, self.tpm = bucket, None
+        self.shared_group = RedisBucketGroup(buckets) if buckets else None
 
     async def _admit_shared(self, estimate: int) -> float:
-        """The shared RPM token and TPM reservation; returns the TPM cost reserved."""
-        if self.shared_rpm is not None:
-            wait = await self.shared_rpm.try_acquire(1)
-            if wait > 0:
-                self.counters.refused += 1
-                raise RateLimitedError(
-                    f"provider {self.name!r} is at its shared limit of {self.settings.rpm:g} "
-                    f"requests per minute; retry in {wait:.3f}s",
-                    retry_after_s=wait,
-                    data={"provider": self.name, "limit": "rpm", "shared": True},
-                )
-        if self.shared_tpm is None:
+        """The shared RPM token and TPM reservation, in one round trip; returns the TPM cost
+        reserved."""
+        group = self.shared_group
+        if group is None:
             return 0.0
-        cost = min(float(estimate), self.shared_tpm.capacity)
-        try:
-            wait = await self.shared_tpm.try_acquire(cost)
-        except BaseException:
-            await self._give_back_rpm()
-            raise
-        if wait > 0:
-            await self._give_back_rpm()
+        tpm_cost = min(float(estimate), self.shared_tpm.capacity) if self.shared_tpm else 0.0
+        costs = [1.0 if b is self.shared_rpm else tpm_cost for b in group.buckets]
+        short, wait = await group.try_acquire(costs)
+        if short is not None:
             self.counters.refused += 1
-            raise RateLimitedError(
-                f"provider {self.name!r} is at its shared limit of {self.settings.tpm:g} tokens "
-                f"per minute; retry in {wait:.3f}s",
-                retry_after_s=wait,
-                data={"provider": self.name, "limit": "tpm", "shared": True},
+            kind, limit, unit = (
+                ("rpm", self.settings.rpm, "requests")
+                if group.buckets[short] is self.shared_rpm
+                else ("tpm", self.settings.tpm, "tokens")
             )
-        self.counters.tpm_reserved += cost
-        return cost
+            raise RateLimitedError(
+                f"provider {self.name!r} is at its shared limit of {limit:g} {unit} per minute; "
+                f"retry in {wait:.3f}s",
+                retry_after_s=wait,
+                data={"provider": self.name, "limit": kind, "shared": True},
+            )
+        self.counters.tpm_reserved += tpm_cost
+        return tpm_cost
 
-    async def _give_back_rpm(self) -> None:
-        if self.shared_rpm is None:
+    def _give_back(self, bucket: RedisTokenBucket | None, tokens: float) -> None:
+        """Tokens reserved but not used: they go back with the next reservation."""
+        group = self.shared_group
+        if group is None or bucket is None:
             return
-        with anyio.CancelScope(shield=True):  # bounded by the bucket's own Redis bound
-            try:
-                await self.shared_rpm.refund(1)
-            except RateLimiterUnavailableError:
-                pass  # Redis is gone (fail-closed): a lost refund only admits less
+        group.credit(group.buckets.index(bucket), tokens)
 
     async def _settle_shared_tpm(self, reserved: float, used: int | None) -> None:
-        """Refund the unused part of a shared reservation, or charge the overrun."""
+        """Give back the unused part of a shared reservation, or charge the overrun now."""
         bucket = self.shared_tpm
         if bucket is None or reserved <= 0:
             return
         if used is None:
             self.counters.tpm_reserved -= reserved
-        else:
-            self.counters.tpm_settled += used
-        # shielded (settling is bookkeeping that must happen even for a cancelled call);
-        # each Redis round trip is bounded by the bucket itself
+            self._give_back(bucket, reserved)
+            return
+        self.counters.tpm_settled += used
+        if used <= reserved:
+            self._give_back(bucket, reserved - used)
+            return
+        # an overrun is rare (the estimate is generous) and the other daemons must see it at
+        # once: charged now, shielded (bookkeeping of a call that may be being cancelled) and
+        # bounded by the bucket's own Redis bound
         with anyio.CancelScope(shield=True):
             try:
-                if used is None:
-                    await bucket.refund(reserved)
-                elif used < reserved:
-                    await bucket.refund(reserved - used)
-                elif used > reserved:
-                    await bucket.charge(used - reserved)
+                await bucket.charge(used - reserved)
             except RateLimiterUnavailableError:
-                self.counters.tpm_unsettled += abs((used or 0) - reserved)
+                self.counters.tpm_unsettled += used - reserved
 
     def _on_transition(self, name: str, old: str, new: str) -> None:
         log_event("provider.breaker", provider=self.name, old=old, new=new, learned=self._quiet)
@@ -353,6 +351,12 @@ class Provider:
                 provider=self.name,
                 retry_after_s=wait,
             )
+        if self.breaker.state == "open":
+            # refused before any bucket is touched: no token to give back, and no Redis round
+            # trip for a provider that is known to be down
+            self.counters.refused += 1
+            self.breaker.rejections += 1
+            raise CircuitOpenError(self.breaker.name, self.breaker.statistics().retry_after_s)
         rpm_cost = 0.0
         if self.rpm is not None:
             wait = self.rpm.try_acquire(1)
@@ -432,7 +436,7 @@ class Provider:
                 self._after_failure(exc, start, model)
                 if isinstance(exc, CircuitOpenError):
                     # nothing was sent: the shared request token goes back too
-                    await self._give_back_rpm()
+                    self._give_back(self.shared_rpm, 1.0)
                 raise
             used = resp.usage.total_tokens
         finally:

@@ -39,7 +39,14 @@ from exai.errors import (
 from .breaker import CircuitBreaker
 from .bucket import TokenBucket
 
-__all__ = ["GCRA_SCRIPT", "RedisLike", "RedisTokenBucket", "is_redis_unreachable"]
+__all__ = [
+    "GCRA_GROUP_SCRIPT",
+    "GCRA_SCRIPT",
+    "RedisBucketGroup",
+    "RedisLike",
+    "RedisTokenBucket",
+    "is_redis_unreachable",
+]
 
 OnRedisError = Literal["fail_closed", "local_share"]
 
@@ -81,6 +88,49 @@ return {1, 0}
 """
 
 _SCRIPT_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
+
+#: KEYS: the buckets (one hash tag). ARGV, four per key: µs per token, capacity, cost, credit.
+#: Credits (tokens given back since the last reservation) are applied first, whatever the
+#: outcome; then every cost is taken, or none. Returns {1, 0, 0} when admitted, else
+#: {0, index of the first bucket short (1-based), µs to wait}.
+GCRA_GROUP_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local tats = {}
+for i = 1, n do
+  local interval = tonumber(ARGV[4 * i - 3])
+  local credit = tonumber(ARGV[4 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat == nil or tat < now then tat = now end
+  if credit > 0 then
+    tat = tat - credit * interval
+    if tat < now then tat = now end
+  end
+  tats[i] = tat
+end
+local short, wait = 0, 0
+for i = 1, n do
+  local interval = tonumber(ARGV[4 * i - 3])
+  local capacity = tonumber(ARGV[4 * i - 2])
+  local cost = tonumber(ARGV[4 * i - 1])
+  local allow_at = tats[i] + cost * interval - capacity * interval
+  if allow_at > now and short == 0 then
+    short, wait = i, math.ceil(allow_at - now)
+  end
+end
+for i = 1, n do
+  local tat = tats[i]
+  if short == 0 then tat = tat + tonumber(ARGV[4 * i - 1]) * tonumber(ARGV[4 * i - 3]) end
+  if tat <= now then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  end
+end
+if short == 0 then return {1, 0, 0} end
+return {0, short, wait}
+"""
 
 
 class RedisLike(Protocol):
@@ -163,6 +213,9 @@ class RedisTokenBucket:
         on_redis_error: ``"fail_closed"`` or ``"local_share"`` (see the module docstring).
         replicas: how many processes share the key; required for ``"local_share"``.
         key_prefix: prepended to the hash-tagged key.
+        hash_tag: when set, the key is ``<key_prefix>{<hash_tag>}:<key>``, so buckets with the
+            same tag live in one Redis Cluster slot and can be reserved together
+            (:class:`RedisBucketGroup`).
         breaker: the breaker fronting Redis; by default one named ``redis-bucket:<key>`` that
             opens after a few failed round trips, so an outage fails fast.
         redis_call_bound_s: the most one Redis round trip may take before it counts as
@@ -194,6 +247,7 @@ class RedisTokenBucket:
         key_prefix: str = "exai:bucket:",
         breaker: CircuitBreaker | None = None,
         redis_call_bound_s: float = 1.0,
+        hash_tag: str | None = None,
     ) -> None:
         if not (rate_per_s > 0 and math.isfinite(rate_per_s)):
             raise ValueError("rate_per_s must be a finite number > 0")
@@ -210,7 +264,10 @@ class RedisTokenBucket:
             raise ValueError("redis_call_bound_s must be > 0")
         self.redis = redis
         self.key = key
-        self.redis_key = f"{key_prefix}{{{key}}}"
+        # buckets reserved together (RedisBucketGroup) share a hash tag: one Cluster slot
+        self.redis_key = (
+            f"{key_prefix}{{{hash_tag}}}:{key}" if hash_tag else f"{key_prefix}{{{key}}}"
+        )
         self.rate_per_s = float(rate_per_s)
         self.capacity = float(capacity)
         self.on_redis_error: OnRedisError = on_redis_error
@@ -336,21 +393,22 @@ class RedisTokenBucket:
 
     async def _eval(self, cost: float, *, force: bool = False) -> tuple[bool, int]:
         """One atomic script run; maps "cannot reach Redis" to :class:`_RedisUnreachable`."""
-        args: tuple[str, ...] = (
-            self.redis_key,
-            repr(self._interval_us),
-            repr(self.capacity),
-            repr(float(cost)),
-        )
+        args = [repr(self._interval_us), repr(self.capacity), repr(float(cost))]
         if force:
-            args += ("1",)
+            args.append("1")
+        reply = await self._eval_script(GCRA_SCRIPT, _SCRIPT_SHA, [self.redis_key], args)
+        return bool(int(reply[0])), int(reply[1])
+
+    async def _eval_script(self, script: str, sha: str, keys: list[str], args: list[str]) -> Any:
+        """Run ``script`` under this bucket's breaker and bound; maps "cannot reach Redis" to
+        :class:`_RedisUnreachable`."""
         try:
             async with self.breaker:
                 reply = None
                 # Shielded so a cancelled caller cannot abandon a script that may have run;
                 # bounded so a black-holed connection counts as unreachable instead of hanging.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.redis_call_bound_s):
-                    reply = await self._run_script(args)
+                    reply = await self._run_script(script, sha, keys, args)
                 if reply is None:
                     raise TimeoutError(f"Redis did not answer within {self.redis_call_bound_s}s")
         except CircuitOpenError as exc:
@@ -359,17 +417,17 @@ class RedisTokenBucket:
             if is_redis_unreachable(exc):
                 raise _RedisUnreachable(exc, self.breaker.open_duration_s) from exc
             raise
-        return bool(int(reply[0])), int(reply[1])
+        return reply
 
-    async def _run_script(self, args: tuple[str, ...]) -> Any:
+    async def _run_script(self, script: str, sha: str, keys: list[str], args: list[str]) -> Any:
         try:
-            return await self.redis.evalsha(_SCRIPT_SHA, 1, *args)
+            return await self.redis.evalsha(sha, len(keys), *keys, *args)
         except Exception as exc:
             if not _is_noscript(exc):
                 raise
         # The server lost its script cache (restart, failover, SCRIPT FLUSH): EVAL runs the
         # script and caches it again for the next EVALSHA.
-        return await self.redis.eval(GCRA_SCRIPT, 1, *args)
+        return await self.redis.eval(script, len(keys), *keys, *args)
 
     def _degraded_try(self, cost: float, exc: _RedisUnreachable) -> float:
         local = self._local
@@ -391,3 +449,87 @@ class RedisTokenBucket:
             retry_after_s=exc.retry_after_s,
             data={"limiter": self.key},
         )
+
+
+class RedisBucketGroup:
+    """Several :class:`RedisTokenBucket` reserved in **one** round trip, all or none.
+
+    A provider's requests-per-minute and tokens-per-minute buckets are asked together for every
+    call; tokens given back (a refund after the call, a request that was never sent) are passed
+    as *credits* with the next reservation instead of costing a round trip of their own. A
+    credit waits in this process until then — on an idle process a refund stays unapplied, so
+    the shared limit only errs on the strict side; what is pending is bounded by each bucket's
+    capacity.
+
+    Args:
+        buckets: the buckets, on one Redis client, with one ``hash_tag`` (one Cluster slot).
+
+    While Redis is unreachable each bucket's own policy applies to its part (the credits go to
+    the local shares); ``fail_closed`` on any of them refuses.
+    """
+
+    def __init__(self, buckets: list[RedisTokenBucket]) -> None:
+        if not buckets:
+            raise ValueError("a group needs at least one bucket")
+        self.buckets = buckets
+        self.credits = [0.0] * len(buckets)
+        self._first = buckets[0]
+
+    def credit(self, index: int, tokens: float) -> None:
+        """Give ``tokens`` back to bucket ``index`` with the next reservation (no round trip)."""
+        if tokens > 0 and math.isfinite(tokens):
+            cap = self.buckets[index].capacity
+            self.credits[index] = min(cap, self.credits[index] + tokens)
+
+    async def try_acquire(self, costs: list[float]) -> tuple[int | None, float]:
+        """Take ``costs[i]`` from each bucket ``i``, all or none (pending credits applied first).
+
+        Returns:
+            ``(None, 0.0)`` when admitted; else ``(i, seconds)``: bucket ``i`` is short and
+            would admit in ``seconds``; nothing was taken.
+
+        Raises:
+            ValueError: a cost is negative or larger than its bucket's capacity.
+            RateLimiterUnavailableError: Redis is unreachable and a bucket's policy is
+                fail-closed.
+        """
+        for b, cost in zip(self.buckets, costs, strict=True):
+            b._check_cost(cost)
+        credits = list(self.credits)
+        args: list[str] = []
+        for b, cost, credit in zip(self.buckets, costs, credits, strict=True):
+            args += [repr(b._interval_us), repr(b.capacity), repr(float(cost)), repr(credit)]
+        keys = [b.redis_key for b in self.buckets]
+        try:
+            reply = await self._first._eval_script(GCRA_GROUP_SCRIPT, _GROUP_SHA, keys, args)
+        except _RedisUnreachable as exc:
+            return self._degraded(costs, exc)
+        # the credits were applied (whatever the outcome); newer ones stay for next time
+        for i, credit in enumerate(credits):
+            self.credits[i] = max(0.0, self.credits[i] - credit)
+        if int(reply[0]) == 1:
+            return None, 0.0
+        return int(reply[1]) - 1, max(int(reply[2]) / 1e6, 1e-6)
+
+    def _degraded(self, costs: list[float], exc: _RedisUnreachable) -> tuple[int | None, float]:
+        for b in self.buckets:
+            if b._local is None:
+                raise b._unavailable(exc) from exc
+        for i, b in enumerate(self.buckets):
+            assert b._local is not None
+            if self.credits[i]:
+                b._local.refund(min(self.credits[i], b._local.capacity))
+                self.credits[i] = 0.0
+        taken: list[tuple[TokenBucket, float]] = []
+        for i, (b, cost) in enumerate(zip(self.buckets, costs, strict=True)):
+            wait = b._degraded_try(cost, exc)
+            if wait > 0:
+                for local, took in taken:
+                    local.refund(took)
+                return i, wait
+            assert b._local is not None
+            taken.append((b._local, cost))
+        return None, 0.0
+
+
+_GROUP_SHA = hashlib.sha1(GCRA_GROUP_SCRIPT.encode()).hexdigest()

@@ -174,3 +174,35 @@ async def test_with_redis_cut_and_fail_closed_nothing_is_admitted(
         finally:
             await redis.aclose()
     assert upstream.requests == []
+
+
+async def test_a_call_costs_one_redis_round_trip_for_both_limits_and_its_refund_rides_along(
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    upstream = ScriptedUpstream("a", usage=(100, 100))
+    settings = attrs.evolve(
+        settings_with(
+            provider_settings("a", "http://a.test/v1", None, ("mock-a",), rpm=600, tpm=100_000),
+            fast=("mock-a",),
+            quality=("mock-a",),
+        ),
+        redis_key_prefix=redis_prefix,
+    )
+    async with open_asyncio_bridge() as bridge:
+        redis = BridgedRedis.from_url(
+            bridge, f"redis://{REDIS_HOST}:{REDIS_PORT}/0", max_connections=4
+        )
+        try:
+            async with ProviderRouter(
+                settings, attempts=1, transports={"a": upstream.transport}
+            ) as router:
+                router.share_limits(redis)
+                for _ in range(10):
+                    await router.complete(_ask())
+                group = router.providers["a"].shared_group
+                pending = list(group.credits) if group else None
+        finally:
+            await redis.aclose()
+    assert redis.calls == 10  # RPM and TPM reserved together; refunds sent with the next one
+    # only the last call's unused estimate still waits in this process
+    assert pending == [0.0, float(ESTIMATE - 200)]

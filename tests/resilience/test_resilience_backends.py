@@ -83,7 +83,9 @@ async def test_retrying_retries_honours_retry_after_and_the_deadline() -> None:
 
 def test_public_api_is_pinned() -> None:
     assert set(exai.resilience.__all__) == {
+        "GCRA_GROUP_SCRIPT",
         "GCRA_SCRIPT",
+        "RedisBucketGroup",
         "Backoff",
         "BreakerState",
         "BreakerStatistics",
