@@ -25,6 +25,7 @@ OURS = (
     "peer",
     "abuse",
     "decoder",
+    "scale_out",
 )
 
 
