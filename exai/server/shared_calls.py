@@ -25,7 +25,8 @@ the liveness check is a separate round trip, so no script spans slots.
 
 Redis unreachable (or slow past ``call_bound_s``): :meth:`SharedCalls.claim` says so and the
 caller runs the call itself — during a Redis outage a call retried onto another daemon may run
-twice (docs/deploy.md). Nothing waits on Redis longer than the bound.
+twice (docs/deploy.md). Nothing waits on Redis longer than the bound, and after a few failures
+the breaker ``redis-calls`` answers "unavailable" at once until Redis answers again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import anyio
 import anyio.abc
 import attrs
 
+from exai.errors import CircuitOpenError
 from exai.logs import log_event
+from exai.resilience.breaker import CircuitBreaker
 
 __all__ = ["CLAIM_SCRIPT", "FINISH_SCRIPT", "Claim", "SharedCalls"]
 
@@ -125,6 +128,16 @@ class SharedCalls:
         self.alive_ttl_s = alive_ttl_s
         self.call_bound_s = call_bound_s
         self._tg: anyio.abc.TaskGroup | None = None
+        self.breaker = CircuitBreaker(
+            "redis-calls",
+            minimum_calls=3,
+            window_size=10,
+            slow_call_duration_s=call_bound_s,
+            open_duration_s=1.0,
+            max_open_duration_s=30.0,
+            record=lambda exc: isinstance(exc, Exception),
+        )
+        self.rejected = 0
         self.joined = 0
         self.taken_over = 0
         self.errors = 0
@@ -228,16 +241,27 @@ class SharedCalls:
             await self._beat()
 
     async def _run(self, script: str, keys: list[str], args: list[str]) -> Any:
-        """One bounded script round trip; ``None`` when Redis did not answer."""
+        """One bounded script round trip behind the breaker; ``None`` when Redis did not
+        answer (or the breaker is open: a Redis that hangs costs a few calls the bound, then
+        none until it answers again)."""
         try:
-            with anyio.move_on_after(self.call_bound_s):
-                return await self.redis.run_script(script, keys, args)
-        except Exception:
+            async with self.breaker:
+                with anyio.fail_after(self.call_bound_s):
+                    return await self.redis.run_script(script, keys, args)
+        except CircuitOpenError:
+            self.rejected += 1
+        except Exception:  # unreachable, timed out, or a bad reply: no shared state now
             self.errors += 1
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"joined": self.joined, "taken_over": self.taken_over, "errors": self.errors}
+        return {
+            "joined": self.joined,
+            "taken_over": self.taken_over,
+            "errors": self.errors,
+            "rejected": self.rejected,
+            "breaker": self.breaker.state,
+        }
 
 
 def _text(v: Any) -> str:

@@ -98,4 +98,8 @@ async def test_with_redis_cut_a_claim_says_unavailable_at_once(
     async with proxy, _redis(proxy.port) as redis, _calls(redis, redis_prefix, "daemon-a") as a:
         proxy.cut(mode="blackhole")
         with trio.fail_after(WITHIN_S):
-            assert await a.claim("alice:k4", 30) == Claim("unavailable")
+            for i in range(10):
+                assert await a.claim(f"alice:k4-{i}", 30) == Claim("unavailable")
+        # a few claims waited for the bound; then the breaker answered at once
+        assert a.errors >= 3 and a.rejected >= 1
+        assert a.errors + a.rejected >= 10
