@@ -62,7 +62,7 @@ class Settings:
         (),
         "addresses or networks of load balancers whose X-Forwarded-For names the client "
         "(per-IP limits, audit); empty = the TCP peer is the client",
-        converter=_tuple,
+        converter=str_tuple,
     )
     handshake_timeout_s: float = _field(5.0, "bound on the HTTP upgrade (slowloris guard)")
     max_frame_bytes: int = _field(4 * 1024 * 1024, "largest accepted WebSocket message")

@@ -18,6 +18,7 @@ What runs, and who owns it (outermost first)::
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import sys
 from collections.abc import Callable, Mapping
@@ -95,8 +96,15 @@ async def _run(
     announce: bool,
     task_status: trio.TaskStatus[Daemon],
 ) -> None:
-    # the audit log closes after the calls drained, so their lines are written
-    async with daemon.audit, daemon.runner, trio.open_nursery() as conn_nursery:
+    # the audit log closes after the calls drained, so their lines are written; so do the
+    # cross-daemon claims and limits (the last calls store their results and free their slots)
+    async with (
+        daemon.audit,
+        daemon.shared_calls or contextlib.nullcontext(),
+        daemon.shared_limits or contextlib.nullcontext(),
+        daemon.runner,
+        trio.open_nursery() as conn_nursery,
+    ):
         listeners: list[Any] = list(
             await trio.open_tcp_listeners(settings.port, host=settings.host, backlog=4096)
         )
@@ -133,21 +141,26 @@ async def _run(
 async def _drain(
     daemon: Daemon, settings: Settings, listeners: list[Any], conn_nursery: trio.Nursery
 ) -> None:
-    """Stop accepting, let running calls finish within ``drain_timeout_s``, cancel the rest,
-    deliver what finished, close every session, then end the connection nursery."""
+    """Stop accepting, hand every session over as soon as its calls are answered (the balancer
+    sends its client elsewhere), let running calls finish within ``drain_timeout_s``, cancel
+    the rest, then end the connection nursery (see docs/deploy.md, "Rolling restart")."""
     daemon.readiness.draining = True
+    daemon.changes.notify()
     for lst in listeners:
         with trio.move_on_after(1.0):
             await lst.aclose()
     calls, sessions, changes = daemon.calls, daemon.sessions, daemon.changes
     log_event("daemon.draining", running=len(calls.running))
+    for session in sessions:
+        conn_nursery.start_soon(session.hand_over)
     with trio.move_on_after(settings.drain_timeout_s):
         await changes.wait_for(lambda: not calls.running)
     for ex in list(calls.running.values()):
         ex.cancel()  # past the drain bound (the calls nursery also encloses sessions)
-    # let responders deliver what finished, then close every session
-    with trio.move_on_after(1.0):
-        await changes.wait_for(lambda: not any(s.inflight for s in sessions))
+    # each session's hand-over closes it once every answer it owes is queued (and the close
+    # writes them); a session still open after that is one whose client does not read
+    with trio.move_on_after(2.0):
+        await changes.wait_for(lambda: not sessions)
     sessions.close_all(conn_nursery, 1001, "exai is shutting down")
     with trio.move_on_after(2.0):
         await changes.wait_for(lambda: not sessions)

@@ -45,6 +45,7 @@ from exai.logs import log_event
 from exai.server import protocol as p
 from exai.server.audit import AuditLog
 from exai.server.compact import approx_size, compact, expand
+from exai.server.shared_calls import SharedCalls
 from exai.server.stats import DaemonStats
 from exai.tools.base import ToolContext, ToolRegistry
 
@@ -280,6 +281,13 @@ class Changes:
             await self._changed.wait()
 
 
+class Slot(Protocol):
+    """A slot an execution holds until it ends: a ``trio.CapacityLimiter`` held on its behalf,
+    or a deployment-wide one (:class:`exai.server.shared_limits.SharedSlot`)."""
+
+    def release_on_behalf_of(self, borrower: Any) -> None: ...
+
+
 class SharedResults(Protocol):
     """Finished results shared by every daemon (Redis), keyed by the client's idempotency key
     (:class:`exai.storage.IdempotencyResults`)."""
@@ -336,6 +344,10 @@ class CallRunner:
         self.audit = audit
         self.changes = changes
         self.shared = shared
+        #: exactly-once across daemons (claim / join / finish in Redis), set by the daemon's
+        #: composition when it has Redis; then it replaces ``shared``'s lookup and write
+        self.shared_calls: SharedCalls | None = None
+        self._claimed: set[str] = set()  # keys of the calls this daemon claimed
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
 
@@ -361,7 +373,7 @@ class CallRunner:
         ex: Execution,
         args: dict[str, Any],
         ctx: ToolContext,
-        limiters: list[trio.CapacityLimiter],
+        limiters: list[Slot],
     ) -> None:
         """Start ``ex`` in the calls nursery; its slots (``limiters``, held on behalf of ``ex``)
         are released when it ends."""
@@ -383,12 +395,57 @@ class CallRunner:
             return None
         return None
 
+    async def claim(self, ex: Execution) -> dict[str, Any] | None:
+        """Before a keyed call runs here: the result another daemon stored for it, or — while
+        another daemon runs it — that daemon's result once it has one (the wait is bounded by
+        the call's deadline, with heartbeats to the client); ``None`` when this daemon is to
+        run it (see :mod:`exai.server.shared_calls`).
+
+        Raises:
+            DeadlineExceeded: the call's deadline passed while another daemon ran it.
+        """
+        sc = self.shared_calls
+        if sc is None:
+            return await self.shared_result(ex.shared_key)
+        deadline = ex.deadline
+        if deadline == float("inf"):
+            deadline = trio.current_time() + self.settings.call_timeout_s
+        # the run key outlives this daemon's deadline for the call a little; a daemon that
+        # dies frees it sooner (its liveness key lapses)
+        run_ttl_s = max(1.0, deadline - trio.current_time()) + 5.0
+        claim = await sc.claim(ex.shared_key, run_ttl_s)
+        if claim.kind == "running":
+            log_event("call.joined_elsewhere", tool=ex.tool, owner=claim.owner_id)
+            async with trio.open_nursery() as nursery:
+                ex.started_at = trio.current_time()
+                nursery.start_soon(self._heartbeat, ex)
+                with trio.move_on_at(deadline):
+                    claim = await sc.join(ex.shared_key, run_ttl_s, claim)
+                nursery.cancel_scope.cancel()
+            if claim.kind == "running":
+                raise errors.DeadlineExceeded(
+                    f"tool {ex.tool!r}: the daemon running this call did not finish it before "
+                    "its deadline"
+                )
+        if claim.kind == "owner":
+            self._claimed.add(ex.key)
+        return claim.result
+
+    async def release_claim(self, ex: Execution) -> None:
+        """A claimed call that will not run here after all: let another daemon run it."""
+        sc = self.shared_calls
+        if sc is None or ex.key not in self._claimed:
+            return
+        self._claimed.discard(ex.key)
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.store_timeout_s):
+            await sc.finish(ex.shared_key, None)
+
     async def run(
         self,
         ex: Execution,
         args: dict[str, Any],
         ctx: ToolContext,
-        limiters: list[trio.CapacityLimiter],
+        limiters: list[Slot],
     ) -> None:
         """Run one tool call under its deadline; store its response; release its slots."""
         spec = self.tools.get(ex.tool)
@@ -450,7 +507,7 @@ class CallRunner:
             self.calls.running.pop(ex.key, None)
             if ex.payload is not None:
                 ex.payload_bytes = self.calls.store(ex.key, ex.digest, ex.payload)
-                await self._share_result(ex)
+            await self._share_result(ex)
             for limiter in limiters:
                 limiter.release_on_behalf_of(ex)
             self.stats.calls[outcome] += 1
@@ -482,6 +539,14 @@ class CallRunner:
             )
 
     async def _share_result(self, ex: Execution) -> None:
+        sc = self.shared_calls
+        if sc is not None and ex.client_key:
+            # the result for every daemon (first one wins), and the run key dropped; a call
+            # cancelled here leaves no result, so a daemon waiting for it runs it
+            self._claimed.discard(ex.key)
+            with trio.CancelScope(shield=True), trio.move_on_after(self.settings.store_timeout_s):
+                await sc.finish(ex.shared_key, ex.payload)
+            return
         store = self.shared
         if store is None or not ex.client_key or ex.payload is None:
             return

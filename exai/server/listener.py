@@ -3,7 +3,9 @@
 Data path of a connection::
 
     accept (bounded handshakes) → HTTP request read within handshake_timeout_s
+      → the client's address (X-Forwarded-For of a trusted proxy)
       → 400 malformed upgrade → 503 draining/overloaded → per-IP cap → global cap (503)
+      → per-IP cap of the deployment (Redis, 503)
       → bearer token (401) → path /mcp (404) → upgrade → serve_session(...)
 
 Every refusal is an HTTP status with a JSON body (``{"error": reason, "message": …}``) sent
@@ -18,6 +20,7 @@ admitted connection until it ends.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import ssl
@@ -32,8 +35,10 @@ from exai.config import Settings
 from exai.logs import log_event
 from exai.server.admission import Admission
 from exai.server.auth import Identity, TokenTable
+from exai.server.forwarded import client_address, parse_trusted_proxies
 from exai.server.outbox import ProgressStream
 from exai.server.readiness import Readiness
+from exai.server.shared_limits import SharedLimits
 from exai.server.stats import DaemonStats
 from exai.server.wsconn import accept_request, http_version
 
@@ -43,6 +48,7 @@ __all__ = ["Listener", "SessionRunner", "load_ssl_context"]
 SessionRunner = Callable[[WebSocketConnection, str, Identity, ProgressStream], Awaitable[None]]
 
 _DISCONNECTS = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+_connection_ids = itertools.count(1)
 
 
 class Listener:
@@ -55,6 +61,12 @@ class Listener:
         readiness: refuses connections while draining or overloaded.
         stats: counts refusals and session errors.
         serve_session: runs an admitted connection until it ends.
+        shared_limits: the per-address cap held for the whole deployment (Redis), checked
+            after the local one admitted the connection; ``None`` without Redis.
+
+    Behind a balancer in ``EXAI_TRUSTED_PROXIES`` the connection's address is the client's,
+    from ``X-Forwarded-For`` (:mod:`exai.server.forwarded`): the caps, the session and the
+    audit log see it, not the balancer's.
     """
 
     def __init__(
@@ -66,6 +78,7 @@ class Listener:
         readiness: Readiness,
         stats: DaemonStats,
         serve_session: SessionRunner,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission
@@ -73,6 +86,8 @@ class Listener:
         self.readiness = readiness
         self.stats = stats
         self.serve_session = serve_session
+        self.shared_limits = shared_limits
+        self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
         self._handshakes = trio.Semaphore(max(64, min(1024, settings.max_connections)))
 
     async def accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
@@ -101,6 +116,8 @@ class Listener:
         stream = ProgressStream(raw_stream)
         handshake_held = True
         admitted = False
+        shared_slot = False
+        conn_id = f"c{next(_connection_ids)}"
         try:
             async with trio.open_nursery() as nursery:
                 request: WebSocketRequest | None = None
@@ -114,14 +131,19 @@ class Listener:
                     self.stats.rejections["handshake_timeout"] += 1
                     nursery.cancel_scope.cancel()
                     return
+                # behind a trusted balancer, the client is who X-Forwarded-For names
+                ip = client_address(ip, _headers(request, b"x-forwarded-for"), self.trusted_proxies)
                 refusal = self._admit(request, ip)
+                if refusal is None:
+                    admitted = True
+                    refusal = await self._admit_shared(ip, conn_id)
+                    shared_slot = refusal is None and self.shared_limits is not None
                 if refusal is not None:
                     status, headers, body = refusal
                     with trio.move_on_after(self.settings.handshake_timeout_s):
                         await request.reject(status, extra_headers=headers, body=body)
                     nursery.cancel_scope.cancel()
                     return
-                admitted = True
                 identity = self.tokens.authenticate(_header(request, b"authorization"))
                 assert identity is not None  # checked in _admit
                 subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
@@ -151,7 +173,35 @@ class Listener:
                 self._handshakes.release()
             if admitted:
                 self.admission.release(ip)
+            if shared_slot and self.shared_limits is not None:
+                self.shared_limits.release_connection(ip, conn_id)
             await trio.aclose_forcefully(stream)
+
+    async def _admit_shared(
+        self, ip: str, conn_id: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The deployment-wide connection cap of ``ip`` (Redis), after the local one admitted
+        the connection. Returns (status, headers, body) to refuse, or None."""
+        if self.shared_limits is None:
+            return None
+        limit = self.settings.max_connections_per_ip
+        try:
+            ok = await self.shared_limits.connection(ip, conn_id)
+        except errors.RateLimiterUnavailableError:
+            ok = False  # fail-closed while Redis is unreachable
+        if ok:
+            return None
+        self.admission.rejected["max_connections_per_ip"] += 1
+        self.stats.rejections["max_connections_per_ip"] += 1
+        return (
+            503,
+            [(b"Content-Type", b"application/json"), (b"Retry-After", b"1")],
+            _body(
+                "max_connections_per_ip",
+                f"connection limit reached across the deployment (max_connections_per_ip="
+                f"{limit}); retry later",
+            ),
+        )
 
     def _admit(
         self, request: WebSocketRequest, ip: str
@@ -222,6 +272,11 @@ def _malformed_upgrade(request: WebSocketRequest) -> str | None:
     if sum(1 for k, _ in request.headers if k.lower() == b"authorization") > 1:
         return "more than one Authorization header; send exactly one"
     return None
+
+
+def _headers(request: WebSocketRequest, name: bytes) -> list[str]:
+    """Every value of header ``name`` (lower-case), in order."""
+    return [v.decode("latin-1") for k, v in request.headers if k.lower() == name]
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:

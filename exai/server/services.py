@@ -59,6 +59,8 @@ from exai.server.readiness import Readiness
 from exai.server.reload import REVOKED_CLOSE_CODE, Reloader
 from exai.server.session import SessionShared
 from exai.server.sessions import SessionTable
+from exai.server.shared_calls import SharedCalls
+from exai.server.shared_limits import SharedLimits
 from exai.server.stalls import StallDetector
 from exai.server.stats import DaemonStats
 from exai.tools.base import ToolRegistry
@@ -163,6 +165,9 @@ class Daemon:
         self.reloader: Reloader | None = None
         #: where the daemon's run starts its background work (session closes on revocation)
         self.conn_nursery: trio.Nursery | None = None
+        #: across daemons (Redis): exactly-once claims, per-identity and per-IP limits
+        self.shared_calls: SharedCalls | None = None
+        self.shared_limits: SharedLimits | None = None
         self._shutdown = trio.Event()
         # set by compose()
         self.memory: OverloadManager
@@ -327,6 +332,17 @@ def compose(
             check for svc in others if (check := getattr(svc, "not_ready_reason", None)) is not None
         ],
     )
+    # with Redis, exactly-once and the per-identity/per-IP limits hold across every daemon of
+    # the deployment (started and stopped by the daemon's run, around its calls)
+    redis = getattr(tool_services.get("conversations"), "redis", None)
+    if redis is not None:
+        d.shared_calls = SharedCalls(
+            redis,
+            key_prefix=settings.redis_key_prefix,
+            instance_id=d.instance_id,
+            result_ttl_s=settings.idempotency_ttl_s,
+        )
+        d.shared_limits = SharedLimits(settings, redis, d.instance_id)
     d.runner = CallRunner(
         settings=settings,
         tools=registry,
@@ -337,6 +353,7 @@ def compose(
         changes=d.changes,
         shared=tool_services.get("idempotency"),
     )
+    d.runner.shared_calls = d.shared_calls
     shared = SessionShared(
         instance_id=d.instance_id,
         version=d.version,
@@ -352,6 +369,7 @@ def compose(
         stats=d.stats,
         slot_wait=d.metrics.slot_wait,
         audit=d.audit,
+        shared_limits=d.shared_limits,
     )
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
@@ -362,6 +380,7 @@ def compose(
         readiness=d.readiness,
         stats=d.stats,
         serve_session=d.sessions.serve,
+        shared_limits=d.shared_limits,
     )
 
     if reload is not None:

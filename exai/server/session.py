@@ -53,9 +53,10 @@ from exai.server.admission import CallSlots
 from exai.server.audit import AuditLog
 from exai.server.auth import Identity
 from exai.server.budget import InboundMeter, Ledger, MemoryBudget
-from exai.server.calls import CallRegistry, CallRunner, Changes, Execution, Watcher
+from exai.server.calls import CallRegistry, CallRunner, Changes, Execution, Slot, Watcher
 from exai.server.outbox import Outbox, ProgressStream
 from exai.server.readiness import Readiness
+from exai.server.shared_limits import SharedLimits
 from exai.server.stats import DaemonStats
 from exai.server.wsconn import ServerConnection
 from exai.tools.base import ToolContext, ToolRegistry
@@ -95,6 +96,7 @@ class SessionShared:
         stats: counters of refusals and dropped progress.
         slot_wait: a histogram of the time a call waited for its slots.
         audit: one line per call refused before it ran.
+        shared_limits: the identity's in-flight and message limits across every daemon.
     """
 
     instance_id: str
@@ -111,6 +113,8 @@ class SessionShared:
     stats: DaemonStats
     slot_wait: _Observer
     audit: AuditLog
+    #: per-identity limits held for the deployment (Redis); ``None`` without Redis
+    shared_limits: SharedLimits | None = None
 
 
 class Session:
@@ -212,6 +216,14 @@ class Session:
     def _detach_all(self) -> None:
         for ex, watcher, _ in list(self.inflight.values()):
             ex.detach(watcher)
+
+    async def hand_over(self) -> None:
+        """Draining: close this session (1012, service restart) once every call admitted on it
+        has been answered, so its client reconnects — through the balancer, to a daemon that
+        is not stopping — and re-sends what was left unanswered (see :meth:`_start_call`)."""
+        await self.shared.changes.wait_for(lambda: self.ledger.count == 0)
+        if self.closing_reason is None:
+            await self.close(1012, "exai is restarting; reconnect")
 
     async def close(self, code: int, reason: str) -> None:
         """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s)."""
@@ -318,6 +330,12 @@ class Session:
     async def _handle_text(self, text: str) -> None:
         # Cheap checks first: the message bucket is paid before anything is decoded.
         wait = self._rate_wait(text)
+        limits = self.shared.shared_limits
+        if wait <= 0 and self.identity_bucket is not None and limits is not None:
+            # the identity's message rate holds for the deployment (Redis), after the local
+            # buckets admitted the frame
+            cost = min(1 + len(text) // BYTES_PER_MESSAGE_TOKEN, self.settings.identity_burst)
+            wait = await limits.message_wait(self.identity.name, cost)
         if wait > 0:
             await self._over_rate(text, wait)
             return
@@ -413,6 +431,13 @@ class Session:
         """Admit the call, then start its responder; a call that does not fit is refused."""
         readiness = self.shared.readiness
         overloaded = readiness.overloaded_reason
+        if readiness.draining and p.idempotency_key(req.params):
+            # Handed over, not refused: the client re-sends a keyed call (same id, same key)
+            # when its connection closes, and this session closes as soon as its running calls
+            # are answered (:meth:`hand_over`), so the call runs on a daemon that is not
+            # stopping and the client never sees an error.
+            self.shared.stats.rejections["handed_over"] += 1
+            return
         if readiness.draining:
             refusal: str | None = "the daemon is shutting down; retry on the next one"
         elif overloaded is not None:
@@ -448,6 +473,7 @@ class Session:
             pass  # the session is closing
         finally:
             self.ledger.done(charged)
+            self.shared.changes.notify()  # (a draining daemon waits for its sessions' answers)
 
     async def _run_call(self, req: p.Request) -> tuple[dict[str, Any], int] | None:
         """The call's payload (``{"result"}`` or ``{"error"}``) and its size, or ``None``."""
@@ -525,18 +551,22 @@ class Session:
         try:
             elsewhere = None
             if ex.client_key:
-                elsewhere = await shared.runner.shared_result(ex.shared_key)
+                # a result another daemon stored, or the one it is running now
+                elsewhere = await shared.runner.claim(ex)
             if elsewhere is not None:
                 ex.payload = elsewhere
                 ex.payload_bytes = shared.calls.store(ex.key, ex.digest, elsewhere)
             else:
                 await self._launch(ex, args, req)
                 started = True
+        except _HandedOver:
+            shared.stats.rejections["handed_over"] += 1  # no answer: re-sent elsewhere
         except errors.ExaiError as exc:
             self._audit_refusal(req, exc)
             ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
         finally:
             if not started:
+                await shared.runner.release_claim(ex)
                 shared.calls.running.pop(ex.key, None)
                 ex.done.set()
                 shared.changes.notify()
@@ -617,12 +647,15 @@ class Session:
         shared = self.shared
         slots = shared.slots
         if shared.readiness.draining:
+            if ex.client_key:
+                raise _HandedOver  # the client re-sends it elsewhere (see _start_call)
             raise errors.OverloadedError(
                 "the daemon is shutting down; retry on the next one", retry_after_s=1.0
             )
         started = trio.current_time()
         await self._session_slot(ex)
-        held: list[trio.CapacityLimiter] = [self.limiter]
+        # local limiters, and the deployment-wide identity slot
+        held: list[Slot] = [self.limiter]
         try:
             await self._answer_room(ex)
             if self.limiter.borrowed_tokens > 1:
@@ -663,6 +696,19 @@ class Session:
                     f"{which} in-flight calls are all busy; retry shortly",
                     retry_after_s=self.settings.slot_wait_s,
                 )
+            if ident_limiter is not None and shared.shared_limits is not None:
+                # the identity's limit holds for the deployment, not per daemon (Redis)
+                slot = None
+                with trio.move_on_after(self.settings.slot_wait_s):
+                    slot = await shared.shared_limits.identity_slot(self.identity.name, ex.key)
+                if slot is None:
+                    shared.stats.rejections["overloaded"] += 1
+                    raise errors.OverloadedError(
+                        f"client {self.identity.name!r}'s {ident_limiter.total_tokens} in-flight "
+                        "calls across the deployment are all busy; retry shortly",
+                        retry_after_s=self.settings.slot_wait_s,
+                    )
+                held.append(slot)
         except BaseException:
             for limiter in held:
                 limiter.release_on_behalf_of(ex)
@@ -709,6 +755,11 @@ class Session:
         if ex.watchers == [watcher]:
             ex.cancel()
         log_event("call.cancelled", session=self.id, tool=ex.tool)
+
+
+class _HandedOver(Exception):
+    """A keyed call that reached a draining daemon: left unanswered for its client to re-send
+    to another daemon once this session closes."""
 
 
 def _clip_id(rid: Any) -> str:

@@ -79,6 +79,7 @@ class SessionTable:
         return revoked
 
     def close_all(self, nursery: trio.Nursery, code: int, reason: str) -> None:
-        """Close (in ``nursery``) every session."""
+        """Close (in ``nursery``) every session not already closing."""
         for session in list(self.running):
-            nursery.start_soon(session.close, code, reason)
+            if session.closing_reason is None:
+                nursery.start_soon(session.close, code, reason)

@@ -38,7 +38,7 @@ async def test_a_keyed_call_on_a_draining_daemon_is_handed_over_not_refused(tmp_
                 await rpc.start_call("probe", id=1, **{"exai/idempotencyKey": "bridge:1"})
                 await probe.started_event.wait()
                 d.request_shutdown()
-                await d.wait_for(lambda: d.draining)
+                await d.changes.wait_for(lambda: d.draining)
                 await rpc.start_call("probe", id=2, **{"exai/idempotencyKey": "bridge:2"})
                 await rpc.start_call("probe", id=3)  # no key: its client would not re-send it
                 probe.release.set()
