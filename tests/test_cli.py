@@ -183,3 +183,88 @@ def test_doctor_offline_runs_through_the_cli(tmp_path):
     out = run_cli(["doctor", "--offline"], subprocess_env(tmp_path))
     assert out.returncode in (0, 1), out.stderr
     assert "unrecognized arguments" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# one parser tree
+
+
+def test_version_prints_the_version_and_exits_0(tmp_path):
+    out = run_cli(["--version"], subprocess_env(tmp_path))
+    assert out.returncode == 0
+    from exai import __version__
+
+    assert out.stdout.strip() == f"exai {__version__}"
+
+
+def test_one_parser_tree_holds_every_subcommand_and_its_options():
+    from exai.cli.completion import _options, _subcommands
+    from exai.cli.main import build_parser
+
+    tree = _subcommands(build_parser())
+    assert sorted(tree) == sorted(
+        [
+            "bridge",
+            "call",
+            "completion",
+            "config",
+            "doctor",
+            "migrate",
+            "mock-upstream",
+            "serve",
+            "status",
+            "token",
+        ]
+    )
+    assert {"--strict", "--offline"} <= set(_options(tree["doctor"]))
+    assert {"--json", "--url", "--quiet"} <= set(_options(tree["call"]))
+    assert {"--port", "--models", "--latency-s"} <= set(_options(tree["mock-upstream"]))
+    assert list(_subcommands(tree["token"])) == ["new"]
+
+
+def test_a_usage_error_in_any_subcommand_exits_2_with_its_usage(capsys):
+    from exai.cli.main import main
+
+    assert main(["migrate", "extra"]) == 2
+    assert "usage: exai migrate" in capsys.readouterr().err
+    assert main(["doctor", "--nope"]) == 2
+    assert "usage: exai doctor" in capsys.readouterr().err
+    assert main(["call"]) == 2
+    assert "usage: exai call" in capsys.readouterr().err
+
+
+def test_help_of_a_subcommand_exits_0(capsys):
+    from exai.cli.main import main
+
+    assert main(["bridge", "--help"]) == 0
+    assert "--url" in capsys.readouterr().out
+
+
+def _complete(script: str, words: list[str]) -> list[str]:
+    """What the generated bash completion offers for ``words`` (the last one being typed)."""
+    line = " ".join(f"'{w}'" for w in words)
+    program = (
+        f"{script}\n"
+        f"COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}\n"
+        '_exai_complete; printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_bash_completion_is_generated_from_the_parser_tree(tmp_path):
+    out = run_cli(["completion", "bash"], subprocess_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    subprocess.run(["bash", "-n", "-c", script], check=True, timeout=30)
+    assert _complete(script, ["exai", "se"]) == ["serve"]
+    assert sorted(_complete(script, ["exai", "token", ""])) == ["--help", "-h", "new"]
+    assert _complete(script, ["exai", "doctor", "--s"]) == ["--strict"]
+    assert "--version" in _complete(script, ["exai", "--"])
+    assert _complete(script, ["exai", "call", "--q"]) == ["--quiet"]

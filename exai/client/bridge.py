@@ -1,7 +1,9 @@
-"""``exai bridge``: the stdio MCP server an MCP client launches, piped to the exai daemon.
+"""The bridge's relay: one MCP client's newline-delimited JSON-RPC piped to the exai daemon.
 
-The bridge copies newline-delimited JSON-RPC between its stdin/stdout and one WebSocket
-connection to the daemon (``EXAI_URL``, ``EXAI_TOKEN``). What it adds to a plain pipe:
+``exai bridge`` (the process, its stdio and its parent watch: :mod:`exai.client.stdio`) runs one
+:class:`Bridge`; how lines are read and written is :mod:`exai.client.lines`. The bridge copies
+newline-delimited JSON-RPC between its stdin/stdout and one WebSocket connection to the daemon
+(``EXAI_URL``, ``EXAI_TOKEN``). What it adds to a plain pipe:
 
 * **Reconnect.** When the connection breaks it reconnects with exponential backoff and full
   jitter (0.1 s doubling to 5 s; a 503's ``Retry-After`` wins), re-establishes the MCP session
@@ -19,7 +21,7 @@ connection to the daemon (``EXAI_URL``, ``EXAI_TOKEN``). What it adds to a plain
   new one until the daemon is back. A refused token (HTTP 401/403) is not retried: waiting and
   new requests are answered with reason ``unauthorized``.
 * **Clean stdio.** stdout carries only JSON-RPC, one message per line; logs go to stderr (in
-  :func:`main` even a stray ``print`` lands on stderr). A line longer than
+  :func:`exai.client.stdio.run` even a stray ``print`` lands on stderr). A line longer than
   ``settings.max_frame_bytes`` is dropped as it arrives and refused with a JSON-RPC error
   (``message_too_large``) that carries the request's id, found by a scan of the line's first
   and last 4 KiB (:mod:`exai.server.idscan`), so the client's call fails at once instead of
@@ -34,7 +36,7 @@ connection to the daemon (``EXAI_URL``, ``EXAI_TOKEN``). What it adds to a plain
   every new connection forever. An answer from the daemon that cannot be written is replaced by
   an error carrying its id.
 * **No orphans.** Stdin EOF ends the bridge (exit 0) within 2 s; so does the death of its parent
-  (``PR_SET_PDEATHSIG`` where Linux offers it, and a 0.5 s ``getppid()`` poll everywhere).
+  (see :mod:`exai.client.stdio`).
 
 Notifications flow both ways unchanged; a ``notifications/cancelled`` from the client also drops
 its request from the re-send set. Requests from the daemon (``ping``, sampling, …) go to the
@@ -49,28 +51,20 @@ Resource handling:
 
 from __future__ import annotations
 
-import argparse
 import collections
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
-import os
 import random
-import signal
 import ssl
-import stat
-import sys
 import uuid
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import trio
 
+from exai.client.lines import DECODER, Entry, Oversized, dumps_line, to_client_line
 from exai.client.ws import (
     ConnectionClosed,
     HandshakeRejected,
@@ -81,11 +75,9 @@ from exai.client.ws import (
 )
 from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text, redact_url
 from exai.errors import SERVER_ERROR, ConfigError
-from exai.logs import configure_logging
-from exai.server.idscan import ID_SCAN_BYTES, recover_id, recover_id_from_ends
-from exai.server.protocol import encode as encode_message
+from exai.server.idscan import ID_SCAN_BYTES, recover_id
 
-__all__ = ["IDEMPOTENCY_META_KEY", "Bridge", "backoff_delay", "main"]
+__all__ = ["IDEMPOTENCY_META_KEY", "Bridge", "backoff_delay"]
 
 log = logging.getLogger("exai.client.bridge")
 
@@ -102,8 +94,7 @@ PING_INTERVAL_S = 10.0
 PING_TIMEOUT_S = 10.0
 #: Bound on telling the daemon about cancelled calls when the client goes away.
 GOODBYE_S = 0.5
-#: How often the parent process is checked.
-PARENT_POLL_S = 0.5
+#: Bytes read from the client's stdin at a time.
 READ_CHUNK = 65536
 
 _INTERNAL_PREFIX = "exai-bridge:"
@@ -141,85 +132,6 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
 
 def _key(request_id: Any) -> str:
     return json.dumps(request_id, sort_keys=True)
-
-
-def _dumps(message: Any) -> str:
-    """One message as one line of JSON, always encodable as UTF-8.
-
-    The daemon's own encoder (:func:`exai.server.protocol.encode`): ``json.dumps`` escapes
-    control characters, so the text is exactly one line; non-ASCII is written as is, and a
-    string holding a lone surrogate (``"\\ud800"``, which JSON allows and the TypeScript SDK
-    sends for a split emoji) falls back to ``\\u`` escapes instead of failing to encode.
-
-    Raises:
-        ValueError: ``message`` holds NaN or an infinity (JSON cannot carry them).
-    """
-    return encode_message(message)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-#: The client's lines are read as strictly as the daemon reads frames: no NaN/Infinity.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-class _Entry:
-    """A message from the client on its way to the daemon, encoded once when it arrives."""
-
-    __slots__ = ("ever_sent", "key", "msg", "sent", "seq", "size", "text")
-
-    def __init__(self, seq: int, msg: dict[str, Any], key: str | None, text: str) -> None:
-        self.seq = seq
-        self.msg = msg
-        self.text = text  # what is sent, every time it is sent
-        self.size = len(text.encode("utf-8"))
-        self.key = key  # set for requests (they wait for an answer)
-        self.sent = False  # written to the current connection
-        self.ever_sent = False  # written to any connection
-
-
-class _Oversized:
-    """A line from the client over the size cap, being dropped as it arrives: only its first
-    and last :data:`~exai.server.idscan.ID_SCAN_BYTES` are kept, to find its id."""
-
-    def __init__(self, head: bytes) -> None:
-        self.head = head
-        self.tail = b""
-        self.answered = False
-        self.rid = recover_id_from_ends(head, b"")
-
-    def keep_tail(self, data: bytes | bytearray) -> None:
-        self.tail = (self.tail + bytes(data[-ID_SCAN_BYTES:]))[-ID_SCAN_BYTES:]
-
-    def find_id(self) -> Any:
-        return self.rid if self.rid is not None else recover_id_from_ends(self.head, self.tail)
-
-
-def _to_client_line(msg: dict[str, Any]) -> str:
-    """``msg`` as one line for the client. A message that cannot be encoded (a daemon, or
-    something posing as one, sent NaN or absurd nesting) never ends the bridge: an answer is
-    replaced by an error carrying its id, anything else by a log line and nothing."""
-    try:
-        return _dumps(msg)
-    except (ValueError, TypeError, RecursionError):
-        rid = msg.get("id")
-        if "method" in msg or not isinstance(rid, str | int) or isinstance(rid, bool):
-            log.warning("dropped a message from the daemon that cannot be encoded")
-            return ""
-        log.warning("the daemon's answer to %r cannot be encoded; answering with an error", rid)
-        return _dumps(
-            {
-                "jsonrpc": "2.0",
-                "id": rid,
-                "error": {
-                    "code": -32603,
-                    "message": "the exai daemon's answer holds a value JSON cannot carry",
-                    "data": {"reason": "internal_error"},
-                },
-            }
-        )
 
 
 class Bridge:
@@ -262,8 +174,8 @@ class Bridge:
         self._rng = rng or random.Random()
         self.instance_id = str(uuid.uuid4())
 
-        self._pending: dict[str, _Entry] = {}
-        self._queue: collections.deque[_Entry] = collections.deque()
+        self._pending: dict[str, Entry] = {}
+        self._queue: collections.deque[Entry] = collections.deque()
         self._queue_kick = anyio.Event()
         self._seq = 0
         self._out_send, self._out_recv = anyio.create_memory_object_stream[dict[str, Any]](
@@ -283,7 +195,7 @@ class Bridge:
         self._fatal: HandshakeRejected | None = None
         #: the largest message sent on the current connection, and how that connection ended
         #: (a 1009 close names a message too large; see :meth:`_fail_too_large`)
-        self._largest_sent: _Entry | None = None
+        self._largest_sent: Entry | None = None
         self._closed: ConnectionClosed | None = None
         #: connections made so far (for tests and status).
         self.connections = 0
@@ -323,7 +235,7 @@ class Bridge:
         # an oversized line is dropped as it arrives; its first and last bytes are kept to
         # find its id, so the refusal can be matched to the request (never "id": null when
         # the id can be found)
-        oversized: _Oversized | None = None
+        oversized: Oversized | None = None
         while True:
             try:
                 chunk = await stdin.receive_some(READ_CHUNK)
@@ -347,7 +259,7 @@ class Bridge:
                     continue
                 await self._line(line)
             if oversized is None and len(buf) > limit:
-                oversized = _Oversized(bytes(buf[:ID_SCAN_BYTES]))
+                oversized = Oversized(bytes(buf[:ID_SCAN_BYTES]))
                 log.warning("refused a message from the client larger than %d bytes", limit)
                 if oversized.rid is not None:  # found at the start: answer at once
                     await self._refuse_oversized(oversized, limit)
@@ -355,7 +267,7 @@ class Bridge:
                 oversized.keep_tail(buf)
                 buf.clear()
 
-    async def _refuse_oversized(self, oversized: _Oversized, limit: int) -> None:
+    async def _refuse_oversized(self, oversized: Oversized, limit: int) -> None:
         if oversized.answered:
             return
         oversized.answered = True
@@ -373,7 +285,7 @@ class Bridge:
         if not line:
             return
         try:
-            message = _DECODER.decode(line.decode("utf-8"))
+            message = DECODER.decode(line.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             # RecursionError: a 100,000-deep [[[[ … is refused, not a crash of the bridge
             what = "nests too deep" if isinstance(exc, RecursionError) else "is not valid JSON"
@@ -438,15 +350,15 @@ class Bridge:
         self._pending[key] = entry
         self._enqueue(entry)
 
-    def _entry(self, msg: dict[str, Any], key: str | None) -> _Entry | None:
+    def _entry(self, msg: dict[str, Any], key: str | None) -> Entry | None:
         """``msg`` encoded for the daemon, or ``None`` when it cannot be sent: it holds what
         JSON cannot carry, or its encoding is larger than a frame may be (the daemon would
         close the connection, and a re-sent request would close every new one too)."""
         try:
-            text = _dumps(msg)
+            text = dumps_line(msg)
         except (ValueError, TypeError, RecursionError):
             return None
-        entry = _Entry(self._next_seq(), msg, key, text)
+        entry = Entry(self._next_seq(), msg, key, text)
         if entry.size > self.settings.max_frame_bytes:
             return None
         return entry
@@ -517,11 +429,11 @@ class Bridge:
         self._seq += 1
         return self._seq
 
-    def _enqueue(self, entry: _Entry) -> None:
+    def _enqueue(self, entry: Entry) -> None:
         self._queue.append(entry)
         self._kick()
 
-    def _unqueue(self, entry: _Entry) -> None:
+    def _unqueue(self, entry: Entry) -> None:
         try:
             self._queue.remove(entry)
         except ValueError:
@@ -580,7 +492,7 @@ class Bridge:
     async def _stdout_loop(self, stdout: ByteSender, scope: anyio.CancelScope) -> None:
         try:
             async for msg in self._out_recv:
-                line = _to_client_line(msg)
+                line = to_client_line(msg)
                 if line:
                     await stdout.send_all((line + "\n").encode("utf-8"))
         except _STDIO_ERRORS:
@@ -736,7 +648,7 @@ class Bridge:
         rid = f"{_INTERNAL_PREFIX}{self.instance_id}:{self._internal_seq}"
         answered = anyio.Event()
         self._internal[rid] = answered
-        await conn.send_message(_dumps({**self._handshake, "id": rid}))
+        await conn.send_message(dumps_line({**self._handshake, "id": rid}))
         with anyio.move_on_after(self.settings.handshake_timeout_s) as scope:
             await answered.wait()
         if scope.cancelled_caught:
@@ -750,7 +662,7 @@ class Bridge:
             and not queued_initialized
         ):
             await conn.send_message(
-                _dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                dumps_line({"jsonrpc": "2.0", "method": "notifications/initialized"})
             )
 
     async def _sender(self, conn: WebSocketConnection) -> None:
@@ -831,121 +743,6 @@ class Bridge:
                     "params": {"requestId": entry.msg["id"], "reason": "client went away"},
                 }
                 try:
-                    await conn.send_message(_dumps(cancelled))
+                    await conn.send_message(dumps_line(cancelled))
                 except WebSocketError:
                     return
-
-
-# ---------------------------------------------------------------------------------------
-# the process: stdio, parent watch, signals
-
-
-class _ThreadFd:
-    """Blocking fd I/O in a worker thread, for a stdin/stdout that is not a pipe or socket
-    (a terminal or a file), where non-blocking mode would leak into other processes."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._limiter = anyio.CapacityLimiter(1)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await anyio.to_thread.run_sync(
-            os.read,
-            self._fd,
-            max_bytes or READ_CHUNK,
-            limiter=self._limiter,
-            abandon_on_cancel=True,
-        )
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(bytes(data))
-        while view:
-            n = await anyio.to_thread.run_sync(os.write, self._fd, view, limiter=self._limiter)
-            view = view[n:]
-
-
-def _open_fd(fd: int) -> Any:
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-        return trio.lowlevel.FdStream(fd)
-    return _ThreadFd(fd)
-
-
-def _set_parent_death_signal() -> None:
-    """Ask Linux to send SIGTERM when the parent dies (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-async def _watch_parent(original_ppid: int, scope: anyio.CancelScope) -> None:
-    while True:
-        if os.getppid() != original_ppid:
-            log.info("the parent process is gone; exiting")
-            scope.cancel()
-            return
-        await anyio.sleep(PARENT_POLL_S)
-
-
-async def _watch_signals(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s; exiting", signal.Signals(signum).name)
-            scope.cancel()
-            return
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``exai bridge``: run the stdio bridge until stdin closes or the parent dies.
-
-    Exit status: 0 on a normal end (EOF, parent gone, SIGTERM), 2 on a configuration error.
-    """
-    parser = argparse.ArgumentParser(
-        prog="exai bridge",
-        description="stdio MCP server that forwards to the exai daemon (EXAI_URL, EXAI_TOKEN)",
-    )
-    parser.add_argument("--url", help="daemon URL (default EXAI_URL)")
-    try:
-        args = parser.parse_args(list(argv or []))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-
-    # Only JSON-RPC may reach the client's stdout: keep a private handle on it, and point
-    # fd 1 (and sys.stdout) at stderr so that any stray print goes there instead.
-    out_fd = os.dup(1)
-    in_fd = os.dup(0)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"exai bridge: {exc}", file=sys.stderr)
-        return 2
-    try:
-        configure_logging(settings.log_level, settings.log_format)
-    except ValueError:
-        configure_logging("info", settings.log_format)
-
-    original_ppid = os.getppid()
-    _set_parent_death_signal()
-
-    async def run() -> None:
-        stdin, stdout = _open_fd(in_fd), _open_fd(out_fd)
-        bridge = Bridge(settings, url=args.url)
-        log.info("bridging stdio to %s", redact_url(bridge.url))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_parent, original_ppid, tg.cancel_scope)
-            tg.start_soon(_watch_signals, tg.cancel_scope)
-            await bridge.run(stdin, stdout)
-            tg.cancel_scope.cancel()
-
-    try:
-        anyio.run(run, backend="trio")
-    except KeyboardInterrupt:
-        pass
-    return 0

@@ -12,7 +12,7 @@ reader task routes each response to the call waiting on its id, and progress not
 call that asked for them. A JSON-RPC error becomes an :mod:`exai.errors` exception
 (:func:`error_from_jsonrpc`). The client does not reconnect; the bridge does.
 
-``exai call TOOL key=value …`` (:func:`call_main`) is the command-line face of it.
+``exai call TOOL key=value …`` (:mod:`exai.cli.call`) is the command-line face of it.
 
 Resource handling:
     The reader lives in a task group owned by the ``async with`` block; leaving the block cancels
@@ -35,13 +35,11 @@ Error handling:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import ssl
-import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -63,7 +61,7 @@ from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text
 from exai.errors import ExaiError
 from exai.server.protocol import encode as encode_message
 
-__all__ = ["PROTOCOL_VERSION", "Client", "ProgressCallback", "call_main", "error_from_jsonrpc"]
+__all__ = ["PROTOCOL_VERSION", "Client", "ProgressCallback", "error_from_jsonrpc"]
 
 log = logging.getLogger("exai.client")
 
@@ -576,96 +574,3 @@ class Client:
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
-
-
-# ---------------------------------------------------------------------------------------
-# exai call
-
-
-def _parse_pairs(pairs: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected key=value, got {pair!r}")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
-def _text_of(result: dict[str, Any]) -> str:
-    texts = [
-        c.get("text", "")
-        for c in result.get("content") or []
-        if isinstance(c, dict) and c.get("type") == "text"
-    ]
-    if texts:
-        return "\n".join(texts)
-    if result.get("structuredContent") is not None:
-        return json.dumps(result["structuredContent"], indent=2, ensure_ascii=False)
-    return json.dumps(result, indent=2, ensure_ascii=False)
-
-
-def call_main(argv: Sequence[str]) -> int:
-    """``exai call TOOL key=value …``: call one tool on the daemon and print its text.
-
-    Values are parsed as JSON when they parse (``n=3``, ``flag=true``, ``xs=[1,2]``) and taken
-    as strings otherwise; ``--json '{…}'`` passes a whole object (pairs override its keys).
-    The text content goes to stdout, progress to stderr. Exit status: 0 on success, 1 when the
-    call failed (the error message on stderr), 2 on a usage error.
-    """
-    parser = argparse.ArgumentParser(
-        prog="exai call", description="Call one tool on the exai daemon and print its result."
-    )
-    parser.add_argument("tool", help="tool name, e.g. version or chat")
-    parser.add_argument("pairs", nargs="*", metavar="key=value", help="tool arguments")
-    parser.add_argument("--json", dest="json_args", help="the arguments as one JSON object")
-    parser.add_argument("--url", help="daemon URL (default EXAI_URL)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="do not print progress")
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        arguments: dict[str, Any] = {}
-        if args.json_args:
-            loaded = json.loads(args.json_args)
-            if not isinstance(loaded, dict):
-                raise ValueError("--json must be a JSON object")
-            arguments.update(loaded)
-        arguments.update(_parse_pairs(args.pairs))
-    except ValueError as exc:
-        print(f"exai call: {exc}", file=sys.stderr)
-        return 2
-
-    async def progress(p: float | None, total: float | None, message: str | None) -> None:
-        if args.quiet:
-            return
-        where = "" if p is None else (f"{p:g}/{total:g}" if total else f"{p:g}")
-        print(f"exai call: progress {where} {message or ''}".rstrip(), file=sys.stderr)
-
-    async def run() -> dict[str, Any]:
-        settings = Settings.from_env()
-        bound = settings.handshake_timeout_s + settings.call_timeout_s + 5.0
-        with anyio.fail_after(bound):
-            async with Client(args.url, settings=settings, client_name="exai-call") as client:
-                return await client.call_tool(args.tool, arguments, on_progress=progress)
-
-    try:
-        result = anyio.run(run, backend="trio")
-    except ExaiError as exc:
-        print(f"exai call: {exc}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print("exai call: no answer from the daemon in time", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    text = _text_of(result)
-    if result.get("isError"):
-        print(text, file=sys.stderr)
-        return 1
-    print(text)
-    return 0

@@ -39,30 +39,6 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def migrate_main(argv: list[str]) -> int:
-    """``exai migrate``: apply pending migrations of the configured store and say what was done."""
-    import json
-    import sys
-
-    import trio
-
-    from exai.config import Settings
-    from exai.errors import ConfigError, ExaiError
-
-    if argv:
-        print("usage: exai migrate   (uses EXAI_STORAGE_URL)", file=sys.stderr)
-        return 2
-    try:
-        settings = Settings.from_env()
-        service = importlib.import_module("exai.storage.service")
-        done = trio.run(service.migrate_storage, settings)
-    except (ConfigError, ExaiError) as exc:
-        print(f"exai: migrate failed: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(done, indent=2, default=str))
-    return 0
-
-
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:

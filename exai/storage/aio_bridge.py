@@ -304,15 +304,19 @@ class BridgedRedis:
         *,
         max_connections: int,
         socket_timeout_s: float = 5.0,
+        connect_timeout_s: float | None = None,
     ) -> BridgedRedis:
         """A client for ``url`` whose pool holds at most ``max_connections`` connections; a
-        command waits for a free one (bounded by the caller's deadline)."""
+        command waits for a free one (bounded by the caller's deadline). A connection attempt
+        gives up after ``connect_timeout_s`` (default ``socket_timeout_s``)."""
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
             timeout=None,
             socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
+            socket_connect_timeout=(
+                socket_timeout_s if connect_timeout_s is None else connect_timeout_s
+            ),
             retry=Retry(NoBackoff(), 0),
         )
         client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))

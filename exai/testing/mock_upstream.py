@@ -154,8 +154,9 @@ from anyio.abc import SocketAttribute
 from exai.config import Secret
 from exai.testing import _openai
 from exai.testing._http import BadRequest, ClientGone, HttpConnection, Request
+from exai.testing.mock_args import add_arguments
 
-__all__ = ["Fault", "MockUpstream", "RecordedRequest", "main"]
+__all__ = ["Fault", "MockUpstream", "RecordedRequest", "main", "run"]
 
 FaultKind = Literal[
     "status",
@@ -974,24 +975,22 @@ def _huge_events(reply: _openai.ChatReply, fault: Fault) -> Iterator[bytes]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve a mock upstream until killed (``exai mock-upstream``, ``python -m ...``)."""
+    """``python -m exai.testing.mock_upstream [options]``: :func:`run` with the options of
+    :mod:`exai.testing.mock_args` (``exai mock-upstream`` takes the same ones)."""
     parser = argparse.ArgumentParser(
-        prog="exai mock-upstream",
+        prog="python -m exai.testing.mock_upstream",
         description="An OpenAI-compatible mock upstream on loopback (for tests and benchmarks).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="listen address (default loopback)")
-    parser.add_argument("--port", type=int, default=0, help="listen port (default: a free one)")
-    parser.add_argument("--latency-s", type=float, default=0.0, help="wait before each answer")
-    parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="wait per SSE event")
-    parser.add_argument("--api-key", default=None, help="require this bearer token")
-    parser.add_argument(
-        "--models", default="mock-fast,mock-pro", help="comma-separated model ids to serve"
-    )
-    parser.add_argument("--any-model", action="store_true", help="accept models not in --models")
-    args = parser.parse_args(argv)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve a mock upstream until killed; ``args`` holds the options of
+    :func:`exai.testing.mock_args.add_arguments`."""
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
 
-    async def run() -> None:
+    async def serve() -> None:
         async with MockUpstream(
             models=models,
             api_key=args.api_key,
@@ -1005,7 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             await anyio.sleep_forever()
 
     try:
-        anyio.run(run, backend="trio")
+        anyio.run(serve, backend="trio")
     except KeyboardInterrupt:
         pass
     return 0

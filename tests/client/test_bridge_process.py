@@ -15,11 +15,7 @@ import pytest
 
 from .conftest import FakeDaemon
 
-BRIDGE = [
-    sys.executable,
-    "-c",
-    "import sys; from exai.client.bridge import main; sys.exit(main(sys.argv[1:]))",
-]
+BRIDGE = [sys.executable, "-m", "exai.cli", "bridge"]
 
 
 def wait_for_exit(proc: psutil.Process, bound_s: float) -> float:
@@ -74,13 +70,13 @@ def test_stray_prints_inside_the_bridge_go_to_stderr(threaded_daemon: FakeDaemon
     code = textwrap.dedent(
         """
         import sys
-        from exai.client import bridge
+        from exai.client import bridge, stdio
         real_run = bridge.Bridge.run
         async def noisy_run(self, stdin, stdout):
             print("stray print")
             await real_run(self, stdin, stdout)
         bridge.Bridge.run = noisy_run
-        sys.exit(bridge.main([]))
+        sys.exit(stdio.run())
         """
     )
     proc = subprocess.run(

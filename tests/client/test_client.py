@@ -11,7 +11,7 @@ import trio
 
 from exai import errors
 from exai.client import PROTOCOL_VERSION, Client, error_from_jsonrpc
-from exai.client.client import call_main
+from exai.cli.main import main as exai_main
 from exai.client.ws import ConnectionClosed, HandshakeRejected
 from exai.config import Settings
 
@@ -257,7 +257,7 @@ def test_exai_call_prints_the_text_and_parses_values_as_json(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _run_in_thread_daemon(threaded_daemon, monkeypatch)
-    code = call_main(["echo", "n=3", "flag=true", "name=alice", 'xs=[1,"a"]'])
+    code = exai_main(["call", "echo", "n=3", "flag=true", "name=alice", 'xs=[1,"a"]'])
     out = capsys.readouterr()
     assert code == 0
     assert json.loads(out.out)["arguments"] == {
@@ -274,7 +274,7 @@ def test_exai_call_json_object_and_progress_on_stderr(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _run_in_thread_daemon(threaded_daemon, monkeypatch)
-    code = call_main(["progress", "--json", '{"steps": 2}'])
+    code = exai_main(["call", "progress", "--json", '{"steps": 2}'])
     out = capsys.readouterr()
     assert code == 0
     assert out.out == "done\n"
@@ -288,7 +288,7 @@ def test_exai_call_failure_exits_1_with_the_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _run_in_thread_daemon(threaded_daemon, monkeypatch)
-    code = call_main(["fail", "reason=overloaded", "message=too busy"])
+    code = exai_main(["call", "fail", "reason=overloaded", "message=too busy"])
     out = capsys.readouterr()
     assert code == 1
     assert out.out == ""
@@ -296,7 +296,7 @@ def test_exai_call_failure_exits_1_with_the_message(
 
 
 def test_exai_call_rejects_an_argument_without_equals(capsys: pytest.CaptureFixture[str]) -> None:
-    assert call_main(["echo", "oops"]) == 2
+    assert exai_main(["call", "echo", "oops"]) == 2
     assert "key=value" in capsys.readouterr().err
 
 

@@ -21,7 +21,7 @@ import pytest
 import trio.testing
 
 from exai.cli import doctor
-from exai.cli.doctor import Finding, main, render
+from exai.cli.doctor import Finding, render
 from exai.config import Settings
 from exai.testing import MockUpstream
 from tests.helpers import free_port, make_settings, running_daemon
@@ -32,6 +32,14 @@ KEY = "sk-doctor-secret-0001"
 PG_PASSWORD = "pw-doctor-secret-0002"
 REDIS_PASSWORD = "redis-doctor-secret-0003"
 SECRETS = (SHORT_TOKEN, LONG_TOKEN, KEY, PG_PASSWORD, REDIS_PASSWORD)
+
+
+def main(argv: list[str], **kw: Any) -> int:
+    """``exai doctor ARGV`` as the CLI parses it, with the test's environment, cwd and out."""
+    from exai.cli.main import build_parser
+
+    args = build_parser().parse_args(["doctor", *argv])
+    return doctor.run(strict=args.strict, offline=args.offline, **kw)
 
 
 def settings_of(tmp_path: Path, **env: str) -> Settings:
@@ -234,7 +242,8 @@ async def test_the_real_redis_answers_ping_with_a_small_clock_skew(tmp_path):
 
 
 class FakeRedis:
-    """A RESP server on loopback: AUTH, SELECT, PING and TIME, with a chosen clock offset."""
+    """A Redis server on loopback: HELLO (RESP3), AUTH, SELECT, PING and TIME, with a chosen
+    clock offset; anything else is answered OK."""
 
     def __init__(self, *, skew_s: float = 0.0, password: str | None = None, mute: bool = False):
         self.skew_s = skew_s
@@ -276,6 +285,10 @@ class FakeRedis:
 
     def _answer(self, args: list[str]) -> bytes:
         cmd = args[0].upper()
+        if cmd == "HELLO":  # redis-py's RESP3 handshake, with AUTH user password when given
+            if "AUTH" in args and args[-1] != self.password:
+                return b"-WRONGPASS invalid username-password pair\r\n"
+            return b"%1\r\n+proto\r\n:3\r\n"
         if cmd == "AUTH":
             return b"+OK\r\n" if args[-1] == self.password else b"-WRONGPASS invalid password\r\n"
         if cmd == "PING":

@@ -1,0 +1,143 @@
+"""The bridge as a process: stdio that carries nothing but JSON-RPC, and no orphans.
+
+:func:`run` is ``exai bridge``. It keeps a private handle on the client's stdout and points
+fd 1 (and ``sys.stdout``) at stderr, so a stray ``print`` can never corrupt the protocol stream;
+reads and writes stdin/stdout as trio streams when they are pipes or sockets, and through a
+worker thread when they are a terminal or a file (where non-blocking mode would leak into other
+processes); and ends when stdin closes, on SIGTERM/SIGINT/SIGHUP, or when its parent dies
+(``PR_SET_PDEATHSIG`` where Linux offers it, and a :data:`PARENT_POLL_S` ``getppid()`` poll
+everywhere). The relay itself is :class:`exai.client.bridge.Bridge`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import stat
+import sys
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import trio
+
+from exai.client.bridge import Bridge
+from exai.config import Settings, redact_url
+from exai.errors import ConfigError
+from exai.logs import configure_logging
+
+__all__ = ["PARENT_POLL_S", "run"]
+
+log = logging.getLogger("exai.bridge")
+
+#: How often the parent process is checked.
+PARENT_POLL_S = 0.5
+#: Bytes read from a terminal or file at a time.
+READ_CHUNK = 65536
+
+
+class _ThreadFd:
+    """Blocking fd I/O in a worker thread, for a stdin/stdout that is not a pipe or socket
+    (a terminal or a file), where non-blocking mode would leak into other processes."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await anyio.to_thread.run_sync(
+            os.read,
+            self._fd,
+            max_bytes or READ_CHUNK,
+            limiter=self._limiter,
+            abandon_on_cancel=True,
+        )
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(bytes(data))
+        while view:
+            n = await anyio.to_thread.run_sync(os.write, self._fd, view, limiter=self._limiter)
+            view = view[n:]
+
+
+def _open_fd(fd: int) -> Any:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return trio.lowlevel.FdStream(fd)
+    return _ThreadFd(fd)
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to send SIGTERM when the parent dies (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+async def _watch_parent(original_ppid: int, scope: anyio.CancelScope) -> None:
+    while True:
+        if os.getppid() != original_ppid:
+            log.info("the parent process is gone; exiting")
+            scope.cancel()
+            return
+        await anyio.sleep(PARENT_POLL_S)
+
+
+async def _watch_signals(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s; exiting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def run(url: str | None = None) -> int:
+    """``exai bridge``: run the stdio bridge until stdin closes or the parent dies.
+
+    Args:
+        url: the daemon's URL (default ``EXAI_URL``).
+
+    Exit status: 0 on a normal end (EOF, parent gone, SIGTERM), 2 on a configuration error.
+    """
+    # Only JSON-RPC may reach the client's stdout: keep a private handle on it, and point
+    # fd 1 (and sys.stdout) at stderr so that any stray print goes there instead.
+    out_fd = os.dup(1)
+    in_fd = os.dup(0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"exai bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError:
+        configure_logging("info", settings.log_format)
+
+    original_ppid = os.getppid()
+    _set_parent_death_signal()
+
+    async def bridge_stdio() -> None:
+        stdin, stdout = _open_fd(in_fd), _open_fd(out_fd)
+        bridge = Bridge(settings, url=url)
+        log.info("bridging stdio to %s", redact_url(bridge.url))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_parent, original_ppid, tg.cancel_scope)
+            tg.start_soon(_watch_signals, tg.cancel_scope)
+            await bridge.run(stdin, stdout)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(bridge_stdio, backend="trio")
+    except KeyboardInterrupt:
+        pass
+    return 0
