@@ -14,6 +14,19 @@ import pytest
 
 pytest_plugins = ["tests.stall_plugin"]
 
+
+def _check_the_builtin_tool_schemas_once() -> None:
+    """Registering a tool checks its schema against the JSON Schema metaschema, which costs
+    a tenth of a second for the built-in tools the first time in a process. ``exai serve``
+    pays it before its event loop starts (``serve()`` in a worker thread); tests build
+    registries inside their loop, so the one-time cost is paid here, at start."""
+    from exai.tools import default_registry
+
+    default_registry()
+
+
+_check_the_builtin_tool_schemas_once()
+
 #: folders whose async tests are wrapped in the stall detector
 STALL_CHECKED = (
     "server",

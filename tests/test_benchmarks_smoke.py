@@ -26,6 +26,7 @@ OURS = (
     "abuse",
     "decoder",
     "scale_out",
+    "schema",
 )
 
 

@@ -39,6 +39,7 @@ from exai.tools.base import ToolRegistry
 
 __all__ = ["Daemon", "serve"]
 
+#: start-up work done in a worker thread (reading the TLS files, checking the tools' schemas)
 _TLS_LIMITER = trio.CapacityLimiter(1)
 
 
@@ -75,7 +76,9 @@ async def serve(
         OSError: the port is taken.
     """
     if registry is None:
-        registry = default_registry()
+        # checking the tools' schemas against the metaschema takes a tenth of a second the
+        # first time: not on the event loop
+        registry = await trio.to_thread.run_sync(default_registry, limiter=_TLS_LIMITER)
     daemon = compose(settings, registry, services, reload=reload, reload_environ=reload_environ)
     check_bind(settings, daemon.tokens)
     # reading the certificate and key files is blocking file I/O: not on the loop

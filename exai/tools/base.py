@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import attrs
 
 from exai.config import Settings
+from exai.tools.schema import check_schema, compiled
 
 __all__ = ["DaemonView", "ProgressFn", "ToolContext", "ToolRegistry", "ToolResult", "ToolSpec"]
 
@@ -144,9 +145,18 @@ class ToolRegistry:
             self.register(t)
 
     def register(self, spec: ToolSpec) -> None:
-        """Add a tool. Raises ``ValueError`` when the name is taken."""
+        """Add a tool; its schema is checked (and its validator built) now, not at its first
+        call, so a schema exai could not honour as written fails at start-up.
+
+        Raises:
+            ValueError: the name is taken.
+            SchemaError: the schema is not valid JSON Schema, names a keyword that is not JSON
+                Schema, or a ``$ref`` that is not local (:func:`exai.tools.schema.check_schema`).
+        """
         if spec.name in self._tools:
             raise ValueError(f"tool {spec.name!r} is already registered")
+        check_schema(spec.input_schema)
+        compiled(spec.input_schema)
         self._tools[spec.name] = spec
 
     def get(self, name: str) -> ToolSpec | None:

@@ -235,8 +235,10 @@ def test_long_strings_are_clipped_in_messages() -> None:
     [
         ({"type": "string", "minLenght": 1}, "unsupported JSON Schema keyword 'minLenght'"),
         ({"type": "string", "minLenght": 1}, "did you mean 'minLength'?"),
-        ({"$ref": "#/defs/x"}, "unsupported JSON Schema keyword '$ref'"),
-        ({"type": "number", "multipleOf": 2}, "'multipleOf'"),
+        ({"$ref": "#/$defs/x"}, "'$ref' '#/$defs/x' does not resolve"),
+        ({"$ref": "https://example.com/schema.json"}, "'$ref' must be local to the schema"),
+        ({"type": "number", "multipleOf": 0}, "'multipleOf' is not valid JSON Schema"),
+        ({"type": "number", "multipleOf": "2"}, "'multipleOf' must be a number"),
         ({"type": "strin"}, "'type' must be one of"),
         ({"type": []}, "'type' must be one of"),
         ({"type": "string", "pattern": "("}, "'pattern' does not compile"),
@@ -258,7 +260,7 @@ def test_long_strings_are_clipped_in_messages() -> None:
         ({"uniqueItems": "yes"}, "'uniqueItems' must be a boolean"),
     ],
 )
-def test_check_schema_rejects_what_validate_would_not_enforce(schema: Any, says: str) -> None:
+def test_check_schema_rejects_what_could_not_be_honoured_as_written(schema: Any, says: str) -> None:
     with pytest.raises(SchemaError) as caught:
         check_schema(schema)
 
@@ -297,3 +299,78 @@ def test_a_string_that_is_not_unicode_is_refused_naming_the_field():
     assert info.value.field == "arguments.prompt"
     assert "lone surrogate at character 5" in str(info.value)
     validate(schema, {"prompt": "caf\u00e9 \U0001f600"})  # real non-ASCII text is fine
+
+
+# ------------------------------------------------------------------ every keyword is honoured
+
+
+def test_multiple_of_in_a_schema_is_enforced_naming_the_field() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 5}}}
+    check_schema(schema)
+    validate(schema, {"n": 15})
+    with pytest.raises(InvalidParams) as caught:
+        validate(schema, {"n": 7})
+    assert caught.value.field == "arguments.n"
+    assert "must be a multiple of 5 (got 7)" in caught.value.message
+
+
+def test_a_local_ref_is_followed() -> None:
+    schema = {
+        "type": "object",
+        "$defs": {"path": {"type": "string", "pattern": "^/"}},
+        "properties": {"files": {"type": "array", "items": {"$ref": "#/$defs/path"}}},
+    }
+    check_schema(schema)
+    validate(schema, {"files": ["/a", "/b"]})
+    with pytest.raises(InvalidParams) as caught:
+        validate(schema, {"files": ["/a", "b"]})
+    assert caught.value.field == "arguments.files[1]"
+    assert "must match the pattern" in caught.value.message
+
+
+def test_keywords_exai_writes_no_message_for_are_still_enforced() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"mode": {"type": "string"}, "depth": {"type": "integer"}},
+        "if": {"properties": {"mode": {"const": "deep"}}},
+        "then": {"required": ["depth"]},
+        "propertyNames": {"maxLength": 5},
+    }
+    check_schema(schema)
+    validate(schema, {"mode": "deep", "depth": 3})
+    with pytest.raises(InvalidParams, match="missing required field 'depth'"):
+        validate(schema, {"mode": "deep"})
+    with pytest.raises(InvalidParams) as caught:
+        validate(schema, {"mode": "quick", "longname": 1})
+    assert caught.value.field == "arguments"
+
+
+def test_a_registry_refuses_a_plugin_schema_it_could_not_honour() -> None:
+    from exai.tools.base import ToolRegistry, ToolResult, ToolSpec
+
+    async def handler(args: dict[str, Any], ctx: Any) -> ToolResult:
+        return ToolResult(text="")
+
+    def spec(schema: dict[str, Any]) -> ToolSpec:
+        return ToolSpec(name="plugin", description="", input_schema=schema, handler=handler)
+
+    registry = ToolRegistry()
+    with pytest.raises(SchemaError, match="did you mean 'maxLength'"):
+        registry.register(spec({"type": "object", "properties": {"a": {"maxLenght": 3}}}))
+    with pytest.raises(SchemaError, match="must be local"):
+        registry.register(spec({"$ref": "http://example.com/x.json"}))
+    registry.register(spec({"type": "object", "properties": {"n": {"multipleOf": 2}}}))
+    assert "plugin" in registry
+
+
+def test_an_array_over_its_cap_is_refused_by_the_cap_before_any_item_is_checked() -> None:
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True, "maxItems": 3}
+    with pytest.raises(InvalidParams, match="must have at most 3 items") as caught:
+        validate(schema, ["x"] * 500_000)  # every item is wrong too, and all are equal
+    assert caught.value.field == "arguments"
+
+
+def test_a_string_over_its_cap_is_refused_by_the_cap_before_the_pattern_runs() -> None:
+    schema = {"type": "string", "pattern": "^(a|aa)+$", "maxLength": 10}
+    with pytest.raises(InvalidParams, match="must be at most 10 characters long"):
+        validate(schema, "a" * 100_000 + "b")  # the pattern would backtrack for ages
