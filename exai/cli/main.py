@@ -99,7 +99,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     import trio
 
-    from exai.storage.service import migrate_storage
+    from exai.storage.migrate import migrate_storage
 
     try:
         settings = Settings.from_env()

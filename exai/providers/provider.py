@@ -53,6 +53,7 @@ from exai.errors import (
     UpstreamRetryableError,
 )
 from exai.logs import log_event
+from exai.providers import tokens
 from exai.providers.client import OpenAIClient, host_of
 from exai.providers.dialects import dialect_for
 from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage, unencodable_field
@@ -76,10 +77,11 @@ def breaker_records(exc: BaseException) -> bool:
 
 
 def estimate_tokens(messages: Any, max_output_tokens: int | None) -> int:
-    """A deliberately generous token estimate: ~3 characters a token, plus the output cap."""
+    """What a request may cost against a TPM budget: its messages as sent
+    (:func:`exai.providers.tokens.estimate`, plus a little for the envelope) and the output
+    cap."""
     text = json.dumps(messages, ensure_ascii=False, default=str)
-    prompt = len(text) // 3 + 8
-    return prompt + (max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
+    return tokens.estimate(text) + 8 + (max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
 
 
 def _usage_of(completion: dict[str, Any], sent_chars: int, got_chars: int) -> Usage:
@@ -92,7 +94,7 @@ def _usage_of(completion: dict[str, Any], sent_chars: int, got_chars: int) -> Us
             return Usage(p, c, t)
         except (TypeError, ValueError):
             pass
-    p, c = sent_chars // 4 + 1, got_chars // 4 + 1
+    p, c = tokens.for_chars(sent_chars), tokens.for_chars(got_chars)
     return Usage(p, c, p + c, estimated=True)
 
 

@@ -26,14 +26,14 @@ _EXPORTS = {
     "SQLiteStore": "exai.storage.sqlite",
     "Spool": "exai.storage.spool",
     "Thread": "exai.storage.model",
+    "RecentThreads": "exai.storage.recent",
     "ThreadCache": "exai.storage.redis_cache",
     "Turn": "exai.storage.model",
-    "build_history": "exai.storage.service",
-    "migrate_storage": "exai.storage.service",
+    "migrate_storage": "exai.storage.migrate",
     "open_asyncio_bridge": "exai.storage.aio_bridge",
     "open_spool": "exai.storage.spool",
     "open_store": "exai.storage.stores",
-    "store_breaker": "exai.storage.service",
+    "store_breaker": "exai.storage.breakers",
 }
 
 __all__ = sorted(_EXPORTS)

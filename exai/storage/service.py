@@ -4,7 +4,7 @@
 
     async with ConversationService.open(settings, bridge=bridge) as conversations:
         thread = await conversations.start_or_continue(args.get("continuation_id"), "chat")
-        messages = conversations.build_history(thread, token_budget=100_000)
+        messages = build_history(thread, token_budget=100_000)  # exai.tools.history
         ...                                              # call the model
         thread = await conversations.add_turns(
             thread, [Turn(role="user", content=prompt, tool="chat"),
@@ -58,14 +58,11 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import re
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -83,34 +80,23 @@ from exai.errors import (
 from exai.logs import log_event
 from exai.resilience import CircuitBreaker
 from exai.resilience.backoff import Backoff, DrainStatistics, Wakeup, drain_loop
-from exai.storage.base import AppendResult, ConversationStore
+from exai.storage.base import ConversationStore
+from exai.storage.breakers import on_close, store_breaker
 from exai.storage.model import Thread, Turn, turn_key
+from exai.storage.recent import RecentThreads
 from exai.storage.redis_cache import (
     GuardedRedis,
     IdempotencyResults,
     ThreadCache,
     _breaker_status,
 )
-from exai.storage.spool import Spool, SpoolRecord, encode_record, open_spool
+from exai.storage.replay import SpoolReplay
+from exai.storage.spool import Spool, open_spool
 from exai.storage.stores import open_store, store_kind
 
-__all__ = [
-    "ConversationService",
-    "RecentThreads",
-    "build_history",
-    "creation_key",
-    "estimate_tokens",
-    "migrate_storage",
-    "new_thread_id",
-    "store_breaker",
-]
+__all__ = ["ConversationService", "creation_key", "new_thread_id"]
 
 T = TypeVar("T")
-
-#: the spool's replay writes at most this many records, and bytes, per store transaction (the
-#: record count halves when a batch runs out of time and doubles back as batches succeed)
-REPLAY_BATCH_RECORDS = 64
-REPLAY_BATCH_BYTES = 1 << 20
 
 _THREAD_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _START_NEW = "start a new thread (omit continuation_id)"
@@ -127,117 +113,6 @@ def creation_key(owner: str, call_key: str) -> str:
     exactly-once key (stored, never shown; a re-run of the call finds its thread by it)."""
     # (surrogatepass: a lone surrogate in a client's key must not make this raise)
     return hashlib.sha256(f"{owner}\0{call_key}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
-def estimate_tokens(text: str) -> int:
-    """A cheap token estimate: a quarter of the characters, at least one."""
-    return max(1, math.ceil(len(text) / 4))
-
-
-def build_history(
-    thread: Thread,
-    token_budget: int,
-    *,
-    estimate: Callable[[str], int] = estimate_tokens,
-    per_message_tokens: int = 4,
-) -> list[dict[str, str]]:
-    """The newest turns of ``thread`` that fit in ``token_budget``, oldest first, as chat
-    messages (``{"role", "content"}``). Each turn costs ``estimate(content)`` plus
-    ``per_message_tokens``. A turn that does not fit ends the walk back in time, so the history
-    is always the most recent contiguous slice."""
-    picked: list[Turn] = []
-    used = 0
-    for turn in reversed(thread.turns):
-        cost = estimate(turn.content) + per_message_tokens
-        if used + cost > token_budget:
-            break
-        picked.append(turn)
-        used += cost
-    picked.reverse()
-    return [{"role": t.role, "content": t.content} for t in picked]
-
-
-def store_breaker(name: str, settings: Settings) -> CircuitBreaker:
-    """The default breaker in front of a store: opens at a 50 % failure rate over the last 10
-    calls (after 4), or when every call of the window took ``store_timeout_s``; open 1 s at
-    first, doubling to 30 s."""
-    return CircuitBreaker(
-        name,
-        failure_rate_threshold=0.5,
-        slow_call_rate_threshold=1.0,
-        slow_call_duration_s=settings.store_timeout_s,
-        minimum_calls=4,
-        window_size=10,
-        half_open_max_calls=1,
-        open_duration_s=1.0,
-        max_open_duration_s=30.0,
-    )
-
-
-#: what one thread in the in-process cache costs beyond its content (objects, keys)
-_THREAD_OVERHEAD_BYTES = 1024
-_TURN_OVERHEAD_BYTES = 400
-
-
-class RecentThreads:
-    """The last store view of recently used threads, bounded in count and bytes (oldest out
-    first). Read only while the store cannot be; the store and the spool keep everything.
-
-    Args:
-        max_entries: threads kept at most.
-        max_bytes: bytes kept at most (content plus a per-thread and per-turn overhead); a
-            thread larger than the whole budget is not kept.
-    """
-
-    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._threads: OrderedDict[str, tuple[Thread, int]] = OrderedDict()
-        self.bytes = 0
-        self.evictions = 0
-
-    @staticmethod
-    def cost(thread: Thread) -> int:
-        return thread.size_bytes + _THREAD_OVERHEAD_BYTES + _TURN_OVERHEAD_BYTES * len(thread.turns)
-
-    def get(self, thread_id: str) -> Thread | None:
-        item = self._threads.get(thread_id)
-        return item[0] if item is not None else None
-
-    def put(self, thread: Thread) -> None:
-        self.forget(thread.id)
-        size = self.cost(thread)
-        if size > self.max_bytes or self.max_entries <= 0:
-            return
-        self._threads[thread.id] = (thread, size)
-        self.bytes += size
-        while len(self._threads) > self.max_entries or self.bytes > self.max_bytes:
-            _, (_, old) = self._threads.popitem(last=False)
-            self.bytes -= old
-            self.evictions += 1
-
-    def forget(self, thread_id: str) -> None:
-        item = self._threads.pop(thread_id, None)
-        if item is not None:
-            self.bytes -= item[1]
-
-    def clear(self) -> int:
-        n = len(self._threads)
-        self._threads.clear()
-        self.bytes = 0
-        return n
-
-    def __len__(self) -> int:
-        return len(self._threads)
-
-    def status(self) -> dict[str, int]:
-        return {
-            "threads": len(self._threads),
-            "bytes": self.bytes,
-            "max_threads": self.max_entries,
-            "max_bytes": self.max_bytes,
-            "evictions": self.evictions,
-        }
 
 
 class ConversationService:
@@ -278,32 +153,53 @@ class ConversationService:
         self.cache = cache
         self.idempotency = idempotency
         self.clock = clock
-        self._replay_backoff = Backoff(
-            replay_min_delay_s, max(replay_min_delay_s, replay_max_delay_s)
+        # The last store view of recently used threads: read only while the store is down.
+        self.recent = RecentThreads(max_entries=1024, max_bytes=settings.thread_cache_max_bytes)
+        self.replay = SpoolReplay(
+            settings=settings,
+            store=store,
+            spool=spool,
+            breaker=breaker,
+            primary=self._primary,
+            recent=self.recent,
+            cache=cache,
+            min_delay_s=replay_min_delay_s,
+            max_delay_s=replay_max_delay_s,
         )
         self._redis_backoff = Backoff(
             replay_min_delay_s, max(replay_min_delay_s, replay_max_delay_s)
         )
-        self.replay_stats = DrainStatistics()
         self.invalidation_stats = DrainStatistics()
-        self._work = Wakeup()  # the spool has new records
-        self._recovered = Wakeup()  # the store's breaker closed
         self._redis_recovered = Wakeup()
-        self._progress = Wakeup()  # the replay finished a pass
-        _on_close(breaker, self._recovered)
         if cache is not None:
-            _on_close(cache.guard.breaker, self._redis_recovered)
-        # The last store view of recently used threads: read only while the store is down.
-        self.recent = RecentThreads(max_entries=1024, max_bytes=settings.thread_cache_max_bytes)
-        self._batch_records = REPLAY_BATCH_RECORDS  # adapts: halved on a timeout, doubled back
+            on_close(cache.guard.breaker, self._redis_recovered)
         self.spooled_writes = 0
-        self.replay_rejected = 0
         self.redirected_writes = 0
+
+    @property
+    def replay_stats(self) -> DrainStatistics:
+        """The replay's passes, errors and records."""
+        return self.replay.stats
+
+    @property
+    def replay_rejected(self) -> int:
+        """Spooled records the store refused for good (set aside, see ``docs/storage.md``)."""
+        return self.replay.rejected
 
     @property
     def replay_errors(self) -> int:
         """Replay passes that failed (the store was away)."""
-        return self.replay_stats.errors
+        return self.replay.stats.errors
+
+    async def wait_replayed(self) -> None:
+        """Return once the spool is empty and every cache invalidation delivered; bound it
+        with the caller's deadline."""
+        await self.replay.wait_replayed()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Give the replay up to ``timeout_s`` to empty the spool (graceful shutdown); True
+        when it is empty. Redis invalidations are not waited for (Redis is a cache)."""
+        return await self.replay.flush(timeout_s)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -399,7 +295,7 @@ class ConversationService:
                 replay_max_delay_s=replay_max_delay_s,
             )
             async with _single_errors(), anyio.create_task_group() as tg:
-                tg.start_soon(service._replay_loop)
+                tg.start_soon(service.replay.run)
                 if cache is not None:
                     tg.start_soon(service._invalidation_loop)
                 tg.start_soon(service._expire_loop)
@@ -586,19 +482,6 @@ class ConversationService:
             field=field,
         )
 
-    def build_history(
-        self,
-        thread: Thread,
-        token_budget: int,
-        *,
-        estimate: Callable[[str], int] = estimate_tokens,
-        per_message_tokens: int = 4,
-    ) -> list[dict[str, str]]:
-        """:func:`build_history` of ``thread``."""
-        return build_history(
-            thread, token_budget, estimate=estimate, per_message_tokens=per_message_tokens
-        )
-
     # -- writing --------------------------------------------------------------------------
     async def add_turns(
         self,
@@ -658,7 +541,7 @@ class ConversationService:
         if self.spool.has_pending(thread.id):
             try:
                 # keep the thread's order: push its spooled turns to the store first
-                await self._flush_thread(thread.id)
+                await self.replay.flush_thread(thread.id)
             except (CircuitOpenError, StoreUnavailableError):
                 pass
             if self.spool.has_pending(thread.id):
@@ -738,15 +621,7 @@ class ConversationService:
                 raise full from cause
             raise
         self.spooled_writes += 1
-        self._work.set()
-
-    async def _flush_thread(self, thread_id: str) -> None:
-        """Apply one thread's spooled records to the store, in order (bounded: a thread has at
-        most ``conversation_max_turns`` records)."""
-        for record in self.spool.pending(thread_id):
-            if self.spool.is_pending(record):
-                await self._apply(record)
-                self.spool.mark_applied(record)
+        self.replay.work.set()
 
     # -- the primary store under its breaker and the deadline ----------------------------
     async def _primary(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -762,7 +637,7 @@ class ConversationService:
                         result = await fn(*args)
                     if self.spool.depth:
                         # the store answers: a replay waiting out its backoff starts now
-                        self._recovered.set()
+                        self.replay.recovered.set()
                     return result
                 except TimeoutError as exc:
                     raise StoreUnavailableError(
@@ -779,83 +654,6 @@ class ConversationService:
             raise StoreError(f"the {kind} conversation store failed") from exc
 
     # -- background -----------------------------------------------------------------------
-    async def _replay_loop(self) -> None:
-        await drain_loop(
-            self._replay_step,
-            lambda: self.spool.depth,
-            backoff=self._replay_backoff,
-            work=self._work,
-            recovered=self._recovered,
-            breaker=self.breaker,
-            stats=self.replay_stats,
-        )
-
-    async def _replay_step(self) -> int:
-        """One pass over the spool, oldest first, a batch per store transaction; the number of
-        records applied. A pass that applied some records and then failed returns that number
-        (progress: the next pass starts at once); one that applied none raises (it waits)."""
-        before = self.spool.replayed
-        try:
-            batch: list[SpoolRecord] = []
-            size = 0
-            for record in self.spool.records():
-                if not self.spool.is_pending(record):
-                    continue
-                batch.append(record)
-                size += record.size_bytes
-                # while the breaker is not closed the store is on probation: probe with one
-                # record, not a full batch
-                limit = self._batch_records if self.breaker.state == "closed" else 1
-                if len(batch) >= limit or size >= REPLAY_BATCH_BYTES:
-                    await self._apply_batch(batch)
-                    batch, size = [], 0
-                    await self.spool.maybe_compact()
-            if batch:
-                await self._apply_batch(batch)
-        except (CircuitOpenError, StoreError):
-            if self.spool.replayed == before:
-                raise
-            self.replay_stats.errors += 1
-        finally:
-            await self.spool.maybe_compact(final=True)
-            self._progress.set()
-        return self.spool.replayed - before
-
-    async def _apply_batch(self, batch: list[SpoolRecord]) -> None:
-        """Apply records in one store transaction and mark them applied; a batch the store
-        refuses for good is applied record by record, so only the bad record is set aside."""
-        if len(batch) == 1:
-            await self._apply(batch[0])
-            self.spool.mark_applied(batch[0])
-            return
-        try:
-            results = await self._primary(
-                functools.partial(
-                    self.store.append_batch,
-                    [(r.thread_id, list(r.turns), r.owner, r.creation_key) for r in batch],
-                )
-            )
-        except StoreUnavailableError:
-            # too big a transaction for the store's bound (a slow store, lock waits): halve it
-            self._batch_records = max(1, len(batch) // 2)
-            raise
-        except CircuitOpenError:
-            raise
-        except StoreError:
-            for record in batch:
-                if self.spool.is_pending(record):
-                    await self._apply(record)
-                    self.spool.mark_applied(record)
-            return
-        self._batch_records = min(REPLAY_BATCH_RECORDS, 2 * self._batch_records)
-        landed: dict[str, None] = {}
-        for record, result in zip(batch, results, strict=True):
-            landed[self._applied(record, result)] = None
-            self.spool.mark_applied(record)
-        if self.cache is not None:
-            for thread_id in landed:
-                await self.cache.invalidate(thread_id)
-
     async def _invalidation_loop(self) -> None:
         assert self.cache is not None
         guard = self.cache.guard
@@ -868,98 +666,6 @@ class ConversationService:
             breaker=guard.breaker,
             stats=self.invalidation_stats,
         )
-
-    async def _apply(self, record: SpoolRecord) -> None:
-        try:
-            result = await self._primary(
-                functools.partial(
-                    self.store.append_turns,
-                    record.thread_id,
-                    list(record.turns),
-                    owner=record.owner,
-                    creation_key=record.creation_key,
-                )
-            )
-        except (CircuitOpenError, StoreUnavailableError):
-            raise  # the store is away: keep the record and retry later
-        except StoreError as exc:
-            # The store refuses this record for good: set it aside (fsync'd, never lost) so it
-            # cannot block every later record of every thread behind it.
-            line = encode_record(
-                record.thread_id,
-                record.base,
-                list(record.turns),
-                owner=record.owner,
-                creation_key=record.creation_key,
-            )
-            try:
-                with anyio.fail_after(self.settings.store_timeout_s):
-                    await anyio.to_thread.run_sync(
-                        _append_rejected,
-                        Path(str(self.spool.path) + ".rejected"),
-                        line,
-                        limiter=_REJECT_LIMITER,
-                        abandon_on_cancel=True,
-                    )
-            except (TimeoutError, OSError) as disk:
-                # not set aside: it stays in the spool and is tried again later
-                raise StoreUnavailableError("the spool's disk did not answer in time") from disk
-            self.replay_rejected += 1
-            log_event(
-                "spool.record_rejected",
-                logging.ERROR,
-                thread_id=record.thread_id,
-                turns=len(record.turns),
-                error=str(exc.__cause__ or exc)[:200],
-            )
-            return
-        landed = self._applied(record, result)
-        if self.cache is not None:
-            await self.cache.invalidate(landed)
-
-    def _applied(self, record: SpoolRecord, result: AppendResult) -> str:
-        """Bring the thread cache up to date with a record the store now has; the thread id
-        it landed in."""
-        landed = result.thread_id or record.thread_id
-        known = self.recent.get(landed)
-        if known is not None:
-            if record.base <= len(known.turns):
-                self.recent.put(
-                    known.with_turns(record.turns, ttl_s=self.settings.conversation_ttl_s)
-                )
-            else:
-                self.recent.forget(landed)
-        return landed
-
-    async def wait_replayed(self) -> None:
-        """Return once the spool is empty and every cache invalidation delivered; bound it
-        with the caller's deadline."""
-        while self.spool.depth or (self.cache is not None and self.cache.guard.pending):
-            self._progress.clear()
-            self._work.set()
-            if self.cache is not None and self.cache.guard.pending:
-                self.cache.guard.work.set()
-            with anyio.move_on_after(0.05):
-                await self._progress.wait()
-
-    async def flush(self, timeout_s: float) -> bool:
-        """Give the replay up to ``timeout_s`` to empty the spool (graceful shutdown); True
-        when it is empty. Redis invalidations are not waited for (Redis is a cache)."""
-        if self.spool.depth == 0:
-            return True
-        with anyio.move_on_after(timeout_s):
-            self._work.set()
-            while self.spool.depth:
-                self._progress.clear()
-                await self._progress.wait()
-        left = self.spool.depth
-        log_event(
-            "spool.shutdown_flush",
-            logging.INFO if left == 0 else logging.WARNING,
-            replayed=self.spool.replayed,
-            left=left,
-        )
-        return left == 0
 
     async def _expire_loop(self) -> None:
         interval = min(3600.0, max(60.0, self.settings.conversation_ttl_s / 10))
@@ -1064,19 +770,6 @@ def _storable_key(key: str) -> str:
     return key.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
-def _on_close(breaker: CircuitBreaker, wakeup: Wakeup) -> None:
-    """Chain a breaker's transition hook so ``wakeup`` is set when it closes."""
-    previous = breaker.on_transition
-
-    def hook(name: str, old: str, new: str) -> None:
-        if previous is not None:
-            previous(name, old, new)  # type: ignore[arg-type]
-        if new == "closed":
-            wakeup.set()
-
-    breaker.on_transition = hook
-
-
 def _log_store_error(kind: str, exc: BaseException) -> None:
     # the whole text (paths, hosts, driver messages) is for the operator's log only
     log_event(
@@ -1086,18 +779,6 @@ def _log_store_error(kind: str, exc: BaseException) -> None:
         error=type(exc).__name__,
         detail=str(exc)[:300],
     )
-
-
-_REJECT_LIMITER = anyio.CapacityLimiter(1)
-
-
-def _append_rejected(path: Path, line: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def _bounded_shielded(fn: Callable[[], Awaitable[Any]], bound_s: float) -> None:
@@ -1117,16 +798,3 @@ async def _single_errors() -> AsyncIterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
-
-
-async def migrate_storage(settings: Settings, *, bridge: Any = None) -> dict[str, Any]:
-    """Open the configured store, applying pending migrations (``exai migrate``); what was
-    done, secrets redacted."""
-    async with AsyncExitStack() as stack:
-        if bridge is None and store_kind(settings.effective_storage_url) == "postgres":
-            from exai.storage.aio_bridge import open_asyncio_bridge
-
-            bridge = await stack.enter_async_context(open_asyncio_bridge())
-        store = await stack.enter_async_context(open_store(settings, bridge))
-        applied = list(getattr(store, "migrations_applied", []))
-        return {"store": store.status(), "applied": applied}

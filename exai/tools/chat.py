@@ -17,6 +17,7 @@ from typing import Any
 from exai.errors import ToolError
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from exai.tools.history import build_history
 from exai.tools.progress import StreamProgress
 from exai.tools.sandbox import MAX_PATHS
 
@@ -96,7 +97,7 @@ async def load_history(
     thread = await conv.start_or_continue(
         continuation_id, "chat", call_key=ctx.call_key, owner=ctx.client
     )
-    history = list(conv.build_history(thread, HISTORY_TOKEN_BUDGET)) if continuation_id else []
+    history = list(build_history(thread, HISTORY_TOKEN_BUDGET)) if continuation_id else []
     return thread, history
 
 

@@ -53,6 +53,7 @@ from exai.errors import (
 )
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from exai.tools.history import build_history
 from exai.tools.progress import StreamProgress
 from exai.tools.sandbox import MAX_PATHS, context_tokens
 from exai.tools.schema import check_schema
@@ -345,7 +346,7 @@ async def _consensus(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
         prompt_bytes = len(str(args["prompt"]).encode("utf-8", "replace"))
         conv.check_room(thread, turns=2, sizes={"arguments.prompt": prompt_bytes})
         if args.get("continuation_id"):
-            history = list(conv.build_history(thread, HISTORY_TOKEN_BUDGET))
+            history = list(build_history(thread, HISTORY_TOKEN_BUDGET))
     elif args.get("continuation_id"):
         raise ToolError("conversations are not available in this daemon; omit continuation_id")
 

@@ -53,8 +53,9 @@ two workflow steps does not sink the final step.
 
 **How much is read.** Each file at most ``EXAI_FILE_MAX_BYTES`` (``cap + 1`` bytes are read, so
 an oversized file is detected without reading it whole), all files of one call together at most
-``EXAI_FILES_MAX_TOTAL_BYTES``; then the text is fitted to a token budget (≈ 4 characters per
-token, :data:`CHARS_PER_TOKEN`). Every cut leaves a visible notice in the text, e.g.
+``EXAI_FILES_MAX_TOTAL_BYTES``; then the text is fitted to a token budget (≈ 3 characters per
+token, :data:`CHARS_PER_TOKEN`, the one estimate of :mod:`exai.providers.tokens`). Every cut
+leaves a visible notice in the text, e.g.
 ``[… truncated: file is 900000 bytes, showing the first 262144 …]``. A file with a NUL byte in
 its first 8 KiB, or that is not valid UTF-8, is skipped with a note.
 
@@ -87,6 +88,8 @@ import attrs
 
 from exai.config import Settings
 from exai.errors import FileAccessError, InvalidParams
+from exai.providers import tokens
+from exai.providers.tokens import CHARS_PER_TOKEN
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -107,7 +110,6 @@ __all__ = [
 ]
 
 #: Characters per token assumed when fitting text to a budget.
-CHARS_PER_TOKEN = 4
 #: Token budget for files when the caller knows nothing better (``chat``'s hook).
 DEFAULT_TOKEN_BUDGET = 48_000
 #: Bytes looked at for a NUL byte.
@@ -327,9 +329,9 @@ def context_tokens(model: str | None, default: int = 128_000) -> int:
     name = (model or "").rsplit("/", 1)[-1].lower()
     best = ""
     found = default
-    for prefix, tokens in _CONTEXT_TOKENS:
+    for prefix, window in _CONTEXT_TOKENS:
         if name.startswith(prefix) and len(prefix) > len(best):
-            best, found = prefix, tokens
+            best, found = prefix, window
     return found
 
 
@@ -630,7 +632,7 @@ class FileSandbox:
             limiter=FILE_LIMITER,
             abandon_on_cancel=True,
         )
-        chars_left = max(0, token_budget) * CHARS_PER_TOKEN
+        chars_left = tokens.chars_for(token_budget)
         bytes_left = self.max_total_bytes
         pieces: list[str] = []
         notes: list[str] = []

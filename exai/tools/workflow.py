@@ -53,6 +53,7 @@ import attrs
 from exai.errors import InvalidParams, ToolError
 from exai.providers.types import THINKING_MODES, ChatRequest, ChatResponse, Step
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from exai.tools.history import build_history
 from exai.tools.progress import StreamProgress
 from exai.tools.sandbox import MAX_PATHS, FileSandbox, context_tokens
 from exai.tools.schema import check_schema
@@ -650,7 +651,7 @@ async def _final(
                 *file_notes,
             )
     history_thread = _without_session(thread, defn.name, session_steps(thread, defn.name))
-    history = list(conv.build_history(history_thread, HISTORY_TOKEN_BUDGET))
+    history = list(build_history(history_thread, HISTORY_TOKEN_BUDGET))
     prompt = _expert_prompt(defn, active, files_text)
     messages: list[dict[str, Any]] = []
     if defn.system_prompt:

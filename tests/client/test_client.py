@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from exai import errors
-from exai.client import PROTOCOL_VERSION, Client, error_from_jsonrpc
 from exai.cli.main import main as exai_main
+from exai.client import PROTOCOL_VERSION, Client, error_from_jsonrpc
 from exai.client.ws import ConnectionClosed, HandshakeRejected
 from exai.config import Settings
 

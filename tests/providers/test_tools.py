@@ -16,6 +16,7 @@ import trio.testing
 from exai.config import Secret
 from exai.errors import ToolError
 from exai.providers import ProviderRouter
+from exai.storage.model import Turn
 from exai.tools.base import ToolContext
 from exai.tools.chat import CHAT
 from exai.tools.listmodels import LISTMODELS
@@ -139,7 +140,12 @@ class _FakeConversations:
     """The conversation service's API, as the chat tool uses it."""
 
     added: list = attrs.field(factory=list)
-    thread: _FakeThread = attrs.field(factory=lambda: _FakeThread("t1"))
+    thread: _FakeThread = attrs.field(
+        factory=lambda: _FakeThread(
+            "t1",
+            turns=(Turn(role="user", content="earlier"), Turn(role="assistant", content="yes")),
+        )
+    )
 
     async def start_or_continue(
         self, continuation_id: str | None, tool: str, *, call_key: str = "", owner: str = ""
@@ -149,9 +155,6 @@ class _FakeConversations:
     def check_room(self, thread: _FakeThread, *, turns: int, sizes: dict) -> None:
         return None
 
-    def build_history(self, thread: _FakeThread, budget: int) -> list[dict]:
-        return [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "yes"}]
-
     async def add_turns(
         self, thread: _FakeThread, turns: list, key: str, *, owner: str = ""
     ) -> _FakeThread:
@@ -159,7 +162,7 @@ class _FakeConversations:
         return _FakeThread(thread.id, turns=(*thread.turns, *turns))
 
     def turns_remaining(self, thread: _FakeThread) -> int:
-        return 10 - len(thread.turns)
+        return 12 - len(thread.turns)
 
 
 @pytest.mark.anyio

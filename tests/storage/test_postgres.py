@@ -11,9 +11,9 @@ import pytest
 
 from exai.errors import ConfigError, StoreUnavailableError
 from exai.storage.aio_bridge import AsyncioBridge, BridgedPgPool, open_asyncio_bridge
+from exai.storage.migrate import migrate_storage
 from exai.storage.model import Turn
 from exai.storage.postgres import MIGRATIONS, PostgresStore, parse_postgres_url
-from exai.storage.service import migrate_storage
 from exai.storage.stores import open_store
 from tests.storage.conftest import PG_HOST, PG_PORT, pg_settings
 

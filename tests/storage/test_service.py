@@ -22,7 +22,7 @@ from exai.errors import (
 from exai.resilience import CircuitBreaker
 from exai.storage.base import AppendResult
 from exai.storage.model import Thread, Turn
-from exai.storage.service import ConversationService, build_history
+from exai.storage.service import ConversationService
 from exai.storage.sqlite import SQLiteStore, sqlite_path
 from tests.storage.conftest import make_settings
 
@@ -236,27 +236,6 @@ async def test_repeating_a_call_with_the_same_key_writes_nothing_twice(tmp_path:
         await svc.add_turns(thread, [user("q"), assistant("a")], "call-1")
         stored = await svc.store.get_thread(thread.id)
     assert stored is not None and [t.content for t in stored.turns] == ["q", "a"]
-
-
-def test_history_keeps_the_newest_turns_that_fit_oldest_first() -> None:
-    thread = Thread(id="t", created_at=0.0, updated_at=0.0, expires_at=1.0).with_turns(
-        [
-            Turn(
-                role="user" if i % 2 == 0 else "assistant",
-                content=f"turn{i}-" * 10,
-                created_at=float(i),
-                idempotency_key=f"k#{i}",
-            )
-            for i in range(6)
-        ],
-        ttl_s=1.0,
-    )
-    per_turn = 15 + 4  # 60 characters / 4 + the per-message overhead
-    history = build_history(thread, token_budget=3 * per_turn + 5)
-    assert [m["content"][:5] for m in history] == ["turn3", "turn4", "turn5"]
-    assert [m["role"] for m in history] == ["assistant", "user", "assistant"]
-    assert build_history(thread, token_budget=per_turn - 1) == []
-    assert len(build_history(thread, token_budget=10_000)) == 6
 
 
 async def test_turns_go_to_the_spool_while_the_store_is_down_and_are_replayed_once(

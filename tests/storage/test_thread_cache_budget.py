@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from exai.storage.model import Thread, Turn
-from exai.storage.service import ConversationService, RecentThreads
+from exai.storage.recent import RecentThreads
+from exai.storage.service import ConversationService
 from tests.storage.conftest import make_settings
 
 pytestmark = pytest.mark.anyio
