@@ -1,10 +1,17 @@
-"""A small WebSocket client over anyio and wsproto, for the bridge and :class:`exai.Client`.
+"""exai's one WebSocket client, over anyio and wsproto: :class:`exai.Client`, the bridge and
+``exai doctor`` all connect with it.
+
+Why this stack for the product: :class:`exai.Client` must work under asyncio as well as trio,
+and trio-websocket (the daemon's server side) runs on trio only; wsproto is the sans-IO protocol
+trio-websocket itself is built on, so both ends share one WebSocket implementation of the frames
+and only the I/O differs. The tests and benchmarks drive the daemon with trio-websocket's client
+on purpose: a second, independent client, so a fault of this one cannot hide one of the daemon's
+(and this client is tested against a trio-websocket server, ``tests/client``).
 
 It speaks exactly what the daemon's transport needs: an HTTP/1.1 upgrade to ``ws://`` or
 ``wss://`` with the ``mcp`` subprotocol and an optional ``Authorization: Bearer`` header, one
 text message per JSON-RPC message, automatic answers to pings, a client-side :meth:`ping`, and a
-bound on the size of a received message. Because it is written against anyio it runs under trio
-and asyncio alike (trio-websocket would tie :class:`exai.Client` to trio).
+bound on the size of a received message.
 
 ::
 
