@@ -27,6 +27,7 @@ OURS = (
     "decoder",
     "scale_out",
     "schema",
+    "http_client",
 )
 
 

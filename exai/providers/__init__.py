@@ -8,7 +8,7 @@
 
 Layers, outermost first: :class:`ProviderRouter` (routing, fallback chains, retries inside the
 caller's deadline) → :class:`Provider` (Retry-After hold, RPM and TPM buckets, circuit breaker,
-concurrency limiter) → :class:`OpenAIClient` (bounded httpx pool, SSE, error mapping).
+concurrency limiter) → :class:`OpenAIClient` (bounded HTTP/1.1 pool, SSE, error mapping).
 """
 
 from exai.providers.client import OpenAIClient

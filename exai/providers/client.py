@@ -1,13 +1,16 @@
 """The one OpenAI-compatible HTTP client, and the one place where HTTP errors become exai errors.
 
-:class:`OpenAIClient` talks to one provider over its own ``httpx.AsyncClient`` (a bounded pool):
+:class:`OpenAIClient` talks to one provider over its own bounded connection pool
+(:class:`~exai.providers.transport.H11Pool`, whose docstring says why it is not
+``httpx.AsyncClient``'s; failures are httpx's exception types either way):
 ``POST /chat/completions`` (plain or SSE-streamed) and ``GET /models``. It knows nothing about
 buckets, breakers or fallbacks; :class:`exai.providers.provider.Provider` puts those around it.
 
 Error mapping (:func:`map_transport_error`, :func:`map_status`; error documents and endings are
 read by :mod:`exai.providers.ending`, the one place that decides how an answer ended)::
 
-    httpx.TimeoutException, ConnectError, RemoteProtocolError, ReadError, WriteError
+    httpx.TimeoutException (connect, write, pool), ConnectError, RemoteProtocolError,
+    ReadError, WriteError, DecodingError
                                     → UpstreamRetryableError
     a quota / balance code          → UpstreamQuotaExhausted       (never retried; provider held)
     401, 403                        → UpstreamAuthError           (never retried)
@@ -38,7 +41,7 @@ import math
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import anyio
@@ -63,6 +66,7 @@ from exai.providers.ending import (
     read_error_doc,
 )
 from exai.providers.sse import SSEDecoder, StreamAssembler
+from exai.providers.transport import H11Pool, PoolStatistics, Response
 from exai.providers.types import unencodable_field
 
 __all__ = [
@@ -85,6 +89,12 @@ DEFAULT_MAX_ANSWER_BYTES = 4 * 1024 * 1024
 FINISH_GRACE_S = 1.0
 #: Retry-After values are clamped to this (a provider asking for a day is treated as an hour).
 MAX_RETRY_AFTER_S = 3600.0
+
+_SSE = b"text/event-stream"
+_JSON = b"application/json"
+
+#: a response of either kind (exai's pool, or httpx over an injected transport)
+_Response = Response | httpx.Response
 
 ChunkCallback = Callable[[str, str], Awaitable[None]]
 """Called with (content delta, reasoning delta) for each streamed chunk that carries text."""
@@ -247,29 +257,27 @@ def _validate_completion(provider: str, data: Any) -> dict[str, Any]:
     return data
 
 
-#: connections per httpx client shard (see :class:`OpenAIClient`)
-SHARD_CONNECTIONS = 16
-
-
 class OpenAIClient:
-    """One provider's HTTP side: a bounded ``httpx.AsyncClient`` and the OpenAI wire format.
+    """One provider's HTTP side: a bounded connection pool and the OpenAI wire format.
 
     Use as an async context manager; the pool is closed on exit.
 
     Args:
-        settings: the provider; read on every request (``base_url`` fixed at open).
-        transport: an httpx transport to use instead of the network (unit tests).
+        settings: the provider; read on every request (``base_url`` and ``pool_max`` fixed at
+            open).
+        transport: an httpx transport to use instead of the network (unit tests); requests
+            then go through one ``httpx.AsyncClient`` over it.
         max_answer_bytes: the largest answer (content, reasoning and tool-call arguments, in
             UTF-8 bytes) read; past it the read stops with ``AnswerTooLarge``.
 
     Resource handling:
-        At most ``settings.pool_max`` connections, split over ``ceil(pool_max / 16)``
-        ``httpx.AsyncClient`` shards of at most 16 connections each; a request goes to the
-        shard with the fewest requests in flight. (httpcore scans every pooled connection
-        for every queued request, so one pool of thousands of connections costs quadratic
-        CPU under load; small shards keep each scan short.) A cancelled call closes its
-        response, and with it the connection, before the cancellation propagates: the
-        upstream sees the disconnect and stops generating.
+        At most ``settings.pool_max`` connections, in one
+        :class:`~exai.providers.transport.H11Pool` (its module docstring says why not
+        ``httpx.AsyncClient``'s own pool, with the measurements): connecting is bounded by
+        ``connect_timeout_s``, writing a request and waiting for a free connection by
+        ``stall_timeout_s``. A cancelled call closes its response, and with it the connection,
+        before the cancellation propagates: the upstream sees the disconnect and stops
+        generating.
     """
 
     def __init__(
@@ -284,69 +292,85 @@ class OpenAIClient:
         #: the largest answer read (``Settings.max_answer_bytes``); settable on reload
         self.max_answer_bytes = max_answer_bytes
         self._transport = transport
-        self._shards: list[httpx.AsyncClient] = []
-        self._inflight: list[int] = []
+        self._pool: H11Pool | None = None
+        self._http: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> OpenAIClient:
         s = self.settings
-        verify: ssl.SSLContext | bool = False  # plain http: no TLS, no context to build
-        if self._transport is None and s.base_url.lower().startswith("https:"):
-            verify = await shared_ssl_context()
-        pool_max = max(1, s.pool_max)
-        shards = 1 if self._transport is not None else -(-pool_max // SHARD_CONNECTIONS)
-        # Only the connect phase has an httpx timeout; everything else is bounded by the
-        # caller's cancel scope (the call deadline) and by the stream stall bound below.
-        timeout = httpx.Timeout(None, connect=s.connect_timeout_s)
-        try:
-            for i in range(shards):
-                size = pool_max // shards + (1 if i < pool_max % shards else 0)
-                limits = httpx.Limits(
-                    max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
-                )
-                client = httpx.AsyncClient(
-                    base_url=s.base_url.rstrip("/") + "/",
-                    limits=limits,
-                    timeout=timeout,
-                    follow_redirects=False,
-                    transport=self._transport,
-                    headers={"user-agent": "exai"},
-                    trust_env=False,
-                    verify=verify,
-                )
-                await client.__aenter__()
-                self._shards.append(client)
-                self._inflight.append(0)
-        except BaseException:
-            await self.__aexit__(None, None, None)
-            raise
+        base = s.base_url.rstrip("/") + "/"
+        if self._transport is not None:
+            http = httpx.AsyncClient(
+                base_url=base,
+                timeout=httpx.Timeout(None, connect=s.connect_timeout_s),
+                follow_redirects=False,
+                transport=self._transport,
+                headers={"user-agent": "exai"},
+                trust_env=False,
+            )
+            await http.__aenter__()
+            self._http = http
+            return self
+        context: ssl.SSLContext | None = None  # plain http: no TLS, no context to build
+        if base.lower().startswith("https:"):
+            context = await shared_ssl_context()
+        pool = H11Pool(
+            base,
+            max_connections=max(1, s.pool_max),
+            connect_timeout_s=s.connect_timeout_s,
+            write_timeout_s=s.stall_timeout_s,
+            pool_timeout_s=s.stall_timeout_s,
+            keepalive_expiry_s=30.0,
+            ssl_context=context,
+            headers={"user-agent": "exai", "accept-encoding": "gzip, deflate"},
+        )
+        await pool.__aenter__()
+        self._pool = pool
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        shards, self._shards, self._inflight = self._shards, [], []
-        for client in shards:
-            with anyio.CancelScope(shield=True):
-                await client.__aexit__(None, None, None)
+        pool, self._pool = self._pool, None
+        http, self._http = self._http, None
+        with anyio.CancelScope(shield=True):
+            if pool is not None:
+                await pool.__aexit__(None, None, None)
+            if http is not None:
+                await http.__aexit__(None, None, None)
 
-    @contextlib.contextmanager
-    def _shard(self) -> Iterator[httpx.AsyncClient]:
-        """The least busy shard, counted as busy while the ``with`` block runs."""
-        if not self._shards:
+    def pool_statistics(self) -> PoolStatistics | None:
+        """The connection pool's counts (``None`` with an injected transport or once closed)."""
+        return self._pool.statistics() if self._pool is not None else None
+
+    async def _open(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""
+    ) -> Response | httpx.Response:
+        """Send a request; the response once its head arrived (its body not read yet).
+
+        Both kinds of response offer ``status_code``, ``headers``, ``aiter_bytes()`` and
+        ``aclose()``; the caller must close it.
+
+        Raises:
+            httpx.HTTPError: a transport failure (see :mod:`exai.providers.transport`).
+        """
+        pool = self._pool
+        if pool is not None:
+            return await pool.request(method, path, headers, body)
+        http = self._http
+        if http is None:
             raise RuntimeError(f"client for provider {self.name!r} is not open")
-        i = min(range(len(self._inflight)), key=self._inflight.__getitem__)
-        self._inflight[i] += 1
-        try:
-            yield self._shards[i]
-        finally:
-            if i < len(self._inflight):
-                self._inflight[i] -= 1
+        request = http.build_request(
+            method, path, content=body or None, headers=[(k, v) for k, v in headers]
+        )
+        return await http.send(request, stream=True)
 
     # ------------------------------------------------------------------------------------
-    def _headers(self, streaming: bool) -> dict[str, str]:
+    def _headers(self, streaming: bool, *, body: bool = False) -> list[tuple[bytes, bytes]]:
         # Small on purpose: Kimi rejects a request whose headers exceed ~4 KB.
-        h = {"accept": "text/event-stream" if streaming else "application/json"}
+        h = [(b"accept", _SSE if streaming else _JSON)]
+        if body:
+            h.append((b"content-type", _JSON))
         key = self.settings.api_key
         if key:
-            h["authorization"] = "Bearer " + key.reveal()
+            h.append((b"authorization", b"Bearer " + key.reveal().encode("latin-1")))
         return h
 
     def _secret(self) -> str | None:
@@ -372,21 +396,18 @@ class OpenAIClient:
         """
         streaming = bool(body.get("stream"))
         content = encode_body(body)
-        with self._shard() as http:
-            try:
-                headers = self._headers(streaming)
-                headers["content-type"] = "application/json"
-                request = http.build_request(
-                    "POST", "chat/completions", content=content, headers=headers
-                )
-                if streaming:
-                    return await self._send_streaming(http, request, on_chunk)
-                return await self._send_plain(http, request)
-            except httpx.HTTPError as exc:
-                raise map_transport_error(self.name, exc) from None
+        headers = self._headers(streaming, body=True)
+        try:
+            if streaming:
+                return await self._send_streaming(headers, content, on_chunk)
+            return await self._send_plain(headers, content)
+        except httpx.HTTPError as exc:
+            raise map_transport_error(self.name, exc) from None
 
-    async def _send_plain(self, http: httpx.AsyncClient, request: httpx.Request) -> dict[str, Any]:
-        response = await http.send(request, stream=True)
+    async def _send_plain(
+        self, headers: list[tuple[bytes, bytes]], content: bytes
+    ) -> dict[str, Any]:
+        response = await self._open("POST", "chat/completions", headers, content)
         try:
             if not 200 <= response.status_code < 300:
                 self._raise_for_status(response, await self._read_error_body(response))
@@ -409,7 +430,7 @@ class OpenAIClient:
             data={"limit_bytes": cap, "ending": "too_large"},
         )
 
-    def _plain_completion(self, response: httpx.Response, body: bytes) -> dict[str, Any]:
+    def _plain_completion(self, response: _Response, body: bytes) -> dict[str, Any]:
         """A whole (non-SSE) 2xx body → a complete completion, or the error it stands for."""
         try:
             data = json.loads(body)
@@ -436,7 +457,7 @@ class OpenAIClient:
         return completion
 
     async def _read_body(
-        self, response: httpx.Response, limit: int = MAX_BODY_BYTES, *, answer: bool = False
+        self, response: _Response, limit: int = MAX_BODY_BYTES, *, answer: bool = False
     ) -> bytes:
         """The whole body, at most ``limit`` bytes (past it: ``AnswerTooLarge`` for an answer,
         else malformed), with no gap longer than ``stall_timeout_s`` between chunks."""
@@ -460,7 +481,7 @@ class OpenAIClient:
                         provider=self.name,
                     )
 
-    async def _read_error_body(self, response: httpx.Response) -> bytes:
+    async def _read_error_body(self, response: _Response) -> bytes:
         """The start of an error body: enough for the provider's message and code."""
         buf = bytearray()
         with anyio.move_on_after(min(self.settings.stall_timeout_s, 5.0)):
@@ -470,7 +491,7 @@ class OpenAIClient:
                     break
         return bytes(buf[:MAX_ERROR_BODY_BYTES])
 
-    def _raise_for_status(self, response: httpx.Response, body: bytes) -> None:
+    def _raise_for_status(self, response: _Response, body: bytes) -> None:
         if not 200 <= response.status_code < 300:
             raise map_status(
                 self.name, response.status_code, response.headers, body, self._secret()
@@ -485,12 +506,15 @@ class OpenAIClient:
         )
 
     async def _send_streaming(
-        self, http: httpx.AsyncClient, request: httpx.Request, on_chunk: ChunkCallback | None
+        self,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes,
+        on_chunk: ChunkCallback | None,
     ) -> dict[str, Any]:
         stall = self.settings.stall_timeout_s
-        response: httpx.Response | None = None
+        response: _Response | None = None
         with anyio.move_on_after(stall):
-            response = await http.send(request, stream=True)
+            response = await self._open("POST", "chat/completions", headers, content)
         if response is None:
             raise self._stalled("waiting for the response headers")
         try:
@@ -508,7 +532,7 @@ class OpenAIClient:
             await response.aclose()
 
     async def _read_sse(
-        self, response: httpx.Response, on_chunk: ChunkCallback | None
+        self, response: _Response, on_chunk: ChunkCallback | None
     ) -> dict[str, Any]:
         decoder = SSEDecoder()
         asm = StreamAssembler()
@@ -607,18 +631,14 @@ class OpenAIClient:
         Raises:
             UpstreamError: as for :meth:`chat`.
         """
-        with self._shard() as http:
+        try:
+            response = await self._open("GET", "models", self._headers(False))
             try:
-                response = await http.send(
-                    http.build_request("GET", "models", headers=self._headers(False)),
-                    stream=True,
-                )
-                try:
-                    body = await self._read_body(response)
-                finally:
-                    await response.aclose()
-            except httpx.HTTPError as exc:
-                raise map_transport_error(self.name, exc) from None
+                body = await self._read_body(response)
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise map_transport_error(self.name, exc) from None
         self._raise_for_status(response, body)
         try:
             data = json.loads(body)

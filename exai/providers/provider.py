@@ -9,7 +9,8 @@ A call passes the stages in that order; each can refuse it before any byte leave
    negative);
 3. the circuit breaker (``provider:<name>``);
 4. a ``CapacityLimiter`` of ``max_concurrency`` slots;
-5. the ``httpx`` pool of ``pool_max`` connections (:class:`~exai.providers.client.OpenAIClient`).
+5. the HTTP/1.1 pool of ``pool_max`` connections (:class:`~exai.providers.client.OpenAIClient`
+   over :class:`~exai.providers.transport.H11Pool`).
 
 Across daemons (:meth:`Provider.share_limits`, :mod:`exai.providers.health`): with Redis, the
 RPM and TPM buckets are shared by every daemon of the deployment (the TPM one reserve-then-settle:

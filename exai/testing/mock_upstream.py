@@ -140,6 +140,7 @@ import collections
 import contextlib
 import hmac
 import json
+import ssl
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -150,6 +151,7 @@ import anyio.abc
 import attrs
 import h11
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSListener
 
 from exai.config import Secret
 from exai.testing import _openai
@@ -394,6 +396,8 @@ class MockUpstream:
         max_body_bytes: Larger request bodies get 413.
         max_header_bytes: When set, requests with more header bytes get 400 (Kimi: ~4 KB).
         max_recorded: How many requests :attr:`requests` keeps.
+        ssl_context: When set, serve HTTPS with it (a server context, e.g. from ``trustme``);
+            :attr:`base_url` then starts with ``https://``.
 
     Attributes:
         disconnects: Requests whose client went away before the response was complete.
@@ -417,8 +421,10 @@ class MockUpstream:
         max_body_bytes: int = 8 * 1024 * 1024,
         max_header_bytes: int | None = None,
         max_recorded: int = 10_000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.models = tuple(models)
+        self.ssl_context = ssl_context
         self.api_key = api_key
         self.host = host
         self.latency_s = latency_s
@@ -446,7 +452,7 @@ class MockUpstream:
         self.held = 0
         self._gate: anyio.Event | None = None
         self._disconnected = anyio.Event()
-        self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+        self._listener: anyio.abc.Listener[Any] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- where and what ------------------------------------------------------------------
@@ -459,7 +465,8 @@ class MockUpstream:
     @property
     def base_url(self) -> str:
         """``http://HOST:PORT/v1``: what an OpenAI client takes as its base URL."""
-        return f"http://{self.host}:{self._port}/v1"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self._port}/v1"
 
     @property
     def active(self) -> int:
@@ -556,11 +563,14 @@ class MockUpstream:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def __aenter__(self) -> MockUpstream:
-        listener = await anyio.create_tcp_listener(
+        tcp = await anyio.create_tcp_listener(
             local_host=self.host, local_port=self._requested_port, backlog=4096
         )
+        self._port = tcp.extra(SocketAttribute.local_port)
+        listener: anyio.abc.Listener[Any] = tcp
+        if self.ssl_context is not None:
+            listener = TLSListener(tcp, self.ssl_context, standard_compatible=False)
         self._listener = listener
-        self._port = listener.extra(SocketAttribute.local_port)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -584,7 +594,7 @@ class MockUpstream:
 
     # -- connections ---------------------------------------------------------------------
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
+    async def _serve_connection(self, stream: anyio.abc.ByteStream) -> None:
         self.connections += 1
         conn = HttpConnection(
             stream, max_body_bytes=self.max_body_bytes, on_body_bytes=self._count_sent

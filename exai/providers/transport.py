@@ -1,0 +1,605 @@
+"""The provider client's HTTP/1.1 transport: a bounded connection pool over h11.
+
+:class:`H11Pool` holds the keep-alive connections to one origin (a provider's base URL) and sends
+one request at a time on each; :meth:`H11Pool.request` returns a :class:`Response` as soon as its
+head has arrived, and its body is read from :meth:`Response.aiter_bytes`. Failures are raised
+as **httpx's** exceptions (``ConnectError``, ``ConnectTimeout``, ``WriteError``,
+``WriteTimeout``, ``PoolTimeout``, ``ReadError``, ``RemoteProtocolError``, ``DecodingError``), so
+:func:`exai.providers.client.map_transport_error` maps them exactly as before: httpx stays the
+error vocabulary and the API of the provider client (a test still injects an
+``httpx.AsyncBaseTransport``), this module is the fast path under it.
+
+Why our own pool (issue 18). CPU per streamed ``POST /chat/completions`` (about 11 SSE events,
+every byte read), 64 concurrent requests in one trio process against the mock upstream in
+another, every variant in the same run, 3 interleaved rounds (``.venv/bin/python -m benchmarks
+run http_client --full``, 2026-11-30, a shared 2-CPU VM at load 3–7; the run and the machine in
+``benchmarks/README.md``, section *http_client*)::
+
+    one httpx.AsyncClient, pool of 64                          4.36 ms  (issue 18 saw 13.5)
+    8 httpx clients of 16, least busy first (exai before)      1.56 ms
+    64 httpx clients of one connection each                    0.88 ms
+    httpx.AsyncClient over this pool (an AsyncBaseTransport)   0.70 ms
+    this pool, used directly                                   0.36 ms
+    OpenAIClient.chat, streamed, SSE decoded: before → now     1.91 → 0.55 ms
+
+The direct use is what :class:`~exai.providers.client.OpenAIClient` does for every request to a
+real provider. httpx's client costs ≈ 0.35 ms of CPU per request on top of any transport
+(request and response models, header copies, the auth and redirect machinery, the decoder
+stack, event hooks): machinery a provider client that sends two kinds of request does not
+need. httpcore's pool costs the rest: its per-request scan of every connection (quadratic in
+the pool size under load, the reason for the shards) and its locks. This pool is O(1) per
+request: a FIFO semaphore for the slots and a LIFO stack of idle connections. A hand-written
+HTTP/1.1 parser would save ≈ 0.15 ms more (issue 18's spike: 0.13 ms), but h11 parses what an
+upstream may send (chunked bodies, trailers, bad framing) correctly and is a well-kept library;
+aiohttp through trio-asyncio measured 0.9 ms in issue 18 and would put an asyncio loop on the
+provider path.
+
+Resource handling:
+    At most ``max_connections`` connections exist at once (idle ones included). A request
+    holds one slot from :meth:`H11Pool.request` until its :meth:`Response.aclose`; a request
+    waiting for a slot waits first-in, first-out, for at most ``pool_timeout_s``. A connection
+    goes back to the pool only when its response was read to the end and both sides keep it
+    alive; in every other case — an exception, a cancellation, a body left unread — it is
+    closed at once, so the upstream sees the request end and stops generating. Idle
+    connections are closed after ``keepalive_expiry_s`` and when the server has closed them
+    (checked before each reuse: a readable idle socket means EOF or junk). Closing the pool
+    closes its idle connections, and every connection in use when its response is closed.
+
+Error handling:
+    Connecting (DNS, TCP, TLS handshake) is bounded by ``connect_timeout_s``
+    (``httpx.ConnectTimeout``; refused, unreachable or a bad certificate: ``ConnectError``);
+    writing the request by ``write_timeout_s`` (``WriteTimeout``, a broken socket
+    ``WriteError``); the wait for a slot by ``pool_timeout_s`` (``PoolTimeout``). Reading is
+    bounded by the caller (the provider client's stall bound and the call's deadline, both
+    cancel scopes): a cancelled read closes the connection. A request whose write fails on a
+    *reused* connection (the server closed it while idle) was not sent, and is sent again,
+    once, on a new connection; a request that was written is never sent twice by this module
+    (the provider layer's retry policy decides). A response that is not HTTP/1.1 we can parse
+    is ``RemoteProtocolError``; a body that does not decompress is ``DecodingError``.
+
+    Decompression (``gzip``, ``deflate``) hands out at most :data:`PIECE_BYTES` at a time, so a
+    small compressed body cannot expand into one huge buffer: the caller's byte bounds see
+    every piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import urllib.parse
+import zlib
+from collections import deque
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import attrs
+import h11
+import httpx
+
+__all__ = ["H11Pool", "PoolStatistics", "Response"]
+
+#: bytes asked of the socket per read
+READ_BYTES = 64 * 1024
+#: the largest response head (status line and headers) accepted
+MAX_HEAD_BYTES = 100 * 1024
+#: the most bytes a decompressed piece of a body holds
+PIECE_BYTES = 64 * 1024
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a pool: connections open (idle ones included), idle, requests holding a
+    slot, requests waiting for one."""
+
+    connections: int
+    idle: int
+    in_use: int
+    waiting: int
+    max_connections: int
+
+
+class _Conn:
+    """One connection: its stream, its h11 state machine and when it went idle."""
+
+    __slots__ = ("h11", "idle_since", "raw", "requests", "stream")
+
+    def __init__(self, stream: anyio.abc.ByteStream, raw: socket.socket | None) -> None:
+        self.stream = stream
+        self.raw = raw
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.idle_since = 0.0
+        self.requests = 0
+
+    def dead(self) -> bool:
+        """Whether an idle connection was closed by the server (or sent something unasked)."""
+        sock = self.raw
+        if sock is None:
+            return False
+        try:
+            if sock.fileno() < 0:
+                return True
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+
+class H11Pool:
+    """Keep-alive HTTP/1.1 connections to one origin, at most ``max_connections`` of them.
+
+    Use as an async context manager; leaving it closes every idle connection.
+
+    Args:
+        base_url: ``http://`` or ``https://`` host, port and path prefix; requests name a
+            target relative to it.
+        max_connections: connections open at once (idle ones included); also the number of
+            requests in flight.
+        connect_timeout_s: bound of one connect (name resolution, TCP, TLS handshake).
+        write_timeout_s: bound of writing one request.
+        pool_timeout_s: bound of the wait for a free connection slot (``None``: the caller's).
+        keepalive_expiry_s: an idle connection older than this is closed instead of reused.
+        ssl_context: the TLS context for ``https``; ``None`` builds the system default.
+        headers: sent with every request (``user-agent``); a request's own headers add to them.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        connect_timeout_s: float,
+        write_timeout_s: float,
+        pool_timeout_s: float | None = None,
+        keepalive_expiry_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL with a host: {base_url!r}")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.tls = scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        default_port = self.port == (443 if self.tls else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._host_header = (host if default_port else f"{host}:{self.port}").encode("ascii")
+        self._prefix = parts.path.rstrip("/")
+        self.max_connections = max_connections
+        self.connect_timeout_s = connect_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.pool_timeout_s = pool_timeout_s
+        self.keepalive_expiry_s = keepalive_expiry_s
+        self._ssl_context = ssl_context
+        self._headers = [(b"host", self._host_header)] + [
+            (k.lower().encode("ascii"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
+        self._slots = anyio.Semaphore(max_connections, fast_acquire=True)
+        self._idle: deque[_Conn] = deque()
+        self._open = 0
+        self._closed = False
+        #: connections opened, reused requests, requests sent again after a stale connection
+        self.connects = 0
+        self.reuses = 0
+        self.resends = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def __aenter__(self) -> H11Pool:
+        if self.tls and self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, deque()
+        for conn in idle:
+            await self._discard(conn)
+
+    def statistics(self) -> PoolStatistics:
+        """Connections, idle connections, requests holding a slot and requests waiting."""
+        stats = self._slots.statistics()
+        return PoolStatistics(
+            connections=self._open,
+            idle=len(self._idle),
+            in_use=self.max_connections - self._slots.value,
+            waiting=stats.tasks_waiting,
+            max_connections=self.max_connections,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<H11Pool {'https' if self.tls else 'http'}://{self._host_header.decode()} "
+            f"connections={s.connections}/{s.max_connections} idle={s.idle} "
+            f"in_use={s.in_use} waiting={s.waiting}>"
+        )
+
+    # -- one request --------------------------------------------------------------------
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+    ) -> Response:
+        """Send ``method`` ``path`` (relative to the base URL) and wait for the response head.
+
+        The caller must :meth:`Response.aclose` the response (``async with`` does): until then
+        it holds a connection slot.
+
+        Raises:
+            httpx.PoolTimeout, httpx.ConnectTimeout, httpx.ConnectError, httpx.WriteTimeout,
+            httpx.WriteError, httpx.ReadError, httpx.RemoteProtocolError: see the module
+            docstring. ``RuntimeError`` once the pool is closed.
+        """
+        if self._closed:
+            raise RuntimeError("the HTTP pool is closed")
+        await self._acquire()
+        conn: _Conn | None = None
+        try:
+            target = (self._prefix + "/" + path.lstrip("/")).encode("ascii")
+            all_headers = [*self._headers, *headers]
+            if body or method not in ("GET", "HEAD"):
+                all_headers.append((b"content-length", str(len(body)).encode("ascii")))
+            try:
+                head = h11.Request(method=method, target=target, headers=all_headers)
+            except h11.LocalProtocolError as exc:  # a header value with a line break...
+                raise httpx.LocalProtocolError(f"the request cannot be sent: {exc}") from None
+            conn = await self._take_idle()
+            if conn is not None:
+                self.reuses += 1
+                if not await self._send(conn, head, body, reused=True):
+                    # the server closed the idle connection: nothing was sent; once more, anew
+                    await self._discard(conn)
+                    conn = None
+                    self.resends += 1
+            if conn is None:
+                conn = await self._connect()
+                await self._send(conn, head, body, reused=False)
+            response = await self._receive_head(conn)
+        except BaseException:
+            if conn is not None:
+                await self._discard(conn)
+            self._slots.release()
+            raise
+        return response
+
+    async def _acquire(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._slots.acquire_nowait()
+            return
+        except anyio.WouldBlock:
+            pass
+        if self.pool_timeout_s is None:
+            await self._slots.acquire()
+            return
+        with anyio.CancelScope(deadline=anyio.current_time() + self.pool_timeout_s) as scope:
+            await self._slots.acquire()
+        if scope.cancelled_caught:
+            raise httpx.PoolTimeout(
+                f"no free connection within {self.pool_timeout_s:g}s "
+                f"({self.max_connections} in use)"
+            )
+
+    async def _take_idle(self) -> _Conn | None:
+        """The most recently used live idle connection; expired or dead ones are closed."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = anyio.current_time()
+        expiry = self.keepalive_expiry_s
+        # the oldest idle connection expires first: close it while we are here
+        if len(idle) > 1 and now - idle[0].idle_since > expiry:
+            await self._discard(idle.popleft())
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since > expiry or conn.dead():
+                await self._discard(conn)
+                continue
+            return conn
+        return None
+
+    async def _discard(self, conn: _Conn) -> None:
+        """Close a connection now, whatever its state; never waits (shielded, forceful)."""
+        self._open -= 1
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(conn.stream)
+
+    async def _connect(self) -> _Conn:
+        self._open += 1
+        try:
+            with anyio.fail_after(self.connect_timeout_s):
+                if self.tls:
+                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+                        self.host,
+                        self.port,
+                        ssl_context=self._ssl_context,
+                        tls_hostname=self.host,
+                        tls_standard_compatible=False,
+                    )
+                else:
+                    stream = await anyio.connect_tcp(self.host, self.port)
+        except TimeoutError:
+            self._open -= 1
+            raise httpx.ConnectTimeout(
+                f"no connection within {self.connect_timeout_s:g}s"
+            ) from None
+        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            self._open -= 1
+            raise httpx.ConnectError(f"cannot connect ({type(exc).__name__}: {exc})") from exc
+        except BaseException:
+            self._open -= 1
+            raise
+        self.connects += 1
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        with contextlib.suppress(OSError):
+            if raw is not None:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Conn(stream, raw)
+
+    async def _send(self, conn: _Conn, head: h11.Request, body: bytes, *, reused: bool) -> bool:
+        """Write the request; False when a reused connection turned out closed (not sent)."""
+        h = conn.h11
+        try:
+            data = h.send(head)
+            if body:
+                data += h.send(h11.Data(data=body))  # type: ignore[operator]
+            data += h.send(h11.EndOfMessage())  # type: ignore[operator]
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from exc
+        conn.requests += 1
+        try:
+            with anyio.CancelScope(deadline=anyio.current_time() + self.write_timeout_s) as scope:
+                await conn.stream.send(data)  # type: ignore[arg-type]
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            if reused:
+                return False
+            raise httpx.WriteError(f"the connection broke while sending ({exc!r})") from exc
+        if scope.cancelled_caught:
+            raise httpx.WriteTimeout(
+                f"the request was not written within {self.write_timeout_s:g}s"
+            )
+        return True
+
+    async def _receive_head(self, conn: _Conn) -> Response:
+        h = conn.h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1: {exc}") from exc
+            if event is h11.NEED_DATA:
+                await _fill(conn)
+                continue
+            if type(event) is h11.Response:
+                return Response(self, conn, event)
+            if type(event) is h11.InformationalResponse:
+                continue
+            raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} before a response")
+
+    def _finished(self, conn: _Conn, reusable: bool) -> bool:
+        """Put a connection whose exchange completed back; False when it must be closed."""
+        if not reusable or self._closed:
+            return False
+        h = conn.h11
+        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return False
+        try:
+            h.start_next_cycle()
+        except h11.LocalProtocolError:
+            return False
+        conn.idle_since = anyio.current_time()
+        self._idle.append(conn)
+        return True
+
+
+async def _fill(conn: _Conn) -> None:
+    """One read from the socket into the connection's parser (EOF included)."""
+    try:
+        data = await conn.stream.receive(READ_BYTES)
+    except anyio.EndOfStream:
+        data = b""
+    except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+        raise httpx.ReadError(f"the connection broke while reading ({exc!r})") from exc
+    if not data and conn.h11.their_state is h11.SEND_RESPONSE:
+        raise httpx.RemoteProtocolError("the server closed the connection without a response")
+    conn.h11.receive_data(data)
+
+
+class _Decoder:
+    """``gzip`` / ``deflate`` content decoding, lazily, at most :data:`PIECE_BYTES` at a time:
+    compressed input is held until its output has been taken, so memory stays bounded by the
+    read size plus one piece however much the body expands."""
+
+    __slots__ = ("_head", "_tail", "_z", "encoding")
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._z: Any = zlib.decompressobj(zlib.MAX_WBITS | 16) if encoding == "gzip" else None
+        self._head = b""  # deflate: the first bytes, until the format is known
+        self._tail = b""
+
+    @property
+    def pending(self) -> bool:
+        """Whether input is waiting to be decompressed."""
+        return bool(self._tail)
+
+    def feed(self, data: bytes) -> None:
+        """Take the next compressed bytes (only once :attr:`pending` is false)."""
+        if self._z is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return
+            self._head = b""
+            # RFC 9110 says zlib-wrapped; some servers send raw deflate: the zlib header tells
+            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._z = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        self._tail = data
+
+    def piece(self) -> bytes:
+        """The next piece of output (possibly empty while input is consumed)."""
+        try:
+            out: bytes = self._z.decompress(self._tail, PIECE_BYTES)
+        except zlib.error as exc:
+            raise httpx.DecodingError(
+                f"the {self.encoding} body does not decompress: {exc}"
+            ) from exc
+        self._tail = self._z.unconsumed_tail
+        return out
+
+    def flush(self) -> bytes:
+        """What the decompressor still holds once the body ended."""
+        if self._z is None:
+            return b""
+        try:
+            out: bytes = self._z.flush()
+        except zlib.error as exc:
+            raise httpx.DecodingError(
+                f"the {self.encoding} body does not decompress: {exc}"
+            ) from exc
+        return out
+
+
+class Response:
+    """An HTTP response whose head has arrived; read its body, then :meth:`aclose` it.
+
+    Attributes:
+        status_code: the HTTP status.
+        raw_headers: ``(name, value)`` pairs as bytes, names lower-case.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_decoder",
+        "_done",
+        "_headers",
+        "_open",
+        "_pool",
+        "raw_headers",
+        "status_code",
+    )
+
+    def __init__(self, pool: H11Pool, conn: _Conn, head: h11.Response) -> None:
+        self._pool = pool
+        self._conn = conn
+        self.status_code = head.status_code
+        self.raw_headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self._headers: httpx.Headers | None = None
+        self._open = True
+        self._done = False
+        self._decoder: _Decoder | None = None
+        for name, value in self.raw_headers:
+            if name == b"content-encoding":
+                enc = value.decode("latin-1").strip().lower()
+                if enc in ("gzip", "x-gzip"):
+                    self._decoder = _Decoder("gzip")
+                elif enc == "deflate":
+                    self._decoder = _Decoder("deflate")
+                elif enc not in ("", "identity"):
+                    raise httpx.DecodingError(f"unsupported content-encoding {enc!r}")
+
+    @property
+    def headers(self) -> httpx.Headers:
+        """The response headers (case-insensitive)."""
+        if self._headers is None:
+            self._headers = httpx.Headers(self.raw_headers)
+        return self._headers
+
+    def aiter_bytes(self) -> _Body:
+        """The body, decoded, in pieces (each read coalesces what the socket had)."""
+        return _Body(self)
+
+    async def _next_raw(self) -> bytes:
+        """The body bytes the connection has (at least one read's worth), b"" at the end."""
+        if self._done or not self._open:
+            return b""
+        conn = self._conn
+        h = conn.h11
+        parts: list[bytes] = []
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1: {exc}") from exc
+            t = type(event)
+            if t is h11.Data:
+                parts.append(event.data)  # type: ignore[union-attr]
+                continue
+            if t is h11.EndOfMessage:
+                self._done = True
+                break
+            if event is h11.NEED_DATA:
+                if parts:
+                    break
+                await _fill(conn)
+                continue
+            if t is h11.ConnectionClosed or event is h11.PAUSED:
+                raise httpx.RemoteProtocolError("the connection ended inside the body")
+            raise httpx.RemoteProtocolError(f"unexpected {t.__name__} inside the body")
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def aclose(self) -> None:
+        """Give the connection back (body read to the end) or close it (anything else)."""
+        if not self._open:
+            return
+        self._open = False
+        pool = self._pool
+        try:
+            if not pool._finished(self._conn, self._done):
+                await pool._discard(self._conn)
+        finally:
+            pool._slots.release()
+
+    async def __aenter__(self) -> Response:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Body:
+    """The async iterator of a response body (``aclose`` closes the response)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        r = self._response
+        while True:
+            decoder = r._decoder
+            if decoder is not None and decoder.pending:
+                piece = decoder.piece()
+                if piece:
+                    return piece
+                continue
+            raw = await r._next_raw()
+            if decoder is None:
+                if raw:
+                    return raw
+                raise StopAsyncIteration
+            if not raw:
+                r._decoder = None
+                tail = decoder.flush()
+                if tail:
+                    return tail
+                raise StopAsyncIteration
+            decoder.feed(raw)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
