@@ -28,6 +28,7 @@ OURS = (
     "scale_out",
     "schema",
     "http_client",
+    "store_writes",
 )
 
 
