@@ -43,7 +43,11 @@ SUBSYSTEMS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "storage and its thread hand-off",
         ("exai/storage/", "exai/server/services.py", "trio/_threads.py", "anyio/to_thread.py"),
     ),
-    ("httpx / httpcore / h11", ("httpx/", "httpcore/", "h11/")),
+    # the HTTP client: httpx's stack before issue 18, exai's own h11 pool after it
+    (
+        "httpx / httpcore / h11",
+        ("httpx/", "httpcore/", "h11/", "exai/providers/transport.py"),
+    ),
     ("provider layer (router, breaker, SSE)", ("exai/providers/", "exai/resilience/")),
     (
         "WebSocket / session",

@@ -545,3 +545,54 @@ async def test_a_header_that_would_split_the_request_is_refused_before_anything_
             await pool.request("GET", "models", [(b"x-evil", b"a\r\nX-Injected: 1")])
         _idle_and_free(pool, connections=0)
         assert mock.request_count == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",  # not HTTP at all
+        response(b"{}", "Content-Length: 2", "Transfer-Encoding: chunked"),  # both framings
+        response(b"zz\r\n{}\r\n0\r\n\r\n", "Transfer-Encoding: chunked"),  # a bad chunk size
+        response(b"{}", "Content-Length: 2", "Content-Length: 3"),  # two lengths
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}",  # ends before its length
+    ],
+    ids=["not-http", "length-and-chunked", "bad-chunk", "two-lengths", "short-body"],
+)
+async def test_a_response_that_breaks_http_is_a_protocol_error_and_its_connection_is_closed(raw):
+    async def broken(stream: anyio.abc.SocketStream) -> None:
+        buf = bytearray()
+        if await read_request(stream, buf) is not None:
+            await stream.send(raw)
+
+    async with raw_server(broken) as url:
+        settings = provider_settings("a", url + "/v1", None, ("m",))
+        async with OpenAIClient(settings) as client:
+            with pytest.raises(UpstreamRetryableError) as err:
+                await client.list_models()
+            assert err.value.extra["transport"] == "RemoteProtocolError"
+            stats = client.pool_statistics()
+            assert stats is not None and (stats.in_use, stats.connections) == (0, 0)
+
+
+async def test_an_informational_response_before_the_answer_is_skipped():
+    async def continue_first(stream: anyio.abc.SocketStream) -> None:
+        buf = bytearray()
+        while await read_request(stream, buf) is not None:
+            await stream.send(
+                b"HTTP/1.1 100 Continue\r\n\r\n" + response(BODY, f"Content-Length: {len(BODY)}")
+            )
+
+    async with raw_server(continue_first) as url, _pool(url) as pool:
+        assert await _body(pool) == BODY
+        assert await _body(pool) == BODY
+        _idle_and_free(pool, connections=1)
+
+
+async def test_a_port_nobody_listens_on_is_a_connect_error_and_leaves_nothing_held():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        async with _pool(f"http://127.0.0.1:{port}") as pool:
+            with pytest.raises(httpx.ConnectError):
+                await pool.request("GET", "models", [])
+            _idle_and_free(pool, connections=0)
