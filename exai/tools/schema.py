@@ -20,7 +20,8 @@ loop:
 
 * before the schema is looked at, one pass over the value refuses nesting deeper than
   :data:`MAX_VALUE_DEPTH`, a string that is not valid Unicode (a lone surrogate such as
-  ``"\\ud800"``: it could not be sent on as UTF-8) and a number that is not finite;
+  ``"\\ud800"``: it could not be sent on as UTF-8), a number that is not finite and an integer
+  of more than :data:`MAX_INTEGER_BITS` bits (Python would not even print it);
 * caps first: an array over its ``maxItems`` (a string over its ``maxLength``) is refused by the
   cap before any item is validated (any pattern run), so a client cannot make the check walk
   half a million file paths a schema allows a hundred of;
@@ -32,7 +33,8 @@ loop:
   ``int``; booleans are never numbers;
 * ``anyOf``/``oneOf``: when exactly one branch admits the value's type, its complaint is the one
   reported (``anyOf [string with a pattern, null]`` given a bad string talks about the pattern);
-* only local ``$ref`` (``#…``): a schema never makes the daemon fetch anything.
+* only local ``$ref`` (``#…``): a schema never makes the daemon fetch anything, and a schema
+  whose references go round without reaching a schema is refused at registration.
 
 The keywords exai implements for this, and the validator class, are in
 :mod:`exai.tools.schema_keywords`; this module checks schemas and values.
@@ -61,6 +63,7 @@ from exai.tools.schema_keywords import (
 )
 
 __all__ = [
+    "MAX_INTEGER_BITS",
     "MAX_SCHEMA_DEPTH",
     "MAX_VALUE_DEPTH",
     "SchemaError",
@@ -70,6 +73,8 @@ __all__ = [
 ]
 
 MAX_VALUE_DEPTH: Final = 32
+#: Largest integer accepted in a value, in bits (about 3,900 decimal digits).
+MAX_INTEGER_BITS: Final = 13_000
 #: Deepest nesting of subschemas accepted by :func:`check_schema`.
 MAX_SCHEMA_DEPTH: Final = 16
 #: Compiled validators kept (tool schemas are few; ad-hoc schemas come and go).
@@ -152,6 +157,13 @@ def _check_value(value: Any, path: str) -> None:
         elif isinstance(node, float):
             if not math.isfinite(node):
                 raise InvalidParams(f"{where}: must be a finite number", field=where)
+        elif isinstance(node, int) and not isinstance(node, bool):
+            if abs(node).bit_length() > MAX_INTEGER_BITS:
+                # Python will not even print it (4,300 digits), and no tool needs one
+                raise InvalidParams(
+                    f"{where}: is a very large integer (more than {MAX_INTEGER_BITS} bits)",
+                    field=where,
+                )
         elif isinstance(node, dict):
             for key, child in node.items():
                 stack.append((child, depth + 1, child_path(where, str(key))))
@@ -191,7 +203,15 @@ def validate(schema: dict[str, Any], value: Any, *, path: str = "arguments") -> 
             value (for a missing required field, the path it should have had).
     """
     _check_value(value, path)
-    error = next(compiled(schema).iter_errors(value), None)
+    try:
+        error = next(compiled(schema).iter_errors(value), None)
+    except RecursionError:
+        # a schema whose references go round without reaching a schema for this value (the
+        # pure cycles are refused at registration): the tool's fault, answered, not a crash
+        raise InvalidParams(
+            f"{path}: cannot be checked: the tool's schema refers to itself without end",
+            field=path,
+        ) from None
     if error is None:
         return
     where = path
@@ -238,6 +258,7 @@ def check_schema(schema: Any) -> None:
         )
         raise SchemaError(f"{where}: {_schema_complaint(exc)}") from None
     _check_refs(schema)
+    _check_terminates(schema)
     if key is not None:
         _CHECKED[key] = None
         if len(_CHECKED) > _CACHE_MAX:
@@ -349,6 +370,25 @@ def _check_kinds(schema: dict[str, Any], where: str) -> None:
     for key in _SCHEMA_LISTS:
         if key in schema and not (isinstance(schema[key], list) and schema[key]):
             raise _bad(where, f"{key!r} must be a non-empty array of schemas")
+
+
+#: values every schema is tried on at registration (a ``$ref`` cycle that reaches no schema
+#: recurses on any of them)
+_PROBES: Final = (None, True, 0, 0.5, "", [], {})
+
+
+def _check_terminates(schema: Any) -> None:
+    """Refuse a schema whose ``$ref`` chain never reaches a schema (``a`` → ``a``): jsonschema
+    would recurse until Python gives up, on every call."""
+    validator = ToolArgumentsValidator(schema)
+    for probe in _PROBES:
+        try:
+            next(validator.iter_errors(probe), None)
+        except RecursionError:
+            raise SchemaError(
+                "schema: it refers to itself without end (a '$ref' cycle that never reaches a "
+                "schema)"
+            ) from None
 
 
 def _check_refs(schema: Any) -> None:

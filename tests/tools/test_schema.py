@@ -374,3 +374,32 @@ def test_a_string_over_its_cap_is_refused_by_the_cap_before_the_pattern_runs() -
     schema = {"type": "string", "pattern": "^(a|aa)+$", "maxLength": 10}
     with pytest.raises(InvalidParams, match="must be at most 10 characters long"):
         validate(schema, "a" * 100_000 + "b")  # the pattern would backtrack for ages
+
+
+# ------------------------------------------------------------------ found attacking this check
+
+
+def test_a_schema_whose_ref_never_reaches_a_schema_is_refused_at_registration() -> None:
+    with pytest.raises(SchemaError, match="refers to itself"):
+        check_schema({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})
+
+
+def test_a_recursive_schema_over_a_finite_value_is_fine() -> None:
+    tree = {
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+            }
+        },
+        "$ref": "#/$defs/node",
+    }
+    check_schema(tree)
+    validate(tree, {"children": [{"children": []}, {}]})
+
+
+def test_an_integer_too_long_to_print_is_refused_before_any_keyword_prints_it() -> None:
+    schema = {"type": "object", "properties": {"n": {"not": {"type": "integer"}}}}
+    with pytest.raises(InvalidParams, match="a very large integer") as caught:
+        validate(schema, {"n": 10**5000})
+    assert caught.value.field == "arguments.n"
