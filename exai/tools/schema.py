@@ -374,7 +374,7 @@ def _check_kinds(schema: dict[str, Any], where: str) -> None:
 
 #: values every schema is tried on at registration (a ``$ref`` cycle that reaches no schema
 #: recurses on any of them)
-_PROBES: Final = (None, True, 0, 0.5, "", [], {})
+_PROBES: Final[tuple[Any, ...]] = (None, True, 0, 0.5, "", [], {})
 
 
 def _check_terminates(schema: Any) -> None:
