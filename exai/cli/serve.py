@@ -22,7 +22,13 @@ __all__ = ["load_plugins", "provider_lines", "run", "warn_exposed_secret_files"]
 
 
 def _err(msg: str) -> None:
-    print(f"exai: {msg}", file=sys.stderr, flush=True)
+    _say(f"exai: {msg}")
+
+
+def _say(line: str) -> None:
+    # one write per line: the daemon's log writer thread shares stderr
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def load_plugins(registry: Any, settings: Settings, specs: Sequence[str]) -> None:
@@ -97,7 +103,7 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
             if not daemon.tokens.enabled:
                 _err("no client tokens configured: serving loopback clients only, no auth")
             for line in provider_lines(settings):
-                print(line, file=sys.stderr, flush=True)
+                _say(line)
             async for sig in signals:
                 if sig == signal.SIGHUP:
                     if daemon.reloader is not None:

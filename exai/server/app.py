@@ -37,7 +37,7 @@ from exai.server.stalls import stall_detector
 from exai.tools import default_registry
 from exai.tools.base import ToolRegistry
 
-__all__ = ["Daemon", "serve"]
+__all__ = ["Daemon", "say", "serve"]
 
 #: start-up work done in a worker thread (reading the TLS files, checking the tools' schemas)
 _TLS_LIMITER = trio.CapacityLimiter(1)
@@ -171,5 +171,13 @@ async def _drain(
 
 
 def _announce(daemon: Daemon) -> None:
-    print(f"exai: listening on {daemon.url}", file=sys.stderr, flush=True)
-    print(f"exai: admin on {daemon.admin_url}", file=sys.stderr, flush=True)
+    say(f"exai: listening on {daemon.url}")
+    say(f"exai: admin on {daemon.admin_url}")
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in one write: the log writer thread shares stderr, and a line
+    written in two pieces (``print`` writes the text, then the newline) can get a log record
+    between them — "…/mcp{"ts": …" is not the URL a reader of the announcement expects."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -627,3 +627,33 @@ async def test_an_idempotency_key_is_scoped_to_the_client_identity(tmp_path):
             # b's call with a's key runs on its own: it neither joins nor reads a's result
             assert (await Rpc(b).request("tools/call", params))["result"]["isError"] is False
         assert probe.started == 2
+
+
+def test_the_announcement_lines_are_each_written_whole(monkeypatch):
+    """The log writer thread shares stderr: a line written in two pieces can get a record in
+    between ('…/mcp{"ts": …'), and whoever reads the URL off the line gets a wrong one."""
+    import sys
+
+    from exai.server import app
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    class Parts:
+        url = "ws://127.0.0.1:8079/mcp"
+        admin_url = "http://127.0.0.1:8080"
+
+    app._announce(Parts())  # type: ignore[arg-type]
+    assert writes == [
+        "exai: listening on ws://127.0.0.1:8079/mcp\n",
+        "exai: admin on http://127.0.0.1:8080\n",
+    ]
