@@ -129,6 +129,7 @@ def secret_values(settings: Settings) -> list[str]:
         settings.token,
         settings.storage_url,
         settings.redis_url,
+        settings.session_signing_key,
     ]
     secrets.extend(p.api_key for p in settings.providers)
     for secret in secrets:

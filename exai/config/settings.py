@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,31 @@ class Settings:
     tls_ca: str = _field("", "PEM CA bundle the bridge and client trust for wss://")
 
     # --- admission and sessions ----------------------------------------------------------
-    max_connections: int = _field(1024, "open WebSocket connections, in all")
-    max_connections_per_ip: int = _field(256, "open WebSocket connections from one address")
+    max_connections: int = _field(1024, "open connections (WebSocket and HTTP), in all")
+    max_connections_per_ip: int = _field(256, "open connections from one address")
     trusted_proxies: tuple[str, ...] = _field(
         (),
         "addresses or networks of load balancers whose X-Forwarded-For names the client "
         "(per-IP limits, audit); empty = the TCP peer is the client",
         converter=str_tuple,
+    )
+    allowed_origins: tuple[str, ...] = _field(
+        (),
+        "browser Origins served besides the loopback ones: http[s]://host[:port], ':*' for any "
+        "port (others get 403)",
+        converter=str_tuple,
+    )
+    session_signing_key: Secret | None = _field(
+        None,
+        "key signing Streamable HTTP session ids (Mcp-Session-Id), at least 32 characters; "
+        "every daemon of a deployment needs the same (empty = a new key each run)",
+    )
+    http_session_ttl_s: float = _field(
+        86400.0, "how long an Mcp-Session-Id is accepted after its initialize"
+    )
+    http_keepalive_s: float = _field(30.0, "an idle keep-alive HTTP connection is closed after")
+    legacy_protocol: bool = _field(
+        True, "serve the old daemon's op protocol (hello/call_tool) on ws://host:port/"
     )
     handshake_timeout_s: float = _field(5.0, "bound on the HTTP upgrade (slowloris guard)")
     max_frame_bytes: int = _field(4 * 1024 * 1024, "largest accepted WebSocket message")
@@ -272,6 +291,8 @@ def known_env_names() -> list[str]:
 
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+#: an EXAI_ALLOWED_ORIGINS entry: scheme://host[:port|:*] (exai.server.origins reads it)
+_ORIGIN_ENTRY = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]@?#]+)(:(\d{1,5}|\*))?/?$")
 
 
 def is_loopback(host: str) -> bool:
@@ -330,6 +351,20 @@ def _validate(s: Settings) -> None:
         raise ConfigError("EXAI_LOG_FORMAT must be auto, json or text")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError("EXAI_TLS_CERT and EXAI_TLS_KEY must be set together")
+    for name in ("http_session_ttl_s", "http_keepalive_s"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"EXAI_{name.upper()} must be greater than 0")
+    for origin in s.allowed_origins:
+        if not _ORIGIN_ENTRY.match(origin):
+            raise ConfigError(
+                f"EXAI_ALLOWED_ORIGINS: {origin!r} is not an origin (http[s]://host[:port], "
+                "':*' for any port)"
+            )
+    if s.session_signing_key and len(s.session_signing_key.reveal()) < 32:
+        raise ConfigError(
+            "EXAI_SESSION_SIGNING_KEY must be at least 32 characters (`exai token new signing` "
+            "prints a suitable random value)"
+        )
     for proxy in s.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -135,6 +135,13 @@ async def _run(
             if announce:
                 _announce(daemon)
             log_event("daemon.ready", url=daemon.url, admin=admin_url)
+            if not settings.session_signing_key:
+                log_event(
+                    "config.session_key_generated",
+                    note="EXAI_SESSION_SIGNING_KEY is not set: Streamable HTTP session ids are "
+                    "signed with a key made for this run and end with it; daemons behind one "
+                    "balancer must share one key (docs/deploy.md)",
+                )
             task_status.started(daemon)
             await daemon.wait_for_shutdown()
             accept_nursery.cancel_scope.cancel()

@@ -1,21 +1,28 @@
-"""The front door: accept, bound the handshake, decide before the upgrade, hand over a session.
+"""The front door: accept, bound the handshake, read the first request head, pick the door.
 
 Data path of a connection::
 
-    accept (bounded handshakes) → HTTP request read within handshake_timeout_s
-      → the client's address (X-Forwarded-For of a trusted proxy)
-      → 400 malformed upgrade → 503 draining/overloaded → per-IP cap → global cap (503)
-      → per-IP cap of the deployment (Redis, 503)
-      → bearer token (401) → path /mcp (404) → upgrade → serve_session(...)
+    accept (bounded handshakes) → first request head read with h11 within handshake_timeout_s
+      (400/431 when it is not HTTP/1.x) → the client's address (X-Forwarded-For of a trusted
+      proxy) → a WebSocket upgrade?
+        yes: the bytes read are replayed into trio-websocket, then
+             400 malformed upgrade → 403 foreign Origin → 503 draining/overloaded
+             → per-IP cap → global cap (503) → per-IP cap of the deployment (Redis, 503)
+             → path /: the old op protocol's door (its token is in its first message)
+             → bearer token (401) → path /mcp (404) → upgrade → serve_session(...)
+        no:  503 draining/overloaded → per-IP cap → global cap → per-IP cap of the deployment
+             → the Streamable HTTP door (exai.server.httpdoor), which checks each request
+             (path, Origin, token, method, headers, body size) before reading its body
 
 Every refusal is an HTTP status with a JSON body (``{"error": reason, "message": …}``) sent
-before any WebSocket state exists. A connection's failure never takes the daemon down: it is
-counted (``session_error``) and logged, and its admission slot is given back in ``finally``.
+before any WebSocket or JSON-RPC state exists. A connection's failure never takes the daemon
+down: it is counted (``session_error``) and logged, and its admission slot is given back in
+``finally``.
 
 The listener is handed what it decides with — the settings, the connection counts, the token
-table (replaced as a whole on reload: :attr:`Listener.tokens`), the readiness view and the
-counters — and one callback, ``serve_session(conn, ip, identity, stream)``, that runs an
-admitted connection until it ends.
+table (replaced as a whole on reload: :attr:`Listener.tokens`), the readiness view, the allowed
+origins and the counters — one callback, ``serve_session(conn, ip, identity, stream)``, that
+runs an admitted MCP WebSocket until it ends, and the two other doors.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
+import h11
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
@@ -36,16 +45,43 @@ from exai.logs import log_event
 from exai.server.admission import Admission
 from exai.server.auth import Identity, TokenTable
 from exai.server.forwarded import client_address, parse_trusted_proxies
+from exai.server.http11 import (
+    MAX_HEAD_BYTES,
+    Head,
+    header_values,
+    is_websocket_upgrade,
+    json_body,
+    read_head,
+    send_response,
+)
+from exai.server.origins import OriginPolicy
 from exai.server.outbox import ProgressStream
 from exai.server.readiness import Readiness
 from exai.server.shared_limits import SharedLimits
 from exai.server.stats import DaemonStats
 from exai.server.wsconn import accept_request, http_version
 
+if TYPE_CHECKING:
+    from exai.server.httpdoor import HttpDoor
+    from exai.server.legacy import LegacyDoor
+
 __all__ = ["Listener", "SessionRunner", "load_ssl_context"]
 
 #: runs one admitted connection until it ends: (connection, peer address, identity, stream)
 SessionRunner = Callable[[WebSocketConnection, str, Identity, ProgressStream], Awaitable[None]]
+#: a refusal before any protocol state: (status, headers, JSON body)
+_Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
+_JSON_CT = ("Content-Type", "application/json")
+
+
+@attrs.define
+class _Slots:
+    """What one connection holds, given back in ``finally`` by the listener."""
+
+    handshake: bool = True
+    admitted: bool = False
+    shared: bool = False
+
 
 _DISCONNECTS = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
 _connection_ids = itertools.count(1)
@@ -63,6 +99,10 @@ class Listener:
         serve_session: runs an admitted connection until it ends.
         shared_limits: the per-address cap held for the whole deployment (Redis), checked
             after the local one admitted the connection; ``None`` without Redis.
+        http_door: serves a connection whose first request is not a WebSocket upgrade
+            (Streamable HTTP); ``None``: such connections get 404.
+        legacy_door: serves a WebSocket upgrade on ``/`` (the old op protocol); ``None``: 404.
+        origins: the browser origins allowed (default: from ``settings.allowed_origins``).
 
     Behind a balancer in ``EXAI_TRUSTED_PROXIES`` the connection's address is the client's,
     from ``X-Forwarded-For`` (:mod:`exai.server.forwarded`): the caps, the session and the
@@ -79,6 +119,9 @@ class Listener:
         stats: DaemonStats,
         serve_session: SessionRunner,
         shared_limits: SharedLimits | None = None,
+        http_door: HttpDoor | None = None,
+        legacy_door: LegacyDoor | None = None,
+        origins: OriginPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission
@@ -87,6 +130,9 @@ class Listener:
         self.stats = stats
         self.serve_session = serve_session
         self.shared_limits = shared_limits
+        self.http_door = http_door
+        self.legacy_door = legacy_door
+        self.origins = origins or OriginPolicy.from_entries(settings.allowed_origins)
         self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
         self._handshakes = trio.Semaphore(max(64, min(1024, settings.max_connections)))
 
@@ -114,47 +160,43 @@ class Listener:
         ip = _peer_ip(raw_stream)
         # the writer's deadline follows the bytes actually written (see exai.server.outbox)
         stream = ProgressStream(raw_stream)
-        handshake_held = True
-        admitted = False
-        shared_slot = False
+        slots = _Slots()
         conn_id = f"c{next(_connection_ids)}"
         try:
-            async with trio.open_nursery() as nursery:
-                request: WebSocketRequest | None = None
-                with trio.move_on_after(self.settings.handshake_timeout_s):
-                    request = await accept_request(
-                        nursery, stream, max_message_size=self.settings.max_frame_bytes
-                    )
-                self._handshakes.release()
-                handshake_held = False
-                if request is None:
-                    self.stats.rejections["handshake_timeout"] += 1
-                    nursery.cancel_scope.cancel()
-                    return
-                # behind a trusted balancer, the client is who X-Forwarded-For names
-                ip = client_address(ip, _headers(request, b"x-forwarded-for"), self.trusted_proxies)
-                refusal = self._admit(request, ip)
-                if refusal is None:
-                    admitted = True
-                    refusal = await self._admit_shared(ip, conn_id)
-                    shared_slot = refusal is None and self.shared_limits is not None
-                if refusal is not None:
-                    status, headers, body = refusal
-                    with trio.move_on_after(self.settings.handshake_timeout_s):
-                        await request.reject(status, extra_headers=headers, body=body)
-                    nursery.cancel_scope.cancel()
-                    return
-                identity = self.tokens.authenticate(_header(request, b"authorization"))
-                assert identity is not None  # checked in _admit
-                subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
-                conn = await request.accept(subprotocol=subprotocol)
+            http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            head: Head | None = None
+            timed_out = True
+            with trio.move_on_after(self.settings.handshake_timeout_s):
                 try:
-                    await self.serve_session(conn, ip, identity, stream)
-                finally:
-                    with trio.move_on_after(1.0) as closing:
-                        closing.shield = True
-                        await conn.aclose()
-                    nursery.cancel_scope.cancel()
+                    head = await read_head(stream, http)
+                except h11.RemoteProtocolError as exc:
+                    self._release_handshake(slots)
+                    self.stats.rejections["bad_request"] += 1
+                    await send_response(
+                        stream,
+                        http,
+                        exc.error_status_hint,
+                        [_JSON_CT],
+                        json_body("bad_request", f"malformed HTTP request: {exc}"),
+                        close=True,
+                    )
+                    return
+                timed_out = False
+            self._release_handshake(slots)
+            if head is None:
+                if timed_out:
+                    self.stats.rejections["handshake_timeout"] += 1
+                return  # (the peer closed before a request)
+            request = head.request
+            # behind a trusted balancer, the client is who X-Forwarded-For names
+            ip = client_address(
+                ip, header_values(request, b"x-forwarded-for"), self.trusted_proxies
+            )
+            if is_websocket_upgrade(request):
+                stream.unread(head.raw)
+                await self._websocket(stream, ip, conn_id, slots)
+            else:
+                await self._http(stream, head, ip, conn_id, slots)
         except _DISCONNECTS:
             pass
         except Exception as exc:  # one connection's failure never takes the daemon down
@@ -169,17 +211,99 @@ class Listener:
                     error=str(unwrapped)[:200],
                 )
         finally:
-            if handshake_held:
-                self._handshakes.release()
-            if admitted:
+            self._release_handshake(slots)
+            if slots.admitted:
                 self.admission.release(ip)
-            if shared_slot and self.shared_limits is not None:
+            if slots.shared and self.shared_limits is not None:
                 self.shared_limits.release_connection(ip, conn_id)
             await trio.aclose_forcefully(stream)
 
-    async def _admit_shared(
-        self, ip: str, conn_id: str
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    def _release_handshake(self, slots: _Slots) -> None:
+        if slots.handshake:
+            slots.handshake = False
+            self._handshakes.release()
+
+    async def _http(
+        self, stream: ProgressStream, head: Head, ip: str, conn_id: str, slots: _Slots
+    ) -> None:
+        """A connection for the Streamable HTTP door: admitted here (readiness, the caps, the
+        deployment's per-IP cap), then served request by request by the door."""
+        refusal = self._admit_connection(ip)
+        if refusal is None:
+            slots.admitted = True
+            refusal = await self._admit_shared(ip, conn_id)
+            slots.shared = refusal is None and self.shared_limits is not None
+        if refusal is None and self.http_door is None:
+            refusal = (
+                404,
+                [(b"Content-Type", b"application/json")],
+                _body("not_found", "the MCP endpoint is ws://…/mcp"),
+            )
+        if refusal is not None:
+            status, headers, body = refusal
+            with trio.move_on_after(self.settings.handshake_timeout_s):
+                await send_response(
+                    stream,
+                    head.conn,
+                    status,
+                    [(k.decode(), v.decode()) for k, v in headers],
+                    body,
+                    close=True,
+                )
+            return
+        assert self.http_door is not None
+        await self.http_door.serve(stream, head.conn, head.request, ip)
+
+    async def _websocket(
+        self, stream: ProgressStream, ip: str, conn_id: str, slots: _Slots
+    ) -> None:
+        """A WebSocket upgrade: decided before any WebSocket state exists, then the MCP door
+        (``/mcp``) or the old op protocol's (``/``)."""
+        async with trio.open_nursery() as nursery:
+            request: WebSocketRequest | None = None
+            with trio.move_on_after(self.settings.handshake_timeout_s):
+                request = await accept_request(
+                    nursery, stream, max_message_size=self.settings.max_frame_bytes
+                )
+            if request is None:
+                self.stats.rejections["handshake_timeout"] += 1
+                nursery.cancel_scope.cancel()
+                return
+            refusal, door = self._admit(request, ip)
+            if refusal is None:
+                slots.admitted = True
+                refusal = await self._admit_shared(ip, conn_id)
+                slots.shared = refusal is None and self.shared_limits is not None
+            if refusal is not None:
+                status, headers, body = refusal
+                with trio.move_on_after(self.settings.handshake_timeout_s):
+                    await request.reject(status, extra_headers=headers, body=body)
+                nursery.cancel_scope.cancel()
+                return
+            if door == "legacy":
+                conn = await request.accept()
+                try:
+                    assert self.legacy_door is not None
+                    await self.legacy_door.serve(conn, ip, stream)
+                finally:
+                    with trio.move_on_after(1.0) as closing:
+                        closing.shield = True
+                        await conn.aclose()
+                    nursery.cancel_scope.cancel()
+                return
+            identity = self.tokens.authenticate(_header(request, b"authorization"))
+            assert identity is not None  # checked in _admit
+            subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
+            conn = await request.accept(subprotocol=subprotocol)
+            try:
+                await self.serve_session(conn, ip, identity, stream)
+            finally:
+                with trio.move_on_after(1.0) as closing:
+                    closing.shield = True
+                    await conn.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def _admit_shared(self, ip: str, conn_id: str) -> _Refusal | None:
         """The deployment-wide connection cap of ``ip`` (Redis), after the local one admitted
         the connection. Returns (status, headers, body) to refuse, or None."""
         if self.shared_limits is None:
@@ -203,16 +327,10 @@ class Listener:
             ),
         )
 
-    def _admit(
-        self, request: WebSocketRequest, ip: str
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """Decide before the upgrade. Returns (status, headers, body) to refuse, or None after
+    def _admit_connection(self, ip: str) -> _Refusal | None:
+        """Readiness and the connection caps: (status, headers, body) to refuse, or None after
         taking an admission slot (the caller releases it)."""
         json_ct = (b"Content-Type", b"application/json")
-        malformed = _malformed_upgrade(request)
-        if malformed is not None:
-            self.stats.rejections["bad_request"] += 1
-            return 400, [json_ct], _body("bad_request", malformed)
         draining = self.readiness.draining
         if draining or self.readiness.overloaded_reason is not None:
             reason = "draining" if draining else "overloaded"
@@ -230,20 +348,49 @@ class Listener:
                 [json_ct, (b"Retry-After", b"1")],
                 _body(refused, f"connection limit reached ({refused}={limit}); retry later"),
             )
+        return None
+
+    def _admit(self, request: WebSocketRequest, ip: str) -> tuple[_Refusal | None, str]:
+        """Decide before the upgrade: (status, headers, body) to refuse, or None after taking
+        an admission slot (the caller releases it); and the door (``"mcp"``, ``"legacy"``)."""
+        json_ct = (b"Content-Type", b"application/json")
+        malformed = _malformed_upgrade(request)
+        if malformed is not None:
+            self.stats.rejections["bad_request"] += 1
+            return (400, [json_ct], _body("bad_request", malformed)), ""
+        origins = _headers(request, b"origin")
+        if len(origins) > 1 or not self.origins.allows(origins[0] if origins else None):
+            self.stats.rejections["forbidden_origin"] += 1
+            return (
+                403,
+                [json_ct],
+                _body(
+                    "forbidden_origin",
+                    "upgrades from this browser origin are not accepted; allow it with "
+                    "EXAI_ALLOWED_ORIGINS",
+                ),
+            ), ""
+        refusal = self._admit_connection(ip)
+        if refusal is not None:
+            return refusal, ""
         ok = False
         try:
+            path = request.path.split("?", 1)[0]
+            if path in ("/", "") and self.legacy_door is not None:
+                ok = True  # the old op protocol authenticates in its first message
+                return None, "legacy"
             if self.tokens.authenticate(_header(request, b"authorization")) is None:
                 self.stats.rejections["unauthorized"] += 1
                 return (
                     401,
                     [json_ct, (b"WWW-Authenticate", b'Bearer realm="exai"')],
                     _body("unauthorized", "missing or invalid bearer token"),
-                )
-            if request.path.split("?", 1)[0] != "/mcp":
+                ), ""
+            if path != "/mcp":
                 self.stats.rejections["not_found"] += 1
-                return 404, [json_ct], _body("not_found", "the MCP endpoint is /mcp")
+                return (404, [json_ct], _body("not_found", "the MCP endpoint is /mcp")), ""
             ok = True
-            return None
+            return None, "mcp"
         finally:
             if not ok:
                 self.admission.release(ip)

@@ -128,12 +128,19 @@ class Outbox:
 class ProgressStream(trio.abc.HalfCloseableStream):
     """A stream that writes in :data:`CHUNK_BYTES` chunks and calls ``on_progress`` after each.
 
-    Everything else is passed to the wrapped stream unchanged.
+    Reads return what was given back with :meth:`unread` first; everything else is passed to
+    the wrapped stream unchanged.
     """
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.on_progress: Callable[[], None] | None = None
+        self._unread = b""
+
+    def unread(self, data: bytes) -> None:
+        """Give ``data`` back: the next reads return it before anything from the stream (the
+        listener read a request head before it knew which door it was for)."""
+        self._unread = data + self._unread
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -148,6 +155,11 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._unread:
+            n = len(self._unread) if max_bytes is None else max_bytes
+            data, self._unread = self._unread[:n], self._unread[n:]
+            await trio.lowlevel.checkpoint()
+            return data
         return await self.inner.receive_some(max_bytes)
 
     async def send_eof(self) -> None:

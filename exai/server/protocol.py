@@ -119,11 +119,13 @@ from exai.errors import ExaiError, InvalidParams, InvalidRequest, UnsupportedPro
 from exai.server.idscan import recover_id
 
 __all__ = [
+    "ARGUMENT_ERRORS_AS_RESULTS_SINCE",
     "CLIENT_CAPABILITIES_META_KEY",
     "CLIENT_INFO_META_KEY",
     "DEFAULT_MAX_ELEMENTS",
     "ELEMENT_COST_BYTES",
     "HANDSHAKE_VERSIONS",
+    "HEADER_MISMATCH",
     "IDEMPOTENCY_KEY_META_KEY",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
@@ -143,8 +145,10 @@ __all__ = [
     "Peeked",
     "Request",
     "Response",
+    "argument_error_result",
     "call_digest",
     "decode",
+    "decode_value",
     "discover_result",
     "encode",
     "encode_reply",
@@ -180,6 +184,9 @@ METHOD_NOT_FOUND: Final = -32601
 INVALID_PARAMS: Final = -32602
 INTERNAL_ERROR: Final = -32603
 UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
+#: 2026-07-28 over HTTP: a routing header (``MCP-Protocol-Version``, ``Mcp-Method``, ``Mcp-Name``)
+#: that says something else than the request's body
+HEADER_MISMATCH: Final = -32020
 
 PROTOCOL_VERSION_META_KEY: Final = "io.modelcontextprotocol/protocolVersion"
 CLIENT_INFO_META_KEY: Final = "io.modelcontextprotocol/clientInfo"
@@ -467,6 +474,18 @@ def _load(text: str | bytes, max_depth: int, max_elements: int) -> tuple[Any, in
         return _load_stdlib(text, max_depth), cost
 
 
+def decode_value(
+    text: str | bytes, *, max_depth: int = 64, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> tuple[Any, int] | DecodeError:
+    """Any JSON value with the limits and the strictness of :func:`decode` (for a door whose
+    messages are not JSON-RPC): the value and what it may cost in memory (bytes, an upper
+    bound), or the :class:`DecodeError` to answer (never raises)."""
+    try:
+        return _load(text, max_depth, max_elements)
+    except _Refused as exc:
+        return DecodeError(None, exc.code, exc.message, exc.data)
+
+
 def _id_problem(raw: Any, max_id_bytes: int) -> str | None:
     """Why ``raw`` (present) is not a usable request id, or ``None`` when it is."""
     if isinstance(raw, bool) or not isinstance(raw, str | int):
@@ -751,6 +770,42 @@ def call_digest(method: str, params: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # MCP
+
+
+#: From this version on, a tool's argument errors are a tool result with ``isError: true`` (the
+#: model can read and correct them); before it, a JSON-RPC error -32602.
+ARGUMENT_ERRORS_AS_RESULTS_SINCE: Final = "2025-11-25"
+
+
+def argument_error_result(error: dict[str, Any], negotiated: str | None) -> dict[str, Any] | None:
+    """The ``tools/call`` result that carries a tool's argument error, or ``None`` to answer it
+    as the JSON-RPC error it is.
+
+    From 2025-11-25 on (:data:`ARGUMENT_ERRORS_AS_RESULTS_SINCE`, 2026-07-28 included) the spec
+    asks that input validation errors be tool results with ``isError: true``; earlier versions,
+    and a client that never negotiated one (it skipped ``initialize``), get -32602. An argument
+    error is a -32602 about the call's arguments — not an unknown tool (``data.field ==
+    "name"``) nor a bad ``_meta`` envelope, which stay protocol errors in every version. The
+    result's text is the error's message; ``structuredContent.error`` keeps the whole error
+    (``code``, ``message``, ``data`` with ``reason`` and ``field``), so a client can still tell
+    what was refused.
+
+    Versions are ``YYYY-MM-DD`` strings, so they compare in time order as strings.
+    """
+    if negotiated is None or negotiated < ARGUMENT_ERRORS_AS_RESULTS_SINCE:
+        return None
+    if error.get("code") != INVALID_PARAMS:
+        return None
+    data = error.get("data")
+    field = data.get("field") if isinstance(data, dict) else None
+    if isinstance(field, str) and (field == "name" or field.startswith("_meta")):
+        return None
+    message = error.get("message")
+    return {
+        "content": [{"type": "text", "text": message if isinstance(message, str) else ""}],
+        "isError": True,
+        "structuredContent": {"error": error},
+    }
 
 
 def negotiate_version(requested: str | None) -> str:

@@ -44,7 +44,11 @@ from exai.server.audit import AuditLog
 from exai.server.auth import TokenTable, parse_tokens
 from exai.server.budget import MemoryBudget
 from exai.server.calls import CallRegistry, CallRunner, Changes
+from exai.server.core import SessionShared
+from exai.server.httpdoor import HttpDoor
+from exai.server.legacy import LegacyDoor
 from exai.server.listener import Listener
+from exai.server.mcp_sessions import Revocations, SessionSigner
 from exai.server.metrics import (
     DaemonMetrics,
     call_metrics,
@@ -54,10 +58,10 @@ from exai.server.metrics import (
     pressure_metrics,
     service_metrics,
 )
+from exai.server.origins import OriginPolicy
 from exai.server.overload import OverloadManager
 from exai.server.readiness import Readiness
 from exai.server.reload import REVOKED_CLOSE_CODE, Reloader
-from exai.server.session import SessionShared
 from exai.server.sessions import SessionTable
 from exai.server.shared_calls import SharedCalls
 from exai.server.shared_limits import SharedLimits
@@ -168,6 +172,10 @@ class Daemon:
         #: across daemons (Redis): exactly-once claims, per-identity and per-IP limits
         self.shared_calls: SharedCalls | None = None
         self.shared_limits: SharedLimits | None = None
+        #: the Streamable HTTP door, its session-id signer and the sessions ended by DELETE
+        self.http_door: HttpDoor
+        self.signer: SessionSigner
+        self.revocations: Revocations
         self._shutdown = trio.Event()
         # set by compose()
         self.memory: OverloadManager
@@ -290,6 +298,15 @@ class Daemon:
         }
 
 
+def _signer(settings: Settings) -> SessionSigner:
+    """The session-id signer of ``EXAI_SESSION_SIGNING_KEY``, or of a key made for this run."""
+    if settings.session_signing_key:
+        key = settings.session_signing_key.reveal().encode()
+    else:
+        key = secrets.token_bytes(32)  # (exai.server.app logs that it was made for this run)
+    return SessionSigner(key, settings.http_session_ttl_s)
+
+
 def compose(
     settings: Settings,
     registry: ToolRegistry,
@@ -373,6 +390,26 @@ def compose(
     )
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
+    d.signer = _signer(settings)
+    d.revocations = Revocations(redis, key_prefix=settings.redis_key_prefix)
+    origins = OriginPolicy.from_entries(settings.allowed_origins)
+    d.http_door = HttpDoor(
+        shared,
+        settings=lambda: d.settings,
+        tokens=lambda: d.listener.tokens,
+        sessions=d.sessions,
+        signer=lambda: d.signer,
+        revocations=d.revocations,
+        origins=lambda: origins,
+    )
+    legacy = None
+    if settings.legacy_protocol:
+        legacy = LegacyDoor(
+            shared,
+            settings=lambda: d.settings,
+            tokens=lambda: d.listener.tokens,
+            sessions=d.sessions,
+        )
     d.listener = Listener(
         settings,
         admission=d.admission,
@@ -381,13 +418,22 @@ def compose(
         stats=d.stats,
         serve_session=d.sessions.serve,
         shared_limits=d.shared_limits,
+        http_door=d.http_door,
+        legacy_door=legacy,
+        origins=origins,
     )
 
     if reload is not None:
 
         def apply(new: Settings, new_tokens: TokenTable) -> int:
+            old_key = d.settings.session_signing_key
             d.settings = new
             d.listener.tokens = new_tokens
+            if new.session_signing_key and (
+                old_key is None or new.session_signing_key.reveal() != old_key.reveal()
+            ):
+                # a rotated key: sessions signed with the old one are unknown from now on
+                d.signer = _signer(new)
             for svc in others:
                 update = getattr(svc, "update_settings", None)
                 if update is not None:

@@ -1,29 +1,17 @@
-"""One MCP session: a WebSocket connection after the upgrade.
+"""The WebSocket door: one MCP session per WebSocket connection, over the session core.
 
-The session owns a nursery with a reader (this task), a writer and one responder task per
-admitted ``tools/call``.
-
-Admission (nothing is started for a request before it):
-    a frame first pays the message token bucket (one message per started 256 KiB), before it
-    is decoded; then :func:`exai.server.protocol.decode` checks its nesting and element count at
-    C speed before building any object. A ``tools/call`` is then admitted only if its session's
-    :class:`~exai.server.budget.Ledger` (``session_max_pending`` requests and
-    ``session_max_pending_bytes`` bytes not yet answered) and the daemon's
-    :class:`~exai.server.budget.MemoryBudget` have room; otherwise it is refused at once with
-    ``data.reason = "overloaded"``. Only then is its responder task started.
-
-Slots:
-    an admitted call takes one of the connection's ``session_max_inflight`` slots; when all are
-    busy it waits in a FIFO of at most ``session_queue_max`` calls, each until its own deadline
-    (``call_timeout_s`` from admission); beyond the FIFO it is refused with "overloaded". The
-    identity and daemon-wide slots are then waited for at most ``slot_wait_s``.
+Everything that turns messages into executions — admission, slots, deadlines, exactly-once,
+progress, cancellation, audit — is the :class:`~exai.server.core.SessionCore`'s. This module
+only moves frames: a reader (this task) hands each text frame to the core, a writer sends what
+the core queued, and the connection is closed when the peer goes, the core asks for it, or the
+daemon drains.
 
 Writing:
-    answers and notifications wait in a bounded :class:`~exai.server.outbox.Outbox` (count and
-    bytes); an answer waits for room (back-pressure on the slow client's own calls), progress is
-    dropped and counted when there is none. A writer that makes no progress for
-    ``send_timeout_s`` closes the connection with 1008 and everything the session held is freed.
-    A message that cannot be encoded becomes a JSON-RPC error carrying its id.
+    answers and notifications wait in the core's bounded
+    :class:`~exai.server.outbox.Outbox` (count and bytes); an answer waits for room (back-pressure
+    on the slow client's own calls), progress is dropped and counted when there is none. A writer
+    that makes no progress for ``send_timeout_s`` closes the connection with 1008 and everything
+    the session held is freed.
 
 Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
@@ -35,86 +23,22 @@ Error handling:
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from exai import errors
 from exai.config import Settings
 from exai.logs import log_event
-from exai.resilience import TokenBucket
-from exai.server import protocol as p
-from exai.server.admission import CallSlots
-from exai.server.audit import AuditLog
 from exai.server.auth import Identity
-from exai.server.budget import InboundMeter, Ledger, MemoryBudget
-from exai.server.calls import CallRegistry, CallRunner, Changes, Execution, Slot, Watcher
-from exai.server.outbox import Outbox, ProgressStream
-from exai.server.readiness import Readiness
-from exai.server.shared_limits import SharedLimits
-from exai.server.stats import DaemonStats
+from exai.server.budget import InboundMeter
+from exai.server.core import SessionCore, SessionShared
+from exai.server.outbox import ProgressStream
 from exai.server.wsconn import ServerConnection
-from exai.tools.base import ToolContext, ToolRegistry
-from exai.tools.schema import validate
 
 __all__ = ["Session", "SessionShared"]
-
-_session_ids = itertools.count(1)
-
-#: outgoing messages queued per session at most (bytes are bounded by the pending budget)
-SEND_QUEUE = 256
-#: a frame costs one token of the message bucket per started this many bytes
-BYTES_PER_MESSAGE_TOKEN = 256 * 1024
-
-
-class _Observer(Protocol):
-    def observe(self, amount: float) -> None: ...
-
-
-@attrs.frozen(kw_only=True)
-class SessionShared:
-    """What every session of a daemon shares, handed to each by the composition root
-    (:func:`exai.server.services.compose`). Nothing here refers back to the daemon.
-
-    Attributes:
-        instance_id: this daemon run's random id (session ids are built on it).
-        version: the server version ``initialize`` and ``server/discover`` report.
-        instructions: the instructions they report.
-        tools: the tools (``tools/list``, and the lookup of a call's tool).
-        tool_services: what a tool's :class:`~exai.tools.base.ToolContext` carries.
-        readiness: whether new calls are admitted (draining, overloaded).
-        slots: the daemon-wide and per-identity call limiters and message buckets.
-        budget: the daemon's pending-bytes budget.
-        calls: running executions and finished answers (exactly-once).
-        runner: runs an admitted call; looks up results other daemons stored.
-        changes: notified when a session's calls or responders change.
-        stats: counters of refusals and dropped progress.
-        slot_wait: a histogram of the time a call waited for its slots.
-        audit: one line per call refused before it ran.
-        shared_limits: the identity's in-flight and message limits across every daemon.
-    """
-
-    instance_id: str
-    version: str
-    instructions: str
-    tools: ToolRegistry
-    tool_services: dict[str, Any]
-    readiness: Readiness
-    slots: CallSlots
-    budget: MemoryBudget
-    calls: CallRegistry
-    runner: CallRunner
-    changes: Changes
-    stats: DaemonStats
-    slot_wait: _Observer
-    audit: AuditLog
-    #: per-identity limits held for the deployment (Redis); ``None`` without Redis
-    shared_limits: SharedLimits | None = None
 
 
 class Session:
@@ -123,8 +47,13 @@ class Session:
     Args:
         shared: what every session of the daemon shares.
         settings: the daemon's settings when the connection was admitted.
+        conn: the accepted WebSocket connection.
+        ip: the client's address.
+        identity: who the connection authenticated as.
         stream: the connection's transport wrapped in a :class:`ProgressStream`, so the writer's
             deadline follows its progress (``None`` in tests that build sessions by hand).
+        core: a ready-made core (the old op protocol's door builds its own, with its encoder);
+            default: a JSON-RPC one.
     """
 
     def __init__(
@@ -135,28 +64,19 @@ class Session:
         ip: str,
         identity: Identity,
         stream: ProgressStream | None = None,
+        *,
+        core: Callable[[Callable[[int, str], Awaitable[None]]], SessionCore] | None = None,
     ) -> None:
         self.shared = shared
-        self.settings = s = settings
+        self.settings = settings
         self.conn = conn
         self.ip = ip
         self.identity = identity
-        # unique across daemons and restarts: it is part of the keys that make a call's
-        # writes (conversation turns) idempotent in a shared store
-        self.id = f"{shared.instance_id}-s{next(_session_ids)}"
-        self.bucket = TokenBucket(s.session_rate_per_s, s.session_burst)
-        # made on first use: most sessions are idle most of the time, and 10,000 of them
-        # should cost little memory
-        self._limiter: trio.CapacityLimiter | None = None
-        self._abuse: TokenBucket | None = None
-        self.identity_bucket = shared.slots.identity_bucket(identity.name)
-        self.era = p.EraGate()
-        # request id (as JSON) → (execution, watcher, responder cancel scope)
-        self.inflight: dict[str, tuple[Execution, Watcher, trio.CancelScope]] = {}
-        self.ledger = Ledger(s.session_max_pending, s.session_max_pending_bytes, shared.budget)
-        self.outbox = Outbox(SEND_QUEUE, s.session_max_pending_bytes, self.ledger)
-        #: calls waiting in this connection's FIFO for one of its slots
-        self.queued = 0
+        if core is None:
+            self.core = SessionCore(shared, settings, ip, identity, close=self.close)
+        else:
+            self.core = core(self.close)
+        self.id = self.core.id
         self._write_scope: trio.CancelScope | None = None
         if stream is not None:
             stream.on_progress = self._write_progress
@@ -165,70 +85,51 @@ class Session:
             conn.meter = self.meter
         self._writer_done = trio.Event()
         self.nursery: trio.Nursery | None = None
-        self.closing_reason: tuple[int, str] | None = None
 
     @property
-    def limiter(self) -> trio.CapacityLimiter:
-        """This connection's in-flight limiter (``session_max_inflight``)."""
-        if self._limiter is None:
-            self._limiter = trio.CapacityLimiter(self.settings.session_max_inflight)
-        return self._limiter
-
-    @property
-    def abuse(self) -> TokenBucket:
-        """Rate-limited messages drain this bucket; it refills at a tenth of the message rate.
-
-        A client that keeps sending over its rate empties it and is closed with 1008, while
-        one that overshoots now and then never is.
-        """
-        if self._abuse is None:
-            self._abuse = TokenBucket(
-                max(self.settings.session_rate_per_s / 10, 0.1), self.settings.session_abuse_limit
-            )
-        return self._abuse
+    def closing_reason(self) -> tuple[int, str] | None:
+        return self.core.closing_reason
 
     # ---------------------------------------------------------------- running
-    async def run(self) -> None:
+    async def run(self, handle: Callable[[str], Awaitable[Any]] | None = None) -> None:
         """Serve until the peer goes away; on exit every call of this session is detached and
-        every byte it had charged is given back."""
+        every byte it had charged is given back.
+
+        Args:
+            handle: what to do with each text frame (default: the core's JSON-RPC handling).
+        """
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                self.core.nursery = nursery
                 nursery.start_soon(self._writer)
                 try:
-                    await self._reader()
+                    await self._reader(handle or self.core.handle_text)
                 finally:
                     # Detach before the responders wind down: a call nobody else watches is
                     # cancelled now, even one still waiting (shielded) for its slots.
-                    self._detach_all()
+                    self.core.detach_all()
                     nursery.cancel_scope.cancel()
         except ConnectionClosed:
             pass
         finally:
-            self._detach_all()
-            self.inflight.clear()
             self.nursery = None
-            self.outbox.close(drop=True)
-            self.ledger.release_all()
+            self.core.release_all()
             self.meter.release_all()
-            self.shared.changes.notify()
-
-    def _detach_all(self) -> None:
-        for ex, watcher, _ in list(self.inflight.values()):
-            ex.detach(watcher)
 
     async def hand_over(self) -> None:
         """Draining: close this session (1012, service restart) once every call admitted on it
         has been answered, so its client reconnects — through the balancer, to a daemon that
-        is not stopping — and re-sends what was left unanswered (see :meth:`_start_call`)."""
-        await self.shared.changes.wait_for(lambda: self.ledger.count == 0)
+        is not stopping — and re-sends what was left unanswered."""
+        ledger = self.core.ledger
+        await self.shared.changes.wait_for(lambda: ledger.count == 0)
         if self.closing_reason is None:
             await self.close(1012, "exai is restarting; reconnect")
 
     async def close(self, code: int, reason: str) -> None:
         """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s)."""
-        self.closing_reason = (code, reason)
-        self.outbox.close(drop=False)
+        self.core.closing_reason = (code, reason)
+        self.core.outbox.close(drop=False)
         with trio.move_on_after(1.0):
             await self._writer_done.wait()
         with trio.move_on_after(1.0):
@@ -240,10 +141,11 @@ class Session:
             scope.deadline = trio.current_time() + self.settings.send_timeout_s
 
     async def _writer(self) -> None:
+        outbox = self.core.outbox
         try:
             while True:
                 try:
-                    text = await self.outbox.get()
+                    text = await outbox.get()
                 except trio.EndOfChannel:
                     return
                 with trio.CancelScope() as scope:
@@ -254,7 +156,7 @@ class Session:
                 if scope.cancelled_caught:
                     await self._stalled()
                     return
-                self.outbox.written()
+                outbox.written()
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             # the peer went away with answers still queued: stop reading too; the answers are
             # kept by the executions for a reconnecting bridge
@@ -266,18 +168,19 @@ class Session:
     async def _stalled(self) -> None:
         """The peer read nothing for ``send_timeout_s``: close with 1008 and free everything."""
         timeout = self.settings.send_timeout_s
+        core = self.core
         self.shared.stats.rejections["send_timeout"] += 1
         log_event(
             "session.send_timeout",
             logging.WARNING,
             session=self.id,
             ip=self.ip,
-            queued_bytes=self.outbox.queued_bytes,
-            pending=self.ledger.count,
+            queued_bytes=core.outbox.queued_bytes,
+            pending=core.ledger.count,
         )
         reason = f"not reading: nothing could be written for {timeout:g}s"
-        self.closing_reason = (1008, reason)
-        self.outbox.close(drop=True)
+        core.closing_reason = (1008, reason)
+        core.outbox.close(drop=True)
         # The send buffer is full, so the close frame may not go out either: give it a moment,
         # then the connection's owner closes the TCP stream.
         with trio.move_on_after(min(1.0, timeout)):
@@ -285,23 +188,7 @@ class Session:
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
-    async def send(self, msg: dict[str, Any]) -> None:
-        """Queue a message that must be delivered (waits for room in the bounded outbox)."""
-        text = p.encode_reply(msg)
-        if text is None:
-            return
-        try:
-            await self.outbox.put(text)
-        except trio.ClosedResourceError:
-            pass  # the session is closing; nothing more can be delivered
-
-    def send_progress(self, msg: dict[str, Any]) -> None:
-        """Queue an advisory message; dropped (and counted) when the outbox is full."""
-        text = p.encode_reply(msg)
-        if text is not None and not self.outbox.put_nowait(text):
-            self.shared.stats.progress_dropped += 1
-
-    async def _reader(self) -> None:
+    async def _reader(self, handle: Callable[[str], Awaitable[Any]]) -> None:
         while True:
             try:
                 message = await self.conn.get_message()
@@ -311,457 +198,9 @@ class Session:
                 if isinstance(message, bytes):
                     await self.close(1003, "binary frames are not supported; send JSON-RPC as text")
                     return
-                await self._handle_text(message)
+                await handle(message)
             finally:
                 # the frame is handled: what a call keeps of it is charged to its ledger
                 self.meter.release(len(message))
             if self.closing_reason is not None:
                 return
-
-    # ---------------------------------------------------------------- dispatch
-    def _rate_wait(self, text: str) -> float:
-        """Take this frame's cost from the message buckets; > 0 is how long until it fits."""
-        cost = min(1 + len(text) // BYTES_PER_MESSAGE_TOKEN, self.settings.session_burst)
-        wait = self.bucket.try_acquire(cost)
-        if wait <= 0 and self.identity_bucket is not None:
-            wait = self.identity_bucket.try_acquire(min(cost, self.settings.identity_burst))
-        return wait
-
-    async def _handle_text(self, text: str) -> None:
-        # Cheap checks first: the message bucket is paid before anything is decoded.
-        wait = self._rate_wait(text)
-        limits = self.shared.shared_limits
-        if wait <= 0 and self.identity_bucket is not None and limits is not None:
-            # the identity's message rate holds for the deployment (Redis), after the local
-            # buckets admitted the frame
-            cost = min(1 + len(text) // BYTES_PER_MESSAGE_TOKEN, self.settings.identity_burst)
-            wait = await limits.message_wait(self.identity.name, cost)
-        if wait > 0:
-            await self._over_rate(text, wait)
-            return
-        msg = self._decode(text)
-        if isinstance(msg, p.DecodeError):
-            await self.send(p.error(msg.id, msg.code, msg.message, msg.data))
-            return
-        if isinstance(msg, p.Response):
-            return  # the daemon sends no requests that need answers
-        if isinstance(msg, p.Notification):
-            if msg.method == "notifications/cancelled":
-                self._cancel(msg.params)
-            return  # notifications/initialized and others need no action
-        await self._handle_request(msg)
-
-    def _decode(self, text: str) -> p.Request | p.Notification | p.Response | p.DecodeError:
-        s = self.settings
-        return p.decode(text, max_depth=s.max_json_depth, max_elements=s.max_json_elements)
-
-    async def _over_rate(self, text: str, wait: float) -> None:
-        """A frame over the message rate: answered without decoding it (the id is peeked at),
-        except a cancellation, which is never rate limited: it frees resources."""
-        peeked = p.peek(text)
-        if peeked.method is None or peeked.method == "notifications/cancelled":
-            # a cancellation, or a frame whose head says nothing: decode it (bounded work)
-            msg = self._decode(text)
-            if isinstance(msg, p.Notification) and msg.method == "notifications/cancelled":
-                self._cancel(msg.params)
-                return
-            if isinstance(msg, p.Request):
-                peeked = p.Peeked(msg.id, msg.method)
-            elif not isinstance(msg, p.DecodeError):
-                peeked = p.Peeked(None, "")
-        self.shared.stats.rejections["rate_limited"] += 1
-        if self.abuse.try_acquire(1) > 0:
-            log_event("session.abuse_closed", logging.WARNING, session=self.id, ip=self.ip)
-            await self.close(1008, "message rate limit exceeded repeatedly")
-            return
-        if peeked.id is not None or peeked.method is None:
-            exc = errors.RateLimitedError(
-                f"more than {self.settings.session_rate_per_s:g} messages/s on this "
-                "connection; slow down",
-                retry_after_s=wait,
-            )
-            await self.send(p.error_from_exception(peeked.id, exc))
-        # Stop reading this connection for one message interval: TCP back-pressure then
-        # slows a flooding client down, so its refusals cannot take the CPU that other
-        # sessions need. Every request still gets its answer.
-        await trio.sleep(min(wait, 1.0 / self.settings.session_rate_per_s))
-
-    async def _handle_request(self, req: p.Request) -> None:
-        method, params = req.method, req.params
-        try:
-            self.era.admit(method, params)
-            if method == "tools/call":
-                await self._start_call(req)
-                return
-            if method == "initialize":
-                requested = params.get("protocolVersion")
-                res = p.initialize_result(
-                    requested if isinstance(requested, str) else None,
-                    server_version=self.shared.version,
-                    instructions=self.shared.instructions,
-                )
-            elif method == "server/discover":
-                res = p.discover_result(
-                    server_name="exai",
-                    server_version=self.shared.version,
-                    instructions=self.shared.instructions,
-                )
-            elif method == "ping":
-                res = {}
-            elif method == "tools/list":
-                res = {"tools": self.shared.tools.to_mcp()}
-            else:
-                raise errors.MethodNotFound(f"method not found: {method!r}")
-            await self.send(p.result(req.id, self._finalize(method, res)))
-        except errors.ExaiError as exc:
-            await self.send(p.error_from_exception(req.id, exc))
-
-    def _finalize(self, method: str, res: dict[str, Any]) -> dict[str, Any]:
-        """Add what this connection's protocol era requires to a result (at send time, so a
-        stored result can be re-sent to a connection of the other era)."""
-        return p.finalize_result(method, res, modern=self.era.modern)
-
-    def _response(self, req_id: Any, payload: dict[str, Any]) -> dict[str, Any]:
-        if "result" in payload:
-            return p.result(req_id, self._finalize("tools/call", payload["result"]))
-        return {"jsonrpc": "2.0", "id": req_id, **payload}
-
-    # ---------------------------------------------------------------- tools/call
-    async def _start_call(self, req: p.Request) -> None:
-        """Admit the call, then start its responder; a call that does not fit is refused."""
-        readiness = self.shared.readiness
-        overloaded = readiness.overloaded_reason
-        if readiness.draining and p.idempotency_key(req.params):
-            # Handed over, not refused: the client re-sends a keyed call (same id, same key)
-            # when its connection closes, and this session closes as soon as its running calls
-            # are answered (:meth:`hand_over`), so the call runs on a daemon that is not
-            # stopping and the client never sees an error.
-            self.shared.stats.rejections["handed_over"] += 1
-            return
-        if readiness.draining:
-            refusal: str | None = "the daemon is shutting down; retry on the next one"
-        elif overloaded is not None:
-            refusal = f"the daemon is not accepting new calls ({overloaded})"
-        else:
-            refusal = self.ledger.refusal(req.cost_bytes)
-        if refusal is not None:
-            self.shared.stats.rejections["overloaded"] += 1
-            exc = errors.OverloadedError(refusal, retry_after_s=1.0)
-            self._audit_refusal(req, exc)
-            # (waits for room like any answer: a client that does not read stops being read)
-            await self.send(p.error_from_exception(req.id, exc))
-            return
-        self.ledger.admit(req.cost_bytes)
-        assert self.nursery is not None
-        self.nursery.start_soon(self._respond_call, req)
-
-    async def _respond_call(self, req: p.Request) -> None:
-        charged = req.cost_bytes
-        try:
-            payload = await self._run_call(req)
-            if payload is None:
-                return  # cancelled by notifications/cancelled: no response, by the spec
-            # From here the answer is what this request holds, not its arguments.
-            size = max(payload[1], 0)
-            self.ledger.add(size - charged)
-            charged = size
-            await self.outbox.wait_room(size)
-            text = p.encode_reply(self._response(req.id, payload[0]))
-            if text is not None:
-                await self.outbox.put(text)
-        except trio.ClosedResourceError:
-            pass  # the session is closing
-        finally:
-            self.ledger.done(charged)
-            self.shared.changes.notify()  # (a draining daemon waits for its sessions' answers)
-
-    async def _run_call(self, req: p.Request) -> tuple[dict[str, Any], int] | None:
-        """The call's payload (``{"result"}`` or ``{"error"}``) and its size, or ``None``."""
-        id_key = json.dumps(req.id)
-        calls = self.shared.calls
-        owner = False
-        try:
-            name, args = p.tools_call_params(req.params)
-            client_key = p.idempotency_key(req.params)
-            digest = p.call_digest(req.method, req.params)
-            # A client's key is scoped to its identity: another token holder can neither join
-            # the call nor read its result.
-            key = f"k:{self.identity.name}:{client_key}" if client_key else f"s:{self.id}:{id_key}"
-            ex = calls.running.get(key)
-            if ex is not None and ex.digest != digest:
-                raise errors.InvalidRequest(
-                    f"request id {_clip_id(req.id)} is already in use by a call that is still "
-                    "running; JSON-RPC ids must be unique among requests in flight",
-                    data={"field": "id", "id": req.id},
-                )
-            if ex is None:
-                stored = calls.finished(key)
-                if stored is not None and stored.digest == digest:
-                    return stored.payload, stored.nbytes
-                # (the same id asking something else after the first finished: a new call)
-                spec = self.shared.tools.get(name)
-                if spec is None:
-                    raise errors.InvalidParams(f"unknown tool: {name!r}", field="name")
-                validate(spec.input_schema, args)
-                timeout = spec.timeout_s if spec.timeout_s is not None else None
-                # Reserve the key before the first await: a duplicate that arrives while this
-                # request looks for a shared result or waits for slots joins it instead of
-                # running the tool a second time.
-                ex = Execution(
-                    key=key,
-                    tool=name,
-                    client_key=bool(client_key),
-                    digest=digest,
-                    deadline=trio.current_time() + (timeout or self.settings.call_timeout_s),
-                )
-                calls.running[key] = ex
-                owner = True
-        except errors.ExaiError as exc:
-            self._audit_refusal(req, exc)
-            return {"error": p.error_from_exception(None, exc)["error"]}, 0
-        watcher = Watcher(self.send_progress, p.progress_token(req.params))
-        with trio.CancelScope() as responder_scope:
-            entry = (ex, watcher, responder_scope)
-            self.inflight[id_key] = entry
-            ex.attach(watcher)
-            try:
-                if owner:
-                    # the start belongs to the execution, not to this responder: requests that
-                    # joined still want it if this one goes (bounded by its deadline)
-                    with ex.wait_scope:
-                        await self._start(ex, args, req)
-                await ex.done.wait()
-                if ex.payload is not None:
-                    return ex.payload, ex.payload_bytes
-            finally:
-                if self.inflight.get(id_key) is entry:
-                    del self.inflight[id_key]
-                ex.detach(watcher)
-                self.shared.changes.notify()
-        return None
-
-    async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
-        """Answer a reserved execution from another daemon's stored result, or start it.
-
-        Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
-        the reservation, so the joined duplicates get the same answer and a later retry runs.
-        """
-        shared = self.shared
-        started = False
-        try:
-            elsewhere = None
-            if ex.client_key:
-                # a result another daemon stored, or the one it is running now
-                elsewhere = await shared.runner.claim(ex)
-            if elsewhere is not None:
-                ex.payload = elsewhere
-                ex.payload_bytes = shared.calls.store(ex.key, ex.digest, elsewhere)
-            else:
-                await self._launch(ex, args, req)
-                started = True
-        except _HandedOver:
-            shared.stats.rejections["handed_over"] += 1  # no answer: re-sent elsewhere
-        except errors.ExaiError as exc:
-            self._audit_refusal(req, exc)
-            ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
-        finally:
-            if not started:
-                await shared.runner.release_claim(ex)
-                shared.calls.running.pop(ex.key, None)
-                ex.done.set()
-                shared.changes.notify()
-
-    async def _session_slot(self, ex: Execution) -> None:
-        """Take one of this connection's slots, waiting in its FIFO until the call's deadline.
-
-        Raises:
-            OverloadedError: every slot is busy and the FIFO is full.
-            DeadlineExceeded: the call's deadline passed while it waited.
-        """
-        limiter = self.limiter
-        try:
-            limiter.acquire_on_behalf_of_nowait(ex)
-            return
-        except trio.WouldBlock:
-            pass
-        s = self.settings
-        if self.queued >= s.session_queue_max:
-            self.shared.stats.rejections["overloaded"] += 1
-            raise errors.OverloadedError(
-                f"this connection's {s.session_max_inflight} in-flight calls are all busy and "
-                f"{self.queued} more are waiting (EXAI_SESSION_QUEUE_MAX="
-                f"{s.session_queue_max}); retry shortly",
-                retry_after_s=1.0,
-            )
-        self.queued += 1
-        try:
-            with trio.move_on_at(ex.deadline):
-                await limiter.acquire_on_behalf_of(ex)
-                return
-        finally:
-            self.queued -= 1
-        raise errors.DeadlineExceeded(
-            f"tool {ex.tool!r} waited for one of this connection's {s.session_max_inflight} "
-            "slots until its deadline"
-        )
-
-    async def _answer_room(self, ex: Execution) -> None:
-        """Wait (until the call's deadline) for room for one more answer before starting it.
-
-        A request costs little when admitted, but its answer may be large: a connection that
-        holds ``session_max_pending_bytes`` of unread answers starts no new call until the
-        client reads, and no connection starts one while its pool of the daemon's budget is
-        used up (see :class:`~exai.server.budget.MemoryBudget`). So beyond the budget there can
-        only be the answers of calls already running.
-
-        Raises:
-            DeadlineExceeded: the deadline passed first.
-        """
-        budget, ledger = self.shared.budget, self.ledger
-        limit = self.settings.session_max_pending_bytes
-
-        def room() -> bool:
-            if ledger.nbytes >= limit:
-                return False
-            if budget.charged_bytes < budget.limit_bytes:
-                return True
-            if not ledger.light or self.limiter.borrowed_tokens > 1:
-                # (answers still to come count too: only a session's one call at a time may
-                # start from the reserve)
-                return budget.heavy_bytes < budget.limit_bytes
-            return budget.light_bytes < budget.reserve_bytes
-
-        if room():
-            return
-        with trio.move_on_at(ex.deadline):
-            await budget.wait_until(room)
-            return
-        raise errors.DeadlineExceeded(
-            f"tool {ex.tool!r} waited until its deadline for this connection's unread answers "
-            "to be read"
-        )
-
-    async def _launch(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
-        """Take the session slot (FIFO, until the call's deadline), then the identity and global
-        slots within ``slot_wait_s``, and hand the execution to the daemon's call runner."""
-        shared = self.shared
-        slots = shared.slots
-        if shared.readiness.draining:
-            if ex.client_key:
-                raise _HandedOver  # the client re-sends it elsewhere (see _start_call)
-            raise errors.OverloadedError(
-                "the daemon is shutting down; retry on the next one", retry_after_s=1.0
-            )
-        started = trio.current_time()
-        await self._session_slot(ex)
-        # local limiters, and the deployment-wide identity slot
-        held: list[Slot] = [self.limiter]
-        try:
-            await self._answer_room(ex)
-            if self.limiter.borrowed_tokens > 1:
-                # A connection's second and later concurrent calls take a shared slot too,
-                # waiting (until the deadline) while a quarter of the daemon's slots is left
-                # for connections running one call each: a bridge multiplexing a whole
-                # editor does not make everyone else wait for a slot.
-                with trio.move_on_at(ex.deadline):
-                    await slots.shared_inflight.acquire_on_behalf_of(ex)
-                    held.append(slots.shared_inflight)
-                if len(held) == 1:
-                    raise errors.DeadlineExceeded(
-                        f"tool {ex.tool!r} waited for a slot until its deadline"
-                    )
-        except BaseException:
-            for limiter in held:
-                limiter.release_on_behalf_of(ex)
-            raise
-        base = len(held)
-        # then per client identity → global; all or none, within slot_wait_s
-        wanted: list[tuple[trio.CapacityLimiter, str]] = []
-        ident_limiter = slots.identity_limiter(self.identity.name)
-        if ident_limiter is not None:
-            wanted.append(
-                (ident_limiter, f"client {self.identity.name!r}'s {ident_limiter.total_tokens}")
-            )
-        wanted.append((slots.inflight, f"the daemon's {self.settings.max_inflight}"))
-        try:
-            with trio.move_on_after(self.settings.slot_wait_s):
-                for limiter, _ in wanted:
-                    await limiter.acquire_on_behalf_of(ex)
-                    held.append(limiter)
-            shared.slot_wait.observe(trio.current_time() - started)
-            if len(held) < len(wanted) + base:
-                which = wanted[len(held) - base][1]
-                shared.stats.rejections["overloaded"] += 1
-                raise errors.OverloadedError(
-                    f"{which} in-flight calls are all busy; retry shortly",
-                    retry_after_s=self.settings.slot_wait_s,
-                )
-            if ident_limiter is not None and shared.shared_limits is not None:
-                # the identity's limit holds for the deployment, not per daemon (Redis)
-                slot = None
-                with trio.move_on_after(self.settings.slot_wait_s):
-                    slot = await shared.shared_limits.identity_slot(self.identity.name, ex.key)
-                if slot is None:
-                    shared.stats.rejections["overloaded"] += 1
-                    raise errors.OverloadedError(
-                        f"client {self.identity.name!r}'s {ident_limiter.total_tokens} in-flight "
-                        "calls across the deployment are all busy; retry shortly",
-                        retry_after_s=self.settings.slot_wait_s,
-                    )
-                held.append(slot)
-        except BaseException:
-            for limiter in held:
-                limiter.release_on_behalf_of(ex)
-            raise
-        ctx = ToolContext(
-            settings=self.settings,
-            services=shared.tool_services,
-            request_id=req.id,
-            call_key=ex.call_key,
-            session_id=self.id,
-            client=self.identity.name,
-            peer=self.ip,
-        )
-        shared.runner.start(ex, args, ctx, held)
-
-    def _audit_refusal(self, req: p.Request, exc: errors.ExaiError) -> None:
-        """An audit line for a call refused before it ran (bad arguments, no slot, …)."""
-        name = req.params.get("name")
-        self.shared.audit.record(
-            tool=name if isinstance(name, str) else "",
-            outcome=exc.reason,
-            client=self.identity.name,
-            peer=self.ip,
-            duration_s=0.0,
-            session=self.id,
-            request_id=req.id,
-        )
-
-    def _cancel(self, params: dict[str, Any]) -> None:
-        rid = params.get("requestId")
-        entry = self.inflight.get(json.dumps(rid)) if isinstance(rid, (str, int)) else None
-        if entry is None:
-            # Unknown here — but a bridge that reconnected sends the call's idempotency key
-            # with the cancel: an execution of that key that nobody watches any more is
-            # cancelled rather than left to its orphan grace.
-            key = p.idempotency_key(params)
-            orphan = self.shared.calls.running.get(f"k:{self.identity.name}:{key}") if key else None
-            if orphan is not None and not orphan.watchers:
-                orphan.cancel()
-                log_event("call.cancelled", session=self.id, tool=orphan.tool, orphan=True)
-            return  # otherwise unknown or already finished: ignore, as the spec says
-        ex, watcher, responder_scope = entry
-        responder_scope.cancel()
-        if ex.watchers == [watcher]:
-            ex.cancel()
-        log_event("call.cancelled", session=self.id, tool=ex.tool)
-
-
-class _HandedOver(Exception):
-    """A keyed call that reached a draining daemon: left unanswered for its client to re-send
-    to another daemon once this session closes."""
-
-
-def _clip_id(rid: Any) -> str:
-    text = json.dumps(rid, ensure_ascii=True)
-    return text if len(text) <= 80 else text[:79] + "…"

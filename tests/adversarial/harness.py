@@ -151,6 +151,18 @@ class LiveDaemon:
         return result
 
 
+def argument_error(reply: dict[str, Any]) -> dict[str, Any]:
+    """The error of a call refused for its arguments, as this harness's clients (protocol
+    2025-11-25) receive it: a tool result with ``isError: true`` whose
+    ``structuredContent.error`` is the JSON-RPC error (-32602 with ``data.reason`` and
+    ``data.field``) an earlier version would have got (see
+    :func:`exai.server.protocol.argument_error_result`)."""
+    assert "result" in reply and reply["result"]["isError"] is True, reply
+    error: dict[str, Any] = reply["result"]["structuredContent"]["error"]
+    assert error["code"] == -32602, error
+    return error
+
+
 @asynccontextmanager
 async def live_daemon(
     tmp_path: Path, *args: str, plugin: bool = True, **env: str

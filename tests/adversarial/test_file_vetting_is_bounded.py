@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from exai.testing import MockUpstream
-from tests.adversarial.harness import SERVED_WITHIN_S, LiveDaemon, live_daemon
+from tests.adversarial.harness import SERVED_WITHIN_S, LiveDaemon, argument_error, live_daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -100,13 +100,12 @@ async def test_sixty_thousand_paths_are_refused_at_once_naming_the_field_and_the
             for n in range(10):
                 with trio.fail_after(SERVED_WITHIN_S):
                     reply = await rpc.call("chat", chat(paths), id=100 + n)
-                err = reply["error"]
-                assert err["code"] == -32602
+                err = argument_error(reply)
                 assert err["data"]["field"] == "arguments.files"
                 assert f"at most {MAX_PATHS} items (got 60000)" in err["message"]
             with trio.fail_after(SERVED_WITHIN_S):
                 reply = await rpc.call("analyze", step, id=200)
-            assert reply["error"]["data"]["field"] == "arguments.relevant_files"
+            assert argument_error(reply)["data"]["field"] == "arguments.relevant_files"
         await daemon.assert_serves()
         assert mock.chat_requests == []
 
@@ -161,8 +160,8 @@ async def test_a_path_with_too_many_components_is_refused_before_it_is_resolved(
     bogus = str(root) + "/x" * 2000  # 2,000 components to resolve, no symlink needed
     async with daemon_with_mock(tmp_path, root) as (daemon, _):
         reply = await daemon.call("chat", chat([bogus]))
-        assert reply["error"]["data"]["rule"] == "bad_path"
-        assert f"at most {MAX_PATH_COMPONENTS}" in reply["error"]["message"]
+        assert argument_error(reply)["data"]["rule"] == "bad_path"
+        assert f"at most {MAX_PATH_COMPONENTS}" in argument_error(reply)["message"]
         await daemon.assert_serves()
 
 

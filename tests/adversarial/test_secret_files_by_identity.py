@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from exai.testing import MockUpstream
-from tests.adversarial.harness import LiveDaemon, live_daemon
+from tests.adversarial.harness import LiveDaemon, argument_error, live_daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -48,9 +48,7 @@ async def chat_files(daemon: LiveDaemon, paths: list[str]) -> dict[str, Any]:
 
 
 def assert_refused_as_exai_secret(reply: dict[str, Any], mock: Any) -> None:
-    assert "error" in reply, json.dumps(reply)[:400]
-    err = reply["error"]
-    assert err["code"] == -32602
+    err = argument_error(reply)
     assert err["data"]["reason"] == "file_denied"
     assert err["data"]["rule"] == "exai_secret"
     assert TOKEN not in json.dumps(reply)
@@ -171,7 +169,7 @@ async def test_the_default_roots_leave_out_the_hidden_entries_of_home(tmp_path: 
     ):
         for path in (gh / "hosts.yml", home / ".bash_history"):
             reply = await chat_files(daemon, [str(path)])
-            assert reply["error"]["data"]["rule"] == "home_hidden", reply
+            assert argument_error(reply)["data"]["rule"] == "home_hidden", reply
             assert TOKEN not in json.dumps(reply)
         reply = await chat_files(daemon, [str(proj / "app.py"), str(proj / ".gitignore")])
         assert reply["result"]["isError"] is False, reply

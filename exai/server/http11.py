@@ -1,0 +1,142 @@
+"""HTTP/1.1 on the MCP listener, with h11: reading a request head, sending a whole response.
+
+The listener reads the head of a connection's first request here (:func:`read_head`) before it
+knows which door the connection is for: a WebSocket upgrade goes to the WebSocket door (the
+bytes read so far are replayed into it, see :attr:`Head.raw`), anything else to the Streamable
+HTTP door, which keeps using the same :class:`h11.Connection`.
+
+Bounds: a head larger than :data:`MAX_HEAD_BYTES` is a protocol error (431); the caller bounds
+the time (``handshake_timeout_s``). Nothing here parses HTTP by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from http import HTTPStatus
+
+import attrs
+import h11
+import trio
+
+__all__ = [
+    "MAX_HEAD_BYTES",
+    "Head",
+    "header",
+    "header_values",
+    "is_websocket_upgrade",
+    "json_body",
+    "read_head",
+    "reason_phrase",
+    "send_response",
+]
+
+#: the largest request head accepted (request line and headers)
+MAX_HEAD_BYTES = 64 * 1024
+_READ = 64 * 1024
+
+
+@attrs.define(eq=False)
+class Head:
+    """A request head read from a connection.
+
+    Attributes:
+        conn: the h11 state of the connection (it holds any bytes read past the head).
+        request: the request line and headers.
+        raw: every byte read from the stream so far (what a WebSocket door must re-read).
+    """
+
+    conn: h11.Connection
+    request: h11.Request
+    raw: bytes
+
+
+async def read_head(
+    stream: trio.abc.ReceiveStream, conn: h11.Connection | None = None, *, keep_raw: bool = True
+) -> Head | None:
+    """Read the next request head, or ``None`` when the peer closed before sending one.
+
+    Args:
+        stream: the connection.
+        conn: its h11 state (a new server-side one for a fresh connection).
+        keep_raw: keep the bytes read (a fresh connection's first head may be a WebSocket
+            upgrade, which the WebSocket door reads again).
+
+    Raises:
+        h11.RemoteProtocolError: not HTTP/1.x, or a head over :data:`MAX_HEAD_BYTES` (its
+            ``error_status_hint`` says 400 or 431).
+    """
+    if conn is None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    raw = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(_READ)
+            if keep_raw:
+                raw += data
+            conn.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            return Head(conn=conn, request=event, raw=bytes(raw))
+        return None  # ConnectionClosed (or PAUSED, which a fresh cycle never is)
+
+
+def header_values(request: h11.Request, name: bytes) -> list[str]:
+    """Every value of header ``name`` (lower-case bytes), in order (h11 lower-cases names)."""
+    return [v.decode("latin-1") for k, v in request.headers if k == name]
+
+
+def header(request: h11.Request, name: bytes) -> str | None:
+    """The first value of header ``name``, or ``None``."""
+    for k, v in request.headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def is_websocket_upgrade(request: h11.Request) -> bool:
+    """Whether the request asks to upgrade to WebSocket (``Upgrade: websocket``)."""
+    return any(
+        "websocket" in (t.strip().lower() for t in v.split(","))
+        for v in header_values(request, b"upgrade")
+    )
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (``b""`` for an unknown one)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def json_body(reason: str, message: str, **extra: object) -> bytes:
+    """The JSON body of a refusal before any JSON-RPC: ``{"error": reason, "message": …}``."""
+    return json.dumps({"error": reason, "message": message, **extra}).encode()
+
+
+async def send_response(
+    stream: trio.abc.SendStream,
+    conn: h11.Connection,
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    body: bytes = b"",
+    *,
+    close: bool = False,
+) -> None:
+    """Send a whole response (``Content-Length`` set; ``Connection: close`` with ``close``).
+
+    Raises:
+        trio.BrokenResourceError / trio.ClosedResourceError: the peer went away.
+        h11.LocalProtocolError: the connection cannot carry a response now.
+    """
+    hs = [(k, v) for k, v in headers]
+    hs.append(("Content-Length", str(len(body))))
+    if close:
+        hs.append(("Connection", "close"))
+    data = conn.send(h11.Response(status_code=status, headers=hs, reason=reason_phrase(status)))
+    if body and conn.our_state is h11.SEND_BODY:  # (no body for HEAD, 204, 304)
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    await stream.send_all(data)

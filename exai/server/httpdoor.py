@@ -1,0 +1,825 @@
+"""The Streamable HTTP door: ``POST /mcp`` on the MCP listener, both eras, over the session core.
+
+The listener reads a connection's first request head and, when it is not a WebSocket upgrade,
+admits the connection (draining/overloaded, the global and per-IP caps, the per-IP cap of the
+deployment: 503 + ``Retry-After``) and hands it here. Each request on it (HTTP/1.1 keep-alive,
+one at a time, h11) then goes through, in order, before a byte of its body is read::
+
+    path /mcp (404) → Origin (403) → one Authorization, a valid bearer token (400, 401 with
+    WWW-Authenticate) → method: POST; DELETE ends a session; anything else 405
+    → draining / overloaded (503 + Retry-After: the body was not read, so a balancer may
+    re-send it elsewhere) → Content-Type application/json (415) → Accept (406)
+    → Mcp-Session-Id: one, signed, unexpired, this identity's, not ended (400 / 404)
+    → MCP-Protocol-Version: one, a version exai speaks, the session's (400)
+    → Content-Length within EXAI_MAX_FRAME_BYTES (413) → ``100 Continue`` if asked
+
+and its body is read within the same cap (a chunked body too: 413 at the first byte over),
+each part charged to the daemon's budget as it arrives (503 ``overloaded`` when it does not fit).
+
+**Eras.** A body carrying the 2026-07-28 ``_meta`` envelope (or a request whose
+``MCP-Protocol-Version`` header names that version) is served statelessly: no session, the
+routing headers (``MCP-Protocol-Version``, ``Mcp-Method``, ``Mcp-Name``), when sent, must agree
+with the body (-32020, 400); a notification is acknowledged with 202. Anything else is the
+initialize era: ``initialize`` answers with a new signed ``Mcp-Session-Id``
+(:mod:`exai.server.mcp_sessions`), every other message must carry it (400 without), and a
+``DELETE`` ends it (204). ``GET`` (a server-initiated stream) is 405 in both eras.
+
+**Answers.** Each request gets its own :class:`~exai.server.core.SessionCore` — so its
+admission, slots, deadline, exactly-once key, progress, cancellation and audit are those of
+every door — with the connection's message bucket (``EXAI_SESSION_RATE_PER_S``) and, in the
+initialize era, the session's nonce as its id (a request re-sent with the same id in the same
+session joins the first). The answer is ``application/json``; a ``tools/call`` whose client
+accepts ``text/event-stream`` switches to an SSE stream scoped to that request at its first
+progress notification (or, with none, after ``EXAI_HEARTBEAT_INTERVAL_S``, then with a
+keep-alive comment each interval, so no proxy idles it out), and ends it with the answer.
+JSON-RPC errors are sent with status 200, except: a body that is not one JSON-RPC message
+(parse error, batch, bad envelope) is 400, and in the 2026-07-28 era the codes the spec maps to
+statuses are (-32602/-32020/-32022 → 400, -32601 → 404).
+
+**Cancellation.** A client that closes its connection while its call runs cancels it (down to
+the upstream request) — unless the call carries an idempotency key, which keeps it for a
+re-send to join for ``ORPHAN_GRACE_S``, as on WebSocket. In the initialize era a
+``notifications/cancelled`` posted in the same session cancels the call it names, on this
+daemon (with several daemons, the cancellation must reach the daemon that runs the call:
+docs/deploy.md). A cancelled call's request is ended without an answer (an empty SSE stream,
+or, for a JSON-only client, the error ``cancelled``).
+
+**Writing.** Answers wait in the core's bounded outbox; a peer that reads nothing for
+``EXAI_SEND_TIMEOUT_S`` is disconnected and everything its request held is freed, as on
+WebSocket. An idle keep-alive connection is closed after ``EXAI_HTTP_KEEPALIVE_S``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from exai import errors
+from exai.config import Settings
+from exai.logs import log_event
+from exai.resilience import TokenBucket
+from exai.server import protocol as p
+from exai.server.auth import Identity, TokenTable
+from exai.server.budget import InboundMeter
+from exai.server.core import SessionCore, SessionShared
+from exai.server.http11 import (
+    header,
+    header_values,
+    json_body,
+    read_head,
+    reason_phrase,
+    send_response,
+)
+from exai.server.mcp_sessions import McpSession, Revocations, SessionSigner
+from exai.server.origins import OriginPolicy
+from exai.server.outbox import ProgressStream
+from exai.server.sessions import SessionTable
+
+__all__ = ["HttpDoor"]
+
+_JSON = ("Content-Type", "application/json")
+_SSE_HEADERS = [
+    ("Content-Type", "text/event-stream"),
+    ("Cache-Control", "no-cache, no-transform"),
+    ("X-Accel-Buffering", "no"),
+]
+#: bytes a client may send ahead (a pipelined request) while its call runs: beyond this the
+#: door stops reading, and so stops noticing a disconnect, rather than buffer more
+_READ_AHEAD_BYTES = 64 * 1024
+_ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
+_request_ids = itertools.count(1)
+
+
+class _Refused(Exception):
+    """A request refused before its body was read (the connection closes after it)."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.headers = headers
+
+
+@attrs.define
+class _Exchange:
+    """One request's answer as the core encodes it: which text is the final one (the response,
+    as opposed to progress) and the error code it carries."""
+
+    final_text: str | None = None
+    code: int | None = None
+
+    def encode(self, msg: dict[str, Any]) -> str | None:
+        text = p.encode_reply(msg)
+        if text is not None and "method" not in msg and "id" in msg:
+            self.final_text = text
+            err = msg.get("error")
+            self.code = err.get("code") if isinstance(err, dict) else None
+        return text
+
+
+def _status_for(code: int | None, modern: bool) -> int:
+    """The HTTP status of a JSON answer (see the module docstring)."""
+    if code in (p.PARSE_ERROR, p.INVALID_REQUEST):
+        return 400
+    if modern:
+        if code in (p.INVALID_PARAMS, p.HEADER_MISMATCH, p.UNSUPPORTED_PROTOCOL_VERSION):
+            return 400
+        if code == p.METHOD_NOT_FOUND:
+            return 404
+    return 200
+
+
+def _media_types(values: list[str]) -> set[str]:
+    out = set()
+    for value in values:
+        for item in value.split(","):
+            out.add(item.split(";", 1)[0].strip().lower())
+    return out
+
+
+def _decode_header_value(value: str | None) -> str | None:
+    """``Mcp-Name`` as the 2026-07-28 clients send it: verbatim, or ``=?base64?…?=``."""
+    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
+        return value
+    try:
+        return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+class HttpDoor:
+    """Serves admitted HTTP connections (see the module docstring).
+
+    Args:
+        shared: what every session core shares.
+        settings: ``() -> Settings`` in force (a reload changes tokens, keys, origins).
+        tokens: ``() -> TokenTable`` in force.
+        sessions: the daemon's session table (each connection is kept there while it runs).
+        signer: mints and verifies ``Mcp-Session-Id`` values.
+        revocations: the sessions ended by ``DELETE``.
+        origins: ``() -> OriginPolicy`` in force.
+    """
+
+    def __init__(
+        self,
+        shared: SessionShared,
+        *,
+        settings: Callable[[], Settings],
+        tokens: Callable[[], TokenTable],
+        sessions: SessionTable,
+        signer: Callable[[], SessionSigner],
+        revocations: Revocations,
+        origins: Callable[[], OriginPolicy],
+    ) -> None:
+        self.shared = shared
+        self.settings = settings
+        self.tokens = tokens
+        self.sessions = sessions
+        self.signer = signer
+        self.revocations = revocations
+        self.origins = origins
+        #: initialize-era calls running on this daemon, by (session nonce, request id as
+        #: JSON): where a ``notifications/cancelled`` of the same session finds its call
+        self.running: dict[tuple[str, str], SessionCore] = {}
+
+    async def serve(
+        self, stream: ProgressStream, conn: h11.Connection, first: h11.Request, ip: str
+    ) -> None:
+        """Serve one admitted connection until it closes, is idle too long, or is closed."""
+        connection = HttpConnection(self, stream, conn, ip)
+        async with self.sessions.open(connection):
+            await connection.run(first)
+
+
+class HttpConnection:
+    """One HTTP connection of the door, as the session table sees it (a :class:`Door`)."""
+
+    def __init__(
+        self, door: HttpDoor, stream: ProgressStream, conn: h11.Connection, ip: str
+    ) -> None:
+        self.door = door
+        self.shared = door.shared
+        self.stream = stream
+        self.conn = conn
+        self.ip = ip
+        s = door.settings()
+        #: the connection's message bucket, charged by every request on it
+        self.bucket = TokenBucket(s.session_rate_per_s, s.session_burst)
+        self.meter = InboundMeter(door.shared.budget)
+        self._identity: Identity | None = None
+        self.closing_reason: tuple[int, str] | None = None
+        self.busy = False
+        self._scope = trio.CancelScope()
+        self._write_scope: trio.CancelScope | None = None
+        stream.on_progress = self._write_progress
+
+    @property
+    def identity(self) -> Identity | None:
+        """Who the request in progress authenticated as (``None`` between requests)."""
+        return self._identity
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close now: a request in progress is abandoned (its calls detached)."""
+        self.closing_reason = (code, reason)
+        self._scope.cancel()
+
+    async def hand_over(self) -> None:
+        """Draining: close once the request in progress (if any) has been answered; a request
+        that arrives meanwhile is refused with 503 before its body is read."""
+        await self.shared.changes.wait_for(lambda: not self.busy)
+        if self.closing_reason is None:
+            await self.close(1012, "exai is restarting")
+
+    def _write_progress(self) -> None:
+        scope = self._write_scope
+        if scope is not None:
+            scope.deadline = trio.current_time() + self.door.settings().send_timeout_s
+
+    # ---------------------------------------------------------------- the connection
+    async def run(self, first: h11.Request) -> None:
+        request: h11.Request | None = first
+        with self._scope:
+            while request is not None:
+                self.busy = True
+                try:
+                    keep = await self._serve(request)
+                except h11.RemoteProtocolError as exc:
+                    self.shared.stats.rejections["bad_request"] += 1
+                    await self._try_refuse(
+                        _Refused(exc.error_status_hint, "bad_request", f"malformed HTTP: {exc}")
+                    )
+                    keep = False
+                finally:
+                    self.busy = False
+                    self._identity = None
+                    self.shared.changes.notify()
+                conn = self.conn
+                if (
+                    not keep
+                    or self.closing_reason is not None
+                    or self.shared.readiness.draining
+                    or conn.our_state is not h11.DONE
+                    or conn.their_state is not h11.DONE
+                ):
+                    return
+                conn.start_next_cycle()
+                request = None
+                with trio.move_on_after(self.door.settings().http_keepalive_s):
+                    try:
+                        head = await read_head(self.stream, conn, keep_raw=False)
+                    except h11.RemoteProtocolError as exc:
+                        self.shared.stats.rejections["bad_request"] += 1
+                        await self._try_refuse(
+                            _Refused(exc.error_status_hint, "bad_request", f"malformed HTTP: {exc}")
+                        )
+                        return
+                    request = head.request if head is not None else None
+
+    async def _try_refuse(self, refusal: _Refused) -> None:
+        """Send ``refusal`` if the connection can still carry it (bounded)."""
+        with trio.move_on_after(1.0):
+            try:
+                await self._refuse(refusal)
+            except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _refuse(self, refusal: _Refused) -> bool:
+        hs = [_JSON, *refusal.headers]
+        body = json_body(refusal.reason, refusal.message)
+        await send_response(self.stream, self.conn, refusal.status, hs, body, close=True)
+        return False
+
+    async def _serve(self, request: h11.Request) -> bool:
+        """Answer one request; whether the connection may carry another."""
+        try:
+            checked = await self._check(request)
+        except _Refused as refusal:
+            self.shared.stats.rejections[refusal.reason] += 1
+            return await self._refuse(refusal)
+        if checked is None:
+            return False  # answered already (DELETE)
+        identity, session, sse_ok = checked
+        settings = self.door.settings()
+        body = await self._read_body(settings)
+        if body is None:
+            return False
+        try:
+            return await self._exchange(request, body, identity, session, sse_ok, settings)
+        finally:
+            self.meter.release(len(body))
+
+    # ---------------------------------------------------------------- before the body
+    async def _check(self, request: h11.Request) -> tuple[Identity, McpSession | None, bool] | None:
+        """The checks before the body (see the module docstring): the identity, the session
+        and whether SSE is accepted; ``None`` when the request was answered here.
+
+        Raises:
+            _Refused: the request is refused.
+        """
+        door = self.door
+        settings = door.settings()
+        target = request.target.decode("latin-1")
+        if target.split("?", 1)[0] != "/mcp":
+            raise _Refused(404, "not_found", "the MCP endpoint is /mcp")
+        origins = header_values(request, b"origin")
+        if len(origins) > 1:
+            raise _Refused(400, "bad_request", "more than one Origin header")
+        if not door.origins().allows(origins[0] if origins else None):
+            raise _Refused(
+                403,
+                "forbidden_origin",
+                f"requests from the browser origin {origins[0][:100]!r} are not accepted; "
+                "allow it with EXAI_ALLOWED_ORIGINS",
+            )
+        authorization = header_values(request, b"authorization")
+        if len(authorization) > 1:
+            raise _Refused(400, "bad_request", "more than one Authorization header; send one")
+        identity = door.tokens().authenticate(authorization[0] if authorization else None)
+        if identity is None:
+            raise _Refused(
+                401,
+                "unauthorized",
+                "missing or invalid bearer token",
+                (("WWW-Authenticate", 'Bearer realm="exai"'),),
+            )
+        self._identity = identity
+        method = request.method
+        if method not in (b"POST", b"DELETE"):
+            raise _Refused(
+                405,
+                "method_not_allowed",
+                "POST JSON-RPC messages to /mcp (exai opens no server-initiated stream; "
+                "DELETE ends an initialize-era session)",
+                (("Allow", "POST, DELETE"),),
+            )
+        readiness = self.shared.readiness
+        if readiness.draining or readiness.overloaded_reason is not None:
+            reason = "draining" if readiness.draining else "overloaded"
+            raise _Refused(503, reason, "not accepting now; retry", (("Retry-After", "1"),))
+        session = await self._session(request, identity)
+        if method == b"DELETE":
+            if session is None:
+                raise _Refused(
+                    405,
+                    "method_not_allowed",
+                    "DELETE ends an initialize-era session: send its Mcp-Session-Id",
+                    (("Allow", "POST"),),
+                )
+            await door.revocations.revoke(session)
+            log_event("http.session_ended", client=identity.name)
+            await send_response(self.stream, self.conn, 204, [])
+            return None
+        if _media_types(header_values(request, b"content-type")) != {"application/json"}:
+            raise _Refused(
+                415, "unsupported_media_type", "send the JSON-RPC message as application/json"
+            )
+        accepted = _media_types(header_values(request, b"accept"))
+        if not accepted & {"application/json", "application/*", "*/*"}:
+            raise _Refused(
+                406,
+                "not_acceptable",
+                "the Accept header must include application/json (and text/event-stream for "
+                "streamed progress)",
+            )
+        self._check_version_header(request, session)
+        lengths = header_values(request, b"content-length")
+        limit = settings.max_frame_bytes
+        if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > limit:
+            raise _Refused(
+                413,
+                "payload_too_large",
+                f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
+            )
+        if self.conn.they_are_waiting_for_100_continue:
+            await self.stream.send_all(
+                self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
+        return identity, session, "text/event-stream" in accepted
+
+    async def _session(self, request: h11.Request, identity: Identity) -> McpSession | None:
+        """The request's initialize-era session, or ``None`` without the header.
+
+        Raises:
+            _Refused: two headers (400), or an id this daemon cannot accept for this
+                identity — not signed by the deployment's key, expired, another identity's,
+                or ended (404: "start a new session", as the spec says).
+        """
+        values = header_values(request, b"mcp-session-id")
+        if not values:
+            return None
+        if len(values) > 1:
+            raise _Refused(400, "bad_request", "more than one Mcp-Session-Id header")
+        session = self.door.signer().verify(values[0].strip())
+        unknown = _Refused(
+            404,
+            "unknown_session",
+            "this Mcp-Session-Id is not known (expired, ended, or from another deployment); "
+            "start a new session with initialize",
+        )
+        if isinstance(session, str) or session.identity != identity.name:
+            raise unknown
+        if await self.door.revocations.revoked(session):
+            raise unknown
+        return session
+
+    def _check_version_header(self, request: h11.Request, session: McpSession | None) -> None:
+        for name in _ROUTING_HEADERS:
+            if len(header_values(request, name)) > 1:
+                raise _Refused(400, "bad_request", f"more than one {name.decode()} header")
+        version = header(request, b"mcp-protocol-version")
+        if version is None:
+            return
+        if version not in p.SUPPORTED_VERSIONS:
+            raise _Refused(
+                400,
+                "unsupported_protocol_version",
+                f"MCP-Protocol-Version {version[:40]!r} is not one exai speaks "
+                f"({', '.join(p.SUPPORTED_VERSIONS)})",
+            )
+        if session is not None and version != session.version:
+            raise _Refused(
+                400,
+                "bad_request",
+                f"MCP-Protocol-Version {version!r} is not the version this session negotiated "
+                f"({session.version})",
+            )
+
+    async def _read_body(self, settings: Settings) -> bytes | None:
+        """The request body (within the cap, charged to the budget), or ``None`` after a
+        refusal or when the peer went away."""
+        limit = settings.max_frame_bytes
+        parts: list[bytes] = []
+        size = 0
+        conn = self.conn
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    with trio.move_on_after(settings.handshake_timeout_s) as waited:
+                        data = await self.stream.receive_some(64 * 1024)
+                    if waited.cancelled_caught:
+                        self.shared.stats.rejections["body_timeout"] += 1
+                        await self._try_refuse(
+                            _Refused(408, "body_timeout", "the body did not arrive in time")
+                        )
+                        return None
+                    conn.receive_data(bytes(data))
+                    continue
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > limit:
+                        self.shared.stats.rejections["payload_too_large"] += 1
+                        await self._try_refuse(
+                            _Refused(
+                                413,
+                                "payload_too_large",
+                                f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
+                            )
+                        )
+                        return None
+                    if not self.meter.take(len(event.data)):
+                        self.shared.stats.rejections["overloaded"] += 1
+                        await self._try_refuse(
+                            _Refused(
+                                503,
+                                "overloaded",
+                                "the daemon holds as many client bytes as its budget allows",
+                                (("Retry-After", "1"),),
+                            )
+                        )
+                        return None
+                    parts.append(bytes(event.data))
+                    continue
+                if isinstance(event, h11.EndOfMessage):
+                    body = b"".join(parts)
+                    return body
+                return None  # ConnectionClosed: the client went away mid-body
+        except BaseException:
+            self.meter.release(size)
+            raise
+
+    # ---------------------------------------------------------------- the exchange
+    async def _exchange(
+        self,
+        request: h11.Request,
+        body: bytes,
+        identity: Identity,
+        session: McpSession | None,
+        sse_ok: bool,
+        settings: Settings,
+    ) -> bool:
+        door, shared = self.door, self.shared
+        exchange = _Exchange()
+        core_id = (
+            f"{shared.instance_id}-m{session.nonce}"
+            if session is not None
+            else f"{shared.instance_id}-h{next(_request_ids)}"
+        )
+        core = SessionCore(
+            shared,
+            settings,
+            self.ip,
+            identity,
+            close=self._core_close,
+            id=core_id,
+            encode=exchange.encode,
+            bucket=self.bucket,
+        )
+        core.on_call_done = lambda: core.outbox.close(drop=False)
+        running_key: tuple[str, str] | None = None
+        try:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                await core.send(
+                    p.error(
+                        None,
+                        p.PARSE_ERROR,
+                        f"Parse error: the body is not valid UTF-8 (byte {exc.start})",
+                        {"reason": "parse_error"},
+                    )
+                )
+                return await self._answer(core, exchange, modern=False, extra=())
+            wait = await core.pay_rate(text)
+            if wait > 0:
+                await core.over_rate(text, wait, core.decode)
+                return await self._answer(core, exchange, modern=False, extra=())
+            msg = core.decode(text)
+            modern = False
+            gate: p.EraGate | None = None
+            if isinstance(msg, p.Request | p.Notification):
+                try:
+                    routed = self._route(msg, request, session, core)
+                except _Refused as refusal:
+                    shared.stats.rejections[refusal.reason] += 1
+                    return await self._refuse(refusal)
+                if isinstance(routed, dict):  # a refusal to answer as JSON-RPC
+                    await core.send(routed)
+                    return await self._answer(core, exchange, modern=True, extra=())
+                if routed is None:
+                    return await self._accepted()
+                gate = routed
+                modern = gate.era == "modern"
+                if session is not None and isinstance(msg, p.Request) and not modern:
+                    running_key = (session.nonce, json.dumps(msg.id))
+                    door.running[running_key] = core
+            elif isinstance(msg, p.Response):
+                return await self._accepted()  # (the daemon sends no requests to answer)
+            async with trio.open_nursery() as nursery:
+                core.nursery = nursery
+                handled = await core.handle_message(msg, gate)
+                if handled == "call":
+                    nursery.start_soon(self._watch_disconnect, core, nursery.cancel_scope)
+                    try:
+                        keep = await self._stream(core, exchange, sse_ok, modern, settings)
+                    finally:
+                        nursery.cancel_scope.cancel()
+                    return keep and self.closing_reason is None
+            if handled == "call":
+                return False  # cancelled before its answer: the client went away
+            if handled == "handed_over":
+                shared.stats.rejections["draining"] += 1
+                return await self._refuse(
+                    _Refused(
+                        503, "draining", "this daemon is restarting; retry", (("Retry-After", "1"),)
+                    )
+                )
+            if handled == "nothing":
+                return await self._accepted()
+            extra: tuple[tuple[str, str], ...] = ()
+            if (
+                isinstance(msg, p.Request)
+                and msg.method == "initialize"
+                and exchange.code is None
+                and gate is not None
+                and gate.version is not None
+            ):
+                minted = door.signer().mint(identity.name, gate.version)
+                extra = (("Mcp-Session-Id", minted.id),)
+                log_event("http.session_started", client=identity.name, version=gate.version)
+            return await self._answer(core, exchange, modern=modern, extra=extra)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            core.detach_all()
+            return False
+        finally:
+            if running_key is not None and door.running.get(running_key) is core:
+                del door.running[running_key]
+            core.release_all()
+
+    def _route(
+        self,
+        msg: p.Request | p.Notification,
+        request: h11.Request,
+        session: McpSession | None,
+        core: SessionCore,
+    ) -> p.EraGate | dict[str, Any] | None:
+        """The era gate to serve ``msg`` with; a JSON-RPC error to answer instead; or ``None``
+        for a notification that has been dealt with (202).
+
+        Raises:
+            _Refused: an initialize-era message without its session (400).
+        """
+        params = msg.params
+        version_header = header(request, b"mcp-protocol-version")
+        if p.has_modern_envelope(params) or version_header in p.MODERN_VERSIONS:
+            if isinstance(msg, p.Notification):
+                if msg.method == "notifications/cancelled":
+                    core.cancel(params)  # (only a keyed call can be found without a session)
+                return None
+            mismatch = self._header_mismatch(msg, request)
+            if mismatch is not None:
+                return p.error(msg.id, p.HEADER_MISMATCH, mismatch, {"reason": "header_mismatch"})
+            return p.EraGate(era="modern")
+        if isinstance(msg, p.Request) and msg.method == "initialize":
+            return p.EraGate()
+        if session is None:
+            raise _Refused(
+                400,
+                "bad_request",
+                "this message needs the Mcp-Session-Id that initialize returned (or, for MCP "
+                "2026-07-28, the _meta protocol-version envelope)",
+            )
+        if isinstance(msg, p.Notification):
+            if msg.method == "notifications/cancelled":
+                self._cancel_in_session(session, params, core)
+            return None
+        return p.EraGate(era="handshake", version=session.version)
+
+    @staticmethod
+    def _header_mismatch(msg: p.Request, request: h11.Request) -> str | None:
+        """Why the 2026-07-28 routing headers contradict the body (each checked when sent)."""
+        meta = p.request_meta(msg.params)
+        version = header(request, b"mcp-protocol-version")
+        if version is not None and version != meta.get(p.PROTOCOL_VERSION_META_KEY):
+            return "the MCP-Protocol-Version header does not match the request's _meta version"
+        method = header(request, b"mcp-method")
+        if method is not None and method != msg.method:
+            return "the Mcp-Method header does not match the request's method"
+        name = header(request, b"mcp-name")
+        if (
+            name is not None
+            and msg.method == "tools/call"
+            and _decode_header_value(name) != msg.params.get("name")
+        ):
+            return "the Mcp-Name header does not match the request's tool name"
+        return None
+
+    def _cancel_in_session(
+        self, session: McpSession, params: dict[str, Any], core: SessionCore
+    ) -> None:
+        rid = params.get("requestId")
+        target = None
+        if isinstance(rid, str | int) and not isinstance(rid, bool):
+            target = self.door.running.get((session.nonce, json.dumps(rid)))
+        if target is None or not target.cancel(params):
+            core.cancel(params)  # a bridge-style cancel naming an idempotency key
+
+    async def _core_close(self, code: int, reason: str) -> None:
+        """The core asks to close (sustained abuse): after this answer."""
+        self.closing_reason = (code, reason)
+
+    async def _accepted(self) -> bool:
+        await send_response(self.stream, self.conn, 202, [])
+        return self.closing_reason is None
+
+    async def _answer(
+        self,
+        core: SessionCore,
+        exchange: _Exchange,
+        *,
+        modern: bool,
+        extra: tuple[tuple[str, str], ...],
+    ) -> bool:
+        """Send the one message the core queued for a request answered at once."""
+        outbox = core.outbox
+        if not len(outbox):
+            return await self._accepted()
+        text = await outbox.get()
+        status = _status_for(exchange.code, modern)
+        hs = [_JSON, *extra]
+        await self._timed_send(
+            send_response(self.stream, self.conn, status, hs, text.encode("utf-8"))
+        )
+        outbox.written()
+        return self.closing_reason is None
+
+    async def _timed_send(self, coro: Any) -> None:
+        """Await a write under the writer's deadline (``send_timeout_s`` from the last 64 KiB
+        written): a peer that reads nothing is disconnected."""
+        with trio.CancelScope() as scope:
+            self._write_scope = scope
+            scope.deadline = trio.current_time() + self.door.settings().send_timeout_s
+            await coro
+        self._write_scope = None
+        if scope.cancelled_caught:
+            self.shared.stats.rejections["send_timeout"] += 1
+            log_event("http.send_timeout", logging.WARNING, ip=self.ip)
+            raise trio.BrokenResourceError("the client reads nothing")
+
+    async def _stream(
+        self,
+        core: SessionCore,
+        exchange: _Exchange,
+        sse_ok: bool,
+        modern: bool,
+        settings: Settings,
+    ) -> bool:
+        """Write a call's answer: JSON, or an SSE stream once there is progress to send (or
+        after a heartbeat interval of silence). Whether the connection may be kept."""
+        outbox = core.outbox
+        conn = self.conn
+        interval = settings.heartbeat_interval_s if settings.heartbeat_interval_s > 0 else 15.0
+        committed = False
+        while True:
+            text: str | None = None
+            ended = False
+            with trio.move_on_after(interval if sse_ok else float("inf")):
+                try:
+                    text = await outbox.get()
+                except trio.EndOfChannel:
+                    ended = True
+            if ended:
+                break
+            if text is None:  # silence for a heartbeat interval: keep the stream alive
+                if not committed:
+                    await self._timed_send(self._send_bytes(self._commit_sse()))
+                    committed = True
+                await self._timed_send(
+                    self._send_bytes(conn.send(h11.Data(data=b": keep-alive\n\n")))
+                )
+                continue
+            final = text is exchange.final_text
+            if not committed:
+                if final:
+                    status = _status_for(exchange.code, modern)
+                    await self._timed_send(
+                        send_response(self.stream, conn, status, [_JSON], text.encode("utf-8"))
+                    )
+                    outbox.written()
+                    return True
+                if not sse_ok:
+                    outbox.written()  # progress the client cannot take: drop it
+                    continue
+                await self._timed_send(self._send_bytes(self._commit_sse()))
+                committed = True
+            event = b"event: message\ndata: " + text.encode("utf-8") + b"\n\n"
+            await self._timed_send(self._send_bytes(conn.send(h11.Data(data=event))))
+            outbox.written()
+            if final:
+                await self._timed_send(self._send_bytes(conn.send(h11.EndOfMessage())))
+                return True
+        # the call ended without an answer: cancelled (notifications/cancelled)
+        if committed:
+            await self._timed_send(self._send_bytes(conn.send(h11.EndOfMessage())))
+        elif sse_ok:
+            await self._timed_send(
+                self._send_bytes(self._commit_sse() + conn.send(h11.EndOfMessage()))
+            )
+        else:
+            body = p.encode(
+                p.error(
+                    None, errors.SERVER_ERROR, "the request was cancelled", {"reason": "cancelled"}
+                )
+            )
+            await self._timed_send(
+                send_response(self.stream, conn, 200, [_JSON], body.encode("utf-8"))
+            )
+        return True
+
+    def _commit_sse(self) -> bytes:
+        return self.conn.send(
+            h11.Response(status_code=200, headers=_SSE_HEADERS, reason=reason_phrase(200))
+        )
+
+    async def _send_bytes(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _watch_disconnect(self, core: SessionCore, scope: trio.CancelScope) -> None:
+        """While a call runs: a client that closes its connection cancels it (a keyed call is
+        left its orphan grace). Bytes it sends ahead are kept for the next request (bounded)."""
+        conn = self.conn
+        while len(conn.trailing_data[0]) < _READ_AHEAD_BYTES:
+            try:
+                data = await self.stream.receive_some(16 * 1024)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.closing_reason = (1001, "the client closed the connection")
+                # detach first: a call nobody else watches is cancelled now, even one still
+                # waiting (shielded) for its slots
+                core.detach_all()
+                scope.cancel()
+                return
+            conn.receive_data(bytes(data))

@@ -1,0 +1,517 @@
+"""The Streamable HTTP door (``POST /mcp`` on the WebSocket listener's port), in-process.
+
+Spec: docs/architecture.md "The doors" and exai/server/httpdoor.py. Both eras, the checks
+before the body, SSE scoped to a request, cancellation by closing the connection or by
+``notifications/cancelled``, exactly-once by idempotency key, tool argument errors by the
+negotiated version (on WebSocket too), session ids that sign what they carry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from exai.config import Secret
+from exai.server.mcp_sessions import SessionSigner
+from exai.tools.base import ToolContext, ToolResult, ToolSpec
+from tests.daemon_tools import COUNT, SLEEP
+from tests.helpers import Rpc, make_settings, registry_with, running_daemon, ws
+from tests.httpmcp import (
+    ACCEPT_BOTH,
+    MODERN,
+    answer_of,
+    envelope,
+    http_url,
+    mcp_http,
+    raw_exchange,
+    request_bytes,
+    sse_messages,
+)
+
+pytestmark = pytest.mark.anyio
+
+OBJ: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": True}
+JSON_HEADERS = [("Content-Type", "application/json"), ("Accept", ACCEPT_BOTH)]
+
+
+class Probe:
+    """A tool that reports what happened to its executions."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+        self.started_event = trio.Event()
+        self.cancelled_event = trio.Event()
+        self.release = trio.Event()
+        self.spec = ToolSpec(name="probe", description="probe", input_schema=OBJ, handler=self.run)
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        self.started += 1
+        self.started_event.set()
+        try:
+            if args.get("progress"):
+                await ctx.progress(progress=1, total=2, message="half way")
+            await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled += 1
+            self.cancelled_event.set()
+            raise
+        return ToolResult(text=f"done {self.started}")
+
+
+def _settings(tmp_path: Path, **kw: Any) -> Any:
+    return make_settings(tmp_path, **kw)
+
+
+# ------------------------------------------------------------------------------ eras
+
+
+async def test_initialize_returns_a_session_id_that_later_requests_carry(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        init = await mcp.initialize("2025-06-18")
+        assert init["result"]["protocolVersion"] == "2025-06-18"
+        assert mcp.session_id and mcp.session_id.startswith("v1.")
+        listed = await mcp.request("tools/list")
+        assert "version" in {t["name"] for t in listed["result"]["tools"]}
+        version = await mcp.call("version")
+        assert version["result"]["isError"] is False
+
+
+async def test_a_2026_request_is_served_without_a_session_and_gets_the_modern_result(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        discover = await mcp.request("server/discover")
+        assert discover["result"]["supportedVersions"] == [MODERN]
+        response = await mcp.post(mcp.message("tools/list"))
+        assert "mcp-session-id" not in response.headers
+        listed = response.json()["result"]
+        assert listed["resultType"] == "complete" and listed["ttlMs"] == 0
+
+
+async def test_get_and_delete_without_a_session_are_405(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, httpx.AsyncClient() as client:
+        url = http_url(d.url)
+        got = await client.get(url, headers={"Accept": "text/event-stream"})
+        assert got.status_code == 405 and "POST" in got.headers["allow"]
+        deleted = await client.delete(url)
+        assert deleted.status_code == 405
+
+
+async def test_a_handshake_message_without_its_session_id_is_400(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        # neither a session id nor the 2026-07-28 envelope: not a message of any era
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+        response = await mcp.client.post(mcp.url, json=msg, headers=mcp.headers())
+        assert response.status_code == 400
+        assert response.json()["error"] == "bad_request"
+        assert "Mcp-Session-Id" in response.json()["message"]
+
+
+async def test_initialize_in_the_2026_era_is_refused_so_the_client_reprobes(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "_meta": envelope()}
+        response = await mcp.post(mcp.message("initialize", params))
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == -32022
+
+
+# ------------------------------------------------------------------------------ sessions
+
+
+async def test_a_session_id_signed_with_another_key_is_unknown(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        forged = SessionSigner(b"k" * 32, 3600).mint("anonymous", "2025-11-25")
+        mcp.session_id, mcp.version = forged.id, "2025-11-25"
+        response = await mcp.post(mcp.message("tools/list"))
+        assert response.status_code == 404
+        assert response.json()["error"] == "unknown_session"
+
+
+async def test_a_session_id_that_is_garbage_is_404_and_two_of_them_are_400(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d:
+        for value, status in (("not-a-session", 404), ("v1.x.y", 404), ("v1." + "a" * 600, 404)):
+            headers = [*JSON_HEADERS, ("Mcp-Session-Id", value)]
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+            got, _, _ = await raw_exchange(d.url, request_bytes(d.url, body, headers=headers))
+            assert got == status
+        headers = [*JSON_HEADERS, ("Mcp-Session-Id", "a"), ("Mcp-Session-Id", "b")]
+        got, _, body = await raw_exchange(d.url, request_bytes(d.url, b"{}", headers=headers))
+        assert got == 400 and b"more than one Mcp-Session-Id" in body
+
+
+async def test_a_session_ends_with_delete(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        await mcp.initialize()
+        ended = await mcp.client.delete(mcp.url, headers=mcp.headers())
+        assert ended.status_code == 204
+        after = await mcp.post(mcp.message("tools/list"))
+        assert after.status_code == 404
+
+
+async def test_a_session_id_expires_after_its_ttl(tmp_path):
+    async with (
+        running_daemon(_settings(tmp_path, http_session_ttl_s=60.0)) as d,
+        mcp_http(d.url) as mcp,
+    ):
+        await mcp.initialize()
+        assert (await mcp.post(mcp.message("ping"))).status_code == 200
+        real = d.signer.clock
+        d.signer.clock = lambda: real() + 61
+        try:
+            assert (await mcp.post(mcp.message("ping"))).status_code == 404
+        finally:
+            d.signer.clock = real
+
+
+async def test_a_session_belongs_to_the_identity_that_started_it(tmp_path):
+    settings = _settings(tmp_path, tokens=Secret("alice:" + "a" * 40 + ",bob:" + "b" * 40))
+    async with running_daemon(settings) as d, mcp_http(d.url, token="a" * 40) as alice:
+        await alice.initialize()
+        async with mcp_http(d.url, token="b" * 40) as bob:
+            bob.session_id, bob.version = alice.session_id, alice.version
+            stolen = await bob.post(bob.message("tools/list"))
+            assert stolen.status_code == 404
+
+
+async def test_the_protocol_version_header_must_be_one_exai_speaks_and_the_sessions(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        await mcp.initialize("2025-06-18")
+        other = await mcp.post(mcp.message("ping"), **{"MCP-Protocol-Version": "2025-11-25"})
+        assert other.status_code == 400
+        unknown = await mcp.post(mcp.message("ping"), **{"MCP-Protocol-Version": "1999-01-01"})
+        assert unknown.status_code == 400
+        assert unknown.json()["error"] == "unsupported_protocol_version"
+
+
+async def test_2026_routing_headers_that_contradict_the_body_are_refused(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        msg = mcp.message("tools/call", {"name": "version", "arguments": {}})
+        for headers in ({"Mcp-Method": "tools/list"}, {"Mcp-Name": "status"}):
+            response = await mcp.post(msg, **headers)
+            assert response.status_code == 400
+            assert response.json()["error"]["code"] == -32020
+        agreeing = await mcp.post(
+            msg,
+            **{"Mcp-Method": "tools/call", "Mcp-Name": "version", "MCP-Protocol-Version": MODERN},
+        )
+        assert agreeing.status_code == 200 and agreeing.json()["result"]["isError"] is False
+
+
+# ------------------------------------------------------------------------------ before the body
+
+
+async def test_refusals_before_the_body_each_say_what_was_wrong(tmp_path):
+    async with running_daemon(_settings(tmp_path, max_frame_bytes=4096)) as d:
+        url = d.url
+        body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+        cases = [
+            ([("Content-Type", "text/plain"), ("Accept", ACCEPT_BOTH)], body, 415),
+            ([("Content-Type", "application/json")], body, 406),
+            ([("Content-Type", "application/json"), ("Accept", "text/html")], body, 406),
+            ([*JSON_HEADERS, ("Origin", "http://evil.example")], body, 403),
+            ([*JSON_HEADERS, ("Origin", "null")], body, 403),
+            (
+                [*JSON_HEADERS, ("Authorization", "Bearer a"), ("Authorization", "Bearer b")],
+                body,
+                400,
+            ),
+        ]
+        for headers, payload, status in cases:
+            got, _, text = await raw_exchange(url, request_bytes(url, payload, headers=headers))
+            assert got == status, (headers, text)
+            assert "error" in json.loads(text)
+        # a body over the cap is refused by its Content-Length, before it is sent
+        big = request_bytes(url, b"", headers=JSON_HEADERS, content_length=5000)
+        got, _, text = await raw_exchange(url, big)
+        assert got == 413 and b"EXAI_MAX_FRAME_BYTES=4096" in text
+        # a loopback Origin (the user's own tools) is served
+        headers = [*JSON_HEADERS, ("Origin", "http://localhost:6274")]
+        msg = json.dumps(
+            {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": envelope()}}
+        )
+        got, _, _ = await raw_exchange(url, request_bytes(url, msg.encode(), headers=headers))
+        assert got == 200
+
+
+async def test_a_chunked_body_over_the_cap_is_refused_at_the_first_byte_over(tmp_path):
+    async with running_daemon(_settings(tmp_path, max_frame_bytes=4096)) as d:
+        chunk = b"x" * 3000
+        data = request_bytes(
+            d.url, headers=[*JSON_HEADERS, ("Transfer-Encoding", "chunked")], method="PUT"
+        ).replace(b"PUT", b"POST", 1)
+        data += b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2
+        got, _, _text = await raw_exchange(d.url, data)
+        assert got == 413
+
+
+async def test_bad_json_and_a_batch_are_400_with_a_jsonrpc_error(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d:
+        for payload, code in ((b'{"jsonrpc": "2.0", "id": 1,', -32700), (b"[{}, {}]", -32600)):
+            got, headers, text = await raw_exchange(
+                d.url, request_bytes(d.url, payload, headers=JSON_HEADERS)
+            )
+            assert got == 400 and headers["content-type"] == "application/json"
+            assert json.loads(text)["error"]["code"] == code
+
+
+async def test_a_bad_token_is_401_with_www_authenticate(tmp_path):
+    async with running_daemon(_settings(tmp_path, tokens=Secret("c" * 40))) as d:
+        async with mcp_http(d.url, token="wrong" * 10) as mcp:
+            response = await mcp.post(mcp.message("ping"))
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        async with mcp_http(d.url, token="c" * 40) as mcp:
+            assert (await mcp.post(mcp.message("ping"))).status_code == 200
+
+
+async def test_a_draining_daemon_refuses_a_post_with_503_before_reading_its_body(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d:
+        parts = http_url(d.url).split("/")[2].split(":")
+        stream = await trio.open_tcp_stream(parts[0], int(parts[1]))
+        async with stream:
+            d.readiness.draining = True
+            try:
+                # headers only: the body (1 MB announced) is never sent
+                head = request_bytes(d.url, headers=JSON_HEADERS, content_length=1_000_000)
+                await stream.send_all(head)
+                with trio.fail_after(10):
+                    reply = b""
+                    while b"\r\n\r\n" not in reply:
+                        reply += await stream.receive_some(4096)
+            finally:
+                d.readiness.draining = False
+        assert reply.startswith(b"HTTP/1.1 503")
+        assert b"retry-after: 1" in reply.lower()
+
+
+async def test_expect_100_continue_is_answered_after_the_checks(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d:
+        msg = json.dumps(
+            {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": envelope()}}
+        )
+        data = request_bytes(
+            d.url, msg.encode(), headers=[*JSON_HEADERS, ("Expect", "100-continue")]
+        )
+        got, _, text = await raw_exchange(d.url, data)
+        assert got == 200 and json.loads(text)["result"]["resultType"] == "complete"
+
+
+# ------------------------------------------------------------------------------ answers
+
+
+async def test_progress_switches_the_answer_to_an_sse_stream_scoped_to_the_request(tmp_path):
+    async with (
+        running_daemon(_settings(tmp_path), registry_with(SLEEP)) as d,
+        mcp_http(d.url) as mcp,
+    ):
+        await mcp.initialize()
+        msg = mcp.message(
+            "tools/call",
+            {"name": "sleep", "arguments": {"seconds": 1}, "_meta": {"progressToken": "p"}},
+        )
+        response = await mcp.post(msg)
+        assert response.headers["content-type"].startswith("text/event-stream")
+        messages = sse_messages(response.text)
+        assert messages[0]["method"] == "notifications/progress"
+        assert messages[0]["params"]["progressToken"] == "p"
+        assert messages[-1]["id"] == msg["id"] and messages[-1]["result"]["isError"] is False
+        # a client that takes JSON only gets the answer as JSON, its progress dropped
+        json_only = await mcp.post(msg, Accept="application/json")
+        assert json_only.headers["content-type"] == "application/json"
+        assert json_only.json()["result"]["content"][0]["text"] == "slept"
+
+
+async def test_a_silent_call_keeps_its_sse_stream_alive_with_comments(tmp_path):
+    probe = Probe()
+    settings = _settings(tmp_path, heartbeat_interval_s=0.2)
+    async with running_daemon(settings, registry_with(probe.spec)) as d, mcp_http(d.url) as mcp:
+        async with trio.open_nursery() as nursery:
+
+            async def release() -> None:
+                await probe.started_event.wait()
+                await trio.sleep(1.0)
+                probe.release.set()
+
+            nursery.start_soon(release)
+            response = await mcp.post(mcp.message("tools/call", {"name": "probe", "arguments": {}}))
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert ": keep-alive" in response.text
+        assert answer_of(response)["result"]["content"][0]["text"] == "done 1"
+
+
+async def test_two_requests_share_one_keep_alive_connection(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        await mcp.initialize()
+        for _ in range(3):
+            assert (await mcp.request("ping"))["result"] == {}
+        assert d.admission.accepted_total == 1
+
+
+# ------------------------------------------------------------------------------ cancellation
+
+
+async def test_a_client_that_closes_its_connection_cancels_the_call(tmp_path):
+    probe = Probe()
+    async with running_daemon(_settings(tmp_path), registry_with(probe.spec)) as d:
+        async with trio.open_nursery() as nursery:
+
+            async def post_then_go() -> None:
+                async with mcp_http(d.url) as mcp:
+                    await mcp.post(mcp.message("tools/call", {"name": "probe", "arguments": {}}))
+
+            cancel = trio.CancelScope()
+
+            async def run() -> None:
+                with cancel:
+                    await post_then_go()
+
+            nursery.start_soon(run)
+            with trio.fail_after(10):
+                await probe.started_event.wait()
+            cancel.cancel()  # the client goes: its connection closes
+            with trio.fail_after(10):
+                await probe.cancelled_event.wait()
+        assert probe.cancelled == 1
+        with trio.fail_after(10):
+            while d.inflight.borrowed_tokens:
+                await trio.sleep(0.01)
+
+
+async def test_notifications_cancelled_in_the_session_cancels_the_call(tmp_path):
+    probe = Probe()
+    async with (
+        running_daemon(_settings(tmp_path), registry_with(probe.spec)) as d,
+        mcp_http(d.url) as mcp,
+        mcp_http(d.url) as other,
+    ):
+        await mcp.initialize("2025-06-18")
+        other.session_id, other.version = mcp.session_id, mcp.version
+        msg = mcp.message("tools/call", {"name": "probe", "arguments": {}}, id="slow")
+        result: list[httpx.Response] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                result.append(await mcp.post(msg))
+
+            nursery.start_soon(call)
+            with trio.fail_after(10):
+                await probe.started_event.wait()
+            cancel = {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": "slow", "reason": "user"},
+            }
+            accepted = await other.post(cancel)  # another connection, the same session
+            assert accepted.status_code == 202
+        assert probe.cancelled == 1
+        # the request ends without an answer (an SSE stream with nothing in it)
+        assert result[0].status_code == 200
+        assert sse_messages(result[0].text) == []
+
+
+async def test_a_retry_with_the_same_idempotency_key_joins_the_first_execution(tmp_path):
+    path = tmp_path / "runs"
+    async with running_daemon(_settings(tmp_path), registry_with(COUNT)) as d:
+        meta = {"exai/idempotencyKey": "key-1", **envelope()}
+        args = {"path": str(path), "seconds": 1.0}
+        async with mcp_http(d.url) as first, trio.open_nursery() as nursery:
+            cancel = trio.CancelScope()
+
+            async def go() -> None:
+                with cancel:
+                    await first.call("count", args, meta=meta)
+
+            nursery.start_soon(go)
+            with trio.fail_after(10):
+                while not path.exists():
+                    await trio.sleep(0.01)
+            cancel.cancel()  # the first connection breaks while the call runs
+        async with mcp_http(d.url) as retry:
+            again = await retry.call("count", args, meta=meta)
+        assert again["result"]["content"][0]["text"] == "1"
+        assert path.read_text().splitlines() == ["started"]
+
+
+# ------------------------------------------------------------------------------ argument errors
+
+
+@pytest.mark.parametrize(
+    ("version", "as_result"),
+    [("2025-03-26", False), ("2025-06-18", False), ("2025-11-25", True), (MODERN, True)],
+)
+async def test_argument_errors_follow_the_negotiated_version_over_http(
+    tmp_path, version, as_result
+):
+    async with (
+        running_daemon(_settings(tmp_path), registry_with(SLEEP)) as d,
+        mcp_http(d.url) as mcp,
+    ):
+        if version != MODERN:
+            await mcp.initialize(version)
+        reply = await mcp.call("sleep", {"seconds": "soon"})
+        if as_result:
+            result = reply["result"]
+            assert result["isError"] is True
+            assert "arguments.seconds" in result["content"][0]["text"]
+            assert result["structuredContent"]["error"]["data"]["field"] == "arguments.seconds"
+        else:
+            assert reply["error"]["code"] == -32602
+        # an unknown tool is a protocol error in every version
+        unknown = await mcp.call("no-such-tool")
+        assert unknown["error"]["code"] == -32602
+
+
+@pytest.mark.parametrize(
+    ("version", "as_result"), [(None, False), ("2025-06-18", False), ("2025-11-25", True)]
+)
+async def test_argument_errors_follow_the_negotiated_version_over_websocket(
+    tmp_path, version, as_result
+):
+    async with running_daemon(_settings(tmp_path), registry_with(SLEEP)) as d, ws(d) as conn:
+        rpc = Rpc(conn)
+        if version is not None:
+            await rpc.request("initialize", {"protocolVersion": version, "capabilities": {}})
+        reply = await rpc.call("sleep", {"seconds": "soon"})
+        if as_result:
+            assert reply["result"]["isError"] is True
+        else:
+            assert reply["error"]["code"] == -32602
+
+
+# ------------------------------------------------------------------------------ WebSocket beside
+
+
+async def test_a_websocket_upgrade_with_a_foreign_origin_is_refused(tmp_path):
+    from trio_websocket import ConnectionRejected, open_websocket_url
+
+    async with running_daemon(_settings(tmp_path)) as d:
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(d.url, extra_headers=[("Origin", "http://evil.example")]):
+                pass
+        assert info.value.status_code == 403
+        async with ws(d) as conn:  # no Origin: not a browser
+            assert (await Rpc(conn).request("ping"))["result"] == {}
+
+
+async def test_the_websocket_and_http_doors_share_one_port(tmp_path):
+    async with running_daemon(_settings(tmp_path)) as d, ws(d) as conn, mcp_http(d.url) as mcp:
+        assert (await Rpc(conn).request("ping"))["result"] == {}
+        assert (await mcp.request("ping"))["result"]["resultType"] == "complete"
+
+
+def test_settings_refuse_a_short_signing_key_and_a_bad_origin():
+    from exai.config import Settings
+    from exai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 32"):
+        Settings.from_env({"EXAI_SESSION_SIGNING_KEY": "short"}, env_file="", config_file="")
+    with pytest.raises(ConfigError, match="EXAI_ALLOWED_ORIGINS"):
+        Settings.from_env({"EXAI_ALLOWED_ORIGINS": "evil.example"}, env_file="", config_file="")
+    ok = Settings.from_env(
+        {"EXAI_ALLOWED_ORIGINS": "https://app.example,http://[::1]:*"}, env_file="", config_file=""
+    )
+    assert ok.allowed_origins == ("https://app.example", "http://[::1]:*")
