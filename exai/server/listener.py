@@ -188,6 +188,19 @@ class Listener:
                     self.stats.rejections["handshake_timeout"] += 1
                 return  # (the peer closed before a request)
             request = head.request
+            if request.http_version not in (b"1.0", b"1.1"):
+                # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head)
+                self.stats.rejections["bad_request"] += 1
+                version = request.http_version.decode("ascii", "replace")
+                await send_response(
+                    stream,
+                    http,
+                    505,
+                    [_JSON_CT],
+                    json_body("bad_request", f"HTTP/{version} is not served; use HTTP/1.1"),
+                    close=True,
+                )
+                return
             # behind a trusted balancer, the client is who X-Forwarded-For names
             ip = client_address(
                 ip, header_values(request, b"x-forwarded-for"), self.trusted_proxies
