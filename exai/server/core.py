@@ -213,6 +213,9 @@ class SessionCore:
         self.closing_reason: tuple[int, str] | None = None
         #: called when a responder has finished (answered, refused or cancelled)
         self.on_call_done: Callable[[], None] | None = None
+        #: a call of this core was cancelled by its client (``notifications/cancelled``): a
+        #: call that ends unanswered without it was handed over or stopped by the daemon
+        self.cancelled_by_client = False
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -747,6 +750,7 @@ class SessionCore:
                 return True
             return False
         ex, watcher, responder_scope = entry
+        self.cancelled_by_client = True
         responder_scope.cancel()
         if ex.watchers == [watcher]:
             ex.cancel()

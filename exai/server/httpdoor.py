@@ -780,7 +780,26 @@ class HttpConnection:
             if final:
                 await self._timed_send(self._send_bytes(conn.send(h11.EndOfMessage())))
                 return True
-        # the call ended without an answer: cancelled (notifications/cancelled)
+        if not core.cancelled_by_client:
+            # ended without an answer, and not by its client: handed over by a draining daemon
+            # or stopped at shutdown — never run to its end here, so the client (or the
+            # balancer) is told to send it again: 503 while nothing was sent, else a stream cut
+            # before its end (a transport error the client retries on)
+            self.shared.stats.rejections["draining"] += 1
+            if committed:
+                raise trio.BrokenResourceError("unanswered: the call must be sent again")
+            await self._timed_send(
+                send_response(
+                    self.stream,
+                    conn,
+                    503,
+                    [_JSON, ("Retry-After", "1")],
+                    json_body("draining", "this daemon is restarting; retry"),
+                    close=True,
+                )
+            )
+            return False
+        # cancelled by its client (notifications/cancelled): the request ends without an answer
         if committed:
             await self._timed_send(self._send_bytes(conn.send(h11.EndOfMessage())))
         elif sse_ok:

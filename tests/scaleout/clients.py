@@ -1,10 +1,16 @@
-"""Clients of the scale-out tests: real ``exai bridge`` processes and plain WebSocket sessions.
+"""Clients of the scale-out tests: real ``exai bridge`` processes, and the official SDK over
+Streamable HTTP.
 
 :class:`BridgeClient` is what an editor runs: the ``exai bridge`` process speaking
 newline-delimited JSON-RPC on its stdin/stdout, connected through the balancer, reconnecting and
 re-sending unanswered calls with the same idempotency keys when its daemon goes away. The test
 writes requests to its stdin and collects every line of its stdout, so "answered once" is
 counted on what the editor would see.
+
+:class:`SdkHttpClient` is the official Python SDK's ``Client`` over Streamable HTTP through the
+balancer (``cluster.http_url``), with a transport that re-sends a POST whose answer did not
+arrive whole (:class:`RetryingTransport`) — what an HTTP client of a balanced deployment does —
+and an idempotency key on every call, so that a re-sent call is the same execution.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import trio
 
 from tests.scaleout.cluster import base_env
@@ -120,3 +127,126 @@ async def open_bridge(url: str, log: Path, name: str = "bridge") -> AsyncIterato
     finally:
         if proc.returncode is None:
             proc.kill()
+
+
+class RetryingTransport(httpx2.AsyncBaseTransport):
+    """An httpx2 transport for the official SDK that re-sends a POST whose answer did not
+    arrive whole — connection refused or reset, 502/503/504 (a daemon killed or draining), an
+    SSE stream cut mid-way — byte for byte (the same request id and idempotency key), with
+    backoff, and buffers each answer whole before the SDK reads it (so a cut stream is a retry,
+    not an error the SDK would report).
+
+    What a client of a balanced deployment does; the SDK itself retries nothing.
+    """
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, *, within_s: float = 120.0) -> None:
+        self.inner = inner
+        self.within_s = within_s
+        #: POSTs sent again
+        self.retries = 0
+        #: the last ``Mcp-Session-Id`` a request carried (initialize era)
+        self.session_id: str | None = None
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        delay = 0.05
+        deadline = trio.current_time() + self.within_s
+        self.session_id = request.headers.get("mcp-session-id") or self.session_id
+        while True:
+            try:
+                response = await self.inner.handle_async_request(request)
+                try:
+                    if request.method == "POST" and response.status_code in (502, 503, 504):
+                        raise _Again(f"HTTP {response.status_code}")
+                    content = await response.aread()
+                finally:
+                    await response.aclose()
+                headers = [
+                    (k, v)
+                    for k, v in response.headers.multi_items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
+                ]
+                return httpx2.Response(
+                    response.status_code, headers=headers, content=content, request=request
+                )
+            except (httpx2.TransportError, _Again):
+                if request.method != "POST" or trio.current_time() + delay > deadline:
+                    raise
+                self.retries += 1
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Again(Exception):
+    """An answer that says: send the request again (elsewhere)."""
+
+
+class SdkHttpClient:
+    """The official Python SDK's ``Client`` over Streamable HTTP, with
+    :class:`RetryingTransport`; its calls carry an idempotency key (``<name>:<id>``), so a
+    re-sent call joins or gets the one execution. The same interface as :class:`BridgeClient`
+    (``call``, ``answers``, ``wait_answer``) for the scale-out experiments."""
+
+    def __init__(self, client: Any, transport: RetryingTransport, name: str, nursery: Any) -> None:
+        self.client = client
+        self.transport = transport
+        self.name = name
+        self._nursery = nursery
+        self.answers: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        self.notifications: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+
+    def transport_session_id(self) -> str | None:
+        """The ``Mcp-Session-Id`` the client's requests carry (initialize era)."""
+        return self.transport.session_id
+
+    async def initialize(self) -> None:
+        """Reach the daemon once (the handshake already happened when the client opened)."""
+        await self.client.list_tools()
+
+    async def call(self, id: Any, tool: str, arguments: dict[str, Any]) -> None:
+        """Start a ``tools/call`` (the answer arrives in :attr:`answers`)."""
+        self._nursery.start_soon(self._call, id, tool, arguments)
+
+    async def _call(self, id: Any, tool: str, arguments: dict[str, Any]) -> None:
+        from mcp.shared.exceptions import MCPError
+
+        try:
+            result = await self.client.call_tool(
+                tool, arguments, meta={"exai/idempotencyKey": f"{self.name}:{id}"}
+            )
+            answer: dict[str, Any] = {
+                "id": id,
+                "result": result.model_dump(by_alias=True, mode="json", exclude_none=True),
+            }
+        except MCPError as exc:
+            answer = {"id": id, "error": {"code": exc.code, "message": str(exc)}}
+        self.answers[id].append(answer)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_answer(self, id: Any) -> dict[str, Any]:
+        while not self.answers.get(id):
+            await self._changed.wait()
+        return self.answers[id][0]
+
+
+@asynccontextmanager
+async def open_sdk_http(
+    url: str, name: str = "http", *, mode: str = "auto"
+) -> AsyncIterator[SdkHttpClient]:
+    """The official SDK's client at ``url`` (Streamable HTTP) in ``mode`` (``"auto"``: the
+    2026-07-28 era when the server speaks it; ``"legacy"``: the initialize era)."""
+    from mcp.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    transport = RetryingTransport(httpx2.AsyncHTTPTransport())
+    http = httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(30.0, read=300.0))
+    async with (
+        http,
+        Client(streamable_http_client(url, http_client=http), mode=mode) as client,
+        trio.open_nursery() as nursery,
+    ):
+        yield SdkHttpClient(client, transport, name, nursery)

@@ -19,9 +19,10 @@ The reusable part of the scale-out tests (and of the ``scale_out`` benchmark)::
   ``EXAI_STORAGE_URL``, ``EXAI_REDIS_URL`` and ``EXAI_REDIS_KEY_PREFIX``. Their provider is
   ``mock`` at ``mock_url``.
 
-The HTTP door (Streamable HTTP at ``POST /mcp``, issue 15) will arrive on the same listener and
-port as the WebSocket door, so this harness needs nothing new for it: ``cluster.http_url`` is
-where an HTTP client posts, and HAProxy's HTTP mode balances those requests per request.
+The HTTP door (Streamable HTTP at ``POST /mcp``) is on the same listener and port as the
+WebSocket door: ``cluster.http_url`` is where an HTTP client posts, and HAProxy's HTTP mode
+balances those requests one by one. The daemons share one ``EXAI_SESSION_SIGNING_KEY`` (made
+per cluster), so any of them accepts an initialize-era session id another one minted.
 
 Processes are started and stopped from worker threads (their pipes are read by threads), so the
 test's trio loop never blocks on them.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -108,6 +110,11 @@ class DaemonProcess:
     def url(self) -> str:
         """The daemon's own WebSocket URL (bypassing the balancer)."""
         return f"ws://127.0.0.1:{self.port}/mcp"
+
+    @property
+    def http_url(self) -> str:
+        """The daemon's own Streamable HTTP URL (bypassing the balancer)."""
+        return f"http://127.0.0.1:{self.port}/mcp"
 
     @property
     def admin_url(self) -> str:
@@ -339,7 +346,7 @@ class Cluster:
 
     @property
     def http_url(self) -> str:
-        """Where the Streamable HTTP door will be reached through the balancer (issue 15)."""
+        """Where Streamable HTTP clients post: the balancer's ``/mcp``."""
         return f"http://127.0.0.1:{self.lb.port}/mcp"
 
     async def wait_servers(self, want: Mapping[str, str], bound_s: float = START_WITHIN_S) -> None:
@@ -424,6 +431,8 @@ async def open_cluster(
     await trio.Path(directory).mkdir(parents=True, exist_ok=True)
     ports = free_ports(1 + 2 * SERVERS)
     lb_port, rest = ports[0], ports[1:]
+    # what every daemon of a deployment shares (docs/deploy.md), the session-signing key too
+    shared = {"EXAI_SESSION_SIGNING_KEY": secrets.token_urlsafe(32), **(env or {})}
     daemons = []
     lb_env = base_env(
         EXAI_LB_BIND=f"127.0.0.1:{lb_port}",
@@ -448,7 +457,7 @@ async def open_cluster(
                     storage_url=storage_url,
                     redis_url=redis_url,
                     redis_prefix=redis_prefix,
-                    extra=env,
+                    extra=shared,
                 ),
                 argv=list(argv),
             )

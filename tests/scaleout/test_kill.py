@@ -1,8 +1,12 @@
-"""One daemon SIGKILLed during a burst of calls through HAProxy from ``exai bridge`` clients.
+"""One daemon SIGKILLed during a burst of calls through HAProxy from clients that retry.
 
-The clients are real ``exai bridge`` processes connected to the balancer. When their daemon dies
-they reconnect (HAProxy sends them to a live daemon) and re-send every unanswered call with its
-original id and idempotency key. What must hold, counted at the three places that matter:
+The clients are real ``exai bridge`` processes connected to the balancer over WebSocket, and the
+official Python SDK over Streamable HTTP (``SdkHttpClient``: every call carries an idempotency
+key, and a POST whose answer did not arrive whole is sent again). When their daemon dies the
+bridges reconnect (HAProxy sends them to a live daemon) and re-send every unanswered call with
+its original id and idempotency key; the HTTP clients' POSTs are re-sent, by HAProxy
+(``retry-on``) or by the client, to a live daemon. What must hold, counted at the three places
+that matter:
 
 * the editor: every call answered exactly once, none with an error;
 * the upstream: at most one *completed* answer per call (what a provider would bill);
@@ -28,7 +32,7 @@ import pytest
 import trio
 
 from exai.testing import MockUpstream
-from tests.scaleout.clients import BridgeClient, open_bridge
+from tests.scaleout.clients import BridgeClient, SdkHttpClient, open_bridge, open_sdk_http
 from tests.scaleout.cluster import Cluster, DaemonProcess
 from tests.scaleout.conftest import ClusterFactory
 
@@ -57,7 +61,10 @@ def turns_by_content(database: str, schema: str) -> Counter[tuple[str, str]]:
 
 
 async def _run_bridge(
-    bridge: BridgeClient, prompts: list[str], answered: list[str], changed: list[trio.Event]
+    bridge: BridgeClient | SdkHttpClient,
+    prompts: list[str],
+    answered: list[str],
+    changed: list[trio.Event],
 ) -> None:
     """Send ``prompts`` as ``chat`` calls, :data:`PIPELINE` at a time, in order."""
     limiter = trio.Semaphore(PIPELINE)
@@ -95,20 +102,28 @@ async def kill_mid_burst(
     *,
     bridges: int,
     calls_per_bridge: int,
+    http_clients: int = 0,
 ) -> dict[str, Any]:
-    """The experiment; returns what was counted (the test asserts on it)."""
+    """The experiment; returns what was counted (the test asserts on it). Clients ``b0`` …
+    are ``bridges`` bridges, then ``http_clients`` SDK clients over HTTP."""
     mock.latency_s = 0.05
-    prompts = {b: [f"kill-{b}-{i}" for i in range(calls_per_bridge)] for b in range(bridges)}
-    total = bridges * calls_per_bridge
+    n_clients = bridges + http_clients
+    prompts = {b: [f"kill-{b}-{i}" for i in range(calls_per_bridge)] for b in range(n_clients)}
+    total = n_clients * calls_per_bridge
     answered: list[str] = []
     changed = [trio.Event()]
-    clients: list[BridgeClient] = []
+    clients: list[BridgeClient | SdkHttpClient] = []
     facts: dict[str, Any] = {}
     with trio.fail_after(WITHIN_S):
         async with trio.open_nursery() as outer:
 
             async def run_one(b: int, ready: trio.Event) -> None:
-                async with open_bridge(cluster.url, tmp_path / f"bridge{b}.log", f"b{b}") as br:
+                opened: Any = (
+                    open_bridge(cluster.url, tmp_path / f"bridge{b}.log", f"b{b}")
+                    if b < bridges
+                    else open_sdk_http(cluster.http_url, f"b{b}")
+                )
+                async with opened as br:
                     await br.initialize()
                     clients.append(br)
                     ready.set()
@@ -116,7 +131,7 @@ async def kill_mid_burst(
                     await _run_bridge(br, prompts[b], answered, changed)
 
             go = trio.Event()
-            for b in range(bridges):
+            for b in range(n_clients):
                 ready = trio.Event()
                 outer.start_soon(run_one, b, ready)
                 await ready.wait()
@@ -143,7 +158,12 @@ async def kill_mid_burst(
     answers = {p: c.answers.get(p, []) for c in clients for p in prompts[int(c.name[1:])]}
     facts["answered_once"] = sum(1 for a in answers.values() if len(a) == 1)
     facts["errors"] = [a for lst in answers.values() for a in lst if "error" in a]
-    facts["is_error"] = [a for lst in answers.values() for a in lst if a["result"].get("isError")]
+    facts["is_error"] = [
+        a for lst in answers.values() for a in lst if a.get("result", {}).get("isError")
+    ]
+    facts["http_retries"] = sum(
+        c.transport.retries for c in clients if isinstance(c, SdkHttpClient)
+    )
     completed_per_call = Counter(b["messages"][-1]["content"] for b in mock.completed)
     facts["completed_per_call"] = Counter(completed_per_call[p] for p in answers)
     facts["upstream_requests"] = len(mock.chat_requests)
@@ -174,7 +194,9 @@ async def test_a_daemon_killed_during_a_burst_through_haproxy_loses_and_doubles_
     pg_schema: str,
 ) -> None:
     async with cluster_factory() as cluster:
-        facts = await kill_mid_burst(cluster, mock, tmp_path, bridges=6, calls_per_bridge=10)
+        facts = await kill_mid_burst(
+            cluster, mock, tmp_path, bridges=4, http_clients=2, calls_per_bridge=10
+        )
     turns = await trio.to_thread.run_sync(turns_by_content, pg_database, pg_schema)
     print(facts)
     assert_nothing_lost_or_doubled(facts, turns, 60)
@@ -189,7 +211,9 @@ async def test_500_calls_and_a_daemon_killed_through_haproxy_lose_and_double_not
     pg_schema: str,
 ) -> None:
     async with cluster_factory() as cluster:
-        facts = await kill_mid_burst(cluster, mock, tmp_path, bridges=10, calls_per_bridge=50)
+        facts = await kill_mid_burst(
+            cluster, mock, tmp_path, bridges=6, http_clients=4, calls_per_bridge=50
+        )
     turns = await trio.to_thread.run_sync(turns_by_content, pg_database, pg_schema)
     print(facts)
     assert_nothing_lost_or_doubled(facts, turns, 500)

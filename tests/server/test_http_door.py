@@ -515,3 +515,34 @@ def test_settings_refuse_a_short_signing_key_and_a_bad_origin():
         {"EXAI_ALLOWED_ORIGINS": "https://app.example,http://[::1]:*"}, env_file="", config_file=""
     )
     assert ok.allowed_origins == ("https://app.example", "http://[::1]:*")
+
+
+async def test_a_call_the_daemon_stops_while_draining_is_answered_503_to_send_it_again(tmp_path):
+    probe = Probe()
+    settings = _settings(tmp_path, max_inflight=1, slot_wait_s=30.0, drain_timeout_s=0.5)
+    async with running_daemon(settings, registry_with(probe.spec)) as d, mcp_http(d.url) as mcp:
+        replies: dict[str, httpx.Response] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def post(name: str, key: str) -> None:
+                msg = mcp.message(
+                    "tools/call",
+                    {
+                        "name": "probe",
+                        "arguments": {},
+                        "_meta": {**envelope(), "exai/idempotencyKey": key},
+                    },
+                )
+                replies[name] = await mcp.post(msg)
+
+            nursery.start_soon(post, "running", "k-running")
+            with trio.fail_after(10):
+                await probe.started_event.wait()
+            nursery.start_soon(post, "waiting", "k-waiting")  # waits for the one slot
+            with trio.fail_after(10):
+                while len(d.calls.running) < 2:
+                    await trio.sleep(0.01)
+            d.request_shutdown()  # the drain bound passes: both calls are stopped unanswered
+        for name in ("running", "waiting"):
+            assert replies[name].status_code == 503, (name, replies[name].text)
+            assert replies[name].headers["retry-after"] == "1"
