@@ -56,6 +56,7 @@ _LISTEN = re.compile(r"exai: listening on (wss?://\S+)")
 _ADMIN = re.compile(r"exai: admin on (https?://\S+)")
 _MOCK = re.compile(r"mock-upstream: listening on (http://\S+)")
 _ECHO = re.compile(r"echo: listening on (ws://\S+)")
+_HTTP_ECHO = re.compile(r"http-echo: listening on (http://\S+)")
 
 
 def raise_nofile() -> int:
@@ -230,13 +231,23 @@ def echo_server() -> Iterator[Child]:
         child.stop()
 
 
+@contextlib.contextmanager
+def http_echo_server() -> Iterator[Child]:
+    """The HTTP door's floor: a bare h11 echo server; ``child.found["url"]`` is its URL."""
+    cmd = [sys.executable, "-m", "benchmarks.load.http_echo_server"]
+    child = Child("http echo server", cmd, clean_env(), {"url": _HTTP_ECHO})
+    try:
+        child.wait_for(["url"])
+        yield child
+    finally:
+        child.stop()
+
+
 # ---------------------------------------------------------------------------- daemon
 class Daemon(Child):
     """``python -m exai.cli serve`` with benchmark settings."""
 
-    def __init__(
-        self, env: dict[str, str], state_dir: str, args: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, env: dict[str, str], state_dir: str, args: tuple[str, ...] = ()) -> None:
         self.env_settings = {k: v for k, v in env.items() if k.startswith("EXAI_")}
         self.state_dir = state_dir
         cmd = [*SERVE_CMD, *args]

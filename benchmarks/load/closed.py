@@ -8,6 +8,11 @@ Modes:
     answer's progress while it streams).
 ``echo``
     the same request frame to the floor's bare trio-websocket echo server.
+``mcp_http``
+    ``tools/call`` of ``tool`` over exai's Streamable HTTP door (``url`` is its ``http://…/mcp``;
+    2026-07-28, stateless; a hand-written keep-alive HTTP/1.1 client per worker); with ``stream``
+    the request asks for progress and accepts ``text/event-stream``, so the answer is an SSE
+    stream. The same POST to the HTTP echo floor (:mod:`benchmarks.load.http_echo_server`).
 ``http`` / ``http_raw``
     a POST over hand-written keep-alive HTTP/1.1 (:mod:`benchmarks.load.rawhttp`, one TCP stream
     per worker): the exchange without any client library. ``http`` posts to ``url`` itself with
@@ -143,6 +148,30 @@ async def main(cfg: dict[str, Any]) -> None:
                 return "ok" if r.status_code == 200 else f"http_{r.status_code}"
 
             callers = [one_call] * (connections * inflight)
+        elif mode == "mcp_http":
+            # tools/call over exai's Streamable HTTP door (2026-07-28, stateless), or the same
+            # POST to its echo floor; JSON answers, or SSE with ``stream`` (the request asks
+            # for progress and accepts text/event-stream)
+            sse = bool(cfg.get("stream"))
+            envelope = {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }
+            meta: dict[str, Any] = {**envelope, "progressToken": 1} if sse else envelope
+            call = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments, "_meta": meta},
+            }
+            accept = "application/json, text/event-stream" if sse else "application/json"
+            h = {"Accept": accept, **(cfg.get("headers") or {})}
+            http_callers = [
+                RawHttpCaller(url, call, h, mcp=True) for _ in range(connections * inflight)
+            ]
+            for c in http_callers:
+                await c.connect()
+            callers = list(http_callers)
         elif mode in ("http", "http_raw"):
             stream = bool(cfg.get("stream")) and mode == "http"
             body = cfg.get("body") or {

@@ -8,6 +8,10 @@ Responses with ``Content-Length`` and ``Transfer-Encoding: chunked`` are read; a
 (``text/event-stream``) is decoded event by event (every ``data:`` line's JSON parsed, ``[DONE]``
 required), a plain one as one JSON document. A response that says ``Connection: close`` (or a
 connection the server closed) is followed by a new connection for the next call.
+
+With ``mcp`` the answer is an MCP one (exai's Streamable HTTP door, or its echo floor): a JSON
+body or an SSE stream whose last message with an ``id`` is the response; the outcome is what
+:func:`benchmarks.load.common.outcome_of` makes of it.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ class RawHttpCaller:
         body: dict[str, Any],
         headers: dict[str, str] | None = None,
         stream: bool = False,
+        mcp: bool = False,
     ) -> None:
         u = urlsplit(url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 80
         self.stream = stream
+        self.mcp = mcp
         payload = json.dumps(body, separators=(",", ":")).encode()
         lines = [
             f"POST {u.path or '/'} HTTP/1.1",
@@ -127,6 +133,10 @@ class RawHttpCaller:
             await self.aclose()
         if status != 200:
             return f"http_{status}"
+        if self.mcp:
+            return _mcp_outcome(
+                body, sse=fields.get(b"content-type", b"").startswith(b"text/event-stream")
+            )
         if not self.stream:
             json.loads(body)
             return "ok"
@@ -143,3 +153,21 @@ class RawHttpCaller:
         if not done or not events:
             raise ValueError(f"a stream of {events} events without [DONE]")
         return "ok"
+
+
+def _mcp_outcome(body: bytes, *, sse: bool) -> str:
+    """The outcome of an MCP answer over HTTP: a JSON body, or an SSE stream whose last
+    message carries the request's ``id`` (``ok``, the error's reason, …)."""
+    from benchmarks.load.common import outcome_of
+
+    if not sse:
+        return outcome_of(json.loads(body))
+    last: dict[str, Any] | None = None
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:"):
+            msg = json.loads(line[5:].strip())
+            if "id" in msg:
+                last = msg
+    if last is None:
+        raise ValueError("an SSE answer without a response")
+    return outcome_of(last)
