@@ -92,3 +92,34 @@ async def test_a_session_survives_the_daemons_serving_it_being_killed_behind_hap
         assert session is client.client.session  # one session from the client's point of view
         # the daemon left answered at least the call made after both kills
         assert await cluster.daemons[2].metric("exai_calls_total", outcome="ok") >= 1
+
+
+async def test_a_client_closing_its_request_through_haproxy_cancels_the_call_upstream(
+    cluster_factory: ClusterFactory, mock: MockUpstream, tmp_path: Path
+) -> None:
+    # (no heartbeat within the test's bound: nothing is written to the closed request, so only
+    # HAProxy's `option abortonclose` tells the daemon its client went away)
+    async with cluster_factory(running=2, EXAI_HEARTBEAT_INTERVAL_S=600) as cluster:
+        mock.latency_s = 120.0
+        with trio.fail_after(WITHIN_S):
+            async with httpx.AsyncClient(timeout=60) as http:
+                client = McpHttp(http, cluster.http_url)
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as nursery:
+
+                        async def slow() -> None:
+                            await client.call(
+                                "chat", {"prompt": "never mind", "model": "mock-fast"}
+                            )
+
+                        nursery.start_soon(slow)
+                        while not mock.chat_requests:
+                            await trio.sleep(0.02)
+                        scope.cancel()  # the client goes: its connection to HAProxy closes
+        # (bounded below HAProxy's `timeout server` of 60 s, which would end it anyway)
+        with trio.fail_after(45):
+            await mock.wait_disconnect(1)
+        cancelled = sum(
+            [await d.metric("exai_calls_total", outcome="cancelled") for d in cluster.daemons[:2]]
+        )
+        assert cancelled == 1
