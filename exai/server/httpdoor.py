@@ -584,6 +584,9 @@ class HttpConnection:
                     nursery.start_soon(self._watch_disconnect, core, nursery.cancel_scope)
                     try:
                         keep = await self._stream(core, exchange, sse_ok, modern, settings)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        keep = False  # the client went, or reads nothing: its calls detach
+                        core.detach_all()
                     finally:
                         nursery.cancel_scope.cancel()
                     return keep and self.closing_reason is None

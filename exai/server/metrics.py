@@ -137,7 +137,10 @@ def connection_metrics(
     for reason, n in sorted(stats.rejections.items()):
         r.add_metric([reason], n)
     yield r
-    sess = GaugeMetricFamily("exai_sessions", "Sessions after the upgrade.")
+    sess = GaugeMetricFamily(
+        "exai_sessions",
+        "Open sessions: WebSocket and op-protocol sessions after the upgrade, HTTP connections.",
+    )
     sess.add_metric([], sessions())
     yield sess
 

@@ -254,6 +254,13 @@ class Daemon:
             "draining": self.readiness.draining,
             "overloaded": self.readiness.overloaded_reason,
             "auth": "tokens" if self.tokens.enabled else "none (loopback only)",
+            "doors": {
+                "websocket": "/mcp",
+                "streamable_http": "/mcp",
+                "legacy_op_protocol": "/" if s.legacy_protocol else None,
+                "session_signing_key": "configured" if s.session_signing_key else "per run",
+                "http_sessions": self.revocations.status(),
+            },
             "connections": self.admission.snapshot(),
             "sessions": len(self.sessions),
             "inflight": {
