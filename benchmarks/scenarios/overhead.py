@@ -94,6 +94,13 @@ def _measure(
     summary["calls_per_s"] = round(len(ok) / window, 1) if window > 0 else None
     summary["not_ok"] = {k: v for k, v in count(recs["outcome"]).items() if k != "ok"}
     summary["exceptions"] = res["exceptions"]
+    meter = res.get("meter")
+    if meter and meter.get("completed"):
+        # the daemon's CPU per completed call: a figure that holds on a shared machine
+        pid = str(extra["cpu_pids"][0])
+        summary["daemon_cpu_ms_per_call"] = round(
+            1000 * meter["cpu_s"].get(pid, 0.0) / meter["completed"], 3
+        )
     return {"summary": summary, "lat": ok}
 
 
@@ -147,13 +154,14 @@ def run(full: bool) -> dict[str, Any]:
             t0 = time.time()
             if why is None:
                 http_url = d.url.replace("ws://", "http://", 1)
+                cpu = {"cpu_pids": [d.pid]}
                 for c in (1, 64):
-                    series[f"exai_c{c}"] = _measure("mcp", d.url, c, duration_s, warmup_s)
+                    series[f"exai_c{c}"] = _measure("mcp", d.url, c, duration_s, warmup_s, **cpu)
                     series[f"exai_http_c{c}"] = _measure(
-                        "mcp_http", http_url, c, duration_s, warmup_s
+                        "mcp_http", http_url, c, duration_s, warmup_s, **cpu
                     )
                     series[f"exai_http_sse_c{c}"] = _measure(
-                        "mcp_http", http_url, c, duration_s, warmup_s, stream=True
+                        "mcp_http", http_url, c, duration_s, warmup_s, stream=True, **cpu
                     )
             result["daemon_rss_mb_after"] = process_rss_mb(d)
             result["loop_stall"] = loop_stalls(d, t0)

@@ -99,6 +99,9 @@ class Execution:
     watchers: list[Watcher] = attrs.field(factory=list)
     payload: dict[str, Any] | None = None  # {"result": …} or {"error": …}
     cancelled: bool = False
+    #: keep the answer in the registry for a re-sent request; ``False`` when no request can
+    #: ever name this execution again (an HTTP request's own one-shot id)
+    keep: bool = True
     started_at: float = 0.0
     progress_value: float = 0.0
     number: int = attrs.field(factory=lambda: next(_ids))
@@ -506,7 +509,11 @@ class CallRunner:
         finally:
             self.calls.running.pop(ex.key, None)
             if ex.payload is not None:
-                ex.payload_bytes = self.calls.store(ex.key, ex.digest, ex.payload)
+                ex.payload_bytes = (
+                    self.calls.store(ex.key, ex.digest, ex.payload)
+                    if ex.keep
+                    else approx_size(ex.payload)
+                )
             await self._share_result(ex)
             for limiter in limiters:
                 limiter.release_on_behalf_of(ex)

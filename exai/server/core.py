@@ -216,6 +216,10 @@ class SessionCore:
         #: a call of this core was cancelled by its client (``notifications/cancelled``): a
         #: call that ends unanswered without it was handed over or stopped by the daemon
         self.cancelled_by_client = False
+        #: whether a request may come again with the same id to this core's id (a WebSocket
+        #: session, an HTTP session): then unkeyed answers are kept for it; a core that serves
+        #: one request and is gone (a stateless HTTP request) keeps none
+        self.ids_recur = True
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -504,6 +508,7 @@ class SessionCore:
                     client_key=bool(client_key),
                     digest=digest,
                     deadline=trio.current_time() + (timeout or self.settings.call_timeout_s),
+                    keep=bool(client_key) or self.ids_recur,
                 )
                 calls.running[key] = ex
                 owner = True

@@ -72,8 +72,6 @@ from exai.server.auth import Identity, TokenTable
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.http11 import (
-    header,
-    header_values,
     json_body,
     read_head,
     reason_phrase,
@@ -139,6 +137,24 @@ def _status_for(code: int | None, modern: bool) -> int:
         if code == p.METHOD_NOT_FOUND:
             return 404
     return 200
+
+
+class _Headers:
+    """A request's headers by (lower-case) name, read once: every check looks here."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, request: h11.Request) -> None:
+        self._map: dict[bytes, list[str]] = {}
+        for k, v in request.headers:
+            self._map.setdefault(k, []).append(v.decode("latin-1"))
+
+    def values(self, name: bytes) -> list[str]:
+        return self._map.get(name, [])
+
+    def first(self, name: bytes) -> str | None:
+        found = self._map.get(name)
+        return found[0] if found else None
 
 
 def _media_types(values: list[str]) -> set[str]:
@@ -303,8 +319,9 @@ class HttpConnection:
 
     async def _serve(self, request: h11.Request) -> bool:
         """Answer one request; whether the connection may carry another."""
+        hdrs = _Headers(request)
         try:
-            checked = await self._check(request)
+            checked = await self._check(request, hdrs)
         except _Refused as refusal:
             self.shared.stats.rejections[refusal.reason] += 1
             return await self._refuse(refusal)
@@ -316,12 +333,14 @@ class HttpConnection:
         if body is None:
             return False
         try:
-            return await self._exchange(request, body, identity, session, sse_ok, settings)
+            return await self._exchange(hdrs, body, identity, session, sse_ok, settings)
         finally:
             self.meter.release(len(body))
 
     # ---------------------------------------------------------------- before the body
-    async def _check(self, request: h11.Request) -> tuple[Identity, McpSession | None, bool] | None:
+    async def _check(
+        self, request: h11.Request, hdrs: _Headers
+    ) -> tuple[Identity, McpSession | None, bool] | None:
         """The checks before the body (see the module docstring): the identity, the session
         and whether SSE is accepted; ``None`` when the request was answered here.
 
@@ -333,7 +352,7 @@ class HttpConnection:
         target = request.target.decode("latin-1")
         if target.split("?", 1)[0] != "/mcp":
             raise _Refused(404, "not_found", "the MCP endpoint is /mcp")
-        origins = header_values(request, b"origin")
+        origins = hdrs.values(b"origin")
         if len(origins) > 1:
             raise _Refused(400, "bad_request", "more than one Origin header")
         if not door.origins().allows(origins[0] if origins else None):
@@ -343,7 +362,7 @@ class HttpConnection:
                 f"requests from the browser origin {origins[0][:100]!r} are not accepted; "
                 "allow it with EXAI_ALLOWED_ORIGINS",
             )
-        authorization = header_values(request, b"authorization")
+        authorization = hdrs.values(b"authorization")
         if len(authorization) > 1:
             raise _Refused(400, "bad_request", "more than one Authorization header; send one")
         identity = door.tokens().authenticate(authorization[0] if authorization else None)
@@ -368,7 +387,7 @@ class HttpConnection:
         if readiness.draining or readiness.overloaded_reason is not None:
             reason = "draining" if readiness.draining else "overloaded"
             raise _Refused(503, reason, "not accepting now; retry", (("Retry-After", "1"),))
-        session = await self._session(request, identity)
+        session = await self._session(hdrs, identity)
         if method == b"DELETE":
             if session is None:
                 raise _Refused(
@@ -381,11 +400,11 @@ class HttpConnection:
             log_event("http.session_ended", client=identity.name)
             await send_response(self.stream, self.conn, 204, [])
             return None
-        if _media_types(header_values(request, b"content-type")) != {"application/json"}:
+        if _media_types(hdrs.values(b"content-type")) != {"application/json"}:
             raise _Refused(
                 415, "unsupported_media_type", "send the JSON-RPC message as application/json"
             )
-        accepted = _media_types(header_values(request, b"accept"))
+        accepted = _media_types(hdrs.values(b"accept"))
         if not accepted & {"application/json", "application/*", "*/*"}:
             raise _Refused(
                 406,
@@ -393,8 +412,8 @@ class HttpConnection:
                 "the Accept header must include application/json (and text/event-stream for "
                 "streamed progress)",
             )
-        self._check_version_header(request, session)
-        lengths = header_values(request, b"content-length")
+        self._check_version_header(hdrs, session)
+        lengths = hdrs.values(b"content-length")
         limit = settings.max_frame_bytes
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > limit:
             raise _Refused(
@@ -408,7 +427,7 @@ class HttpConnection:
             )
         return identity, session, "text/event-stream" in accepted
 
-    async def _session(self, request: h11.Request, identity: Identity) -> McpSession | None:
+    async def _session(self, hdrs: _Headers, identity: Identity) -> McpSession | None:
         """The request's initialize-era session, or ``None`` without the header.
 
         Raises:
@@ -416,7 +435,7 @@ class HttpConnection:
                 identity — not signed by the deployment's key, expired, another identity's,
                 or ended (404: "start a new session", as the spec says).
         """
-        values = header_values(request, b"mcp-session-id")
+        values = hdrs.values(b"mcp-session-id")
         if not values:
             return None
         if len(values) > 1:
@@ -434,11 +453,11 @@ class HttpConnection:
             raise unknown
         return session
 
-    def _check_version_header(self, request: h11.Request, session: McpSession | None) -> None:
+    def _check_version_header(self, hdrs: _Headers, session: McpSession | None) -> None:
         for name in _ROUTING_HEADERS:
-            if len(header_values(request, name)) > 1:
+            if len(hdrs.values(name)) > 1:
                 raise _Refused(400, "bad_request", f"more than one {name.decode()} header")
-        version = header(request, b"mcp-protocol-version")
+        version = hdrs.first(b"mcp-protocol-version")
         if version is None:
             return
         if version not in p.SUPPORTED_VERSIONS:
@@ -513,7 +532,7 @@ class HttpConnection:
     # ---------------------------------------------------------------- the exchange
     async def _exchange(
         self,
-        request: h11.Request,
+        hdrs: _Headers,
         body: bytes,
         identity: Identity,
         session: McpSession | None,
@@ -538,6 +557,8 @@ class HttpConnection:
             bucket=self.bucket,
         )
         core.on_call_done = lambda: core.outbox.close(drop=False)
+        # a stateless request's id never comes back to this core: keep no unkeyed answer
+        core.ids_recur = session is not None
         running_key: tuple[str, str] | None = None
         try:
             try:
@@ -561,7 +582,7 @@ class HttpConnection:
             gate: p.EraGate | None = None
             if isinstance(msg, p.Request | p.Notification):
                 try:
-                    routed = self._route(msg, request, session, core)
+                    routed = self._route(msg, hdrs, session, core)
                 except _Refused as refusal:
                     shared.stats.rejections[refusal.reason] += 1
                     return await self._refuse(refusal)
@@ -624,7 +645,7 @@ class HttpConnection:
     def _route(
         self,
         msg: p.Request | p.Notification,
-        request: h11.Request,
+        hdrs: _Headers,
         session: McpSession | None,
         core: SessionCore,
     ) -> p.EraGate | dict[str, Any] | None:
@@ -635,13 +656,13 @@ class HttpConnection:
             _Refused: an initialize-era message without its session (400).
         """
         params = msg.params
-        version_header = header(request, b"mcp-protocol-version")
+        version_header = hdrs.first(b"mcp-protocol-version")
         if p.has_modern_envelope(params) or version_header in p.MODERN_VERSIONS:
             if isinstance(msg, p.Notification):
                 if msg.method == "notifications/cancelled":
                     core.cancel(params)  # (only a keyed call can be found without a session)
                 return None
-            mismatch = self._header_mismatch(msg, request)
+            mismatch = self._header_mismatch(msg, hdrs)
             if mismatch is not None:
                 return p.error(msg.id, p.HEADER_MISMATCH, mismatch, {"reason": "header_mismatch"})
             return p.EraGate(era="modern")
@@ -661,16 +682,16 @@ class HttpConnection:
         return p.EraGate(era="handshake", version=session.version)
 
     @staticmethod
-    def _header_mismatch(msg: p.Request, request: h11.Request) -> str | None:
+    def _header_mismatch(msg: p.Request, hdrs: _Headers) -> str | None:
         """Why the 2026-07-28 routing headers contradict the body (each checked when sent)."""
         meta = p.request_meta(msg.params)
-        version = header(request, b"mcp-protocol-version")
+        version = hdrs.first(b"mcp-protocol-version")
         if version is not None and version != meta.get(p.PROTOCOL_VERSION_META_KEY):
             return "the MCP-Protocol-Version header does not match the request's _meta version"
-        method = header(request, b"mcp-method")
+        method = hdrs.first(b"mcp-method")
         if method is not None and method != msg.method:
             return "the Mcp-Method header does not match the request's method"
-        name = header(request, b"mcp-name")
+        name = hdrs.first(b"mcp-name")
         if (
             name is not None
             and msg.method == "tools/call"
@@ -748,11 +769,14 @@ class HttpConnection:
         while True:
             text: str | None = None
             ended = False
-            with trio.move_on_after(interval if sse_ok else float("inf")):
-                try:
+            try:
+                if sse_ok:
+                    with trio.move_on_after(interval):
+                        text = await outbox.get()
+                else:
                     text = await outbox.get()
-                except trio.EndOfChannel:
-                    ended = True
+            except trio.EndOfChannel:
+                ended = True
             if ended:
                 break
             if text is None:  # silence for a heartbeat interval: keep the stream alive
