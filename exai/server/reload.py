@@ -1,8 +1,9 @@
 """Secret rotation without restart: SIGHUP or a changed secret file reloads keys and tokens.
 
-What is reloaded: client tokens (``EXAI_TOKENS`` / ``EXAI_TOKENS_FILE``) and provider keys
-(and the rest of each provider's settings). Listener settings (host, ports, limits) need a
-restart; a reload that changes them logs that they were not applied.
+What is reloaded: client tokens (``EXAI_TOKENS`` / ``EXAI_TOKENS_FILE``), the session-signing
+key (``EXAI_SESSION_SIGNING_KEY_FILE``: sessions signed with the old key become unknown) and
+provider keys (and the rest of each provider's settings). Listener settings (host, ports,
+limits) need a restart; a reload that changes them logs that they were not applied.
 
 What happens:
     * the new settings are read and validated first (in a worker thread: they read files); a
@@ -132,7 +133,11 @@ class Reloader:
         old = self.settings
         ignored = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(old, f)]
         self.settings = attrs.evolve(
-            old, tokens=new.tokens, providers=new.providers, source_files=new.source_files
+            old,
+            tokens=new.tokens,
+            providers=new.providers,
+            source_files=new.source_files,
+            session_signing_key=new.session_signing_key,
         )
         self.tokens = tokens
         revoked = self.apply(self.settings, tokens)

@@ -139,3 +139,27 @@ async def test_a_tokens_file_named_in_dotenv_is_watched_and_rotated(tmp_path):
         async with ws(d, token=bearer(TOK_B)) as sb:
             assert (await Rpc(sb).request("ping"))["result"] == {}
         d.request_shutdown()
+
+
+async def test_a_rotated_session_signing_key_ends_the_sessions_signed_with_the_old_one(tmp_path):
+    from tests.httpmcp import mcp_http
+
+    key_file = tmp_path / "signing.key"
+    key_file.write_text("k" * 40 + "\n")
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file), "EXAI_SESSION_SIGNING_KEY_FILE": str(key_file)}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        async with mcp_http(d.url, token=bearer(TOK_A)) as old:
+            await old.initialize()
+            assert (await old.post(old.message("ping"))).status_code == 200
+            tmp = key_file.with_suffix(".tmp")
+            tmp.write_text("n" * 40 + "\n")
+            tmp.replace(key_file)
+            assert await d.reloader.reload("test")
+            assert (await old.post(old.message("ping"))).status_code == 404
+        async with mcp_http(d.url, token=bearer(TOK_A)) as new:
+            await new.initialize()  # a new session, signed with the new key
+            assert (await new.post(new.message("ping"))).status_code == 200
+        d.request_shutdown()
