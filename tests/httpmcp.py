@@ -195,7 +195,8 @@ def request_bytes(
     lines = [f"{method} {parts.path or '/'} HTTP/1.1", f"Host: {parts.netloc}"]
     for k, v in headers or []:
         lines.append(f"{k}: {v}")
-    if content_length is None and method in ("POST", "PUT"):
+    chunked = any(k.lower() == "transfer-encoding" for k, _ in headers or [])
+    if content_length is None and method in ("POST", "PUT") and not chunked:
         content_length = len(body)
     if content_length is not None:
         lines.append(f"Content-Length: {content_length}")

@@ -78,6 +78,13 @@ async def read_head(
             conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
+            # (h11 bounds a head while it is incomplete; one that arrived whole in a large read
+            # is measured here)
+            size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if size > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError(
+                    f"the request head is larger than {MAX_HEAD_BYTES} bytes", 431
+                )
             return Head(conn=conn, request=event, raw=bytes(raw))
         return None  # ConnectionClosed (or PAUSED, which a fresh cycle never is)
 

@@ -11,7 +11,8 @@ one at a time, h11) then goes through, in order, before a byte of its body is re
     re-send it elsewhere) → Content-Type application/json (415) → Accept (406)
     → Mcp-Session-Id: one, signed, unexpired, this identity's, not ended (400 / 404)
     → MCP-Protocol-Version: one, a version exai speaks, the session's (400)
-    → Content-Length within EXAI_MAX_FRAME_BYTES (413) → ``100 Continue`` if asked
+    → one of Content-Length and Transfer-Encoding (400), within EXAI_MAX_FRAME_BYTES (413)
+    → ``100 Continue`` if asked
 
 and its body is read within the same cap (a chunked body too: 413 at the first byte over),
 each part charged to the daemon's budget as it arrives (503 ``overloaded`` when it does not fit).
@@ -414,6 +415,12 @@ class HttpConnection:
             )
         self._check_version_header(hdrs, session)
         lengths = hdrs.values(b"content-length")
+        if lengths and hdrs.values(b"transfer-encoding"):
+            # which one frames the body depends on the reader (a proxy may have used the
+            # other): the request smuggling the RFC says to treat as an error
+            raise _Refused(
+                400, "bad_request", "both Content-Length and Transfer-Encoding; send one"
+            )
         limit = settings.max_frame_bytes
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > limit:
             raise _Refused(

@@ -64,9 +64,7 @@ class FakeDaemon:
     def methods(self, conn: int | None = None) -> list[str]:
         """Methods received (on one connection, or all), in order."""
         return [
-            m.get("method", "<response>")
-            for c, m in self.received
-            if conn is None or c == conn
+            m.get("method", "<response>") for c, m in self.received if conn is None or c == conn
         ]
 
     async def wait_for(self, predicate: Any) -> None:

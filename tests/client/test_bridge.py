@@ -77,9 +77,7 @@ async def proxy(daemon: FakeDaemon) -> AsyncIterator[FaultProxy]:
         yield p
 
 
-async def start_bridge(
-    nursery: trio.Nursery, url: str, **kw: Any
-) -> tuple[Bridge, Harness]:
+async def start_bridge(nursery: trio.Nursery, url: str, **kw: Any) -> tuple[Bridge, Harness]:
     settings = Settings(url=url, handshake_timeout_s=2.0)
     bridge = Bridge(settings, rng=random.Random(1), **kw)
     harness = Harness()
