@@ -23,7 +23,8 @@ routing headers (``MCP-Protocol-Version``, ``Mcp-Method``, ``Mcp-Name``), when s
 with the body (-32020, 400); a notification is acknowledged with 202. Anything else is the
 initialize era: ``initialize`` answers with a new signed ``Mcp-Session-Id``
 (:mod:`exai.server.mcp_sessions`), every other message must carry it (400 without), and a
-``DELETE`` ends it (204). ``GET`` (a server-initiated stream) is 405 in both eras.
+``DELETE`` ends it (204; the session's calls running on this daemon are cancelled). ``GET`` (a
+server-initiated stream) is 405 in both eras.
 
 **Answers.** Each request gets its own :class:`~exai.server.core.SessionCore` — so its
 admission, slots, deadline, exactly-once key, progress, cancellation and audit are those of
@@ -45,9 +46,11 @@ daemon (with several daemons, the cancellation must reach the daemon that runs t
 docs/deploy.md). A cancelled call's request is ended without an answer (an empty SSE stream,
 or, for a JSON-only client, the error ``cancelled``).
 
-**Writing.** Answers wait in the core's bounded outbox; a peer that reads nothing for
-``EXAI_SEND_TIMEOUT_S`` is disconnected and everything its request held is freed, as on
-WebSocket. An idle keep-alive connection is closed after ``EXAI_HTTP_KEEPALIVE_S``.
+**Writing.** A response after which the door closes the connection (a ``DELETE``, whose body is not
+read; a refusal; a draining daemon) says ``Connection: close``. Answers wait in the core's bounded
+outbox; a peer that reads nothing for ``EXAI_SEND_TIMEOUT_S`` is disconnected and everything its
+request held is freed, as on WebSocket. An idle keep-alive connection is closed after
+``EXAI_HTTP_KEEPALIVE_S``.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ _SSE_HEADERS = [
 #: bytes a client may send ahead (a pipelined request) while its call runs: beyond this the
 #: door stops reading, and so stops noticing a disconnect, rather than buffer more
 _READ_AHEAD_BYTES = 64 * 1024
+#: a request body must keep arriving at this many bytes per EXAI_HANDSHAKE_TIMEOUT_S
+_BODY_PROGRESS_BYTES = 64 * 1024
 _ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
 _request_ids = itertools.count(1)
 
@@ -398,8 +403,12 @@ class HttpConnection:
                     (("Allow", "POST"),),
                 )
             await door.revocations.revoke(session)
-            log_event("http.session_ended", client=identity.name)
-            await send_response(self.stream, self.conn, 204, [])
+            # the session's calls running here end with it (its client will never read them)
+            ended = [k for k in door.running if k[0] == session.nonce]
+            for key in ended:
+                door.running[key].cancel({"requestId": json.loads(key[1])})
+            log_event("http.session_ended", client=identity.name, calls_cancelled=len(ended))
+            await send_response(self.stream, self.conn, 204, [], close=self._closing())
             return None
         if _media_types(hdrs.values(b"content-type")) != {"application/json"}:
             raise _Refused(
@@ -486,14 +495,19 @@ class HttpConnection:
         """The request body (within the cap, charged to the budget), or ``None`` after a
         refusal or when the peer went away."""
         limit = settings.max_frame_bytes
+        bound = settings.handshake_timeout_s
         parts: list[bytes] = []
         size = 0
         conn = self.conn
+        # the body's deadline: ``bound`` from the start or from its last _BODY_PROGRESS_BYTES
+        # — not from its last byte, which a client trickling a byte at a time renews forever
+        deadline = trio.current_time() + bound
+        since_progress = 0
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    with trio.move_on_after(settings.handshake_timeout_s) as waited:
+                    with trio.move_on_at(deadline) as waited:
                         data = await self.stream.receive_some(64 * 1024)
                     if waited.cancelled_caught:
                         self.shared.stats.rejections["body_timeout"] += 1
@@ -501,6 +515,10 @@ class HttpConnection:
                             _Refused(408, "body_timeout", "the body did not arrive in time")
                         )
                         return None
+                    since_progress += len(data)
+                    if since_progress >= _BODY_PROGRESS_BYTES:
+                        since_progress = 0
+                        deadline = trio.current_time() + bound
                     conn.receive_data(bytes(data))
                     continue
                 if isinstance(event, h11.Data):
@@ -721,9 +739,20 @@ class HttpConnection:
         """The core asks to close (sustained abuse): after this answer."""
         self.closing_reason = (code, reason)
 
+    def _closing(self) -> bool:
+        """Whether the connection ends after the response about to be sent: then the response
+        says ``Connection: close`` (a client that sent its next request on a connection closed
+        without notice gets a reset, which it cannot tell from a crash mid-request)."""
+        return (
+            self.closing_reason is not None
+            or self.shared.readiness.draining
+            or self.conn.their_state is not h11.DONE  # (a body not read: DELETE)
+        )
+
     async def _accepted(self) -> bool:
-        await send_response(self.stream, self.conn, 202, [])
-        return self.closing_reason is None
+        close = self._closing()
+        await send_response(self.stream, self.conn, 202, [], close=close)
+        return not close
 
     async def _answer(
         self,
@@ -740,11 +769,12 @@ class HttpConnection:
         text = await outbox.get()
         status = _status_for(exchange.code, modern)
         hs = [_JSON, *extra]
+        close = self._closing()
         await self._timed_send(
-            send_response(self.stream, self.conn, status, hs, text.encode("utf-8"))
+            send_response(self.stream, self.conn, status, hs, text.encode("utf-8"), close=close)
         )
         outbox.written()
-        return self.closing_reason is None
+        return not close
 
     async def _timed_send(self, coro: Any) -> None:
         """Await a write under the writer's deadline (``send_timeout_s`` from the last 64 KiB
@@ -798,11 +828,14 @@ class HttpConnection:
             if not committed:
                 if final:
                     status = _status_for(exchange.code, modern)
+                    close = self._closing()
                     await self._timed_send(
-                        send_response(self.stream, conn, status, [_JSON], text.encode("utf-8"))
+                        send_response(
+                            self.stream, conn, status, [_JSON], text.encode("utf-8"), close=close
+                        )
                     )
                     outbox.written()
-                    return True
+                    return not close
                 if not sse_ok:
                     outbox.written()  # progress the client cannot take: drop it
                     continue
@@ -846,14 +879,17 @@ class HttpConnection:
                     None, errors.SERVER_ERROR, "the request was cancelled", {"reason": "cancelled"}
                 )
             )
+            close = self._closing()
             await self._timed_send(
-                send_response(self.stream, conn, 200, [_JSON], body.encode("utf-8"))
+                send_response(self.stream, conn, 200, [_JSON], body.encode("utf-8"), close=close)
             )
+            return not close
         return True
 
     def _commit_sse(self) -> bytes:
+        headers = [*_SSE_HEADERS, ("Connection", "close")] if self._closing() else _SSE_HEADERS
         return self.conn.send(
-            h11.Response(status_code=200, headers=_SSE_HEADERS, reason=reason_phrase(200))
+            h11.Response(status_code=200, headers=headers, reason=reason_phrase(200))
         )
 
     async def _send_bytes(self, data: bytes) -> None:
