@@ -53,11 +53,14 @@ carrying the 2026-07-28 per-request envelope (``params._meta["io.modelcontextpro
 protocolVersion"]``) that is not ``initialize`` opens a *modern* connection; anything else opens
 a *handshake* one. :class:`EraGate` keeps that decision and vets every later request.
 
-Handshake era (2025-03-26, 2025-06-18, 2025-11-25; MCP SDK 1.x, the TypeScript SDK, most IDEs)
+Handshake era (2024-11-05, 2025-03-26, 2025-06-18, 2025-11-25; MCP SDK 1.x, the TypeScript SDK,
+most IDEs)
     * ``initialize`` → :func:`initialize_result`: ``protocolVersion`` is the client's version when
-      it is one of those three, else ``2025-11-25`` (the spec's counter-offer: the client may then
-      disconnect); ``capabilities = {"tools": {"listChanged": false}}`` (the tool list is fixed
-      for the daemon's life); ``serverInfo = {name, version}``; ``instructions`` when set.
+      it is one of those four, else ``2025-11-25`` (the spec's counter-offer: the client may then
+      disconnect). 2024-11-05 is answered as itself, not counter-offered: its tools are the same,
+      and an SDK 1.x client that asked for it refuses any other answer.
+      ``capabilities = {"tools": {"listChanged": false}}`` (the tool list is fixed for the
+      daemon's life); ``serverInfo = {name, version}``; ``instructions`` when set.
     * ``notifications/initialized`` → nothing. ``ping`` → ``{}`` (exactly empty: the TypeScript
       and Rust SDKs validate empty results strictly).
     * ``tools/list`` → ``{"tools": [...]}``; ``tools/call`` → ``{"content", "isError",
@@ -170,7 +173,12 @@ __all__ = [
     "tools_call_params",
 ]
 
-HANDSHAKE_VERSIONS: Final[tuple[str, ...]] = ("2025-03-26", "2025-06-18", "2025-11-25")
+HANDSHAKE_VERSIONS: Final[tuple[str, ...]] = (
+    "2024-11-05",
+    "2025-03-26",
+    "2025-06-18",
+    "2025-11-25",
+)
 """Versions reachable through ``initialize``, oldest first."""
 MODERN_VERSION: Final = "2026-07-28"
 MODERN_VERSIONS: Final[tuple[str, ...]] = (MODERN_VERSION,)

@@ -439,7 +439,13 @@ async def test_a_retry_with_the_same_idempotency_key_joins_the_first_execution(t
 
 @pytest.mark.parametrize(
     ("version", "as_result"),
-    [("2025-03-26", False), ("2025-06-18", False), ("2025-11-25", True), (MODERN, True)],
+    [
+        ("2024-11-05", False),
+        ("2025-03-26", False),
+        ("2025-06-18", False),
+        ("2025-11-25", True),
+        (MODERN, True),
+    ],
 )
 async def test_argument_errors_follow_the_negotiated_version_over_http(
     tmp_path, version, as_result
@@ -464,7 +470,8 @@ async def test_argument_errors_follow_the_negotiated_version_over_http(
 
 
 @pytest.mark.parametrize(
-    ("version", "as_result"), [(None, False), ("2025-06-18", False), ("2025-11-25", True)]
+    ("version", "as_result"),
+    [(None, False), ("2024-11-05", False), ("2025-06-18", False), ("2025-11-25", True)],
 )
 async def test_argument_errors_follow_the_negotiated_version_over_websocket(
     tmp_path, version, as_result
@@ -472,7 +479,8 @@ async def test_argument_errors_follow_the_negotiated_version_over_websocket(
     async with running_daemon(_settings(tmp_path), registry_with(SLEEP)) as d, ws(d) as conn:
         rpc = Rpc(conn)
         if version is not None:
-            await rpc.request("initialize", {"protocolVersion": version, "capabilities": {}})
+            init = await rpc.request("initialize", {"protocolVersion": version, "capabilities": {}})
+            assert init["result"]["protocolVersion"] == version
         reply = await rpc.call("sleep", {"seconds": "soon"})
         if as_result:
             assert reply["result"]["isError"] is True
