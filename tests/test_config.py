@@ -14,10 +14,26 @@ def load(env: dict[str, str], **kw: object) -> Settings:
     return Settings.from_env(env, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({"EXAI_PORT": "9123"}, "ws://127.0.0.1:9123/mcp"),
+        ({"EXAI_HOST": "0.0.0.0", "EXAI_PORT": "9123"}, "ws://127.0.0.1:9123/mcp"),
+        ({"EXAI_HOST": "::", "EXAI_PORT": "9123"}, "ws://[::1]:9123/mcp"),
+        ({"EXAI_HOST": "::1"}, "ws://[::1]:8079/mcp"),
+        ({"EXAI_HOST": "10.1.2.3", "EXAI_PORT": "9123"}, "ws://10.1.2.3:9123/mcp"),
+        ({"EXAI_TLS_CERT": "c.pem", "EXAI_TLS_KEY": "k.pem"}, "wss://127.0.0.1:8079/mcp"),
+        ({"EXAI_PORT": "9123", "EXAI_URL": "ws://127.0.0.1:7000/mcp"}, "ws://127.0.0.1:7000/mcp"),
+    ],
+)
+def test_the_client_url_is_derived_from_host_and_port_unless_exai_url_is_set(env, url):
+    assert load(env).effective_url == url
+
+
 def test_defaults_match_the_documented_names():
     s = load({})
     assert (s.host, s.port, s.admin_port) == ("127.0.0.1", 8079, 8080)
-    assert s.url == "ws://127.0.0.1:8079/mcp"
+    assert s.url == "" and s.effective_url == "ws://127.0.0.1:8079/mcp"
     assert s.tokens is None
     for name in (
         "EXAI_HOST",

@@ -16,10 +16,19 @@ newline-delimited JSON-RPC between its stdin/stdout and one WebSocket connection
   result, instead of running twice.
 * **Bounded everything.** While disconnected, messages wait in a buffer of ``max_buffer``
   (default 1,000); beyond it a request is answered with reason ``bridge_overloaded``. When the
-  daemon stays unreachable for longer than ``settings.call_timeout_s``, every waiting request is
-  answered with ``{"code": -32000, "data": {"reason": "daemon_unavailable"}}`` and so is every
-  new one until the daemon is back. A refused token (HTTP 401/403) is not retried: waiting and
-  new requests are answered with reason ``unauthorized``.
+  daemon stays unreachable for longer than ``settings.call_timeout_s`` — or, before the bridge
+  has ever reached it, ``settings.connect_wait_s`` (a daemon that is not running should not
+  look like a hang) — every waiting request is answered with ``{"code": -32000, "data":
+  {"reason": "daemon_unavailable", "url": …}}`` and so is every new one until the daemon is
+  back; the message names the URL and, for a daemon on this machine, the command that starts it
+  (``data.start``). A refused token (HTTP 401/403) is not retried: waiting and new requests are
+  answered with reason ``unauthorized``.
+* **Autostart** (``settings.autostart``, ``EXAI_AUTOSTART=1``). When a connection attempt to a
+  loopback URL fails and nothing answers there, the bridge starts ``exai serve`` itself (one
+  daemon however many bridges try at once; :mod:`exai.client.autostart`), and connects to it.
+  A start that fails (the daemon exits, or does not listen in ``settings.autostart_wait_s``)
+  answers the waiting requests with what happened and where the daemon's log is, and is not
+  tried again for ``settings.autostart_wait_s``.
 * **Clean stdio.** stdout carries only JSON-RPC, one message per line; logs go to stderr (in
   :func:`exai.client.stdio.run` even a stray ``print`` lands on stderr). A line longer than
   ``settings.max_frame_bytes`` is dropped as it arrives and refused with a JSON-RPC error
@@ -35,8 +44,13 @@ newline-delimited JSON-RPC between its stdin/stdout and one WebSocket connection
   refused an answer over our cap) answers the request concerned instead of re-sending it to
   every new connection forever. An answer from the daemon that cannot be written is replaced by
   an error carrying its id.
-* **No orphans.** Stdin EOF ends the bridge (exit 0) within 2 s; so does the death of its parent
-  (see :mod:`exai.client.stdio`).
+* **Everything read is answered.** On stdin EOF (a one-shot pipe: ``initialize``,
+  ``tools/list`` and a call, then EOF) the bridge waits for the answers of every request it read,
+  at most ``settings.call_timeout_s`` + :data:`DRAIN_MARGIN_S` (the daemon answers every call by
+  its deadline), writes them, then tells the daemon the calls still waiting are cancelled and
+  ends (exit 0). With nothing waiting it ends at once.
+* **No orphans.** The death of its parent, or SIGTERM, ends the bridge at once (see
+  :mod:`exai.client.stdio`).
 
 Notifications flow both ways unchanged; a ``notifications/cancelled`` from the client also drops
 its request from the re-send set. Requests from the daemon (``ping``, sampling, …) go to the
@@ -64,6 +78,7 @@ import anyio
 import anyio.abc
 import trio
 
+from exai.client.autostart import AutostartFailed, ensure_daemon, start_hint
 from exai.client.lines import DECODER, Entry, Oversized, dumps_line, to_client_line
 from exai.client.ws import (
     ConnectionClosed,
@@ -94,6 +109,11 @@ PING_INTERVAL_S = 10.0
 PING_TIMEOUT_S = 10.0
 #: Bound on telling the daemon about cancelled calls when the client goes away.
 GOODBYE_S = 0.5
+#: After stdin EOF, answers are awaited this long beyond ``settings.call_timeout_s`` (the
+#: daemon's timeout answer itself takes a moment to arrive).
+DRAIN_MARGIN_S = 5.0
+#: Bound on writing the last answers to stdout after stdin EOF (a client that stopped reading).
+FLUSH_S = 2.0
 #: Bytes read from the client's stdin at a time.
 READ_CHUNK = 65536
 
@@ -146,6 +166,8 @@ class Bridge:
         max_buffer: messages held while disconnected (and requests in flight) before new
             requests are refused with reason ``bridge_overloaded``.
         unreachable_after_s: overrides ``settings.call_timeout_s`` as the unreachable bound.
+        connect_wait_s: overrides ``settings.connect_wait_s``, the unreachable bound before the
+            daemon was ever reached (never longer than the other bound).
         rng: randomness for the backoff jitter (tests pass a seeded one).
     """
 
@@ -158,10 +180,11 @@ class Bridge:
         ssl_context: ssl.SSLContext | None = None,
         max_buffer: int = 1000,
         unreachable_after_s: float | None = None,
+        connect_wait_s: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.url = url or settings.url
+        self.url = url or settings.effective_url
         tok = token if token is not None else settings.token
         self._token = Secret(tok) if isinstance(tok, str) else tok
         if self._token and not is_token_text(self._token.reveal()):
@@ -170,6 +193,10 @@ class Bridge:
         self.max_buffer = max_buffer
         self.unreachable_after_s = (
             settings.call_timeout_s if unreachable_after_s is None else unreachable_after_s
+        )
+        self.connect_wait_s = min(
+            settings.connect_wait_s if connect_wait_s is None else connect_wait_s,
+            self.unreachable_after_s,
         )
         self._rng = rng or random.Random()
         self.instance_id = str(uuid.uuid4())
@@ -192,6 +219,15 @@ class Bridge:
         self._down_since: float | None = None
         self._expired = False  # the unreachable bound passed during this outage
         self._last_error = "not connected yet"
+        self._ever_connected = False
+        #: an autostart failed during this outage: waiting longer would only hide why
+        self._hopeless = False
+        #: no autostart before this loop time (after a failed one)
+        self._autostart_after = 0.0
+        #: kicked on every message to the client (the drain after stdin EOF waits on it)
+        self._emitted = anyio.Event()
+        self._emitting = 0
+        self._stdout_done = anyio.Event()
         self._fatal: HandshakeRejected | None = None
         #: the largest message sent on the current connection, and how that connection ended
         #: (a 1009 close names a message too large; see :meth:`_fail_too_large`)
@@ -212,8 +248,9 @@ class Bridge:
     async def run(self, stdin: ByteReceiver, stdout: ByteSender) -> None:
         """Bridge until stdin reaches EOF or stdout breaks.
 
-        On EOF the daemon is told (bounded by :data:`GOODBYE_S`) that the calls still waiting
-        are cancelled, and the connection is closed.
+        On EOF the requests read are answered first (:meth:`_drain`), then the daemon is told
+        (bounded by :data:`GOODBYE_S`) that the calls still waiting are cancelled, the answers
+        are written (bounded by :data:`FLUSH_S`) and the connection is closed.
         """
         self._down_since = anyio.current_time()
         try:
@@ -221,7 +258,11 @@ class Bridge:
                 tg.start_soon(self._stdout_loop, stdout, tg.cancel_scope)
                 tg.start_soon(self._connection_loop)
                 await self._stdin_loop(stdin)
+                await self._drain()
                 await self._goodbye()
+                self._out_send.close()  # the stdout loop writes what is left, then ends
+                with anyio.move_on_after(FLUSH_S):
+                    await self._stdout_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             self._out_send.close()
@@ -446,7 +487,33 @@ class Bridge:
     # -- to the client -------------------------------------------------------------------
 
     async def _emit(self, msg: dict[str, Any]) -> None:
-        await self._out_send.send(msg)
+        # counted from before the first checkpoint: an answer whose request has just left
+        # _pending is still on its way, and the drain must wait for it
+        self._emitting += 1
+        try:
+            await self._out_send.send(msg)
+        except anyio.ClosedResourceError:
+            # stdin ended and the drain is over: an answer this late has nobody to go to
+            log.debug("dropped a message for the client after the drain")
+        finally:
+            self._emitting -= 1
+            self._emitted.set()
+            self._emitted = anyio.Event()
+
+    async def _drain(self) -> None:
+        """stdin closed: wait until every request read has its answer (bounded)."""
+        if not self._pending and not self._emitting:
+            return
+        log.debug("stdin closed; waiting for %d answers", len(self._pending))
+        with anyio.move_on_after(self.settings.call_timeout_s + DRAIN_MARGIN_S):
+            while self._pending or self._emitting:
+                await self._emitted.wait()
+        if self._pending:
+            log.warning(
+                "stdin closed; %d requests still unanswered after %.0fs: cancelled",
+                len(self._pending),
+                self.settings.call_timeout_s + DRAIN_MARGIN_S,
+            )
 
     async def _emit_error(
         self,
@@ -466,28 +533,43 @@ class Bridge:
         )
 
     async def _emit_unavailable(self, rid: Any) -> None:
-        await self._emit_error(
-            rid,
-            SERVER_ERROR,
-            f"exai daemon unreachable at {redact_url(self.url)}: {self._last_error}",
-            "daemon_unavailable",
-        )
+        url = redact_url(self.url)
+        message = f"exai daemon unreachable at {url}: {self._last_error}"
+        extra: dict[str, Any] = {"url": url}
+        hint = start_hint(self.url)
+        if hint is None:
+            message += "; is the exai daemon running there and reachable from this machine?"
+        elif self.settings.autostart:
+            message += f"; start it by hand with: {hint}"
+            extra["start"] = hint
+        else:
+            message += (
+                f"; start it with: {hint} (or set EXAI_AUTOSTART=1 in the bridge's environment "
+                "to have the bridge start it)"
+            )
+            extra["start"] = hint
+        await self._emit_error(rid, SERVER_ERROR, message, "daemon_unavailable", extra=extra)
 
     async def _fail_pending(self, fatal: bool) -> None:
         """Answer every waiting request: the daemon is unreachable, or refused us for good."""
         entries = sorted(self._pending.values(), key=lambda e: e.seq)
-        self._pending.clear()
         for entry in entries:
             self._unqueue(entry)
         if fatal:
             # Notifications for a daemon we will never reach again are dropped with the rest.
             self._queue.clear()
         for entry in entries:
+            if entry.key is None or self._pending.get(entry.key) is not entry:
+                continue
             rid = entry.msg["id"]
             if fatal and self._fatal is not None:
                 await self._emit_error(rid, SERVER_ERROR, str(self._fatal), self._fatal.reason)
             else:
                 await self._emit_unavailable(rid)
+            # dropped only once its answer is on its way: the drain after stdin EOF ends when
+            # nothing is pending, and must not end before the last of these answers is out
+            if self._pending.get(entry.key) is entry:
+                del self._pending[entry.key]
 
     async def _stdout_loop(self, stdout: ByteSender, scope: anyio.CancelScope) -> None:
         try:
@@ -496,8 +578,10 @@ class Bridge:
                 if line:
                     await stdout.send_all((line + "\n").encode("utf-8"))
         except _STDIO_ERRORS:
-            log.info("stdout is closed; the client is gone")
+            log.debug("stdout is closed; the client is gone")
             scope.cancel()
+        finally:
+            self._stdout_done.set()
 
     # -- daemon side ---------------------------------------------------------------------
 
@@ -529,6 +613,9 @@ class Bridge:
             except (WebSocketError, TimeoutError) as exc:
                 self._last_error = str(exc) if str(exc) else "connect timed out"
                 delay = backoff_delay(attempt, self._rng)
+                if self.settings.autostart and await self._autostart():
+                    attempt = 0
+                    continue
                 if attempt == 0 or attempt % 20 == 0:
                     log.warning("%s; retrying", self._last_error)
             else:
@@ -540,6 +627,24 @@ class Bridge:
                 delay = backoff_delay(0, self._rng)
             attempt += 1
             await self._wait_or_expire(delay)
+
+    async def _autostart(self) -> bool:
+        """Start the daemon if nothing answers (:func:`~exai.client.autostart.ensure_daemon`);
+        whether it answers now where it did not (then connect again at once)."""
+        now = anyio.current_time()
+        if now < self._autostart_after:
+            return False
+        try:
+            started = await ensure_daemon(self.settings, self.url)
+        except AutostartFailed as exc:
+            self._autostart_after = anyio.current_time() + self.settings.autostart_wait_s
+            self._last_error = f"EXAI_AUTOSTART: {exc}"
+            log.error("%s", self._last_error)
+            self._hopeless = True  # nothing will answer soon: the waiting learn why now
+            return False
+        if started == "started":
+            log.info("started the exai daemon for %s (EXAI_AUTOSTART)", redact_url(self.url))
+        return started != "answering"
 
     def _on_connection_lost(self) -> None:
         self._connected = False
@@ -557,9 +662,10 @@ class Bridge:
     async def _wait_or_expire(self, delay: float) -> None:
         """Sleep ``delay``, but wake to answer waiting requests once the outage is too long."""
         assert self._down_since is not None
-        deadline = self._down_since + self.unreachable_after_s
+        bound = self.unreachable_after_s if self._ever_connected else self.connect_wait_s
+        deadline = self._down_since + bound
         now = anyio.current_time()
-        if not self._expired and now + delay >= deadline:
+        if not self._expired and (now + delay >= deadline or self._hopeless):
             await anyio.sleep(max(0.0, deadline - now))
             self._expired = True
             log.error(
@@ -626,6 +732,8 @@ class Bridge:
                     return
             self._conn = conn
             self._connected = True
+            self._ever_connected = True
+            self._hopeless = False
             self._down_since = None
             if self._expired:
                 log.info("the daemon at %s is reachable again", redact_url(self.url))

@@ -198,7 +198,8 @@ class Client:
     """An MCP client connected to one exai daemon (see the module docstring).
 
     Args:
-        url: ``ws://…/mcp`` or ``wss://…/mcp``; default ``settings.url`` (``EXAI_URL``).
+        url: ``ws://…/mcp`` or ``wss://…/mcp``; default ``settings.effective_url`` (``EXAI_URL``,
+            else derived from ``EXAI_HOST``/``EXAI_PORT``).
         token: client token; default ``settings.token`` (``EXAI_TOKEN``).
         settings: where defaults and bounds come from; default :meth:`Settings.from_env`.
         ssl_context: for ``wss://``; default the system store or ``EXAI_TLS_CA``.
@@ -250,7 +251,7 @@ class Client:
     async def __aenter__(self) -> Client:
         settings = self._settings_arg or Settings.from_env()
         self._max_frame_bytes = settings.max_frame_bytes
-        self.url = self._url_arg or settings.url
+        self.url = self._url_arg or settings.effective_url
         token = self._token_arg if self._token_arg is not None else settings.token
         ctx = self._ssl_context
         if ctx is None and self.url.startswith("wss://"):

@@ -4,9 +4,12 @@
 fd 1 (and ``sys.stdout``) at stderr, so a stray ``print`` can never corrupt the protocol stream;
 reads and writes stdin/stdout as trio streams when they are pipes or sockets, and through a
 worker thread when they are a terminal or a file (where non-blocking mode would leak into other
-processes); and ends when stdin closes, on SIGTERM/SIGINT/SIGHUP, or when its parent dies
+processes); and ends when stdin closes (once the requests read are answered), on
+SIGTERM/SIGINT/SIGHUP, or when its parent dies
 (``PR_SET_PDEATHSIG`` where Linux offers it, and a :data:`PARENT_POLL_S` ``getppid()`` poll
-everywhere). The relay itself is :class:`exai.client.bridge.Bridge`.
+everywhere). The relay itself is :class:`exai.client.bridge.Bridge`. It is quiet on stderr when
+all goes well: routine events log at debug level; warnings and errors (the daemon unreachable,
+a refused token) are written there.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _set_parent_death_signal() -> None:
 async def _watch_parent(original_ppid: int, scope: anyio.CancelScope) -> None:
     while True:
         if os.getppid() != original_ppid:
-            log.info("the parent process is gone; exiting")
+            log.debug("the parent process is gone; exiting")
             scope.cancel()
             return
         await anyio.sleep(PARENT_POLL_S)
@@ -94,7 +97,7 @@ async def _watch_parent(original_ppid: int, scope: anyio.CancelScope) -> None:
 async def _watch_signals(scope: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("received %s; exiting", signal.Signals(signum).name)
+            log.debug("received %s; exiting", signal.Signals(signum).name)
             scope.cancel()
             return
 
@@ -103,7 +106,8 @@ def run(url: str | None = None) -> int:
     """``exai bridge``: run the stdio bridge until stdin closes or the parent dies.
 
     Args:
-        url: the daemon's URL (default ``EXAI_URL``).
+        url: the daemon's URL (default ``EXAI_URL``, else derived from ``EXAI_HOST`` and
+            ``EXAI_PORT``: :attr:`~exai.config.Settings.effective_url`).
 
     Exit status: 0 on a normal end (EOF, parent gone, SIGTERM), 2 on a configuration error.
     """
@@ -129,7 +133,9 @@ def run(url: str | None = None) -> int:
     async def bridge_stdio() -> None:
         stdin, stdout = _open_fd(in_fd), _open_fd(out_fd)
         bridge = Bridge(settings, url=url)
-        log.info("bridging stdio to %s", redact_url(bridge.url))
+        # debug: an MCP client shows the bridge's stderr to its user, and a start that works
+        # has nothing to tell (warnings and errors still go there)
+        log.debug("bridging stdio to %s", redact_url(bridge.url))
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_parent, original_ppid, tg.cancel_scope)
             tg.start_soon(_watch_signals, tg.cancel_scope)

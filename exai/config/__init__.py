@@ -16,7 +16,13 @@ and the environment a child process may inherit).
 from exai.config.loader import env_name
 from exai.config.providers import BUILTIN_PROVIDERS, PROVIDER_FIELDS, ProviderSettings
 from exai.config.secret import TOKEN_TEXT_RULE, Secret, is_token_text, redact_url
-from exai.config.settings import Settings, default_state_dir, is_loopback, known_env_names
+from exai.config.settings import (
+    Settings,
+    default_state_dir,
+    is_loopback,
+    known_env_names,
+    listen_url,
+)
 
 __all__ = [
     "BUILTIN_PROVIDERS",
@@ -30,5 +36,6 @@ __all__ = [
     "is_loopback",
     "is_token_text",
     "known_env_names",
+    "listen_url",
     "redact_url",
 ]

@@ -23,7 +23,7 @@ from exai.config.providers import PROVIDER_FIELDS, ProviderSettings, str_tuple
 from exai.config.secret import TOKEN_TEXT_RULE, Secret, is_token_text, redact_url
 from exai.errors import ConfigError
 
-__all__ = ["Settings", "default_state_dir", "is_loopback", "known_env_names"]
+__all__ = ["Settings", "default_state_dir", "is_loopback", "known_env_names", "listen_url"]
 
 
 def default_state_dir() -> Path:
@@ -140,8 +140,25 @@ class Settings:
     )
 
     # --- client side (bridge, exai call, exai.Client) ------------------------------------
-    url: str = _field("ws://127.0.0.1:8079/mcp", "daemon URL for the bridge and client")
+    url: str = _field(
+        "",
+        "daemon URL for the bridge, exai call/status and exai.Client (empty = "
+        "ws[s]://EXAI_HOST:EXAI_PORT/mcp, a wildcard host read as loopback)",
+    )
     token: Secret | None = _field(None, "client token the bridge and client send")
+    connect_wait_s: float = _field(
+        5.0,
+        "how long the bridge's requests wait for a daemon it has not reached yet before an "
+        "error that says how to start it",
+    )
+    autostart: bool = _field(
+        False,
+        "the bridge starts exai serve itself when nothing answers on its loopback URL (one "
+        "daemon for all bridges; its log is daemon.log in the state directory)",
+    )
+    autostart_wait_s: float = _field(
+        30.0, "how long a bridge waits for the daemon it started to listen"
+    )
 
     # --- logging and state ----------------------------------------------------------------
     log_level: str = _field("info", "debug, info, warning or error")
@@ -226,6 +243,12 @@ class Settings:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
 
     @property
+    def effective_url(self) -> str:
+        """Where the client side connects: ``EXAI_URL``, else the address these settings
+        listen on (:func:`listen_url`)."""
+        return self.url or listen_url(self)
+
+    @property
     def effective_storage_url(self) -> str:
         if self.storage_url:
             return self.storage_url.reveal()
@@ -268,6 +291,7 @@ class Settings:
             if f.name in ("providers", "source_files"):
                 continue
             out[f.name] = _display_value(getattr(self, f.name))
+        out["effective_url"] = redact_url(self.effective_url)
         out["effective_storage_url"] = redact_url(self.effective_storage_url)
         out["providers"] = {
             p.name: {k: _display_value(getattr(p, k)) for k in PROVIDER_FIELDS if hasattr(p, k)}
@@ -291,6 +315,24 @@ def known_env_names() -> list[str]:
 
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+#: a listener bound here accepts connections on every address: a client connects to loopback
+#: (``::`` binds IPv6 only under trio, hence ``::1`` for it)
+_WILDCARD_CONNECT = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def listen_url(settings: Settings) -> str:
+    """The URL a client on this machine reaches the listener of ``settings`` at:
+    ``ws[s]://EXAI_HOST:EXAI_PORT/mcp``, a wildcard host (``0.0.0.0``, ``::``) read as loopback.
+    (``EXAI_PORT=0`` picks a free port at start, which no setting can name: the URL then says
+    port 0, and ``exai doctor`` says so.)"""
+    host = _WILDCARD_CONNECT.get(settings.host.strip(), settings.host.strip())
+    host = host.strip("[]")
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "wss" if settings.tls_cert else "ws"
+    return f"{scheme}://{host}:{settings.port}/mcp"
+
+
 #: an EXAI_ALLOWED_ORIGINS entry: scheme://host[:port|:*] (exai.server.origins reads it)
 _ORIGIN_ENTRY = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]@?#]+)(:(\d{1,5}|\*))?/?$")
 
@@ -318,6 +360,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"EXAI_{name.upper()} must be at least 1")
     for name in (
         "call_timeout_s",
+        "connect_wait_s",
+        "autostart_wait_s",
         "handshake_timeout_s",
         "slot_wait_s",
         "session_rate_per_s",

@@ -341,9 +341,49 @@ async def test_unreachable_daemon_answers_pending_requests_with_daemon_unavailab
         nursery.cancel_scope.cancel()
     assert reply["id"] == 0
     assert reply["error"]["code"] == -32000
-    assert reply["error"]["data"] == {"reason": "daemon_unavailable"}
+    assert reply["error"]["data"]["reason"] == "daemon_unavailable"
+    assert reply["error"]["data"]["url"] == url
     assert reply["error"]["message"].startswith(f"exai daemon unreachable at {url}: ")
     assert fast["error"]["data"]["reason"] == "daemon_unavailable"
+
+
+@pytest.mark.anyio
+async def test_a_daemon_never_reached_is_reported_after_connect_wait_with_how_to_start_it() -> None:
+    url = await closed_port_url()
+    port = url.split(":")[2].split("/")[0]
+    async with trio.open_nursery() as nursery:
+        # the outage bound once connected is huge: only the never-reached bound can answer
+        _, client = await start_bridge(
+            nursery, url, unreachable_after_s=100_000.0, connect_wait_s=0.3
+        )
+        await client.send(INIT)
+        reply = await client.recv()
+        nursery.cancel_scope.cancel()
+    error = reply["error"]
+    assert reply["id"] == 0 and error["code"] == -32000
+    assert error["data"]["reason"] == "daemon_unavailable"
+    assert error["data"]["url"] == url
+    start = error["data"]["start"]
+    assert start.startswith(f"EXAI_PORT={port} ") and start.endswith(" serve")
+    assert f"start it with: {start}" in error["message"]
+    assert "EXAI_AUTOSTART=1" in error["message"]
+
+
+@pytest.mark.anyio
+async def test_a_daemon_on_another_machine_gets_no_start_command() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never routed, so the connect attempt times out
+    url = "ws://192.0.2.1:8079/mcp"
+    settings = Settings(url=url, handshake_timeout_s=0.2)
+    bridge = Bridge(settings, rng=random.Random(1), connect_wait_s=0.3)
+    client = Harness()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bridge.run, client.stdin_recv, client.stdout_send)
+        await client.send(INIT)
+        reply = await client.recv()
+        nursery.cancel_scope.cancel()
+    assert reply["error"]["data"]["reason"] == "daemon_unavailable"
+    assert "start" not in reply["error"]["data"]
+    assert "is the exai daemon running there" in reply["error"]["message"]
 
 
 @pytest.mark.anyio
@@ -379,7 +419,9 @@ async def test_overloaded_daemon_is_retried_until_it_accepts(daemon: FakeDaemon)
 
 
 @pytest.mark.anyio
-async def test_stdin_eof_ends_the_bridge_and_cancels_waiting_calls(daemon: FakeDaemon) -> None:
+async def test_stdin_eof_waits_for_the_answers_of_the_requests_read_then_ends(
+    daemon: FakeDaemon,
+) -> None:
     settings = Settings(url=daemon.url)
     bridge = Bridge(settings)
     client = Harness()
@@ -395,7 +437,39 @@ async def test_stdin_eof_ends_the_bridge_and_cancels_waiting_calls(daemon: FakeD
         await client.send(call(7, "hold"))
         await daemon.hold_running.wait()
         await client.close_stdin()
-        with trio.fail_after(2):
+        await trio.sleep(0.3)
+        assert not ended.is_set()  # still waiting for the call's answer
+        daemon.release()
+        answer = await client.recv()
+        with trio.fail_after(5):
+            await ended.wait()
+    assert answer["id"] == 7 and answer["result"]["content"][0]["text"] == "1"
+    cancels = [m for _, m in daemon.received if m.get("method") == "notifications/cancelled"]
+    assert cancels == []
+
+
+@pytest.mark.anyio
+async def test_stdin_eof_drain_is_bounded_by_the_call_timeout_then_cancels(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import exai.client.bridge as bridge_module
+
+    monkeypatch.setattr(bridge_module, "DRAIN_MARGIN_S", 0.0)
+    bridge = Bridge(Settings(url=daemon.url, call_timeout_s=0.3))
+    client = Harness()
+    ended = trio.Event()
+
+    async def run() -> None:
+        await bridge.run(client.stdin_recv, client.stdout_send)
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await client.initialize()
+        await client.send(call(7, "hold"))
+        await daemon.hold_running.wait()
+        await client.close_stdin()
+        with trio.fail_after(10):
             await ended.wait()
     cancels = [m for _, m in daemon.received if m.get("method") == "notifications/cancelled"]
     assert cancels and cancels[0]["params"]["requestId"] == 7

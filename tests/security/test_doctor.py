@@ -196,6 +196,36 @@ def test_a_plain_ws_client_url_to_another_machine_is_a_warning(tmp_path):
     assert [f.level for f in found] == ["warn"] and "wss://" in found[0].fix
 
 
+@pytest.mark.parametrize(
+    ("env", "flagged"),
+    [
+        ({"EXAI_PORT": "9123", "EXAI_URL": "ws://127.0.0.1:8079/mcp"}, "port 8079 where"),
+        ({"EXAI_HOST": "10.1.2.3", "EXAI_URL": "ws://10.9.9.9:8079/mcp"}, "host 10.9.9.9"),
+        ({"EXAI_URL": "wss://127.0.0.1:8079/mcp"}, "no EXAI_TLS_CERT"),
+        ({"EXAI_URL": "ws://127.0.0.1:8079/"}, "the MCP door is /mcp"),
+        ({"EXAI_PORT": "0"}, "EXAI_PORT=0"),
+    ],
+)
+def test_a_client_url_that_misses_the_listener_is_flagged(tmp_path, env, flagged):
+    settings = settings_of(tmp_path, **env)
+    (found,) = problems(doctor.check_client_url(settings), "client-url")
+    assert found.level == "warn" and flagged in found.message
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"EXAI_PORT": "9123"},  # the client side follows EXAI_PORT
+        {"EXAI_PORT": "9123", "EXAI_URL": "ws://localhost:9123/mcp"},
+        {"EXAI_HOST": "0.0.0.0", "EXAI_URL": "ws://127.0.0.1:8079/mcp"},
+    ],
+)
+def test_a_client_url_that_reaches_the_listener_is_ok(tmp_path, env):
+    settings = settings_of(tmp_path, **env)
+    assert problems(doctor.check_client_url(settings), "client-url") == []
+
+
 def test_tls_files_that_do_not_load_are_an_error(tmp_path):
     bogus = private_file(tmp_path / "x.pem", "not pem")
     settings = settings_of(tmp_path, EXAI_TLS_CERT=str(bogus), EXAI_TLS_KEY=str(bogus))
@@ -463,7 +493,8 @@ def test_doctor_passes_a_clean_directory_with_exit_0(tmp_path):
     environ = {
         "EXAI_STATE_DIR": str(tmp_path / "state"),
         "EXAI_TOKENS_FILE": str(tokens),
-        "EXAI_URL": f"ws://127.0.0.1:{free_port()}/mcp",
+        # no daemon there; the client side derives its URL from EXAI_PORT, so they agree
+        "EXAI_PORT": str(free_port()),
         "PATH": os.environ["PATH"],
     }
 

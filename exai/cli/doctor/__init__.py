@@ -25,6 +25,7 @@ import anyio
 from exai.cli.doctor.local import (
     MIN_TOKEN_LENGTH,
     check_bind,
+    check_client_url,
     check_git,
     check_secret_files,
     check_sqlite,
@@ -57,6 +58,7 @@ __all__ = [
     "STORE_S",
     "Finding",
     "check_bind",
+    "check_client_url",
     "check_daemon",
     "check_git",
     "check_providers",

@@ -8,6 +8,9 @@
   :data:`MIN_TOKEN_LENGTH` (hashed entries cannot be judged);
 * ``bind``: a non-loopback listener without client tokens or without TLS; a ``ws://`` client
   URL to another machine; TLS files that do not load;
+* ``client-url``: the URL the client side would use (``EXAI_URL``, else derived from
+  ``EXAI_HOST``/``EXAI_PORT``) does not reach the listener these settings describe (another
+  port, host or scheme), or cannot name it (``EXAI_PORT=0``);
 * ``storage`` (SQLite): the state directory is not writable.
 
 Blocking (``git``, ``stat``): run them from a thread when a loop is running.
@@ -25,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from exai.cli.doctor.report import Finding, error, ok, warn
-from exai.config import Settings, is_loopback
+from exai.config import Settings, is_loopback, listen_url, redact_url
 from exai.config.hygiene import child_env, token_entries
 from exai.errors import ConfigError
 from exai.server.auth import parse_tokens
@@ -34,6 +37,7 @@ __all__ = [
     "GIT_S",
     "MIN_TOKEN_LENGTH",
     "check_bind",
+    "check_client_url",
     "check_git",
     "check_secret_files",
     "check_sqlite",
@@ -264,13 +268,13 @@ def check_bind(settings: Settings) -> list[Finding]:
         out.append(
             error("bind", f"EXAI_TLS_CA {settings.tls_ca} is not a file", "correct EXAI_TLS_CA")
         )
-    url = urllib.parse.urlsplit(settings.url)
+    url = urllib.parse.urlsplit(settings.effective_url)
     if url.scheme == "ws" and url.hostname and not is_loopback(url.hostname):
         out.append(
             warn(
                 "bind",
-                f"EXAI_URL {settings.url} is ws:// to another machine: the client token crosses "
-                "the network in clear text",
+                f"EXAI_URL {redact_url(settings.effective_url)} is ws:// to another machine: "
+                "the client token crosses the network in clear text",
                 "serve TLS on the daemon and use wss:// (EXAI_TLS_CA for a private CA)",
             )
         )
@@ -279,6 +283,69 @@ def check_bind(settings: Settings) -> list[Finding]:
         auth = "tokens" if settings.tokens else "no tokens"
         out.append(ok("bind", f"listener {scheme}://{host}:{settings.port} ({auth})"))
     return out
+
+
+#: a listener bound to one of these accepts connections on every address of the machine
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def check_client_url(settings: Settings) -> list[Finding]:
+    """The URL the bridge, ``exai call``, ``exai status`` and :class:`exai.Client` would use
+    (``EXAI_URL``, else derived from ``EXAI_HOST``/``EXAI_PORT``) against the address these
+    settings make ``exai serve`` listen on."""
+    listens = listen_url(settings)
+    if not settings.url:
+        if settings.port == 0:
+            return [
+                warn(
+                    "client-url",
+                    "EXAI_PORT=0: the daemon picks a free port at each start, which the bridge, "
+                    "exai call and exai status cannot know",
+                    "set EXAI_PORT to a fixed port, or give the clients EXAI_URL from the "
+                    "daemon's 'listening on' line",
+                )
+            ]
+        return [ok("client-url", f"clients connect to {listens} (from EXAI_HOST/EXAI_PORT)")]
+    shown = redact_url(settings.url)
+    url = urllib.parse.urlsplit(settings.url)
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        return [
+            error(
+                "client-url",
+                f"EXAI_URL {shown} is not a ws:// or wss:// URL",
+                f"set EXAI_URL to {listens}, or unset it (then EXAI_HOST/EXAI_PORT are used)",
+            )
+        ]
+    try:
+        port = url.port or (443 if url.scheme == "wss" else 80)
+    except ValueError:
+        port = -1
+    differences = []
+    if settings.port and port != settings.port:
+        differences.append(f"port {port} where EXAI_PORT is {settings.port}")
+    host = settings.host.strip().strip("[]")
+    if settings.host.strip() not in _WILDCARD_HOSTS:
+        same = url.hostname == host or (is_loopback(url.hostname) and is_loopback(host))
+        if not same:
+            differences.append(f"host {url.hostname} where EXAI_HOST is {settings.host}")
+    if url.scheme == "wss" and not settings.tls_cert:
+        differences.append("wss:// where the daemon serves ws:// (no EXAI_TLS_CERT)")
+    elif url.scheme == "ws" and settings.tls_cert:
+        differences.append("ws:// where the daemon serves wss:// (EXAI_TLS_CERT is set)")
+    if url.path.rstrip("/") != "/mcp":
+        differences.append(f"path {url.path or '/'!r} where the MCP door is /mcp")
+    if differences:
+        return [
+            warn(
+                "client-url",
+                f"EXAI_URL {shown} does not reach the daemon these settings start "
+                f"({listens}): {'; '.join(differences)}. The bridge, exai call and exai status "
+                "would connect elsewhere",
+                f"unset EXAI_URL (the client side then derives {listens} from EXAI_HOST/"
+                "EXAI_PORT) or correct it; if it names a daemon elsewhere on purpose, ignore this",
+            )
+        ]
+    return [ok("client-url", f"clients connect to {shown} (EXAI_URL), where the daemon listens")]
 
 
 def check_sqlite(settings: Settings) -> list[Finding]:
@@ -315,5 +382,6 @@ def local_findings(
         *check_secret_files(settings, env, env_file),
         *check_tokens(settings),
         *check_bind(settings),
+        *check_client_url(settings),
         *check_sqlite(settings),
     ]

@@ -9,7 +9,8 @@ daemon reaches the way the daemon does — through the daemon's own clients.
   (skew over :data:`MAX_SKEW_S` is an error: shared rate limits and TTLs assume one clock);
 * ``provider:<name>``: ``GET /models`` with its key within :data:`PROVIDER_S` (401/403 means
   the key is refused);
-* ``daemon``: when a daemon answers at ``EXAI_URL``, its version and each provider's breaker
+* ``daemon``: when a daemon answers at the client URL (``EXAI_URL``, else derived from
+  ``EXAI_HOST``/``EXAI_PORT``), its version and each provider's breaker
   (through :class:`exai.Client`).
 
 The asyncio bridge is opened only when PostgreSQL or Redis is configured. Must run under trio.
@@ -336,11 +337,12 @@ async def check_providers(settings: Settings) -> list[Finding]:
 
 
 async def check_daemon(settings: Settings) -> list[Finding]:
-    """When a daemon answers at ``EXAI_URL``: its version and each provider's breaker state."""
-    url = settings.url
+    """When a daemon answers at the client URL (:attr:`Settings.effective_url`): its version and
+    each provider's breaker state."""
+    url = redact_url(settings.effective_url)
     try:
         with anyio.fail_after(DAEMON_S):
-            async with Client(url=url, settings=settings, client_name="exai-doctor") as client:
+            async with Client(settings=settings, client_name="exai-doctor") as client:
                 result = await client.call_tool("status", {})
     except HandshakeRejected as exc:
         if exc.status in (401, 403):
