@@ -8,7 +8,6 @@ services and runs :func:`exai.server.app.serve` until a signal: SIGINT/SIGTERM d
 
 from __future__ import annotations
 
-import gc
 import importlib
 import signal
 import sys
@@ -83,6 +82,7 @@ def warn_exposed_secret_files(settings: Settings) -> None:
 async def _serve_async(settings: Settings, registry: Any) -> None:
     import trio
 
+    from exai.server import gcpolicy
     from exai.server.app import serve
     from exai.server.services import open_services
 
@@ -97,9 +97,12 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             daemon = await nursery.start(run)
             # Everything loaded at start-up lives as long as the daemon: move it out of the
-            # collector's reach, so full collections (which block the loop) walk only what
-            # sessions allocate.
-            gc.freeze()
+            # collector's reach; full collections (which block the loop) only when no call
+            # is running (exai.server.gcpolicy).
+            gcpolicy.apply()
+            nursery.start_soon(
+                gcpolicy.collect_when_idle, lambda: bool(daemon.calls.running), name="exai.gc"
+            )
             if not daemon.tokens.enabled:
                 _err("no client tokens configured: serving loopback clients only, no auth")
             for line in provider_lines(settings):

@@ -128,7 +128,7 @@ class Settings:
     memory_high_watermark: float = _field(0.90, "fraction of the memory limit that stops admission")
     memory_low_watermark: float = _field(0.80, "fraction of the memory limit that resumes it")
     memory_check_interval_s: float = _field(1.0, "how often memory is read")
-    stall_threshold_s: float = _field(0.05, "a loop step longer than this is logged as a stall")
+    stall_threshold_s: float = _field(0.05, "a loop blocked longer than this is logged as a stall")
     identity_rate_per_s: float = _field(0.0, "messages per second per client identity (0 = off)")
     identity_burst: int = _field(200, "message burst per client identity")
     identity_max_inflight: int = _field(0, "concurrent tools/call per client identity (0 = off)")

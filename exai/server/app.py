@@ -8,7 +8,7 @@ SIGINT/SIGTERM do in ``exai serve``) stops accepting, lets in-flight calls finis
 
 What runs, and who owns it (outermost first)::
 
-    stall detector (an instrument, for the whole run)
+    stall probe (exai.server.stalls.LoopProbe: a system task and a watchdog thread)
       audit log (closes after the calls drained, so their lines are written)
         call runner's nursery: every execution
           connection nursery: the admin listener, the memory backstop, the secret watcher,
@@ -33,7 +33,7 @@ from exai.server.auth import check_bind
 from exai.server.listener import load_ssl_context
 from exai.server.overload import tune_malloc
 from exai.server.services import Daemon, compose
-from exai.server.stalls import stall_detector
+from exai.server.stalls import loop_probe
 from exai.tools import default_registry
 from exai.tools.base import ToolRegistry
 
@@ -86,7 +86,7 @@ async def serve(
     daemon.started_at = trio.current_time()
     tune_malloc()
 
-    with stall_detector(settings.stall_threshold_s, daemon.on_stall) as detector:
+    with loop_probe(settings.stall_threshold_s, daemon.on_stall) as detector:
         daemon.stall_detector = detector
         await _run(daemon, settings, ssl_ctx, announce, task_status)
     log_event("daemon.stopped")

@@ -28,6 +28,7 @@ same key asking another question is another call, never answered from this one.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections import OrderedDict
@@ -353,10 +354,17 @@ class CallRunner:
         self._claimed: set[str] = set()  # keys of the calls this daemon claimed
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
+        #: running executions due a heartbeat, oldest due first: ``[due, execution]`` (the
+        #: execution is set to ``None`` when it ends, so the entry holds no answer)
+        self._beats: collections.deque[list[Any]] = collections.deque()
+        self._beat_wakeup = trio.Event()
+        self._beat_stop = False
 
     async def __aenter__(self) -> CallRunner:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
+        if self.settings.heartbeat_interval_s > 0:
+            self._nursery.start_soon(self._heartbeats, name="exai.heartbeats")
         return self
 
     async def __aexit__(
@@ -366,7 +374,12 @@ class CallRunner:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._nursery_cm is not None
+        assert self._nursery is not None
         try:
+            # the heartbeat ticker ends with the last call (the drain waits for calls only)
+            if self.settings.heartbeat_interval_s > 0:
+                self._beat_stop = True
+                self._beat_wakeup.set()
             return await self._nursery_cm.__aexit__(exc_type, exc, tb)
         finally:
             self._nursery = None
@@ -465,48 +478,24 @@ class CallRunner:
             ex.progress(message, make=p.progress_notification, value=progress, total=total)
 
         ctx.progress = progress
+        beat = self._beat(ex)
         try:
             with ex.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeat, ex)
-                    if ex.client_key:
+                if ex.client_key:
+                    async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.calls.orphan_watch, ex)
-                    try:
-                        # the deadline was fixed at admission: waiting for a slot counted
-                        with trio.fail_at(ex.deadline):
-                            result = await spec.handler(args, ctx)
-                        ex.payload = {"result": result.to_mcp()}
-                    except trio.TooSlowError:
-                        outcome = "timeout"
-                        exc = errors.DeadlineExceeded(
-                            f"tool {ex.tool!r} did not finish within its deadline of {timeout:g}s"
-                        )
-                        ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
-                    except Exception as raw:
-                        exc2 = errors.unwrap_exception(raw)
-                        if isinstance(exc2, errors.ExaiError):
-                            outcome = exc2.reason
-                            err = p.error_from_exception(None, exc2)["error"]
-                        else:
-                            outcome = "internal_error"
-                            log_event(
-                                "call.crashed",
-                                logging.ERROR,
-                                tool=ex.tool,
-                                exc_type=type(exc2).__name__,
-                            )
-                            err = p.error(
-                                None,
-                                -32603,
-                                f"internal error in tool {ex.tool!r} ({type(exc2).__name__})",
-                                {"reason": "internal_error"},
-                            )["error"]
-                        ex.payload = {"error": err}
-                    nursery.cancel_scope.cancel()
+                        outcome = await self._run_tool(ex, spec, args, ctx, timeout)
+                        nursery.cancel_scope.cancel()
+                else:
+                    outcome = await self._run_tool(ex, spec, args, ctx, timeout)
             if ex.scope.cancelled_caught:
                 outcome = "cancelled"
                 ex.payload = None
         finally:
+            if beat is not None:
+                beat[1] = None
+                if self._beat_stop:
+                    self._beat_wakeup.set()  # (the ticker may be waiting for this call)
             self.calls.running.pop(ex.key, None)
             if ex.payload is not None:
                 ex.payload_bytes = (
@@ -544,6 +533,81 @@ class CallRunner:
                 provider=ctx.annotations.get("provider"),
                 model=ctx.annotations.get("model"),
             )
+
+    async def _run_tool(
+        self, ex: Execution, spec: Any, args: dict[str, Any], ctx: ToolContext, limit_s: float
+    ) -> str:
+        """Run the tool until the call's deadline; sets ``ex.payload``, returns the outcome."""
+        try:
+            # the deadline was fixed at admission: waiting for a slot counted
+            with trio.fail_at(ex.deadline):
+                result = await spec.handler(args, ctx)
+            ex.payload = {"result": result.to_mcp()}
+            return "ok"
+        except trio.TooSlowError:
+            exc = errors.DeadlineExceeded(
+                f"tool {ex.tool!r} did not finish within its deadline of {limit_s:g}s"
+            )
+            ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
+            return "timeout"
+        except Exception as raw:
+            exc2 = errors.unwrap_exception(raw)
+            if isinstance(exc2, errors.ExaiError):
+                ex.payload = {"error": p.error_from_exception(None, exc2)["error"]}
+                return exc2.reason
+            log_event("call.crashed", logging.ERROR, tool=ex.tool, exc_type=type(exc2).__name__)
+            ex.payload = {
+                "error": p.error(
+                    None,
+                    -32603,
+                    f"internal error in tool {ex.tool!r} ({type(exc2).__name__})",
+                    {"reason": "internal_error"},
+                )["error"]
+            }
+            return "internal_error"
+
+    def _beat(self, ex: Execution) -> list[Any] | None:
+        """Schedule ``ex``'s heartbeats (one ticker for every call, not a task per call)."""
+        interval = self.settings.heartbeat_interval_s
+        if interval <= 0:
+            return None
+        entry: list[Any] = [ex.started_at + interval, ex]
+        self._beats.append(entry)
+        if len(self._beats) == 1:
+            self._beat_wakeup.set()
+        return entry
+
+    async def _heartbeats(self) -> None:
+        """Send each running call a heartbeat (progress) every ``heartbeat_interval_s``.
+
+        One task for all calls: every entry is due ``interval`` after it was queued, so the
+        queue stays in due order by appending (a call is re-queued after each beat).
+        """
+        interval = self.settings.heartbeat_interval_s
+        beats = self._beats
+        while True:
+            if not beats:
+                if self._beat_stop:
+                    return  # the runner is closing and no call is left running
+                self._beat_wakeup = trio.Event()
+                await self._beat_wakeup.wait()
+                continue
+            entry = beats[0]
+            ex = entry[1]
+            if ex is None:  # ended
+                beats.popleft()
+                continue
+            now = trio.current_time()
+            if entry[0] > now:
+                self._beat_wakeup = trio.Event()
+                with trio.move_on_at(entry[0]):
+                    await self._beat_wakeup.wait()
+                continue
+            beats.popleft()
+            elapsed = now - ex.started_at
+            ex.progress(f"{ex.tool}: still working ({elapsed:.0f}s)", make=p.progress_notification)
+            entry[0] = now + interval
+            beats.append(entry)
 
     async def _share_result(self, ex: Execution) -> None:
         sc = self.shared_calls

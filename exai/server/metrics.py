@@ -36,7 +36,7 @@ from exai.server.budget import MemoryBudget
 from exai.server.calls import CallRegistry
 from exai.server.overload import OverloadManager
 from exai.server.readiness import Readiness
-from exai.server.stalls import StallDetector
+from exai.server.stalls import LoopProbe
 from exai.server.stats import DaemonStats
 
 __all__ = [
@@ -80,7 +80,8 @@ class DaemonMetrics:
         )
         self.loop_stall = Histogram(
             "exai_loop_stall_seconds",
-            "Task steps that blocked the event loop longer than the stall threshold.",
+            "Times the event loop was blocked longer than the stall threshold "
+            "(run-queue delay excluded).",
             buckets=_STALL_BUCKETS,
             registry=self.registry,
         )
@@ -189,14 +190,17 @@ def pressure_metrics(
     yield store
 
 
-def loop_metrics(detector: StallDetector) -> Iterator[Metric]:
-    """The longest event-loop task step and the number of stalls."""
+def loop_metrics(detector: LoopProbe) -> Iterator[Metric]:
+    """The longest event-loop stall and the number of stalls (:class:`LoopProbe`)."""
     mx = GaugeMetricFamily(
-        "exai_loop_max_stall_seconds", "Longest event-loop task step since start."
+        "exai_loop_max_stall_seconds",
+        "Longest time the event loop was blocked since start (run-queue delay excluded).",
     )
     mx.add_metric([], detector.max_stall_s)
     yield mx
-    st = CounterMetricFamily("exai_loop_stalls", "Task steps over the stall threshold since start.")
+    st = CounterMetricFamily(
+        "exai_loop_stalls", "Event-loop stalls over the stall threshold since start."
+    )
     st.add_metric([], detector.stall_count)
     yield st
 

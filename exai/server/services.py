@@ -65,7 +65,7 @@ from exai.server.reload import REVOKED_CLOSE_CODE, Reloader
 from exai.server.sessions import SessionTable
 from exai.server.shared_calls import SharedCalls
 from exai.server.shared_limits import SharedLimits
-from exai.server.stalls import StallDetector
+from exai.server.stalls import LoopProbe
 from exai.server.stats import DaemonStats
 from exai.tools.base import ToolRegistry
 
@@ -165,7 +165,7 @@ class Daemon:
         self.started_at = 0.0
         self.url = ""
         self.admin_url = ""
-        self.stall_detector: StallDetector | None = None
+        self.stall_detector: LoopProbe | None = None
         self.reloader: Reloader | None = None
         #: where the daemon's run starts its background work (session closes on revocation)
         self.conn_nursery: trio.Nursery | None = None

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from exai.server.stalls import MAX_KEPT_STALLS, StallDetector, stall_detector
+from exai.server.stalls import (
+    MAX_KEPT_STALLS,
+    LoopProbe,
+    StallDetector,
+    loop_probe,
+    stall_detector,
+)
 from tests import stall_plugin
 
 pytestmark = pytest.mark.anyio
@@ -241,3 +247,73 @@ async def test_a_blocking_sleep_is_still_a_stall_when_descheduled_time_is_exclud
 
     assert [name for _, name in detector.stalls] == ["blocker"]
     assert detector.stalls[0][0] >= 0.19
+
+
+# -- the daemon's sampled detector: LoopProbe ------------------------------------------------
+
+
+async def test_the_probe_sees_a_blocking_sleep_and_names_its_task() -> None:
+    seen: list[tuple[float, str]] = []
+    with loop_probe(threshold_s=0.05, on_stall=lambda d, w: seen.append((d, w))) as probe:
+        await trio.sleep(0.05)  # a few probes first
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_blocker, name="blocker")
+        await trio.sleep(0.05)  # the probe wakes (late) after the block
+
+    assert probe.stall_count == 1, probe.stalls
+    duration, where = probe.stalls[0]
+    # the probe wakes at least 0.2 s after it went to sleep, less its own 10 ms interval
+    assert duration >= 0.2 - probe.interval_s - 0.005
+    assert probe.max_stall_s == duration
+    # the watchdog thread read the loop thread's stack while time.sleep held it
+    assert where.startswith("blocker (_blocker test_stalls.py:"), where
+    assert seen == probe.stalls
+
+
+async def test_the_probe_does_not_flag_tasks_that_checkpoint_often() -> None:
+    with loop_probe(threshold_s=0.1) as probe:
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(_polite, name=f"polite-{i}")
+        await trio.sleep(0.1)
+
+    assert probe.stall_count == 0, probe.stalls
+    assert probe.probes >= 5
+
+
+async def test_the_probe_stops_with_its_block() -> None:
+    with loop_probe(threshold_s=0.05) as probe:
+        await trio.sleep(0.05)
+    probes = probe.probes
+    await trio.sleep(0.05)
+    assert probe.probes == probes
+    assert probe._stop.is_set()  # the watchdog thread was told to stop
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
+async def test_the_probe_does_not_call_a_busy_machine_a_stall() -> None:
+    # As for the instrument above: steps of 20 ms of CPU that the hogs stretch to ~100 ms of
+    # wall time. A probe that does not subtract the run-queue delay calls them stalls.
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hogs = _hogs_on(cpu, 4)
+    by_wall = LoopProbe(threshold_s=0.05, exclude_descheduled=False)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)  # noqa: ASYNC251 - let the hogs start before measuring
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(by_wall.run)
+            with loop_probe(threshold_s=0.05) as by_cpu:
+                for _ in range(5):
+                    await _cpu_step()
+                await trio.sleep(0.03)
+            nursery.cancel_scope.cancel()
+    finally:
+        os.sched_setaffinity(0, before)
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+    assert by_wall.stall_count > 0, "the hogs did not slow the loop down; the test proves nothing"
+    assert by_cpu.stall_count == 0, by_cpu.stalls
+    assert by_cpu.descheduled_s > 0.05

@@ -1,0 +1,95 @@
+"""The daemon's garbage-collector policy: no full collection in the middle of a storm.
+
+CPython's cycle collector runs on whichever thread allocates — here the event loop's — and a
+*full* (generation 2) collection walks every tracked object the process holds. With thousands
+of calls or sessions alive that is hundreds of thousands of objects and 100–1,000 ms during
+which nothing else runs (issue 8's connection storm: 983 ms). The default policy starts one
+whenever enough objects have survived two younger collections, which is exactly what a storm
+does. So the daemon (``exai serve``, :func:`apply`; an embedding process keeps its own
+policy):
+
+* freezes what start-up loaded (``gc.freeze()``): the modules, settings and tools live as
+  long as the process and are never walked again;
+* raises the youngest generation's threshold from 700 to :data:`YOUNG_THRESHOLD`
+  allocations: fewer, still short young collections (each walks at most that many objects,
+  about a millisecond), and most short-lived objects are freed by reference counting before
+  any collection sees them;
+* never starts a full collection on its own (the oldest threshold is set out of reach), and
+  runs one from :func:`collect_when_idle` instead: when no call has been running for a check
+  interval — the walk then delays no one's answer — or, so that garbage cycles cannot pile up
+  under a load that never pauses, after :data:`FORCE_AFTER_S` with older generations having
+  been collected at least :data:`FORCE_MIN_OLD_COLLECTIONS` times since the last one.
+
+The figures before and after are in ``benchmarks/README.md`` (*slow_upstream*, *peer*).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from exai.logs import log_event
+
+__all__ = ["FORCE_AFTER_S", "YOUNG_THRESHOLD", "apply", "collect_when_idle"]
+
+#: allocations (minus deallocations) of container objects between two young collections
+YOUNG_THRESHOLD = 10_000
+#: young collections between two collections of the middle generation (CPython's default)
+MIDDLE_THRESHOLD = 10
+#: a full collection never starts by itself
+_NEVER = 1 << 30
+#: how often the idle collector looks
+CHECK_INTERVAL_S = 1.0
+#: under a load that never pauses, a full collection is forced this long after the last one
+FORCE_AFTER_S = 60.0
+#: ... if the middle generation was collected at least this many times since
+FORCE_MIN_OLD_COLLECTIONS = 10
+
+
+def apply() -> None:
+    """Freeze what is loaded now and set the thresholds (call once, after start-up)."""
+    gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_THRESHOLD, _NEVER)
+
+
+async def collect_when_idle(
+    busy: Callable[[], bool],
+    *,
+    check_interval_s: float = CHECK_INTERVAL_S,
+    force_after_s: float = FORCE_AFTER_S,
+    collect: Callable[[int], int] = gc.collect,
+    pending: Callable[[], int] = lambda: gc.get_count()[2],
+) -> None:
+    """Run full collections when the daemon is idle (see the module docstring); forever.
+
+    Args:
+        busy: whether a call is running now.
+        collect: ``gc.collect`` (injected by tests).
+        pending: middle-generation collections since the last full one (``gc.get_count()[2]``).
+    """
+    last_full = trio.current_time()
+    was_busy = True
+    while True:
+        await trio.sleep(check_interval_s)
+        now_busy = busy()
+        idle = not now_busy and not was_busy
+        was_busy = now_busy
+        waiting = pending()
+        if waiting <= 0:
+            continue
+        overdue = trio.current_time() - last_full >= force_after_s
+        if idle or (overdue and waiting >= FORCE_MIN_OLD_COLLECTIONS):
+            started = time.perf_counter()  # (the collection's own cost, for the log)
+            found = collect(2)
+            last_full = trio.current_time()
+            if not idle:
+                log_event(
+                    "gc.forced_full_collection",
+                    logging.INFO,
+                    duration_s=round(time.perf_counter() - started, 4),
+                    unreachable=found,
+                )

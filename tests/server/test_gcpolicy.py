@@ -1,0 +1,73 @@
+"""The daemon's garbage-collector policy: full collections when idle, forced only when overdue."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import trio
+import trio.testing
+
+from exai.server import gcpolicy
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+
+
+async def _run_for(seconds: float, busy: list[bool], waiting: list[int]) -> list[float]:
+    """Run the idle collector for ``seconds`` of (autojumping) loop time; when it collected."""
+    collected: list[float] = []
+
+    def collect(generation: int) -> int:
+        assert generation == 2
+        collected.append(trio.current_time())
+        waiting[0] = 0
+        return 0
+
+    with trio.move_on_after(seconds):
+        await gcpolicy.collect_when_idle(
+            lambda: busy[0], collect=collect, pending=lambda: waiting[0], force_after_s=60.0
+        )
+    return collected
+
+
+async def test_a_full_collection_waits_for_an_idle_daemon() -> None:
+    clock = trio.lowlevel.current_clock()
+    assert isinstance(clock, trio.testing.MockClock)
+    busy, waiting = [True], [3]
+    # busy for 30 s with garbage waiting: no full collection
+    assert await _run_for(30.5, busy, waiting) == []
+    # idle: collected after two quiet checks
+    busy[0] = False
+    collected = await _run_for(5.5, busy, waiting)
+    assert len(collected) == 1
+    # nothing waiting: nothing done, idle or not
+    assert await _run_for(10.5, busy, waiting) == []
+
+
+async def test_a_load_that_never_pauses_gets_a_full_collection_when_overdue() -> None:
+    busy, waiting = [True], [gcpolicy.FORCE_MIN_OLD_COLLECTIONS]
+    collected = await _run_for(130.5, busy, waiting)
+    # forced once 60 s had passed since the last; garbage then piles up again ...
+    assert len(collected) == 1 and collected[0] >= 60.0
+    # ... but a little garbage is not worth a forced stall
+    waiting[0] = 1
+    assert await _run_for(130.5, busy, waiting) == []
+
+
+@pytest.mark.anyio(False)
+def test_apply_freezes_and_moves_full_collections_out_of_reach() -> None:
+    before = gc.get_threshold()
+    try:
+        gcpolicy.apply()
+        young, middle, full = gc.get_threshold()
+        assert young == gcpolicy.YOUNG_THRESHOLD and middle == gcpolicy.MIDDLE_THRESHOLD
+        assert full >= 1 << 30
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
