@@ -131,6 +131,10 @@ def test_peer_scenario_measures_exai_and_its_floor_and_skips_a_missing_litellm(
             "exai_chat",
             "exai_chat_stream",
             "exai_version",
+            "http_echo",
+            "http_echo_sse",
+            "exai_http",
+            "exai_http_stream",
         )
     }
     assert set(out["series"]) == expected
@@ -139,11 +143,13 @@ def test_peer_scenario_measures_exai_and_its_floor_and_skips_a_missing_litellm(
         assert s["not_ok"] == {}, (key, s["not_ok"])
         assert s["cpu_ms_per_call"] is not None and s["cpu_ms_per_call"] >= 0, key
         assert s["p50_ms"] is not None, key
-    for kind in ("chat_c1", "chat_stream_c1"):
+    for kind in ("chat_c1", "chat_stream_c1", "http_c1", "http_stream_c1"):
         assert out["floor"][kind]["cpu_ms_per_call"] is not None
         assert out["floor"][kind]["p50_ms"] is not None
     targets = out["targets"]
     assert targets["cpu_per_chat_call_at_most_3x_floor"]["values"]["chat_c1"] is not None
+    # the Streamable HTTP door, over its own floor (h11 echo + the same upstream and commit)
+    assert targets["cpu_per_chat_call_at_most_3x_floor"]["values"]["http_stream_c1"] is not None
     assert targets["version_cpu_at_most_3x_echo"]["values"]["c1"] is not None
     assert targets["cpu_per_chat_call_at_most_0.1x_litellm"]["met"] is None
     assert all(p.endswith(".png") and (tmp_path / "plots") in Path(p).parents for p in out["plots"])

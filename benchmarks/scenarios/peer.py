@@ -11,6 +11,12 @@ Series (each at concurrency 1 and 64 unless said):
   daemon's default store); ``exai_chat_stream`` — the same with ``_meta.progressToken``, so the
   client gets the answer's progress while it streams. (exai streams from the upstream in both.)
 * ``exai_version`` — ``tools/call version``: the daemon's own path, no provider, no store.
+* ``exai_http`` / ``exai_http_stream`` — the same ``chat`` call over exai's Streamable HTTP
+  door (``POST /mcp``, 2026-07-28, stateless), sent by the same hand-written HTTP/1.1 load
+  client as LiteLLM's requests (``mcp_http`` in ``closed.py``): a JSON answer, or with
+  ``progressToken`` an SSE answer (progress notifications, then the response). Their floor's
+  client↔daemon part is ``http_echo`` / ``http_echo_sse``: the same POST to a bare h11 echo
+  server (``benchmarks/load/http_echo_server.py``).
 * ``litellm`` / ``litellm_stream`` — ``POST /v1/chat/completions`` to the proxy, ``stream``
   false / true, over hand-written keep-alive HTTP/1.1 (one connection per worker).
 * the floor: ``echo`` — the same MCP request frame to the echo server and back; ``http`` /
@@ -18,10 +24,11 @@ Series (each at concurrency 1 and 64 unless said):
   ``commit`` — one durable SQLite commit of a chat call's two turns (WAL, ``synchronous=FULL``),
   concurrency 1; ``commit_thread`` (context) — the same handed to a worker thread.
 
-The two doors differ: LiteLLM is driven over HTTP, exai over WebSocket MCP, until exai's
-Streamable HTTP door exists; the load method is otherwise the same (closed loop, same
-concurrency, same windows, same prompt and model), and the rounds are interleaved: every round
-measures every series once, in the same order, so a change in the machine's load falls on all.
+One HTTP load generator drives both exai's Streamable HTTP door and LiteLLM (the same
+hand-written keep-alive HTTP/1.1 client, one connection per worker); the WebSocket series are
+beside them. The load method is otherwise the same (closed loop, same concurrency, same
+windows, same prompt and model), and the rounds are interleaved: every round measures every
+series once, in the same order, so a change in the machine's load falls on all.
 
 **CPU per call** is each server process's own CPU time (user + system, from ``/proc``) over the
 measured window divided by the calls completed in it (see ``meter`` in ``closed.py``): exai's
@@ -60,6 +67,7 @@ from benchmarks.daemon import (
     count,
     echo_server,
     exai_daemon,
+    http_echo_server,
     latency_summary,
     loop_stalls,
     machine_load,
@@ -196,7 +204,8 @@ def measure(plan: Plan) -> dict[str, Any]:
             "mock_latency_s": 0.0,
             "prompt": PROMPT,
             "model": MODEL,
-            "doors": "exai: WebSocket MCP (tools/call); LiteLLM: HTTP POST /v1/chat/completions",
+            "doors": "exai: WebSocket MCP and Streamable HTTP POST /mcp (tools/call); "
+            "LiteLLM: HTTP POST /v1/chat/completions; one HTTP load client for both",
         },
     }
     litellm_python, why_not = (None, "not requested")
@@ -216,7 +225,11 @@ def measure(plan: Plan) -> dict[str, Any]:
     per: dict[str, list[dict[str, Any]]] = {}
     tmp = tempfile.mkdtemp(prefix="exai-bench-peer-")
     try:
-        with mock_upstream(latency_s=0.0) as mock, echo_server() as echo:
+        with (
+            mock_upstream(latency_s=0.0) as mock,
+            echo_server() as echo,
+            http_echo_server() as http_echo,
+        ):
             upstream_chat = mock.base_url + "/chat/completions"
             with exai_daemon(
                 mock=mock,
@@ -250,7 +263,7 @@ def measure(plan: Plan) -> dict[str, Any]:
                         lite["warm_up"] = _warm_litellm(proxy)
                     t0 = time.time()
                     result["machine_load_after_each_round"] = _rounds(
-                        plan, per, d, echo, upstream_chat, proxy, tmp
+                        plan, per, d, (echo, http_echo), upstream_chat, proxy, tmp
                     )
                     # before the profile: py-spy pauses the daemon for each sample
                     result["loop_stall"] = loop_stalls(d, t0)
@@ -322,18 +335,27 @@ def _rounds(
     plan: Plan,
     per: dict[str, list[dict[str, Any]]],
     d: Any,
-    echo: Any,
+    echoes: tuple[Any, Any],
     upstream_chat: str,
     proxy: Any,
     tmp: str,
 ) -> list[dict[str, Any]]:
     """Every series once per round, in one order (interleaved); the load after each round."""
+    echo, http_echo = echoes
     chat_args = {"prompt": PROMPT, "model": MODEL}
+    http_url = d.url.replace("ws://", "http://", 1)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
     loads = []
     for r in range(plan.rounds):
         for c in plan.concurrency:
             todo: list[tuple[str, dict[str, Any], int | str]] = [
                 ("echo", {"mode": "echo", "url": echo.found["url"]}, echo.pid),
+                ("http_echo", {"mode": "mcp_http", "url": http_echo.found["url"]}, http_echo.pid),
+                (
+                    "http_echo_sse",
+                    {"mode": "mcp_http", "url": http_echo.found["url"], "stream": True},
+                    http_echo.pid,
+                ),
                 ("http", {"mode": "http", "url": upstream_chat}, "self"),
                 ("http_stream", {"mode": "http", "url": upstream_chat, "stream": True}, "self"),
             ]
@@ -357,6 +379,10 @@ def _rounds(
             todo.append(
                 ("exai_version", {**exai, "tool": "version", "arguments": {}}, d.pid),
             )
+            exai_http = {"mode": "mcp_http", "url": http_url, "headers": bearer}
+            exai_http["arguments"] = chat_args
+            todo.append(("exai_http", exai_http, d.pid))
+            todo.append(("exai_http_stream", {**exai_http, "stream": True}, d.pid))
             for key, cfg, pid in todo:
                 per.setdefault(f"{key}_c{c}", []).append(_series(key, c, cfg, plan, pid))
         loads.append(machine_load())
@@ -466,6 +492,26 @@ def _floor(series: dict[str, Any], plan: Plan) -> dict[str, Any]:
             cpu = entry["cpu_ms_per_call"]
             entry["calls_per_s_per_core"] = round(1000 / cpu, 1) if cpu else None
             out[f"{kind}_c{c}"] = entry
+        # the HTTP door: its own client↔daemon floor (the h11 echo), the same upstream part
+        for kind, echo_key, http_key in (
+            ("http", "http_echo", "http"),
+            ("http_stream", "http_echo_sse", "http_stream"),
+        ):
+            door_cpu = _get(series, f"{echo_key}_c{c}", "cpu_ms_per_call")
+            http_cpu = _get(series, f"{http_key}_c{c}", "cpu_ms_per_call")
+            entry = {
+                "cpu_ms_per_call": _sum(door_cpu, http_cpu, commit_cpu),
+                "parts_cpu_ms": {echo_key: door_cpu, http_key: http_cpu, "commit": commit_cpu},
+            }
+            if c == 1:
+                entry["p50_ms"] = _sum(
+                    _get(series, f"{echo_key}_c1", "p50_ms"),
+                    _get(series, f"{http_key}_c1", "p50_ms"),
+                    commit_p50,
+                )
+            cpu = entry["cpu_ms_per_call"]
+            entry["calls_per_s_per_core"] = round(1000 / cpu, 1) if cpu else None
+            out[f"{kind}_c{c}"] = entry
     return out
 
 
@@ -477,8 +523,15 @@ def _targets(
     cpu_lite: dict[str, float | None] = {}
     version_echo: dict[str, float | None] = {}
     for c in plan.concurrency:
-        for kind, lite_key in (("chat", "litellm"), ("chat_stream", "litellm_stream")):
+        for kind, lite_key in (
+            ("chat", "litellm"),
+            ("chat_stream", "litellm_stream"),
+            ("http", "litellm"),
+            ("http_stream", "litellm_stream"),
+        ):
             ex = _get(series, f"exai_{kind}_c{c}", "cpu_ms_per_call")
+            if ex is None and kind.startswith("http"):
+                continue
             label = f"{kind}_c{c}"
             cpu_floor[label] = ratio(ex, floor[f"{kind}_c{c}"]["cpu_ms_per_call"])
             cpu_lite[label] = ratio(ex, _get(series, f"{lite_key}_c{c}", "cpu_ms_per_call"))
@@ -488,7 +541,9 @@ def _targets(
         )
     p50: dict[str, float | None] = {}
     if 1 in plan.concurrency:
-        for kind in ("chat", "chat_stream"):
+        for kind in ("chat", "chat_stream", "http", "http_stream"):
+            if kind.startswith("http") and _get(series, f"exai_{kind}_c1", "p50_ms") is None:
+                continue
             p50[f"{kind}_c1"] = ratio(
                 _get(series, f"exai_{kind}_c1", "p50_ms"), floor[f"{kind}_c1"].get("p50_ms")
             )
@@ -519,9 +574,18 @@ def _targets(
 
 def _plot(series: dict[str, Any], floor: dict[str, Any], plan: Plan) -> str:
     plt = pyplot()
-    fig, (ax_cpu, ax_rate) = plt.subplots(1, 2, figsize=(14, 5))
-    groups = [(kind, c) for c in plan.concurrency for kind in ("chat", "chat_stream")]
-    labels = [f"{'streamed' if k == 'chat_stream' else 'chat'}\nc={c}" for k, c in groups]
+    fig, (ax_cpu, ax_rate) = plt.subplots(2, 1, figsize=(15, 10))
+    kinds = ["chat", "chat_stream"]
+    if any(k.startswith("exai_http_") for k in series):
+        kinds += ["http", "http_stream"]
+    groups = [(kind, c) for c in plan.concurrency for kind in kinds]
+    names = {
+        "chat": "WS chat",
+        "chat_stream": "WS streamed",
+        "http": "HTTP chat",
+        "http_stream": "HTTP streamed",
+    }
+    labels = [f"{names[k]}\nc={c}" for k, c in groups]
     width = 0.27
     colors = {"exai": "#1f77b4", "floor": "#2ca02c", "LiteLLM": "#d62728"}
 
@@ -538,7 +602,12 @@ def _plot(series: dict[str, Any], floor: dict[str, Any], plan: Plan) -> str:
         ax.set_ylabel(unit)
         ax.grid(True, axis="y", which="both", alpha=0.3)
 
-    lite_key = {"chat": "litellm", "chat_stream": "litellm_stream"}
+    lite_key = {
+        "chat": "litellm",
+        "chat_stream": "litellm_stream",
+        "http": "litellm",
+        "http_stream": "litellm_stream",
+    }
     cpu = {
         "exai": [_get(series, f"exai_{k}_c{c}", "cpu_ms_per_call") for k, c in groups],
         "floor": [floor[f"{k}_c{c}"]["cpu_ms_per_call"] for k, c in groups],
@@ -567,7 +636,8 @@ def _plot(series: dict[str, Any], floor: dict[str, Any], plan: Plan) -> str:
     ver = _get(series, f"exai_version_c{max(plan.concurrency)}", "cpu_ms_per_call")
     echo = _get(series, f"echo_c{max(plan.concurrency)}", "cpu_ms_per_call")
     fig.suptitle(
-        "peer: exai (WebSocket MCP) vs LiteLLM proxy (HTTP) vs floor, same mock upstream"
+        "peer: exai (WebSocket MCP, Streamable HTTP) vs LiteLLM proxy (HTTP) vs floor, "
+        "same mock upstream"
         + (f" — version {ver:.3g} ms vs echo {echo:.3g} ms CPU/msg" if ver and echo else "")
     )
     name = plot_name(NAME)

@@ -101,7 +101,9 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
             # is running (exai.server.gcpolicy).
             gcpolicy.apply()
             nursery.start_soon(
-                gcpolicy.collect_when_idle, lambda: bool(daemon.calls.running), name="exai.gc"
+                gcpolicy.collect_when_idle,
+                lambda: (len(daemon.calls.running), daemon.stats.calls.total()),
+                name="exai.gc",
             )
             if not daemon.tokens.enabled:
                 _err("no client tokens configured: serving loopback clients only, no auth")

@@ -579,51 +579,67 @@ class OpenAIClient:
         """
         stall = self.settings.stall_timeout_s
         grace_until: float | None = None
-        while True:
-            wait = stall
-            if grace_until is None and asm.all_finished:
-                # Usage may still follow the finish chunk, then [DONE]; wait a little, once.
-                grace_until = anyio.current_time() + FINISH_GRACE_S
-            if grace_until is not None:
-                wait = min(stall, grace_until - anyio.current_time())
-                if wait <= 0:
-                    return "finished"
-            raw: bytes | None = None
-            with anyio.move_on_after(wait):
-                raw = await anext(chunks, b"")
-            if raw is None:
+        # One cancel scope for the whole read, its deadline moved before each chunk (a scope
+        # per chunk cost more than the chunk's decoding); lifted while a chunk is handled.
+        with anyio.CancelScope() as scope:
+            while True:
+                now = anyio.current_time()
+                deadline = now + stall
+                if grace_until is None and asm.all_finished:
+                    # Usage may still follow the finish chunk, then [DONE]; wait a little, once.
+                    grace_until = now + FINISH_GRACE_S
                 if grace_until is not None:
-                    return "finished"
-                raise self._stalled(f"after {asm.chunks} chunks")
-            if raw == b"":
-                return "eof"
+                    deadline = min(deadline, grace_until)
+                    if deadline <= now:
+                        return "finished"
+                scope.deadline = deadline
+                raw = await anext(chunks, b"")
+                scope.deadline = math.inf
+                if raw == b"":
+                    return "eof"
+                ended = await self._handle_chunk(raw, decoder, asm, on_chunk)
+                if ended is not None:
+                    return ended
+        if grace_until is not None:
+            return "finished"
+        raise self._stalled(f"after {asm.chunks} chunks")
+
+    async def _handle_chunk(
+        self,
+        raw: bytes,
+        decoder: SSEDecoder,
+        asm: StreamAssembler,
+        on_chunk: ChunkCallback | None,
+    ) -> Ended | None:
+        """Decode one chunk's events into ``asm``; how the stream ended, if it did."""
+        try:
+            events = decoder.feed(raw)
+        except ValueError as exc:
+            raise UpstreamMalformedResponse(
+                f"provider {self.name!r} sent a malformed stream: {exc}", provider=self.name
+            ) from None
+        for ev in events:
+            if ev.event == "error":
+                asm.errors.append(_sse_error(ev.data))
+                return "error"
+            data = ev.data.strip()
+            if data == "[DONE]":
+                return "done"
             try:
-                events = decoder.feed(raw)
-            except ValueError as exc:
+                text, thought = asm.add(json.loads(data))
+            except ValueError:
                 raise UpstreamMalformedResponse(
-                    f"provider {self.name!r} sent a malformed stream: {exc}", provider=self.name
+                    f"provider {self.name!r} sent a stream chunk that is not a "
+                    "chat.completion.chunk",
+                    provider=self.name,
                 ) from None
-            for ev in events:
-                if ev.event == "error":
-                    asm.errors.append(_sse_error(ev.data))
-                    return "error"
-                data = ev.data.strip()
-                if data == "[DONE]":
-                    return "done"
-                try:
-                    text, thought = asm.add(json.loads(data))
-                except ValueError:
-                    raise UpstreamMalformedResponse(
-                        f"provider {self.name!r} sent a stream chunk that is not a "
-                        "chat.completion.chunk",
-                        provider=self.name,
-                    ) from None
-                if asm.errors:
-                    return "error"
-                if asm.answer_bytes > self.max_answer_bytes:
-                    raise self._too_large()
-                if on_chunk is not None and (text or thought):
-                    await on_chunk(text, thought)
+            if asm.errors:
+                return "error"
+            if asm.answer_bytes > self.max_answer_bytes:
+                raise self._too_large()
+            if on_chunk is not None and (text or thought):
+                await on_chunk(text, thought)
+        return None
 
     async def list_models(self) -> list[str]:
         """``GET /models``: the model ids the provider reports.

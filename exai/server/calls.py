@@ -359,6 +359,8 @@ class CallRunner:
         self._beats: collections.deque[list[Any]] = collections.deque()
         self._beat_wakeup = trio.Event()
         self._beat_stop = False
+        #: the histogram's child per (tool, outcome): ``labels()`` takes a lock and builds keys
+        self._timers: dict[tuple[str, str], _Observer] = {}
 
     async def __aenter__(self) -> CallRunner:
         self._nursery_cm = trio.open_nursery()
@@ -508,7 +510,12 @@ class CallRunner:
                 limiter.release_on_behalf_of(ex)
             self.stats.calls[outcome] += 1
             self.stats.by_tool[(ex.tool, outcome)] += 1
-            self.call_duration.labels(ex.tool, outcome).observe(trio.current_time() - ex.started_at)
+            timer = self._timers.get((ex.tool, outcome))
+            if timer is None:
+                timer = self._timers[(ex.tool, outcome)] = self.call_duration.labels(
+                    ex.tool, outcome
+                )
+            timer.observe(trio.current_time() - ex.started_at)
             ex.done.set()
             self.changes.notify()
             duration_s = trio.current_time() - ex.started_at
@@ -540,16 +547,16 @@ class CallRunner:
         """Run the tool until the call's deadline; sets ``ex.payload``, returns the outcome."""
         try:
             # the deadline was fixed at admission: waiting for a slot counted
-            with trio.fail_at(ex.deadline):
+            with trio.CancelScope(deadline=ex.deadline) as deadline:
                 result = await spec.handler(args, ctx)
+            if deadline.cancelled_caught:
+                exc = errors.DeadlineExceeded(
+                    f"tool {ex.tool!r} did not finish within its deadline of {limit_s:g}s"
+                )
+                ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
+                return "timeout"
             ex.payload = {"result": result.to_mcp()}
             return "ok"
-        except trio.TooSlowError:
-            exc = errors.DeadlineExceeded(
-                f"tool {ex.tool!r} did not finish within its deadline of {limit_s:g}s"
-            )
-            ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
-            return "timeout"
         except Exception as raw:
             exc2 = errors.unwrap_exception(raw)
             if isinstance(exc2, errors.ExaiError):

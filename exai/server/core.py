@@ -274,7 +274,11 @@ class SessionCore:
             pass  # the session is closing; nothing more can be delivered
 
     def send_progress(self, msg: dict[str, Any]) -> None:
-        """Queue an advisory message; dropped (and counted) when the outbox is full."""
+        """Queue an advisory message; dropped (and counted) when the outbox is full — checked
+        before the message is encoded, and again with its size."""
+        if self.outbox.full():
+            self.shared.stats.progress_dropped += 1
+            return
         text = self.encode(msg)
         if text is not None and not self.outbox.put_nowait(text):
             self.shared.stats.progress_dropped += 1

@@ -88,6 +88,15 @@ class Outbox:
         await self.wait_room(len(text))
         self._push(text)
 
+    def full(self) -> bool:
+        """Whether no message at all would be queued now (closed, or at its count or bytes):
+        an advisory message is dropped before it is even encoded."""
+        if self._closed:
+            return True
+        if not self._queue:
+            return False
+        return len(self._queue) >= self.max_count or self.queued_bytes >= self.max_bytes
+
     def put_nowait(self, text: str) -> bool:
         """Queue ``text`` if it fits now; returns False (nothing queued) if not."""
         if self._closed or not self._has_room(len(text)):

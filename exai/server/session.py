@@ -142,21 +142,27 @@ class Session:
 
     async def _writer(self) -> None:
         outbox = self.core.outbox
+        timeout = self.settings.send_timeout_s
+        inf = float("inf")
         try:
-            while True:
-                try:
-                    text = await outbox.get()
-                except trio.EndOfChannel:
-                    return
-                with trio.CancelScope() as scope:
+            # One scope for every write (not one per message): its deadline is set while a
+            # message is being written and lifted while the writer waits for the next one.
+            with trio.CancelScope() as scope:
+                while True:
+                    try:
+                        text = await outbox.get()
+                    except trio.EndOfChannel:
+                        return
                     self._write_scope = scope
-                    scope.deadline = trio.current_time() + self.settings.send_timeout_s
+                    scope.deadline = trio.current_time() + timeout
                     await self.conn.send_message(text)
-                self._write_scope = None
-                if scope.cancelled_caught:
-                    await self._stalled()
-                    return
-                outbox.written()
+                    self._write_scope = None
+                    scope.deadline = inf
+                    outbox.written()
+            self._write_scope = None
+            if scope.cancelled_caught:
+                await self._stalled()
+                return
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             # the peer went away with answers still queued: stop reading too; the answers are
             # kept by the executions for a reconnecting bridge

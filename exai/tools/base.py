@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
+import msgspec
 
 from exai.config import Settings
 from exai.tools.schema import check_schema, compiled
@@ -103,8 +104,19 @@ class ToolResult:
 
     @classmethod
     def json(cls, data: dict[str, Any]) -> ToolResult:
-        """A result whose text is ``data`` as indented JSON, also given as structured content."""
-        return cls(text=json.dumps(data, indent=2, sort_keys=True, default=str), structured=data)
+        """A result whose text is ``data`` as indented JSON, also given as structured content.
+
+        Encoded by msgspec (C; the standard library indents in Python, 20 µs for ``version``'s
+        few fields against 1 µs), keys sorted, non-ASCII as is; what msgspec refuses (a lone
+        surrogate, an integer over 64 bits) by the standard library, as before.
+        """
+        try:
+            text = msgspec.json.format(
+                msgspec.json.encode(data, order="sorted", enc_hook=str), indent=2
+            ).decode()
+        except (TypeError, ValueError, OverflowError, UnicodeError):
+            text = json.dumps(data, indent=2, sort_keys=True, default=str)
+        return cls(text=text, structured=data)
 
 
 Handler = Callable[[dict[str, Any], ToolContext], Awaitable[ToolResult]]

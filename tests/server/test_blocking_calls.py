@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from exai import logs
+from exai.config import Secret
 from exai.tools import core
 
 
@@ -60,6 +62,31 @@ def test_logging_never_waits_for_stderr_and_counts_what_it_drops(
     lines = [json.loads(x) for x in blocked_stderr.getvalue().splitlines()]
     assert lines[0]["event"] == "test.event" and lines[0]["n"] == 0
     assert threading.current_thread().name not in blocked_stderr.writer_threads
+
+
+def test_the_log_record_is_made_by_the_writer_thread_not_the_caller(
+    blocked_stderr: BlockedStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: building a LogRecord (caller lookup, handler locks) cost ≈ 15 µs per line on
+    the loop; the caller now only queues a tuple, and the lines come out the same."""
+    made_on: list[str] = []
+    make = logging.Logger.makeRecord
+
+    def spy(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        made_on.append(threading.current_thread().name)
+        return make(self, *args, **kwargs)
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", spy)
+    logs.configure_logging("info", "json", stream=blocked_stderr)
+    logs.log_event("test.fast", logging.WARNING, n=1, secret=Secret("s3cr3t"))
+    blocked_stderr.release.set()
+    logs.flush_logging()
+
+    line = json.loads(blocked_stderr.getvalue().splitlines()[0])
+    assert line["event"] == "test.fast" and line["level"] == "warning" and line["n"] == 1
+    assert "s3cr3t" not in blocked_stderr.getvalue()
+    assert abs(line["ts"] - time.time()) < 60
+    assert made_on and threading.current_thread().name not in made_on
 
 
 def test_long_fields_are_clipped_so_the_queue_is_bounded_in_bytes(

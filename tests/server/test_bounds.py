@@ -223,6 +223,40 @@ async def test_the_outbox_bounds_count_and_bytes_and_drops_only_advisory_message
         await box.put("d")
 
 
+def test_a_progress_message_that_cannot_be_queued_is_never_encoded(tmp_path) -> None:
+    """Progress into a full outbox is dropped before it is encoded (issue 18: the encoding was
+    the cost, the drop came after it), and counted as before."""
+    from exai.server.auth import Identity
+    from exai.server.core import SessionCore
+    from exai.server.services import compose
+    from exai.tools import default_registry
+
+    encoded: list[dict[str, Any]] = []
+
+    def encode(msg: dict[str, Any]) -> str:
+        encoded.append(msg)
+        return "x" * 10
+
+    settings = make_settings(tmp_path, session_max_pending_bytes=20)
+    daemon = compose(settings, default_registry())
+
+    async def close(code: int, reason: str) -> None:
+        pass
+
+    core = SessionCore(
+        daemon.sessions.shared, settings, "127.0.0.1", Identity("anonymous", b""), close=close,
+        encode=encode,
+    )  # fmt: skip
+    core.send_progress({"n": 1})
+    core.send_progress({"n": 2})  # 20 bytes queued: full
+    core.send_progress({"n": 3})
+    assert [m["n"] for m in encoded] == [1, 2]
+    assert len(core.outbox) == 2
+    assert daemon.stats.progress_dropped == 1
+    core.outbox.close(drop=True)
+    assert core.outbox.full()
+
+
 async def test_a_progress_stream_reports_progress_per_chunk() -> None:
     left, right = trio.testing.memory_stream_pair()
     stream = ProgressStream(left)

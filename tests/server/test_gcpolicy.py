@@ -19,6 +19,7 @@ def anyio_backend() -> tuple[str, dict[str, object]]:
 
 
 async def _run_for(seconds: float, busy: list[bool], waiting: list[int]) -> list[float]:
+    """(``busy[0]``: a call is running; each check while busy, another one has ended.)"""
     """Run the idle collector for ``seconds`` of (autojumping) loop time; when it collected."""
     collected: list[float] = []
 
@@ -28,9 +29,16 @@ async def _run_for(seconds: float, busy: list[bool], waiting: list[int]) -> list
         waiting[0] = 0
         return 0
 
+    ended = [0]
+
+    def activity() -> tuple[int, int]:
+        if busy[0]:
+            ended[0] += 1
+        return (1 if busy[0] else 0, ended[0])
+
     with trio.move_on_after(seconds):
         await gcpolicy.collect_when_idle(
-            lambda: busy[0], collect=collect, pending=lambda: waiting[0], force_after_s=60.0
+            activity, collect=collect, pending=lambda: waiting[0], force_after_s=60.0
         )
     return collected
 
@@ -47,6 +55,24 @@ async def test_a_full_collection_waits_for_an_idle_daemon() -> None:
     assert len(collected) == 1
     # nothing waiting: nothing done, idle or not
     assert await _run_for(10.5, busy, waiting) == []
+
+
+async def test_short_calls_between_the_checks_are_not_idleness() -> None:
+    # No call is running at any check, but calls keep ending in between (a stream of short
+    # calls): not idle, so no full collection lands in the middle of them.
+    waiting = [3]
+    ended = [0]
+
+    def activity() -> tuple[int, int]:
+        ended[0] += 1
+        return (0, ended[0])
+
+    collected: list[float] = []
+    with trio.move_on_after(30.5):
+        await gcpolicy.collect_when_idle(
+            activity, collect=lambda g: collected.append(g) or 0, pending=lambda: waiting[0]
+        )
+    assert collected == []
 
 
 async def test_a_load_that_never_pauses_gets_a_full_collection_when_overdue() -> None:
