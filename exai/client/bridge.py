@@ -49,8 +49,9 @@ newline-delimited JSON-RPC between its stdin/stdout and one WebSocket connection
   at most ``settings.call_timeout_s`` + :data:`DRAIN_MARGIN_S` (the daemon answers every call by
   its deadline), writes them, then tells the daemon the calls still waiting are cancelled and
   ends (exit 0). With nothing waiting it ends at once.
-* **No orphans.** The death of its parent, or SIGTERM, ends the bridge at once (see
-  :mod:`exai.client.stdio`).
+* **No orphans.** The death of its parent, or SIGTERM, ends the bridge at once
+  (:meth:`Bridge.stop`, called by :mod:`exai.client.stdio`): no drain, but the daemon is still
+  told that the calls waiting are cancelled, so none runs on for nobody.
 
 Notifications flow both ways unchanged; a ``notifications/cancelled`` from the client also drops
 its request from the re-send set. Requests from the daemon (``ping``, sampling, …) go to the
@@ -78,7 +79,7 @@ import anyio
 import anyio.abc
 import trio
 
-from exai.client.autostart import AutostartFailed, ensure_daemon, start_hint
+from exai.client.autostart import AutostartFailed, ensure_daemon, loopback_target, start_hint
 from exai.client.lines import DECODER, Entry, Oversized, dumps_line, to_client_line
 from exai.client.ws import (
     ConnectionClosed,
@@ -114,6 +115,9 @@ GOODBYE_S = 0.5
 DRAIN_MARGIN_S = 5.0
 #: Bound on writing the last answers to stdout after stdin EOF (a client that stopped reading).
 FLUSH_S = 2.0
+#: Least time between two daemons started by one bridge (a daemon that listens, then dies at
+#: once, must not be started again in a loop).
+AUTOSTART_SPACING_S = 5.0
 #: Bytes read from the client's stdin at a time.
 READ_CHUNK = 65536
 
@@ -228,6 +232,8 @@ class Bridge:
         self._emitted = anyio.Event()
         self._emitting = 0
         self._stdout_done = anyio.Event()
+        #: around reading stdin and the drain; :meth:`stop` cancels it
+        self._reading = anyio.CancelScope()
         self._fatal: HandshakeRejected | None = None
         #: the largest message sent on the current connection, and how that connection ended
         #: (a 1009 close names a message too large; see :meth:`_fail_too_large`)
@@ -257,8 +263,9 @@ class Bridge:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stdout_loop, stdout, tg.cancel_scope)
                 tg.start_soon(self._connection_loop)
-                await self._stdin_loop(stdin)
-                await self._drain()
+                with self._reading:
+                    await self._stdin_loop(stdin)
+                    await self._drain()
                 await self._goodbye()
                 self._out_send.close()  # the stdout loop writes what is left, then ends
                 with anyio.move_on_after(FLUSH_S):
@@ -267,6 +274,12 @@ class Bridge:
         finally:
             self._out_send.close()
             self._out_recv.close()
+
+    def stop(self) -> None:
+        """End :meth:`run` soon (SIGTERM, the parent gone): stop reading, skip the drain, tell
+        the daemon (bounded by :data:`GOODBYE_S`) that the calls still waiting are cancelled,
+        write what is ready (bounded by :data:`FLUSH_S`). Safe to call at any time."""
+        self._reading.cancel()
 
     # -- client side ---------------------------------------------------------------------
 
@@ -634,6 +647,15 @@ class Bridge:
         now = anyio.current_time()
         if now < self._autostart_after:
             return False
+        if loopback_target(self.url) is None:
+            # a daemon elsewhere cannot be started from here: wait for it as without autostart
+            log.warning(
+                "EXAI_AUTOSTART is set, but %s is not a URL on this machine: the bridge starts "
+                "no daemon for it",
+                redact_url(self.url),
+            )
+            self._autostart_after = float("inf")
+            return False
         try:
             started = await ensure_daemon(self.settings, self.url)
         except AutostartFailed as exc:
@@ -644,6 +666,7 @@ class Bridge:
             return False
         if started == "started":
             log.info("started the exai daemon for %s (EXAI_AUTOSTART)", redact_url(self.url))
+            self._autostart_after = anyio.current_time() + AUTOSTART_SPACING_S
         return started != "answering"
 
     def _on_connection_lost(self) -> None:
@@ -666,7 +689,8 @@ class Bridge:
         deadline = self._down_since + bound
         now = anyio.current_time()
         if not self._expired and (now + delay >= deadline or self._hopeless):
-            await anyio.sleep(max(0.0, deadline - now))
+            if not self._hopeless:
+                await anyio.sleep(max(0.0, deadline - now))
             self._expired = True
             log.error(
                 "exai daemon unreachable at %s for %.1fs: answering waiting requests with an error",

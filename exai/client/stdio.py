@@ -21,13 +21,15 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import trio
 
-from exai.client.bridge import Bridge
+from exai.client.bridge import FLUSH_S, GOODBYE_S, Bridge
 from exai.config import Settings, redact_url
 from exai.errors import ConfigError
 from exai.logs import configure_logging
@@ -40,6 +42,8 @@ log = logging.getLogger("exai.bridge")
 PARENT_POLL_S = 0.5
 #: Bytes read from a terminal or file at a time.
 READ_CHUNK = 65536
+#: Once stopped (signal, parent gone), the bridge ends within this, goodbye or not.
+STOP_S = GOODBYE_S + FLUSH_S + 1.0
 
 
 class _ThreadFd:
@@ -85,21 +89,46 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-async def _watch_parent(original_ppid: int, scope: anyio.CancelScope) -> None:
+async def _watch_parent(original_ppid: int, stop: Callable[[], None]) -> None:
     while True:
         if os.getppid() != original_ppid:
             log.debug("the parent process is gone; exiting")
-            scope.cancel()
+            stop()
             return
         await anyio.sleep(PARENT_POLL_S)
 
 
-async def _watch_signals(scope: anyio.CancelScope) -> None:
+async def _watch_signals(stop: _Stop, scope: anyio.CancelScope) -> None:
+    """The first signal stops the bridge (it still cancels the daemon's waiting calls); a
+    second one ends it at once."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.debug("received %s; exiting", signal.Signals(signum).name)
-            scope.cancel()
-            return
+            if stop.called:
+                scope.cancel()
+                return
+            stop()
+
+
+class _Stop:
+    """Stop the bridge once (:meth:`Bridge.stop`), and end it within :data:`STOP_S`."""
+
+    def __init__(self, bridge: Bridge, tg: anyio.abc.TaskGroup) -> None:
+        self.bridge = bridge
+        self.tg = tg
+        self.called = False
+
+    def __call__(self) -> None:
+        if not self.called:
+            self.called = True
+            self.bridge.stop()
+            self.tg.start_soon(_hard_stop, self.tg.cancel_scope)
+
+
+async def _hard_stop(scope: anyio.CancelScope) -> None:
+    """Bound on a stopping bridge: whatever it still waits for, it ends after this."""
+    await anyio.sleep(STOP_S)
+    scope.cancel()
 
 
 def run(url: str | None = None) -> int:
@@ -137,8 +166,9 @@ def run(url: str | None = None) -> int:
         # has nothing to tell (warnings and errors still go there)
         log.debug("bridging stdio to %s", redact_url(bridge.url))
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_parent, original_ppid, tg.cancel_scope)
-            tg.start_soon(_watch_signals, tg.cancel_scope)
+            stop = _Stop(bridge, tg)
+            tg.start_soon(_watch_parent, original_ppid, stop)
+            tg.start_soon(_watch_signals, stop, tg.cancel_scope)
             await bridge.run(stdin, stdout)
             tg.cancel_scope.cancel()
 

@@ -476,6 +476,49 @@ async def test_stdin_eof_drain_is_bounded_by_the_call_timeout_then_cancels(
     daemon.release()
 
 
+@pytest.mark.anyio
+async def test_stop_skips_the_drain_but_cancels_the_waiting_calls_at_the_daemon(
+    daemon: FakeDaemon,
+) -> None:
+    bridge = Bridge(Settings(url=daemon.url))
+    client = Harness()
+    ended = trio.Event()
+
+    async def run() -> None:
+        await bridge.run(client.stdin_recv, client.stdout_send)
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await client.initialize()
+        await client.send(call(7, "hold"))
+        await daemon.hold_running.wait()
+        bridge.stop()  # SIGTERM, or the parent gone
+        with trio.fail_after(10):
+            await ended.wait()
+        with trio.fail_after(10):
+            await daemon.wait_for(lambda: "notifications/cancelled" in daemon.methods())
+    cancels = [m for _, m in daemon.received if m.get("method") == "notifications/cancelled"]
+    assert cancels[0]["params"]["requestId"] == 7
+    daemon.release()
+
+
+@pytest.mark.anyio
+async def test_autostart_for_a_url_on_another_machine_starts_nothing() -> None:
+    url = "ws://192.0.2.1:8079/mcp"  # TEST-NET-1: never routed
+    settings = Settings(url=url, handshake_timeout_s=0.2, autostart=True)
+    bridge = Bridge(settings, rng=random.Random(1), connect_wait_s=0.5)
+    client = Harness()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bridge.run, client.stdin_recv, client.stdout_send)
+        await client.send(INIT)
+        reply = await client.recv()
+        nursery.cancel_scope.cancel()
+    assert reply["error"]["data"]["reason"] == "daemon_unavailable"
+    assert "EXAI_AUTOSTART:" not in reply["error"]["message"]
+    assert "is the exai daemon running there" in reply["error"]["message"]
+
+
 def test_backoff_is_full_jitter_and_capped() -> None:
     rng = random.Random(7)
     for attempt in range(12):

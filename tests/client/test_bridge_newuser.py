@@ -278,6 +278,30 @@ async def test_autostart_starts_the_daemon_again_when_it_dies_mid_call(tmp_path:
     assert (state / LOG_NAME).read_text().count("starts exai serve") == 2
 
 
+def test_an_autostart_that_fails_is_answered_at_once_with_the_daemon_log(tmp_path: Path) -> None:
+    # the daemon cannot load its certificate and exits before listening; the bridge only
+    # trusts a CA, so it starts
+    url = f"wss://127.0.0.1:{free_port()}/mcp"
+    missing = str(tmp_path / "missing.pem")
+    env = bridge_env(
+        tmp_path,
+        EXAI_URL=url,
+        EXAI_AUTOSTART="1",
+        EXAI_TLS_CERT=missing,
+        EXAI_TLS_KEY=missing,
+        EXAI_CALL_TIMEOUT_S=HUGE_S,
+        EXAI_CONNECT_WAIT_S=HUGE_S,  # only the failed start can answer
+    )
+    code, answers, _ = one_shot(env, lines(INIT))
+    assert code == 0
+    (answer,) = answers
+    message = answer["error"]["message"]
+    assert answer["error"]["data"]["reason"] == "daemon_unavailable"
+    assert "exited with status" in message
+    assert str(tmp_path / "state" / LOG_NAME) in message
+    assert "start it by hand with:" in message
+
+
 # -------------------------------------------------------------------- EXAI_PORT, no EXAI_URL
 
 

@@ -92,6 +92,39 @@ def test_stray_prints_inside_the_bridge_go_to_stderr(threaded_daemon: FakeDaemon
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in lines)
 
 
+def test_sigterm_ends_the_bridge_and_tells_the_daemon_the_waiting_calls_are_cancelled(
+    threaded_daemon: FakeDaemon,
+) -> None:
+    with subprocess.Popen(
+        BRIDGE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=bridge_env(threaded_daemon.url),
+    ) as proc:
+        assert proc.stdin is not None
+        call = {"name": "hold", "arguments": {}}
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        proc.stdin.write(
+            (
+                json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": call})
+            ).encode()
+            + b"\n"
+        )
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not threaded_daemon.hold_started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert threaded_daemon.hold_started
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0
+    cancels = [
+        m for _, m in list(threaded_daemon.received) if m.get("method") == "notifications/cancelled"
+    ]
+    assert cancels and cancels[0]["params"]["requestId"] == 7
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX process tree")
 def test_bridge_exits_when_its_parent_dies(threaded_daemon: FakeDaemon) -> None:
     # The test keeps the write end of the bridge's stdin open, so only the parent's death
