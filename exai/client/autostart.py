@@ -223,6 +223,10 @@ async def ensure_daemon(settings: Settings, url: str) -> str:
             while True:
                 code = proc.poll()
                 if code is not None:
+                    if await _answers(host, port):
+                        # it lost the address to a daemon started meanwhile by other means
+                        # (another state directory, a user's exai serve): that one serves us
+                        return "appeared"
                     tail = await anyio.to_thread.run_sync(_log_tail, log_path)
                     raise AutostartFailed(
                         f"the exai daemon the bridge started exited with status {code} before "

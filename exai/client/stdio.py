@@ -5,17 +5,17 @@ fd 1 (and ``sys.stdout``) at stderr, so a stray ``print`` can never corrupt the 
 reads and writes stdin/stdout as trio streams when they are pipes or sockets, and through a
 worker thread when they are a terminal or a file (where non-blocking mode would leak into other
 processes); and ends when stdin closes (once the requests read are answered), on
-SIGTERM/SIGINT/SIGHUP, or when its parent dies
-(``PR_SET_PDEATHSIG`` where Linux offers it, and a :data:`PARENT_POLL_S` ``getppid()`` poll
-everywhere). The relay itself is :class:`exai.client.bridge.Bridge`. It is quiet on stderr when
+SIGTERM/SIGINT/SIGHUP, or when its parent dies (a :data:`PARENT_POLL_S` ``getppid()`` poll).
+``PR_SET_PDEATHSIG`` is not used: Linux sends it when the parent *thread* ends, and a client
+that starts the bridge from a worker thread (trio's ``open_process`` does, and its threads end
+after 10 s idle) would have killed its bridge 10 s later. The relay itself is
+:class:`exai.client.bridge.Bridge`. It is quiet on stderr when
 all goes well: routine events log at debug level; warnings and errors (the daemon unreachable,
 a refused token) are written there.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -75,18 +75,6 @@ def _open_fd(fd: int) -> Any:
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return trio.lowlevel.FdStream(fd)
     return _ThreadFd(fd)
-
-
-def _set_parent_death_signal() -> None:
-    """Ask Linux to send SIGTERM when the parent dies (a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 async def _watch_parent(original_ppid: int, stop: Callable[[], None]) -> None:
@@ -157,7 +145,6 @@ def run(url: str | None = None) -> int:
         configure_logging("info", settings.log_format)
 
     original_ppid = os.getppid()
-    _set_parent_death_signal()
 
     async def bridge_stdio() -> None:
         stdin, stdout = _open_fd(in_fd), _open_fd(out_fd)

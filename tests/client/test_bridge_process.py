@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -123,6 +124,42 @@ def test_sigterm_ends_the_bridge_and_tells_the_daemon_the_waiting_calls_are_canc
         m for _, m in list(threaded_daemon.received) if m.get("method") == "notifications/cancelled"
     ]
     assert cancels and cancels[0]["params"]["requestId"] == 7
+
+
+def test_a_bridge_started_from_a_thread_that_ends_keeps_serving(
+    threaded_daemon: FakeDaemon,
+) -> None:
+    # trio's open_process (the MCP SDK's stdio client under trio) starts the child from a
+    # worker thread that ends after 10 s idle; a parent-death signal tied to that thread
+    # killed the bridge then
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn_and_use() -> None:
+        proc = subprocess.Popen(
+            BRIDGE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=bridge_env(threaded_daemon.url),
+        )
+        started.append(proc)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        proc.stdin.flush()
+        proc.stdout.readline()  # answered: the bridge is past its start-up
+
+    thread = threading.Thread(target=spawn_and_use)
+    thread.start()
+    thread.join()  # the thread that started the bridge has ended
+    (proc,) = started
+    with proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        time.sleep(0.5)  # give a (wrongly) signalled bridge time to go
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":2,"method":"ping"}\n')
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"jsonrpc": "2.0", "id": 2, "result": {}}
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX process tree")
