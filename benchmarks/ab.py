@@ -12,7 +12,10 @@ order, with the closed-loop load of ``benchmarks/load/closed.py``. The figure is
 CPU time per completed call (``meter`` in ``closed.py``), pooled over rounds — what a change
 did to the daemon's own work, which holds on a shared machine where wall-clock rates do not.
 Series: ``chat<c>`` (``tools/call chat`` over WebSocket), ``stream<c>`` (the same with a
-progress token), ``version<c>``, at concurrency ``c``. Prints a table; writes nothing.
+progress token), ``version<c>``, at concurrency ``c``. ``--before-setting log_level=info``
+(and ``--after-setting``) set a daemon setting on one side (``EXAI_LOG_LEVEL=info``; the
+benchmarks otherwise log at ``warning``), e.g. the same tree twice to price one setting.
+Prints a table; writes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import benchmarks.daemon as bd
 from benchmarks.scenarios.peer import MODEL, PROMPT, TOKEN
 
 
-def _start(tree: Path, mock: Any, stack: contextlib.ExitStack) -> Any:
+def _start(tree: Path, mock: Any, stack: contextlib.ExitStack, settings: dict[str, str]) -> Any:
     original = bd.REPO
     bd.REPO = tree  # the daemon's working directory and PYTHONPATH: that tree's exai
     try:
@@ -41,6 +44,7 @@ def _start(tree: Path, mock: Any, stack: contextlib.ExitStack) -> Any:
                 session_burst=1_000_000,
                 max_connections=1024,
                 tokens=TOKEN,
+                **settings,
             )
         )
     finally:
@@ -72,11 +76,24 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per series")
     ap.add_argument("--series", default="chat64,stream64,version64,chat1,version1")
+    for side in ("before", "after"):
+        ap.add_argument(
+            f"--{side}-setting",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help=f"a daemon setting for the {side} daemon, e.g. log_level=info (EXAI_LOG_LEVEL)",
+        )
     args = ap.parse_args(argv)
+    sides = [
+        dict(item.split("=", 1) for item in getattr(args, f"{side}_setting"))
+        for side in ("before", "after")
+    ]
     wanted = args.series.split(",")
     acc: dict[tuple[str, int], list[Any]] = {}
     with bd.mock_upstream(latency_s=0.0) as mock, contextlib.ExitStack() as stack:
-        daemons = [_start(t.resolve(), mock, stack) for t in (args.before, args.after)]
+        trees = (args.before, args.after)
+        daemons = [_start(t.resolve(), mock, stack, sides[i]) for i, t in enumerate(trees)]
         for r in range(args.rounds):
             for series in wanted:
                 order = [0, 1] if r % 2 == 0 else [1, 0]
