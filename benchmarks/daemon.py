@@ -52,8 +52,8 @@ MOCK_MODELS = "mock-fast,mock-pro"
 #: how the daemon is started (``exai serve``)
 SERVE_CMD = [sys.executable, "-m", "exai.cli", "serve"]
 
-_LISTEN = re.compile(r"exai: listening on (wss?://\S+)")
-_ADMIN = re.compile(r"exai: admin on (https?://\S+)")
+_LISTEN = re.compile(r'exai: listening on (wss?://[^\s"]+)')
+_ADMIN = re.compile(r'exai: admin on (https?://[^\s"]+)')
 _MOCK = re.compile(r"mock-upstream: listening on (http://\S+)")
 _ECHO = re.compile(r"echo: listening on (ws://\S+)")
 _HTTP_ECHO = re.compile(r"http-echo: listening on (http://\S+)")

@@ -1,5 +1,11 @@
 """Structured logs: one line per event on stderr, JSON when stderr is not a terminal.
 
+``EXAI_LOG_FORMAT`` (``auto``, ``json``, ``text``) chooses the format of the whole stream:
+:func:`say` writes the lines meant for the person running exai (``exai: listening on …``, the
+start-up hints, "cannot start: …") as plain text in text format and as JSON records (with the
+same text under ``"message"``) in JSON format, so a pipe or a log collector never gets plain
+lines between JSON ones.
+
 Use :func:`log_event` with an event name and fields. Values pass through :func:`_safe`, which
 renders :class:`exai.config.Secret` masked; nothing here ever calls ``Secret.reveal``.
 
@@ -28,7 +34,15 @@ from typing import Any, TextIO
 
 from exai.config import Secret
 
-__all__ = ["configure_logging", "dropped_log_records", "flush_logging", "log_event", "logger"]
+__all__ = [
+    "configure_logging",
+    "dropped_log_records",
+    "flush_logging",
+    "log_event",
+    "logger",
+    "say",
+    "use_json",
+]
 
 logger = logging.getLogger("exai")
 
@@ -146,6 +160,53 @@ FLUSH_TIMEOUT_S = 5.0
 
 _handler: _DroppingQueueHandler | None = None
 _listener: _Listener | None = None
+#: the format chosen by :func:`configure_logging` (True: JSON); None until it ran
+_json_chosen: bool | None = None
+
+
+def _isatty(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):
+        return False
+
+
+def use_json(fmt: str | None = None, stream: Any = None) -> bool:
+    """Whether stderr (or ``stream``) gets JSON: ``json``, or ``auto`` when it is not a
+    terminal. Without ``fmt``: the choice :func:`configure_logging` made, else
+    ``EXAI_LOG_FORMAT`` as set (before the settings are loaded, or when they fail to load)."""
+    if fmt is None:
+        if _json_chosen is not None and stream is None:
+            return _json_chosen
+        import os
+
+        fmt = os.environ.get("EXAI_LOG_FORMAT", "auto").strip().lower()
+    if fmt == "json":
+        return True
+    if fmt == "text":
+        return False
+    return not _isatty(sys.stderr if stream is None else stream)
+
+
+def say(message: str, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Tell the person running exai something, whatever the log level, in the stream's format:
+    ``message`` as it is in text format, a JSON record ``{"ts", "level", "event", "message",
+    **fields}`` in JSON format. One write per line, on the caller's thread (the log writer
+    thread shares stderr; a line written in two pieces could get a record between them)."""
+    if use_json():
+        out: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "level": logging.getLevelName(level).lower(),
+            "event": event,
+            "message": message,
+        }
+        out.update(_safe(fields))
+        line = json.dumps(out, default=str, ensure_ascii=False)
+    else:
+        line = message
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def dropped_log_records() -> int:
@@ -165,12 +226,14 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     """Send exai's logs to ``stream`` (default stderr), one line per event, through the writer
     thread. Warnings of other libraries (the root logger) take the same path.
     """
-    global _handler, _listener
+    global _handler, _listener, _json_chosen
     flush_logging()
     out = stream if stream is not None else sys.stderr
-    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    as_json = fmt == "json" or (fmt == "auto" and not _isatty(out))
+    if stream is None:
+        _json_chosen = as_json
     handler = logging.StreamHandler(out)
-    handler.setFormatter(_JsonFormatter() if use_json else _TextFormatter())
+    handler.setFormatter(_JsonFormatter() if as_json else _TextFormatter())
     q: queue.Queue[Any] = queue.Queue(QUEUE_MAX)
     dropped = _handler.dropped if _handler is not None else 0
     _handler = _DroppingQueueHandler(q)

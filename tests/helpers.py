@@ -210,7 +210,7 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-_LISTEN = re.compile(r"exai: listening on (wss?://\S+)")
+_LISTEN = re.compile(r'exai: listening on (wss?://[^\s"]+)')
 
 
 @contextmanager

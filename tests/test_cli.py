@@ -74,7 +74,7 @@ def test_token_new_prints_a_token_and_its_hashed_line(tmp_path):
 
 
 def test_serve_announces_once_serves_and_exits_0_on_sigterm(tmp_path):
-    env = subprocess_env(tmp_path)
+    env = subprocess_env(tmp_path, EXAI_LOG_FORMAT="text")
     with daemon_process(tmp_path, env=env) as (proc, url):
         assert url.startswith("ws://127.0.0.1:") and not url.endswith(":0/mcp")
 
@@ -268,3 +268,137 @@ def test_bash_completion_is_generated_from_the_parser_tree(tmp_path):
     assert _complete(script, ["exai", "doctor", "--s"]) == ["--strict"]
     assert "--version" in _complete(script, ["exai", "--"])
     assert _complete(script, ["exai", "call", "--q"]) == ["--quiet"]
+
+
+# ---------------------------------------------------------------------------------------
+# the first five minutes (issue 17)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_on_a_pipe_every_stderr_line_of_serve_is_one_json_record(tmp_path):
+    """EXAI_LOG_FORMAT=auto on a pipe: the start-up lines, the hints, the logs and the shutdown
+    lines all come as JSON records, none as a plain line between them."""
+    env = subprocess_env(tmp_path, EXAI_LOG_FORMAT="auto")
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        _stop(proc)
+    lines = [ln for ln in proc.stderr_lines if ln.strip()]  # type: ignore[attr-defined]
+    records = [json.loads(ln) for ln in lines]  # each line parses, or this fails
+    events = [r["event"] for r in records]
+    assert {"daemon.listening", "daemon.admin_listening", "config.no_tokens"} <= set(events)
+    assert {"config.providers", "daemon.shutting_down", "daemon.stopped"} <= set(events)
+    listening = records[events.index("daemon.listening")]
+    assert listening["url"] == url and listening["message"] == f"exai: listening on {url}"
+
+
+def test_in_text_format_the_start_up_lines_are_plain(tmp_path):
+    env = subprocess_env(tmp_path, EXAI_LOG_FORMAT="text")
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        _stop(proc)
+    lines = proc.stderr_lines  # type: ignore[attr-defined]
+    assert f"exai: listening on {url}" in lines
+    assert not [ln for ln in lines if ln.startswith("{")]
+
+
+def _hint_command(lines: list[str]) -> str:
+    """The command the start-up hint says to run for the mock upstream."""
+    import re
+
+    text = "\n".join(lines)
+    m = re.search(r"run `(.+?) mock-upstream --port 9000`", text)
+    assert m, text
+    return m.group(1)
+
+
+def test_the_start_up_hint_names_an_exai_that_runs_as_pasted(tmp_path):
+    import os
+    import shlex
+
+    bin_dir = os.path.dirname(sys.executable)
+    assert os.path.exists(os.path.join(bin_dir, "exai")), "the test needs the venv's exai script"
+    # exai not on PATH (as after `make serve`): the hint names the venv's script by its path
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir
+    )
+    env = subprocess_env(tmp_path, EXAI_LOG_FORMAT="text", PATH=path or "/usr/bin:/bin")
+    with daemon_process(tmp_path, env=env) as (proc, _url):
+        _stop(proc)
+    command = _hint_command(proc.stderr_lines)  # type: ignore[attr-defined]
+    assert command == shlex.quote(os.path.join(bin_dir, "exai"))
+    done = subprocess.run(
+        [*shlex.split(command), "--version"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.startswith("exai "), done.stderr
+    # the venv's bin first on PATH: plain `exai`
+    env = subprocess_env(tmp_path, EXAI_LOG_FORMAT="text", PATH=bin_dir + os.pathsep + path)
+    with daemon_process(tmp_path, env=env) as (proc, _url):
+        _stop(proc)
+    assert _hint_command(proc.stderr_lines) == "exai"  # type: ignore[attr-defined]
+
+
+def test_a_second_serve_on_a_taken_port_says_an_exai_daemon_answers_there(tmp_path):
+    from urllib.parse import urlparse
+
+    from exai import __version__
+
+    with daemon_process(tmp_path, env=subprocess_env(tmp_path)) as (proc, url):
+        port = urlparse(url).port
+        env = subprocess_env(
+            tmp_path,
+            EXAI_PORT=str(port),
+            EXAI_LOG_FORMAT="text",
+            EXAI_STATE_DIR=str(tmp_path / "2"),
+        )
+        out = run_cli(["serve"], env)
+        _stop(proc)
+    assert out.returncode == 1
+    err = out.stderr
+    assert f"the MCP port 127.0.0.1:{port} (EXAI_PORT) is already in use" in err
+    assert f"an exai daemon answers there: exai {__version__} (pid {proc.pid}," in err
+    assert f"`kill {proc.pid}`" in err
+    assert f"EXAI_URL=ws://127.0.0.1:{port}/mcp " in err and " status`" in err
+    assert "EXAI_PORT=" in err.splitlines()[-1] and "EXAI_ADMIN_PORT=" in err.splitlines()[-1]
+    assert err.splitlines()[-1].rstrip().endswith(" serve")
+
+
+def test_a_port_taken_by_another_program_is_named_as_such(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        out = run_cli(
+            ["serve"], subprocess_env(tmp_path, EXAI_PORT=str(port), EXAI_LOG_FORMAT="json")
+        )
+    assert out.returncode == 1
+    (record,) = [json.loads(ln) for ln in out.stderr.splitlines() if ln.strip()]
+    assert record["event"] == "daemon.port_in_use" and record["port"] == port
+    assert f"127.0.0.1:{port} (EXAI_PORT) is already in use" in record["message"]
+    assert "no exai daemon answers there: another program holds the port" in record["message"]
+    assert f"pid {os.getpid()}," in record["message"]
+
+
+def test_call_usage_says_arguments_are_optional(tmp_path):
+    out = run_cli(["call"], subprocess_env(tmp_path))
+    assert out.returncode == 2
+    assert "the following arguments are required: tool" in out.stderr
+    assert "key=value" not in out.stderr.splitlines()[-1]
+
+
+def test_version_tool_reports_the_installed_anyio(tmp_path):
+    import importlib.metadata
+
+    with daemon_process(tmp_path) as (proc, url):
+
+        async def version() -> dict:
+            async with ws(url) as conn:
+                return await Rpc(conn).call("version")
+
+        res = trio.run(version)
+        _stop(proc)
+    assert res["result"]["structuredContent"]["anyio"] == importlib.metadata.version("anyio")

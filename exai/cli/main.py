@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="daemon URL (default EXAI_URL)")
     p = command("call", _call, "call one tool on the daemon and print its result")
     p.add_argument("tool", help="tool name, e.g. version or chat")
-    p.add_argument("pairs", nargs="*", metavar="key=value", help="tool arguments (JSON values)")
+    p.add_argument(
+        "pairs", nargs="*", default=[], metavar="key=value", help="tool arguments (JSON values)"
+    )
     p.add_argument("--json", dest="json_args", help="the arguments as one JSON object")
     p.add_argument("--url", help="daemon URL (default EXAI_URL)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print progress")

@@ -8,9 +8,10 @@ services and runs :func:`exai.server.app.serve` until a signal: SIGINT/SIGTERM d
 
 from __future__ import annotations
 
+import errno
 import importlib
+import logging
 import signal
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,14 +21,17 @@ from exai.errors import ConfigError, ExaiError
 __all__ = ["load_plugins", "provider_lines", "run", "warn_exposed_secret_files"]
 
 
-def _err(msg: str) -> None:
-    _say(f"exai: {msg}")
+def _err(msg: str, event: str = "daemon.notice", **fields: Any) -> None:
+    from exai.logs import say
+
+    say(f"exai: {msg}", event, logging.WARNING, **fields)
 
 
-def _say(line: str) -> None:
-    # one write per line: the daemon's log writer thread shares stderr
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+def _say(line: str, event: str = "daemon.notice") -> None:
+    # plain on a terminal, a JSON record otherwise: the stream's one format (exai.logs.say)
+    from exai.logs import say
+
+    say(line, event)
 
 
 def load_plugins(registry: Any, settings: Settings, specs: Sequence[str]) -> None:
@@ -44,14 +48,18 @@ def load_plugins(registry: Any, settings: Settings, specs: Sequence[str]) -> Non
 
 
 def provider_lines(settings: Settings) -> list[str]:
+    from exai.cli.hints import exai_command
+
     configured = [p.name for p in settings.providers if p.configured]
     if configured:
         return [f"exai: providers configured: {', '.join(configured)}"]
+    exai = exai_command()
     return [
         "exai: no provider is configured yet, so tools that need a model will say so.",
         "exai: add one with KIMI_API_KEY=… or GLM_API_KEY=… (or EXAI_PROVIDER_<NAME>_BASE_URL=… "
-        "for any OpenAI-compatible endpoint), e.g. in .env; try it without keys against the mock: "
-        "`exai mock-upstream --port 9000` and EXAI_PROVIDER_MOCK_BASE_URL=http://127.0.0.1:9000/v1",
+        "for any OpenAI-compatible endpoint), e.g. in .env; or try it without keys against the "
+        f"mock upstream: run `{exai} mock-upstream --port 9000` in another terminal, then "
+        f"restart this one as `EXAI_PROVIDER_MOCK_BASE_URL=http://127.0.0.1:9000/v1 {exai} serve`",
     ]
 
 
@@ -106,19 +114,22 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
                 name="exai.gc",
             )
             if not daemon.tokens.enabled:
-                _err("no client tokens configured: serving loopback clients only, no auth")
+                _err(
+                    "no client tokens configured: serving loopback clients only, no auth",
+                    "config.no_tokens",
+                )
             for line in provider_lines(settings):
-                _say(line)
+                _say(line, "config.providers")
             async for sig in signals:
                 if sig == signal.SIGHUP:
                     if daemon.reloader is not None:
                         nursery.start_soon(daemon.reloader.reload, "SIGHUP")
                     continue
                 if daemon.draining:
-                    _err("second signal: stopping now")
+                    _err("second signal: stopping now", "daemon.stopping_now")
                     nursery.cancel_scope.cancel()
                     break
-                _err("shutting down: draining in-flight calls")
+                _err("shutting down: draining in-flight calls", "daemon.shutting_down")
                 daemon.request_shutdown()
 
 
@@ -129,6 +140,7 @@ def run(plugins: Sequence[str] = ()) -> int:
 
     from exai.errors import unwrap_exception
     from exai.logs import configure_logging
+    from exai.server.app import BindError
     from exai.server.auth import TokenTable, check_bind, parse_tokens
     from exai.tools import default_registry
 
@@ -144,12 +156,28 @@ def run(plugins: Sequence[str] = ()) -> int:
         except BaseExceptionGroup as group:
             raise unwrap_exception(group) from None
     except ConfigError as exc:
-        _err(f"configuration error: {exc}")
+        _err(f"configuration error: {exc}", "config.error")
         return 2
+    except BindError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            _err(f"cannot start: {exc.what} port {exc.host}:{exc.port}: {exc.strerror}")
+            return 1
+        from exai.cli.hints import port_in_use
+        from exai.logs import say
+
+        say(
+            port_in_use(exc, settings),
+            "daemon.port_in_use",
+            logging.ERROR,
+            host=exc.host,
+            port=exc.port,
+            variable=exc.variable,
+        )
+        return 1
     except OSError as exc:
-        _err(f"cannot start: {exc.strerror or exc}")
+        _err(f"cannot start: {exc.strerror or exc}", "daemon.cannot_start")
         return 1
     except ExaiError as exc:  # e.g. the conversation store cannot be reached at start
-        _err(f"cannot start: {exc}")
+        _err(f"cannot start: {exc}", "daemon.cannot_start")
         return 1
     return 0

@@ -162,7 +162,10 @@ class Settings:
 
     # --- logging and state ----------------------------------------------------------------
     log_level: str = _field("info", "debug, info, warning or error")
-    log_format: str = _field("auto", "json, text, or auto (json when not on a terminal)")
+    log_format: str = _field(
+        "auto",
+        "json, text, or auto (json when stderr is not a terminal); the start-up lines follow it",
+    )
     audit_log: str = _field("", "path of the audit log (one JSON line per call); empty = off")
     state_dir: str = _field("", "where the SQLite store and the spool live (default XDG state)")
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
 from exai.config import Settings
-from exai.logs import log_event
+from exai.logs import log_event, say
 from exai.server.admin import serve_admin
 from exai.server.auth import check_bind
 from exai.server.listener import load_ssl_context
@@ -37,7 +36,7 @@ from exai.server.stalls import loop_probe
 from exai.tools import default_registry
 from exai.tools.base import ToolRegistry
 
-__all__ = ["Daemon", "say", "serve"]
+__all__ = ["BindError", "Daemon", "serve"]
 
 #: start-up work done in a worker thread (reading the TLS files, checking the tools' schemas)
 _TLS_LIMITER = trio.CapacityLimiter(1)
@@ -92,6 +91,21 @@ async def serve(
     log_event("daemon.stopped")
 
 
+class BindError(OSError):
+    """A listener could not bind its address (most often: the port is taken).
+
+    Attributes:
+        what: ``"MCP"`` or ``"admin"``.
+        variable: the setting that names the port (``EXAI_PORT``, ``EXAI_ADMIN_PORT``).
+        host: the address it tried.
+        port: the port it tried.
+    """
+
+    def __init__(self, what: str, variable: str, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.what, self.variable, self.host, self.port = what, variable, host, port
+
+
 async def _run(
     daemon: Daemon,
     settings: Settings,
@@ -108,21 +122,31 @@ async def _run(
         daemon.runner,
         trio.open_nursery() as conn_nursery,
     ):
-        listeners: list[Any] = list(
-            await trio.open_tcp_listeners(settings.port, host=settings.host, backlog=4096)
-        )
+        try:
+            listeners: list[Any] = list(
+                await trio.open_tcp_listeners(settings.port, host=settings.host, backlog=4096)
+            )
+        except OSError as exc:
+            raise BindError("MCP", "EXAI_PORT", settings.host, settings.port, exc) from exc
         daemon.url = _url("wss" if ssl_ctx else "ws", listeners[0]) + "/mcp"
         if ssl_ctx is not None:
             listeners = [trio.SSLListener(lst, ssl_ctx, https_compatible=True) for lst in listeners]
-        admin_url = await conn_nursery.start(
-            lambda task_status: serve_admin(
-                settings.admin_host,
-                settings.admin_port,
-                readiness=daemon.readiness.readiness,
-                metrics=daemon.metrics.render,
-                task_status=task_status,
+        try:
+            admin_url = await conn_nursery.start(
+                lambda task_status: serve_admin(
+                    settings.admin_host,
+                    settings.admin_port,
+                    readiness=daemon.readiness.readiness,
+                    metrics=daemon.metrics.render,
+                    task_status=task_status,
+                )
             )
-        )
+        except OSError as exc:
+            for lst in listeners:
+                await lst.aclose()
+            raise BindError(
+                "admin", "EXAI_ADMIN_PORT", settings.admin_host, settings.admin_port, exc
+            ) from exc
         daemon.admin_url = admin_url
         daemon.conn_nursery = conn_nursery
         conn_nursery.start_soon(daemon.memory.run)
@@ -178,13 +202,6 @@ async def _drain(
 
 
 def _announce(daemon: Daemon) -> None:
-    say(f"exai: listening on {daemon.url}")
-    say(f"exai: admin on {daemon.admin_url}")
-
-
-def say(line: str) -> None:
-    """Write one line to stderr in one write: the log writer thread shares stderr, and a line
-    written in two pieces (``print`` writes the text, then the newline) can get a log record
-    between them — "…/mcp{"ts": …" is not the URL a reader of the announcement expects."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    # in the stream's format (plain on a terminal, JSON records otherwise: exai.logs.say)
+    say(f"exai: listening on {daemon.url}", "daemon.listening", url=daemon.url)
+    say(f"exai: admin on {daemon.admin_url}", "daemon.admin_listening", url=daemon.admin_url)

@@ -6,6 +6,7 @@ Both read the daemon through the narrow view it hands its tools (``ctx.services[
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import sys
 from typing import Any
@@ -19,6 +20,18 @@ from exai.tools.base import ToolContext, ToolResult, ToolSpec
 __all__ = ["STATUS", "VERSION"]
 
 _EMPTY: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def _dist_version(name: str) -> str:
+    """The installed distribution's version (anyio has no ``__version__``), read once at
+    import, before the event loop runs."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_ANYIO_VERSION = _dist_version("anyio")
 
 _platform: str | None = None
 _PLATFORM_LIMITER = anyio.CapacityLimiter(1)
@@ -44,7 +57,7 @@ async def _version(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
             "python": sys.version.split()[0],
             "platform": await platform_name(),
             "trio": trio.__version__,
-            "anyio": anyio.__version__ if hasattr(anyio, "__version__") else "unknown",
+            "anyio": _ANYIO_VERSION,
             "protocol_versions": list(versions),
         }
     )

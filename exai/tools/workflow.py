@@ -75,6 +75,7 @@ from exai.tools.workflow_render import (
     expert_prompt,
     intermediate_result,
     issue_counts,
+    plural,
 )
 
 __all__ = [
@@ -251,7 +252,7 @@ async def _final(
     }
     counts = ", ".join(f"{n} {s}" for s, n in summary["issues_by_severity"].items() if n)
     head = (
-        f"{defn.name} complete: {len(active)} steps, {len(issues)} issues"
+        f"{defn.name} complete: {plural(len(active), 'step')}, {plural(len(issues), 'issue')}"
         + (f" ({counts})" if counts else "")
         + (f", confidence {rec['confidence']}" if rec.get("confidence") else "")
         + "."

@@ -18,7 +18,13 @@ __all__ = [
     "intermediate_result",
     "issue_counts",
     "next_guidance",
+    "plural",
 ]
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``plural(1, "step")`` → ``"1 step"``, ``plural(2, "step")`` → ``"2 steps"``."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def next_guidance(defn: WorkflowDefinition, rec: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from exai.errors import InvalidParams
 from exai.tools.base import ToolRegistry, ToolSpec
 from exai.tools.workflow import WorkflowDefinition, make_workflow_tool
+from exai.tools.workflow_render import plural
 
 __all__ = [
     "ANALYZE",
@@ -293,8 +294,8 @@ def _planner_final(steps: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]
         forks.setdefault(b["from_step"], []).append(bid)
     n_br = len(plan["branches"])
     lines = [
-        f"Plan complete: {len(plan['main'])} steps on the main line"
-        + (f", {n_br} branch{'es' if n_br != 1 else ''}" if n_br else "")
+        f"Plan complete: {plural(len(plan['main']), 'step')} on the main line"
+        + (f", {plural(n_br, 'branch', 'branches')}" if n_br else "")
         + ".",
         "",
     ]

@@ -36,7 +36,7 @@ from tests.helpers import Rpc, async_daemon_process, subprocess_env, ws
 #: how long a well-behaved client may wait for an answer before the test calls it a hang
 SERVED_WITHIN_S = 30.0
 
-_ADMIN = re.compile(r"exai: admin on (https?://\S+)")
+_ADMIN = re.compile(r'exai: admin on (https?://[^\s"]+)')
 
 
 @attrs.define

@@ -28,7 +28,7 @@ from exai.testing.faultproxy import FaultProxy
 from tests.helpers import REPO, free_port, subprocess_env
 
 EXAI = str(Path(sys.executable).parent / "exai")
-_LISTEN = re.compile(r"exai: listening on (wss?://\S+)")
+_LISTEN = re.compile(r'exai: listening on (wss?://[^\s"]+)')
 
 
 @asynccontextmanager

@@ -58,7 +58,7 @@ SERVERS = 3
 #: only turns a hang into a failure
 START_WITHIN_S = 60.0
 
-_LISTEN = re.compile(r"exai: listening on (wss?://\S+)")
+_LISTEN = re.compile(r'exai: listening on (wss?://[^\s"]+)')
 
 
 def find_haproxy() -> str | None:

@@ -652,8 +652,21 @@ def test_the_announcement_lines_are_each_written_whole(monkeypatch):
         url = "ws://127.0.0.1:8079/mcp"
         admin_url = "http://127.0.0.1:8080"
 
+    from exai import logs
+
+    monkeypatch.setattr(logs, "_json_chosen", False)  # text format: the lines as they are
     app._announce(Parts())  # type: ignore[arg-type]
     assert writes == [
         "exai: listening on ws://127.0.0.1:8079/mcp\n",
         "exai: admin on http://127.0.0.1:8080\n",
+    ]
+    # JSON format: the same lines as whole JSON records, the text under "message"
+    writes.clear()
+    monkeypatch.setattr(logs, "_json_chosen", True)
+    app._announce(Parts())  # type: ignore[arg-type]
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes)
+    records = [json.loads(w) for w in writes]
+    assert [(r["event"], r["message"], r["url"]) for r in records] == [
+        ("daemon.listening", "exai: listening on ws://127.0.0.1:8079/mcp", Parts.url),
+        ("daemon.admin_listening", "exai: admin on http://127.0.0.1:8080", Parts.admin_url),
     ]

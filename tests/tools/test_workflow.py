@@ -295,6 +295,20 @@ async def test_planner_session_with_a_revision_and_a_branch_never_calls_a_model(
     assert [e["step_number"] for e in final["branches"]["async-job"]["steps"]] == [5, 6]
 
 
+async def test_planner_counts_in_words_a_person_reads(env):
+    one = {**plan_step(1, "Just do it", None, more=False), "total_steps": 1}
+    final = await env.ok("planner", one)
+    assert final["_text"].startswith("Plan complete: 1 step on the main line.")
+    first = await env.ok("planner", plan_step(1, "Goal", None))
+    await env.ok(
+        "planner",
+        plan_step(2, "Alternative", first["continuation_id"], is_branch_point=True,
+                  branch_from_step=1, branch_id="b"),
+    )  # fmt: skip
+    final = await env.ok("planner", plan_step(3, "Done", first["continuation_id"], more=False))
+    assert final["_text"].startswith("Plan complete: 2 steps on the main line, 1 branch.")
+
+
 async def test_planner_refuses_a_step_of_a_branch_that_was_never_started(env):
     first = await env.ok("planner", plan_step(1, "goal", None))
     err = error_of(
