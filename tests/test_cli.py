@@ -212,6 +212,7 @@ def test_one_parser_tree_holds_every_subcommand_and_its_options():
             "migrate",
             "mock-upstream",
             "serve",
+            "service",
             "status",
             "token",
         ]
@@ -220,6 +221,8 @@ def test_one_parser_tree_holds_every_subcommand_and_its_options():
     assert {"--json", "--url", "--quiet"} <= set(_options(tree["call"]))
     assert {"--port", "--models", "--latency-s"} <= set(_options(tree["mock-upstream"]))
     assert list(_subcommands(tree["token"])) == ["new"]
+    assert list(_subcommands(tree["service"])) == ["install", "status", "uninstall"]
+    assert {"--json", "--human"} <= set(_options(tree["status"]))
 
 
 def test_a_usage_error_in_any_subcommand_exits_2_with_its_usage(capsys):
@@ -263,7 +266,8 @@ def test_bash_completion_is_generated_from_the_parser_tree(tmp_path):
     assert out.returncode == 0, out.stderr
     script = out.stdout
     subprocess.run(["bash", "-n", "-c", script], check=True, timeout=30)
-    assert _complete(script, ["exai", "se"]) == ["serve"]
+    assert _complete(script, ["exai", "se"]) == ["serve", "service"]
+    assert _complete(script, ["exai", "service", "u"]) == ["uninstall"]
     assert sorted(_complete(script, ["exai", "token", ""])) == ["--help", "-h", "new"]
     assert _complete(script, ["exai", "doctor", "--s"]) == ["--strict"]
     assert "--version" in _complete(script, ["exai", "--"])
@@ -402,3 +406,250 @@ def test_version_tool_reports_the_installed_anyio(tmp_path):
         res = trio.run(version)
         _stop(proc)
     assert res["result"]["structuredContent"]["anyio"] == importlib.metadata.version("anyio")
+
+
+def test_status_prints_a_short_summary_and_the_whole_document_with_json(tmp_path):
+    env = subprocess_env(tmp_path)
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        env = {**env, "EXAI_URL": url}
+        human = run_cli(["status", "--human"], env)
+        whole = run_cli(["status", "--json"], env)
+        piped = run_cli(["status"], env)  # stdout is a pipe here: the document
+        _stop(proc)
+    from exai import __version__
+
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    assert len(lines) <= 15
+    assert lines[0].startswith(f"exai {__version__} at {url}: ready, up ")
+    assert lines[1].startswith("connections: 1 open")
+    assert lines[2].startswith("calls in flight: 0 ")
+    assert any(ln.split()[:4] == ["kimi", "not", "configured", "breaker"] for ln in lines)
+    assert any(ln.startswith("store: sqlite") for ln in lines)
+    assert any(ln.startswith("spool: 0 writes waiting") for ln in lines)
+    assert whole.returncode == piped.returncode == 0
+    doc = json.loads(whole.stdout)
+    assert doc["daemon"]["version"] == __version__ and "providers" in doc
+    assert json.loads(piped.stdout).keys() == doc.keys()
+
+
+def test_status_errors_say_exai_status(tmp_path):
+    from tests.helpers import free_port
+
+    env = subprocess_env(tmp_path, EXAI_URL=f"ws://127.0.0.1:{free_port()}/mcp")
+    out = run_cli(["status"], env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("exai status: cannot connect to the exai daemon at ")
+    assert "exai call" not in out.stderr
+
+
+@pytest.fixture
+def slow_mock():
+    """The mock upstream as a process, streaming its answer in chunks 0.3 s apart."""
+    import re
+
+    cmd = [sys.executable, "-m", "exai.cli", "mock-upstream", "--chunk-delay-s", "0.3"]
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=str(REPO)
+    )
+    try:
+        assert proc.stderr is not None
+        m = re.search(r"listening on (http://\S+)", proc.stderr.readline())
+        assert m, "the mock upstream did not start"
+        yield m.group(1)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _slow_chat_env(tmp_path, base_url: str) -> dict[str, str]:
+    return subprocess_env(
+        tmp_path, EXAI_PROVIDER_MOCK_BASE_URL=base_url, EXAI_PROVIDER_MOCK_MODELS="mock-fast"
+    )
+
+
+def test_call_on_a_pipe_prints_one_line_per_progress_notification(tmp_path, slow_mock):
+    env = _slow_chat_env(tmp_path, slow_mock)
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        env = {**env, "EXAI_URL": url}
+        out = run_cli(["call", "chat", "prompt=hello", "model=mock-fast"], env)
+        quiet = run_cli(["call", "--quiet", "chat", "prompt=hello", "model=mock-fast"], env)
+        _stop(proc)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    progress = [ln for ln in out.stderr.splitlines() if ln.startswith("exai call: progress ")]
+    assert "exai call: progress asking a model" in progress
+    assert any(ln.startswith("exai call: progress mock/mock-fast answering: ") for ln in progress)
+    assert "\r" not in out.stderr  # no spinner on a pipe
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_call_on_a_terminal_shows_a_progress_line_and_erases_it(tmp_path, slow_mock):
+    import os
+    import pty
+
+    env = _slow_chat_env(tmp_path, slow_mock)
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        main_fd, tty_fd = pty.openpty()
+        try:
+            call = subprocess.run(
+                [sys.executable, "-m", "exai.cli", "call", "chat", "prompt=hello"],
+                env={**env, "EXAI_URL": url},
+                stdout=subprocess.PIPE,
+                stderr=tty_fd,
+                text=True,
+                timeout=120,
+                cwd=str(REPO),
+            )
+            os.close(tty_fd)
+            seen = b""
+            while True:
+                try:
+                    chunk = os.read(main_fd, 65536)
+                except OSError:  # EIO: the terminal's other end is closed and drained
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            os.close(main_fd)
+        _stop(proc)
+    assert call.returncode == 0 and call.stdout.strip()
+    text = seen.decode()
+    assert "mock/mock-fast answering: " in text  # the progress message, drawn in place
+    assert "\r\x1b[K" in text and "\n" not in text  # one line, redrawn in place
+    assert text.endswith("\r\x1b[K")  # erased once the answer came
+    assert "exai call: progress" not in text
+
+
+# ---------------------------------------------------------------------------------------
+# exai service
+
+
+def _service(tmp_path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """``exai service …`` in ``tmp_path/project`` with a temporary XDG_CONFIG_HOME and HOME, and
+    no systemctl on PATH (systemd does not run here)."""
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    env = subprocess_env(
+        tmp_path,
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        HOME=str(tmp_path / "home"),
+        PATH=str(tmp_path / "no-bin"),
+        **extra,
+    )
+    env.pop("EXAI_STATE_DIR")
+    env.pop("EXAI_LOG_FORMAT")
+    env.pop("EXAI_PORT")
+    env.pop("EXAI_ADMIN_PORT")
+    return subprocess.run(
+        [sys.executable, "-m", "exai.cli", "service", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(project),
+    )
+
+
+def test_service_install_writes_a_systemd_user_unit_that_references_the_settings(tmp_path):
+    import os
+    import stat
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".env").write_text("KIMI_API_KEY=sk-in-the-env-file-0001\nEXAI_PORT=8179\n")
+    (project / "glm.key").write_text("sk-glm-in-a-file-0002\n")
+    out = _service(
+        tmp_path,
+        "install",
+        "--no-start",
+        EXAI_MAX_INFLIGHT="12",
+        GLM_API_KEY_FILE="glm.key",
+        EXAI_TOKENS="alice:tok-exported-secret-0003",
+    )
+    assert out.returncode == 0, out.stderr
+    unit = tmp_path / "config" / "systemd" / "user" / "exai.service"
+    assert f"wrote {unit}" in out.stdout
+    assert "systemctl --user enable --now exai.service" in out.stdout  # how to start it
+    text = unit.read_text()
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+    exai = os.path.join(os.path.dirname(sys.executable), "exai")
+    assert f'ExecStart="{exai}" "serve"\n' in text
+    assert f"WorkingDirectory={project}\n" in text
+    assert f'Environment="EXAI_ENV_FILE={project / ".env"}"\n' in text
+    assert 'Environment="EXAI_MAX_INFLIGHT=12"\n' in text
+    assert f'Environment="GLM_API_KEY_FILE={project / "glm.key"}"\n' in text  # a path
+    assert 'Environment="EXAI_LOG_FORMAT=json"\n' in text
+    assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
+    assert "[Install]\nWantedBy=default.target\n" in text
+    for secret in ("sk-in-the-env-file-0001", "sk-glm-in-a-file-0002", "tok-exported-secret-0003"):
+        assert secret not in text + out.stdout + out.stderr
+    assert "EnvironmentFile" not in text  # the daemon reads its .env itself (and on SIGHUP)
+    assert "EXAI_TOKENS is a secret set in this shell's environment" in out.stderr
+    import shutil
+
+    if shutil.which("systemd-analyze"):  # systemd's own reading of the file, where it exists
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        assert verify.returncode == 0, verify.stderr
+
+
+def test_service_install_dry_run_prints_the_unit_and_writes_nothing(tmp_path):
+    out = _service(tmp_path, "install", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("# ") and "(dry run: nothing written)" in out.stdout
+    assert "[Service]" in out.stdout and '"serve"' in out.stdout
+    assert not (tmp_path / "config").exists()
+    assert "no .env file here" in out.stderr
+
+
+def test_service_status_and_uninstall_say_what_to_run_without_systemctl(tmp_path):
+    assert _service(tmp_path, "status").returncode == 3  # not installed
+    assert _service(tmp_path, "install", "--no-start").returncode == 0
+    unit = tmp_path / "config" / "systemd" / "user" / "exai.service"
+    status = _service(tmp_path, "status")
+    assert status.returncode == 1
+    assert f"installed: {unit}" in status.stdout
+    assert "systemctl is not on PATH here" in status.stdout
+    assert "systemctl --user status --no-pager exai.service" in status.stdout
+    gone = _service(tmp_path, "uninstall")
+    assert "systemctl --user disable --now exai.service" in gone.stdout
+    assert f"removed {unit}" in gone.stdout
+    assert not unit.exists()
+
+
+def test_launchd_plist_runs_exai_serve_with_the_settings_files():
+    import plistlib
+
+    from exai.cli.service import LAUNCHD_LABEL, launchd_plist
+
+    data = plistlib.loads(
+        launchd_plist(
+            ["/Users/me/exai/.venv/bin/exai", "serve"],
+            "/Users/me/exai",
+            {"EXAI_ENV_FILE": "/Users/me/exai/.env"},
+            "/Users/me/Library/Logs/exai.log",
+        )
+    )
+    assert data["Label"] == LAUNCHD_LABEL
+    assert data["ProgramArguments"] == ["/Users/me/exai/.venv/bin/exai", "serve"]
+    assert data["WorkingDirectory"] == "/Users/me/exai"
+    assert data["EnvironmentVariables"] == {
+        "EXAI_ENV_FILE": "/Users/me/exai/.env",
+        "EXAI_LOG_FORMAT": "json",
+    }
+    assert data["RunAtLoad"] is True and data["KeepAlive"] == {"SuccessfulExit": False}
+    assert data["StandardErrorPath"] == "/Users/me/Library/Logs/exai.log"
+
+
+def test_service_install_of_a_launchd_agent_as_a_dry_run(tmp_path):
+    import plistlib
+
+    out = _service(tmp_path, "install", "--kind", "launchd", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    head, _, body = out.stdout.partition("\n")
+    assert head.endswith("(dry run: nothing written)")
+    assert "Library/LaunchAgents/dev.exai.daemon.plist" in head
+    assert plistlib.loads(body.encode())["ProgramArguments"][-1] == "serve"

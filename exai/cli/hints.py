@@ -20,7 +20,7 @@ from typing import Any
 
 from exai.config import Settings
 
-__all__ = ["exai_command", "listening_pid", "port_in_use", "probe_exai"]
+__all__ = ["exai_command", "exai_executable", "listening_pid", "port_in_use", "probe_exai"]
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -30,24 +30,35 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _candidates(argv0: str, executable: str) -> list[str]:
+    out = []
+    if os.path.basename(argv0) == "exai":
+        out.append(os.path.abspath(argv0))
+    if executable:
+        # the virtualenv's bin, not the interpreter the symlink points to
+        out.append(os.path.join(os.path.dirname(os.path.abspath(executable)), "exai"))
+    return [c for c in out if os.path.isfile(c) and os.access(c, os.X_OK)]
+
+
+def exai_executable(argv0: str | None = None, executable: str | None = None) -> str | None:
+    """The absolute path of this ``exai`` script, or None (run as ``python -m exai.cli``
+    without a script beside the interpreter)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    found = _candidates(argv0, executable)
+    return found[0] if found else None
+
+
 def exai_command(argv0: str | None = None, executable: str | None = None) -> str:
     """The shell words that run this ``exai``: ``exai`` when ``PATH`` finds this one, else the
     absolute path of the running script (or of the ``exai`` next to the interpreter, or
     ``python -m exai.cli``), quoted for the shell."""
     argv0 = sys.argv[0] if argv0 is None else argv0
     executable = sys.executable if executable is None else executable
-    candidates = []
-    if os.path.basename(argv0) == "exai":
-        candidates.append(os.path.abspath(argv0))
-    if executable:
-        # the virtualenv's bin, not the interpreter the symlink points to
-        candidates.append(os.path.join(os.path.dirname(os.path.abspath(executable)), "exai"))
-    on_path = shutil.which("exai")
-    for candidate in candidates:
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            if on_path is not None and _same_file(on_path, candidate):
-                return "exai"
-            return shlex.quote(candidate)
+    found = _candidates(argv0, executable)
+    if found:
+        on_path = shutil.which("exai")
+        return "exai" if on_path and _same_file(on_path, found[0]) else shlex.quote(found[0])
     return f"{shlex.quote(executable or 'python3')} -m exai.cli"
 
 

@@ -5,12 +5,13 @@
     exai serve [--plugin MODULE:FUNC …]   run the daemon (SIGINT/SIGTERM drain and exit 0)
     exai bridge [--url URL]               stdio MCP server for an MCP client, piped to the daemon
     exai call TOOL key=value … [--json J] call one tool and print its answer
-    exai status [--url URL]               the daemon's status (through the status tool)
+    exai status [--json|--human]          the daemon's status: a summary on a terminal, else JSON
     exai config                           the effective settings, secrets redacted
     exai token new NAME                   a fresh client token and its tokens-file line
     exai mock-upstream [--port N …]       the OpenAI-compatible mock upstream, for trying exai
     exai migrate                          apply database migrations of the configured store
     exai doctor [--strict] [--offline]    check configuration, secret hygiene and connectivity
+    exai service install|status|uninstall run the daemon as a systemd/launchd user service
     exai completion bash                  a bash completion script for all of the above
     exai --version                        the version
 
@@ -66,9 +67,9 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from exai.cli import call
+    from exai.cli import status
 
-    return call.run("status", (), url=args.url, quiet=True)
+    return status.run(url=args.url, mode=args.mode)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -117,6 +118,17 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor.run(strict=args.strict, offline=args.offline)
 
 
+def _service(args: argparse.Namespace) -> int:
+    from exai.cli import service
+
+    return service.run(
+        args.service_command,
+        kind=args.kind,
+        dry_run=getattr(args, "dry_run", False),
+        start=not getattr(args, "no_start", False),
+    )
+
+
 def _completion(args: argparse.Namespace) -> int:
     from exai.cli.completion import bash_script
 
@@ -161,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="do not print progress")
     p = command("status", _status, "the daemon's status")
     p.add_argument("--url", help="daemon URL (default EXAI_URL)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json",
+        dest="mode",
+        action="store_const",
+        const="json",
+        default="auto",
+        help="the whole status document (the default when stdout is not a terminal)",
+    )
+    shape.add_argument(
+        "--human",
+        dest="mode",
+        action="store_const",
+        const="human",
+        help="the short summary (the default on a terminal)",
+    )
     command("config", _config, "print the effective settings, secrets redacted")
     p = command("token", _token_new, "client tokens")
     token_sub = p.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
@@ -173,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("doctor", _doctor, "check configuration, secrets hygiene and connectivity")
     p.add_argument("--strict", action="store_true", help="warnings also fail (exit 1)")
     p.add_argument("--offline", action="store_true", help="skip the network checks")
+    p = command("service", _service, "run the daemon as a per-user service (systemd, launchd)")
+    service_sub = p.add_subparsers(dest="service_command", required=True, metavar="COMMAND")
+    for name, help in (
+        ("install", "write the user unit (or launchd agent) and start it"),
+        ("status", "whether it is installed, and the service manager's status"),
+        ("uninstall", "stop it and remove the unit"),
+    ):
+        sp = service_sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=_service, parser=sp)
+        sp.add_argument(
+            "--kind",
+            choices=["systemd", "launchd"],
+            help="the service manager (default: systemd on Linux, launchd on macOS)",
+        )
+        if name == "install":
+            sp.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
+            sp.add_argument(
+                "--no-start", action="store_true", help="write the unit, print how to start it"
+            )
     p = command("completion", _completion, "print a shell completion script")
     p.add_argument("shell", choices=["bash"], help="the shell")
     return parser

@@ -38,7 +38,7 @@ import attrs
 from exai.config.secret import Secret
 from exai.config.settings import Settings
 
-__all__ = ["TokenEntry", "child_env", "secret_values", "token_entries"]
+__all__ = ["TokenEntry", "child_env", "is_secret_name", "secret_values", "token_entries"]
 
 _DROP_PREFIXES = ("KIMI_", "GLM_", "EXAI_TOKEN")
 _PROVIDER_KEY = re.compile(r"^EXAI_PROVIDER_[A-Z0-9]+_API_KEY(_FILE)?$")
@@ -148,6 +148,12 @@ def secret_values(settings: Settings) -> list[str]:
     if settings.tokens:
         found.update(_plain_tokens(settings.tokens))
     return sorted((v for v in found if v), key=len, reverse=True)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable of this name holds a secret (or, for ``*_FILE``, names
+    a file holding one): what :func:`child_env` drops by name."""
+    return _drop_by_name(name)
 
 
 def _drop_by_name(name: str) -> bool:
