@@ -7,21 +7,32 @@ TSTAMP := $(VENV)/.installed-test
 
 .PHONY: serve test lint bench bench-full services ts-sdk clean
 
+# Each step says what it does before it starts, so a quiet pip does not look like a hang.
+# INSTALL_QUIET: pip's errors only (-qq); a single -q still shows setuptools' warnings about an
+# editable install, a screenful of "!!" that a first run does not need.
+INSTALL_QUIET ?= --quiet --quiet
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	@echo "make: creating the virtualenv $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "make: upgrading pip in $(VENV)"
+	@$(BIN)/pip install $(INSTALL_QUIET) --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[daemon]'
-	touch $@
+	@echo "make: installing exai and its dependencies into $(VENV) (pip; about 30 s the first time)"
+	@$(BIN)/pip install $(INSTALL_QUIET) -e '.[daemon]'
+	@touch $@
+	@echo "make: installed"
 
 $(TSTAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[daemon,test,bench]'
-	touch $@
+	@echo "make: installing the test and benchmark extras into $(VENV) (pip; about 30 s the first time)"
+	@$(BIN)/pip install $(INSTALL_QUIET) -e '.[daemon,test,bench]'
+	@touch $@
+	@echo "make: installed"
 
 ## Start the daemon on embedded defaults (no keys needed; it says how to add one).
 serve: $(STAMP)
-	$(BIN)/exai serve
+	@echo "make: starting the daemon: $(BIN)/exai serve (Ctrl-C stops it)"
+	@$(BIN)/exai serve
 
 ## Lint (ruff with the ASYNC rules, mypy) and run the whole suite against local Postgres and Redis.
 test: $(TSTAMP) services ts-sdk lint
