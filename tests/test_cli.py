@@ -653,3 +653,35 @@ def test_service_install_of_a_launchd_agent_as_a_dry_run(tmp_path):
     assert head.endswith("(dry run: nothing written)")
     assert "Library/LaunchAgents/dev.exai.daemon.plist" in head
     assert plistlib.loads(body.encode())["ProgramArguments"][-1] == "serve"
+
+
+def test_version_and_help_work_without_the_daemon_extras(tmp_path):
+    """A bare `pip install exai` (no trio-websocket): --version exits 0, a command that needs
+    the extras says which install it needs (was: every command, --version too, exit 2)."""
+    program = (
+        "import importlib.util as u, sys\n"
+        "real = u.find_spec\n"
+        "u.find_spec = lambda name, *a: None if name == 'trio_websocket' else real(name, *a)\n"
+        "from exai.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+
+    def bare(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", program, *args],
+            env=subprocess_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(REPO),
+        )
+
+    from exai import __version__
+
+    version = bare("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"exai {__version__}")
+    assert bare("--help").returncode == 0
+    assert bare("token", "new", "laptop").returncode == 0
+    serve = bare("serve")
+    assert serve.returncode == 2
+    assert "`exai serve` needs the daemon extras: pip install 'exai[daemon]'" in serve.stderr

@@ -225,15 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: commands that run without the ``daemon`` extras (trio, trio-websocket, …)
+_WITHOUT_EXTRAS = frozenset({"config", "token", "completion"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``exai`` with ``argv`` (default ``sys.argv[1:]``); the exit status.
 
     ``--help`` and ``--version`` print and return 0; a usage error prints the usage and
     returns 2.
     """
-    if importlib.util.find_spec("trio_websocket") is None:
-        _err("the daemon, bridge and client need their extras: pip install 'exai[daemon]'")
-        return 2
     try:
         args, extra = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
         if extra:
@@ -241,6 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    # checked after parsing, so --version, --help and the commands that need no extras work
+    # in a bare `pip install exai`
+    if args.command not in _WITHOUT_EXTRAS and importlib.util.find_spec("trio_websocket") is None:
+        _err(
+            f"`exai {args.command}` needs the daemon extras: pip install 'exai[daemon]' "
+            "(or `make serve` in a clone)"
+        )
+        return 2
     code: int = args.fn(args)
     return code
 
