@@ -363,7 +363,9 @@ def test_a_second_serve_on_a_taken_port_says_an_exai_daemon_answers_there(tmp_pa
     assert f"the MCP port 127.0.0.1:{port} (EXAI_PORT) is already in use" in err
     assert f"an exai daemon answers there: exai {__version__} (pid {proc.pid}," in err
     assert f"`kill {proc.pid}`" in err
-    assert f"EXAI_URL=ws://127.0.0.1:{port}/mcp " in err and " status`" in err
+    # with the same EXAI_PORT, `exai status` finds that daemon (no EXAI_URL needed)
+    (use,) = [ln for ln in err.splitlines() if ln.startswith("exai: use it as it is: `")]
+    assert use.endswith(" status`") and "EXAI_URL" not in use
     assert "EXAI_PORT=" in err.splitlines()[-1] and "EXAI_ADMIN_PORT=" in err.splitlines()[-1]
     assert err.splitlines()[-1].rstrip().endswith(" serve")
 

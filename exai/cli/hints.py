@@ -206,7 +206,7 @@ def port_in_use(
                 + (f" ({pid_text})" if pid_text else "")
             )
             url = f"ws://{_url_host(_loopback_for(err.host))}:{err.port}/mcp"
-            env = "" if settings.url == url else f"EXAI_URL={url} "
+            env = "" if settings.effective_url == url else f"EXAI_URL={url} "
             lines.append(f"exai: use it as it is: `{env}{exai} status`")
         elif "refused" in found:
             lines.append(
