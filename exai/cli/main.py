@@ -162,17 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="call FUNC(registry, settings) at start to register more tools",
     )
     p = command("bridge", _bridge, "stdio MCP server that forwards to the daemon")
-    p.add_argument("--url", help="daemon URL (default EXAI_URL)")
+    p.add_argument("--url", help="daemon URL (default EXAI_URL, else from EXAI_HOST/EXAI_PORT)")
     p = command("call", _call, "call one tool on the daemon and print its result")
     p.add_argument("tool", help="tool name, e.g. version or chat")
     p.add_argument(
         "pairs", nargs="*", default=[], metavar="key=value", help="tool arguments (JSON values)"
     )
     p.add_argument("--json", dest="json_args", help="the arguments as one JSON object")
-    p.add_argument("--url", help="daemon URL (default EXAI_URL)")
+    p.add_argument("--url", help="daemon URL (default EXAI_URL, else from EXAI_HOST/EXAI_PORT)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print progress")
     p = command("status", _status, "the daemon's status")
-    p.add_argument("--url", help="daemon URL (default EXAI_URL)")
+    p.add_argument("--url", help="daemon URL (default EXAI_URL, else from EXAI_HOST/EXAI_PORT)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument(
         "--json",
