@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 
 from exai.testing import Fault, MockUpstream
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.anyio
 DEADLINE_S = 2.0
 #: Latency of a "slow" provider: well beyond a consultation's share (1.6 s).
 SLOW_S = 30.0
+#: A bound on waits that should end at once: only a hang reaches it.
+HANG_GUARD_S = 30.0
 
 
 @pytest.fixture
@@ -131,12 +134,28 @@ async def test_all_models_failing_is_a_clear_error_naming_each(tmp_path, mocks):
 
 
 async def test_consultations_run_concurrently(tmp_path, mocks):
-    # b and c take 1 s each: one after the other they would need the whole 2 s deadline (the
-    # call would fail with a timeout); side by side they answer within their 1.6 s shares.
-    mocks["b"].latency_s = 1.0
-    mocks["c"].latency_s = 1.0
-    async with consensus_env(tmp_path, mocks) as env:
-        res = await env.ok("consensus", three())
+    # b and c hold their answers until the test sees both requests waiting at the same time:
+    # one after the other, c would not be asked before b had answered (or run out of its
+    # share), so both never wait together and the hang guard fails the test. No wall-clock
+    # figure is involved: the deadline is far away and only the order of events counts.
+    mocks["b"].hold_answers()
+    mocks["c"].hold_answers()
+    both_waiting = False
+    async with consensus_env(tmp_path, mocks, deadline_s=HANG_GUARD_S * 2) as env:
+        async with anyio.create_task_group() as tg:
+
+            async def release_when_both_wait() -> None:
+                nonlocal both_waiting
+                with anyio.fail_after(HANG_GUARD_S):
+                    while not (mocks["b"].held and mocks["c"].held):
+                        await anyio.sleep(0.01)
+                both_waiting = True
+                mocks["b"].release_answers()
+                mocks["c"].release_answers()
+
+            tg.start_soon(release_when_both_wait)
+            res = await env.ok("consensus", three())
+    assert both_waiting
     assert res["answered"] == 3
     assert res["synthesis"]["model"] == "mock-a"
 
