@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import anyio
+import asyncpg
 import pytest
 import trio
 
@@ -13,6 +14,9 @@ from exai.storage.aio_bridge import BridgedPgPool, BridgedRedis, open_asyncio_br
 from tests.storage.conftest import PG_HOST, PG_PORT
 
 pytestmark = pytest.mark.anyio
+
+#: A bound on waits that end at once unless something hangs.
+HANG_GUARD_S = 30
 
 
 def _dsn(database: str) -> str:
@@ -23,17 +27,37 @@ async def test_a_cancel_scope_cancels_an_in_flight_query_and_the_pool_stays_usab
     pg_database: str, stall_detector: object
 ) -> None:
     marker = f"exai-cancel-{uuid.uuid4().hex[:8]}"
+    lock_key = uuid.uuid4().int % (1 << 62)
     async with open_asyncio_bridge() as bridge:
+        # The query waits for an advisory lock the test holds on another connection: it
+        # cannot finish until the test lets go (only if the cancel hangs), so a caller that
+        # gets control back while the lock is held was not made to wait for the query,
+        # whatever the machine's load (no wall-clock figure is asserted).
+        # (a connection of its own: a pool's release would unlock it)
+        holder = await bridge.run(asyncpg.connect, _dsn(pg_database))
         pool = await BridgedPgPool.create(bridge, _dsn(pg_database), min_size=1, max_size=2)
         try:
-            started = trio.current_time()
-            with trio.move_on_after(0.2) as scope:
-                await pool.run(lambda c: c.fetch(f"SELECT pg_sleep(10) /* {marker} */"))
+            await bridge.run(holder.execute, "SELECT pg_advisory_lock($1)", lock_key)
+            unlocked = False
+            async with trio.open_nursery() as nursery:
+
+                async def unlock_if_hung() -> None:
+                    nonlocal unlocked
+                    await trio.sleep(HANG_GUARD_S)
+                    unlocked = True
+                    await bridge.run(holder.execute, "SELECT pg_advisory_unlock_all()")
+
+                nursery.start_soon(unlock_if_hung)
+                with trio.move_on_after(0.2) as scope:
+                    await pool.run(
+                        lambda c: c.fetch(f"SELECT pg_advisory_lock($1) /* {marker} */", lock_key)
+                    )
+                assert not unlocked, "the cancel waited for the query to end"
+                nursery.cancel_scope.cancel()
             assert scope.cancelled_caught
-            assert trio.current_time() - started < 1.0
             assert await pool.run(lambda c: c.fetchval("SELECT 41 + 1")) == 42
             # the server stops the query too (the disconnect check notices within a second)
-            with trio.fail_after(5):
+            with trio.fail_after(HANG_GUARD_S):
                 while await pool.run(
                     lambda c: c.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 "
@@ -45,6 +69,7 @@ async def test_a_cancel_scope_cancels_an_in_flight_query_and_the_pool_stays_usab
             assert pool.status()["in_use"] == 0
         finally:
             await pool.close()
+            await bridge.run(holder.close)
 
 
 async def test_a_task_from_a_nursery_opened_before_the_bridge_can_use_it(
