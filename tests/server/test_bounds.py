@@ -106,6 +106,9 @@ async def test_an_answer_larger_than_the_whole_budget_is_not_kept() -> None:
     assert calls.finished("small") is not None
 
 
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
 async def test_a_stored_answer_comes_back_with_its_digest_and_expires() -> None:
     calls = registry(ttl_s=10.0)
     calls.store("k", "digest-1", chat_like("y" * 2 * KiB))
