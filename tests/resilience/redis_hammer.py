@@ -2,9 +2,10 @@
 
 Usage: python redis_hammer.py KEY_PREFIX KEY RATE CAPACITY DURATION_S START_AT_US
 
-Waits until Redis's clock reaches START_AT_US (so that every child starts together), then for
-DURATION_S hammers the shared bucket from four tasks (two waiting in ``acquire``, two polling
-``try_acquire``) and prints ``{"admitted": N}`` as JSON on stdout.
+Waits until Redis's clock reaches START_AT_US (so that every child starts together), then
+until Redis's clock reaches START_AT_US + DURATION_S (so that every child stops together, even
+one that started late on a busy machine) hammers the shared bucket from four tasks (two waiting
+in ``acquire``, two polling ``try_acquire``) and prints ``{"admitted": N}`` as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ async def main(
             if now_us >= start_us:
                 break
             await anyio.sleep(min(0.005, (start_us - now_us) / 1e6))
+        # the end on Redis's clock, as a deadline on ours (a child that started late stops
+        # with the others, rather than a duration after its own start)
+        left_s = duration_s - (now_us - start_us) / 1e6
         admitted = 0
 
         async def waiting() -> None:
@@ -47,7 +51,7 @@ async def main(
                 else:
                     await anyio.sleep(wait)
 
-        with anyio.move_on_after(duration_s):
+        with anyio.move_on_after(max(0.0, left_s)):
             async with anyio.create_task_group() as tg:
                 for task in (waiting, waiting, polling, polling):
                     tg.start_soon(task)

@@ -31,6 +31,8 @@ from exai.testing.faultproxy import FaultProxy
 pytestmark = pytest.mark.redis
 
 HOST, PORT = "127.0.0.1", 6379
+#: A bound on waits that end soon unless something hangs (never a figure under test).
+HANG_GUARD_S = 30.0
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
@@ -110,14 +112,14 @@ async def redis_client(backend: str, host: str = HOST, port: int = PORT) -> Asyn
             await trio_asyncio.aio_as_trio(client.aclose)()
 
 
-def fast_breaker(name: str = "redis-test") -> CircuitBreaker:
+def fast_breaker(name: str = "redis-test", open_duration_s: float = 0.2) -> CircuitBreaker:
     return CircuitBreaker(
         name,
         minimum_calls=2,
         window_size=4,
         slow_call_duration_s=1.0,
-        open_duration_s=0.2,
-        max_open_duration_s=0.4,
+        open_duration_s=open_duration_s,
+        max_open_duration_s=max(0.4, open_duration_s),
         record=is_redis_unreachable,
     )
 
@@ -153,7 +155,7 @@ async def test_acquire_waits_for_the_shared_tokens(anyio_backend: str, prefix: s
         bucket = RedisTokenBucket(client, "rps", rate_per_s=20.0, capacity=1, key_prefix=prefix)
         await bucket.acquire()
         start = anyio.current_time()
-        with anyio.fail_after(2.0):
+        with anyio.fail_after(HANG_GUARD_S):
             await bucket.acquire()
         assert anyio.current_time() - start >= 0.04  # one token takes 50 ms to come back
 
@@ -224,14 +226,21 @@ async def test_noscript_falls_back_to_eval(anyio_backend: str, prefix: str) -> N
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_two_processes_sharing_a_key_admit_the_configured_rate(prefix: str) -> None:
-    """Over 10 s at 200/s, two processes together admit within 2 % of rate × time."""
-    rate, capacity, duration = 200.0, 4.0, 10.0
+    """Over 10 s at 200/s, two processes together admit within 2 % of rate × time (plus the
+    full bucket they start with).
+
+    The bucket holds a second of tokens: tokens are lost only while it is full and nobody
+    takes, so on a busy machine both processes would have to be off the CPU for a whole second
+    together to lose any (with 4 tokens, 20 ms did: the figure then measured the machine's
+    load, not the limiter). Both children start and stop on Redis's clock."""
+    rate, duration = 200.0, 10.0
+    capacity = rate * 1.0
     sync = redis.Redis(host=HOST, port=PORT)
     try:
         sec, usec = sync.time()
     finally:
         sync.close()
-    start_us = sec * 1_000_000 + usec + 2_000_000  # both children start together, 2 s from now
+    start_us = sec * 1_000_000 + usec + 3_000_000  # both children start together, 3 s from now
     argv = [
         sys.executable,
         str(HERE / "redis_hammer.py"),
@@ -254,8 +263,8 @@ async def test_two_processes_sharing_a_key_admit_the_configured_rate(prefix: str
             tg.start_soon(child)
             tg.start_soon(child)
     counts = [json.loads(out)["admitted"] for out in outputs]
-    expected = rate * duration
-    assert abs(sum(counts) - expected) <= 0.02 * expected, counts
+    expected = capacity + rate * duration  # the full bucket at the start, then the refill
+    assert abs(sum(counts) - expected) <= 0.02 * rate * duration, counts
     assert all(count > 0.25 * expected for count in counts), counts  # both took part
 
 
@@ -311,14 +320,15 @@ async def test_local_share_admits_at_most_rate_over_replicas_while_redis_is_cut(
             proxy.cut()
             admitted = 0
             start = anyio.current_time()
-            with anyio.move_on_after(0.5):
-                while True:
-                    await bucket.acquire()
-                    admitted += 1
+            # A count, not a window of time: on a busy machine a window can pass with the
+            # process off the CPU. Admitting them at all is the share working (not fail-closed).
+            while admitted < 12:
+                await bucket.acquire()
+                admitted += 1
             elapsed = anyio.current_time() - start
-    # The full rate would be 8 + 100 × 0.5 = 58; one replica's share is 2 + 25 × 0.5 = 14.5.
+    # One replica's share: a burst of 8 / 4 = 2, then 100 / 4 = 25 a second; the full rate
+    # would admit 12 within 0.04 s, the share needs 0.4 s at least, however busy the machine.
     assert admitted <= capacity / replicas + rate / replicas * elapsed + 1
-    assert admitted >= 0.5 * rate / replicas * 0.5
 
 
 @pytest.mark.anyio
@@ -336,7 +346,8 @@ async def test_a_black_holed_redis_counts_as_unreachable_within_the_call_bound(
                 100.0,
                 10,
                 key_prefix=prefix,
-                breaker=fast_breaker(),
+                # open long enough that a busy machine cannot see it half-open again here
+                breaker=fast_breaker(open_duration_s=60.0),
                 redis_call_bound_s=0.2,
             )
             proxy.cut(mode="blackhole")
@@ -344,10 +355,13 @@ async def test_a_black_holed_redis_counts_as_unreachable_within_the_call_bound(
                 with pytest.raises(RateLimiterUnavailableError):
                     await bucket.try_acquire()
             assert bucket.breaker.state == "open"
-            start = anyio.current_time()
+            before = bucket.breaker.statistics()
             with pytest.raises(RateLimiterUnavailableError):
                 await bucket.try_acquire()
-            assert anyio.current_time() - start < 0.1  # the open breaker answers at once
+            after = bucket.breaker.statistics()
+            # the open breaker answers at once: refused without a call to the black hole
+            assert after.rejections == before.rejections + 1
+            assert after.calls == before.calls
 
 
 @pytest.mark.anyio
