@@ -18,6 +18,14 @@ pytestmark = pytest.mark.anyio
 
 WITHIN_S = 15.0
 
+#: Redis's clock in milliseconds, as the slot scripts read it.
+NOW_MS_SCRIPT = """
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+#: KEYS[1]: a slot set. ARGV[1]: a holder. Its lease's end (ms on Redis's clock).
+SCORE_SCRIPT = "return redis.call('ZSCORE', KEYS[1], ARGV[1])"
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -75,14 +83,23 @@ async def test_the_slot_of_a_process_that_died_frees_itself_after_its_lease(
 async def test_a_live_process_keeps_its_slots_past_the_lease_by_renewing_them(
     redis_prefix: str,  # noqa: F811
 ) -> None:
+    # A lease of 3 s is renewed every second: it takes a process off the CPU for two seconds
+    # to lose it, which is what a lease is for (with 0.6 s, a busy machine's 0.4 s did).
     async with (
         _redis() as redis,
-        RedisSlots(redis, key_prefix=redis_prefix, lease_s=0.6) as one,
-        RedisSlots(redis, key_prefix=redis_prefix, lease_s=0.6) as two,
+        RedisSlots(redis, key_prefix=redis_prefix, lease_s=3.0) as one,
+        RedisSlots(redis, key_prefix=redis_prefix, lease_s=3.0) as two,
     ):
         assert await one.try_acquire("identity:alice", "a1", 1)
-        await trio.sleep(2.0)  # three leases long: only renewal keeps it
+        key = one.redis_key("identity:alice")
+        taken_until_ms = float(await redis.run_script(SCORE_SCRIPT, [key], ["a1"]))
+        # until Redis's clock is past the lease first taken: only renewal keeps the slot now
+        with trio.fail_after(WITHIN_S):
+            while await redis.run_script(NOW_MS_SCRIPT, [key], []) <= taken_until_ms:
+                await trio.sleep(0.1)
         assert not await two.try_acquire("identity:alice", "b1", 1)
+        renewed_until_ms = float(await redis.run_script(SCORE_SCRIPT, [key], ["a1"]))
+        assert renewed_until_ms > taken_until_ms
 
 
 async def test_with_redis_cut_each_process_admits_its_local_share_or_fails_closed(
