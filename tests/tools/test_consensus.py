@@ -141,20 +141,22 @@ async def test_consultations_run_concurrently(tmp_path, mocks):
     mocks["b"].hold_answers()
     mocks["c"].hold_answers()
     both_waiting = False
-    async with consensus_env(tmp_path, mocks, deadline_s=HANG_GUARD_S * 2) as env:
-        async with anyio.create_task_group() as tg:
 
-            async def release_when_both_wait() -> None:
-                nonlocal both_waiting
-                with anyio.fail_after(HANG_GUARD_S):
-                    while not (mocks["b"].held and mocks["c"].held):
-                        await anyio.sleep(0.01)
-                both_waiting = True
-                mocks["b"].release_answers()
-                mocks["c"].release_answers()
+    async def release_when_both_wait() -> None:
+        nonlocal both_waiting
+        with anyio.fail_after(HANG_GUARD_S):
+            while not (mocks["b"].held and mocks["c"].held):
+                await anyio.sleep(0.01)
+        both_waiting = True
+        mocks["b"].release_answers()
+        mocks["c"].release_answers()
 
-            tg.start_soon(release_when_both_wait)
-            res = await env.ok("consensus", three())
+    async with (
+        consensus_env(tmp_path, mocks, deadline_s=HANG_GUARD_S * 2) as env,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(release_when_both_wait)
+        res = await env.ok("consensus", three())
     assert both_waiting
     assert res["answered"] == 3
     assert res["synthesis"]["model"] == "mock-a"
