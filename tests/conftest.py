@@ -11,8 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["tests.stall_plugin"]
+
+# Hypothesis's defaults time each example (a 200 ms deadline) and fail a test whose data is
+# slow to generate: on a busy machine both fail tests that are right. Property tests check
+# properties; how long an example takes is not one of them.
+settings.register_profile("exai", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("exai")
 
 
 def _check_the_builtin_tool_schemas_once() -> None:
