@@ -74,9 +74,9 @@ REFRESH_MODELS_S = 10.0
 def _deadline_margin(remaining: float) -> float:
     """Time kept back from the caller's deadline to report a timeout clearly.
 
-    If the event loop wakes up only after both deadlines have passed, trio delivers the
-    caller's cancellation (the outer scope wins) and the call ends as a plain cancellation;
-    the margin makes that unlikely without taking much from the call.
+    On a busy machine the event loop may wake only after both deadlines have passed; trio then
+    delivers the caller's cancellation (the outer scope wins), which :meth:`ProviderRouter.
+    complete` turns into :class:`~exai.errors.DeadlineExceeded` all the same.
     """
     return min(0.25, max(0.01, remaining * 0.05))
 
@@ -248,7 +248,14 @@ class ProviderRouter:
             deadline=deadline - _deadline_margin(remaining) if math.isfinite(deadline) else math.inf
         )
         with scope:
-            return await self._with_retries(req, chain, what, attempts, running)
+            try:
+                return await self._with_retries(req, chain, what, attempts, running)
+            except anyio.get_cancelled_exc_class():
+                # Our deadline has passed, so this is the deadline even when the caller's
+                # scope won the race (the loop woke after both): report it as such. Any
+                # other cancellation (the caller's, before our deadline) goes on.
+                if anyio.current_time() < scope.deadline:
+                    raise
         tried = "; ".join(f"{a.provider}/{a.model}: {a.outcome}" for a in attempts)
         if running:
             prov, model = running[-1]

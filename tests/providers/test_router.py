@@ -11,6 +11,7 @@ import math
 import anyio
 import httpx
 import pytest
+import trio.lowlevel
 import trio.testing
 
 from exai.config import Settings
@@ -274,6 +275,40 @@ async def test_a_deadline_too_short_to_try_anything_is_reported_as_such(scripted
             with pytest.raises(DeadlineExceeded, match="no time left"):
                 await router.complete(_ask())
     assert a.requests == []
+
+
+@pytest.mark.parametrize("anyio_backend", [("trio", {"clock": trio.testing.MockClock()})])
+@pytest.mark.anyio
+async def test_a_loop_that_wakes_after_both_deadlines_still_reports_the_deadline(scripted):
+    """On a busy machine the loop can wake only after the router's deadline and the caller's
+    have both passed; trio then cancels through the caller's scope. The call still ends with
+    ``DeadlineExceeded`` naming what was tried (it ended as the caller's bare timeout).
+    The clock here moves only when the test jumps it: one jump past both deadlines."""
+    from exai.errors import DeadlineExceeded
+
+    a, b = scripted
+    asked = anyio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        asked.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    a.push(hang)
+    clock = trio.lowlevel.current_clock()
+    assert isinstance(clock, trio.testing.MockClock)
+
+    async def wake_late() -> None:
+        await asked.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        clock.jump(2.0)
+
+    async with _router(a, b) as router, anyio.create_task_group() as tg:
+        tg.start_soon(wake_late)
+        with pytest.raises(DeadlineExceeded, match="deadline") as info:
+            with anyio.fail_after(1.0):
+                await router.complete(_ask("mock-a", allow_fallback=False))
+    assert "a/mock-a" in str(info.value)
 
 
 # -- buckets ----------------------------------------------------------------------------------
