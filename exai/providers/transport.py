@@ -349,16 +349,22 @@ class H11Pool:
         """Write the request; False when a reused connection turned out closed (not sent)."""
         h = conn.h11
         try:
-            data = h.send(head)
-            if body:
-                data += h.send(h11.Data(data=body))  # type: ignore[operator]
-            data += h.send(h11.EndOfMessage())  # type: ignore[operator]
+            first = [h.send(head) or b""]
+            # A large body is handed to the socket as it is (h11 passes it through): never
+            # copied on the loop. A small one goes out with the head in one write.
+            parts = (h.send_with_data_passthrough(h11.Data(data=body)) or []) if body else []
+            last = h.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc)) from exc
+        if sum(map(len, parts)) <= PIECE_BYTES:
+            writes = [b"".join([*first, *parts, last])]
+        else:
+            writes = [*first, *parts, last]
         conn.requests += 1
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + self.write_timeout_s) as scope:
-                await conn.stream.send(data)  # type: ignore[arg-type]
+                for data in writes:
+                    await conn.stream.send(data)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             if reused:
                 return False
