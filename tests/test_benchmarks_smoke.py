@@ -210,6 +210,36 @@ def test_cpu_meter_gives_no_figure_rather_than_a_partial_one_for_a_process_it_ca
     assert unread["completed"] > 0 and unread["cpu_total_s"] is None
 
 
+def test_the_cpu_meter_closes_its_window_on_a_completed_call_while_the_load_runs() -> None:
+    """Each call (0.5 s) outlasts the metered window (0.05 s): on a busy machine a short window
+    is like that. The window stays open until a call completes in it and the workers run until
+    its closing reading is taken, so the meter always has a figure (it had none: no call
+    completed in the window, or the workers ended and the meter was cancelled before its close
+    was read, and the result had no ``meter`` at all)."""
+    from benchmarks.daemon import exai_daemon, run_load
+    from benchmarks.scenarios.abuse import PLUGIN
+
+    with exai_daemon(args=PLUGIN) as d:
+        res = run_load(
+            "closed",
+            {
+                "mode": "mcp",
+                "url": d.url,
+                "duration_s": 0.05,
+                "warmup_s": 0.01,
+                "tool": "sleep",
+                "arguments": {"seconds": 0.5},
+                "cpu_pids": [d.proc.pid],
+            },
+            limit_s=60,
+        )
+    meter = res["meter"]
+    assert meter["completed"] >= 1 and meter["completed_ok"] >= 1
+    assert meter["cpu_total_s"] is not None
+    assert res["records"]["t"], "no call sent in the window was recorded"
+    assert set(res["records"]["outcome"]) == {"ok"}
+
+
 @pytest.mark.parametrize(
     ("attack", "config"),
     [

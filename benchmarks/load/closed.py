@@ -41,7 +41,10 @@ process's CPU time (user + system, its child processes included) when the measur
 (after the warm-up) and when it closes (``duration_s`` later, before the calls in flight drain),
 and counts the calls that *completed* inside the window. In a steady closed loop the work in
 flight at both edges is alike, so CPU ÷ completions is the CPU per call of each process — a
-figure that holds on a shared machine, where wall-clock rates do not.
+figure that holds on a shared machine, where wall-clock rates do not. The window closes no
+earlier than ``duration_s`` after it opened and not before one call has completed in it (on a
+busy machine a short window can otherwise hold none), and the workers keep the loop going until
+it has closed, so the close is read with the load still running.
 
 Result: per-call records (send time, latency, outcome) of calls sent in the measured window, its
 start and end, and with ``cpu_pids`` a ``meter`` (``window_s``, ``completed``, ``completed_ok``,
@@ -250,17 +253,26 @@ async def main(cfg: dict[str, Any]) -> None:
         # the metered window: [opened, closed] as read, completions counted by the workers
         meter: dict[str, Any] = {"opened": None, "closed": None, "completed": 0, "ok": 0}
         cpu_at: list[dict[int, float]] = []
+        # Set once the window's closing reading is taken. The workers look at their own clock
+        # (``now``), not trio's: without this they could all stop, and the nursery be cancelled,
+        # before trio woke the metering task for its closing reading (no ``meter`` at all).
+        window_closed = trio.Event()
+        completed_in_window = trio.Event()
 
         async def metering() -> None:
             await trio.sleep(max(0.0, measure_from - now()))
             cpu_at.append(cpu_seconds(cpu_pids))
             meter["opened"] = now()
             await trio.sleep(max(0.0, stop_at - now()))
+            await completed_in_window.wait()
             cpu_at.append(cpu_seconds(cpu_pids))
             meter["closed"] = now()
+            window_closed.set()
 
         if cpu_pids and stop_at != float("inf"):
             nursery.start_soon(metering)
+        else:
+            window_closed.set()
 
         per_worker = int(cfg.get("calls_per_worker") or 0)
 
@@ -268,9 +280,15 @@ async def main(cfg: dict[str, Any]) -> None:
             made = 0
             while True:
                 t = now()
-                if t >= stop_at or stopped.is_set() or (per_worker and made >= per_worker):
+                if (
+                    (t >= stop_at and window_closed.is_set())
+                    or stopped.is_set()
+                    or (per_worker and made >= per_worker)
+                ):
                     return
                 made += 1
+                # sent in the measured window (which may stay open past stop_at, see above)
+                in_window = t >= measure_from and (t < stop_at or not window_closed.is_set())
                 try:
                     outcome = await call()
                 except Exception as exc:  # a broken connection is a figure, not a crash
@@ -278,11 +296,12 @@ async def main(cfg: dict[str, Any]) -> None:
                     errors[outcome] = errors.get(outcome, 0) + 1
                     await trio.sleep(0.01)
                 done = now()
-                if t >= measure_from:
+                if in_window:
                     recs.add(t, done - t, outcome)
                 if meter["opened"] is not None and meter["closed"] is None:
                     meter["completed"] += 1
                     meter["ok"] += outcome == "ok"
+                    completed_in_window.set()
                 if think_s:
                     await trio.sleep(think_s)
 
