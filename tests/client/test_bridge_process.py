@@ -19,26 +19,33 @@ from .conftest import FakeDaemon
 BRIDGE = [sys.executable, "-m", "exai.cli", "bridge"]
 
 
-def wait_for_exit(proc: psutil.Process, bound_s: float) -> float:
-    """Seconds until ``proc`` has exited. It is not our child, so it is reaped by whoever
+#: Bounds that only turn a hang into a failure (never a figure under test): on a busy
+#: machine starting a Python process alone can take seconds.
+HANG_GUARD_S = 60.0
+#: The bridges here run with this call timeout, so their drain after stdin EOF, bounded by
+#: it, would take an hour: a bridge that exits within HANG_GUARD_S did not wait for it.
+CALL_TIMEOUT_S = 3600
+
+
+def wait_for_exit(proc: psutil.Process, bound_s: float) -> None:
+    """Wait until ``proc`` has exited. It is not our child, so it is reaped by whoever
     adopted it, maybe late: a zombie counts as exited."""
     start = time.monotonic()
     while time.monotonic() - start < bound_s:
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
-                break
+                return
         except psutil.NoSuchProcess:
-            break
+            return
         time.sleep(0.02)
-    else:
-        raise AssertionError(f"process {proc.pid} still running after {bound_s}s")
-    return time.monotonic() - start
+    raise AssertionError(f"process {proc.pid} still running after {bound_s}s")
 
 
 def bridge_env(url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXAI_")}
     env["EXAI_URL"] = url
     env["EXAI_LOG_LEVEL"] = "debug"
+    env["EXAI_CALL_TIMEOUT_S"] = str(CALL_TIMEOUT_S)
     return env
 
 
@@ -56,13 +63,12 @@ def test_bridge_answers_over_stdio_and_exits_0_on_stdin_eof(threaded_daemon: Fak
         line = proc.stdout.readline()
         assert json.loads(line) == {"jsonrpc": "2.0", "id": 1, "result": {}}
         proc.stdin.close()
-        closed_at = time.monotonic()
-        code = proc.wait(timeout=10)
-        took = time.monotonic() - closed_at
+        # it exits on the EOF itself: nothing is in flight, and a drain waiting for an answer
+        # would be bounded by the hour-long call timeout, not by this guard
+        code = proc.wait(timeout=HANG_GUARD_S)
         rest = proc.stdout.read()
         err = proc.stderr.read()
     assert code == 0, err.decode()
-    assert took < 2.0
     assert rest == b""  # nothing but JSON-RPC on stdout: the logs went to stderr
     assert b"bridging stdio to" in err
 
@@ -85,7 +91,7 @@ def test_stray_prints_inside_the_bridge_go_to_stderr(threaded_daemon: FakeDaemon
         input=b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n',
         capture_output=True,
         env=bridge_env(threaded_daemon.url),
-        timeout=20,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0
     assert b"stray print" in proc.stderr
@@ -188,14 +194,14 @@ def test_bridge_exits_when_its_parent_dies(threaded_daemon: FakeDaemon) -> None:
         bridge_pid = int(parent.stdout.readline())
         bridge = psutil.Process(bridge_pid)
         # wait until the bridge is connected, so it is past start-up
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_GUARD_S
         while threaded_daemon.connections < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert threaded_daemon.connections >= 1
         parent.send_signal(signal.SIGKILL)
-        parent.wait(timeout=5)
-        took = wait_for_exit(bridge, 5.0)
-        assert took < 2.0
+        parent.wait(timeout=HANG_GUARD_S)
+        # stdin stays open (the test holds its write end): only the parent's death ends it
+        wait_for_exit(bridge, HANG_GUARD_S)
     finally:
         os.close(write_fd)
         if parent.stdout is not None:
