@@ -72,6 +72,17 @@ class LiveDaemon:
                 found.append(rec)
         return found
 
+    async def wait_log_events(
+        self, name: str, count: int = 1, within_s: float = SERVED_WITHIN_S
+    ) -> list[dict[str, Any]]:
+        """The log lines called ``name`` once there are at least ``count`` of them. The daemon
+        logs from a listener thread and this process reads its stderr in another: a line can
+        arrive well after what it reports, on a busy machine most of all."""
+        with trio.fail_after(within_s):
+            while len(found := self.log_events(name)) < count:
+                await trio.sleep(0.02)
+        return found
+
     def pause_stderr(self) -> None:
         """Stop reading the daemon's stderr: once the pipe is full its writes would block."""
         self.proc.stderr_gate.clear()  # type: ignore[attr-defined]

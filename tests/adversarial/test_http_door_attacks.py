@@ -108,7 +108,7 @@ async def test_a_delete_cancels_the_sessions_call_running_on_the_daemon(tmp_path
                     await trio.sleep(0.02)
         assert len(replies) == 1 and replies[0].status_code == 200
         assert "result" not in replies[0].text, replies[0].text  # ended without an answer
-        log = daemon.log_events("http.session_ended")
+        log = await daemon.wait_log_events("http.session_ended")
         assert [rec.get("calls_cancelled") for rec in log] == [1], log
         assert path.read_text().splitlines() == ["started"]  # it ran once, and no more
         await daemon.assert_serves()

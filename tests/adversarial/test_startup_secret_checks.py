@@ -112,7 +112,7 @@ async def test_a_tokens_file_other_accounts_can_read_is_warned_about_at_start(
     tokens.write_text(f"alice:{TOKEN}\n")
     tokens.chmod(0o644)
     async with live_daemon(tmp_path, EXAI_TOKENS_FILE=str(tokens)) as daemon:
-        warned = daemon.log_events("config.secret_file_exposed")
+        warned = await daemon.wait_log_events("config.secret_file_exposed")
         assert [w["variable"] for w in warned] == ["EXAI_TOKENS_FILE"]
         assert "readable by group and others" in warned[0]["problem"]
         assert warned[0]["fix"] == f"chmod 600 {tokens}"
@@ -120,4 +120,6 @@ async def test_a_tokens_file_other_accounts_can_read_is_warned_about_at_start(
     tokens.chmod(0o600)
     async with live_daemon(tmp_path, EXAI_TOKENS_FILE=str(tokens)) as daemon:
         await daemon.assert_serves(token=TOKEN)
+        # logged after the start-up checks: once it is read, a warning would have been too
+        await daemon.wait_log_events("daemon.ready")
         assert daemon.log_events("config.secret_file_exposed") == []

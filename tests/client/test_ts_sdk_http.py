@@ -132,7 +132,7 @@ async def test_the_typescript_sdk_calls_tools_over_streamable_http(
         assert docs["bad_args"]["isError"] is True
         assert "arguments.prompt" in docs["bad_args"]["text"]
         assert "terminated" in docs and "closed" in docs
-        ended = daemon.log_events("http.session_ended")
+        ended = await daemon.wait_log_events("http.session_ended")
         assert len(ended) == 1
         await daemon.assert_serves()
 

@@ -14,6 +14,7 @@ to its own file, so executions are counted across processes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,6 +25,11 @@ from tests.scaleout.conftest import ClusterFactory
 pytestmark = pytest.mark.anyio
 
 PLUGIN = ("--plugin", "tests.daemon_tools:register")
+
+
+def _joined(cluster: Any) -> list[int]:
+    """How many calls each daemon but the first joined on another daemon, by its log."""
+    return [len(d.log_events("call.joined_elsewhere")) for d in cluster.daemons[1:]]
 
 
 async def test_a_call_re_sent_to_another_daemon_while_it_runs_joins_it_instead_of_running_twice(
@@ -65,7 +71,10 @@ async def test_a_call_re_sent_to_another_daemon_while_it_runs_joins_it_instead_o
                 done.set()
         # the cut did move calls: another daemon joined them while the first, alive, ran them
         assert cluster.daemons[0].alive()
-        joined = [len(d.log_events("call.joined_elsewhere")) for d in cluster.daemons[1:]]
+        # (their log lines can arrive after the answers: wait for them, bounded)
+        with trio.move_on_after(60):
+            while sum(joined := _joined(cluster)) < 2:
+                await trio.sleep(0.05)
     answers = [br.answers[f"c{i}"] for br in bridges for i in range(2)]
     assert all(len(a) == 1 and "result" in a[0] for a in answers), answers
     starts = {p.name: p.read_text().count("started") for p in calls}
