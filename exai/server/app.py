@@ -151,7 +151,7 @@ async def _run(
         daemon.conn_nursery = conn_nursery
         conn_nursery.start_soon(daemon.memory.run)
         if daemon.reloader is not None:
-            conn_nursery.start_soon(daemon.reloader.watch)
+            await conn_nursery.start(daemon.reloader.watch)
         async with trio.open_nursery() as accept_nursery:
             for lst in listeners:
                 accept_nursery.start_soon(daemon.listener.accept_loop, lst, conn_nursery)

@@ -152,12 +152,19 @@ class Reloader:
             fields["not_applied_until_restart"] = ignored
         log_event("config.reloaded", **fields)
 
-    async def watch(self) -> None:
-        """Reload whenever a watched file changes (runs until cancelled)."""
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reload whenever a watched file changes (runs until cancelled).
+
+        Started with ``nursery.start``: it reports started once it has taken its first look at
+        the files, so a daemon that says it is ready reloads any change made from then on (a
+        first look taken later, by a worker thread a busy machine runs late, could see the
+        changed file as its starting point and never reload it)."""
         interval = self.settings.secret_watch_interval_s
         if interval <= 0 or not self.paths:
+            task_status.started()
             return
         seen = await anyio.to_thread.run_sync(_fingerprints, self.paths, limiter=_LIMITER)
+        task_status.started()
         while True:
             await trio.sleep(interval)
             now = await anyio.to_thread.run_sync(_fingerprints, self.paths, limiter=_LIMITER)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from exai.config import Settings
@@ -18,6 +20,8 @@ pytestmark = pytest.mark.anyio
 TOK_A = "alice:tok-alice-000000000000000000000001"
 TOK_B = "bob:tok-bob-00000000000000000000000000002"
 TOK_C = "carol:tok-carol-0000000000000000000000003"
+#: bounds that only turn a hang into a failure
+HANG_GUARD_S = 30.0
 
 
 def bearer(entry: str) -> str:
@@ -60,11 +64,11 @@ async def test_tokens_file_change_admits_new_keeps_old_and_closes_revoked_sessio
                 async with ws(d, token=bearer(TOK_C)):
                     pass
             write(tokens_file, TOK_A, TOK_C)  # bob removed, carol added
-            with trio.fail_after(5):
+            with trio.fail_after(HANG_GUARD_S):
                 while d.reloader.reloads == 0:
                     await trio.sleep(0.02)
             # bob's session is closed with a clear reason
-            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(HANG_GUARD_S):
                 while True:
                     await sb.get_message()
             assert info.value.reason.code == 4001
@@ -78,6 +82,50 @@ async def test_tokens_file_change_admits_new_keeps_old_and_closes_revoked_sessio
                 async with ws(d, token=bearer(TOK_B)):
                     pass
         d.request_shutdown()
+
+
+async def test_the_daemon_is_ready_only_once_it_has_looked_at_its_secret_files(
+    tmp_path, monkeypatch
+):
+    """The secret watcher's first look at the files (what a change is compared with) is taken
+    before the daemon reports ready. It was taken after, by a worker thread: on a busy machine
+    that ran late, saw a tokens file changed just after start-up as its starting point, and
+    the change was never reloaded (test_tokens_file_change... timed out in make test). Here
+    that first look is held until every task waits: the daemon must not be ready by then."""
+    from exai.server import reload as reload_module
+
+    real = reload_module._fingerprints
+    entered, allow = threading.Event(), threading.Event()
+
+    def first_look_held(paths: list[Path]) -> Any:
+        if not entered.is_set():
+            entered.set()
+            allow.wait(HANG_GUARD_S)
+        return real(paths)
+
+    monkeypatch.setattr(reload_module, "_fingerprints", first_look_held)
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    started = False
+    ready_during_first_look: list[bool] = []
+
+    async def release_the_first_look() -> None:
+        with trio.fail_after(HANG_GUARD_S):
+            while not entered.is_set():
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        ready_during_first_look.append(started)
+        allow.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_the_first_look)
+        d = await start(nursery, tmp_path, {"EXAI_TOKENS_FILE": str(tokens_file)})
+        started = True
+        with trio.fail_after(HANG_GUARD_S):
+            while not ready_during_first_look:
+                await trio.sleep(0.01)
+        d.request_shutdown()
+    assert ready_during_first_look == [False]
 
 
 async def test_reload_that_fails_validation_keeps_the_old_tokens(tmp_path):
