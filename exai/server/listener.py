@@ -51,6 +51,7 @@ from exai.server.http11 import (
     header_values,
     is_websocket_upgrade,
     json_body,
+    linger,
     read_head,
     send_response,
 )
@@ -263,6 +264,9 @@ class Listener:
                     body,
                     close=True,
                 )
+                # the request's body may still be on its way: closing now would reset the
+                # connection and lose the answer (see linger)
+                await linger(stream)
             return
         assert self.http_door is not None
         await self.http_door.serve(stream, head.conn, head.request, ip)
