@@ -86,6 +86,9 @@ __all__ = ["H11Pool", "PoolStatistics", "Response"]
 READ_BYTES = 64 * 1024
 #: the largest response head (status line and headers) accepted
 MAX_HEAD_BYTES = 100 * 1024
+#: the most informational (1xx) responses accepted before the response (``100 Continue``,
+#: ``103 Early Hints``: one or two in practice)
+MAX_INFORMATIONAL = 16
 #: the most bytes a decompressed piece of a body holds
 PIECE_BYTES = 64 * 1024
 
@@ -377,6 +380,7 @@ class H11Pool:
 
     async def _receive_head(self, conn: _Conn) -> Response:
         h = conn.h11
+        informational = 0
         while True:
             try:
                 event = h.next_event()
@@ -388,6 +392,13 @@ class H11Pool:
             if type(event) is h11.Response:
                 return Response(self, conn, event)
             if type(event) is h11.InformationalResponse:
+                # (each 1xx is its own small head: without a count, an endless stream of them
+                # keeps the loop parsing until the call's deadline)
+                informational += 1
+                if informational > MAX_INFORMATIONAL:
+                    raise httpx.RemoteProtocolError(
+                        f"more than {MAX_INFORMATIONAL} informational (1xx) responses"
+                    )
                 continue
             raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} before a response")
 

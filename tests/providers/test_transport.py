@@ -9,6 +9,7 @@ the model): a leak there would starve a provider for good.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
@@ -629,6 +630,24 @@ async def test_an_informational_response_before_the_answer_is_skipped():
         assert await _body(pool) == BODY
         assert await _body(pool) == BODY
         _idle_and_free(pool, connections=1)
+
+
+async def test_an_endless_stream_of_informational_responses_is_a_protocol_error():
+    """Each ``100 Continue`` is a small head of its own: the head bound alone never trips, and
+    the pool parsed them (burning the event loop) until the call's deadline."""
+
+    async def continue_forever(stream: anyio.abc.SocketStream) -> None:
+        buf = bytearray()
+        if await read_request(stream, buf) is not None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                while True:
+                    await stream.send(b"HTTP/1.1 100 Continue\r\n\r\n" * 8)
+
+    async with raw_server(continue_forever) as url, _pool(url) as pool:
+        with anyio.fail_after(30):  # (a hang guard: the old code never stopped)
+            with pytest.raises(httpx.RemoteProtocolError, match="informational"):
+                await pool.request("GET", "models", [])
+        _idle_and_free(pool, connections=0)
 
 
 async def test_a_port_nobody_listens_on_is_a_connect_error_and_leaves_nothing_held():
