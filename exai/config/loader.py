@@ -114,6 +114,8 @@ def _read_env_file(path: Path) -> dict[str, str]:
         values = dotenv_values(path)
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"env file {path} is not UTF-8 (byte {exc.start})") from None
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -125,6 +127,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 (byte {exc.start})") from None
 
 
 def _read_secret_file(var: str, path: str, sources: list[tuple[str, str]]) -> str:

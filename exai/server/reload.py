@@ -108,7 +108,8 @@ class Reloader:
         self._lock = trio.Lock()
 
     async def reload(self, why: str) -> bool:
-        """Reload now. Returns False (old values kept, reason logged) when validation fails."""
+        """Reload now. Returns False (old values kept, reason logged) when validation or
+        loading fails, whatever the failure."""
         async with self._lock:
             try:
                 new = await anyio.to_thread.run_sync(self.load, limiter=_LIMITER)
@@ -125,6 +126,17 @@ class Reloader:
             except ConfigError as exc:
                 self.failures += 1
                 log_event("config.reload_failed", logging.ERROR, why=why, reason=str(exc))
+                return False
+            except Exception as exc:
+                # whatever else loading the files raised: a reload never takes the daemon
+                # down (it ran with settings that were valid; they stay)
+                self.failures += 1
+                log_event(
+                    "config.reload_failed",
+                    logging.ERROR,
+                    why=why,
+                    reason=f"the settings could not be loaded ({type(exc).__name__})",
+                )
                 return False
             self._apply(new, tokens, why)
             return True
