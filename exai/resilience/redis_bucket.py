@@ -150,7 +150,16 @@ def _redis_py_unreachable() -> tuple[type[BaseException], ...]:
         from redis import exceptions
     except ImportError:  # pragma: no cover - redis-py is a dependency of the daemon only
         return ()
-    return (exceptions.ConnectionError, exceptions.TimeoutError)
+    # (a Redis that answers but refuses every write counts too: see map_redis_error in
+    # exai.storage.aio_bridge, which the daemon's client goes through)
+    return (
+        exceptions.ConnectionError,
+        exceptions.TimeoutError,
+        exceptions.ReadOnlyError,
+        exceptions.OutOfMemoryError,
+        exceptions.TryAgainError,
+        exceptions.ClusterDownError,
+    )
 
 
 _UNREACHABLE: tuple[type[BaseException], ...] | None = None

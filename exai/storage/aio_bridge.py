@@ -267,9 +267,24 @@ async def _pg_pool(
 # Redis (redis-py asyncio)
 
 
+#: what says "this Redis cannot serve now" — unreachable, or answering but refusing every
+#: write: a replica after a failover (READONLY), out of memory (OOM), a cluster slot moving
+#: (TRYAGAIN) or without its master (CLUSTERDOWN, MASTERDOWN). Each must degrade as an
+#: unreachable Redis does (local limits, a call run here), never fail what asked.
+_REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    OSError,
+    redis_exc.ReadOnlyError,
+    redis_exc.OutOfMemoryError,
+    redis_exc.TryAgainError,
+    redis_exc.ClusterDownError,
+)
+
+
 def map_redis_error(exc: BaseException, what: str) -> StoreError:
     """The exai error for a redis-py/OS error."""
-    if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | OSError):
+    if isinstance(exc, _REDIS_UNAVAILABLE):
         return StoreUnavailableError(f"{what} is unavailable: {type(exc).__name__}")
     if isinstance(exc, redis_exc.NoScriptError):
         # a type of its own: script users (RedisTokenBucket) fall back to EVAL on it

@@ -1,5 +1,6 @@
 """What an operator does to a real ``exai serve`` that broke it (each test failed on the code
-before its fix): SIGHUP after the config file was overwritten with bytes that are not UTF-8.
+before its fix): SIGHUP after the config file was overwritten with bytes that are not UTF-8; a
+Redis that turned into a read-only replica (a failover) under a running daemon.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ import signal
 from pathlib import Path
 
 import pytest
+import redis
 import trio
 
 from tests.adversarial.harness import SERVED_WITHIN_S, LiveDaemon, live_daemon
+from tests.httpmcp import mcp_http
+from tests.storage.conftest import private_redis  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -47,3 +51,32 @@ async def test_sighup_with_a_config_file_that_is_not_utf8_keeps_the_daemon_and_i
         os.kill(daemon.pid, signal.SIGHUP)
         await _wait_event(daemon, "config.reloaded", 1)
         await daemon.assert_serves()
+
+
+async def test_a_redis_that_turns_read_only_degrades_like_a_dead_one(
+    tmp_path: Path,
+    private_redis: str,  # noqa: F811
+) -> None:
+    """A failover leaves the daemon on a replica: every write answers READONLY. That is a
+    Redis that cannot serve, as if unreachable — the shared limits fall back to their local
+    share and calls run — not an error that dropped every new connection unanswered."""
+    admin = redis.Redis.from_url(private_redis)
+    async with live_daemon(
+        tmp_path,
+        EXAI_REDIS_URL=private_redis,
+        EXAI_IDENTITY_MAX_INFLIGHT="4",
+        EXAI_MAX_CONNECTIONS_PER_IP="64",
+    ) as daemon:
+        await daemon.assert_serves()
+        await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", "1")
+        try:
+            for _ in range(3):
+                await daemon.assert_serves()  # WebSocket (a per-address lease first)
+                async with mcp_http(daemon.url, timeout=SERVED_WITHIN_S) as mcp:
+                    reply = await mcp.call("version")
+                    assert reply["result"]["isError"] is False, reply
+        finally:
+            await trio.to_thread.run_sync(admin.replicaof, "no", "one")
+            await trio.to_thread.run_sync(admin.close)
+        await daemon.assert_serves()
+        assert not daemon.log_events("session.error"), daemon.log_events("session.error")
