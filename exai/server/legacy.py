@@ -29,7 +29,8 @@ ones: ``TOOL_NOT_FOUND``, ``OVER_CAPACITY`` (with ``retry_after``), ``TIMEOUT``,
 ``INVALID_ARGUMENTS``, ``EXEC_ERROR``; exai's own ``reason`` is added beside them. Tool names
 carrying the old client-side suffix (``chat_EXAI-WS``) are accepted, as the old daemon did.
 Nothing is added to the protocol: no cancel op, no re-send de-duplication (the old shim re-sent
-with a new id; a call runs once per id), no ``rotate_token`` or ``health``.
+with a new id; each ``call_tool`` runs once and is answered once, a ``request_id`` sent twice
+included), no ``rotate_token`` or ``health``.
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ class Translator:
             if name.endswith(suffix):
                 name = name[: -len(suffix)]
                 break
-        client_id = req_id if req_id is not None else f"anon-{next(_ids)}"
-        rid = f"c:{client_id}"[:200]
+        # an id of its own per op message, whatever request_id says: two calls never share
+        # one — a request_id re-sent while its call runs, or two long ones cut to one prefix,
+        # made the core refuse the second as a reused id, and that refusal took the first's
+        # entry here, so the first call's answer went out as a bare ``error`` op it never matched
+        rid = f"c{next(_ids)}"
         self._pending[json.dumps(rid)] = ("call", req_id, name)
         timeout = self.settings.call_timeout_s
         self.last_call = (req_id, name, timeout)

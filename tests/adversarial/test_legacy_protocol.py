@@ -139,3 +139,31 @@ async def test_hello_failures_close_with_the_old_codes(tmp_path: Path) -> None:
         async with open_websocket_url(url) as conn:
             assert await closed_with(conn) == 4002  # nothing sent within the bound
         await daemon.assert_serves()
+
+
+@pytest.mark.parametrize("ids", ["reused", "long"])
+async def test_two_calls_that_share_a_request_id_or_its_prefix_each_get_their_answer(
+    tmp_path: Path, ids: str
+) -> None:
+    """A request_id sent again while its call runs, or two long ones alike in their first 200
+    characters: each call_tool gets its call_tool_res with its answer. (The second used to be
+    refused as a reused JSON-RPC id, and the first call's answer then went out as a bare
+    ``{"op": "error"}`` the shim never matched: it waited until its own timeout.)"""
+    first, second = ("same", "same") if ids == "reused" else ("r" * 250 + "A", "r" * 250 + "B")
+    async with live_daemon(tmp_path) as daemon:
+        async with open_websocket_url(legacy_url(daemon.url)) as conn:
+            await send(conn, op="hello", session_id="editor-1")
+            assert (await receive(conn))["ok"] is True
+            await send(conn, op="call_tool", request_id=first, name="sleep", arguments={})
+            await send(conn, op="call_tool", request_id=second, name="version", arguments={})
+            answers: list[dict[str, Any]] = []
+            while len(answers) < 2:
+                msg = await receive(conn)
+                assert msg["op"] != "error", msg
+                if msg["op"] == "call_tool_res":
+                    answers.append(msg)
+        assert all("error" not in a for a in answers), answers
+        by_text = sorted(answers, key=lambda a: a["text"] != "slept")
+        assert by_text[0]["request_id"] == first and by_text[0]["text"] == "slept"
+        assert by_text[1]["request_id"] == second and '"exai"' in by_text[1]["text"]
+        await daemon.assert_serves()
