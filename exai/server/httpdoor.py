@@ -619,8 +619,13 @@ class HttpConnection:
                 gate = routed
                 modern = gate.era == "modern"
                 if session is not None and isinstance(msg, p.Request) and not modern:
-                    running_key = (session.nonce, json.dumps(msg.id))
-                    door.running[running_key] = core
+                    key = (session.nonce, json.dumps(msg.id))
+                    # the first request of an id keeps it: a second one sent while it runs is
+                    # refused (-32600) or joins it, and must not take its place here (where a
+                    # cancel or a DELETE then no longer found the running call)
+                    if key not in door.running:
+                        running_key = key
+                        door.running[key] = core
             elif isinstance(msg, p.Response):
                 return await self._accepted()  # (the daemon sends no requests to answer)
             async with trio.open_nursery() as nursery:

@@ -112,3 +112,49 @@ async def test_a_delete_cancels_the_sessions_call_running_on_the_daemon(tmp_path
         assert [rec.get("calls_cancelled") for rec in log] == [1], log
         assert path.read_text().splitlines() == ["started"]  # it ran once, and no more
         await daemon.assert_serves()
+
+
+async def test_a_request_reusing_a_running_calls_id_leaves_that_call_cancellable(
+    tmp_path: Path,
+) -> None:
+    """In one session, a second request with the id of a call still running (another
+    question: refused -32600) must not take the running call's place: a later
+    notifications/cancelled of that id still cancels it (it was lost, and the call ran on)."""
+    path = tmp_path / "runs"
+    async with live_daemon(tmp_path) as daemon:
+        async with (
+            httpx.AsyncClient(timeout=SERVED_WITHIN_S) as client,
+            httpx.AsyncClient(timeout=SERVED_WITHIN_S) as other,
+        ):
+            mcp = McpHttp(client, daemon.url)
+            await mcp.initialize()
+            replies: list[httpx.Response] = []
+
+            async def call() -> None:
+                msg = mcp.message(
+                    "tools/call",
+                    {"name": COUNT.name, "arguments": {"path": str(path), "seconds": 600}},
+                    id=7,
+                )
+                replies.append(await client.post(mcp.url, json=msg, headers=mcp.headers()))
+
+            with trio.fail_after(SERVED_WITHIN_S):  # (hang guard: the old code ran 600 s)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(call)
+                    while not await trio.Path(path).exists():  # the tool started
+                        await trio.sleep(0.02)
+                    again = mcp.message("tools/call", {"name": "version", "arguments": {}}, id=7)
+                    refused = await other.post(mcp.url, json=again, headers=mcp.headers())
+                    assert refused.json()["error"]["code"] == -32600, refused.text
+                    cancel = {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": 7},
+                    }
+                    accepted = await other.post(mcp.url, json=cancel, headers=mcp.headers())
+                    assert accepted.status_code == 202
+                cancelled = trio.Path(str(path) + ".cancelled")
+                while not await cancelled.exists():
+                    await trio.sleep(0.02)
+        assert len(replies) == 1 and "result" not in replies[0].text, replies[0].text
+        await daemon.assert_serves()
