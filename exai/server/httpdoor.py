@@ -335,13 +335,16 @@ class HttpConnection:
             return False  # answered already (DELETE)
         identity, session, sse_ok = checked
         settings = self.door.settings()
-        body = await self._read_body(settings)
-        if body is None:
-            return False
         try:
+            body = await self._read_body(settings)
+            if body is None:
+                return False
             return await self._exchange(hdrs, body, identity, session, sse_ok, settings)
         finally:
-            self.meter.release(len(body))
+            # every byte of the body charged to the daemon's budget goes back, however the
+            # request ended — a body given up on (408, 413, 503) included: its bytes were
+            # kept charged, and a few such requests left the budget full for good
+            self.meter.release_all()
 
     # ---------------------------------------------------------------- before the body
     async def _check(
@@ -503,56 +506,52 @@ class HttpConnection:
         # — not from its last byte, which a client trickling a byte at a time renews forever
         deadline = trio.current_time() + bound
         since_progress = 0
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    with trio.move_on_at(deadline) as waited:
-                        data = await self.stream.receive_some(64 * 1024)
-                    if waited.cancelled_caught:
-                        self.shared.stats.rejections["body_timeout"] += 1
-                        await self._try_refuse(
-                            _Refused(408, "body_timeout", "the body did not arrive in time")
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.move_on_at(deadline) as waited:
+                    data = await self.stream.receive_some(64 * 1024)
+                if waited.cancelled_caught:
+                    self.shared.stats.rejections["body_timeout"] += 1
+                    await self._try_refuse(
+                        _Refused(408, "body_timeout", "the body did not arrive in time")
+                    )
+                    return None
+                since_progress += len(data)
+                if since_progress >= _BODY_PROGRESS_BYTES:
+                    since_progress = 0
+                    deadline = trio.current_time() + bound
+                conn.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    self.shared.stats.rejections["payload_too_large"] += 1
+                    await self._try_refuse(
+                        _Refused(
+                            413,
+                            "payload_too_large",
+                            f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
                         )
-                        return None
-                    since_progress += len(data)
-                    if since_progress >= _BODY_PROGRESS_BYTES:
-                        since_progress = 0
-                        deadline = trio.current_time() + bound
-                    conn.receive_data(bytes(data))
-                    continue
-                if isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > limit:
-                        self.shared.stats.rejections["payload_too_large"] += 1
-                        await self._try_refuse(
-                            _Refused(
-                                413,
-                                "payload_too_large",
-                                f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
-                            )
+                    )
+                    return None
+                if not self.meter.take(len(event.data)):
+                    self.shared.stats.rejections["overloaded"] += 1
+                    await self._try_refuse(
+                        _Refused(
+                            503,
+                            "overloaded",
+                            "the daemon holds as many client bytes as its budget allows",
+                            (("Retry-After", "1"),),
                         )
-                        return None
-                    if not self.meter.take(len(event.data)):
-                        self.shared.stats.rejections["overloaded"] += 1
-                        await self._try_refuse(
-                            _Refused(
-                                503,
-                                "overloaded",
-                                "the daemon holds as many client bytes as its budget allows",
-                                (("Retry-After", "1"),),
-                            )
-                        )
-                        return None
-                    parts.append(bytes(event.data))
-                    continue
-                if isinstance(event, h11.EndOfMessage):
-                    body = b"".join(parts)
-                    return body
-                return None  # ConnectionClosed: the client went away mid-body
-        except BaseException:
-            self.meter.release(size)
-            raise
+                    )
+                    return None
+                parts.append(bytes(event.data))
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                body = b"".join(parts)
+                return body
+            return None  # ConnectionClosed: the client went away mid-body
 
     # ---------------------------------------------------------------- the exchange
     async def _exchange(

@@ -158,3 +158,57 @@ async def test_a_request_reusing_a_running_calls_id_leaves_that_call_cancellable
                     await trio.sleep(0.02)
         assert len(replies) == 1 and "result" not in replies[0].text, replies[0].text
         await daemon.assert_serves()
+
+
+async def test_bodies_given_up_on_give_their_bytes_back_to_the_daemons_budget(
+    tmp_path: Path,
+) -> None:
+    """Bodies that stop arriving (408), grow past the cap while chunked (413) or past the budget
+    (503): the bytes each had been charged go back to EXAI_MAX_PENDING_BYTES. They were kept,
+    so a dozen such requests left the budget full for good and every later body over 64 KiB
+    got 503."""
+    mib = 1024 * 1024
+    async with live_daemon(
+        tmp_path,
+        EXAI_HANDSHAKE_TIMEOUT_S="1",
+        EXAI_MAX_PENDING_BYTES=str(16 * mib),
+        EXAI_MAX_FRAME_BYTES=str(2 * mib),
+    ) as daemon:
+        idle = await daemon.metric("exai_pending_bytes")
+        parts = urlsplit(http_url(daemon.url))
+
+        async def abandoned(chunked: bool) -> None:
+            stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 0)
+            async with stream:
+                if chunked:  # 1.5 MiB, then past the 2 MiB cap
+                    head = request_bytes(
+                        daemon.url, headers=[*JSON_HEADERS, ("Transfer-Encoding", "chunked")]
+                    )
+                    piece = b"%x\r\n" % (mib // 2) + b" " * (mib // 2) + b"\r\n"
+                    data = head + piece * 3 + piece * 2
+                else:  # 1.5 MiB of the 1.9 MiB announced, then nothing
+                    head = request_bytes(daemon.url, headers=JSON_HEADERS, content_length=1_900_000)
+                    data = head + b"{" + b" " * (3 * mib // 2)
+                try:
+                    await stream.send_all(data)
+                    while await stream.receive_some(65536):  # the refusal, then the close
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+
+        with trio.fail_after(SERVED_WITHIN_S):
+            async with trio.open_nursery() as nursery:
+                for i in range(16):
+                    nursery.start_soon(abandoned, i % 2 == 1)
+            while await daemon.metric("exai_pending_bytes") > idle + mib:  # (old code: 16 MiB)
+                await trio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=SERVED_WITHIN_S) as client:
+            mcp = McpHttp(client, daemon.url)
+            # a 600 KiB body is read and reaches the tool's argument check (not 503 overloaded)
+            reply = await mcp.call("sleep", {"seconds": 0, "pad": "x" * (600 * 1024)})
+            error = reply["result"]["structuredContent"]["error"]
+            assert error["data"]["field"] == "arguments.pad", str(reply)[:300]
+        rejections = (await daemon.status())["daemon"]["rejections"]
+        # each given up on: late (408), too large (413), or over the budget meanwhile (503)
+        kinds = ("body_timeout", "payload_too_large", "overloaded")
+        assert sum(rejections.get(k, 0) for k in kinds) == 16, rejections
