@@ -18,7 +18,9 @@ module makes a retry of a *running* one wait for that result instead of running 
   owner's deadline.
 * **finish** (one script, replacing the plain result write): the owner stores the result (first
   one wins, TTL ``result_ttl_s``) and drops its run key; a cancelled call only drops the key, so
-  a joiner runs it.
+  a joiner runs it. A finish Redis did not take (it was away for a moment) is sent again with
+  each liveness beat until it is (at most :data:`MAX_UNFINISHED`, oldest out): a joiner would
+  otherwise wait for the run key's whole TTL, the owner alive and its result never there.
 
 Keys carry the call's key as a Redis Cluster hash tag (the result and run keys share a slot);
 the liveness check is a separate round trip, so no script spans slots.
@@ -32,6 +34,7 @@ the breaker ``redis-calls`` answers "unavailable" at once until Redis answers ag
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -73,6 +76,9 @@ if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) e
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """
+
+#: finishes kept to send again while Redis is away (oldest dropped beyond)
+MAX_UNFINISHED = 1024
 
 ClaimKind = Literal["result", "owner", "running", "unavailable"]
 
@@ -137,6 +143,8 @@ class SharedCalls:
             max_open_duration_s=30.0,
             record=lambda exc: isinstance(exc, Exception),
         )
+        #: key → (keys, args) of a finish Redis did not take, sent again with each beat
+        self._unfinished: OrderedDict[str, tuple[list[str], list[str]]] = OrderedDict()
         self.rejected = 0
         self.joined = 0
         self.taken_over = 0
@@ -213,11 +221,22 @@ class SharedCalls:
     async def finish(self, key: str, payload: dict[str, Any] | None) -> None:
         """Store the owner's result (``None``: cancelled, store nothing) and drop its run key."""
         data = "" if payload is None else json.dumps(payload, separators=(",", ":"), default=str)
-        await self._run(
-            FINISH_SCRIPT,
-            [self.result_key(key), self.run_key(key)],
-            [self.instance_id, data, str(max(1, int(self.result_ttl_s * 1000)))],
-        )
+        keys = [self.result_key(key), self.run_key(key)]
+        args = [self.instance_id, data, str(max(1, int(self.result_ttl_s * 1000)))]
+        if await self._run(FINISH_SCRIPT, keys, args) is None:
+            self._unfinished[key] = (keys, args)
+            self._unfinished.move_to_end(key)
+            while len(self._unfinished) > MAX_UNFINISHED:
+                self._unfinished.popitem(last=False)
+
+    async def _finish_again(self) -> None:
+        """Send the finishes Redis did not take, oldest first, until one fails again."""
+        while self._unfinished:
+            key, (keys, args) = next(iter(self._unfinished.items()))
+            if await self._run(FINISH_SCRIPT, keys, args) is None:
+                return
+            if self._unfinished.get(key) == (keys, args):
+                del self._unfinished[key]
 
     # -- internals -------------------------------------------------------------------------
     async def _is_alive(self, instance: str) -> bool:
@@ -239,6 +258,7 @@ class SharedCalls:
         while True:
             await anyio.sleep(self.alive_ttl_s / 3)
             await self._beat()
+            await self._finish_again()
 
     async def _run(self, script: str, keys: list[str], args: list[str]) -> Any:
         """One bounded script round trip behind the breaker; ``None`` when Redis did not
@@ -260,6 +280,7 @@ class SharedCalls:
             "taken_over": self.taken_over,
             "errors": self.errors,
             "rejected": self.rejected,
+            "unfinished": len(self._unfinished),
             "breaker": self.breaker.state,
         }
 

@@ -103,3 +103,35 @@ async def test_with_redis_cut_a_claim_says_unavailable_at_once(
         # a few claims waited for the bound; then the breaker answered at once
         assert a.errors >= 3 and a.rejected >= 1
         assert a.errors + a.rejected >= 10
+
+
+async def test_a_result_redis_did_not_take_is_shared_once_it_is_back(
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    """The owner's finish failed (Redis away for a moment): the result is sent again in the
+    background once Redis answers, so a daemon that joined the call gets it — it waited for
+    the run key's whole TTL (the call's deadline), the owner alive and the result never there."""
+    proxy = FaultProxy(REDIS_HOST, REDIS_PORT)
+    async with (
+        proxy,
+        _redis(proxy.port) as through_proxy,
+        _redis() as direct,
+        _calls(through_proxy, redis_prefix, "daemon-a", alive_ttl_s=6) as a,
+        _calls(direct, redis_prefix, "daemon-b") as b,
+    ):
+        assert await a.claim("alice:k5", 300) == Claim("owner")
+        first = await b.claim("alice:k5", 300)
+        assert first == Claim("running", owner_id="daemon-a")
+        got: list[Claim] = []
+        async with trio.open_nursery() as nursery:
+
+            async def joiner() -> None:
+                with trio.fail_after(WITHIN_S):  # (hang guard: the old code waited 300 s)
+                    got.append(await b.join("alice:k5", 300, first))
+
+            nursery.start_soon(joiner)
+            proxy.cut(mode="refuse")
+            await a.finish("alice:k5", RESULT)  # Redis is away: not taken
+            assert a.errors >= 1
+            proxy.restore()
+        assert got == [Claim("result", RESULT)]
