@@ -1,8 +1,13 @@
 """The admin HTTP listener: ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Loopback by default (``EXAI_ADMIN_HOST``). A deliberately small HTTP/1.1 server on h11: one
-request per connection, bounded header size and time, GET only. It is handed the two things it
-serves: a readiness view (``() -> (ready, reason)``) and the metrics renderer (``() -> bytes``).
+request per connection, bounded header size and time, GET only. The time a request has to
+arrive (:data:`HEAD_TIMEOUT_S`) runs from its accept, a wait for one of the 64 handler slots
+included: connections that hold a slot without sending a request (a balancer's half-open
+checks, or a slowloris) delay a health check by at most that — they used to queue it behind
+each of them in turn (200 of them: a ``/readyz`` answered after 14 s). It is handed the two
+things it serves: a readiness view (``() -> (ready, reason)``) and the metrics renderer
+(``() -> bytes``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ __all__ = ["serve_admin"]
 
 #: a route's handler: () -> (status, content type, body)
 Route = Callable[[], tuple[int, str, bytes]]
+
+#: how long after its accept a connection's request may take to arrive (slot wait included)
+HEAD_TIMEOUT_S = 2.0
+#: how long writing the answer may take
+SEND_TIMEOUT_S = 5.0
 
 
 def _json(status: int, data: dict[str, Any]) -> tuple[int, str, bytes]:
@@ -42,10 +52,11 @@ def _routes(
     return {"/healthz": healthz, "/readyz": readyz, "/metrics": render_metrics}
 
 
-async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream) -> None:
+async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream, deadline: float) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
-    with trio.move_on_after(5.0):
-        try:
+    try:
+        event: Any = None
+        with trio.move_on_at(deadline):
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
@@ -54,9 +65,10 @@ async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream) -> Non
                     if not data:
                         return
                     continue
-                if isinstance(event, h11.Request):
-                    break
-                return
+                break
+        if not isinstance(event, h11.Request):
+            return
+        with trio.move_on_after(SEND_TIMEOUT_S):
             target = event.target.decode("latin-1").split("?", 1)[0]
             handler = routes.get(target)
             if event.method != b"GET":
@@ -73,10 +85,8 @@ async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream) -> Non
             await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
             await stream.send_all(conn.send(h11.Data(data=body)))
             await stream.send_all(conn.send(h11.EndOfMessage()))
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 async def serve_admin(
@@ -103,8 +113,20 @@ async def serve_admin(
     limiter = trio.CapacityLimiter(64)
 
     async def handler(stream: trio.SocketStream) -> None:
-        async with limiter:
-            await _handle(routes, stream)
+        deadline = trio.current_time() + HEAD_TIMEOUT_S
+        try:
+            acquired = False
+            with trio.move_on_at(deadline):  # (no slot before its deadline: dropped)
+                await limiter.acquire()
+                acquired = True
+            if not acquired:
+                return
+            try:
+                await _handle(routes, stream, deadline)
+            finally:
+                limiter.release()
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as nursery:
         task_status.started(f"http://{host}:{port}")

@@ -1,6 +1,7 @@
 """What an operator does to a real ``exai serve`` that broke it (each test failed on the code
 before its fix): SIGHUP after the config file was overwritten with bytes that are not UTF-8; a
-Redis that turned into a read-only replica (a failover) under a running daemon.
+Redis that turned into a read-only replica (a failover) under a running daemon; connections
+to the admin port that never send their request.
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import redis
 import trio
@@ -80,3 +83,27 @@ async def test_a_redis_that_turns_read_only_degrades_like_a_dead_one(
             await trio.to_thread.run_sync(admin.close)
         await daemon.assert_serves()
         assert not daemon.log_events("session.error"), daemon.log_events("session.error")
+
+
+async def test_connections_that_never_send_a_request_delay_a_health_check_only_boundedly(
+    tmp_path: Path,
+) -> None:
+    """A balancer's half-open checks (or a slowloris) on the admin port: 1,000 connections
+    that send half a request and wait. /readyz is still answered — each of them used to hold
+    one of the 64 handler slots for 5 s in turn, so a check queued behind them all (~80 s)."""
+    async with live_daemon(tmp_path) as daemon:
+        parts = urlsplit(daemon.admin_url)
+        streams: list[trio.SocketStream] = []
+        try:
+            with trio.fail_after(SERVED_WITHIN_S):
+                for _ in range(1000):
+                    stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 0)
+                    streams.append(stream)
+                    await stream.send_all(b"GET /readyz HTTP/1.1\r\n")
+            async with httpx.AsyncClient(timeout=SERVED_WITHIN_S) as client:
+                ready = await client.get(daemon.admin_url + "/readyz")
+            assert ready.status_code == 200
+        finally:
+            for stream in streams:
+                await trio.aclose_forcefully(stream)
+        await daemon.assert_serves()
