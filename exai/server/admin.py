@@ -1,11 +1,11 @@
 """The admin HTTP listener: ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Loopback by default (``EXAI_ADMIN_HOST``). A deliberately small HTTP/1.1 server on h11: one
-request per connection, bounded header size and time, GET only. The time a request has to
-arrive (:data:`HEAD_TIMEOUT_S`) runs from its accept, a wait for one of the 64 handler slots
-included: connections that hold a slot without sending a request (a balancer's half-open
-checks, or a slowloris) delay a health check by at most that — they used to queue it behind
-each of them in turn (200 of them: a ``/readyz`` answered after 14 s). It is handed the two
+request per connection, bounded header size and time, GET only. A request must arrive within
+:data:`HEAD_TIMEOUT_S` of its accept, and only then takes one of the 64 slots to be answered
+in: connections that never send one (a balancer's half-open checks, or a slowloris) hold no
+slot — they used to, for 5 s each, and a health check queued behind them all (200 of them: a
+``/readyz`` answered after 14 s). It is handed the two
 things it serves: a readiness view (``() -> (ready, reason)``) and the metrics renderer
 (``() -> bytes``).
 """
@@ -52,7 +52,12 @@ def _routes(
     return {"/healthz": healthz, "/readyz": readyz, "/metrics": render_metrics}
 
 
-async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream, deadline: float) -> None:
+async def _handle(
+    routes: Mapping[str, Route],
+    stream: trio.SocketStream,
+    deadline: float,
+    limiter: trio.CapacityLimiter,
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
         event: Any = None
@@ -69,24 +74,34 @@ async def _handle(routes: Mapping[str, Route], stream: trio.SocketStream, deadli
         if not isinstance(event, h11.Request):
             return
         with trio.move_on_after(SEND_TIMEOUT_S):
-            target = event.target.decode("latin-1").split("?", 1)[0]
-            handler = routes.get(target)
-            if event.method != b"GET":
-                status, ctype, body = _json(405, {"error": "only GET is served"})
-            elif handler is None:
-                status, ctype, body = _json(404, {"error": "not found", "paths": sorted(routes)})
-            else:
-                status, ctype, body = handler()
-            headers = [
-                ("Content-Type", ctype),
-                ("Content-Length", str(len(body))),
-                ("Connection", "close"),
-            ]
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-            await stream.send_all(conn.send(h11.Data(data=body)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await limiter.acquire()  # (a slot to answer in: only once the request is here)
+            try:
+                await _answer(routes, stream, conn, event)
+            finally:
+                limiter.release()
     except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+async def _answer(
+    routes: Mapping[str, Route], stream: trio.SocketStream, conn: h11.Connection, event: Any
+) -> None:
+    target = event.target.decode("latin-1").split("?", 1)[0]
+    handler = routes.get(target)
+    if event.method != b"GET":
+        status, ctype, body = _json(405, {"error": "only GET is served"})
+    elif handler is None:
+        status, ctype, body = _json(404, {"error": "not found", "paths": sorted(routes)})
+    else:
+        status, ctype, body = handler()
+    headers = [
+        ("Content-Type", ctype),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+    await stream.send_all(conn.send(h11.Data(data=body)))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
 async def serve_admin(
@@ -113,18 +128,8 @@ async def serve_admin(
     limiter = trio.CapacityLimiter(64)
 
     async def handler(stream: trio.SocketStream) -> None:
-        deadline = trio.current_time() + HEAD_TIMEOUT_S
         try:
-            acquired = False
-            with trio.move_on_at(deadline):  # (no slot before its deadline: dropped)
-                await limiter.acquire()
-                acquired = True
-            if not acquired:
-                return
-            try:
-                await _handle(routes, stream, deadline)
-            finally:
-                limiter.release()
+            await _handle(routes, stream, trio.current_time() + HEAD_TIMEOUT_S, limiter)
         finally:
             await trio.aclose_forcefully(stream)
 
