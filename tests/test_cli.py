@@ -687,3 +687,26 @@ def test_version_and_help_work_without_the_daemon_extras(tmp_path):
     serve = bare("serve")
     assert serve.returncode == 2
     assert "`exai serve` needs the daemon extras: pip install 'exai[daemon]'" in serve.stderr
+
+
+def test_status_summary_counts_in_words():
+    from exai.cli.status import summary
+
+    doc = {
+        "daemon": {"version": "9", "ready": True, "uptime_s": 3725, "inflight": {"calls": 3}},
+        "providers": {
+            "providers": {
+                "mock": {
+                    "configured": True,
+                    "breaker": {"state": "open"},
+                    "counters": {"requests": 1, "ok": 0, "failed": 1},
+                }
+            }
+        },
+        "conversations": {"spool": {"depth": 1, "bytes": 2048, "max_bytes": 1 << 20}},
+    }
+    text = summary(doc)
+    assert text.splitlines()[0] == "exai 9: ready, up 1h 02m, auth ?"
+    assert "calls in flight: 2 " in text  # the status call itself not counted
+    assert "mock  configured      breaker open       1 request (0 ok, 1 failed)" in text
+    assert "spool: 1 write waiting for the store (2.0 KiB of 1.0 MiB)" in text

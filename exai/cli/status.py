@@ -49,6 +49,10 @@ def _bytes(n: Any) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _plural(n: Any, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def summary(doc: Mapping[str, Any], url: str | None = None) -> str:
     """A dozen lines a person reads at a glance, from the ``status`` tool's document.
 
@@ -84,7 +88,7 @@ def summary(doc: Mapping[str, Any], url: str | None = None) -> str:
             in_flight = _get(p, "use", "in_flight")
             lines.append(
                 f"  {name:<{width}}  {configured:<14}  breaker {breaker:<9}  "
-                f"{counters.get('requests', 0)} requests ({counters.get('ok', 0)} ok, "
+                f"{_plural(counters.get('requests', 0), 'request')} ({counters.get('ok', 0)} ok, "
                 f"{counters.get('failed', 0)} failed), {in_flight or 0} in flight"
             )
     else:
@@ -102,7 +106,7 @@ def summary(doc: Mapping[str, Any], url: str | None = None) -> str:
     spool = _get(doc, "conversations", "spool")
     if isinstance(spool, Mapping):
         lines.append(
-            f"spool: {spool.get('depth', 0)} writes waiting for the store "
+            f"spool: {_plural(spool.get('depth', 0), 'write')} waiting for the store "
             f"({_bytes(spool.get('bytes'))} of {_bytes(spool.get('max_bytes'))}), "
             f"{spool.get('replayed', 0)} replayed"
         )
