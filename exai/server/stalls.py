@@ -55,6 +55,7 @@ dear ones), against 3–5 % of the loop thread for the instrument under load.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import gc
@@ -307,8 +308,12 @@ class LoopProbe:
         fd = _open_schedstat() if self.exclude_descheduled else None
         self._loop_thread = threading.get_ident()
         self._stop.clear()
-        watchdog = threading.Thread(target=self._watch, name="exai-stall-watchdog", daemon=True)
-        watchdog.start()
+        # ``threading.Thread.start`` waits until the new thread has run; on a loaded machine
+        # the OS may not schedule it for hundreds of milliseconds, and that wait would block
+        # the loop (a stall of the probe's own making). ``_thread.start_new_thread`` only
+        # creates the thread; the watchdog begins whenever it is scheduled (daemon-like: never
+        # joined, it ends when ``_stop`` is set).
+        _thread.start_new_thread(self._watch, ())
         perf = time.perf_counter
         interval = self.interval_s
         try:

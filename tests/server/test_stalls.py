@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -279,6 +280,29 @@ async def test_the_probe_does_not_flag_tasks_that_checkpoint_often() -> None:
 
     assert probe.stall_count == 0, probe.stalls
     assert probe.probes >= 5
+
+
+async def test_starting_the_probe_does_not_wait_for_its_thread_to_be_scheduled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On a loaded machine a new thread may run hundreds of milliseconds after it is created
+    # (seen: the probe's first step blocked the loop 0.13-1.2 s under make test's load, through
+    # threading.Thread.start, which waits for the thread to run). Here every threading.Thread
+    # begins 0.3 s late; the loop must not wait for that.
+    bootstrap = threading.Thread._bootstrap  # type: ignore[attr-defined]
+
+    def late_bootstrap(self: threading.Thread) -> None:
+        time.sleep(0.3)
+        bootstrap(self)
+
+    monkeypatch.setattr(threading.Thread, "_bootstrap", late_bootstrap)
+    with (
+        stall_detector(threshold_s=0.1, exclude_descheduled=True) as detector,
+        loop_probe(threshold_s=0.05) as probe,
+    ):
+        while probe.probes < 3:
+            await trio.sleep(0.01)
+    assert detector.stall_count == 0, detector.stalls
 
 
 async def test_the_probe_stops_with_its_block() -> None:
