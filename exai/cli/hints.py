@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exai.config import Settings
+from exai.config.settings import connect_host
 
 __all__ = ["exai_command", "exai_executable", "listening_pid", "port_in_use", "probe_exai"]
 
@@ -66,15 +67,6 @@ def exai_command(argv0: str | None = None, executable: str | None = None) -> str
 # a port taken at start-up
 
 
-def _loopback_for(host: str) -> str:
-    """Where to reach a listener bound to ``host`` from this machine."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -88,7 +80,7 @@ def probe_exai(host: str, port: int, settings: Settings, timeout_s: float = 3.0)
     from exai.client import Client
     from exai.client.ws import HandshakeRejected
 
-    url = f"ws://{_url_host(_loopback_for(host))}:{port}/mcp"
+    url = f"ws://{_url_host(connect_host(host))}:{port}/mcp"
 
     async def probe() -> dict[str, Any]:
         with anyio.fail_after(timeout_s):
@@ -112,7 +104,7 @@ def _admin_answers(host: str, port: int, timeout_s: float = 3.0) -> bool:
     import json
 
     try:
-        with socket.create_connection((_loopback_for(host), port), timeout=timeout_s) as s:
+        with socket.create_connection((connect_host(host), port), timeout=timeout_s) as s:
             s.sendall(b"GET /readyz HTTP/1.1\r\nHost: exai\r\nConnection: close\r\n\r\n")
             data = b""
             while len(data) < 65536:
@@ -205,7 +197,7 @@ def port_in_use(
                 f"exai: an exai daemon answers there: exai {found['exai']}"
                 + (f" ({pid_text})" if pid_text else "")
             )
-            url = f"ws://{_url_host(_loopback_for(err.host))}:{err.port}/mcp"
+            url = f"ws://{_url_host(connect_host(err.host))}:{err.port}/mcp"
             env = "" if settings.effective_url == url else f"EXAI_URL={url} "
             lines.append(f"exai: use it as it is: `{env}{exai} status`")
         elif "refused" in found:
@@ -228,7 +220,7 @@ def port_in_use(
     stop = f"`kill {holder[0]}`" if holder else "Ctrl-C where it runs, or `kill` its process"
     lines.append(f"exai: stop it ({stop}) and start again, or start this one on other ports:")
     start = settings.port + 10 if settings.port >= 1024 else 8089
-    pair = _free_pair(_loopback_for(settings.host), _loopback_for(settings.admin_host), start)
+    pair = _free_pair(connect_host(settings.host), connect_host(settings.admin_host), start)
     mcp_port, admin_port = pair if pair else (settings.port + 10, settings.port + 11)
     lines.append(f"  EXAI_PORT={mcp_port} EXAI_ADMIN_PORT={admin_port} {exai} serve")
     return "\n".join(lines)

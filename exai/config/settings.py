@@ -23,7 +23,14 @@ from exai.config.providers import PROVIDER_FIELDS, ProviderSettings, str_tuple
 from exai.config.secret import TOKEN_TEXT_RULE, Secret, is_token_text, redact_url
 from exai.errors import ConfigError
 
-__all__ = ["Settings", "default_state_dir", "is_loopback", "known_env_names", "listen_url"]
+__all__ = [
+    "Settings",
+    "connect_host",
+    "default_state_dir",
+    "is_loopback",
+    "known_env_names",
+    "listen_url",
+]
 
 
 def default_state_dir() -> Path:
@@ -323,13 +330,19 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 _WILDCARD_CONNECT = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
 
+def connect_host(host: str) -> str:
+    """Where a client on this machine reaches a listener bound to ``host``: a wildcard
+    (``0.0.0.0``, ``::``, empty) read as loopback; an IPv6 address without brackets."""
+    host = host.strip()
+    return _WILDCARD_CONNECT.get(host, host).strip("[]")
+
+
 def listen_url(settings: Settings) -> str:
     """The URL a client on this machine reaches the listener of ``settings`` at:
     ``ws[s]://EXAI_HOST:EXAI_PORT/mcp``, a wildcard host (``0.0.0.0``, ``::``) read as loopback.
     (``EXAI_PORT=0`` picks a free port at start, which no setting can name: the URL then says
     port 0, and ``exai doctor`` says so.)"""
-    host = _WILDCARD_CONNECT.get(settings.host.strip(), settings.host.strip())
-    host = host.strip("[]")
+    host = connect_host(settings.host)
     if ":" in host:
         host = f"[{host}]"
     scheme = "wss" if settings.tls_cert else "ws"
