@@ -3,7 +3,10 @@
 The daemon's limits are opened wide enough for all of them (global and provider concurrency,
 connection pool, slot wait), so the figure is what the daemon itself adds when it holds
 thousands of calls at once: the wall time from the first request sent to the last answer
-received, every call's latency, the daemon's RSS (peak and per call in flight), and errors.
+received, every call's latency, the daemon's RSS (peak and per call in flight), and errors;
+and ``cpu_s_in_storm``: the CPU seconds (user + system) of each of the three processes — the
+daemon, the mock upstream, the load generator — over that same window (sampled every 50 ms),
+so that on a small machine one can see whose CPU the storm waits for.
 
 The load process opens ``sessions`` MCP sessions first, then each session fires
 ``per_session`` calls at once and waits for their answers.
@@ -13,6 +16,7 @@ Target: all calls done within 1.25 × the upstream latency, none failed.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -82,7 +86,9 @@ def run(full: bool) -> dict[str, Any]:
         time.sleep(0.3)
         rss_before = d.rss_bytes()
         t_wall0 = time.time()
-        with RssSampler(d.pid, 0.05) as sampler:
+        with RssSampler(d.pid, 0.05) as sampler, CpuSampler() as cpu:
+            cpu.watch("daemon", d.pid)
+            cpu.watch("mock", mock.pid)
             lp = LoadProcess(
                 "closed",
                 {
@@ -95,6 +101,7 @@ def run(full: bool) -> dict[str, Any]:
                     "duration_s": 120,
                 },
             )
+            cpu.watch("load", lp.proc.pid)
             res = lp.result(300)
             time.sleep(0.3)
         rss_after = d.rss_bytes()
@@ -122,6 +129,7 @@ def run(full: bool) -> dict[str, Any]:
                 "after": round(rss_after / 2**20, 1),
             },
             "rss_per_call_in_flight_kb": round((sampler.peak - rss_before) / max(n, 1) / 1024, 1),
+            "cpu_s_in_storm": cpu.between(min(starts), max(ends)) if starts else None,
         }
     )
     result["targets"] = {
@@ -135,6 +143,68 @@ def run(full: bool) -> dict[str, Any]:
     }
     result["plots"] = [_plot(starts, ends, sampler.samples, n)]
     return result
+
+
+class CpuSampler:
+    """Samples the CPU time (user + system) of named processes every ``interval_s`` in a thread.
+
+    :meth:`between` gives each process's CPU seconds between two ``time.monotonic()`` instants
+    (from the samples nearest them), so the storm's CPU can be split by process: on 2 cores,
+    whether the daemon, the mock or the load generator is what the storm waits for.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        self._procs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def watch(self, name: str, pid: int) -> None:
+        import psutil
+
+        with self._lock:
+            self._procs[name] = psutil.Process(pid)
+            self.samples[name] = []
+        self._sample_one(name)
+
+    def _sample_one(self, name: str) -> None:
+        with self._lock:
+            proc = self._procs.get(name)
+        if proc is None:
+            return
+        try:
+            t = proc.cpu_times()
+        except Exception:
+            return
+        self.samples[name].append((time.monotonic(), t.user + t.system))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name in list(self._procs):
+                self._sample_one(name)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def between(self, t0: float, t1: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"window_s": round(t1 - t0, 3)}
+        for name, samples in self.samples.items():
+            inside = [
+                (t, c) for t, c in samples if t0 - self.interval_s <= t <= t1 + self.interval_s
+            ]
+            if len(inside) < 2:
+                out[name] = None
+                continue
+            out[name] = round(inside[-1][1] - inside[0][1], 3)
+        return out
 
 
 def _bare_httpx(base_url: str, n: int) -> dict[str, Any]:
