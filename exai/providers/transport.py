@@ -1,4 +1,4 @@
-"""The provider client's HTTP/1.1 transport: a bounded connection pool over h11.
+"""The provider client's HTTP/1.1 transport: a bounded keep-alive connection pool.
 
 :class:`H11Pool` holds the keep-alive connections to one origin (a provider's base URL) and sends
 one request at a time on each; :meth:`H11Pool.request` returns a :class:`Response` as soon as its
@@ -28,11 +28,21 @@ real provider. httpx's client costs ≈ 0.35 ms of CPU per request on top of any
 stack, event hooks): machinery a provider client that sends two kinds of request does not
 need. httpcore's pool costs the rest: its per-request scan of every connection (quadratic in
 the pool size under load, the reason for the shards) and its locks. This pool is O(1) per
-request: a FIFO semaphore for the slots and a LIFO stack of idle connections. A hand-written
-HTTP/1.1 parser would save ≈ 0.15 ms more (issue 18's spike: 0.13 ms), but h11 parses what an
-upstream may send (chunked bodies, trailers, bad framing) correctly and is a well-kept library;
-aiohttp through trio-asyncio measured 0.9 ms in issue 18 and would put an asyncio loop on the
-provider path.
+request: a FIFO semaphore for the slots and a LIFO stack of idle connections.
+
+HTTP/1.1 itself is :mod:`exai.providers.wire` (sans-IO, written for this client) since issue
+18's second part; before, h11. Same benchmark, one round each tree, 3 × 6 s, load ≈ 3
+(``EXAI_BENCH_HTTP_VARIANTS=h11pool,openai_client .venv/bin/python -m benchmarks run
+http_client --full`` in each tree)::
+
+    this pool, used directly:                 over h11 0.305 ms → own reader 0.236 ms
+    OpenAIClient.chat, streamed, SSE decoded: over h11 0.435 ms → own reader 0.360 ms
+
+h11 makes an event object and steps its state machine for each chunk of a body, and validates
+every request header on every send; the reader takes every body byte one read delivered in one
+pass and the pool's own headers are checked once. What it accepts and rejects is h11's, held by
+differential tests (hypothesis: the same bytes split anywhere, into both); aiohttp through
+trio-asyncio measured 0.9 ms in issue 18 and would put an asyncio loop on the provider path.
 
 Resource handling:
     At most ``max_connections`` connections exist at once (idle ones included). A request
@@ -55,7 +65,9 @@ Error handling:
     *reused* connection (the server closed it while idle) was not sent, and is sent again,
     once, on a new connection; a request that was written is never sent twice by this module
     (the provider layer's retry policy decides). A response that is not HTTP/1.1 we can parse
-    is ``RemoteProtocolError``; a body that does not decompress is ``DecodingError``.
+    is ``RemoteProtocolError`` (a head over :data:`MAX_HEAD_BYTES`, more than
+    :data:`MAX_INFORMATIONAL` 1xx heads, a connection ended inside the body); a body that
+    does not decompress is ``DecodingError``.
 
     Decompression (``gzip``, ``deflate``) hands out at most :data:`PIECE_BYTES` at a time, so a
     small compressed body cannot expand into one huge buffer: the caller's byte bounds see
@@ -77,8 +89,9 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import attrs
-import h11
 import httpx
+
+from exai.providers.wire import Head, ProtocolError, ResponseReader, check_header, request_bytes
 
 __all__ = ["H11Pool", "PoolStatistics", "Response"]
 
@@ -106,14 +119,14 @@ class PoolStatistics:
 
 
 class _Conn:
-    """One connection: its stream, its h11 state machine and when it went idle."""
+    """One connection: its stream, the reader of its current response and when it went idle."""
 
-    __slots__ = ("h11", "idle_since", "raw", "requests", "stream")
+    __slots__ = ("idle_since", "raw", "reader", "requests", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream, raw: socket.socket | None) -> None:
         self.stream = stream
         self.raw = raw
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.reader = ResponseReader(MAX_HEAD_BYTES)
         self.idle_since = 0.0
         self.requests = 0
 
@@ -181,9 +194,16 @@ class H11Pool:
         self.pool_timeout_s = pool_timeout_s
         self.keepalive_expiry_s = keepalive_expiry_s
         self._ssl_context = ssl_context
-        self._headers = [(b"host", self._host_header)] + [
+        fixed = [(b"host", self._host_header)] + [
             (k.lower().encode("ascii"), v.encode("latin-1")) for k, v in (headers or {}).items()
         ]
+        for name, value in fixed:
+            try:
+                check_header(name, value)
+            except ProtocolError as exc:
+                raise ValueError(str(exc)) from None
+        # the pool's own header lines, checked once and written as they are on every request
+        self._head_lines = b"".join(name + b": " + value + b"\r\n" for name, value in fixed)
         self._slots = anyio.Semaphore(max_connections, fast_acquire=True)
         self._idle: deque[_Conn] = deque()
         self._open = 0
@@ -248,12 +268,11 @@ class H11Pool:
         conn: _Conn | None = None
         try:
             target = (self._prefix + "/" + path.lstrip("/")).encode("ascii")
-            all_headers = [*self._headers, *headers]
             if body or method not in ("GET", "HEAD"):
-                all_headers.append((b"content-length", str(len(body)).encode("ascii")))
+                headers = [*headers, (b"content-length", str(len(body)).encode("ascii"))]
             try:
-                head = h11.Request(method=method, target=target, headers=all_headers)
-            except h11.LocalProtocolError as exc:  # a header value with a line break...
+                head = request_bytes(method.encode("ascii"), target, self._head_lines, headers)
+            except ProtocolError as exc:  # a header value with a line break...
                 raise httpx.LocalProtocolError(f"the request cannot be sent: {exc}") from None
             conn = await self._take_idle()
             if conn is not None:
@@ -348,21 +367,12 @@ class H11Pool:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Conn(stream, raw)
 
-    async def _send(self, conn: _Conn, head: h11.Request, body: bytes, *, reused: bool) -> bool:
+    async def _send(self, conn: _Conn, head: bytes, body: bytes, *, reused: bool) -> bool:
         """Write the request; False when a reused connection turned out closed (not sent)."""
-        h = conn.h11
-        try:
-            first = [h.send(head) or b""]
-            # A large body is handed to the socket as it is (h11 passes it through): never
-            # copied on the loop. A small one goes out with the head in one write.
-            parts = (h.send_with_data_passthrough(h11.Data(data=body)) or []) if body else []
-            last = h.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as exc:
-            raise httpx.LocalProtocolError(str(exc)) from exc
-        if sum(map(len, parts)) <= PIECE_BYTES:
-            writes = [b"".join([*first, *parts, last])]
-        else:
-            writes = [*first, *parts, last]
+        # A small body goes out with the head in one write; a large one is handed to the
+        # socket as it is (never copied on the loop).
+        writes = [head + body] if len(body) <= PIECE_BYTES else [head, body]
+        conn.reader = ResponseReader(MAX_HEAD_BYTES)
         conn.requests += 1
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + self.write_timeout_s) as scope:
@@ -379,39 +389,32 @@ class H11Pool:
         return True
 
     async def _receive_head(self, conn: _Conn) -> Response:
-        h = conn.h11
+        reader = conn.reader
         informational = 0
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                head = reader.head()
+            except ProtocolError as exc:
                 raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1: {exc}") from exc
-            if event is h11.NEED_DATA:
+            if head is None:
                 await _fill(conn)
                 continue
-            if type(event) is h11.Response:
-                return Response(self, conn, event)
-            if type(event) is h11.InformationalResponse:
-                # (each 1xx is its own small head: without a count, an endless stream of them
-                # keeps the loop parsing until the call's deadline)
-                informational += 1
-                if informational > MAX_INFORMATIONAL:
-                    raise httpx.RemoteProtocolError(
-                        f"more than {MAX_INFORMATIONAL} informational (1xx) responses"
-                    )
-                continue
-            raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} before a response")
+            if head.status_code >= 200:
+                return Response(self, conn, head)
+            # (each 1xx is its own small head: without a count, an endless stream of them
+            # keeps the loop parsing until the call's deadline)
+            informational += 1
+            if informational > MAX_INFORMATIONAL:
+                raise httpx.RemoteProtocolError(
+                    f"more than {MAX_INFORMATIONAL} informational (1xx) responses"
+                )
 
     def _finished(self, conn: _Conn, reusable: bool) -> bool:
         """Put a connection whose exchange completed back; False when it must be closed."""
         if not reusable or self._closed:
             return False
-        h = conn.h11
-        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
-            return False
-        try:
-            h.start_next_cycle()
-        except h11.LocalProtocolError:
+        reader = conn.reader
+        if not reader.done or not reader.keep_alive or reader.leftover or reader.eof:
             return False
         conn.idle_since = anyio.current_time()
         self._idle.append(conn)
@@ -426,9 +429,7 @@ async def _fill(conn: _Conn) -> None:
         data = b""
     except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
         raise httpx.ReadError(f"the connection broke while reading ({exc!r})") from exc
-    if not data and conn.h11.their_state is h11.SEND_RESPONSE:
-        raise httpx.RemoteProtocolError("the server closed the connection without a response")
-    conn.h11.receive_data(data)
+    conn.reader.feed(data)
 
 
 class _Decoder:
@@ -505,11 +506,11 @@ class Response:
         "status_code",
     )
 
-    def __init__(self, pool: H11Pool, conn: _Conn, head: h11.Response) -> None:
+    def __init__(self, pool: H11Pool, conn: _Conn, head: Head) -> None:
         self._pool = pool
         self._conn = conn
         self.status_code = head.status_code
-        self.raw_headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.raw_headers: list[tuple[bytes, bytes]] = head.headers
         self._headers: httpx.Headers | None = None
         self._open = True
         self._done = False
@@ -540,31 +541,18 @@ class Response:
         if self._done or not self._open:
             return b""
         conn = self._conn
-        h = conn.h11
-        parts: list[bytes] = []
+        reader = conn.reader
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                data = reader.body()
+            except ProtocolError as exc:
                 raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1: {exc}") from exc
-            t = type(event)
-            if t is h11.Data:
-                parts.append(event.data)  # type: ignore[union-attr]
-                continue
-            if t is h11.EndOfMessage:
+            if reader.done:
                 self._done = True
-                break
-            if event is h11.NEED_DATA:
-                if parts:
-                    break
-                await _fill(conn)
-                continue
-            if t is h11.ConnectionClosed or event is h11.PAUSED:
-                raise httpx.RemoteProtocolError("the connection ended inside the body")
-            raise httpx.RemoteProtocolError(f"unexpected {t.__name__} inside the body")
-        if not parts:
-            return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                return data
+            if data:
+                return data
+            await _fill(conn)
 
     async def aclose(self) -> None:
         """Give the connection back (body read to the end) or close it (anything else)."""
