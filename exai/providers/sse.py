@@ -50,6 +50,28 @@ class SSEDecoder:
         self._after_cr = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._after_cr or b"\r" in chunk or self._data or self._event:
+            return self._feed_lines(chunk)
+        # The fast path (every provider's shape): at an event boundary, lines ended by \n, an
+        # event of one ``data: `` line is taken whole; anything else goes line by line.
+        buf = bytes(self._buf) + chunk if self._buf else chunk
+        events: list[SSEEvent] = []
+        pos = 0
+        while True:
+            end = buf.find(b"\n\n", pos)
+            if end < 0 or not buf.startswith(b"data: ", pos) or buf.find(b"\n", pos, end) >= 0:
+                break
+            events.append(
+                SSEEvent(data=buf[pos + 6 : end].decode("utf-8", errors="replace"), id=self._id)
+            )
+            pos = end + 2
+        if pos == len(buf):
+            self._buf = bytearray()
+            return events
+        self._buf = bytearray()
+        return events + self._feed_lines(buf[pos:]) if events else self._feed_lines(buf)
+
+    def _feed_lines(self, chunk: bytes) -> list[SSEEvent]:
         if self._after_cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._after_cr = False

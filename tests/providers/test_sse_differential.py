@@ -107,3 +107,27 @@ def test_the_sse_reader_agrees_with_httpx_sse_however_the_bytes_are_split(stream
 def test_the_sse_reader_agrees_with_httpx_sse_byte_by_byte(stream):
     chunks = [stream[i : i + 1] for i in range(len(stream))]
     assert _ours(chunks) == _reference([stream])
+
+
+@st.composite
+def _provider_stream(draw: st.DrawFn) -> bytes:
+    """What providers send, the decoder's fast path: ``data: `` events ended by ``\\n\\n``,
+    now and then something else (a comment, an event name, an id, a second data line, a CR)."""
+    out: list[str] = []
+    for _ in range(draw(st.integers(0, 8))):
+        lines = [f"data: {draw(_value)}"]
+        if draw(st.integers(0, 4)) == 0:
+            lines.insert(0, draw(st.one_of(_other, _data)))
+        if draw(st.integers(0, 6)) == 0:
+            lines.append(draw(_data))
+        eol = "\r\n" if draw(st.integers(0, 12)) == 0 else "\n"
+        out.append(eol.join(lines) + "\n\n")
+    return "".join(out).encode("utf-8")
+
+
+@fuzz
+@given(stream=_provider_stream(), data=st.data())
+def test_the_fast_path_agrees_with_httpx_sse_however_the_bytes_are_split(stream, data):
+    cuts = data.draw(st.lists(st.integers(0, max(len(stream), 1)), max_size=6), label="cuts")
+    chunks = _split(stream, cuts)
+    assert _ours(chunks) == _reference(chunks)
