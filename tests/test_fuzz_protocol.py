@@ -281,3 +281,73 @@ def test_validate_holds_deep_values_to_the_limit(depth: int) -> None:
         value = [value]
 
     assert_accepts_or_names_field({"type": "array"}, value)
+
+
+# ------------------------------------------------------------------ encode: msgspec vs stdlib
+#: what a message may hold, NaN, infinities, lone surrogates and non-string keys included
+encodable_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["null", "\ud800", "a\udfffb", "nul", "ü日本"])
+)
+encodable = st.recursive(
+    encodable_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=6) | st.integers() | st.booleans(), inner, max_size=4)
+    ),
+    max_leaves=15,
+)
+
+
+def stdlib_encode(msg: Any) -> str:
+    """The encoder :func:`exai.server.protocol.encode` replaced (before issue 18)."""
+    text = json.dumps(msg, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(msg, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text
+
+
+@fuzz
+@given(encodable)
+def test_encode_writes_what_the_standard_library_wrote_or_refuses_what_it_refused(
+    value: Any,
+) -> None:
+    msg = p.result(1, {"v": value})
+    try:
+        expected = stdlib_encode(msg)
+    except (ValueError, TypeError, OverflowError) as exc:
+        with pytest.raises(type(exc)):
+            p.encode(msg)
+        return
+
+    text = p.encode(msg)
+
+    text.encode("utf-8")  # always valid UTF-8
+    assert json.loads(text) == json.loads(expected)
+    # only numbers may be spelt differently (1e16 / 1e+16)
+    assert (text == expected) or any(isinstance(x, float) for x in _leaves(value))
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _leaves(v)]
+    return [value]
+
+
+@fuzz
+@given(st.integers() | st.text(max_size=80), st.integers(min_value=1, max_value=300))
+def test_the_id_length_check_agrees_with_measuring_the_encoded_id(rid: Any, limit: int) -> None:
+    size = len(json.dumps(rid, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+    problem = p._id_problem(rid, limit)
+
+    assert (problem is None) == (size <= limit)

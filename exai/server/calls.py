@@ -90,7 +90,12 @@ class Execution:
     digest: str = ""
     deadline: float = float("inf")
     payload_bytes: int = 0
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: the run: cancelled by :meth:`cancel`, and at ``deadline`` (then ``cancelled`` is False)
+    scope: trio.CancelScope = attrs.field(
+        default=attrs.Factory(
+            lambda self: trio.CancelScope(deadline=self.deadline), takes_self=True
+        )
+    )
     #: the wait for a shared result and slots before the run: shielded from the responder
     #: that started it (other requests may have joined), cancelled only by :meth:`cancel`
     wait_scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
@@ -120,8 +125,10 @@ class Execution:
 
     def attach(self, watcher: Watcher) -> None:
         self.watchers.append(watcher)
-        self.orphaned = trio.Event()
-        self.adopted.set()
+        if self.client_key:  # (only a keyed execution is ever orphaned: see detach)
+            if self.orphaned.is_set():
+                self.orphaned = trio.Event()
+            self.adopted.set()
 
     def detach(self, watcher: Watcher) -> None:
         if watcher in self.watchers:
@@ -471,7 +478,7 @@ class CallRunner:
         timeout = spec.timeout_s if spec.timeout_s is not None else self.settings.call_timeout_s
         ex.started_at = trio.current_time()
         if ex.deadline == float("inf"):
-            ex.deadline = ex.started_at + timeout
+            ex.deadline = ex.scope.deadline = ex.started_at + timeout
         outcome = "ok"
 
         async def progress(
@@ -486,13 +493,21 @@ class CallRunner:
                 if ex.client_key:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.calls.orphan_watch, ex)
-                        outcome = await self._run_tool(ex, spec, args, ctx, timeout)
+                        outcome = await self._run_tool(ex, spec, args, ctx)
                         nursery.cancel_scope.cancel()
                 else:
-                    outcome = await self._run_tool(ex, spec, args, ctx, timeout)
+                    outcome = await self._run_tool(ex, spec, args, ctx)
             if ex.scope.cancelled_caught:
-                outcome = "cancelled"
-                ex.payload = None
+                if ex.cancelled:
+                    outcome = "cancelled"
+                    ex.payload = None
+                else:
+                    # the deadline, fixed at admission: waiting for a slot counted
+                    exc = errors.DeadlineExceeded(
+                        f"tool {ex.tool!r} did not finish within its deadline of {timeout:g}s"
+                    )
+                    ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
+                    outcome = "timeout"
         finally:
             if beat is not None:
                 beat[1] = None
@@ -542,19 +557,12 @@ class CallRunner:
             )
 
     async def _run_tool(
-        self, ex: Execution, spec: Any, args: dict[str, Any], ctx: ToolContext, limit_s: float
+        self, ex: Execution, spec: Any, args: dict[str, Any], ctx: ToolContext
     ) -> str:
-        """Run the tool until the call's deadline; sets ``ex.payload``, returns the outcome."""
+        """Run the tool (its deadline is ``ex.scope``'s); sets ``ex.payload``, returns the
+        outcome."""
         try:
-            # the deadline was fixed at admission: waiting for a slot counted
-            with trio.CancelScope(deadline=ex.deadline) as deadline:
-                result = await spec.handler(args, ctx)
-            if deadline.cancelled_caught:
-                exc = errors.DeadlineExceeded(
-                    f"tool {ex.tool!r} did not finish within its deadline of {limit_s:g}s"
-                )
-                ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
-                return "timeout"
+            result = await spec.handler(args, ctx)
             ex.payload = {"result": result.to_mcp()}
             return "ok"
         except Exception as raw:

@@ -95,6 +95,13 @@ def compact(payload: dict[str, Any]) -> dict[str, Any]:
     structured, content = result.get("structuredContent"), result.get("content")
     if not isinstance(structured, dict) or not isinstance(content, list):
         return payload
+    if not any(
+        isinstance(b, dict)
+        and isinstance(b.get("text"), str)
+        and len(b["text"]) >= _SPLICE_MIN_CHARS
+        for b in content
+    ):
+        return payload  # no text block long enough to repeat a long string: nothing to search
     strings = _long_strings(structured)
     if not strings:
         return payload

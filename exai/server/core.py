@@ -476,7 +476,7 @@ class SessionCore:
 
     async def _run_call(self, req: p.Request) -> tuple[dict[str, Any], int] | None:
         """The call's payload (``{"result"}`` or ``{"error"}``) and its size, or ``None``."""
-        id_key = json.dumps(req.id)
+        id_key = _id_key(req.id)
         calls = self.shared.calls
         owner = False
         try:
@@ -684,10 +684,18 @@ class SessionCore:
             )
         wanted.append((slots.inflight, f"the daemon's {self.settings.max_inflight}"))
         try:
-            with trio.move_on_after(self.settings.slot_wait_s):
-                for limiter, _ in wanted:
-                    await limiter.acquire_on_behalf_of(ex)
-                    held.append(limiter)
+            # free slots are taken at once; a cancel scope is opened only to wait for one
+            for limiter, _ in wanted:
+                try:
+                    limiter.acquire_on_behalf_of_nowait(ex)
+                except trio.WouldBlock:
+                    break
+                held.append(limiter)
+            if len(held) < len(wanted) + base:
+                with trio.move_on_after(self.settings.slot_wait_s):
+                    for limiter, _ in wanted[len(held) - base :]:
+                        await limiter.acquire_on_behalf_of(ex)
+                        held.append(limiter)
             shared.slot_wait.observe(trio.current_time() - started)
             if len(held) < len(wanted) + base:
                 which = wanted[len(held) - base][1]
@@ -743,7 +751,7 @@ class SessionCore:
         bridge that reconnected — the orphaned call of the ``_meta`` idempotency key. Returns
         whether a call was found (an unknown or finished one is ignored, as the spec says)."""
         rid = params.get("requestId")
-        entry = self.inflight.get(json.dumps(rid)) if isinstance(rid, (str, int)) else None
+        entry = self.inflight.get(_id_key(rid)) if isinstance(rid, (str, int)) else None
         if entry is None:
             # Unknown here — but a bridge that reconnected sends the call's idempotency key
             # with the cancel: an execution of that key that nobody watches any more is
@@ -770,6 +778,12 @@ class SessionCore:
 class _HandedOver(Exception):
     """A keyed call that reached a draining daemon: left unanswered for its client to re-send
     to another daemon once its door closes."""
+
+
+def _id_key(rid: Any) -> str:
+    """A request id as JSON (``1`` and ``"1"`` are different ids); an integer's text is its
+    JSON."""
+    return str(rid) if type(rid) is int else json.dumps(rid)
 
 
 def _clip_id(rid: Any) -> str:

@@ -308,6 +308,7 @@ def _finite_float(text: str) -> float:
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _FAST_DECODE = msgspec.json.Decoder().decode
+_FAST_ENCODE = msgspec.json.Encoder().encode
 _JSON_TYPE_NAMES: Final = {
     dict: "an object",
     list: "an array",
@@ -502,6 +503,14 @@ def _id_problem(raw: Any, max_id_bytes: int) -> str | None:
         if isinstance(raw, float):
             return f"'id' must be a string or an integer, got the number {raw!r}"
         return f"'id' must be a string or an integer, got {_json_type(raw)}"
+    # Most ids are short: one that cannot reach the limit however it is escaped (a character
+    # is at most 6 bytes as JSON, ``\uXXXX``; an integer under 2**63 at most 20 characters)
+    # is not encoded to be measured.
+    if isinstance(raw, str):
+        if len(raw) * 6 + 2 <= max_id_bytes:
+            return None
+    elif max_id_bytes >= 20 and -(2**63) < raw < 2**63:
+        return None
     size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     if size > max_id_bytes:
         return f"'id' is {size} bytes long once encoded; at most {max_id_bytes} are accepted"
@@ -661,10 +670,26 @@ def encode(msg: dict[str, Any]) -> str:
     ``"\\ud800"`` and we may echo) would make the text unencodable, so such a message falls back
     to ``\\u`` escapes.
 
+    Encoded by msgspec (C); the standard library writes the message instead whenever msgspec
+    refuses it (a lone surrogate, a key that is not a string, …) or its text holds ``null``
+    anywhere — msgspec writes NaN and the infinities as ``null`` where the standard library
+    refuses them, so only text without ``null`` is known to hold none. The two agree on every
+    JSON value (numbers may be spelt differently: ``1e16`` for ``1e+16``).
+
     Raises:
         ValueError: ``msg`` holds NaN or an infinity (a bug in whoever built it), or is not
             JSON-serialisable (TypeError).
     """
+    try:
+        blob = _FAST_ENCODE(msg)
+    except (TypeError, ValueError, OverflowError, RecursionError):  # (UnicodeEncodeError too)
+        blob = None
+    if blob is not None and b"null" not in blob:
+        return blob.decode()
+    return _encode_stdlib(msg)
+
+
+def _encode_stdlib(msg: dict[str, Any]) -> str:
     text = json.dumps(msg, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     if not text.isascii():
         try:
