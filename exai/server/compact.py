@@ -150,14 +150,18 @@ def approx_size(value: Any) -> int:
     reached (shared objects counted each time they are reached)."""
     total = 0
     stack = [value]
+    pop, extend, getsizeof = stack.pop, stack.extend, sys.getsizeof
     while stack:
-        node = stack.pop()
-        total += sys.getsizeof(node)
+        node = pop()
+        total += getsizeof(node)
+        t = type(node)
+        if t is str or t is int or t is float or t is bool or node is None:
+            continue  # (the common leaves, without the isinstance checks below)
         if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
+            extend(node.keys())
+            extend(node.values())
         elif isinstance(node, list | tuple):
-            stack.extend(node)
+            extend(node)
         elif isinstance(node, _Spliced):
-            stack.extend(node.pieces)
+            extend(node.pieces)
     return total

@@ -465,7 +465,8 @@ class SessionCore:
             await self.outbox.wait_room(size)
             text = self.encode(self._response(req.id, payload[0], served))
             if text is not None:
-                await self.outbox.put(text)
+                # (written by this task when nothing is queued: no hand-off to the writer)
+                await self.outbox.put(text, direct=True)
         except trio.ClosedResourceError:
             pass  # the session is closing
         finally:

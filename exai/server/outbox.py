@@ -2,8 +2,10 @@
 reports progress.
 
 A session's answers and notifications wait in its :class:`Outbox` until the writer task sends
-them. The outbox holds at most ``max_count`` messages and ``max_bytes`` bytes of encoded text
-(one message larger than that is let in when the outbox is empty, so it can still be sent);
+them — or, for a call's answer put while nothing is queued on a door that allows it
+(:attr:`Outbox.direct`), are written by the responder's own task, one hand-off fewer per call.
+The outbox holds at most ``max_count`` messages and ``max_bytes`` bytes of encoded text (one
+message larger than that is let in when the outbox is empty, so it can still be sent);
 every byte queued is charged to the session's :class:`~exai.server.budget.Ledger`. A message
 that must be delivered waits for room; an advisory one (progress) is dropped and counted.
 
@@ -20,7 +22,7 @@ Resource handling:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -39,6 +41,14 @@ class Outbox:
         max_count: messages queued at most.
         max_bytes: bytes of text queued at most (``EXAI_SESSION_MAX_PENDING_BYTES``).
         ledger: the session's ledger, charged for every queued byte.
+
+    Attributes:
+        direct: set by a door that can write a message from the sender's own task: then a
+            message :meth:`put` with ``direct=True`` while nothing is queued is written by
+            ``direct(text)`` at once
+            (the door's write deadline applies as to its writer) instead of waking the writer.
+            It stays queued, and charged, while it is written, so messages put meanwhile queue
+            behind it and the writer sends them after it, in order.
     """
 
     def __init__(self, max_count: int, max_bytes: int, ledger: Ledger) -> None:
@@ -47,8 +57,14 @@ class Outbox:
         self.ledger = ledger
         self._queue: deque[str] = deque()
         self.queued_bytes = 0
-        self._changed = trio.Event()
+        # the writer waits for a message; senders wait for room (parking lots: a wake-up with
+        # nobody waiting costs nothing, and the writer is not woken when room is made)
+        self._readable = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()
         self._closed = False
+        self.direct: Callable[[str], Awaitable[None]] | None = None
+        #: a message is being written by :attr:`direct` (the writer leaves the queue alone)
+        self._direct_busy = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -58,15 +74,14 @@ class Outbox:
             return True
         return len(self._queue) < self.max_count and self.queued_bytes + nbytes <= self.max_bytes
 
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _push(self, text: str) -> None:
+    def _append(self, text: str) -> None:
         self._queue.append(text)
         self.queued_bytes += len(text)
         self.ledger.add(len(text))
-        self._wake()
+
+    def _push(self, text: str) -> None:
+        self._append(text)
+        self._readable.unpark_all()
 
     async def wait_room(self, nbytes: int) -> None:
         """Wait until ``nbytes`` fit (the writer's progress bounds the wait).
@@ -75,18 +90,38 @@ class Outbox:
             trio.ClosedResourceError: the outbox was closed.
         """
         while not self._closed and not self._has_room(nbytes):
-            await self._changed.wait()
+            await self._room.park()
         if self._closed:
             raise trio.ClosedResourceError("the connection is closing")
 
-    async def put(self, text: str) -> None:
+    async def put(self, text: str, *, direct: bool = False) -> None:
         """Queue ``text``, waiting for room.
 
+        Args:
+            text: the message.
+            direct: write it from this task when nothing is queued and the door allows it
+                (:attr:`direct`). Only for a task that may block until the peer reads: a call's
+                responder, not the connection's reader, which keeps reading while the outbox
+                has room.
+
         Raises:
-            trio.ClosedResourceError: the outbox was closed.
+            trio.ClosedResourceError: the outbox was closed (or, writing it directly, the
+                connection went).
         """
         await self.wait_room(len(text))
-        self._push(text)
+        if not direct or self.direct is None or self._queue:
+            self._push(text)
+            return
+        self._append(text)
+        self._direct_busy = True
+        try:
+            await self.direct(text)
+        finally:
+            self._direct_busy = False
+            if self._queue and self._queue[0] is text:  # (unless close(drop=True) dropped it)
+                self.written()
+            if self._queue or self._closed:
+                self._readable.unpark_all()  # what queued behind it, or the end
 
     def full(self) -> bool:
         """Whether no message at all would be queued now (closed, or at its count or bytes):
@@ -110,10 +145,10 @@ class Outbox:
         Raises:
             trio.EndOfChannel: closed and empty.
         """
-        while not self._queue:
-            if self._closed:
+        while not self._queue or self._direct_busy:
+            if self._closed and not self._queue:
                 raise trio.EndOfChannel
-            await self._changed.wait()
+            await self._readable.park()
         return self._queue[0]
 
     def written(self) -> None:
@@ -121,7 +156,7 @@ class Outbox:
         text = self._queue.popleft()
         self.queued_bytes -= len(text)
         self.ledger.add(-len(text))
-        self._wake()
+        self._room.unpark_all()
 
     def close(self, *, drop: bool) -> None:
         """No more messages. With ``drop``, forget (and refund) what is queued; otherwise the
@@ -131,7 +166,8 @@ class Outbox:
             self.ledger.add(-self.queued_bytes)
             self._queue.clear()
             self.queued_bytes = 0
-        self._wake()
+        self._readable.unpark_all()
+        self._room.unpark_all()
 
 
 class ProgressStream(trio.abc.HalfCloseableStream):

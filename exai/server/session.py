@@ -9,9 +9,12 @@ daemon drains.
 Writing:
     answers and notifications wait in the core's bounded
     :class:`~exai.server.outbox.Outbox` (count and bytes); an answer waits for room (back-pressure
-    on the slow client's own calls), progress is dropped and counted when there is none. A writer
-    that makes no progress for ``send_timeout_s`` closes the connection with 1008 and everything
-    the session held is freed.
+    on the slow client's own calls), progress is dropped and counted when there is none. An
+    answer put while nothing is queued is written by the responder's own task
+    (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off to the writer task, which sends
+    whatever queues meanwhile after it, in order). A write that makes no progress for
+    ``send_timeout_s`` — the writer's or a direct one — closes the connection with 1008 and
+    everything the session held is freed.
 
 Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
@@ -85,6 +88,8 @@ class Session:
             conn.meter = self.meter
         self._writer_done = trio.Event()
         self.nursery: trio.Nursery | None = None
+        # an answer put while nothing is queued is written by its own task (no hand-off)
+        self.core.outbox.direct = self._direct_write
 
     @property
     def closing_reason(self) -> tuple[int, str] | None:
@@ -170,6 +175,29 @@ class Session:
                 self.nursery.cancel_scope.cancel()
         finally:
             self._writer_done.set()
+
+    async def _direct_write(self, text: str) -> None:
+        """Write one message from the task that put it (the outbox was empty, so nothing is
+        being written), under the writer's deadline: ``send_timeout_s`` from the last progress.
+
+        Raises:
+            trio.ClosedResourceError: the peer went away or read nothing for
+                ``send_timeout_s`` (then the session is closed with 1008, as by the writer).
+        """
+        scope = trio.CancelScope(deadline=trio.current_time() + self.settings.send_timeout_s)
+        self._write_scope = scope
+        try:
+            with scope:
+                await self.conn.send_message(text)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.nursery is not None:  # the peer went away: stop reading too
+                self.nursery.cancel_scope.cancel()
+            raise trio.ClosedResourceError("the connection is closed") from None
+        finally:
+            self._write_scope = None
+        if scope.cancelled_caught:
+            await self._stalled()
+            raise trio.ClosedResourceError("the peer reads nothing")
 
     async def _stalled(self) -> None:
         """The peer read nothing for ``send_timeout_s``: close with 1008 and free everything."""

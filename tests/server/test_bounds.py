@@ -4,6 +4,8 @@ daemon budget, the memory backstop, and the writer's send deadline."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 from typing import Any
 
 import pytest
@@ -19,7 +21,16 @@ from exai.server.compact import approx_size, compact, expand
 from exai.server.outbox import Outbox, ProgressStream
 from exai.server.overload import MemoryReading
 from exai.tools.base import ToolResult
-from tests.helpers import Rpc, make_settings, running_daemon, ws
+from tests.daemon_tools import BLOB
+from tests.helpers import (
+    Rpc,
+    make_settings,
+    raw_upgrade,
+    registry_with,
+    running_daemon,
+    ws,
+    ws_frame,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -358,3 +369,98 @@ async def test_frames_past_the_daemon_budget_close_their_connection_with_1013(tm
             while d.budget.charged_bytes > 4096:
                 await trio.sleep(0.01)
         assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
+# ------------------------------------------------------------------ direct writes (issue 18)
+
+
+def _outbox() -> Outbox:
+    return Outbox(8, 1 << 20, Ledger(100, 1 << 20, MemoryBudget(1 << 30)))
+
+
+async def test_a_direct_put_is_written_by_its_own_task_and_what_queues_meanwhile_follows() -> None:
+    outbox = _outbox()
+    written: list[str] = []
+    release = trio.Event()
+
+    async def direct(text: str) -> None:
+        written.append(f"direct:{text}")
+        await release.wait()
+
+    async def writer() -> None:
+        while True:
+            try:
+                text = await outbox.get()
+            except trio.EndOfChannel:
+                return
+            written.append(f"writer:{text}")
+            outbox.written()
+
+    outbox.direct = direct
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        nursery.start_soon(functools.partial(outbox.put, "a", direct=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == ["direct:a"] and len(outbox) == 1  # still queued, still charged
+        outbox.put_nowait("b")  # a progress message while the answer is being written
+        await outbox.put("c", direct=True)  # something is queued: no direct write
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == ["direct:a"]  # the writer leaves the queue alone meanwhile
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        outbox.close(drop=False)
+    assert written == ["direct:a", "writer:b", "writer:c"]
+    assert outbox.ledger.nbytes == 0
+
+
+async def test_a_put_without_direct_is_handed_to_the_writer() -> None:
+    outbox = _outbox()
+
+    async def direct(text: str) -> None:
+        raise AssertionError("not a direct put")
+
+    outbox.direct = direct
+    await outbox.put("a")
+    assert await outbox.get() == "a"
+
+
+async def test_dropping_the_queue_during_a_direct_write_refunds_everything_once() -> None:
+    outbox = _outbox()
+
+    async def direct(text: str) -> None:
+        outbox.close(drop=True)  # the session is torn down meanwhile
+        await trio.lowlevel.checkpoint()
+
+    outbox.direct = direct
+    await outbox.put("abc", direct=True)
+    assert outbox.ledger.nbytes == 0 and len(outbox) == 0
+
+
+async def test_a_peer_that_reads_no_answer_is_closed_by_the_direct_write_deadline(tmp_path):
+    # one call whose answer is far larger than the socket buffers, on a connection that never
+    # reads: the responder writes it itself (nothing else queued), and must give up with 1008
+    settings = make_settings(
+        tmp_path, send_timeout_s=0.5, session_rate_per_s=10_000, session_burst=10_000
+    )
+    async with running_daemon(settings, registry_with(BLOB)) as d, ws(d) as bystander:
+        stream, status, _, _ = await raw_upgrade("127.0.0.1", _port(d.url))
+        assert status == 101
+        call = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "blob", "arguments": {"bytes": 6 * 1024 * KiB}},
+        }
+        await stream.send_all(ws_frame(json.dumps(call).encode()))
+        with trio.fail_after(30):
+            while d.stats.rejections.get("send_timeout", 0) == 0:
+                await trio.sleep(0.05)
+        with trio.fail_after(20):
+            while d.admission.open > 1:
+                await trio.sleep(0.05)
+        await stream.aclose()
+        assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
