@@ -3,9 +3,11 @@
 ``sqlite:///`` + a path (``sqlite:////abs/path.db`` or ``sqlite:///relative.db``); the default
 is ``exai.sqlite3`` in the state directory, created on first use.
 
-Every sqlite3 call runs in a worker thread through :func:`anyio.to_thread.run_sync` under the
-store's own :class:`anyio.CapacityLimiter` of one: a single connection (``check_same_thread``
-off) is used by one thread at a time, so the event loop never touches the file. The database
+Every sqlite3 call runs in the store's own worker thread
+(:class:`~exai.storage.storethread.StoreThread`: one long-lived thread, one job at a time, first
+come first served, answering through a file descriptor the waiting task polls — a third of the
+CPU of a ``to_thread`` hand-off): the single connection (``check_same_thread`` off) is used by
+one job at a time, and the event loop never touches the file. The database
 runs in WAL mode; its schema version is ``PRAGMA user_version`` and older files are migrated on
 open (``exai migrate`` does the same without serving).
 
@@ -26,14 +28,14 @@ caller directly, a group of one, so a lone writer pays no extra hop. The queue i
 (:data:`MAX_QUEUED_WRITES` writes, :data:`MAX_QUEUED_BYTES`); past it a write is refused at once
 as unavailable, which the service answers by spooling it.
 
-**A deadline can abandon a call.** The thread runs with ``abandon_on_cancel``: when the caller's
-bound passes (a hung disk, a lock held elsewhere), the caller gets its answer at once and the
+**A deadline can abandon a call.** The caller does not wait for the thread past its bound:
+when it passes (a hung disk, a lock held elsewhere), the caller gets its answer at once and the
 thread is left to finish. ``sqlite3_interrupt`` is called on the connection too, which stops a
 statement that is still running (a long scan) at its next step; a thread blocked inside the OS
 (``fsync`` on a dead disk) cannot be interrupted, which is why abandoning is the bound, not the
 interrupt. An abandoned write is safe: if it commits after all, its turns carry the same
 idempotency keys as the copy the caller then spooled, so the replay skips them; if it is
-interrupted, its transaction rolls back. The limiter stays held until the thread really ends, so
+interrupted, its transaction rolls back. The thread stays busy until the job really ends, so
 the next call waits for it (bounded by its own deadline) and never shares the connection. For a
 grouped write: a caller whose bound passes while its write is still queued takes it out of the
 queue (nothing is written); one whose write is already in the running transaction leaves it to
@@ -71,7 +73,6 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import attrs
 
 from exai.config import Settings
@@ -79,6 +80,7 @@ from exai.errors import ConfigError, StoreError, StoreUnavailableError
 from exai.logs import log_event
 from exai.storage.base import AppendResult, BatchItem
 from exai.storage.model import Thread, Turn
+from exai.storage.storethread import StoreThread
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "sqlite_path"]
 
@@ -152,7 +154,7 @@ MAX_QUEUED_BYTES = 64 * 1024 * 1024
 class _Write:
     """One caller's write: its items, then (set in the worker thread) its results or error."""
 
-    __slots__ = ("abandoned", "done", "error", "items", "results", "size")
+    __slots__ = ("abandoned", "done", "error", "finished", "items", "results", "size")
 
     def __init__(self, items: list[BatchItem]) -> None:
         self.items = items
@@ -161,7 +163,10 @@ class _Write:
         self.size = 4 * sum(len(t.content) for item in items for t in item[1]) + 256 * len(items)
         self.results: list[AppendResult] | None = None
         self.error: BaseException | None = None
-        self.done = anyio.Event()
+        #: results or error are final
+        self.finished = False
+        #: set when finished; only for a write that waits in the queue for the writer
+        self.done: anyio.Event | None = None
         self.abandoned = False
 
 
@@ -215,10 +220,10 @@ class SQLiteStore:
         self.path = path
         self._ttl_s = ttl_s
         self._busy_ms = max(1, int(busy_timeout_s * 1000))
-        self._limiter = anyio.CapacityLimiter(1)
+        self._close_timeout_s = max(1.0, busy_timeout_s)
+        self._thread = StoreThread(close_timeout_s=self._close_timeout_s)
         self._conn: sqlite3.Connection | None = None
         self._calls = 0
-        self._close_timeout_s = max(1.0, busy_timeout_s)
         #: set once a corrupt page was met; every later call fails at once
         self.corrupt = False
         #: schema versions this open applied (``exai migrate`` reports them)
@@ -248,7 +253,13 @@ class SQLiteStore:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> SQLiteStore:
-        self._conn = await self._run(self._open)
+        await self._thread.__aenter__()
+        try:
+            self._conn = await self._run(self._open)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._thread.__aexit__(None, None, None)
+            raise
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -266,12 +277,13 @@ class SQLiteStore:
             await tg.__aexit__(None, None, None)
         self._fail_queued(StoreUnavailableError("the SQLite store is closing"))
         conn, self._conn = self._conn, None
-        if conn is not None:
-            # bounded: a thread stuck on a dead disk keeps the limiter; the process exits anyway
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self._close_timeout_s):
-                await anyio.to_thread.run_sync(
-                    conn.close, limiter=self._limiter, abandon_on_cancel=True
-                )
+        with anyio.CancelScope(shield=True):
+            if conn is not None:
+                # bounded: a thread stuck on a dead disk keeps the connection; the process
+                # exits anyway
+                with anyio.move_on_after(self._close_timeout_s):
+                    await self._thread.run(conn.close)
+            await self._thread.__aexit__(None, None, None)
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,9 +357,7 @@ class SQLiteStore:
             raise StoreUnavailableError("the SQLite store is corrupt")
         self._calls += 1
         try:
-            return await anyio.to_thread.run_sync(
-                fn, *args, limiter=self._limiter, abandon_on_cancel=True
-            )
+            return await self._thread.run(fn, *args)
         except anyio.get_cancelled_exc_class():
             # the caller's bound passed: the thread is abandoned (see the module docstring);
             # stop the statement it may still be running
@@ -436,12 +446,13 @@ class SQLiteStore:
             raise StoreError("the SQLite store is not open")
         w = _Write(items)
         self._calls += 1
-        if not self._queue and not self._writing and self._limiter.borrowed_tokens == 0:
+        if not self._queue and not self._writing and not self._thread.busy:
             try:
                 await self._commit_group([w])
             except BaseException:
                 self._leave(w)
                 raise
+            w.finished = True
         else:
             if len(self._queue) >= MAX_QUEUED_WRITES or (
                 self._queue and self._queued_bytes + w.size > MAX_QUEUED_BYTES
@@ -450,11 +461,12 @@ class SQLiteStore:
                     f"the SQLite store has {len(self._queue)} writes waiting "
                     f"({self._queued_bytes} bytes); it is not keeping up"
                 )
+            w.done = done = anyio.Event()
             self._queue.append(w)
             self._queued_bytes += w.size
             self._work.set()
             try:
-                await w.done.wait()
+                await done.wait()
             except BaseException:
                 self._leave(w)
                 raise
@@ -465,7 +477,7 @@ class SQLiteStore:
 
     def _leave(self, w: _Write) -> None:
         """A caller's bound passed (or it was cancelled) before its write was done."""
-        if w.done.is_set():
+        if w.finished:
             return
         try:
             self._queue.remove(w)
@@ -507,7 +519,7 @@ class SQLiteStore:
             try:
                 # Wait until the connection is free (a read, a direct write or an abandoned
                 # one may hold it), so the group takes every write queued meanwhile.
-                async with self._limiter:
+                async with self._thread.hold():
                     pass
                 group = self._take_group()
                 if not self._queue:
@@ -521,7 +533,9 @@ class SQLiteStore:
                     raise
                 finally:
                     for w in group:
-                        w.done.set()
+                        w.finished = True
+                        if w.done is not None:
+                            w.done.set()
             finally:
                 self._writing = False
 
@@ -531,9 +545,7 @@ class SQLiteStore:
         try:
             if self.corrupt:
                 raise StoreUnavailableError("the SQLite store is corrupt")
-            await anyio.to_thread.run_sync(
-                self._append_sync, group, limiter=self._limiter, abandon_on_cancel=True
-            )
+            await self._thread.run(self._append_sync, group)
         except sqlite3.Error as exc:
             self._fail(group, self._map(exc))
             return
@@ -561,7 +573,9 @@ class SQLiteStore:
         self._queued_bytes = 0
         for w in queue:
             w.error = error
-            w.done.set()
+            w.finished = True
+            if w.done is not None:
+                w.done.set()
 
     def _map_one(self, exc: BaseException) -> BaseException:
         """The error of one write of a committed group."""
@@ -720,7 +734,7 @@ class SQLiteStore:
 
     def status(self) -> dict[str, Any]:
         """Kind, file and worker-thread use."""
-        stats = self._limiter.statistics()
+        thread = self._thread
         return {
             "kind": self.kind,
             "file": self.path.name,  # (no server path: clients read status)
@@ -729,8 +743,8 @@ class SQLiteStore:
             "abandoned_calls": self.abandoned,
             "pool": {
                 "size": 1,
-                "in_use": stats.borrowed_tokens,
-                "waiting": stats.tasks_waiting,
+                "in_use": int(thread.in_use),
+                "waiting": thread.waiting,
             },
             "calls": self._calls,
             "writes": {

@@ -1,9 +1,9 @@
 """Group commit in the SQLite store: many callers' turn writes in one transaction, each caller
 answered with its own result once its turns are durable, a failing write alone in failing.
 
-To put chosen writes in one group, a test holds the store's connection (its limiter, which the
-writer needs to reach the worker thread) while the writes queue, then lets go: the writer takes
-every queued write into the next transaction.
+To put chosen writes in one group, a test holds the store's worker thread (which the writer
+needs to reach the connection) while the writes queue, then lets go: the writer takes every
+queued write into the next transaction.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _stored(path: Path) -> list[tuple[str, str]]:
 @asynccontextmanager
 async def held(store: SQLiteStore) -> AsyncIterator[None]:
     """Hold the store's connection: writes queue until the block ends."""
-    async with store._limiter:
+    async with store._thread.hold():
         yield
 
 
