@@ -519,18 +519,22 @@ class ConversationService:
                 )
             thread = found
         now = self.clock()
+        # keys stay distinct: a surrogate becomes its escape, not a replacement char
+        key = _storable_key(idempotency_key)
         prepared = [
-            attrs.evolve(
-                t,
-                # Text a store cannot hold (NUL for PostgreSQL, lone surrogates for any UTF-8
-                # store) is replaced here rather than spooled and refused at every replay.
+            # Text a store cannot hold (NUL for PostgreSQL, lone surrogates for any UTF-8 store)
+            # is replaced here rather than spooled and refused at every replay.
+            Turn(
+                role=t.role,
                 content=_storable(t.content),
-                files=tuple(_storable(f) for f in t.files),
+                tool=t.tool,
+                provider=t.provider,
+                model=t.model,
+                files=tuple(_storable(f) for f in t.files) if t.files else (),
+                created_at=t.created_at if t.created_at is not None else now,
                 thread_id=thread.id,
                 seq=None,
-                created_at=t.created_at if t.created_at is not None else now,
-                # keys stay distinct: a surrogate becomes its escape, not a replacement char
-                idempotency_key=turn_key(_storable_key(idempotency_key), i),
+                idempotency_key=turn_key(key, i),
             )
             for i, t in enumerate(turns)
         ]
@@ -626,23 +630,25 @@ class ConversationService:
     # -- the primary store under its breaker and the deadline ----------------------------
     async def _primary(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         bound = self.settings.store_timeout_s
+        now = anyio.current_time()
         deadline = anyio.current_effective_deadline()
         if deadline != math.inf:
-            bound = min(bound, max(0.0, 0.8 * (deadline - anyio.current_time())))
+            bound = min(bound, max(0.0, 0.8 * (deadline - now)))
         kind = self.store.kind
         try:
             async with self.breaker:
-                try:
-                    with anyio.fail_after(bound):
-                        result = await fn(*args)
-                    if self.spool.depth:
-                        # the store answers: a replay waiting out its backoff starts now
-                        self.replay.recovered.set()
-                    return result
-                except TimeoutError as exc:
+                # (a plain cancel scope: ``fail_after`` is a generator context manager, dearer
+                # per store call)
+                with anyio.CancelScope(deadline=now + bound) as scope:
+                    result = await fn(*args)
+                if scope.cancelled_caught:
                     raise StoreUnavailableError(
                         f"the {kind} store did not answer within {bound:.3g}s"
-                    ) from exc
+                    )
+                if self.spool.depth:
+                    # the store answers: a replay waiting out its backoff starts now
+                    self.replay.recovered.set()
+                return result
         except StoreUnavailableError as exc:
             _log_store_error(kind, exc)
             raise StoreUnavailableError(

@@ -596,6 +596,9 @@ class SQLiteStore:
             self._current = None
 
     def _group_tx(self, conn: sqlite3.Connection, group: list[_Write]) -> None:
+        if len(group) == 1:
+            self._lone_tx(conn, group[0])
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             for w in group:
@@ -617,6 +620,28 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def _lone_tx(self, conn: sqlite3.Connection, w: _Write) -> None:
+        """A group of one (every write at concurrency 1): no savepoint, since rolling the
+        transaction back undoes exactly this write."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            try:
+                results = [self._append_in_tx(conn, *item) for item in w.items]
+            except (sqlite3.Error, StoreError, UnicodeError, ValueError, TypeError) as exc:
+                if isinstance(exc, sqlite3.Error) and _store_wide(exc):
+                    raise
+                conn.execute("ROLLBACK")
+                w.results = None
+                w.error = exc
+                return
+            conn.execute("COMMIT")
+            w.results = results
+        except BaseException:
+            w.results = None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     def _append_in_tx(
         self,
         conn: sqlite3.Connection,
@@ -627,20 +652,26 @@ class SQLiteStore:
     ) -> AppendResult:
         first = min((t.created_at or 0.0) for t in turns) if turns else 0.0
         # ON CONFLICT without a target: a taken id or a taken creation key both do nothing
-        conn.execute(
+        created = conn.execute(
             "INSERT INTO threads (id, created_at, updated_at, expires_at, owner, "
             "creation_key) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (thread_id, first, first, first + self._ttl_s, owner, creation_key),
-        )
-        if creation_key is not None:
-            row = conn.execute(
-                "SELECT id FROM threads WHERE creation_key = ?", (creation_key,)
-            ).fetchone()
+        ).rowcount
+        if created == 1:
+            count = size = 0  # a new thread (a chat call's first turns): nothing to read
+        else:
+            row = None
+            if creation_key is not None:
+                row = conn.execute(
+                    "SELECT id, turn_count, bytes FROM threads WHERE creation_key = ?",
+                    (creation_key,),
+                ).fetchone()
             if row is not None:
-                thread_id = row[0]
-        count, size = conn.execute(
-            "SELECT turn_count, bytes FROM threads WHERE id = ?", (thread_id,)
-        ).fetchone()
+                thread_id, count, size = row
+            else:
+                count, size = conn.execute(
+                    "SELECT turn_count, bytes FROM threads WHERE id = ?", (thread_id,)
+                ).fetchone()
         written = 0
         last = None
         for t in turns:
@@ -658,7 +689,7 @@ class SQLiteStore:
                     t.tool,
                     t.provider,
                     t.model,
-                    json.dumps(list(t.files)),
+                    json.dumps(list(t.files)) if t.files else "[]",
                     t.created_at,
                     t.idempotency_key,
                 ),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from exai.storage.model import Thread, Turn, turn_key
+from exai.storage.model import ROLES, Thread, Turn, turn_key
 
 
 def _thread(**kw: object) -> Thread:
@@ -72,3 +75,54 @@ def test_the_storage_package_exports_its_public_api_lazily() -> None:
     probe = "import sys, exai.storage; print('trio_asyncio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@given(
+    role=st.sampled_from(ROLES),
+    content=st.text(max_size=20),
+    tool=st.text(max_size=5),
+    files=st.lists(st.text(max_size=5), max_size=3).map(tuple),
+    created_at=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    key=st.none() | st.text(max_size=8),
+    thread_id=st.text(max_size=8),
+    seq=st.none() | st.integers(min_value=1, max_value=10**6),
+)
+def test_placing_a_turn_is_what_evolve_makes(
+    role: str,
+    content: str,
+    tool: str,
+    files: tuple[str, ...],
+    created_at: float | None,
+    key: str | None,
+    thread_id: str,
+    seq: int | None,
+) -> None:
+    turn = Turn(
+        role=role,
+        content=content,
+        tool=tool,
+        provider="p",
+        model="m",
+        files=files,
+        created_at=created_at,
+        thread_id="before",
+        seq=7,
+        idempotency_key=key,
+    )
+    assert turn.placed(thread_id, seq) == attrs.evolve(turn, thread_id=thread_id, seq=seq)
+
+
+def test_placed_copies_every_field_of_a_turn() -> None:
+    # Turn.placed names each field: a field added to Turn must be added there too
+    assert [f.name for f in attrs.fields(Turn)] == [
+        "role",
+        "content",
+        "tool",
+        "provider",
+        "model",
+        "files",
+        "created_at",
+        "thread_id",
+        "seq",
+        "idempotency_key",
+    ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from exai.errors import ConfigError
+from exai.errors import ConfigError, StoreError, StoreUnavailableError
 from exai.storage.base import AppendResult
 from exai.storage.model import Turn
 from exai.storage.sqlite import SCHEMA_VERSION, SQLiteStore, sqlite_path
@@ -128,3 +128,39 @@ async def test_status_reports_the_worker_thread_pool(tmp_path: Path) -> None:
         status = store.status()
     assert status["kind"] == "sqlite"
     assert status["pool"] == {"size": 1, "in_use": 0, "waiting": 0}
+
+
+async def test_a_write_under_a_taken_creation_key_goes_to_the_thread_it_created(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        first = await store.append_turns("t1", [_turn("a", "k#0")], creation_key="ck")
+        # a re-run of the call that created t1, under another new id: its turns go to t1
+        rerun = await store.append_turns("t2", [_turn("b", "k2#0")], creation_key="ck")
+        # continuing t1 with a call that would have created another thread (another key)
+        more = await store.append_turns("t1", [_turn("c", "k3#0")], creation_key="other")
+        t1 = await store.get_thread("t1")
+        t2 = await store.get_thread("t2")
+    assert first == AppendResult(written=1, turn_count=1, thread_id="t1")
+    assert rerun == AppendResult(written=1, turn_count=2, thread_id="t1")
+    assert more == AppendResult(written=1, turn_count=3, thread_id="t1")
+    assert t1 is not None and [(t.seq, t.content) for t in t1.turns] == [
+        (1, "a"),
+        (2, "b"),
+        (3, "c"),
+    ]
+    assert t2 is None
+
+
+async def test_a_lone_write_the_store_cannot_hold_leaves_nothing_and_the_next_one_works(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteStore(tmp_path / "db", ttl_s=60.0) as store:
+        with pytest.raises(StoreError) as caught:
+            await store.append_turns("bad", [_turn("ok", "b#0"), _turn("\ud800", "b#1")])
+        assert not isinstance(caught.value, StoreUnavailableError)  # this write, not the store
+        assert await store.get_thread("bad") is None  # not even its thread row or first turn
+        assert await store.append_turns("good", [_turn("a", "g#0")]) == AppendResult(
+            written=1, turn_count=1, thread_id="good"
+        )
+    assert _count_turns(tmp_path / "db") == 1
