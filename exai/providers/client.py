@@ -558,7 +558,8 @@ class OpenAIClient:
         byte_iter = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
         async with contextlib.aclosing(byte_iter) as chunks:
             ended = await self._pump(chunks, decoder, asm, on_chunk)
-            if ended == "done":
+            # (the body's end usually came with [DONE]: then nothing is left to wait for)
+            if ended == "done" and not (isinstance(response, Response) and response.ended):
                 await self._drain(chunks)
         completion = asm.completion()
         judge(

@@ -506,9 +506,9 @@ class Provider:
 
         reasoning: list[str] = []
         while True:
-            body = self.dialect.build_body(
-                attrs.evolve(req, messages=tuple(messages)), model, stream=streaming
-            )
+            # (the first round sends the request as it came: no copy of it)
+            this = attrs.evolve(req, messages=tuple(messages)) if rounds else req
+            body = self.dialect.build_body(this, model, stream=streaming)
             if rounds:  # each web-search round is a request of its own
                 if self.rpm is not None:
                     await self.rpm.acquire(1)

@@ -44,6 +44,14 @@ pass and the pool's own headers are checked once. What it accepts and rejects is
 differential tests (hypothesis: the same bytes split anywhere, into both); aiohttp through
 trio-asyncio measured 0.9 ms in issue 18 and would put an asyncio loop on the provider path.
 
+On plain TCP (no TLS) a connection's socket is read and written directly: a read waits for the
+socket to be readable, then reads (the stream tries the read first, and the bytes are almost
+never there yet: a failed system call and an exception per read); a request is offered to the
+socket at once and only what it does not take goes through the stream under the write bound.
+Same benchmark, both trees twice, interleaved (load ≈ 4): the pool 0.226 / 0.239 → 0.202 /
+0.192 ms, ``OpenAIClient.chat`` 0.366 / 0.381 → 0.340 / 0.320 ms. TLS connections go through
+the TLS stream as before.
+
 Resource handling:
     At most ``max_connections`` connections exist at once (idle ones included). A request
     holds one slot from :meth:`H11Pool.request` until its :meth:`Response.aclose`; a request
@@ -121,11 +129,16 @@ class PoolStatistics:
 class _Conn:
     """One connection: its stream, the reader of its current response and when it went idle."""
 
-    __slots__ = ("idle_since", "raw", "reader", "requests", "stream")
+    __slots__ = ("idle_since", "plain", "raw", "reader", "requests", "stream")
 
-    def __init__(self, stream: anyio.abc.ByteStream, raw: socket.socket | None) -> None:
+    def __init__(
+        self, stream: anyio.abc.ByteStream, raw: socket.socket | None, *, plain: bool = False
+    ) -> None:
         self.stream = stream
         self.raw = raw
+        #: the socket itself, when the connection is plain TCP (no TLS): read and written
+        #: directly (see :func:`_fill`)
+        self.plain = raw if plain else None
         self.reader = ResponseReader(MAX_HEAD_BYTES)
         self.idle_since = 0.0
         self.requests = 0
@@ -365,7 +378,7 @@ class H11Pool:
         with contextlib.suppress(OSError):
             if raw is not None:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Conn(stream, raw)
+        return _Conn(stream, raw, plain=not self.tls)
 
     async def _send(self, conn: _Conn, head: bytes, body: bytes, *, reused: bool) -> bool:
         """Write the request; False when a reused connection turned out closed (not sent)."""
@@ -374,6 +387,21 @@ class H11Pool:
         writes = [head + body] if len(body) <= PIECE_BYTES else [head, body]
         conn.reader = ResponseReader(MAX_HEAD_BYTES)
         conn.requests += 1
+        sock = conn.plain
+        if sock is not None and len(writes) == 1:
+            # A small request on plain TCP: the socket (non-blocking) takes it whole at once,
+            # almost always; what it does not take goes the usual way, bounded below.
+            try:
+                sent = sock.send(writes[0])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                if reused:
+                    return False
+                raise httpx.WriteError(f"the connection broke while sending ({exc!r})") from exc
+            if sent == len(writes[0]):
+                return True
+            writes = [writes[0][sent:]]
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + self.write_timeout_s) as scope:
                 for data in writes:
@@ -422,7 +450,23 @@ class H11Pool:
 
 
 async def _fill(conn: _Conn) -> None:
-    """One read from the socket into the connection's parser (EOF included)."""
+    """One read from the socket into the connection's parser (EOF included).
+
+    On plain TCP the socket is waited for, then read: the reader only asks for more once it has
+    taken every byte of the last read, so the bytes are almost never there yet, and trying the
+    read first (what the stream does) costs a failed system call and an exception each time.
+    """
+    sock = conn.plain
+    if sock is not None:
+        try:
+            await anyio.wait_readable(sock)
+            data = sock.recv(READ_BYTES)
+        except BlockingIOError:
+            return  # woken without bytes: the caller asks again
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise httpx.ReadError(f"the connection broke while reading ({exc!r})") from exc
+        conn.reader.feed(data)
+        return
     try:
         data = await conn.stream.receive(READ_BYTES)
     except anyio.EndOfStream:
@@ -524,6 +568,11 @@ class Response:
                     self._decoder = _Decoder("deflate")
                 elif enc not in ("", "identity"):
                     raise httpx.DecodingError(f"unsupported content-encoding {enc!r}")
+
+    @property
+    def ended(self) -> bool:
+        """The body has been read to its end."""
+        return self._done
 
     @property
     def headers(self) -> httpx.Headers:

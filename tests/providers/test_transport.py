@@ -658,3 +658,50 @@ async def test_a_port_nobody_listens_on_is_a_connect_error_and_leaves_nothing_he
             with pytest.raises(httpx.ConnectError):
                 await pool.request("GET", "models", [])
             _idle_and_free(pool, connections=0)
+
+
+async def test_a_request_the_socket_takes_only_in_part_still_arrives_whole(monkeypatch):
+    """On plain TCP a request is first offered to the socket directly; what a full send buffer
+    does not take must follow, in order, under the write bound."""
+    body = bytes(range(256)) * 200  # 51,200 bytes: one write (under PIECE_BYTES)
+    assert len(body) < PIECE_BYTES
+    taken: list[int] = []
+    sent_once = anyio.Event()
+    got: list[bytes] = []
+
+    async def handler(stream: anyio.abc.SocketStream) -> None:
+        # read nothing until the client's first send has come back (a hang guard only)
+        with anyio.move_on_after(5):
+            await sent_once.wait()
+        request = await read_request(stream, bytearray())
+        assert request is not None
+        got.append(request.partition(b"\r\n\r\n")[2])
+        await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    connect = H11Pool._connect
+
+    async def small_buffers(self: H11Pool) -> _Conn:
+        conn = await connect(self)
+        assert conn.plain is not None
+        conn.plain.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        real = conn.plain
+
+        class Recording:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            def send(self, data: bytes) -> int:
+                n = real.send(data)
+                taken.append(n)
+                sent_once.set()
+                return n
+
+        conn.plain = Recording()  # type: ignore[assignment]
+        return conn
+
+    monkeypatch.setattr(H11Pool, "_connect", small_buffers)
+    async with raw_server(handler) as url, _pool(url) as pool:
+        assert await _body(pool, "chat", body) == b"ok"
+        _idle_and_free(pool, connections=1)
+    assert taken and taken[0] < len(body)  # the direct send was short...
+    assert got == [body]  # ...and the rest followed
