@@ -5,9 +5,9 @@ is ``exai.sqlite3`` in the state directory, created on first use.
 
 Every sqlite3 call runs in the store's own worker thread
 (:class:`~exai.storage.storethread.StoreThread`: one long-lived thread, one job at a time, first
-come first served, answering through a file descriptor the waiting task polls — a third of the
-CPU of a ``to_thread`` hand-off): the single connection (``check_same_thread`` off) is used by
-one job at a time, and the event loop never touches the file. The database
+come first served, answering through a file descriptor the waiting task polls — a third to a
+half of the CPU of a ``to_thread`` hand-off): the single connection (``check_same_thread``
+off) is used by one job at a time, and the event loop never touches the file. The database
 runs in WAL mode; its schema version is ``PRAGMA user_version`` and older files are migrated on
 open (``exai migrate`` does the same without serving).
 
