@@ -49,6 +49,7 @@ class FlakyStore:
         self.down = False
         self.hang = False
         self.appends = 0
+        self.reads = 0
 
     async def _gate(self) -> None:
         if self.hang:
@@ -82,6 +83,7 @@ class FlakyStore:
 
     async def get_thread(self, thread_id: str) -> Thread | None:
         await self._gate()
+        self.reads += 1
         return await self.inner.get_thread(thread_id)
 
     async def delete_expired(self, now: float) -> int:
@@ -125,6 +127,19 @@ def user(content: str, tool: str = "chat") -> Turn:
 
 def assistant(content: str, tool: str = "chat") -> Turn:
     return Turn(role="assistant", content=content, tool=tool, provider="kimi", model="k2")
+
+
+async def test_a_new_threads_first_call_reads_nothing_and_hands_off_one_write(
+    tmp_path: Path,
+) -> None:
+    # what a chat call without continuation_id costs the store: no read, one trip to its thread
+    async with flaky_service(make_settings(tmp_path)) as (svc, store):
+        jobs = store.inner._thread.jobs
+        thread = await svc.start_or_continue(None, "chat", call_key="c1", owner="me")
+        after = await svc.add_turns(thread, [user("q"), assistant("a")], "c1", owner="me")
+        assert store.reads == 0 and store.appends == 1
+        assert store.inner._thread.jobs - jobs == 1
+        assert [t.content for t in after.turns] == ["q", "a"]
 
 
 async def test_a_thread_is_continued_by_another_tool(
