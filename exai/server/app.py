@@ -10,7 +10,7 @@ What runs, and who owns it (outermost first)::
 
     stall probe (exai.server.stalls.LoopProbe: a system task and a watchdog thread)
       audit log (closes after the calls drained, so their lines are written)
-        call runner's nursery: every execution
+        call runner's nursery: every keyed execution (an unkeyed one runs in its responder)
           connection nursery: the admin listener, the memory backstop, the secret watcher,
                               each connection (see exai.server.listener)
             accept nursery: one accept loop per listening socket

@@ -1,13 +1,16 @@
 """Executions of ``tools/call``: the exactly-once registry and the runner.
 
-An :class:`Execution` is one run of a tool. It lives in the runner's calls nursery, not in the
-session that started it, so that a bridge which lost its connection can reconnect and *join*
-the execution instead of running the tool again. Sessions attach to an execution as watchers
-(to receive its progress and its result) and detach when they close.
+An :class:`Execution` is one run of a tool. One started with the client's idempotency key lives
+in the runner's calls nursery, not in the session that started it, so that a bridge which lost
+its connection can reconnect and *join* the execution instead of running the tool again; one
+without a key cannot outlive its session (it is cancelled when its last watcher leaves), so it
+runs in the task of the request that started it — one task per call, not two. Sessions attach
+to an execution as watchers (to receive its progress and its result) and detach when they close.
 
 The lifecycle, in order: a session reserves the execution's key in the :class:`CallRegistry`
-(``running``), takes its slots, and hands it to :meth:`CallRunner.start`; the runner runs the
-tool under the call's deadline with a heartbeat, stores the answer (here and, for a client's
+(``running``), takes its slots, and hands it to :meth:`CallRunner.start` (keyed) or runs
+:meth:`CallRunner.run` itself (unkeyed); the run is the tool under the call's deadline with a
+heartbeat, stores the answer (here and, for a client's
 idempotency key, in the store shared by daemons), releases the slots, counts, times and audits
 the call, and wakes every watcher.
 
@@ -16,7 +19,7 @@ Resource handling:
     before it starts until it ends (released in ``finally``). When its last watcher detaches,
     an execution started without an idempotency key is cancelled at once; one started with a
     key (a bridge that will re-send) is given ``orphan_grace_s`` to be adopted, then cancelled.
-    :class:`CallRunner` is an async context manager owning the nursery every execution runs in.
+    :class:`CallRunner` is an async context manager owning the nursery keyed executions run in.
 
 The :class:`CallRegistry` maps a key — the client's ``_meta["exai/idempotencyKey"]`` or, when
 absent, ``session id + request id`` — to the running execution or to its finished response,
@@ -278,18 +281,19 @@ class Changes:
     """
 
     def __init__(self) -> None:
-        self._changed = trio.Event()
+        # (a parking lot: notified several times per call, mostly with nobody waiting, which
+        # costs nothing here where an Event was made anew each time)
+        self._waiters = trio.lowlevel.ParkingLot()
 
     def notify(self) -> None:
         """Wake :meth:`wait_for` waiters."""
-        self._changed.set()
-        self._changed = trio.Event()
+        self._waiters.unpark_all()
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds (re-checked on every :meth:`notify`); the caller
         bounds the wait."""
         while not predicate():
-            await self._changed.wait()
+            await self._waiters.park()
 
 
 class Slot(Protocol):
@@ -508,6 +512,12 @@ class CallRunner:
                     )
                     ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
                     outcome = "timeout"
+        except trio.Cancelled:
+            # cancelled from outside: an unkeyed call run by its responder, whose session is
+            # going (or the daemon stopping)
+            outcome = "cancelled"
+            ex.payload = None
+            raise
         finally:
             if beat is not None:
                 beat[1] = None

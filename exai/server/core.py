@@ -527,10 +527,20 @@ class SessionCore:
             ex.attach(watcher)
             try:
                 if owner:
+                    launched: _Launched | None = None
                     # the start belongs to the execution, not to this responder: requests that
                     # joined still want it if this one goes (bounded by its deadline)
                     with ex.wait_scope:
-                        await self._start(ex, args, req)
+                        launched = await self._start(ex, args, req)
+                    if launched is not None:
+                        # An unkeyed call runs in its responder's task (one task per call, not
+                        # two): it cannot outlive its session anyway (its last watcher leaving
+                        # cancels it), and only requests of this session can join it. This
+                        # responder's own scope is cancelled by notifications/cancelled only
+                        # while no later request of the same id joined (the cancel finds the
+                        # latest), so it then is the only watcher and Execution.cancel() would
+                        # follow anyway.
+                        await self.shared.runner.run(ex, args, launched.ctx, launched.held)
                 await ex.done.wait()
                 if ex.payload is not None:
                     return ex.payload, ex.payload_bytes
@@ -541,14 +551,18 @@ class SessionCore:
                 self.shared.changes.notify()
         return None
 
-    async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
+    async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> _Launched | None:
         """Answer a reserved execution from another daemon's stored result, or start it.
+
+        Returns what the caller needs to run an unkeyed execution in its own task (see
+        :meth:`_launch`); ``None`` when it was answered, refused, or started in the runner.
 
         Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
         the reservation, so the joined duplicates get the same answer and a later retry runs.
         """
         shared = self.shared
         started = False
+        launched = None
         try:
             elsewhere = None
             if ex.client_key:
@@ -558,7 +572,7 @@ class SessionCore:
                 ex.payload = elsewhere
                 ex.payload_bytes = shared.calls.store(ex.key, ex.digest, elsewhere)
             else:
-                await self._launch(ex, args, req)
+                launched = await self._launch(ex, args, req)
                 started = True
         except _HandedOver:
             shared.stats.rejections["handed_over"] += 1  # no answer: re-sent elsewhere
@@ -571,6 +585,7 @@ class SessionCore:
                 shared.calls.running.pop(ex.key, None)
                 ex.done.set()
                 shared.changes.notify()
+        return launched
 
     async def _session_slot(self, ex: Execution) -> None:
         """Take one of this session's slots, waiting in its FIFO until the call's deadline.
@@ -642,9 +657,14 @@ class SessionCore:
             "to be read"
         )
 
-    async def _launch(self, ex: Execution, args: dict[str, Any], req: p.Request) -> None:
+    async def _launch(
+        self, ex: Execution, args: dict[str, Any], req: p.Request
+    ) -> _Launched | None:
         """Take the session slot (FIFO, until the call's deadline), then the identity and global
-        slots within ``slot_wait_s``, and hand the execution to the daemon's call runner."""
+        slots within ``slot_wait_s``; then hand a keyed execution to the daemon's call runner
+        (it may outlive this session: a reconnecting bridge adopts it), and return an unkeyed
+        one's context and slots for its responder to run it
+        (:meth:`~exai.server.calls.CallRunner.run`)."""
         shared = self.shared
         slots = shared.slots
         if shared.readiness.draining:
@@ -731,7 +751,10 @@ class SessionCore:
             client=self.identity.name,
             peer=self.ip,
         )
+        if not ex.client_key:
+            return _Launched(ctx, held)
         shared.runner.start(ex, args, ctx, held)
+        return None
 
     def _audit_refusal(self, req: p.Request, exc: errors.ExaiError) -> None:
         """An audit line for a call refused before it ran (bad arguments, no slot, …)."""
@@ -774,6 +797,15 @@ class SessionCore:
             ex.cancel()
         log_event("call.cancelled", session=self.id, tool=ex.tool)
         return True
+
+
+@attrs.frozen
+class _Launched:
+    """An unkeyed execution ready to run in its responder's task: its context, and the slots
+    it holds (released when it ends)."""
+
+    ctx: ToolContext
+    held: list[Slot]
 
 
 class _HandedOver(Exception):

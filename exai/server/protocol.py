@@ -551,10 +551,7 @@ def decode(
         # bounded to the message's ends (exai.server.idscan)
         rid = recover_id(text, max_id_bytes=max_id_bytes)
         return DecodeError(rid, exc.code, exc.message, exc.data)
-    msg = _classify(value, max_id_bytes)
-    if isinstance(msg, Request):
-        return attrs.evolve(msg, cost_bytes=cost)
-    return msg
+    return _classify(value, max_id_bytes, cost)
 
 
 def _invalid(id_: RequestId | None, message: str, field: str | None = None) -> DecodeError:
@@ -564,7 +561,9 @@ def _invalid(id_: RequestId | None, message: str, field: str | None = None) -> D
     return DecodeError(id_, INVALID_REQUEST, message, data)
 
 
-def _classify(value: Any, max_id_bytes: int) -> Request | Notification | Response | DecodeError:
+def _classify(
+    value: Any, max_id_bytes: int, cost: int = 0
+) -> Request | Notification | Response | DecodeError:
     if isinstance(value, list):
         return _invalid(
             None,
@@ -608,7 +607,7 @@ def _classify(value: Any, max_id_bytes: int) -> Request | Notification | Respons
         return Notification(method, params)
     if id_problem is not None:
         return _invalid(None, id_problem, "id")
-    return Request(raw_id, method, params)
+    return Request(raw_id, method, params, cost)
 
 
 def _response(value: dict[str, Any], raw_id: Any, id_problem: str | None) -> Response | DecodeError:

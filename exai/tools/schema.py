@@ -190,6 +190,26 @@ def compiled(schema: dict[str, Any]) -> Any:
     return validator
 
 
+_EMPTY_VALID: OrderedDict[int, tuple[dict[str, Any], bool]] = OrderedDict()
+
+
+def _empty_is_valid(schema: dict[str, Any]) -> bool:
+    """Whether ``{}`` conforms to ``schema``, decided once per schema (kept as :func:`compiled`
+    keeps its validators)."""
+    key = id(schema)
+    hit = _EMPTY_VALID.get(key)
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    try:
+        ok = next(compiled(schema).iter_errors({}), None) is None
+    except RecursionError:
+        ok = False  # (validate answers it, as for any value)
+    _EMPTY_VALID[key] = (schema, ok)
+    if len(_EMPTY_VALID) > _CACHE_MAX:
+        _EMPTY_VALID.popitem(last=False)
+    return ok
+
+
 def validate(schema: dict[str, Any], value: Any, *, path: str = "arguments") -> None:
     """Check ``value`` against ``schema``; return quietly when it conforms.
 
@@ -202,6 +222,8 @@ def validate(schema: dict[str, Any], value: Any, *, path: str = "arguments") -> 
         InvalidParams: on the first problem found; ``field`` is the dotted path of the offending
             value (for a missing required field, the path it should have had).
     """
+    if type(value) is dict and not value and _empty_is_valid(schema):
+        return  # (no arguments for a tool that needs none: checked once per schema)
     _check_value(value, path)
     try:
         error = next(compiled(schema).iter_errors(value), None)

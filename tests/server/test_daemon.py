@@ -428,6 +428,47 @@ async def test_same_id_resent_on_the_same_session_runs_once(tmp_path):
         assert probe.started == 1
 
 
+async def test_a_joined_call_runs_on_for_its_first_request_when_the_re_sent_one_is_cancelled(
+    tmp_path,
+):
+    # the first request runs the call in its own task (issue 18); cancelling the request that
+    # joined it must neither stop the run nor lose the first request's answer
+    probe = Probe()
+    async with (
+        running_daemon(make_settings(tmp_path), registry_with(probe.spec)) as d,
+        ws(d) as conn,
+    ):
+        rpc = Rpc(conn)
+        req = {
+            "jsonrpc": "2.0",
+            "id": "dup",
+            "method": "tools/call",
+            "params": {"name": "probe", "arguments": {}},
+        }
+        await rpc.send(req)
+        with trio.fail_after(5):
+            await probe.started_event.wait()
+        await rpc.send(req)  # joins the running execution
+        await rpc.send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": "dup", "reason": "user"},
+            }
+        )
+        await rpc.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+        with trio.fail_after(5):
+            assert (await rpc.response(8))["result"] == {}
+        probe.release.set()
+        with trio.fail_after(5):
+            first = await rpc.response("dup")
+        assert "result" in first
+        assert probe.started == 1 and probe.cancelled == 0
+        with trio.fail_after(5):
+            while d.inflight.borrowed_tokens:
+                await trio.sleep(0.01)
+
+
 async def test_idempotency_key_from_a_reconnected_client_joins_the_running_call(tmp_path):
     probe = Probe()
     meta = {"exai/idempotencyKey": "bridge-1:5"}

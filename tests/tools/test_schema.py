@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from exai.errors import InvalidParams
-from exai.tools.schema import MAX_VALUE_DEPTH, SchemaError, check_schema, validate
+from exai.tools.schema import MAX_VALUE_DEPTH, SchemaError, check_schema, compiled, validate
 
 CHAT = {
     "type": "object",
@@ -403,3 +403,25 @@ def test_an_integer_too_long_to_print_is_refused_before_any_keyword_prints_it() 
     with pytest.raises(InvalidParams, match="a very large integer") as caught:
         validate(schema, {"n": 10**5000})
     assert caught.value.field == "arguments.n"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object"},
+        {"type": "object", "properties": {}, "additionalProperties": False},
+        {"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}}},
+        {"type": "object", "minProperties": 1},
+        {"type": "array"},
+        {"type": "object", "not": {"maxProperties": 0}},
+    ],
+)
+def test_empty_arguments_are_judged_as_the_validator_judges_them(schema: dict[str, Any]) -> None:
+    # (validate skips the validator for {} once it knows the schema takes it)
+    expected = next(compiled(schema).iter_errors({}), None) is None
+    for _ in range(2):  # the first call decides, the second uses what was decided
+        if expected:
+            validate(schema, {})
+        else:
+            with pytest.raises(InvalidParams):
+                validate(schema, {})
