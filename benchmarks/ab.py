@@ -12,7 +12,9 @@ order, with the closed-loop load of ``benchmarks/load/closed.py``. The figure is
 CPU time per completed call (``meter`` in ``closed.py``), pooled over rounds — what a change
 did to the daemon's own work, which holds on a shared machine where wall-clock rates do not.
 Series: ``chat<c>`` (``tools/call chat`` over WebSocket), ``stream<c>`` (the same with a
-progress token), ``version<c>``, at concurrency ``c``. ``--before-setting log_level=info``
+progress token), ``version<c>``, at concurrency ``c``; over the Streamable HTTP door
+(``POST /mcp``, stateless, the peer scenario's HTTP/1.1 client): ``http<c>`` (chat, a JSON
+answer), ``httpstream<c>`` (an SSE answer), ``httpversion<c>``. ``--before-setting log_level=info``
 (and ``--after-setting``) set a daemon setting on one side (``EXAI_LOG_LEVEL=info``; the
 benchmarks otherwise log at ``warning``), e.g. the same tree twice to price one setting.
 Prints a table; writes nothing.
@@ -60,12 +62,27 @@ def _config(series: str, d: Any) -> tuple[int, dict[str, Any]]:
         "token": TOKEN,
         "arguments": {"prompt": PROMPT, "model": MODEL},
     }
+    if kind.startswith("http"):
+        # the Streamable HTTP door (2026-07-28, stateless), JSON answers; the peer scenario's
+        # HTTP/1.1 client (``mcp_http`` in closed.py)
+        cfg.update(
+            mode="mcp_http",
+            url=d.url.replace("ws://", "http://", 1),
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        kind = kind.removeprefix("http") or "chat"
     if kind == "stream":
-        cfg["progress"] = True
+        if cfg["mode"] == "mcp_http":
+            cfg["stream"] = True  # (an SSE answer)
+        else:
+            cfg["progress"] = True
     elif kind == "version":
         cfg.update(tool="version", arguments={})
     elif kind != "chat":
-        raise SystemExit(f"unknown series {series!r}: chat<c>, stream<c> or version<c>")
+        raise SystemExit(
+            f"unknown series {series!r}: chat<c>, stream<c>, version<c>, or over the HTTP "
+            "door http<c>, httpstream<c>, httpversion<c>"
+        )
     return c, cfg
 
 
