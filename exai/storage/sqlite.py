@@ -357,14 +357,10 @@ class SQLiteStore:
             raise StoreUnavailableError("the SQLite store is corrupt")
         self._calls += 1
         try:
-            return await self._thread.run(fn, *args)
+            return await self._thread.run(fn, *args, on_abandon=self._interrupt)
         except anyio.get_cancelled_exc_class():
-            # the caller's bound passed: the thread is abandoned (see the module docstring);
-            # stop the statement it may still be running
+            # the caller's bound passed: the thread is abandoned (see the module docstring)
             self.abandoned += 1
-            conn = self._conn
-            if conn is not None:
-                conn.interrupt()
             raise
         except sqlite3.Error as exc:
             raise self._map(exc) from exc
@@ -373,6 +369,14 @@ class SQLiteStore:
             raise StoreError(
                 f"the SQLite store cannot hold a value ({type(exc).__name__})"
             ) from exc
+
+    def _interrupt(self) -> None:
+        """Stop the statement an abandoned job may still be running — only ever called for the
+        caller's own job: one cancelled while it waited for the thread must not interrupt the
+        job running there (another caller's: a group commit, a read)."""
+        conn = self._conn
+        if conn is not None:
+            conn.interrupt()
 
     def _map(self, exc: sqlite3.Error) -> StoreError:
         code = _primary_code(exc)

@@ -54,6 +54,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from exai.errors import StoreUnavailableError
 
@@ -201,10 +202,15 @@ class StoreThread:
         """Callers queued for the thread."""
         return len(self._waiters)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, on_abandon: Callable[[], None] | None = None
+    ) -> T:
         """``fn(*args)`` in the thread, once every earlier caller is done; its result, or its
         exception raised here. Cancelled while it runs, the caller leaves at once and the job
-        runs on (see the module docstring)."""
+        runs on (see the module docstring); ``on_abandon`` is then called (only then: a caller
+        cancelled before its job was handed in has nothing running in the thread — whatever
+        runs there is another caller's). A caller already cancelled never hands its job in."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
         await self._acquire()
         try:
             wakeup = self._wakeup
@@ -215,7 +221,12 @@ class StoreThread:
             self.jobs += 1
             self._slot = job
             self._go.release()
-            await self._finish(job, wakeup)
+            try:
+                await self._finish(job, wakeup)
+            except anyio.get_cancelled_exc_class():
+                if on_abandon is not None and not job.done:
+                    on_abandon()
+                raise
         finally:
             self._release()
         if job.error is not None:

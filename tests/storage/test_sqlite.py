@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -164,3 +166,68 @@ async def test_a_lone_write_the_store_cannot_hold_leaves_nothing_and_the_next_on
             written=1, turn_count=1, thread_id="good"
         )
     assert _count_turns(tmp_path / "db") == 1
+
+
+async def test_a_write_whose_caller_is_already_cancelled_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path, ttl_s=60.0) as store:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await store.append_turns("t1", [_turn("hi", "k1")])
+        assert scope.cancelled_caught
+        assert (await store.append_turns("t1", [_turn("next", "k2")])).written == 1
+    assert _count_turns(path) == 1
+
+
+async def test_a_read_cancelled_while_waiting_does_not_interrupt_the_statement_running(
+    tmp_path: Path,
+) -> None:
+    """A call whose bound passes while it waits for the store's thread must not interrupt the
+    connection: the statement running there is another caller's (a group commit, a read), and
+    it failed with 'interrupted'."""
+    path = tmp_path / "s.db"
+    started = threading.Event()
+    release = threading.Event()
+
+    def block() -> int:
+        started.set()
+        release.wait(10)
+        return 1
+
+    async with SQLiteStore(path, ttl_s=60.0) as store:
+        assert store._conn is not None
+        conn = store._conn
+        conn.create_function("block", 0, block)
+
+        def victim() -> list[Any]:
+            sql = (
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3) "
+                "SELECT block() FROM c"
+            )
+            return conn.execute(sql).fetchall()
+
+        results: list[Any] = []
+        async with anyio.create_task_group() as tg:
+
+            async def run_victim() -> None:
+                try:
+                    results.append(await store._run(victim))
+                except StoreError as exc:
+                    results.append(exc)
+
+            tg.start_soon(run_victim)
+            with anyio.fail_after(10):
+                await anyio.to_thread.run_sync(started.wait)
+            with anyio.CancelScope() as scope:
+                tg.start_soon(_cancel_when_waiting, scope, store)
+                await store.get_thread("t1")
+            assert scope.cancelled_caught
+            release.set()
+        assert results == [[(1,), (1,), (1,)]]
+
+
+async def _cancel_when_waiting(scope: anyio.CancelScope, store: SQLiteStore) -> None:
+    with anyio.fail_after(10):
+        while store._thread.waiting == 0:
+            await anyio.sleep(0.001)
+    scope.cancel()

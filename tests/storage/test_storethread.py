@@ -192,3 +192,67 @@ async def test_closing_while_a_job_hangs_is_bounded_and_the_thread_ends_with_its
     finally:
         gate.set()
     await _until(lambda: not _alive(idents[0]))  # it stops when its job returns
+
+
+async def test_a_caller_already_cancelled_hands_no_job_in_and_leaves_the_thread_free() -> None:
+    """(to_thread checked for cancellation before starting the job; the thread ran it anyway and
+    told the caller it was cancelled: the job's effects without its caller.)"""
+    ran: list[int] = []
+    async with StoreThread() as thread:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await thread.run(ran.append, 1)
+        assert scope.cancelled_caught
+        assert ran == []
+        assert not thread.in_use
+        with anyio.fail_after(GUARD_S):
+            await thread.run(ran.append, 2)
+        assert ran == [2]
+
+
+async def test_on_abandon_is_called_only_for_the_callers_own_running_job() -> None:
+    """A caller cancelled while it waits behind another job has nothing in the thread: its
+    ``on_abandon`` (the SQLite store interrupts the connection) must not hit that job."""
+    release = threading.Event()
+    started = threading.Event()
+    calls: list[str] = []
+
+    def blocking() -> str:
+        started.set()
+        release.wait(GUARD_S)
+        return "first"
+
+    async with StoreThread() as thread, anyio.create_task_group() as tg:
+        results: list[str] = []
+
+        async def first() -> None:
+            results.append(await thread.run(blocking))
+
+        tg.start_soon(first)
+        with anyio.fail_after(GUARD_S):
+            await anyio.to_thread.run_sync(started.wait)
+        with anyio.CancelScope() as waiter:
+            tg.start_soon(_cancel_soon, waiter, thread)
+            await thread.run(calls.append, "queued", on_abandon=lambda: calls.append("abandon"))
+        assert waiter.cancelled_caught and calls == []
+        release.set()
+        await _until(lambda: results == ["first"])
+        # the caller's own running job, abandoned: on_abandon is called
+        started.clear()
+        release.clear()
+        with anyio.CancelScope() as own:
+            tg.start_soon(_cancel_when_started, own, started)
+            await thread.run(blocking, on_abandon=lambda: calls.append("own"))
+        assert own.cancelled_caught and calls == ["own"]
+        release.set()
+
+
+async def _cancel_when_started(scope: anyio.CancelScope, started: threading.Event) -> None:
+    with anyio.fail_after(GUARD_S):
+        await anyio.to_thread.run_sync(started.wait)
+    scope.cancel()
+
+
+async def _cancel_soon(scope: anyio.CancelScope, thread: StoreThread) -> None:
+    await _until(lambda: thread.waiting == 1)
+    scope.cancel()
