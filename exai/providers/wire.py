@@ -66,12 +66,15 @@ def request_bytes(
     method: bytes, target: bytes, headers: bytes, extra: list[tuple[bytes, bytes]]
 ) -> bytes:
     """A request head: ``headers`` is already-checked ``name: value\\r\\n`` lines (the pool's
-    own, built once); ``extra`` are checked here. ``target`` must be printable ASCII."""
+    own, built once, ``Host`` among them); ``extra`` are checked here, and a ``Host`` among
+    them is refused as h11 refuses a second one. ``target`` must be printable ASCII."""
     if _TARGET_RE.fullmatch(target) is None:
         raise ProtocolError(f"illegal request target {target!r}")
     parts = [method, b" ", target, b" HTTP/1.1\r\n", headers]
     for name, value in extra:
         check_header(name, value)
+        if name.lower() == b"host":
+            raise ProtocolError("a request names Host: the pool writes its own (one Host only)")
         parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
