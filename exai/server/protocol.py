@@ -670,10 +670,11 @@ def encode(msg: dict[str, Any]) -> str:
     to ``\\u`` escapes.
 
     Encoded by msgspec (C); the standard library writes the message instead whenever msgspec
-    refuses it (a lone surrogate, a key that is not a string, …) or its text holds ``null``
-    anywhere — msgspec writes NaN and the infinities as ``null`` where the standard library
-    refuses them, so only text without ``null`` is known to hold none. The two agree on every
-    JSON value (numbers may be spelt differently: ``1e16`` for ``1e+16``).
+    refuses it (a lone surrogate, a key that is ``True`` or ``None``, …) or writes ``null`` for
+    NaN or an infinity, which the standard library refuses (looked for only when the text holds
+    ``null``: chat's answers do). The two agree on every JSON value (numbers may be spelt
+    differently: ``1e16`` for ``1e+16``); a key that is a float (never in a message built from
+    JSON) is spelt as msgspec spells it.
 
     Raises:
         ValueError: ``msg`` holds NaN or an infinity (a bug in whoever built it), or is not
@@ -683,9 +684,31 @@ def encode(msg: dict[str, Any]) -> str:
         blob = _FAST_ENCODE(msg)
     except (TypeError, ValueError, OverflowError, RecursionError):  # (UnicodeEncodeError too)
         blob = None
-    if blob is not None and b"null" not in blob:
+    if blob is not None and (b"null" not in blob or not _has_non_finite(msg)):
         return blob.decode()
     return _encode_stdlib(msg)
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether NaN or an infinity is anywhere in ``value`` (keys included): what msgspec writes
+    as ``null`` and the standard library refuses. A walk of the message, much cheaper than
+    encoding it a second time."""
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        node = pop()
+        t = type(node)
+        if t is str or t is int or t is bool or node is None:
+            continue
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return True
+        elif isinstance(node, dict):
+            extend(node.keys())
+            extend(node.values())
+        elif isinstance(node, list | tuple):
+            extend(node)
+    return False
 
 
 def _encode_stdlib(msg: dict[str, Any]) -> str:
