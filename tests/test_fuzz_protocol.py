@@ -18,10 +18,16 @@ the tree; a failure prints its minimal example and the ``@reproduce_failure`` bl
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import decimal
+import enum
 import json
 import os
+import uuid
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -293,11 +299,57 @@ encodable_leaves = (
     | st.text(max_size=20)
     | st.sampled_from(["null", "\ud800", "a\udfffb", "nul", "ü日本"])
 )
+
+
+class _Colour(enum.Enum):
+    RED = 1
+
+
+class _Name(enum.StrEnum):
+    ADA = "ada"
+
+
+@attrs.frozen
+class _Secret:
+    secret: str = "s"
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int = 1
+
+
+#: what a buggy tool could put in a result: JSON has no form for these (the standard library
+#: refuses most), msgspec writes nearly all of them (found by the issue-18 attack pass)
+non_json_leaves = st.sampled_from(
+    [
+        b"ab",
+        bytearray(b"ab"),
+        memoryview(b"ab"),
+        {1, 2},
+        frozenset({"a"}),
+        datetime.datetime(2026, 11, 30, 12, 0),
+        datetime.date(2026, 11, 30),
+        datetime.timedelta(seconds=3),
+        uuid.UUID(int=7),
+        decimal.Decimal("1.5"),
+        _Colour.RED,
+        _Name.ADA,
+        _Secret(),
+        _Point(),
+        object(),
+    ]
+)
 encodable = st.recursive(
-    encodable_leaves,
+    encodable_leaves | non_json_leaves,
     lambda inner: (
         st.lists(inner, max_size=4)
-        | st.dictionaries(st.text(max_size=6) | st.integers() | st.booleans(), inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(
+            st.text(max_size=6) | st.integers() | st.booleans() | st.floats() | st.none(),
+            inner,
+            max_size=4,
+        )
     ),
     max_leaves=15,
 )
@@ -337,10 +389,30 @@ def test_encode_writes_what_the_standard_library_wrote_or_refuses_what_it_refuse
 
 def _leaves(value: Any) -> list[Any]:
     if isinstance(value, dict):
-        return [x for v in value.values() for x in _leaves(v)]
-    if isinstance(value, list):
+        return [*value.keys(), *(x for v in value.values() for x in _leaves(v))]
+    if isinstance(value, list | tuple):
         return [x for v in value for x in _leaves(v)]
     return [value]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [_Secret(), b"ab", {1}, datetime.date(2026, 11, 30), {float("inf"): 1}, {float("nan"): 1}],
+    ids=["attrs", "bytes", "set", "date", "inf-key", "nan-key"],
+)
+def test_an_answer_json_has_no_form_for_is_refused_not_reshaped(value: Any) -> None:
+    # msgspec alone wrote {"secret":"s"}, base64, [1], "2026-11-30", {"inf":1}: a tool's bug
+    # shipped as changed data instead of reaching the client as unencodable_result
+    with pytest.raises((TypeError, ValueError)):
+        p.encode(p.result(1, {"v": value}))
+    reply = json.loads(p.encode_reply(p.result(1, {"v": value})) or "")
+    assert reply["error"]["data"]["reason"] == "unencodable_result"
+
+
+def test_a_float_key_is_spelt_as_the_standard_library_spells_it() -> None:
+    assert p.encode(p.result(1, {1e16: 1, 1e-7: 2})) == stdlib_encode(
+        p.result(1, {1e16: 1, 1e-7: 2})
+    )
 
 
 @fuzz

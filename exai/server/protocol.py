@@ -669,46 +669,59 @@ def encode(msg: dict[str, Any]) -> str:
     ``"\\ud800"`` and we may echo) would make the text unencodable, so such a message falls back
     to ``\\u`` escapes.
 
-    Encoded by msgspec (C); the standard library writes the message instead whenever msgspec
-    refuses it (a lone surrogate, a key that is ``True`` or ``None``, …) or writes ``null`` for
-    NaN or an infinity, which the standard library refuses (looked for only when the text holds
-    ``null``: chat's answers do). The two agree on every JSON value (numbers may be spelt
-    differently: ``1e16`` for ``1e+16``); a key that is a float (never in a message built from
-    JSON) is spelt as msgspec spells it.
+    Encoded by msgspec (C) when a walk of the message (:func:`_plain_json`, far cheaper than
+    a second encoding) finds only what JSON has a form for — ``str`` keys, exact ``str``,
+    ``int``, ``bool``, ``None``, finite ``float``, ``dict``, ``list``, ``tuple`` — and by the
+    standard library otherwise, or when msgspec refuses it (a lone surrogate, an integer past
+    64 bits). The walk keeps the standard library's verdict for everything else: msgspec
+    *accepts* much JSON has no form for (bytes as base64, sets, datetimes, UUIDs, Decimals,
+    enums, dataclass and attrs instances as their fields) and writes NaN and the infinities
+    as ``null``, where a result holding them is a bug that must reach the client as
+    ``unencodable_result`` (:func:`encode_reply`), never as silently changed data; non-string
+    keys are spelt the standard library's way (``1e+16``). The two encoders agree on every
+    message the walk passes, number spelling aside (``1e16`` for ``1e+16``).
 
     Raises:
         ValueError: ``msg`` holds NaN or an infinity (a bug in whoever built it), or is not
             JSON-serialisable (TypeError).
     """
-    try:
-        blob = _FAST_ENCODE(msg)
-    except (TypeError, ValueError, OverflowError, RecursionError):  # (UnicodeEncodeError too)
-        blob = None
-    if blob is not None and (b"null" not in blob or not _has_non_finite(msg)):
-        return blob.decode()
+    if _plain_json(msg):
+        try:
+            return _FAST_ENCODE(msg).decode()
+        except (TypeError, ValueError, OverflowError, RecursionError):  # (UnicodeEncodeError too)
+            pass
     return _encode_stdlib(msg)
 
 
-def _has_non_finite(value: Any) -> bool:
-    """Whether NaN or an infinity is anywhere in ``value`` (keys included): what msgspec writes
-    as ``null`` and the standard library refuses. A walk of the message, much cheaper than
-    encoding it a second time."""
+#: the exact types a message may hold for msgspec to write it as the standard library would
+_PLAIN_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _plain_json(value: Any) -> bool:
+    """Whether ``value`` holds only JSON's own types (exact, not subclasses), finite floats and
+    ``str`` keys: what msgspec and the standard library write alike. Iterative, so a deep
+    message is no recursion risk; one look per node."""
     stack = [value]
     pop, extend = stack.pop, stack.extend
+    scalars, isfinite = _PLAIN_SCALARS, math.isfinite
     while stack:
         node = pop()
         t = type(node)
-        if t is str or t is int or t is bool or node is None:
+        if t in scalars:
             continue
-        if isinstance(node, float):
-            if not math.isfinite(node):
-                return True
-        elif isinstance(node, dict):
-            extend(node.keys())
+        if t is float:
+            if not isfinite(node):
+                return False
+        elif t is dict:
+            for key in node:
+                if type(key) is not str:
+                    return False
             extend(node.values())
-        elif isinstance(node, list | tuple):
+        elif t is list or t is tuple:
             extend(node)
-    return False
+        else:
+            return False
+    return True
 
 
 def _encode_stdlib(msg: dict[str, Any]) -> str:
