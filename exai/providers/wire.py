@@ -167,6 +167,7 @@ class ResponseReader:
         "_framing",
         "_left",
         "_max_head",
+        "_scanned",
         "done",
         "eof",
         "keep_alive",
@@ -177,6 +178,10 @@ class ResponseReader:
         self._max_head = max_head_bytes
         self._framing = -1  # head not read yet
         self._left = 0
+        # how far into ``_buf`` the pending search for a head's or trailers' end has looked:
+        # a head trickled a byte at a time is searched once, not once per read (100 KiB in
+        # 1-byte reads: 3.6 s of CPU re-searching, against h11's 0.26 s)
+        self._scanned = 0
         #: the response ended (body read to its end)
         self.done = False
         #: the connection's end was fed
@@ -208,14 +213,16 @@ class ResponseReader:
         buf = self._buf
         if buf[:1] == b"\n" or buf[:2] == b"\r\n":
             raise ProtocolError("no response line received")
-        m = _BLANK_RE.search(buf)
+        m = _BLANK_RE.search(buf, self._scanned)
         if m is None:
+            self._scanned = max(0, len(buf) - 2)  # (an end may straddle the next read)
             if len(buf) > self._max_head:
                 raise ProtocolError(f"a response head longer than {self._max_head} bytes")
             if self.eof:
                 raise ProtocolError("the connection ended before the response head")
             return None
         end = m.end()
+        self._scanned = 0
         block, self._buf = buf[:end], buf[end:]
         lines = _split_lines(block)
         status = _STATUS_RE.fullmatch(lines[0])
@@ -334,11 +341,13 @@ class ResponseReader:
                 elif rest[:2] == b"\r\n":
                     pos += 2
                 else:
-                    m = _BLANK_RE.search(rest)
+                    m = _BLANK_RE.search(rest, self._scanned)
                     if m is None:
+                        self._scanned = max(0, len(rest) - 2)  # (rest is _buf from here)
                         if len(rest) > self._max_head:
                             raise ProtocolError("trailers that do not end")
                         break
+                    self._scanned = 0
                     _fields(_header_lines(_split_lines(rest[: m.end()])))  # checked, dropped
                     pos += m.end()
                 framing = _DONE
