@@ -175,6 +175,11 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
     return code & 0xFF if isinstance(code, int) else None
 
 
+#: what one write can fail with on its own (its group's other writes still commit), unless
+#: :func:`_store_wide` says the store itself failed — one list for a group and a lone write
+_WRITE_ERRORS = (sqlite3.Error, StoreError, UnicodeError, ValueError, TypeError)
+
+
 def _store_wide(exc: sqlite3.Error) -> bool:
     """Whether an error is the store's (unavailable, corrupt, interrupted), not one write's."""
     code = _primary_code(exc)
@@ -609,7 +614,7 @@ class SQLiteStore:
                 conn.execute("SAVEPOINT w")
                 try:
                     w.results = [self._append_in_tx(conn, *item) for item in w.items]
-                except (sqlite3.Error, StoreError, UnicodeError, ValueError, TypeError) as exc:
+                except _WRITE_ERRORS as exc:
                     if isinstance(exc, sqlite3.Error) and _store_wide(exc):
                         raise
                     conn.execute("ROLLBACK TO w")
@@ -631,7 +636,7 @@ class SQLiteStore:
         try:
             try:
                 results = [self._append_in_tx(conn, *item) for item in w.items]
-            except (sqlite3.Error, StoreError, UnicodeError, ValueError, TypeError) as exc:
+            except _WRITE_ERRORS as exc:
                 if isinstance(exc, sqlite3.Error) and _store_wide(exc):
                     raise
                 conn.execute("ROLLBACK")
