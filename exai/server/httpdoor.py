@@ -821,35 +821,50 @@ class HttpConnection:
             if ended:
                 break
             if text is None:  # silence for a heartbeat interval: keep the stream alive
+                data = b": keep-alive\n\n"
+                head = b""
                 if not committed:
-                    await self._timed_send(self._send_bytes(self._commit_sse()))
+                    head = self._commit_sse()
                     committed = True
-                await self._timed_send(
-                    self._send_bytes(conn.send(h11.Data(data=b": keep-alive\n\n")))
-                )
+                await self._timed_send(self._send_bytes(head + conn.send(h11.Data(data=data))))
                 continue
-            final = text is exchange.final_text
+            # Everything queued now goes out in one write: progress that piled up, and the
+            # answer with the end of the stream when it is there too (one syscall, not one
+            # per event). The messages stay queued, and charged, until they are written.
+            texts = outbox.queued()
+            final = False
+            for count, text in enumerate(texts, 1):
+                if text is exchange.final_text:
+                    final = True
+                    del texts[count:]  # (nothing follows a response: its outbox is closed)
+                    break
             if not committed:
-                if final:
+                if final and not (sse_ok and len(texts) > 1):
+                    # the answer before any progress was written: JSON (progress queued before
+                    # it is dropped unless the client takes SSE, which then carries it)
                     status = _status_for(exchange.code, modern)
                     close = self._closing()
+                    answer = texts[-1].encode("utf-8")
                     await self._timed_send(
-                        send_response(
-                            self.stream, conn, status, [_JSON], text.encode("utf-8"), close=close
-                        )
+                        send_response(self.stream, conn, status, [_JSON], answer, close=close)
                     )
-                    outbox.written()
+                    outbox.written(len(texts))
                     return not close
                 if not sse_ok:
-                    outbox.written()  # progress the client cannot take: drop it
+                    outbox.written(len(texts))  # progress the client cannot take: drop it
                     continue
-                await self._timed_send(self._send_bytes(self._commit_sse()))
+            parts = [b""]
+            if not committed:
+                parts[0] = self._commit_sse()
                 committed = True
-            event = b"event: message\ndata: " + text.encode("utf-8") + b"\n\n"
-            await self._timed_send(self._send_bytes(conn.send(h11.Data(data=event))))
-            outbox.written()
+            for text in texts:
+                parts.append(b"event: message\ndata: " + text.encode("utf-8") + b"\n\n")
+            data = conn.send(h11.Data(data=b"".join(parts[1:])))
             if final:
-                await self._timed_send(self._send_bytes(conn.send(h11.EndOfMessage())))
+                data += conn.send(h11.EndOfMessage())
+            await self._timed_send(self._send_bytes(parts[0] + data))
+            outbox.written(len(texts))
+            if final:
                 return True
         if not core.cancelled_by_client:
             # ended without an answer, and not by its client: handed over by a draining daemon

@@ -151,12 +151,21 @@ class Outbox:
             await self._readable.park()
         return self._queue[0]
 
-    def written(self) -> None:
-        """The message :meth:`get` returned was sent: drop it and refund its bytes."""
-        text = self._queue.popleft()
-        self.queued_bytes -= len(text)
-        self.ledger.add(-len(text))
+    def written(self, count: int = 1) -> None:
+        """The message :meth:`get` returned (or the first ``count`` of :meth:`queued`) was
+        sent: drop them and refund their bytes."""
+        queue = self._queue
+        nbytes = 0
+        for _ in range(min(count, len(queue))):
+            nbytes += len(queue.popleft())
+        self.queued_bytes -= nbytes
+        self.ledger.add(-nbytes)
         self._room.unpark_all()
+
+    def queued(self) -> list[str]:
+        """Every message queued now, oldest first (a writer that sends several in one write
+        calls :meth:`written` with their count once they are sent)."""
+        return list(self._queue)
 
     def close(self, *, drop: bool) -> None:
         """No more messages. With ``drop``, forget (and refund) what is queued; otherwise the

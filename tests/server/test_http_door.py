@@ -552,3 +552,117 @@ async def test_a_call_the_daemon_stops_while_draining_is_answered_503_to_send_it
         for name in ("running", "waiting"):
             assert replies[name].status_code == 503, (name, replies[name].text)
             assert replies[name].headers["retry-after"] == "1"
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+class CountingStream(trio.abc.HalfCloseableStream):
+    """The daemon's side of a connection, in memory: every write is recorded, and one can be
+    held (a client that stops reading for a while)."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+        self.hold: trio.Event | None = None
+        self.holding = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            self.holding.set()
+            await hold.wait()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class TwoSteps:
+    """A tool that reports progress, waits to be let go, reports progress again and answers."""
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+        self.spec = ToolSpec(
+            name="two_steps", description="two", input_schema=OBJ, handler=self.run
+        )
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        await ctx.progress(progress=1, total=2, message="one")
+        await self.go.wait()
+        await ctx.progress(progress=2, total=2, message="two")
+        return ToolResult(text="both")
+
+
+async def _read_response(client: trio.abc.Stream) -> bytes:
+    """Everything the daemon writes for one chunked response (up to its last chunk)."""
+    data = b""
+    with trio.fail_after(10):
+        while not data.endswith(b"0\r\n\r\n"):
+            data += await client.receive_some(65536)
+    return data
+
+
+async def test_progress_queued_behind_a_slow_write_goes_out_with_the_answer_in_one_write(
+    tmp_path,
+):
+    """While the SSE stream's first write waits for a client that is not reading, the next
+    progress and the answer queue; they are then written together with the stream's end, in
+    order, in one write (not one write per event)."""
+    from exai.server.http11 import read_head
+    from exai.server.outbox import ProgressStream
+
+    tool = TwoSteps()
+    async with (
+        running_daemon(_settings(tmp_path), registry_with(tool.spec)) as d,
+        mcp_http(d.url) as mcp,
+    ):
+        await mcp.initialize()
+        assert mcp.session_id is not None
+        session = d.http_door.signer().verify(mcp.session_id)
+        assert not isinstance(session, str)
+        client, server = trio.testing.memory_stream_pair()
+        counting = CountingStream(server)
+        stream = ProgressStream(counting)
+        msg = mcp.message(
+            "tools/call",
+            {"name": "two_steps", "arguments": {}, "_meta": {"progressToken": "p"}},
+            id="r",
+        )
+        body = json.dumps(msg).encode()
+        headers = [*mcp.headers().items()]
+        await client.send_all(request_bytes(d.url, body, headers=headers))
+        head = await read_head(stream, keep_raw=False)
+        assert head is not None
+        release = trio.Event()
+        counting.hold = release  # the first write (the stream's head, the first progress)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(d.http_door.serve, stream, head.conn, head.request, "127.0.0.1")
+            with trio.fail_after(10):
+                await counting.holding.wait()
+            tool.go.set()
+            core = d.http_door.running[(session.nonce, "\"r\"")]
+            with trio.fail_after(10):
+                while len(core.outbox) < 3:  # the first progress, the second, the answer
+                    await trio.sleep(0.01)
+            release.set()
+            response = await _read_response(client)
+            await client.aclose()
+        assert len(counting.writes) == 2, counting.writes
+        first, second = counting.writes
+        assert first.startswith(b"HTTP/1.1 200 ") and b'"one"' in first
+        assert second.index(b'"two"') < second.index(b'"both"')
+        assert second.endswith(b"0\r\n\r\n")
+        messages = sse_messages(response.split(b"\r\n\r\n", 1)[1].decode())
+        assert [m.get("params", {}).get("message") for m in messages[:2]] == ["one", "two"]
+        assert messages[2]["id"] == "r"
