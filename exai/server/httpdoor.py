@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import itertools
 import json
 import logging
@@ -580,7 +581,9 @@ class HttpConnection:
             encode=exchange.encode,
             bucket=self.bucket,
         )
-        core.on_call_done = lambda: core.outbox.close(drop=False)
+        # (no closure over the core: a cycle left every request's core, its outbox, ledger and
+        # parking lots to the garbage collector instead of freeing them at once)
+        core.on_call_done = functools.partial(core.outbox.close, drop=False)
         # a stateless request's id never comes back to this core: keep no unkeyed answer
         core.ids_recur = session is not None
         running_key: tuple[str, str] | None = None
