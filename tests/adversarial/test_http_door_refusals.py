@@ -355,6 +355,43 @@ async def test_an_sse_reader_that_stops_reading_is_cut_off_and_its_bytes_freed(
         await daemon.assert_serves()
 
 
+async def test_a_json_reader_that_stops_reading_is_cut_off_and_its_bytes_freed(
+    tmp_path: Path,
+) -> None:
+    """The same for a JSON-only client, whose answer the call's own task writes."""
+    async with live_daemon(tmp_path, EXAI_SEND_TIMEOUT_S="2", EXAI_LOG_LEVEL="warning") as daemon:
+        parts = urlsplit(http_url(daemon.url))
+        stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 0)
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {
+                    "name": "blob",
+                    "arguments": {"bytes": 8 * MiB, "seconds": 0.5},
+                    "_meta": {"progressToken": 1, **envelope()},
+                },
+            }
+        ).encode()
+        headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
+        await stream.send_all(request_bytes(daemon.url, body, headers=headers))
+        # … and never reads: the 16 MiB answer cannot be written
+        with trio.fail_after(SERVED_WITHIN_S):
+            while True:
+                status = (await daemon.status())["daemon"]
+                if status["rejections"].get("send_timeout", 0) >= 1:
+                    break
+                await trio.sleep(0.2)
+        assert await _connection_closed(stream)  # (after what the kernel had buffered)
+        await daemon.assert_serves()
+        with trio.fail_after(SERVED_WITHIN_S):
+            while (await daemon.status())["daemon"]["pending"]["charged_bytes"] >= 4096:
+                await trio.sleep(0.2)
+        await trio.aclose_forcefully(stream)
+        await daemon.assert_serves()
+
+
 async def _connection_closed(stream: trio.SocketStream) -> bool:
     with trio.move_on_after(SERVED_WITHIN_S):
         try:

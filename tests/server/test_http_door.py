@@ -8,6 +8,7 @@ negotiated version (on WebSocket too), session ids that sign what they carry.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -379,7 +380,8 @@ async def test_a_client_that_closes_its_connection_cancels_the_call(tmp_path):
                 await trio.sleep(0.01)
 
 
-async def test_notifications_cancelled_in_the_session_cancels_the_call(tmp_path):
+@pytest.mark.parametrize("accept", [ACCEPT_BOTH, "application/json"])
+async def test_notifications_cancelled_in_the_session_cancels_the_call(tmp_path, accept):
     probe = Probe()
     async with (
         running_daemon(_settings(tmp_path), registry_with(probe.spec)) as d,
@@ -393,7 +395,7 @@ async def test_notifications_cancelled_in_the_session_cancels_the_call(tmp_path)
         async with trio.open_nursery() as nursery:
 
             async def call() -> None:
-                result.append(await mcp.post(msg))
+                result.append(await mcp.post(msg, Accept=accept))
 
             nursery.start_soon(call)
             with trio.fail_after(10):
@@ -406,9 +408,13 @@ async def test_notifications_cancelled_in_the_session_cancels_the_call(tmp_path)
             accepted = await other.post(cancel)  # another connection, the same session
             assert accepted.status_code == 202
         assert probe.cancelled == 1
-        # the request ends without an answer (an SSE stream with nothing in it)
+        # the request ends without an answer (an SSE stream with nothing in it), or for a
+        # JSON-only client with the error "cancelled"
         assert result[0].status_code == 200
-        assert sse_messages(result[0].text) == []
+        if accept == ACCEPT_BOTH:
+            assert sse_messages(result[0].text) == []
+        else:
+            assert result[0].json()["error"]["data"]["reason"] == "cancelled"
 
 
 async def test_a_retry_with_the_same_idempotency_key_joins_the_first_execution(tmp_path):
@@ -523,7 +529,10 @@ def test_settings_refuse_a_short_signing_key_and_a_bad_origin():
     assert ok.allowed_origins == ("https://app.example", "http://[::1]:*")
 
 
-async def test_a_call_the_daemon_stops_while_draining_is_answered_503_to_send_it_again(tmp_path):
+@pytest.mark.parametrize("accept", [ACCEPT_BOTH, "application/json"])
+async def test_a_call_the_daemon_stops_while_draining_is_answered_503_to_send_it_again(
+    tmp_path, accept
+):
     probe = Probe()
     settings = _settings(tmp_path, max_inflight=1, slot_wait_s=30.0, drain_timeout_s=0.5)
     async with running_daemon(settings, registry_with(probe.spec)) as d, mcp_http(d.url) as mcp:
@@ -539,7 +548,7 @@ async def test_a_call_the_daemon_stops_while_draining_is_answered_503_to_send_it
                         "_meta": {**envelope(), "exai/idempotencyKey": key},
                     },
                 )
-                replies[name] = await mcp.post(msg)
+                replies[name] = await mcp.post(msg, Accept=accept)
 
             nursery.start_soon(post, "running", "k-running")
             with trio.fail_after(10):
@@ -651,7 +660,7 @@ async def test_progress_queued_behind_a_slow_write_goes_out_with_the_answer_in_o
             with trio.fail_after(10):
                 await counting.holding.wait()
             tool.go.set()
-            core = d.http_door.running[(session.nonce, "\"r\"")]
+            core = d.http_door.running[(session.nonce, '"r"')]
             with trio.fail_after(10):
                 while len(core.outbox) < 3:  # the first progress, the second, the answer
                     await trio.sleep(0.01)
@@ -666,3 +675,171 @@ async def test_progress_queued_behind_a_slow_write_goes_out_with_the_answer_in_o
         messages = sse_messages(response.split(b"\r\n\r\n", 1)[1].decode())
         assert [m.get("params", {}).get("message") for m in messages[:2]] == ["one", "two"]
         assert messages[2]["id"] == "r"
+
+
+async def _serve_fake_connection(
+    d: Any, nursery: trio.Nursery, request: bytes
+) -> tuple[trio.abc.Stream, CountingStream]:
+    """Serve one in-memory connection with the daemon's HTTP door, ``request`` sent on it."""
+    from exai.server.http11 import read_head
+    from exai.server.outbox import ProgressStream
+
+    client, server = trio.testing.memory_stream_pair()
+    counting = CountingStream(server)
+    stream = ProgressStream(counting)
+    await client.send_all(request)
+    head = await read_head(stream, keep_raw=False)
+    assert head is not None
+
+    async def serve() -> None:
+        try:
+            await d.http_door.serve(stream, head.conn, head.request, "127.0.0.1")
+        finally:
+            await stream.aclose()  # (as the listener does)
+
+    nursery.start_soon(serve)
+    return client, counting
+
+
+async def _read_json_response(client: trio.abc.Stream) -> tuple[bytes, dict[str, Any]]:
+    """One response with a Content-Length: its head and its JSON body."""
+    data = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in data:
+            data += await client.receive_some(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            body += await client.receive_some(65536)
+    return head, json.loads(body)
+
+
+def _json_call(d: Any, name: str, id: int, **extra_meta: Any) -> bytes:
+    msg = {
+        "jsonrpc": "2.0",
+        "id": id,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": {}, "_meta": {**envelope(), **extra_meta}},
+    }
+    headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
+    return request_bytes(d.url, json.dumps(msg).encode(), headers=headers)
+
+
+async def test_a_json_answer_is_written_by_its_call_in_one_write(tmp_path):
+    """The answer of a call whose client takes JSON only is written, head and body in one
+    write, by the call's own task (no hand-off to the connection's task); its progress is
+    not sent (nor queued)."""
+    names: list[str] = []
+
+    class Named(CountingStream):
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            names.append(trio.lowlevel.current_task().name)
+            await super().send_all(data)
+
+    tool = TwoSteps()
+    tool.go.set()
+    async with running_daemon(_settings(tmp_path), registry_with(tool.spec)) as d:
+        async with trio.open_nursery() as nursery:
+            client, counting = await _serve_fake_connection(
+                d, nursery, _json_call(d, "two_steps", 1, progressToken="p")
+            )
+            counting.__class__ = Named
+            head, answer = await _read_json_response(client)
+            await client.aclose()
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert answer["id"] == 1 and answer["result"]["content"][0]["text"] == "both"
+        assert len(counting.writes) == 1
+        assert names == [names[0]] and "_respond_call" in names[0], names
+        assert d.stats.progress_dropped == 0
+
+
+async def test_after_a_json_answer_the_next_request_on_the_connection_is_served(tmp_path):
+    """A request pipelined behind a call (sent before its answer) and one sent after it are
+    both served on the same connection, in order."""
+    tool = TwoSteps()
+    async with running_daemon(_settings(tmp_path), registry_with(tool.spec)) as d:
+        async with trio.open_nursery() as nursery:
+            client, _ = await _serve_fake_connection(d, nursery, _json_call(d, "two_steps", 1))
+            await client.send_all(_json_call(d, "two_steps", 2))  # sent ahead
+            await trio.testing.wait_all_tasks_blocked()
+            tool.go.set()
+            first = await _read_json_response(client)
+            second = await _read_json_response(client)
+            await client.send_all(_json_call(d, "two_steps", 3))
+            third = await _read_json_response(client)
+            await client.aclose()
+        assert [r[1]["id"] for r in (first, second, third)] == [1, 2, 3]
+
+
+async def test_an_idle_connection_after_a_json_answer_is_closed_after_the_keep_alive_bound(
+    tmp_path,
+):
+    tool = TwoSteps()
+    tool.go.set()
+    settings = _settings(tmp_path, http_keepalive_s=0.5)
+    async with (
+        running_daemon(settings, registry_with(tool.spec)) as d,
+        trio.open_nursery() as nursery,
+    ):
+        client, _ = await _serve_fake_connection(d, nursery, _json_call(d, "two_steps", 1))
+        await _read_json_response(client)
+        with trio.fail_after(10):
+            assert await client.receive_some(65536) == b""  # closed by the daemon
+        await client.aclose()
+
+
+async def test_a_draining_daemon_closes_a_connection_idle_after_its_json_answer_at_once(
+    tmp_path,
+):
+    """The request is over once its answer is written: draining does not wait for the
+    keep-alive bound of the connection that carried it."""
+    tool = TwoSteps()
+    tool.go.set()
+    settings = _settings(tmp_path, http_keepalive_s=600)
+    async with (
+        running_daemon(settings, registry_with(tool.spec)) as d,
+        trio.open_nursery() as nursery,
+    ):
+        client, _ = await _serve_fake_connection(d, nursery, _json_call(d, "two_steps", 1))
+        await _read_json_response(client)
+        d.request_shutdown()
+        with trio.fail_after(10):
+            assert await client.receive_some(65536) == b""
+        await client.aclose()
+
+
+@pytest.mark.allow_stalls  # (gc.collect() in the test's own task blocks the loop on purpose)
+async def test_a_request_leaves_nothing_for_the_garbage_collector(tmp_path):
+    """A request's core (its outbox, ledger, parking lots) is freed when the request ends, not
+    left in a reference cycle for the garbage collector to find (issue 18: 22 objects per
+    request were)."""
+    from exai.server.core import SessionCore
+
+    tool = TwoSteps()
+    tool.go.set()
+    async with (
+        running_daemon(_settings(tmp_path), registry_with(tool.spec)) as d,
+        trio.open_nursery() as nursery,
+    ):
+        client, _ = await _serve_fake_connection(d, nursery, _json_call(d, "two_steps", 1))
+        await _read_json_response(client)
+        gc.collect()
+        gc.disable()
+        try:
+            for i in (2, 3):  # a JSON answer, then an SSE one
+                request = _json_call(d, "two_steps", i, progressToken=i)
+                if i == 3:
+                    request = request.replace(
+                        b"Accept: application/json", b"Accept: " + ACCEPT_BOTH.encode()
+                    )
+                await client.send_all(request)
+                if i == 3:
+                    await _read_response(client)
+                else:
+                    await _read_json_response(client)
+            await trio.testing.wait_all_tasks_blocked()
+            left = [o for o in gc.get_objects() if isinstance(o, SessionCore)]
+        finally:
+            gc.enable()
+        await client.aclose()
+    assert left == []
