@@ -50,7 +50,12 @@ or, for a JSON-only client, the error ``cancelled``).
 read; a refusal; a draining daemon) says ``Connection: close``. Answers wait in the core's bounded
 outbox; a peer that reads nothing for ``EXAI_SEND_TIMEOUT_S`` is disconnected and everything its
 request held is freed, as on WebSocket. An idle keep-alive connection is closed after
-``EXAI_HTTP_KEEPALIVE_S``.
+``EXAI_HTTP_KEEPALIVE_S``. A JSON answer (head and body) is one write, made by the call's own
+responder (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off) while the connection's task
+reads the connection for a disconnect; an SSE stream is written by the connection's task, every
+event queued at the time in one write (its head with the first event, the answer with the
+stream's end), while a second task watches for the disconnect. A request's core is freed when
+the request ends: nothing of it is left in a reference cycle for the garbage collector.
 """
 
 from __future__ import annotations
