@@ -257,8 +257,8 @@ class HttpConnection:
         self._write_scope: trio.CancelScope | None = None
         stream.on_progress = self._write_progress
         #: while a JSON-only call runs: the connection task's read of the connection (the
-        #: call's end moves or cancels it), and what became of the answer its responder wrote
-        #: ("keep", "close", "failed"; "" = not written by it)
+        #: call's end cancels it), whether the call has ended, and what became of the answer
+        #: its responder wrote ("keep", "close", "failed"; "" = not written by it)
         self._watch: trio.CancelScope | None = None
         self._direct = ""
         self._call_over = False

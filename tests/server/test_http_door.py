@@ -353,14 +353,16 @@ async def test_two_requests_share_one_keep_alive_connection(tmp_path):
 # ------------------------------------------------------------------------------ cancellation
 
 
-async def test_a_client_that_closes_its_connection_cancels_the_call(tmp_path):
+@pytest.mark.parametrize("accept", [ACCEPT_BOTH, "application/json"])
+async def test_a_client_that_closes_its_connection_cancels_the_call(tmp_path, accept):
     probe = Probe()
     async with running_daemon(_settings(tmp_path), registry_with(probe.spec)) as d:
         async with trio.open_nursery() as nursery:
 
             async def post_then_go() -> None:
                 async with mcp_http(d.url) as mcp:
-                    await mcp.post(mcp.message("tools/call", {"name": "probe", "arguments": {}}))
+                    msg = mcp.message("tools/call", {"name": "probe", "arguments": {}})
+                    await mcp.post(msg, Accept=accept)
 
             cancel = trio.CancelScope()
 
