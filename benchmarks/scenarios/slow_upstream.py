@@ -2,9 +2,18 @@
 
 The daemon's limits are opened wide enough for all of them (global and provider concurrency,
 connection pool, slot wait), so the figure is what the daemon itself adds when it holds
-thousands of calls at once: the wall time from the first request sent to the last answer
-received, every call's latency, the daemon's RSS (peak and per call in flight), and errors;
-and ``cpu_s_in_storm``: the CPU seconds (user + system) of each of the three processes — the
+thousands of calls at once. A connection's second and later concurrent calls also take one of
+the slots all connections share — three quarters of ``max_inflight``
+(:class:`exai.server.admission.CallSlots`) — so ``max_inflight`` is ``⌈4n/3⌉``. With
+``max_inflight = n`` (this scenario's setting until issue 18's part 4) only 1,540 of the 2,000
+calls (385 of 500) could run at once; the other 460 (115) waited for the first answers, a whole
+second upstream latency. ``slot_waits_over_1s`` (from the daemon's
+``exai_inflight_slot_wait_seconds``) counts the calls that still waited that long for their
+slots.
+
+The result holds the wall time from the first request sent to the last answer received, every
+call's latency, the daemon's RSS (peak and per call in flight), and errors; and
+``cpu_s_in_storm``: the CPU seconds (user + system) of each of the three processes — the
 daemon, the mock upstream, the load generator — over that same window (sampled every 50 ms),
 so that on a small machine one can see whose CPU the storm waits for.
 
@@ -49,6 +58,8 @@ PER_SESSION = 50
 def run(full: bool) -> dict[str, Any]:
     n = 2_000 if full else 500
     sessions = n // PER_SESSION
+    # every call needs a daemon slot, and each after its connection's first a shared one too
+    max_inflight = -(-4 * n // 3)
     result: dict[str, Any] = {
         "form": "full" if full else "short",
         "machine_load_at_start": machine_load(),
@@ -57,6 +68,8 @@ def run(full: bool) -> dict[str, Any]:
             "sessions": sessions,
             "calls_per_session": PER_SESSION,
             "upstream_latency_s": UPSTREAM_LATENCY_S,
+            "max_inflight": max_inflight,
+            "shared_slots": max_inflight * 3 // 4,
         },
     }
     with (
@@ -64,7 +77,7 @@ def run(full: bool) -> dict[str, Any]:
         exai_daemon(
             mock=mock,
             provider={"max_concurrency": n, "pool_max": n, "stall_timeout_s": 60},
-            max_inflight=n,
+            max_inflight=max_inflight,
             session_max_inflight=PER_SESSION,
             session_rate_per_s=1_000_000,
             session_burst=1_000_000,
@@ -106,6 +119,7 @@ def run(full: bool) -> dict[str, Any]:
             time.sleep(0.3)
         rss_after = d.rss_bytes()
         result["loop_stall"] = loop_stalls(d, t_wall0)
+        result["slot_waits_over_1s"] = slot_waits_over(d.metrics_text(), 1.0)
 
     recs = res["records"]
     starts = recs["t"]
@@ -143,6 +157,24 @@ def run(full: bool) -> dict[str, Any]:
     }
     result["plots"] = [_plot(starts, ends, sampler.samples, n)]
     return result
+
+
+def slot_waits_over(metrics: str | None, bound_s: float) -> int | None:
+    """Calls that waited longer than ``bound_s`` (a bucket bound of the histogram) for their
+    in-flight slots, from the daemon's ``/metrics`` text (``None`` when it cannot be read)."""
+    if metrics is None:
+        return None
+    total = within = None
+    bucket = f'exai_inflight_slot_wait_seconds_bucket{{le="{float(bound_s)}"}}'
+    for line in metrics.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "exai_inflight_slot_wait_seconds_count":
+            total = float(value)
+        elif name == bucket:
+            within = float(value)
+    if total is None or within is None:
+        return None
+    return int(total - within)
 
 
 class CpuSampler:
