@@ -176,16 +176,24 @@ class Child:
 
 # ---------------------------------------------------------------------------- mock upstream
 class MockUpstream(Child):
-    """``python -m exai.testing.mock_upstream`` on a fixed port (so it can come back)."""
+    """``python -m exai.testing.mock_upstream`` on a fixed port (so it can come back); with
+    ``trace_path``, :mod:`benchmarks.load.traced_mock` (the same mock, writing when each chat
+    request arrived and was answered to ``trace_path`` when it is stopped)."""
 
-    def __init__(self, port: int, latency_s: float, models: str) -> None:
+    def __init__(
+        self, port: int, latency_s: float, models: str, trace_path: str | None = None
+    ) -> None:
         self.port = port
         self.latency_s = latency_s
         self.models = models
+        self.trace_path = trace_path
+        module = ["exai.testing.mock_upstream"]
+        if trace_path is not None:
+            module = ["benchmarks.load.traced_mock", trace_path]
         cmd = [
             sys.executable,
             "-m",
-            "exai.testing.mock_upstream",
+            *module,
             "--port",
             str(port),
             "--latency-s",
@@ -209,9 +217,12 @@ class MockUpstream(Child):
 
 
 @contextlib.contextmanager
-def mock_upstream(latency_s: float = 0.0, models: str = MOCK_MODELS) -> Iterator[MockUpstream]:
-    """Run the mock upstream as a process; yields it once it listens."""
-    mock = MockUpstream(free_port(), latency_s, models)
+def mock_upstream(
+    latency_s: float = 0.0, models: str = MOCK_MODELS, trace_path: str | None = None
+) -> Iterator[MockUpstream]:
+    """Run the mock upstream as a process; yields it once it listens (``trace_path``: see
+    :class:`MockUpstream`; the trace is there once the block is left)."""
+    mock = MockUpstream(free_port(), latency_s, models, trace_path)
     try:
         yield mock
     finally:

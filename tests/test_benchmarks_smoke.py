@@ -258,3 +258,87 @@ def test_every_abuse_attack_runs_against_a_daemon_process(attack: str, config: d
         res = run_load("abuse", {"attack": attack, "url": d.url, "duration_s": 0.5, **config})
         assert res["attack"] == attack
         assert d.proc.poll() is None
+
+
+@pytest.mark.parametrize("n", [500, 2_000])
+def test_slow_upstream_lets_every_one_of_its_calls_run_at_once(n: int) -> None:
+    # A connection's second and later calls take a shared slot too (three quarters of
+    # max_inflight): with max_inflight = n, 460 of 2,000 calls waited for the first answers.
+    from benchmarks.scenarios import slow_upstream
+    from exai.config import Settings
+    from exai.server.admission import CallSlots
+
+    settings = Settings(**slow_upstream.daemon_settings(n))
+    slots = CallSlots(settings)
+    sessions = n // slow_upstream.PER_SESSION
+    assert slots.inflight.total_tokens >= n
+    assert slots.shared_inflight.total_tokens >= n - sessions
+    assert settings.session_max_inflight >= slow_upstream.PER_SESSION
+    assert settings.session_max_pending >= slow_upstream.PER_SESSION
+
+
+def test_slow_upstream_phases_split_the_storm_where_requests_reach_the_upstream() -> None:
+    from benchmarks.scenarios.slow_upstream import phases
+
+    class Cpu:
+        def between(self, t0: float, t1: float) -> dict[str, float]:
+            return {"window_s": round(t1 - t0, 3)}
+
+    starts, ends = [10.0, 10.1, 10.1], [12.5, 13.0, 14.0]
+    # 5.0: the warm-up call before the storm, not one of its requests
+    trace = {"arrived": [5.0, 10.2, 10.3, 12.6], "done": [5.1, 12.2, 12.9, 14.6]}
+    got = phases(starts, ends, trace, Cpu())  # type: ignore[arg-type]
+    assert got["reached_upstream"] == 3
+    assert got["first_reached_upstream_s"] == 0.2
+    assert got["intake_s"] == 2.6
+    assert got["arrived_after_first_answer"] == 1
+    assert got["cpu_s_in_intake"] == {"window_s": 2.6}
+    assert got["first_answer_s"] == 2.5
+    assert got["drain_s"] == 1.5
+    assert got["cpu_s_in_drain"] == {"window_s": 1.5}
+    assert phases(starts, ends, None, Cpu())["intake"] == "no trace from the mock"  # type: ignore[arg-type]
+
+
+def test_slot_waits_over_reads_the_daemons_slot_wait_histogram() -> None:
+    from benchmarks.scenarios.slow_upstream import slot_waits_over
+
+    text = "\n".join(
+        [
+            'exai_inflight_slot_wait_seconds_bucket{le="0.5"} 1530.0',
+            'exai_inflight_slot_wait_seconds_bucket{le="1.0"} 1540.0',
+            'exai_inflight_slot_wait_seconds_bucket{le="+Inf"} 2000.0',
+            "exai_inflight_slot_wait_seconds_count 2000.0",
+        ]
+    )
+    assert slot_waits_over(text, 1.0) == 460
+    assert slot_waits_over(None, 1.0) is None
+    assert slot_waits_over("", 1.0) is None
+
+
+def test_the_traced_mock_notes_when_each_chat_request_arrived_and_was_answered(
+    tmp_path: Path,
+) -> None:
+    import json
+    import time
+    import urllib.request
+
+    from benchmarks.daemon import mock_upstream
+
+    path = tmp_path / "trace.json"
+    body = {"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}]}
+    t0 = time.monotonic()
+    with mock_upstream(trace_path=str(path)) as mock:
+        request = urllib.request.Request(
+            mock.base_url + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"] == "mock:mock-fast: hi"
+        with urllib.request.urlopen(mock.base_url + "/models", timeout=10) as r:
+            assert r.status == 200  # not a chat request: not traced
+    t1 = time.monotonic()
+    trace = json.loads(path.read_text())
+    assert len(trace["arrived"]) == 1
+    assert len(trace["done"]) == 1
+    assert t0 <= trace["arrived"][0] <= trace["done"][0] <= t1

@@ -15,7 +15,10 @@ The result holds the wall time from the first request sent to the last answer re
 call's latency, the daemon's RSS (peak and per call in flight), and errors; and
 ``cpu_s_in_storm``: the CPU seconds (user + system) of each of the three processes — the
 daemon, the mock upstream, the load generator — over that same window (sampled every 50 ms),
-so that on a small machine one can see whose CPU the storm waits for.
+so that on a small machine one can see whose CPU the storm waits for. ``phases`` splits the wall
+time at the upstream (the mock runs as :mod:`benchmarks.load.traced_mock`, which notes when each
+request reached it): *intake* until the last request reached the upstream, then its latency,
+and *drain* from the first answer received to the last — each with the CPU of each process.
 
 The load process opens ``sessions`` MCP sessions first, then each session fires
 ``per_session`` calls at once and waits for their answers.
@@ -25,6 +28,9 @@ Target: all calls done within 1.25 × the upstream latency, none failed.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 import time
 from typing import Any
@@ -58,8 +64,8 @@ PER_SESSION = 50
 def run(full: bool) -> dict[str, Any]:
     n = 2_000 if full else 500
     sessions = n // PER_SESSION
-    # every call needs a daemon slot, and each after its connection's first a shared one too
-    max_inflight = -(-4 * n // 3)
+    settings = daemon_settings(n)
+    max_inflight = settings["max_inflight"]
     result: dict[str, Any] = {
         "form": "full" if full else "short",
         "machine_load_at_start": machine_load(),
@@ -72,17 +78,15 @@ def run(full: bool) -> dict[str, Any]:
             "shared_slots": max_inflight * 3 // 4,
         },
     }
+    trace_dir = tempfile.TemporaryDirectory(prefix="exai-bench-trace-")
+    trace_path = os.path.join(trace_dir.name, "mock-trace.json")
     with (
-        mock_upstream(latency_s=UPSTREAM_LATENCY_S) as mock,
+        trace_dir,
+        mock_upstream(latency_s=UPSTREAM_LATENCY_S, trace_path=trace_path) as mock,
         exai_daemon(
             mock=mock,
             provider={"max_concurrency": n, "pool_max": n, "stall_timeout_s": 60},
-            max_inflight=max_inflight,
-            session_max_inflight=PER_SESSION,
-            session_rate_per_s=1_000_000,
-            session_burst=1_000_000,
-            slot_wait_s=30,
-            call_timeout_s=60,
+            **settings,
         ) as d,
     ):
         result["settings"]["daemon_env"] = d.env_settings
@@ -120,10 +124,13 @@ def run(full: bool) -> dict[str, Any]:
         rss_after = d.rss_bytes()
         result["loop_stall"] = loop_stalls(d, t_wall0)
         result["slot_waits_over_1s"] = slot_waits_over(d.metrics_text(), 1.0)
+        mock.stop()  # it writes its trace
+        trace = _read_trace(trace_path)
 
     recs = res["records"]
     starts = recs["t"]
     ends = [t + lat for t, lat in zip(starts, recs["lat"], strict=True)]
+    result["phases"] = phases(starts, ends, trace, cpu) if starts else None
     outcomes = count(recs["outcome"])
     failed = sum(v for k, v in outcomes.items() if k != "ok")
     wall = max(ends) - min(starts) if starts else None
@@ -157,6 +164,69 @@ def run(full: bool) -> dict[str, Any]:
     }
     result["plots"] = [_plot(starts, ends, sampler.samples, n)]
     return result
+
+
+def daemon_settings(n: int) -> dict[str, Any]:
+    """The daemon's settings for ``n`` calls at once, :data:`PER_SESSION` per connection: every
+    limit open. Each call takes a daemon slot, and each after its connection's first one of the
+    shared slots too (three quarters of ``max_inflight``): so ``max_inflight`` is ``⌈4n/3⌉``."""
+    return {
+        "max_inflight": -(-4 * n // 3),
+        "session_max_inflight": PER_SESSION,
+        "session_rate_per_s": 1_000_000,
+        "session_burst": 1_000_000,
+        "slot_wait_s": 30,
+        "call_timeout_s": 60,
+    }
+
+
+def _read_trace(path: str) -> dict[str, list[float]] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def phases(
+    starts: list[float],
+    ends: list[float],
+    trace: dict[str, list[float]] | None,
+    cpu: CpuSampler,
+) -> dict[str, Any]:
+    """The storm's wall time split at the upstream (times from the first request sent):
+
+    *intake* — until the last request reached the upstream (the mock's trace); *wait* — the
+    upstream's latency; *drain* — from the first answer received to the last. With each phase,
+    the CPU seconds each process spent in it (intake and drain overlap when the intake takes
+    longer than the upstream's latency; ``arrived_after_first_answer`` counts those requests).
+    """
+    t0, first_answer, last_answer = min(starts), min(ends), max(ends)
+    out: dict[str, Any] = {
+        "first_answer_s": round(first_answer - t0, 3),
+        "drain_s": round(last_answer - first_answer, 3),
+        "cpu_s_in_drain": cpu.between(first_answer, last_answer),
+    }
+    if trace is None:
+        out["intake"] = "no trace from the mock"
+        return out
+    # the trace also holds the warm-up call and, in the full form, the bare-httpx floor's calls
+    arrived = sorted(t for t in trace.get("arrived", []) if t >= t0)
+    if not arrived:
+        out["intake"] = "no request of the storm in the mock's trace"
+        return out
+    out.update(
+        {
+            "reached_upstream": len(arrived),
+            "first_reached_upstream_s": round(arrived[0] - t0, 3),
+            "intake_s": round(arrived[-1] - t0, 3),
+            "intake_p50_s": round(arrived[len(arrived) // 2] - t0, 3),
+            "arrived_after_first_answer": sum(t > first_answer for t in arrived),
+            "cpu_s_in_intake": cpu.between(t0, arrived[-1]),
+        }
+    )
+    return out
 
 
 def slot_waits_over(metrics: str | None, bound_s: float) -> int | None:
