@@ -231,8 +231,13 @@ class HttpDoor:
     ) -> None:
         """Serve one admitted connection until it closes, is idle too long, or is closed."""
         connection = HttpConnection(self, stream, conn, ip)
-        async with self.sessions.open(connection):
-            await connection.run(first)
+        try:
+            async with self.sessions.open(connection):
+                await connection.run(first)
+        finally:
+            # the stream's hook is the connection's method: no reference cycle left to the
+            # collector (see SessionCore.release_all)
+            stream.on_progress = None
 
 
 class HttpConnection:

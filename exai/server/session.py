@@ -81,6 +81,7 @@ class Session:
             self.core = core(self.close)
         self.id = self.core.id
         self._write_scope: trio.CancelScope | None = None
+        self._stream = stream
         if stream is not None:
             stream.on_progress = self._write_progress
         self.meter = InboundMeter(shared.budget)
@@ -121,6 +122,9 @@ class Session:
             self.nursery = None
             self.core.release_all()
             self.meter.release_all()
+            # (with the core's links, see release_all: the session is not a reference cycle)
+            if self._stream is not None:
+                self._stream.on_progress = None
 
     async def hand_over(self) -> None:
         """Draining: close this session (1012, service restart) once every call admitted on it
