@@ -24,9 +24,12 @@ Resource handling:
 The :class:`CallRegistry` maps a key — the client's ``_meta["exai/idempotencyKey"]`` or, when
 absent, ``session id + request id`` — to the running execution or to its finished response,
 kept for ``ttl_s``, at most ``max_entries`` of them and ``max_bytes`` in all (oldest first
-out), each answer's text stored once (:func:`~exai.server.compact.compact`). Every entry
-carries the digest of the request that made it (:func:`exai.server.protocol.call_digest`): the
-same key asking another question is another call, never answered from this one.
+out), each answer's text stored once (:func:`~exai.server.compact.compact`) and pickled: a
+stored answer is one ``bytes`` object, which the cycle collector never walks, instead of the
+half-dozen dicts and lists of its JSON — 10,000 answers kept for ten minutes were most of the
+objects every full collection walked (issue 18). Every entry carries the digest of the request
+that made it (:func:`exai.server.protocol.call_digest`): the same key asking another question is
+another call, never answered from this one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -182,13 +186,32 @@ class Finished:
     nbytes: int
 
 
+def _freeze(payload: dict[str, Any]) -> bytes | dict[str, Any]:
+    """A stored answer as the registry keeps it: pickled, one ``bytes`` object the cycle
+    collector never walks (a dict, its lists and dicts are walked by every full collection for
+    as long as they are kept). Only this process reads it back (:func:`_thaw`). An answer that
+    cannot be pickled (a tool's odd object in it) is kept as it is."""
+    try:
+        return pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError):
+        return payload
+
+
+def _thaw(stored: bytes | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(stored, bytes):
+        payload: dict[str, Any] = pickle.loads(stored)  # (only ever bytes _freeze made)
+        return payload
+    return stored
+
+
 class CallRegistry:
     """Running executions and finished answers by key, bounded in count, bytes and time.
 
     Finished answers are kept for ``ttl_s``, at most ``max_entries`` of them and ``max_bytes``
     in all (:func:`approx_size` of the stored form, the answer text stored once: see
-    :func:`compact`); the oldest go first. An answer larger than ``max_bytes`` on its own is not
-    kept: a re-send of its request runs again, as after the TTL.
+    :func:`compact`); the oldest go first. Each is kept pickled (see :func:`_freeze`). An
+    answer larger than ``max_bytes`` on its own is not kept: a re-send of its request runs
+    again, as after the TTL.
     """
 
     def __init__(
@@ -199,8 +222,10 @@ class CallRegistry:
         self.max_bytes = max_bytes
         self.orphan_grace_s = orphan_grace_s
         self.running: dict[str, Execution] = {}
-        # key → (expires_at, digest, compacted payload, bytes)
-        self._finished: OrderedDict[str, tuple[float, str, dict[str, Any], int]] = OrderedDict()
+        # key → (expires_at, digest, compacted payload as kept by _freeze, bytes)
+        self._finished: OrderedDict[str, tuple[float, str, bytes | dict[str, Any], int]] = (
+            OrderedDict()
+        )
         self.nbytes = 0
         #: answers dropped before their TTL to stay within the byte or count budget
         self.evicted = 0
@@ -216,7 +241,7 @@ class CallRegistry:
         if expires_at <= trio.current_time():
             self._drop(key)
             return None
-        return Finished(digest, expand(payload), nbytes)
+        return Finished(digest, expand(_thaw(payload)), nbytes)
 
     def store(self, key: str, digest: str, payload: dict[str, Any]) -> int:
         """Keep ``payload`` for ``key``; returns its size in bytes as stored."""
@@ -228,7 +253,7 @@ class CallRegistry:
         if nbytes > self.max_bytes:
             self.too_large += 1
         else:
-            self._finished[key] = (now + self.ttl_s, digest, stored, nbytes)
+            self._finished[key] = (now + self.ttl_s, digest, _freeze(stored), nbytes)
             self.nbytes += nbytes
         while self._finished:
             oldest_key, (exp, _, _, _) = next(iter(self._finished.items()))

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
+import threading
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import trio
@@ -16,7 +19,7 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
 from exai.server.budget import Ledger, MemoryBudget
-from exai.server.calls import CallRegistry
+from exai.server.calls import CallRegistry, Finished
 from exai.server.compact import approx_size, compact, expand
 from exai.server.outbox import Outbox, ProgressStream
 from exai.server.overload import MemoryReading
@@ -129,6 +132,50 @@ async def test_a_stored_answer_comes_back_with_its_digest_and_expires() -> None:
     assert found.payload == chat_like("y" * 2 * KiB)
     await trio.sleep(11)
     assert calls.finished("k") is None and calls.nbytes == 0
+
+
+@pytest.mark.anyio(False)
+def test_stored_answers_are_nothing_for_the_cycle_collector_to_walk() -> None:
+    # Every dict and list a stored answer keeps is walked by every full collection, which
+    # blocks the loop: 10,000 answers kept for ten minutes were most of what the idle full
+    # collections of the peer benchmark walked (issue 18). Kept pickled, an answer is one bytes
+    # object (its entry tuple, holding no tracked object, is untracked by the next collection).
+    # (Not an async test: the collections below would be stalls of its loop. The registry
+    # reads trio's clock, so the test runs in a trio run on a thread of its own.)
+    async def main() -> None:
+        calls = registry()
+        gc.collect()
+        before = len(gc.get_objects())
+        for i in range(1000):
+            calls.store(f"k{i}", "d", chat_like(f"answer {i} " * 10))
+            calls.store(f"long{i}", "d", chat_like(f"{i}" * 2 * KiB))  # (compacted: a _Spliced)
+        gc.collect()
+        assert len(gc.get_objects()) - before < 100
+        # ... and each comes back as it was given
+        assert calls.finished("k7") == Finished("d", chat_like("answer 7 " * 10), ANY)
+        assert calls.finished("long7") == Finished("d", chat_like("7" * 2 * KiB), ANY)
+
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # (re-raised below, on the test's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+async def test_an_answer_that_cannot_be_pickled_is_kept_as_it_is() -> None:
+    calls = registry()
+    odd = {"result": {"content": [], "structuredContent": {"lock": threading.Lock()}}}
+    calls.store("k", "d", odd)
+    found = calls.finished("k")
+    assert found is not None and found.payload == odd
 
 
 async def test_shrinking_under_memory_pressure_keeps_at_most_the_fraction_asked() -> None:
