@@ -28,8 +28,9 @@ policy):
   generations having been collected at least :data:`FORCE_MIN_OLD_COLLECTIONS` times since.
 
 Every collection is timed (:class:`GcTimes`, a ``gc.callbacks`` hook): one over
-:data:`SLOW_COLLECTION_S` is logged as ``gc.slow_collection`` (generation, duration — wall
-time, so a descheduled collection counts — and objects collected) next to the stall probe's
+:data:`SLOW_COLLECTION_S` is logged as ``gc.slow_collection`` (generation; duration, wall time,
+so a descheduled collection counts; ``cpu_s``, the collecting thread's CPU time, what the
+collection itself cost; objects collected) next to the stall probe's
 ``loop.stall``, which cannot name a collection (the watchdog cannot sample the loop thread
 while the collector holds the GIL; it then names the code that ran next, often this hook).
 
@@ -73,31 +74,43 @@ FORCE_MIN_OLD_COLLECTIONS = 10
 class GcTimes:
     """How long the collector's collections take, per generation (a ``gc.callbacks`` hook).
 
-    ``slow`` keeps (at most 100 of) the collections over ``slow_s`` as ``(generation, duration_s,
-    objects collected)`` for :func:`collect_when_idle` to log (logging inside the collector's
-    callback could start another collection).
+    ``slow`` keeps (at most 100 of) the collections over ``slow_s`` of wall time as
+    ``(generation, duration_s, cpu_s, objects collected)`` for :func:`collect_when_idle` to log
+    (logging inside the collector's callback could start another collection). ``cpu_s`` is the
+    CPU time of the thread that collected (a collection runs on one thread, holding the GIL).
     """
 
-    def __init__(self, slow_s: float = SLOW_COLLECTION_S) -> None:
+    def __init__(
+        self,
+        slow_s: float = SLOW_COLLECTION_S,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
         self.slow_s = slow_s
         self.count = [0, 0, 0]
         self.total_s = [0.0, 0.0, 0.0]
         self.max_s = [0.0, 0.0, 0.0]
-        self.slow: list[tuple[int, float, int]] = []
+        self.slow: list[tuple[int, float, float, int]] = []
+        self._clock = clock
+        self._cpu_clock = cpu_clock
         self._started = 0.0
+        self._cpu_started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = self._clock()
+            self._cpu_started = self._cpu_clock()
             return
-        took = time.perf_counter() - self._started
+        took = self._clock() - self._started
         gen = info.get("generation", 0)
         self.count[gen] += 1
         self.total_s[gen] += took
         if took > self.max_s[gen]:
             self.max_s[gen] = took
         if took > self.slow_s and len(self.slow) < 100:
-            self.slow.append((gen, took, info.get("collected", 0)))
+            cpu = self._cpu_clock() - self._cpu_started
+            self.slow.append((gen, took, cpu, info.get("collected", 0)))
 
 
 #: the daemon's collection timer (installed by :func:`apply`)
@@ -133,12 +146,13 @@ async def collect_when_idle(
     while True:
         await trio.sleep(check_interval_s)
         slow, times.slow = times.slow, []
-        for gen, took, found in slow:
+        for gen, took, cpu, found in slow:
             log_event(
                 "gc.slow_collection",
                 logging.WARNING,
                 generation=gen,
                 duration_s=round(took, 4),
+                cpu_s=round(cpu, 4),
                 collected=found,
             )
         before, seen = seen, activity()
