@@ -68,8 +68,9 @@ async def stall_detector(
         return
     # Garbage-collection pauses are left out: on a loaded machine a full collection of what
     # earlier tests left behind can take 100+ ms, and this fixture looks for blocking calls.
-    # So is the time the OS kept the loop's thread off the CPU (a busy machine is not a
-    # blocking call): what remains is what the step itself ran or blocked.
+    # So is the time the OS kept the loop's thread off the CPU, or kept another thread it
+    # waited for there (a worker thread being started, the GIL's next holder): a busy machine
+    # is not a blocking call. What remains is what the step itself ran or blocked.
     with _install(threshold, exclude_gc=True, exclude_descheduled=True) as detector:
         yield detector
     report = stall_report(detector)

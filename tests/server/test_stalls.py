@@ -240,6 +240,90 @@ async def test_a_step_slowed_only_by_other_processes_is_not_a_stall() -> None:
     assert by_cpu.descheduled_s > 0.05
 
 
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
+async def test_a_step_waiting_for_a_thread_the_machine_keeps_off_the_cpu_is_not_a_stall() -> None:
+    # What failed `make test` on the shared CI box: 100-120 ms "stalls" of steps that used
+    # under 1 ms of CPU. The loop thread slept waiting for another thread of the process that was
+    # itself waiting for a CPU — Thread.start waits for the new thread to run (trio's to_thread
+    # starts one when no worker is idle), and the GIL's hand-off waits for the thread that asked
+    # for it to take it. Its own run-queue delay does not show that. Here: four threads that
+    # wake every millisecond (so ask for the GIL) at the lowest priority (SCHED_IDLE), on one CPU
+    # with four busy processes, while the loop runs steps of 10 ms of CPU (seen: up to 2 s of
+    # wall time, the loop thread's own run-queue delay explaining a fraction).
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hogs = _hogs_on(cpu, 4)
+    stop = threading.Event()
+    started = threading.Event()
+
+    def low_priority_waker() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        started.set()
+        while not stop.is_set():
+            time.sleep(0.001)
+
+    wakers = [threading.Thread(target=low_priority_waker) for _ in range(4)]
+    try:
+        os.sched_setaffinity(0, {cpu})
+        for waker in wakers:
+            waker.start()
+            started.wait(5)
+        time.sleep(0.3)  # noqa: ASYNC251 - let the hogs start before measuring
+        # the suite's threshold (0.1 s); steps until the old measure has been fooled at least
+        # once (the kernel decides when the low-priority threads run), 60 at most
+        with (
+            stall_detector(threshold_s=0.1, exclude_descheduled=True, exclude_others=False) as own,
+            stall_detector(threshold_s=0.1, exclude_descheduled=True) as all_threads,
+        ):
+            for _ in range(60):
+                _spin_cpu(0.01)
+                await trio.lowlevel.checkpoint()
+                if own.stall_count >= 2:
+                    break
+    finally:
+        stop.set()
+        for waker in wakers:
+            waker.join()
+        os.sched_setaffinity(0, before)
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+    assert own.stall_count > 0, "the other thread was not kept waiting; the test proves nothing"
+    assert all_threads.stall_count == 0, all_threads.stalls
+    assert all_threads.descheduled_s > own.descheduled_s
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
+async def test_a_cpu_heavy_step_stays_a_stall_however_long_other_threads_waited() -> None:
+    # Other threads waiting for a CPU meanwhile must not excuse a step that ran on the CPU: the
+    # subtraction stops at the step's own CPU time.
+    waiting = threading.Event()
+
+    def busy_elsewhere() -> None:
+        waiting.wait(5)
+
+    others = [threading.Thread(target=busy_elsewhere) for _ in range(4)]
+    for t in others:
+        t.start()
+    try:
+        with stall_detector(threshold_s=0.05, exclude_descheduled=True) as detector:
+            async with trio.open_nursery() as nursery:
+
+                async def spin() -> None:
+                    _spin_cpu(0.2)
+                    await trio.lowlevel.checkpoint()
+
+                nursery.start_soon(spin, name="spinner")
+    finally:
+        waiting.set()
+        for t in others:
+            t.join()
+
+    assert [name for _, name in detector.stalls] == ["spinner"]
+    assert detector.stalls[0][0] >= 0.19
+
+
 @pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
 async def test_a_blocking_sleep_is_still_a_stall_when_descheduled_time_is_excluded() -> None:
     with stall_detector(threshold_s=0.05, exclude_descheduled=True) as detector:
