@@ -570,9 +570,22 @@ async def test_requests_cancelled_at_random_points_leave_no_slot_or_connection_b
             with anyio.move_on_after(bound):
                 await _body(pool, "chat/completions", _stream_body())
 
+        async def cut_after_first_chunk() -> None:
+            # Cut mid-stream whatever the machine's speed: on a busy one every timed bound
+            # above may run out before its request reaches the mock.
+            with anyio.CancelScope() as scope:
+                body = _stream_body()
+                async with await pool.request("POST", "chat/completions", JSON_HEADERS, body) as r:
+                    async for _ in r.aiter_bytes():
+                        scope.cancel()
+                        await anyio.lowlevel.checkpoint()
+
         async with anyio.create_task_group() as tg:
-            for _ in range(120):
-                tg.start_soon(one, rng.uniform(0.0, 0.06))
+            for i in range(120):
+                if i % 10 == 0:
+                    tg.start_soon(cut_after_first_chunk)
+                else:
+                    tg.start_soon(one, rng.uniform(0.0, 0.06))
         s = pool.statistics()
         assert (s.in_use, s.waiting) == (0, 0) and s.connections == s.idle <= 3
         with anyio.fail_after(10):
