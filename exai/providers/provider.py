@@ -8,7 +8,9 @@ A call passes the stages in that order; each can refuse it before any byte leave
    debt into the next reservation, so the limit holds over time without letting the bucket go
    negative);
 3. the circuit breaker (``provider:<name>``);
-4. a ``CapacityLimiter`` of ``max_concurrency`` slots;
+4. a ``CapacityLimiter`` of ``max_concurrency`` slots (a free one is taken without a scheduler
+   round: ``async with limiter`` yields to the loop even when a slot is free, and at
+   concurrency 1 every round the call's task waits costs CPU — issue 18);
 5. the HTTP/1.1 pool of ``pool_max`` connections (:class:`~exai.providers.client.OpenAIClient`
    over :class:`~exai.providers.transport.H11Pool`).
 
@@ -66,6 +68,16 @@ __all__ = ["DEFAULT_OUTPUT_ESTIMATE", "Provider", "breaker_records", "estimate_t
 
 #: Output tokens reserved when the request sets no ``max_output_tokens``.
 DEFAULT_OUTPUT_ESTIMATE = 1024
+
+
+async def _take_slot(limiter: anyio.CapacityLimiter) -> None:
+    """Take one of ``limiter``'s slots: a free one at once (after a cancellation check, as
+    ``acquire`` makes), otherwise wait for one in its FIFO. The caller releases it."""
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        await limiter.acquire()
 
 
 def breaker_records(exc: BaseException) -> bool:
@@ -432,9 +444,13 @@ class Provider:
         try:
             try:
                 async with self.breaker:
-                    assert self.limiter is not None
-                    async with self.limiter:
+                    limiter = self.limiter
+                    assert limiter is not None
+                    await _take_slot(limiter)
+                    try:
                         resp = await self._exchange(req, model)
+                    finally:
+                        limiter.release()
             except BaseException as exc:
                 self._after_failure(exc, start, model)
                 if isinstance(exc, CircuitOpenError):

@@ -87,6 +87,8 @@ _core_ids = itertools.count(1)
 SEND_QUEUE = 256
 #: a message costs one token of the message bucket per started this many bytes
 BYTES_PER_MESSAGE_TOKEN = 256 * 1024
+#: an answer larger than this is encoded after a checkpoint (see ``_respond_call``)
+LARGE_ANSWER_BYTES = 64 * 1024
 
 #: what :meth:`SessionCore.handle_text` did with a message:
 #: ``answered`` — an answer (or a refusal) is queued; ``call`` — a tools/call was admitted and its
@@ -474,6 +476,11 @@ class SessionCore:
             size = max(payload[1], 0)
             self.ledger.add(size - charged)
             charged = size
+            if size > LARGE_ANSWER_BYTES:
+                # A large answer is encoded in a step of its own, not in the one that made it:
+                # a 6 MiB one takes tens of milliseconds to make and as many to encode (a small
+                # one goes on at once: every scheduler round costs CPU at concurrency 1).
+                await trio.lowlevel.checkpoint()
             await self.outbox.wait_room(size)
             text = self.encode(self._response(req.id, payload[0], served))
             if text is not None:
@@ -553,7 +560,10 @@ class SessionCore:
                         # latest), so it then is the only watcher and Execution.cancel() would
                         # follow anyway.
                         await self.shared.runner.run(ex, args, launched.ctx, launched.held)
-                await ex.done.wait()
+                if not ex.done.is_set():
+                    # (an already finished call is not waited for: Event.wait would still
+                    # yield to the scheduler once, a round that costs CPU at concurrency 1)
+                    await ex.done.wait()
                 if ex.payload is not None:
                     return ex.payload, ex.payload_bytes
             finally:

@@ -14,6 +14,12 @@ calling back after each one. The writer keeps a deadline of ``send_timeout_s`` f
 progress, so a peer that stops reading is detected whatever the message size, while one that
 reads slowly but steadily is not cut off.
 
+:func:`write` hands a message of at most 64 KiB to a plain TCP socket directly
+(:meth:`ProgressStream.send_nowait`: a non-blocking ``write``, never under TLS) and sends only
+what the socket did not take through the stream, under the caller's deadline as before. A
+``send_all`` yields to the scheduler even when the socket takes everything at once, and at
+concurrency 1 each such round costs CPU (issue 18).
+
 Resource handling:
     :meth:`Outbox.close` drops whatever is queued and refunds its bytes; waiting senders get
     :class:`trio.ClosedResourceError`.
@@ -21,6 +27,7 @@ Resource handling:
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -28,7 +35,7 @@ import trio
 
 from exai.server.budget import Ledger
 
-__all__ = ["Outbox", "ProgressStream"]
+__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream", "write"]
 
 #: the unit :class:`ProgressStream` writes in: the writer's deadline moves after each one
 CHUNK_BYTES = 64 * 1024
@@ -179,6 +186,25 @@ class Outbox:
         self._room.unpark_all()
 
 
+async def write(stream: trio.abc.SendStream, data: bytes) -> None:
+    """``stream.send_all(data)``; on a :class:`ProgressStream` over plain TCP, data of at most
+    :data:`CHUNK_BYTES` is first handed to the non-blocking socket
+    (:meth:`ProgressStream.send_nowait`), and only what it does not take is sent the usual way,
+    after it. Most answers so go out without a scheduler round; the caller must be the
+    stream's only writer, as for ``send_all``.
+
+    Raises:
+        trio.BrokenResourceError / trio.ClosedResourceError: as ``send_all``.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()  # (as send_all: a cancelled task sends nothing)
+    sent = 0
+    if type(stream) is ProgressStream and len(data) <= CHUNK_BYTES:
+        sent = stream.send_nowait(data)
+        if sent == len(data):
+            return
+    await stream.send_all(memoryview(data)[sent:] if sent else data)
+
+
 class ProgressStream(trio.abc.HalfCloseableStream):
     """A stream that writes in :data:`CHUNK_BYTES` chunks and calls ``on_progress`` after each.
 
@@ -190,6 +216,38 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         self.inner = inner
         self.on_progress: Callable[[], None] | None = None
         self._unread = b""
+        # the socket of a plain TCP stream, which keeps no bytes of its own (never under TLS,
+        # whose bytes must go through its stream); trio makes every socket non-blocking, and a
+        # socket found blocking is never written to directly
+        self._socket: trio.socket.SocketType | None = None
+        if type(inner) is trio.SocketStream:
+            fd = inner.socket.fileno()
+            if fd >= 0 and not os.get_blocking(fd):
+                self._socket = inner.socket
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Hand ``data`` to a plain TCP stream's non-blocking socket without waiting: how many
+        bytes it took — all of them when its send buffer has room, fewer or none when not (the
+        caller sends the rest with :meth:`send_all`); always 0 for any other stream (TLS).
+
+        Never blocks and never yields to the scheduler. The caller must be the stream's only
+        writer at that moment (what :meth:`send_all` also asks).
+
+        Raises:
+            trio.BrokenResourceError: the peer went away (the socket's error).
+        """
+        sock = self._socket
+        if sock is None:
+            return 0
+        fd = sock.fileno()
+        if fd < 0:
+            return 0  # closed: send_all says so
+        try:
+            return os.write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     def unread(self, data: bytes) -> None:
         """Give ``data`` back: the next reads return it before anything from the stream (the

@@ -14,7 +14,10 @@ Writing:
     (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off to the writer task, which sends
     whatever queues meanwhile after it, in order). A write that makes no progress for
     ``send_timeout_s`` — the writer's or a direct one — closes the connection with 1008 and
-    everything the session held is freed.
+    everything the session held is freed. A direct answer of at most 64 KiB on plain TCP is
+    handed to the non-blocking socket at once when no other write holds the connection
+    (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not take goes
+    the usual way, under the same deadline).
 
 Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
@@ -89,8 +92,12 @@ class Session:
             conn.meter = self.meter
         self._writer_done = trio.Event()
         self.nursery: trio.Nursery | None = None
-        # an answer put while nothing is queued is written by its own task (no hand-off)
+        # an answer put while nothing is queued is written by its own task (no hand-off), a
+        # small one straight to a plain TCP socket when it can (ServerConnection.send_text)
         self.core.outbox.direct = self._direct_write
+        self._send_direct = (
+            conn.send_text if isinstance(conn, ServerConnection) else conn.send_message
+        )
 
     @property
     def closing_reason(self) -> tuple[int, str] | None:
@@ -192,7 +199,7 @@ class Session:
         self._write_scope = scope
         try:
             with scope:
-                await self.conn.send_message(text)
+                await self._send_direct(text)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             if self.nursery is not None:  # the peer went away: stop reading too
                 self.nursery.cancel_scope.cancel()

@@ -12,9 +12,20 @@ It also charges every part of a frame being received to the daemon's budget
 closes the connection with 1013 (try again later), so the frames of a thousand connections
 cannot pile up outside the budget.
 
-This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_reader_task``,
-``_get_request``, ``_close_reason``, ``_recv_channel``, ``_reader_running``,
-``_message_parts``); pyproject pins the minor version it was checked against.
+A call's answer goes out through :meth:`ServerConnection.send_text`: on a plain TCP stream
+(:class:`~exai.server.outbox.ProgressStream` over a ``trio.SocketStream``) whose lock no other
+writer holds, a frame of at most 64 KiB is handed to the non-blocking socket at once
+(:func:`exai.server.outbox.write`), which almost always takes it whole; what it does not take is
+sent the usual way, under the same lock, in order. ``send_message`` yields to the scheduler
+twice even when nothing waits (the stream lock's checkpoint and the socket send's), and at
+concurrency 1 every such round costs CPU (issue 18: the responder task of a ``chat`` call
+resumed 7 times, of a ``version`` call 4 times; with this, the provider slot and the finished
+call not waited for, 3 and 1).
+
+This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
+``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_close_reason``,
+``_recv_channel``, ``_reader_running``, ``_message_parts``); pyproject pins the minor version it
+was checked against.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from exai.server.budget import InboundMeter
+from exai.server.outbox import ProgressStream, write
 
 __all__ = ["ServerConnection", "accept_request", "http_version"]
 
@@ -36,6 +48,32 @@ __all__ = ["ServerConnection", "accept_request", "http_version"]
 class ServerConnection(WebSocketConnection):
     #: charged for every part of a frame as it arrives (``None`` until the session sets it)
     meter: InboundMeter | None = None
+
+    async def send_text(self, message: str) -> None:
+        """``send_message(message)``, with a small frame handed to a plain TCP socket at once
+        when no other writer holds the stream (see the module docstring).
+
+        Raises:
+            ConnectionClosed: the connection is closed or closing, or the peer went away
+                (as ``send_message``).
+        """
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        stream = self._stream
+        lock = self._stream_lock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not isinstance(stream, ProgressStream) or lock.locked():
+            await self._send(TextMessage(data=message))
+            return
+        lock.acquire_nowait()
+        try:
+            await write(stream, self._wsproto.send(TextMessage(data=message)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._abort_web_socket()
+            assert self._close_reason is not None
+            raise ConnectionClosed(self._close_reason) from None
+        finally:
+            lock.release()
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
         meter = self.meter

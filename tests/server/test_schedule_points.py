@@ -1,0 +1,347 @@
+"""How often a call's task yields to the scheduler (issue 18, concurrency 1).
+
+At concurrency 1 nothing is shared between calls, and every time the loop puts a task aside and
+resumes it costs CPU on the benchmark VM (a scheduler round, often a sleep and a wake-up of the
+whole loop). So a call's responder yields only where it must wait for something — its upstream's
+bytes, the store thread's answer — never merely because a primitive checkpoints: a free provider
+slot is taken at once, a call already finished is not waited for, and a small answer is handed
+to the non-blocking socket instead of through trio-websocket's lock and a socket send that both
+yield. These tests count the responder's task steps with a trio instrument (no clocks), and
+check that the socket path gives the same bytes, in order, when the socket takes only part of
+them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed
+
+from exai.providers import ProviderRouter
+from exai.resilience.retry import RetryBudget
+from exai.server.app import Daemon
+from exai.server.outbox import CHUNK_BYTES, ProgressStream
+from exai.server.wsconn import ServerConnection, accept_request
+from exai.storage.service import ConversationService
+from exai.testing import MockUpstream
+from exai.tools import default_registry
+from tests.daemon_tools import BLOB
+from tests.helpers import Rpc, make_settings, running_daemon, ws
+from tests.httpmcp import envelope, http_url
+from tests.providers.conftest import provider_settings
+
+pytestmark = pytest.mark.anyio
+
+RESPONDER = "SessionCore._respond_call"
+
+
+def _woken_by_io() -> bool:
+    """Whether the task being rescheduled now was woken by the I/O manager (its socket, the
+    store's eventfd became ready) — a wait that has to be there — rather than by a checkpoint,
+    a lock or an event (called from the instrument's ``task_scheduled``)."""
+    frame: Any = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "process_events" and "trio" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _innermost(task: trio.lowlevel.Task) -> str:
+    """Where ``task`` is suspended (its last three coroutine frames)."""
+    coro: Any = task.coro
+    names = []
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        names.append(coro.cr_frame.f_code.co_name)
+        coro = getattr(coro, "cr_await", None)
+    return " > ".join(names[-3:])
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of the responder tasks: every step (``resumed``), the first one of each
+    task (``started``), and by where the task was suspended, those it was resumed for by
+    anything but the I/O manager (``avoidable``)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[trio.lowlevel.Task] = set()
+        self.by_io: dict[trio.lowlevel.Task, bool] = {}
+        self.resumed = 0
+        self.avoidable: collections.Counter[str] = collections.Counter()
+        self.started = 0
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if RESPONDER in task.name:
+            self.by_io[task] = _woken_by_io()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if RESPONDER not in task.name:
+            return
+        self.resumed += 1
+        by_io = self.by_io.pop(task, False)
+        if task not in self.tasks:
+            self.tasks.add(task)
+            self.started += 1
+        elif not by_io:
+            self.avoidable[_innermost(task)] += 1
+
+
+@asynccontextmanager
+async def _chat_daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon in this trio run with the SQLite conversation store and ``chat`` over one mock
+    upstream."""
+    async with MockUpstream(models=("mock-a",)) as upstream:
+        settings = make_settings(
+            tmp_path,
+            providers=(provider_settings("a", upstream.base_url, None, ("mock-a",)),),
+            fast_models=("mock-a",),
+            quality_models=("mock-a",),
+            default_model="auto",
+        )
+        async with AsyncExitStack() as stack:
+            router = ProviderRouter(
+                settings,
+                attempts=1,
+                initial_backoff_s=0.01,
+                retry_budget=RetryBudget(ratio=1.0, min_retries_per_s=10),
+            )
+            services: dict[str, Any] = {
+                "providers": await stack.enter_async_context(router),
+                "conversations": await stack.enter_async_context(
+                    ConversationService.open(settings)
+                ),
+            }
+            registry = default_registry()
+            registry.register(BLOB)
+            yield await stack.enter_async_context(running_daemon(settings, registry, services))
+
+
+CALLS = 20
+
+
+async def _count(call: Callable[[], Awaitable[dict[str, Any]]]) -> _Steps:
+    for _ in range(3):  # warm up: connections to the upstream and the store are open
+        assert "result" in await call()
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        for _ in range(CALLS):
+            res = await call()
+            assert res["result"]["isError"] is False, res
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert steps.started == CALLS
+    return steps
+
+
+async def _ws_steps(tmp_path: Path, tool: str, arguments: dict[str, Any]) -> _Steps:
+    async with _chat_daemon(tmp_path) as daemon, ws(daemon) as conn:
+        rpc = Rpc(conn)
+        return await _count(lambda: rpc.call(tool, arguments))
+
+
+async def _http_steps(tmp_path: Path, tool: str, arguments: dict[str, Any]) -> _Steps:
+    """Over the Streamable HTTP door, stateless, a JSON answer (``Accept: application/json``)."""
+    async with _chat_daemon(tmp_path) as daemon, httpx.AsyncClient(timeout=60) as client:
+        url = http_url(daemon.url)
+        params = {"name": tool, "arguments": arguments, "_meta": envelope()}
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+
+        async def call() -> dict[str, Any]:
+            response = await client.post(url, json=msg, headers={"Accept": "application/json"})
+            assert response.headers["content-type"].startswith("application/json")
+            answer: dict[str, Any] = response.json()
+            return answer
+
+        return await _count(call)
+
+
+async def test_a_chat_call_s_responder_yields_only_to_wait_for_its_upstream_and_store(
+    tmp_path: Path,
+) -> None:
+    # Before: 4 more resumptions per call — the provider's slot (CapacityLimiter.acquire), the
+    # finished call's event, trio-websocket's stream lock and the socket send.
+    steps = await _ws_steps(tmp_path, "chat", {"prompt": "hello", "model": "mock-a"})
+
+    assert dict(steps.avoidable) == {}
+
+
+async def test_a_version_call_is_answered_in_one_step_of_its_responder(tmp_path: Path) -> None:
+    # Before: 4 steps per call (its start, the finished call's event, the stream lock, the send).
+    steps = await _ws_steps(tmp_path, "version", {})
+
+    assert steps.resumed == CALLS
+    assert dict(steps.avoidable) == {}
+
+
+async def test_over_the_http_door_a_chat_call_s_responder_yields_only_for_io_and_its_answer(
+    tmp_path: Path,
+) -> None:
+    # Before: 2 more resumptions per call (the provider's slot, the finished call's event). The
+    # answer's socket send is left as it is on this door: handing it to the socket at once
+    # saved no CPU there and made the p50 latency at concurrency 1 worse (benchmarks.ab, three
+    # runs: 2.04 -> 2.28 ms, 1.98 -> 2.20, 1.83 -> 2.03).
+    steps = await _http_steps(tmp_path, "chat", {"prompt": "hello", "model": "mock-a"})
+
+    assert dict(steps.avoidable) == {
+        "_nonblocking_helper > __aexit__ > cancel_shielded_checkpoint": CALLS
+    }
+
+
+async def test_a_large_answer_is_encoded_in_a_step_of_its_own(tmp_path: Path) -> None:
+    # Making a 6 MiB answer and encoding it take tens of milliseconds each; in one step they
+    # made a 219 ms stall under load (the suite's stall fixture): a checkpoint parts them.
+    steps = await _ws_steps(tmp_path, "blob", {"bytes": 1024 * 1024})
+
+    assert steps.avoidable["_respond_call > checkpoint > cancel_shielded_checkpoint"] == CALLS
+
+
+# ------------------------------------------------------------------ the direct socket write
+
+
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@asynccontextmanager
+async def _ws_pair(
+    buffer_bytes: int | None = None,
+) -> AsyncIterator[tuple[ServerConnection, ProgressStream, trio.SocketStream]]:
+    """A server connection over a :class:`ProgressStream` on loopback TCP (as the listener
+    makes it) and the raw client end, its upgrade done; ``buffer_bytes`` makes both socket
+    buffers small, so a peer that does not read soon leaves a write only part taken."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    sock = trio.socket.socket()
+    if buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+    await sock.connect(("127.0.0.1", port))
+    client = trio.SocketStream(sock)
+    raw = await listener.accept()
+    await listener.aclose()
+    if buffer_bytes:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+    stream = ProgressStream(raw)
+    async with trio.open_nursery() as nursery:
+        await client.send_all(UPGRADE)
+        request = await accept_request(nursery, stream, max_message_size=1 << 20)
+        server = await request.accept()
+        assert isinstance(server, ServerConnection)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await client.receive_some(4096)
+        assert head.startswith(b"HTTP/1.1 101") and head.endswith(b"\r\n\r\n")
+        try:
+            yield server, stream, client
+        finally:
+            nursery.cancel_scope.cancel()
+            await client.aclose()
+            await raw.aclose()
+
+
+async def _read_text_frames(client: trio.SocketStream, count: int) -> list[str]:
+    """``count`` unmasked text frames from the server, each whole (FIN set)."""
+    buf = bytearray()
+    texts: list[str] = []
+    while len(texts) < count:
+        chunk = await client.receive_some(1 << 16)
+        assert chunk, "the server closed the connection"
+        buf += chunk
+        while len(buf) >= 2:
+            assert buf[0] == 0x81  # FIN, text
+            n, at = buf[1] & 0x7F, 2
+            if n == 126:
+                if len(buf) < 4:
+                    break
+                n, at = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                if len(buf) < 10:
+                    break
+                n, at = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < at + n:
+                break
+            texts.append(buf[at : at + n].decode())
+            del buf[: at + n]
+    return texts
+
+
+async def test_a_small_answer_is_handed_to_the_socket_without_yielding() -> None:
+    async with _ws_pair() as (server, stream, client):
+        sent: list[int] = []
+        original = stream.send_nowait
+
+        def spy(data: Any) -> int:
+            sent.append(original(data))
+            return sent[-1]
+
+        stream.send_nowait = spy  # type: ignore[method-assign]
+        with trio.testing.assert_no_checkpoints():
+            await server.send_text('{"jsonrpc":"2.0","id":1,"result":{}}')
+
+        assert sent == [len('{"jsonrpc":"2.0","id":1,"result":{}}') + 2]
+        assert await _read_text_frames(client, 1) == ['{"jsonrpc":"2.0","id":1,"result":{}}']
+
+
+async def test_what_the_socket_does_not_take_is_sent_after_it_in_order() -> None:
+    # small buffers and a client that reads only later: the socket soon takes only part of a
+    # frame (or none); the rest must follow through the stream, and later frames after it
+    texts = [chr(ord("a") + i) * (CHUNK_BYTES - 16) for i in range(12)]
+    async with _ws_pair(buffer_bytes=8192) as (server, stream, client):
+        sent: list[tuple[int, int]] = []
+        original = stream.send_nowait
+
+        def spy(data: Any) -> int:
+            sent.append((original(data), len(data)))
+            return sent[-1][0]
+
+        stream.send_nowait = spy  # type: ignore[method-assign]
+
+        async def send_all_texts() -> None:
+            for text in texts:
+                await server.send_text(text)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all_texts)
+            with trio.fail_after(30):  # a hang guard
+                while not any(took < size for took, size in sent):
+                    await trio.sleep(0.01)
+                received = await _read_text_frames(client, len(texts))
+
+    assert received == texts
+
+
+async def test_a_stream_that_is_not_plain_tcp_is_never_written_to_directly() -> None:
+    left, _right = trio.testing.memory_stream_pair()
+    assert ProgressStream(left).send_nowait(b"x" * 10) == 0
+
+
+async def test_a_socket_found_blocking_is_never_written_to_directly() -> None:
+    # a direct write must never block the loop: only a non-blocking socket is written to
+    a, b = trio.socket.socketpair()
+    with a, b:
+        os.set_blocking(a.fileno(), True)
+        assert ProgressStream(trio.SocketStream(a)).send_nowait(b"x" * 10) == 0
+
+
+async def test_a_peer_that_went_away_makes_the_direct_write_fail_as_a_closed_connection() -> None:
+    async with _ws_pair() as (server, _stream, client):
+        client.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        await client.aclose()  # (a reset: linger 0)
+        with trio.fail_after(30), pytest.raises(ConnectionClosed):
+            while True:
+                await server.send_text("x" * 100)
+                await trio.sleep(0.01)
