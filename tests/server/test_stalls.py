@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from exai.server import stalls
 from exai.server.stalls import (
     MAX_KEPT_STALLS,
     LoopProbe,
@@ -425,3 +427,63 @@ async def test_the_probe_does_not_call_a_busy_machine_a_stall() -> None:
     assert by_wall.stall_count > 0, "the hogs did not slow the loop down; the test proves nothing"
     assert by_cpu.stall_count == 0, by_cpu.stalls
     assert by_cpu.descheduled_s > 0.05
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux timerfd")
+async def test_under_trio_s_own_clock_the_probe_waits_on_a_timerfd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # trio.sleep under the system clock cost most of an idle daemon's CPU (a cancel scope, a
+    # deadline and a Cancelled exception per wake-up, 100 times a second)
+    waits: list[float] = []
+    timer_sleep = stalls._Timer.sleep
+
+    async def counted(self: stalls._Timer, seconds: float) -> None:
+        waits.append(seconds)
+        await timer_sleep(self, seconds)
+
+    monkeypatch.setattr(stalls._Timer, "sleep", counted)
+    with loop_probe(threshold_s=0.05) as probe:
+        while probe.probes < 3:
+            await trio.sleep(0.01)
+
+    assert len(waits) >= probe.probes >= 3
+    assert set(waits) == {probe.interval_s}
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+async def test_under_a_mock_clock_the_probe_sleeps_on_that_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_timerfd() -> None:
+        raise AssertionError("a timerfd runs on the system's clock, not the test's")
+
+    monkeypatch.setattr(stalls._Timer, "open", no_timerfd)
+    with loop_probe(threshold_s=0.05) as probe:
+        await trio.sleep(1.0)  # (virtual: the clock jumps from one probe wake-up to the next)
+
+    assert probe.probes >= 90
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
+async def test_the_probe_reads_the_run_queue_delay_once_per_wake_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = 0
+    read = stalls._run_delay_ns
+
+    def counted(fd: int) -> int:
+        nonlocal reads
+        reads += 1
+        return read(fd)
+
+    monkeypatch.setattr(stalls, "_run_delay_ns", counted)
+    with loop_probe(threshold_s=0.05) as probe:
+        while probe.probes < 5:
+            await trio.sleep(0.01)
+    probes = probe.probes
+
+    # one read when it starts (and one when its schedstat is opened), then one per wake-up
+    assert reads <= probes + 2
