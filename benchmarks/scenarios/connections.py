@@ -12,7 +12,10 @@ Phases, on one timeline:
    (``parallel`` upgrades in flight) — accept rate, and the active sessions' latency meanwhile;
 3. held: RSS of the daemon with every session open; per session = (held − before the storm) / n;
 4. past the cap: ``probes`` more connections one after another, each timed from ``connect()`` to
-   the HTTP status line (they must all be 503).
+   the HTTP status line (they must all be 503);
+5. closing: the idle process closes every session at once — the active sessions' latency
+   meanwhile (``active_latency.closing``, to a second after the last is torn down) and how long
+   the daemon took to tear them all down (``closing_s``, polled on its status endpoint).
 
 The loop stalls (over 50 ms) and slow garbage collections the daemon logged are also counted
 per phase (``loop_stall.by_phase``: baseline, storm, held_and_probing, closing — the last one
@@ -122,9 +125,12 @@ def run(full: bool) -> dict[str, Any]:
             probed = idle.wait_event("probed", 600)
             t_probe_end = time.monotonic()
             phases["closing"] = time.time()
+            t_close = time.monotonic()
             idle.send("close")
             idle_res = idle.result(120)
+            closing_s = _torn_down(d, t_close, 120)
             time.sleep(1.0)
+            t_closed = time.monotonic()
             rss_after_close = d.rss_bytes()
             active.send("stop")
             act = active.result(60)
@@ -168,7 +174,9 @@ def run(full: bool) -> dict[str, Any]:
                 "baseline": phase(0, storm_from),
                 "during_storm": phase(storm_from, storm_to),
                 "held_and_probing": phase(storm_to, t_probe_end),
+                "closing": phase(t_close, t_closed),
             },
+            "closing_s": closing_s,
             "daemon_rejections": (status.get("daemon") or {}).get("rejections"),
             "idle_process_failures": idle_res.get("failures"),
         }
@@ -195,6 +203,17 @@ def run(full: bool) -> dict[str, Any]:
         _plot(sampler.samples, idle.progress(), rows, held, (t_probe, t_probe_end), n)
     ]
     return result
+
+
+def _torn_down(d: Any, since: float, limit_s: float) -> float | None:
+    """Seconds from ``since`` until the daemon serves only the active sessions again (polled
+    every 50 ms on its status endpoint), or ``None`` past ``limit_s``."""
+    while time.monotonic() - since < limit_s:
+        sessions = ((d.status() or {}).get("daemon") or {}).get("sessions")
+        if sessions is not None and sessions <= ACTIVE_SESSIONS + 1:  # (+ the status request)
+            return round(time.monotonic() - since, 3)
+        time.sleep(0.05)
+    return None
 
 
 def _by_phase(d: Any, phases: dict[str, float]) -> dict[str, Any]:

@@ -17,7 +17,9 @@ Data path of a connection::
 Every refusal is an HTTP status with a JSON body (``{"error": reason, "message": …}``) sent
 before any WebSocket or JSON-RPC state exists. A connection's failure never takes the daemon
 down: it is counted (``session_error``) and logged, and its admission slot is given back in
-``finally``.
+``finally``. A connection admitted to a door takes a turn of :attr:`Listener.endings` once its
+peer has gone and gives it back in that ``finally``, after the stream is closed: thousands of
+peers going at once are torn down a few at a time (:mod:`exai.server.endings`).
 
 The listener is handed what it decides with — the settings, the connection counts, the token
 table (replaced as a whole on reload: :attr:`Listener.tokens`), the readiness view, the allowed
@@ -44,6 +46,7 @@ from exai.config import Settings
 from exai.logs import log_event
 from exai.server.admission import Admission
 from exai.server.auth import Identity, TokenTable
+from exai.server.endings import Endings
 from exai.server.forwarded import client_address, parse_trusted_proxies
 from exai.server.http11 import (
     MAX_HEAD_BYTES,
@@ -136,6 +139,8 @@ class Listener:
         self.origins = origins or OriginPolicy.from_entries(settings.allowed_origins)
         self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
         self._handshakes = trio.Semaphore(max(64, min(1024, settings.max_connections)))
+        #: connections whose peers went at once are torn down a few at a time
+        self.endings = Endings()
 
     async def accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
         """Accept until ``listener`` closes; each connection runs in ``nursery``. At most
@@ -230,7 +235,11 @@ class Listener:
                 self.admission.release(ip)
             if slots.shared and self.shared_limits is not None:
                 self.shared_limits.release_connection(ip, conn_id)
-            await trio.aclose_forcefully(stream)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                if stream.turn is not None:
+                    stream.turn.give_back()
 
     def _release_handshake(self, slots: _Slots) -> None:
         if slots.handshake:
@@ -269,6 +278,7 @@ class Listener:
                 await linger(stream)
             return
         assert self.http_door is not None
+        stream.turn = self.endings.turn()
         await self.http_door.serve(stream, head.conn, head.request, ip)
 
     async def _websocket(
@@ -299,6 +309,7 @@ class Listener:
                 return
             if door == "legacy":
                 conn = await request.accept()
+                stream.turn = self.endings.turn()
                 try:
                     assert self.legacy_door is not None
                     await self.legacy_door.serve(conn, ip, stream)
@@ -312,6 +323,7 @@ class Listener:
             assert identity is not None  # checked in _admit
             subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
             conn = await request.accept(subprotocol=subprotocol)
+            stream.turn = self.endings.turn()
             try:
                 await self.serve_session(conn, ip, identity, stream)
             finally:

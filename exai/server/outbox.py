@@ -12,7 +12,8 @@ that must be delivered waits for room; an advisory one (progress) is dropped and
 :class:`ProgressStream` wraps the connection's transport stream and writes in 64 KiB chunks,
 calling back after each one. The writer keeps a deadline of ``send_timeout_s`` from the last
 progress, so a peer that stops reading is detected whatever the message size, while one that
-reads slowly but steadily is not cut off.
+reads slowly but steadily is not cut off. A read that finds the peer gone (end of stream or
+reset) first waits for the connection's turn to be torn down (:mod:`exai.server.endings`).
 
 :func:`write` hands a message of at most 64 KiB to a plain TCP socket directly
 (:meth:`ProgressStream.send_nowait`: a non-blocking ``write``, never under TLS) and sends only
@@ -34,6 +35,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from exai.server.budget import Ledger
+from exai.server.endings import EndingTurn
 
 __all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream", "write"]
 
@@ -209,12 +211,16 @@ class ProgressStream(trio.abc.HalfCloseableStream):
     """A stream that writes in :data:`CHUNK_BYTES` chunks and calls ``on_progress`` after each.
 
     Reads return what was given back with :meth:`unread` first; everything else is passed to
-    the wrapped stream unchanged.
+    the wrapped stream unchanged — except the peer's end: a read that finds the end of stream
+    or a reset first waits for the connection's :attr:`turn` to be torn down, when it has one
+    (:mod:`exai.server.endings`).
     """
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.on_progress: Callable[[], None] | None = None
+        #: set by the listener once the connection is admitted to a door
+        self.turn: EndingTurn | None = None
         self._unread = b""
         # the socket of a plain TCP stream, which keeps no bytes of its own (never under TLS,
         # whose bytes must go through its stream); trio makes every socket non-blocking, and a
@@ -272,7 +278,15 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             data, self._unread = self._unread[:n], self._unread[n:]
             await trio.lowlevel.checkpoint()
             return data
-        return await self.inner.receive_some(max_bytes)
+        try:
+            got = await self.inner.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            if self.turn is not None:
+                await self.turn.take()
+            raise
+        if not got and self.turn is not None:
+            await self.turn.take()
+        return got
 
     async def send_eof(self) -> None:
         if isinstance(self.inner, trio.abc.HalfCloseableStream):

@@ -4,7 +4,8 @@ Everything that turns messages into executions — admission, slots, deadlines, 
 progress, cancellation, audit — is the :class:`~exai.server.core.SessionCore`'s. This module
 only moves frames: a reader (this task) hands each text frame to the core, a writer sends what
 the core queued, and the connection is closed when the peer goes, the core asks for it, or the
-daemon drains.
+daemon drains. When the peer goes, the teardown waits for the connection's turn
+(:mod:`exai.server.endings`: a few at a time when thousands go at once).
 
 Writing:
     answers and notifications wait in the core's bounded
@@ -238,6 +239,11 @@ class Session:
             try:
                 message = await self.conn.get_message()
             except ConnectionClosed:
+                # the connection closed: the teardown waits its turn (exai.server.endings),
+                # unless the read that found the end of stream already took it
+                turn = None if self._stream is None else self._stream.turn
+                if turn is not None and not turn.taken:
+                    await turn.take()
                 return
             try:
                 if isinstance(message, bytes):
