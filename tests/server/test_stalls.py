@@ -6,12 +6,14 @@ the point, so this is the one place real time is asserted on (as a lower bound o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -209,9 +211,23 @@ async def _cpu_step() -> None:
     await trio.lowlevel.checkpoint()
 
 
-def _hogs_on(cpu: int, count: int) -> list[subprocess.Popen[bytes]]:
+@contextlib.contextmanager
+def _on_one_busy_cpu(hogs: int = 4) -> Iterator[None]:
+    """Run the block with this thread (and the threads it starts) on one CPU that ``hogs`` busy
+    processes share, started 0.3 s before it."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
     code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
-    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(hogs)]
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)  # let the hogs start before measuring
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+        for h in procs:
+            h.kill()
+            h.wait()
 
 
 @pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
@@ -219,23 +235,13 @@ async def test_a_step_slowed_only_by_other_processes_is_not_a_stall() -> None:
     # The loop's thread shares one CPU with four busy processes: a step of 20 ms of CPU takes
     # about 100 ms of wall time. Wall time alone calls that a stall; the run-queue delay says
     # the thread was waiting for the CPU, not blocking.
-    cpu = min(os.sched_getaffinity(0))
-    before = os.sched_getaffinity(0)
-    hogs = _hogs_on(cpu, 4)
-    try:
-        os.sched_setaffinity(0, {cpu})
-        time.sleep(0.3)  # noqa: ASYNC251 - let the hogs start before measuring
-        with (
-            stall_detector(threshold_s=0.05) as by_wall,
-            stall_detector(threshold_s=0.05, exclude_descheduled=True) as by_cpu,
-        ):
-            for _ in range(5):
-                await _cpu_step()
-    finally:
-        os.sched_setaffinity(0, before)
-        for h in hogs:
-            h.kill()
-            h.wait()
+    with (
+        _on_one_busy_cpu(),
+        stall_detector(threshold_s=0.05) as by_wall,
+        stall_detector(threshold_s=0.05, exclude_descheduled=True) as by_cpu,
+    ):
+        for _ in range(5):
+            await _cpu_step()
 
     assert by_wall.stall_count > 0, "the hogs did not slow the loop down; the test proves nothing"
     assert by_cpu.stall_count == 0, by_cpu.stalls
@@ -252,44 +258,35 @@ async def test_a_step_waiting_for_a_thread_the_machine_keeps_off_the_cpu_is_not_
     # wake every millisecond (so ask for the GIL) at the lowest priority (SCHED_IDLE), on one CPU
     # with four busy processes, while the loop runs steps of 10 ms of CPU (seen: up to 2 s of
     # wall time, the loop thread's own run-queue delay explaining a fraction).
-    cpu = min(os.sched_getaffinity(0))
-    before = os.sched_getaffinity(0)
-    hogs = _hogs_on(cpu, 4)
     stop = threading.Event()
-    started = threading.Event()
 
     def low_priority_waker() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        started.set()
         while not stop.is_set():
             time.sleep(0.001)
 
-    wakers = [threading.Thread(target=low_priority_waker) for _ in range(4)]
-    try:
-        os.sched_setaffinity(0, {cpu})
+    with _on_one_busy_cpu():
+        wakers = [threading.Thread(target=low_priority_waker) for _ in range(4)]
         for waker in wakers:
             waker.start()
-            started.wait(5)
-        time.sleep(0.3)  # noqa: ASYNC251 - let the hogs start before measuring
-        # the suite's threshold (0.1 s); steps until the old measure has been fooled at least
-        # once (the kernel decides when the low-priority threads run), 60 at most
-        with (
-            stall_detector(threshold_s=0.1, exclude_descheduled=True, exclude_others=False) as own,
-            stall_detector(threshold_s=0.1, exclude_descheduled=True) as all_threads,
-        ):
-            for _ in range(60):
-                _spin_cpu(0.01)
-                await trio.lowlevel.checkpoint()
-                if own.stall_count >= 2:
-                    break
-    finally:
-        stop.set()
-        for waker in wakers:
-            waker.join()
-        os.sched_setaffinity(0, before)
-        for h in hogs:
-            h.kill()
-            h.wait()
+        try:
+            # the suite's threshold (0.1 s); steps until the old measure has been fooled twice
+            # (the kernel decides when the low-priority threads run), 60 at most
+            with (
+                stall_detector(
+                    threshold_s=0.1, exclude_descheduled=True, exclude_others=False
+                ) as own,
+                stall_detector(threshold_s=0.1, exclude_descheduled=True) as all_threads,
+            ):
+                for _ in range(60):
+                    _spin_cpu(0.01)
+                    await trio.lowlevel.checkpoint()
+                    if own.stall_count >= 2:
+                        break
+        finally:
+            stop.set()
+            for waker in wakers:
+                waker.join()
 
     assert own.stall_count > 0, "the other thread was not kept waiting; the test proves nothing"
     assert all_threads.stall_count == 0, all_threads.stalls
@@ -404,13 +401,8 @@ async def test_the_probe_stops_with_its_block() -> None:
 async def test_the_probe_does_not_call_a_busy_machine_a_stall() -> None:
     # As for the instrument above: steps of 20 ms of CPU that the hogs stretch to ~100 ms of
     # wall time. A probe that does not subtract the run-queue delay calls them stalls.
-    cpu = min(os.sched_getaffinity(0))
-    before = os.sched_getaffinity(0)
-    hogs = _hogs_on(cpu, 4)
     by_wall = LoopProbe(threshold_s=0.05, exclude_descheduled=False)
-    try:
-        os.sched_setaffinity(0, {cpu})
-        time.sleep(0.3)  # noqa: ASYNC251 - let the hogs start before measuring
+    with _on_one_busy_cpu():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(by_wall.run)
             with loop_probe(threshold_s=0.05) as by_cpu:
@@ -418,11 +410,6 @@ async def test_the_probe_does_not_call_a_busy_machine_a_stall() -> None:
                     await _cpu_step()
                 await trio.sleep(0.03)
             nursery.cancel_scope.cancel()
-    finally:
-        os.sched_setaffinity(0, before)
-        for h in hogs:
-            h.kill()
-            h.wait()
 
     assert by_wall.stall_count > 0, "the hogs did not slow the loop down; the test proves nothing"
     assert by_cpu.stall_count == 0, by_cpu.stalls
