@@ -20,6 +20,17 @@ reader when the connection closed without one (a close handshake); once per conn
 listener gives it back in its ``finally``, after the stream is closed. A turn is only taken
 once the connection was admitted to a door, so a handshake's deadline never runs while it waits.
 
+A turn is held until the connection is torn down, and a teardown can wait on its peer (a writer
+blocked on a peer that stopped reading waits out ``send_timeout_s``, renewed by every chunk a
+trickling peer lets through): 32 hostile connections that half-close and then read a trickle
+held every turn for as long as they liked, and every other connection whose peer left — its
+session, admission slots and running calls — waited behind them (found by an attack on this
+module: departed sessions kept for 90 s and more, new clients refused with 503 once the
+connection cap filled, new calls refused as overloaded). So nobody waits in line longer than
+:data:`MAX_WAIT_S`: past it a connection is torn down without a turn. Holding turns can delay
+other peers' teardowns by that much and no more; a storm of honest closings (10,000 in 2–3 s)
+stays inside it.
+
 What it does not bound: the reads that find the end of stream themselves — one short task step
 each, all in the batch in which the poller reports them — and teardowns the daemon starts (a
 drain, a revoked token), which are not a storm of peers.
@@ -38,18 +49,26 @@ __all__ = ["AT_ONCE", "EndingTurn", "Endings"]
 #: 50 ms at any of them and the live sessions' p99 no better at 64.
 AT_ONCE = 32
 
+#: the longest a connection waits in line for a turn (seconds); then it is torn down without one
+MAX_WAIT_S = 5.0
+
 
 class Endings:
     """The turns of one daemon's ending connections.
 
     Args:
         at_once: how many connections may be torn down at once.
+        max_wait_s: the longest a connection waits in line before it is torn down without a
+            turn (see the module docstring).
     """
 
-    def __init__(self, at_once: int = AT_ONCE) -> None:
+    def __init__(self, at_once: int = AT_ONCE, max_wait_s: float = MAX_WAIT_S) -> None:
         self._turns = trio.Semaphore(at_once)
+        self.max_wait_s = max_wait_s
         #: connections that had to wait for a turn (since start)
         self.waited = 0
+        #: connections torn down without a turn after waiting ``max_wait_s`` (since start)
+        self.gave_up = 0
 
     def __repr__(self) -> str:
         return f"<Endings free={self.free} waited={self.waited}>"
@@ -85,8 +104,9 @@ class EndingTurn:
 
     async def take(self) -> None:
         """Take a turn: at once when one is free (no checkpoint: the teardown goes on in the
-        same task step, as it would without turns), else wait in line. Once only: a turn
-        already taken or given back is not taken again.
+        same task step, as it would without turns), else wait in line — at most the line's
+        ``max_wait_s``, after which the connection goes on without a turn (it holds none then).
+        Once only: a turn already taken, given back or given up on is not taken again.
 
         Raises:
             trio.Cancelled: the connection's scope was cancelled while it waited; no turn is
@@ -101,10 +121,16 @@ class EndingTurn:
             self._endings.waited += 1
             self._state = 1
             try:
-                await turns.acquire()
+                with trio.move_on_after(self._endings.max_wait_s):
+                    await turns.acquire()
+                    self._state = 2
+                    return
             except BaseException:
                 self._state = 0
                 raise
+            self._endings.gave_up += 1
+            self._state = 3  # (torn down without a turn: nothing to give back)
+            return
         self._state = 2
 
     def give_back(self) -> None:

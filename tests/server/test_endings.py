@@ -139,3 +139,28 @@ async def test_a_connection_cancelled_while_in_line_holds_no_turn():
     assert endings.free == 1
     second.give_back()  # it holds none: the turn stays free
     assert endings.free == 1
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+async def test_turns_held_for_good_delay_another_connections_teardown_by_the_bound_only():
+    # The attack that found it: connections that half-close and then read a trickle keep their
+    # writer (so their teardown, so their turn) alive for as long as they like; every other
+    # peer that left waited in line behind them, its session, slots and calls kept — for good.
+    endings = Endings(2, max_wait_s=5.0)
+    held = [endings.turn(), endings.turn()]
+    for turn in held:
+        await turn.take()  # never given back
+    honest = endings.turn()
+    started = trio.current_time()
+    await honest.take()
+    assert trio.current_time() - started == pytest.approx(5.0)  # (virtual time: MockClock)
+    assert not honest.held and endings.gave_up == 1 and endings.free == 0
+    honest.give_back()  # holds none: gives nothing back
+    assert endings.free == 0
+    held[0].give_back()
+    assert endings.free == 1
+    late = endings.turn()
+    await late.take()  # a turn free again: taken at once
+    assert late.held
