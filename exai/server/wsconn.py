@@ -37,7 +37,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from trio_websocket._impl import CloseReason
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 from exai.server.budget import InboundMeter
 from exai.server.outbox import ProgressStream, write
@@ -67,13 +68,32 @@ class ServerConnection(WebSocketConnection):
             return
         lock.acquire_nowait()
         try:
-            await write(stream, self._wsproto.send(TextMessage(data=message)))
+            try:
+                data = self._wsproto.send(TextMessage(data=message))
+            except LocalProtocolError:
+                raise ConnectionClosed(self._closing_reason()) from None
+            await write(stream, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self._abort_web_socket()
             assert self._close_reason is not None
             raise ConnectionClosed(self._close_reason) from None
         finally:
             lock.release()
+
+    async def _send(self, event: Event) -> None:
+        """trio-websocket's send, except that wsproto refusing an event because the close
+        handshake has begun raises :class:`ConnectionClosed`, as any send on a closed connection
+        does. Our close frame (a frame that failed to parse: 1007, 1002; a stalled writer: 1008)
+        puts wsproto in ``LOCAL_CLOSING`` before trio-websocket sets ``_close_reason``; an answer
+        or a pong sent meanwhile raised wsproto's ``LocalProtocolError``, which ended the session
+        as an error (logged with the answer's first 200 characters) instead of a close."""
+        try:
+            await super()._send(event)
+        except LocalProtocolError:
+            raise ConnectionClosed(self._closing_reason()) from None
+
+    def _closing_reason(self) -> CloseReason:
+        return self._close_reason or CloseReason(1006, "the connection is closing")
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
         meter = self.meter
