@@ -37,7 +37,7 @@ run-queue delay the process's *other* threads accumulated meanwhile is subtracte
 no less than the CPU time the step itself used (a CPU-heavy step stays a stall, whoever else
 waited). The other threads are read from ``/proc/self/task`` only then, against a snapshot taken
 at most ``OTHERS_SNAPSHOT_EVERY_S`` before the step began — so at most that much of their delay
-before the step is also subtracted; per step the cost is one clock read.
+before the step is also subtracted; per step the cost is one read of the thread's CPU clock.
 
 Use :func:`stall_detector` inside a trio run, or the ``stall_detector`` pytest fixture in
 ``tests/stall_plugin.py``.
@@ -310,15 +310,16 @@ class StallDetector(trio.abc.Instrument):
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._gc_in_step = 0.0
+        now = time.perf_counter()
         if self._schedstat is not None:
             self._delay_at_start = _run_delay_ns(self._schedstat)
             if self.exclude_others:
                 self._cpu_at_start = time.thread_time()
-                now = time.perf_counter()
                 if now - self._others_read_at > OTHERS_SNAPSHOT_EVERY_S:
                     self._others = _other_threads_run_delay_ns(self._tid)
                     self._others_read_at = now
-        self._step_started = time.perf_counter()
+                    now = time.perf_counter()  # (the snapshot is not part of the step)
+        self._step_started = now
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         started = self._step_started
