@@ -546,11 +546,14 @@ class SessionCore:
             ex.attach(watcher)
             try:
                 if owner:
-                    launched: _Launched | None = None
-                    # the start belongs to the execution, not to this responder: requests that
-                    # joined still want it if this one goes (bounded by its deadline)
-                    with ex.wait_scope:
-                        launched = await self._start(ex, args, req)
+                    # An unkeyed call whose slots are all free starts at once: nothing waits,
+                    # so no scope is needed to shield the wait.
+                    launched = None if ex.client_key else self._launch_now(ex, req)
+                    if launched is None:
+                        # the start belongs to the execution, not to this responder: requests
+                        # that joined still want it if this one goes (bounded by its deadline)
+                        with ex.wait_scope:
+                            launched = await self._start(ex, args, req)
                     if launched is not None:
                         # An unkeyed call runs in its responder's task (one task per call, not
                         # two): it cannot outlive its session anyway (its last watcher leaving
@@ -655,28 +658,75 @@ class SessionCore:
         Raises:
             DeadlineExceeded: the deadline passed first.
         """
-        budget, ledger = self.shared.budget, self.ledger
-        limit = self.settings.session_max_pending_bytes
-
-        def room() -> bool:
-            if ledger.nbytes >= limit:
-                return False
-            if budget.charged_bytes < budget.limit_bytes:
-                return True
-            if not ledger.light or self.limiter.borrowed_tokens > 1:
-                # (answers still to come count too: only a session's one call at a time may
-                # start from the reserve)
-                return budget.heavy_bytes < budget.limit_bytes
-            return budget.light_bytes < budget.reserve_bytes
-
+        room = self._answer_room_now
         if room():
             return
         with trio.move_on_at(ex.deadline):
-            await budget.wait_until(room)
+            await self.shared.budget.wait_until(room)
             return
         raise errors.DeadlineExceeded(
             f"tool {ex.tool!r} waited until its deadline for this connection's unread answers "
             "to be read"
+        )
+
+    def _answer_room_now(self) -> bool:
+        """Whether one more answer may start now (see :meth:`_answer_room`)."""
+        budget, ledger = self.shared.budget, self.ledger
+        if ledger.nbytes >= self.settings.session_max_pending_bytes:
+            return False
+        if budget.charged_bytes < budget.limit_bytes:
+            return True
+        if not ledger.light or self.limiter.borrowed_tokens > 1:
+            # (answers still to come count too: only a session's one call at a time may
+            # start from the reserve)
+            return budget.heavy_bytes < budget.limit_bytes
+        return budget.light_bytes < budget.reserve_bytes
+
+    def _launch_now(self, ex: Execution, req: p.Request) -> _Launched | None:
+        """An unkeyed call's start when nothing has to wait — the daemon is not draining, the
+        session, identity and daemon-wide slots are free (taken here, in that order, as
+        :meth:`_launch` takes them), there is room for its answer, it is the session's only
+        call and no deployment-wide slot is needed: its context and slots, as :meth:`_launch`
+        returns them. ``None`` with nothing taken otherwise; then :meth:`_start` takes the
+        way that waits, refuses or hands over (the same checks again, in the same order)."""
+        shared = self.shared
+        if shared.readiness.draining:
+            return None
+        slots = shared.slots
+        ident_limiter = slots.identity_limiter(self.identity.name)
+        if ident_limiter is not None and shared.shared_limits is not None:
+            return None
+        limiter = self.limiter
+        try:
+            limiter.acquire_on_behalf_of_nowait(ex)
+        except trio.WouldBlock:
+            return None
+        held: list[Slot] = [limiter]
+        try:
+            if limiter.borrowed_tokens > 1 or not self._answer_room_now():
+                return None
+            for other in (ident_limiter, slots.inflight):
+                if other is not None:
+                    other.acquire_on_behalf_of_nowait(ex)
+                    held.append(other)
+        except trio.WouldBlock:
+            return None
+        finally:
+            if len(held) < (3 if ident_limiter is not None else 2):
+                for taken in held:
+                    taken.release_on_behalf_of(ex)
+        shared.slot_wait.observe(0.0)
+        return _Launched(self._context(ex, req), held)
+
+    def _context(self, ex: Execution, req: p.Request) -> ToolContext:
+        return ToolContext(
+            settings=self.settings,
+            services=self.shared.tool_services,
+            request_id=req.id,
+            call_key=ex.call_key,
+            session_id=self.id,
+            client=self.identity.name,
+            peer=self.ip,
         )
 
     async def _launch(
@@ -764,15 +814,7 @@ class SessionCore:
             for limiter in held:
                 limiter.release_on_behalf_of(ex)
             raise
-        ctx = ToolContext(
-            settings=self.settings,
-            services=shared.tool_services,
-            request_id=req.id,
-            call_key=ex.call_key,
-            session_id=self.id,
-            client=self.identity.name,
-            peer=self.ip,
-        )
+        ctx = self._context(ex, req)
         if not ex.client_key:
             return _Launched(ctx, held)
         shared.runner.start(ex, args, ctx, held)

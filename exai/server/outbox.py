@@ -15,9 +15,10 @@ progress, so a peer that stops reading is detected whatever the message size, wh
 reads slowly but steadily is not cut off. A read that finds the peer gone (end of stream or
 reset) first waits for the connection's turn to be torn down (:mod:`exai.server.endings`).
 
-:func:`write` hands a message of at most 64 KiB to a plain TCP socket directly
-(:meth:`ProgressStream.send_nowait`: a non-blocking ``write``, never under TLS) and sends only
-what the socket did not take through the stream, under the caller's deadline as before. A
+:meth:`ProgressStream.send_nowait` hands a message of at most 64 KiB to a plain TCP socket
+directly (a non-blocking ``write``, never under TLS); the caller
+(:meth:`exai.server.wsconn.ServerConnection.send_text`) sends only what the socket did not take
+through the stream, under its write deadline as before. A
 ``send_all`` yields to the scheduler even when the socket takes everything at once, and at
 concurrency 1 each such round costs CPU (issue 18).
 
@@ -37,7 +38,7 @@ import trio
 from exai.server.budget import Ledger
 from exai.server.endings import EndingTurn
 
-__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream", "write"]
+__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream"]
 
 #: the unit :class:`ProgressStream` writes in: the writer's deadline moves after each one
 CHUNK_BYTES = 64 * 1024
@@ -186,25 +187,6 @@ class Outbox:
             self.queued_bytes = 0
         self._readable.unpark_all()
         self._room.unpark_all()
-
-
-async def write(stream: trio.abc.SendStream, data: bytes) -> None:
-    """``stream.send_all(data)``; on a :class:`ProgressStream` over plain TCP, data of at most
-    :data:`CHUNK_BYTES` is first handed to the non-blocking socket
-    (:meth:`ProgressStream.send_nowait`), and only what it does not take is sent the usual way,
-    after it. Most answers so go out without a scheduler round; the caller must be the
-    stream's only writer, as for ``send_all``.
-
-    Raises:
-        trio.BrokenResourceError / trio.ClosedResourceError: as ``send_all``.
-    """
-    await trio.lowlevel.checkpoint_if_cancelled()  # (as send_all: a cancelled task sends nothing)
-    sent = 0
-    if type(stream) is ProgressStream and len(data) <= CHUNK_BYTES:
-        sent = stream.send_nowait(data)
-        if sent == len(data):
-            return
-    await stream.send_all(memoryview(data)[sent:] if sent else data)
 
 
 class ProgressStream(trio.abc.HalfCloseableStream):

@@ -96,9 +96,7 @@ class Session:
         # an answer put while nothing is queued is written by its own task (no hand-off), a
         # small one straight to a plain TCP socket when it can (ServerConnection.send_text)
         self.core.outbox.direct = self._direct_write
-        self._send_direct = (
-            conn.send_text if isinstance(conn, ServerConnection) else conn.send_message
-        )
+        self._send_text = conn.send_text if isinstance(conn, ServerConnection) else None
 
     @property
     def closing_reason(self) -> tuple[int, str] | None:
@@ -191,23 +189,34 @@ class Session:
     async def _direct_write(self, text: str) -> None:
         """Write one message from the task that put it (the outbox was empty, so nothing is
         being written), under the writer's deadline: ``send_timeout_s`` from the last progress.
+        A frame the socket takes at once needs no deadline: the scope that carries it is made
+        only when the send has to wait (:meth:`ServerConnection.send_text`'s ``wait_scope``).
 
         Raises:
             trio.ClosedResourceError: the peer went away or read nothing for
                 ``send_timeout_s`` (then the session is closed with 1008, as by the writer).
         """
-        scope = trio.CancelScope(deadline=trio.current_time() + self.settings.send_timeout_s)
-        self._write_scope = scope
+        scope: trio.CancelScope | None = None
+
+        def wait_scope() -> trio.CancelScope:
+            nonlocal scope
+            scope = trio.CancelScope(deadline=trio.current_time() + self.settings.send_timeout_s)
+            self._write_scope = scope
+            return scope
+
         try:
-            with scope:
-                await self._send_direct(text)
+            if self._send_text is not None:
+                await self._send_text(text, wait_scope)
+            else:
+                with wait_scope():
+                    await self.conn.send_message(text)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             if self.nursery is not None:  # the peer went away: stop reading too
                 self.nursery.cancel_scope.cancel()
             raise trio.ClosedResourceError("the connection is closed") from None
         finally:
             self._write_scope = None
-        if scope.cancelled_caught:
+        if scope is not None and scope.cancelled_caught:
             await self._stalled()
             raise trio.ClosedResourceError("the peer reads nothing")
 

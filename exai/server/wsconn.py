@@ -15,22 +15,27 @@ cannot pile up outside the budget.
 A call's answer goes out through :meth:`ServerConnection.send_text`: on a plain TCP stream
 (:class:`~exai.server.outbox.ProgressStream` over a ``trio.SocketStream``) whose lock no other
 writer holds, a frame of at most 64 KiB is handed to the non-blocking socket at once
-(:func:`exai.server.outbox.write`), which almost always takes it whole; what it does not take is
-sent the usual way, under the same lock, in order. ``send_message`` yields to the scheduler
-twice even when nothing waits (the stream lock's checkpoint and the socket send's), and at
-concurrency 1 every such round costs CPU (issue 18: the responder task of a ``chat`` call
-resumed 7 times, of a ``version`` call 4 times; with this, the provider slot and the finished
-call not waited for, 3 and 1).
+(:meth:`~exai.server.outbox.ProgressStream.send_nowait`), which almost always takes it whole; what
+it does not take is sent the usual way, under the same lock, in order, and only that part waits
+under the caller's write deadline (no deadline scope for a frame sent at once). ``send_message``
+yields to the scheduler twice even when nothing waits (the stream lock's checkpoint and the socket
+send's), and at concurrency 1 every such round costs CPU (issue 18: the responder task of a ``chat``
+call resumed 7 times, of a ``version`` call 4 times; with this, the provider slot and the finished
+call not waited for, 3 and 1). A whole text message is handed to the session's reader without the
+channel's checkpoints (:meth:`ServerConnection._handle_message_event`): the connection's reader task
+went through one more scheduler round per message for them.
 
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
 ``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_close_reason``,
-``_recv_channel``, ``_reader_running``, ``_message_parts``); pyproject pins the minor version it
-was checked against.
+``_recv_channel``, ``_send_channel``, ``_reader_running``, ``_message_parts``,
+``_max_message_size``); pyproject pins the minor version it was checked against.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -41,7 +46,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from exai.server.budget import InboundMeter
-from exai.server.outbox import ProgressStream, write
+from exai.server.outbox import CHUNK_BYTES, ProgressStream
 
 __all__ = ["ServerConnection", "accept_request", "http_version"]
 
@@ -50,9 +55,20 @@ class ServerConnection(WebSocketConnection):
     #: charged for every part of a frame as it arrives (``None`` until the session sets it)
     meter: InboundMeter | None = None
 
-    async def send_text(self, message: str) -> None:
+    async def send_text(
+        self,
+        message: str,
+        wait_scope: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> None:
         """``send_message(message)``, with a small frame handed to a plain TCP socket at once
         when no other writer holds the stream (see the module docstring).
+
+        Args:
+            message: the text frame's text.
+            wait_scope: entered around every part of the send that may wait (another writer's
+                lock, a socket that does not take the frame whole) and nothing else — the
+                caller's write deadline, made only when a send has to wait (a frame the
+                socket takes at once needs none).
 
         Raises:
             ConnectionClosed: the connection is closed or closing, or the peer went away
@@ -64,7 +80,8 @@ class ServerConnection(WebSocketConnection):
         lock = self._stream_lock
         await trio.lowlevel.checkpoint_if_cancelled()
         if not isinstance(stream, ProgressStream) or lock.locked():
-            await self._send(TextMessage(data=message))
+            with wait_scope():
+                await self._send(TextMessage(data=message))
             return
         lock.acquire_nowait()
         try:
@@ -72,9 +89,12 @@ class ServerConnection(WebSocketConnection):
                 data = self._wsproto.send(TextMessage(data=message))
             except LocalProtocolError:
                 raise ConnectionClosed(self._closing_reason()) from None
-            await write(stream, data)
+            sent = stream.send_nowait(data) if len(data) <= CHUNK_BYTES else 0
+            if sent < len(data):
+                with wait_scope():
+                    await stream.send_all(memoryview(data)[sent:] if sent else data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._abort_web_socket()
+            await self._abort_web_socket()  # (no network wait: closes the channels)
             assert self._close_reason is not None
             raise ConnectionClosed(self._close_reason) from None
         finally:
@@ -107,6 +127,23 @@ class ServerConnection(WebSocketConnection):
             await self._recv_channel.aclose()
             self._reader_running = False
             return
+        if (
+            event.message_finished
+            and not self._message_parts
+            and type(event) is TextMessage
+            and len(event.data) <= self._max_message_size
+        ):
+            # A whole text message in one event (almost every one): handed to the session's
+            # reader without the channel's checkpoints, so this task goes on reading in the same
+            # step instead of being put aside and resumed once per message. A reader that does
+            # not wait and a full channel take trio-websocket's way (which waits for room).
+            try:
+                self._send_channel.send_nowait(event.data)
+                return
+            except trio.WouldBlock:
+                pass
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return  # (as trio-websocket: the session stopped reading)
         await super()._handle_message_event(event)
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:

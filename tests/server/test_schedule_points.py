@@ -17,8 +17,8 @@ import collections
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +247,11 @@ async def _ws_pair(
             yield server, stream, client
         finally:
             nursery.cancel_scope.cancel()
-            await client.aclose()
-            await raw.aclose()
+            # shielded: a close that checkpoints in the cancelled nursery raised Cancelled, which
+            # replaced whatever the test's block raised — a failed assertion passed silently
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+                await raw.aclose()
 
 
 async def _read_text_frames(client: trio.SocketStream, count: int) -> list[str]:
@@ -277,6 +280,28 @@ async def _read_text_frames(client: trio.SocketStream, count: int) -> list[str]:
     return texts
 
 
+@contextmanager
+def _no_yield() -> Iterator[None]:
+    """Fails if the block yields to the scheduler (its task's step ends inside it). A check for
+    cancellation that finds none is no yield (``trio.testing.assert_no_checkpoints`` counts it:
+    with it, this file's first direct-write test failed, unseen, from the day it was written)."""
+    task = trio.lowlevel.current_task()
+    ended: list[trio.lowlevel.Task] = []
+
+    class _StepEnds(trio.abc.Instrument):
+        def after_task_step(self, t: trio.lowlevel.Task) -> None:
+            if t is task:
+                ended.append(t)
+
+    instrument = _StepEnds()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        yield
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    assert not ended, "the block yielded to the scheduler"
+
+
 async def test_a_small_answer_is_handed_to_the_socket_without_yielding() -> None:
     async with _ws_pair() as (server, stream, client):
         sent: list[int] = []
@@ -287,7 +312,7 @@ async def test_a_small_answer_is_handed_to_the_socket_without_yielding() -> None
             return sent[-1]
 
         stream.send_nowait = spy  # type: ignore[method-assign]
-        with trio.testing.assert_no_checkpoints():
+        with _no_yield():
             await server.send_text('{"jsonrpc":"2.0","id":1,"result":{}}')
 
         assert sent == [len('{"jsonrpc":"2.0","id":1,"result":{}}') + 2]
@@ -345,3 +370,114 @@ async def test_a_peer_that_went_away_makes_the_direct_write_fail_as_a_closed_con
             while True:
                 await server.send_text("x" * 100)
                 await trio.sleep(0.01)
+
+
+async def test_a_frame_the_socket_takes_at_once_makes_no_write_deadline() -> None:
+    # the caller's deadline scope is made only for a send that has to wait
+    made: list[trio.CancelScope] = []
+
+    def wait_scope() -> trio.CancelScope:
+        made.append(trio.CancelScope())
+        return made[-1]
+
+    async with _ws_pair() as (server, _stream, client):
+        await server.send_text('{"jsonrpc":"2.0","id":1,"result":{}}', wait_scope)
+
+        assert made == []
+        assert await _read_text_frames(client, 1) == ['{"jsonrpc":"2.0","id":1,"result":{}}']
+
+
+async def test_what_the_socket_does_not_take_waits_under_the_write_deadline() -> None:
+    # a peer that does not read: the socket takes part of a 64 KiB frame, the rest waits inside
+    # the caller's scope, which its deadline (cancelled here by hand) ends
+    made: list[trio.CancelScope] = []
+
+    def wait_scope() -> trio.CancelScope:
+        made.append(trio.CancelScope())
+        return made[-1]
+
+    async with (
+        _ws_pair(buffer_bytes=8192) as (server, _stream, _client),
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(server.send_text, "x" * (CHUNK_BYTES - 16), wait_scope)
+        with trio.fail_after(30):  # a hang guard
+            while not made:
+                await trio.sleep(0.01)
+        made[0].cancel()
+
+    assert len(made) == 1
+    assert made[0].cancelled_caught
+
+
+class _ReaderSteps(trio.abc.Instrument):
+    """Steps of the server connections' reader tasks (trio-websocket's ``_reader_task`` of a
+    :class:`ServerConnection`) not resumed by the I/O manager, by where they were suspended."""
+
+    def __init__(self) -> None:
+        self.by_io: dict[trio.lowlevel.Task, bool] = {}
+        self.avoidable: collections.Counter[str] = collections.Counter()
+
+    @staticmethod
+    def _is_server_reader(task: trio.lowlevel.Task) -> bool:
+        frame = getattr(task.coro, "cr_frame", None)
+        return (
+            task.name.endswith("_reader_task")
+            and frame is not None
+            and isinstance(frame.f_locals.get("self"), ServerConnection)
+        )
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if self._is_server_reader(task):
+            self.by_io[task] = _woken_by_io()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._is_server_reader(task) and not self.by_io.pop(task, False):
+            self.avoidable[_innermost(task)] += 1
+
+
+async def test_a_message_reaches_its_session_without_a_round_of_the_connection_s_reader(
+    tmp_path: Path,
+) -> None:
+    # Before: the reader handed each message over through the channel's send, which put it
+    # aside once per message (a scheduler round for nothing: the session's reader waited).
+    async with _chat_daemon(tmp_path) as daemon, ws(daemon) as conn:
+        rpc = Rpc(conn)
+        for _ in range(3):
+            assert "result" in await rpc.call("version", {})
+        steps = _ReaderSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for _ in range(CALLS):
+                assert "result" in await rpc.call("version", {})
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+
+    assert dict(steps.avoidable) == {}
+
+
+async def test_a_version_call_enters_only_its_deadline_s_and_its_responder_s_cancel_scopes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: four per call — also the shielded scope of a start that waited for nothing and
+    # the write deadline of an answer the socket took at once.
+    entered: collections.Counter[trio.lowlevel.Task] = collections.Counter()
+    original = trio.CancelScope.__enter__
+
+    def counting_enter(self: trio.CancelScope) -> trio.CancelScope:
+        task = trio.lowlevel.current_task()
+        if RESPONDER in task.name:
+            entered[task] += 1
+        return original(self)
+
+    async with _chat_daemon(tmp_path) as daemon, ws(daemon) as conn:
+        rpc = Rpc(conn)
+        for _ in range(3):
+            assert "result" in await rpc.call("version", {})
+        monkeypatch.setattr(trio.CancelScope, "__enter__", counting_enter)
+        for _ in range(CALLS):
+            assert "result" in await rpc.call("version", {})
+        monkeypatch.undo()
+
+    assert len(entered) == CALLS
+    assert set(entered.values()) == {2}
