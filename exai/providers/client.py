@@ -193,6 +193,17 @@ def loads(data: str | bytes) -> Any:
         return json.loads(data)
 
 
+def _content_type(response: _Response) -> str:
+    """The response's ``Content-Type`` as ``response.headers.get("content-type", "")`` gives
+    it, read from the head of the pool's own response when it has the header once, in ASCII
+    (almost always), without building the response's headers object for it."""
+    if isinstance(response, Response):
+        values = [value for name, value in response.raw_headers if name == b"content-type"]
+        if len(values) == 1 and values[0].isascii():
+            return values[0].decode("ascii")
+    return str(response.headers.get("content-type", ""))
+
+
 def _clamp(v: float) -> float | None:
     if math.isnan(v):
         return None
@@ -539,8 +550,7 @@ class OpenAIClient:
         try:
             if not 200 <= response.status_code < 300:
                 self._raise_for_status(response, await self._read_error_body(response))
-            ctype = response.headers.get("content-type", "")
-            if "text/event-stream" not in ctype:
+            if "text/event-stream" not in _content_type(response):
                 # A provider may ignore stream=true and answer (or fail) in one piece.
                 body = await self._read_body(response, self._answer_body_limit, answer=True)
                 return self._plain_completion(response, body)
@@ -567,7 +577,8 @@ class OpenAIClient:
             completion,
             errors=asm.errors,
             ended=ended,
-            retry_after_s=parse_retry_after(response.headers),
+            # (only an error document uses it: no headers object is built for an answer)
+            retry_after_s=parse_retry_after(response.headers) if asm.errors else None,
             secret=self._secret(),
         )
         return completion

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -29,10 +29,39 @@ def _messages(value: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
 _MAX_STRINGS = 100_000
 
 
+def _all_encodable(messages: Sequence[Any]) -> bool:
+    """Whether every string :func:`unencodable_field` looks at is valid Unicode — the same walk
+    and bound, without the paths it names (built only once a bad string is known to be there:
+    they were most of the walk's cost for every request)."""
+    stack: list[Any] = list(reversed(messages))  # (popped in the same order as there)
+    seen = 0
+    while stack and seen < _MAX_STRINGS:
+        value = stack.pop()
+        seen += 1
+        if isinstance(value, str):
+            if value.isascii():
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(value, dict):
+            for key, child in reversed(list(value.items())):
+                stack.append(child)
+                if isinstance(key, str) and not key.isascii():
+                    stack.append(key)
+        elif isinstance(value, list | tuple):
+            stack.extend(reversed(value))
+    return True
+
+
 def unencodable_field(messages: Iterable[Any]) -> tuple[str, int] | None:
     """The first string in ``messages`` that is not valid Unicode (it holds a lone surrogate,
     so it cannot be sent as UTF-8), as ``("messages[1].content", character index)``; ``None``
     when every string is fine. Bounded: at most 100,000 strings are looked at."""
+    messages = messages if isinstance(messages, list | tuple) else list(messages)
+    if _all_encodable(messages):
+        return None
     stack: list[tuple[str, Any]] = [
         (f"messages[{i}]", m) for i, m in reversed(list(enumerate(messages)))
     ]
