@@ -15,10 +15,11 @@ Writing:
     (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off to the writer task, which sends
     whatever queues meanwhile after it, in order). A write that makes no progress for
     ``send_timeout_s`` — the writer's or a direct one — closes the connection with 1008 and
-    everything the session held is freed. A direct answer of at most 64 KiB on plain TCP is
-    handed to the non-blocking socket at once when no other write holds the connection
+    everything the session held is freed. A message of at most 64 KiB on plain TCP — a direct
+    answer, or what the writer sends (mostly progress) — is handed to the non-blocking socket
+    at once when no other write holds the connection
     (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not take goes
-    the usual way, under the same deadline).
+    the usual way, under the same deadline; a direct answer's deadline scope is made only then).
 
 Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
@@ -159,6 +160,10 @@ class Session:
         outbox = self.core.outbox
         timeout = self.settings.send_timeout_s
         inf = float("inf")
+        # (ServerConnection.send_text: a small frame straight to the socket when it takes it,
+        # no scheduler round for the stream lock and the send — most messages queued here are
+        # progress notifications, one or more per streamed call)
+        send = self._send_text or self.conn.send_message
         try:
             # One scope for every write (not one per message): its deadline is set while a
             # message is being written and lifted while the writer waits for the next one.
@@ -170,7 +175,7 @@ class Session:
                         return
                     self._write_scope = scope
                     scope.deadline = trio.current_time() + timeout
-                    await self.conn.send_message(text)
+                    await send(text)
                     self._write_scope = None
                     scope.deadline = inf
                     outbox.written()

@@ -481,3 +481,36 @@ async def test_a_version_call_enters_only_its_deadline_s_and_its_responder_s_can
 
     assert len(entered) == CALLS
     assert set(entered.values()) == {2}
+
+
+class _WriterSteps(trio.abc.Instrument):
+    """Where the sessions' writer tasks were suspended, for each step they were resumed for."""
+
+    def __init__(self) -> None:
+        self.suspended_in: collections.Counter[str] = collections.Counter()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Session._writer"):
+            self.suspended_in[_innermost(task)] += 1
+
+
+async def test_the_session_writer_resumes_only_for_what_is_queued(tmp_path: Path) -> None:
+    # Before: a progress notification took the writer three steps — its wake-up, then
+    # trio-websocket's stream lock and the socket send, each a scheduler round for nothing.
+    async with _chat_daemon(tmp_path) as daemon, ws(daemon) as conn:
+        rpc = Rpc(conn)
+        args = {"prompt": "hello", "model": "mock-a"}
+        for i in range(3):
+            assert "result" in await rpc.call("chat", args, meta={"progressToken": f"w{i}"})
+        steps = _WriterSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for i in range(CALLS):
+                res = await rpc.call("chat", args, meta={"progressToken": f"t{i}"})
+                assert res["result"]["isError"] is False, res
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        progress = [n for n in rpc.notifications if n.get("method") == "notifications/progress"]
+
+    assert len(progress) >= 2 * CALLS  # (something was written by the writer)
+    assert set(steps.suspended_in) == {"get > park > wait_task_rescheduled"}
