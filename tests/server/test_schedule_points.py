@@ -8,7 +8,9 @@ slot is taken at once, a call already finished is not waited for, and a small an
 to the non-blocking socket instead of through trio-websocket's lock and a socket send that both
 yield. These tests count the responder's task steps with a trio instrument (no clocks), and
 check that the socket path gives the same bytes, in order, when the socket takes only part of
-them.
+them. The same holds for the tasks around it: the connection's reader resumes only for its
+socket, the session's writer only for what is queued, and no cancel scope is entered for a wait
+that does not happen (a free slot, an answer the socket takes at once).
 """
 
 from __future__ import annotations
