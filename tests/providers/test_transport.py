@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import socket
 import ssl
 import struct
@@ -24,6 +25,7 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
+import trio
 import trustme
 from anyio.abc import SocketAttribute
 
@@ -718,3 +720,73 @@ async def test_a_request_the_socket_takes_only_in_part_still_arrives_whole(monke
         _idle_and_free(pool, connections=1)
     assert taken and taken[0] < len(body)  # the direct send was short...
     assert got == [body]  # ...and the rest followed
+
+
+# ------------------------------------------------------------------ connecting (issue 18, storms)
+@contextlib.contextmanager
+def _full_listener() -> Iterator[str]:
+    """A loopback listener whose accept queue is full (backlog 0, one connection never
+    accepted): the kernel drops further SYNs, so a connect to it stays pending. Its base URL."""
+    with socket.socket() as listener, socket.socket() as first:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        first.connect(listener.getsockname())
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_new_connection_to_an_ip_address_is_opened_in_the_requesting_task():
+    """A storm opens thousands of connections at once: to an IP address (nothing to resolve,
+    one address to try) the socket is connected by the task that asks, without the task,
+    task group and timers of a happy-eyeballs connect."""
+    spawned: list[str] = []
+    me = trio.lowlevel.current_task()
+
+    class Spawns(trio.abc.Instrument):
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            if trio.lowlevel.current_task() is me:  # (the task that spawns it)
+                spawned.append(task.name)
+
+    async with MockUpstream(models=("mock-a",)) as mock, _pool(mock.base_url) as pool:
+        assert mock.base_url.startswith("http://127.0.0.1:")
+        instrument = Spawns()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            assert b"mock-a" in await _body(pool)
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        assert pool.connects == 1
+        _idle_and_free(pool, connections=1)
+    assert spawned == []
+
+
+async def test_a_connect_that_gets_no_answer_is_a_connect_timeout_and_closes_its_socket():
+    with _full_listener() as url:
+        before = _open_fds()
+        async with _pool(url, connect_timeout_s=0.2) as pool:
+            with pytest.raises(httpx.ConnectTimeout):
+                await pool.request("GET", "models", [])
+            _idle_and_free(pool, connections=0)
+        assert _open_fds() == before
+
+
+async def test_a_connect_cancelled_by_its_caller_closes_its_socket_and_frees_its_slot():
+    with _full_listener() as url:
+        before = _open_fds()
+        async with _pool(url) as pool:
+            with anyio.CancelScope() as scope:
+                scope.deadline = anyio.current_time() + 0.1  # the caller's bound, not the pool's
+                await pool.request("GET", "models", [])
+            assert scope.cancelled_caught
+            _idle_and_free(pool, connections=0)
+        assert _open_fds() == before
+
+
+def test_only_an_ip_address_over_plain_http_is_connected_directly():
+    assert _pool("http://127.0.0.1:8000/v1")._sockaddr == (socket.AF_INET, ("127.0.0.1", 8000))
+    assert _pool("http://[::1]:8000")._sockaddr[0] == socket.AF_INET6  # type: ignore[index]
+    assert _pool("http://localhost:8000")._sockaddr is None  # a name: resolved, each address tried
+    assert _pool("https://127.0.0.1:8443")._sockaddr is None  # TLS: anyio's stream
