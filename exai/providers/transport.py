@@ -53,13 +53,15 @@ Same benchmark, both trees twice, interleaved (load ≈ 4): the pool 0.226 / 0.2
 the TLS stream as before.
 
 Connecting. Plain TCP to an IP address (a local server, a sidecar, the benchmarks' mock) is
-connected by the requesting task itself: a non-blocking ``connect``, one wait for the socket to
-become writable, ``SO_ERROR``. ``anyio.connect_tcp`` — kept for host names, whose addresses it
-tries in turn (happy eyeballs), and for TLS — parses the address, opens a task group, starts a
-task per address, waits on an event under a timer and cancels the group: per connection that
-was ≈ 40 % of what connecting cost the loop. A call that finds no idle connection pays it, so a
-storm pays it for every call: *slow_upstream*'s 2,000 calls at once (all new connections), the
-daemon's CPU per request while they come in ≈ 0.45 → 0.33 ms (``benchmarks/README.md``, *Part 6*).
+connected by the requesting task itself: a non-blocking ``connect``, a zero-timeout poll (on
+loopback the handshake is over when ``connect`` returns, almost always), a wait for the socket
+to become writable only when it is not yet, ``SO_ERROR``. ``anyio.connect_tcp`` — kept for host
+names, whose addresses it tries in turn (happy eyeballs), and for TLS — parses the address,
+opens a task group, starts a task per address, waits on an event under a timer and cancels the
+group: per connection that was ≈ 40 % of what connecting cost the loop. A call that finds no
+idle connection pays it, so a storm pays it for every call: *slow_upstream*'s 2,000 calls at
+once (all new connections), the daemon's CPU per request while they come in ≈ 0.45 → 0.33 ms
+(``benchmarks/README.md``, *Part 6*).
 
 Resource handling:
     At most ``max_connections`` connections exist at once (idle ones included). A request
@@ -391,7 +393,10 @@ class H11Pool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS:
-                await anyio.wait_writable(sock)
+                # (on loopback the handshake is over when connect returns, almost always: then
+                # a zero-timeout poll says so, without registering the socket for one wake-up)
+                if not _writable_now(sock):
+                    await anyio.wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
@@ -489,6 +494,13 @@ class H11Pool:
         conn.idle_since = anyio.current_time()
         self._idle.append(conn)
         return True
+
+
+def _writable_now(sock: socket.socket) -> bool:
+    """Whether ``sock`` is writable (or has failed) now, without waiting."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def _numeric_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None:

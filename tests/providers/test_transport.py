@@ -763,6 +763,23 @@ async def test_a_new_connection_to_an_ip_address_is_opened_in_the_requesting_tas
     assert spawned == []
 
 
+async def test_a_connect_the_kernel_completed_at_once_does_not_wait_for_a_scheduler_round():
+    """On loopback the handshake is over when ``connect`` returns (almost always): the pool
+    then goes on without registering the socket for a wake-up. Run under a cancelled scope, a
+    connect that waited would be cancelled; one of 20 that did not wait is enough (the kernel
+    may defer a handshake to its softirq thread on a busy machine)."""
+    async with MockUpstream(models=("mock-a",)) as mock, _pool(mock.base_url) as pool:
+        made = 0
+        for _ in range(20):
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                conn = await pool._connect()
+                made += 1
+                await pool._discard(conn)
+        assert made >= 1
+        assert pool.statistics().connections == 0
+
+
 async def test_a_connect_that_gets_no_answer_is_a_connect_timeout_and_closes_its_socket():
     with _full_listener() as url:
         before = _open_fds()
