@@ -7,6 +7,7 @@ give-ups cost no wall-clock time, and durations are asserted on the event loop's
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 import trio.testing
 from anyio import open_process  # imported early: a lazy import inside a test trips CPython 3.11.7
 
-from exai.testing import Fault, MockUpstream, RecordedRequest
+from exai.testing import Fault, MockUpstream, RecordedRequest, mock_upstream
 
 KEY = "sk-mock-test"
 
@@ -781,3 +782,22 @@ async def test_held_answers_stop_before_their_end_until_released(
     assert got[0][-1] == "[DONE]"
     assert mock.held == 0
     assert len(mock.completed) == 1
+
+
+def test_the_mock_as_a_process_freezes_its_start_up_and_collects_rarely() -> None:
+    """``python -m exai.testing.mock_upstream`` (the benchmarks' upstream) shares the machine
+    with the daemon it serves: in a storm CPython's default collector policy walked its live
+    requests' objects over and over (≈ 28 % of its CPU). In a child process, so this process's
+    collector keeps its own policy."""
+    script = (
+        "import gc, anyio, sys\n"
+        "from exai.testing import mock_upstream as m\n"
+        "async def stop() -> None:\n"
+        "    print(gc.get_threshold(), gc.get_freeze_count() > 0)\n"
+        "anyio.sleep_forever = stop\n"
+        "m.main(['--port', '0'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split("\n")[0] == f"{mock_upstream.GC_THRESHOLDS} True"
