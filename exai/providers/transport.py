@@ -55,13 +55,14 @@ the TLS stream as before.
 Connecting. Plain TCP to an IP address (a local server, a sidecar, the benchmarks' mock) is
 connected by the requesting task itself: a non-blocking ``connect``, a zero-timeout poll (on
 loopback the handshake is over when ``connect`` returns, almost always), a wait for the socket
-to become writable only when it is not yet, ``SO_ERROR``. ``anyio.connect_tcp`` — kept for host
-names, whose addresses it tries in turn (happy eyeballs), and for TLS — parses the address,
-opens a task group, starts a task per address, waits on an event under a timer and cancels the
-group: per connection that was ≈ 40 % of what connecting cost the loop. A call that finds no
-idle connection pays it, so a storm pays it for every call: *slow_upstream*'s 2,000 calls at
-once (all new connections), the daemon's CPU per request while they come in ≈ 0.45 → 0.33 ms
-(``benchmarks/README.md``, *Part 6*).
+to become writable only when it is not yet, ``SO_ERROR``; its stream (anyio's and trio's
+wrappers and a ``getpeername``) is made only if a write needs it, since reads and most writes go
+to the socket directly. ``anyio.connect_tcp`` — kept for host names, whose addresses it tries in
+turn (happy eyeballs), and for TLS — parses the address, opens a task group, starts a task per
+address, waits on an event under a timer and cancels the group: per connection that was ≈ 40 %
+of what connecting cost the loop. A call that finds no idle connection pays it, so a storm pays
+it for every call: *slow_upstream*'s 2,000 calls at once (all new connections), the daemon's CPU
+per request while they come in ≈ 0.45 → 0.33 ms (``benchmarks/README.md``, *Part 6*).
 
 Resource handling:
     At most ``max_connections`` connections exist at once (idle ones included). A request
@@ -145,8 +146,9 @@ class _Conn:
     __slots__ = ("idle_since", "plain", "raw", "reader", "requests", "stream")
 
     def __init__(
-        self, stream: anyio.abc.ByteStream, raw: socket.socket | None, *, plain: bool = False
+        self, stream: anyio.abc.ByteStream | None, raw: socket.socket | None, *, plain: bool = False
     ) -> None:
+        #: ``None`` for a plain connection until a write needs it (:meth:`byte_stream`)
         self.stream = stream
         self.raw = raw
         #: the socket itself, when the connection is plain TCP (no TLS): read and written
@@ -155,6 +157,29 @@ class _Conn:
         self.reader = ResponseReader(MAX_HEAD_BYTES)
         self.idle_since = 0.0
         self.requests = 0
+
+    async def byte_stream(self) -> anyio.abc.ByteStream:
+        """The connection's stream (a plain connection's made on first use: most never need it).
+
+        Raises:
+            OSError: the socket is no longer connected.
+        """
+        if self.stream is None:
+            assert self.raw is not None
+            try:
+                self.stream = await anyio.abc.SocketStream.from_socket(self.raw)
+            except ValueError as exc:  # (its peer has gone: not connected any more)
+                raise OSError(errno.ENOTCONN, "the connection is closed") from exc
+        return self.stream
+
+    async def aclose(self) -> None:
+        """Close it now, whatever its state: a stream forcefully; a bare socket after waking
+        whoever waits on it (as closing its stream would)."""
+        if self.stream is not None:
+            await anyio.aclose_forcefully(self.stream)
+        elif self.raw is not None:
+            anyio.notify_closing(self.raw)
+            self.raw.close()
 
     def dead(self) -> bool:
         """Whether an idle connection was closed by the server (or sent something unasked)."""
@@ -361,7 +386,7 @@ class H11Pool:
         """Close a connection now, whatever its state; never waits (shielded, forceful)."""
         self._open -= 1
         with anyio.CancelScope(shield=True):
-            await anyio.aclose_forcefully(conn.stream)
+            await conn.aclose()
 
     async def _connect(self) -> _Conn:
         self._open += 1
@@ -400,14 +425,11 @@ class H11Pool:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
-            try:
-                stream = await anyio.abc.SocketStream.from_socket(sock)
-            except ValueError as exc:  # (its peer is gone already: not connected any more)
-                raise OSError(errno.ENOTCONN, "the connection was closed as it opened") from exc
         except BaseException:
             sock.close()
             raise
-        return _Conn(stream, sock, plain=True)
+        # (its stream is made only if a write needs it: see :meth:`_Conn.byte_stream`)
+        return _Conn(None, sock, plain=True)
 
     async def _connect_by_name(self) -> _Conn:
         """A host name (resolved, its addresses tried by anyio's happy eyeballs) or TLS."""
@@ -451,8 +473,9 @@ class H11Pool:
             writes = [writes[0][sent:]]
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + self.write_timeout_s) as scope:
+                stream = await conn.byte_stream()
                 for data in writes:
-                    await conn.stream.send(data)
+                    await stream.send(data)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             if reused:
                 return False
@@ -533,7 +556,7 @@ async def _fill(conn: _Conn) -> None:
         conn.reader.feed(data)
         return
     try:
-        data = await conn.stream.receive(READ_BYTES)
+        data = await (await conn.byte_stream()).receive(READ_BYTES)
     except anyio.EndOfStream:
         data = b""
     except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:

@@ -780,6 +780,18 @@ async def test_a_connect_the_kernel_completed_at_once_does_not_wait_for_a_schedu
         assert pool.statistics().connections == 0
 
 
+async def test_a_plain_connection_makes_no_stream_object_unless_a_write_needs_one():
+    """Its socket is read and written directly; the stream (anyio's and trio's wrappers, a
+    ``getpeername``) is made only when the socket does not take a request whole."""
+    async with MockUpstream(models=("mock-a",)) as mock, _pool(mock.base_url) as pool:
+        for _ in range(2):
+            assert b"mock-a" in await _body(pool)
+        _idle_and_free(pool, connections=1)
+        (conn,) = pool._idle
+        assert conn.stream is None
+        assert conn.plain is not None
+
+
 async def test_a_connect_that_gets_no_answer_is_a_connect_timeout_and_closes_its_socket():
     with _full_listener() as url:
         before = _open_fds()
