@@ -59,10 +59,12 @@ to become writable only when it is not yet, ``SO_ERROR``; its stream (anyio's an
 wrappers and a ``getpeername``) is made only if a write needs it, since reads and most writes go
 to the socket directly. ``anyio.connect_tcp`` — kept for host names, whose addresses it tries in
 turn (happy eyeballs), and for TLS — parses the address, opens a task group, starts a task per
-address, waits on an event under a timer and cancels the group: per connection that was ≈ 40 %
-of what connecting cost the loop. A call that finds no idle connection pays it, so a storm pays
-it for every call: *slow_upstream*'s 2,000 calls at once (all new connections), the daemon's CPU
-per request while they come in ≈ 0.45 → 0.33 ms (``benchmarks/README.md``, *Part 6*).
+address, waits on an event under a timer and cancels the group. A call that finds no idle
+connection pays for a connect, so a storm pays for one per call: in *slow_upstream*'s intake
+(2,000 calls at once, py-spy on the daemon) connecting took 24 % of the loop's time (≈ 0.11 ms a
+connection), now 15 % of less (≈ 0.05 ms, most of it the ``connect`` and ``socket`` system
+calls — on loopback ``connect`` also runs the server's half of the handshake); the daemon's CPU
+per request while the calls come in ≈ 0.47 → 0.33 ms (``benchmarks/README.md``, *Part 6*).
 
 Resource handling:
     At most ``max_connections`` connections exist at once (idle ones included). A request
