@@ -1009,9 +1009,9 @@ def _storm_gc_policy() -> None:
     walked their objects again and again — full collections included — ≈ 28 % of the mock's CPU
     while 2,000 requests came in (py-spy ``--native``, *slow_upstream*'s intake). The mock
     shares the benchmark machine's cores with the daemon it serves; a real upstream does not.
-    The garbage cycles a request leaves (≈ 70 objects: cancelled watchers' exceptions and
-    their frames) are still freed by the young collections; what is left out is walking the
-    live requests' objects over and over.
+    The garbage cycles requests leave (≈ 70 objects a request, counted with the provider pool
+    and the mock in one process) are still freed by the young collections; what is left out is
+    walking the live requests' objects over and over.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
