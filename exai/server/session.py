@@ -44,7 +44,7 @@ from exai.server.auth import Identity
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.outbox import ProgressStream
-from exai.server.wsconn import ServerConnection
+from exai.server.wsconn import ServerConnection, message_bytes
 
 __all__ = ["Session", "SessionShared"]
 
@@ -266,6 +266,7 @@ class Session:
                 await handle(message)
             finally:
                 # the frame is handled: what a call keeps of it is charged to its ledger
-                self.meter.release(len(message))
+                # (the connection charged its UTF-8 bytes)
+                self.meter.release(message_bytes(message))
             if self.closing_reason is not None:
                 return

@@ -424,6 +424,35 @@ async def test_frames_past_the_daemon_budget_close_their_connection_with_1013(tm
         assert (await Rpc(bystander).request("ping"))["result"] == {}
 
 
+async def test_a_frame_is_charged_its_utf8_bytes_not_its_characters(tmp_path):
+    """300 K four-byte characters are 1.2 MB: past a 1 MiB budget (trio-websocket counts
+    300 K); what a session's non-ASCII messages were charged is given back in full."""
+    mib = 1024 * 1024
+    settings = make_settings(tmp_path, max_pending_bytes=mib, max_frame_bytes=4 * mib)
+    async with running_daemon(settings) as d, ws(d) as bystander:
+        async with ws(d) as talker:
+            for i in range(20):
+                await talker.send_message(
+                    json.dumps(
+                        {"jsonrpc": "2.0", "id": i, "method": "ping", "x": "é中\U0001f600" * 1000},
+                        ensure_ascii=False,
+                    )
+                )
+                assert json.loads(await talker.get_message())["id"] == i
+            assert d.budget.charged_bytes < 4096
+        async with ws(d) as big:
+            with contextlib.suppress(ConnectionClosed):
+                await big.send_message(
+                    '{"jsonrpc":"2.0","id":1,"method":"ping","x":"' + "\U0001f600" * 300_000 + '"}'
+                )
+                await big.get_message()
+            assert big.closed is not None and big.closed.code == 1013
+        with trio.fail_after(10):
+            while d.budget.charged_bytes > 4096:
+                await trio.sleep(0.01)
+        assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
 # ------------------------------------------------------------------ direct writes (issue 18)
 
 

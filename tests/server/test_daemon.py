@@ -185,6 +185,11 @@ async def test_wrong_path_is_404_before_upgrade(tmp_path):
         assert info.value.status_code == 404
 
 
+def _unfinished(frame: bytes) -> bytes:
+    """``frame`` with FIN cleared: the first fragment of a message."""
+    return bytes([frame[0] & 0x7F]) + frame[1:]
+
+
 BAD_INPUTS = [
     # (name, frame bytes builder, expected: ("error", code) | ("close", code))
     ("malformed json", lambda: ws_frame(b'{"jsonrpc": "2.0", "id": 1,'), ("error", -32700)),
@@ -215,6 +220,20 @@ BAD_INPUTS = [
         ("error", -32600),
     ),
     ("oversized frame", lambda: ws_frame(b" " * (300 * 1024)), ("close", 1009)),
+    # the limit is in bytes: 70 K four-byte characters are 280 KB (trio-websocket counted 70 K)
+    (
+        "oversized frame of 4-byte characters",
+        lambda: ws_frame(('"' + "\U0001f600" * (70 * 1024) + '"').encode()),
+        ("close", 1009),
+    ),
+    (
+        "oversized message of 4-byte characters in two fragments",
+        lambda: (
+            _unfinished(ws_frame(('"' + "\U0001f600" * (35 * 1024)).encode()))
+            + ws_frame(("\U0001f600" * (35 * 1024) + '"').encode(), opcode=0x0)
+        ),
+        ("close", 1009),
+    ),
     ("binary frame", lambda: ws_frame(b'{"jsonrpc": "2.0"}', opcode=0x2), ("close", 1003)),
     ("invalid utf-8", lambda: ws_frame(b'{"jsonrpc": "\xff\xfe"}'), ("close", 1007)),
 ]
