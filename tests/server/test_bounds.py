@@ -318,7 +318,9 @@ def test_a_progress_message_that_cannot_be_queued_is_never_encoded(tmp_path) -> 
     assert core.outbox.full()
 
 
-async def test_a_progress_stream_reports_progress_per_chunk() -> None:
+async def test_a_progress_stream_reports_progress_per_chunk_that_more_follow() -> None:
+    """Progress renews a writer's deadline for what is left to write: after each 64 KiB chunk
+    but the last of a write (so none for a write of one chunk)."""
     left, right = trio.testing.memory_stream_pair()
     stream = ProgressStream(left)
     seen: list[int] = []
@@ -328,13 +330,14 @@ async def test_a_progress_stream_reports_progress_per_chunk() -> None:
 
         async def drain() -> None:
             got = 0
-            while got < 200 * KiB:
+            while got < 264 * KiB:
                 got += len(await right.receive_some())
 
         nursery.start_soon(drain)
         await stream.send_all(b"x" * 200 * KiB)
-
-    assert len(seen) == 4  # 64 KiB chunks
+        assert len(seen) == 3  # 4 chunks of at most 64 KiB
+        await stream.send_all(b"x" * 64 * KiB)
+        assert len(seen) == 3
 
 
 # ------------------------------------------------------------------------ memory backstop

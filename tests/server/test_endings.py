@@ -164,3 +164,76 @@ async def test_turns_held_for_good_delay_another_connections_teardown_by_the_bou
     late = endings.turn()
     await late.take()  # a turn free again: taken at once
     assert late.held
+
+
+# ------------------------------------------------------------------ reads that expect to wait
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    return client, server
+
+
+async def test_a_read_that_waits_first_returns_the_bytes_then_the_end_after_a_turn():
+    """``ProgressStream.receive_when_readable`` (the HTTP door's disconnect watch) reads what
+    a plain TCP peer sends, and its end of stream only once the connection holds its turn,
+    as ``receive_some`` does."""
+    from exai.server.outbox import ProgressStream
+
+    client, server = await _tcp_pair()
+    stream = ProgressStream(server)
+    endings = Endings(1)
+    stream.turn = endings.turn()
+    async with client, stream:
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def read_twice() -> None:
+                got.append(bytes(await stream.receive_when_readable(1024)))
+                got.append(bytes(await stream.receive_when_readable(1024)))
+
+            nursery.start_soon(read_twice)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # (waiting: nothing read yet)
+            await client.send_all(b"ahead")
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [b"ahead"]
+            await client.send_eof()
+        assert got == [b"ahead", b""]
+        assert stream.turn.held and endings.free == 0
+        stream.turn.give_back()
+
+
+async def test_a_read_that_waits_first_raises_closed_when_its_stream_is_closed():
+    from exai.server.outbox import ProgressStream
+
+    client, server = await _tcp_pair()
+    stream = ProgressStream(server)
+    raised: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await stream.receive_when_readable(1024)
+        except trio.ClosedResourceError as exc:
+            raised.append(exc)
+
+    async with client, trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()
+    assert len(raised) == 1
+
+
+async def test_a_read_that_waits_first_reads_what_was_given_back_and_other_streams_as_usual():
+    from exai.server.outbox import ProgressStream
+
+    left, right = trio.testing.memory_stream_pair()
+    stream = ProgressStream(left)
+    stream.unread(b"head")
+    assert await stream.receive_when_readable(1024) == b"head"
+    await right.send_all(b"body")
+    assert await stream.receive_when_readable(1024) == b"body"
