@@ -56,6 +56,16 @@ reads the connection for a disconnect; an SSE stream is written by the connectio
 event queued at the time in one write (its head with the first event, the answer with the
 stream's end), while a second task watches for the disconnect. A request's core is freed when
 the request ends: nothing of it is left in a reference cycle for the garbage collector.
+
+**Cost per request** (issue 18; benchmarks/README.md, part 6). h11 reads every request, and
+writes the head and chunks of an SSE stream; a whole response (a JSON answer, 202, 204, 503) is
+built without it (:func:`~exai.server.http11.whole_response`: the same bytes, ≈ 1.5 µs instead
+of ≈ 15 µs for h11's checks and state machine), so the next request is read with a fresh h11
+state (:func:`~exai.server.http11.next_cycle`) and the door keeps h11's rule of one response per
+request itself (:meth:`HttpConnection._send_whole`). The keep-alive bound is the connection
+scope's deadline, the token a connection presented is hashed once while the token table stays
+the same, and the disconnect watch waits for the socket before it reads
+(:meth:`~exai.server.outbox.ProgressStream.receive_when_readable`).
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,9 +94,11 @@ from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.http11 import (
     json_body,
+    next_cycle,
     read_head,
     reason_phrase,
     send_response,
+    whole_response,
 )
 from exai.server.mcp_sessions import McpSession, Revocations, SessionSigner
 from exai.server.origins import OriginPolicy
@@ -256,6 +269,8 @@ class HttpConnection:
         self.bucket = TokenBucket(s.session_rate_per_s, s.session_burst)
         self.meter = InboundMeter(door.shared.budget)
         self._identity: Identity | None = None
+        #: the last Authorization value accepted on this connection (see _authenticate)
+        self._known_auth: tuple[TokenTable, str | None, Identity] | None = None
         self.closing_reason: tuple[int, str] | None = None
         self.busy = False
         self._scope = trio.CancelScope()
@@ -267,6 +282,9 @@ class HttpConnection:
         self._watch: trio.CancelScope | None = None
         self._direct = ""
         self._call_over = False
+        #: the request in progress was answered with :meth:`_send_whole` (h11's state does
+        #: not say so: see :func:`~exai.server.http11.whole_response`)
+        self._responded = False
 
     @property
     def identity(self) -> Identity | None:
@@ -296,6 +314,7 @@ class HttpConnection:
         with self._scope:
             while request is not None:
                 self.busy = True
+                self._responded = False
                 try:
                     keep = await self._serve(request)
                 except h11.RemoteProtocolError as exc:
@@ -313,22 +332,24 @@ class HttpConnection:
                     not keep
                     or self.closing_reason is not None
                     or self.shared.readiness.draining
-                    or conn.our_state is not h11.DONE
+                    or not (self._responded or conn.our_state is h11.DONE)
                     or conn.their_state is not h11.DONE
                 ):
                     return
-                conn.start_next_cycle()
-                request = None
-                with trio.move_on_after(self.door.settings().http_keepalive_s):
-                    try:
-                        head = await read_head(self.stream, conn, keep_raw=False)
-                    except h11.RemoteProtocolError as exc:
-                        self.shared.stats.rejections["bad_request"] += 1
-                        await self._try_refuse(
-                            _Refused(exc.error_status_hint, "bad_request", f"malformed HTTP: {exc}")
-                        )
-                        return
-                    request = head.request if head is not None else None
+                self.conn = conn = next_cycle(conn)
+                # idle for at most the keep-alive bound: the connection's own scope's deadline
+                # (a scope of its own per request cost ≈ 2 µs more), lifted once a head came
+                self._scope.deadline = trio.current_time() + self.door.settings().http_keepalive_s
+                try:
+                    head = await read_head(self.stream, conn, keep_raw=False, wait_first=True)
+                except h11.RemoteProtocolError as exc:
+                    self.shared.stats.rejections["bad_request"] += 1
+                    await self._try_refuse(
+                        _Refused(exc.error_status_hint, "bad_request", f"malformed HTTP: {exc}")
+                    )
+                    return
+                self._scope.deadline = math.inf
+                request = head.request if head is not None else None
 
     async def _try_refuse(self, refusal: _Refused) -> None:
         """Send ``refusal`` if the connection can still carry it (bounded)."""
@@ -339,6 +360,8 @@ class HttpConnection:
                 pass
 
     async def _refuse(self, refusal: _Refused) -> bool:
+        if self._responded:
+            raise h11.LocalProtocolError("this request was answered already")
         hs = [_JSON, *refusal.headers]
         body = json_body(refusal.reason, refusal.message)
         await send_response(self.stream, self.conn, refusal.status, hs, body, close=True)
@@ -395,7 +418,7 @@ class HttpConnection:
         authorization = hdrs.values(b"authorization")
         if len(authorization) > 1:
             raise _Refused(400, "bad_request", "more than one Authorization header; send one")
-        identity = door.tokens().authenticate(authorization[0] if authorization else None)
+        identity = self._authenticate(authorization[0] if authorization else None)
         if identity is None:
             raise _Refused(
                 401,
@@ -432,7 +455,7 @@ class HttpConnection:
             for key in ended:
                 door.running[key].cancel({"requestId": json.loads(key[1])})
             log_event("http.session_ended", client=identity.name, calls_cancelled=len(ended))
-            await send_response(self.stream, self.conn, 204, [], close=self._closing())
+            await self._send_whole(204, [], close=self._closing())
             return None
         if _media_types(hdrs.values(b"content-type")) != {"application/json"}:
             raise _Refused(
@@ -466,6 +489,21 @@ class HttpConnection:
                 self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
             )
         return identity, session, "text/event-stream" in accepted
+
+    def _authenticate(self, authorization: str | None) -> Identity | None:
+        """The identity of an ``Authorization`` value: the token table's answer, remembered for
+        the connection's next requests while the table in force is the same object (a reload
+        that changes the tokens replaces it). A keep-alive client sends the same header with
+        every request; hashing it each time cost ≈ 2.5 µs a request. (The remembered value is
+        one this connection presented and the table accepted: comparing with it tells a client
+        nothing but its own token.)"""
+        tokens = self.door.tokens()
+        known = self._known_auth
+        if known is not None and known[0] is tokens and known[1] == authorization:
+            return known[2]
+        identity = tokens.authenticate(authorization)
+        self._known_auth = (tokens, authorization, identity) if identity is not None else None
+        return identity
 
     async def _session(self, hdrs: _Headers, identity: Identity) -> McpSession | None:
         """The request's initialize-era session, or ``None`` without the header.
@@ -673,7 +711,10 @@ class HttpConnection:
                         keep = False  # the client went, or reads nothing: its calls detach
                         core.detach_all()
                     finally:
-                        nursery.cancel_scope.cancel()
+                        if sse_ok or not self._call_over:
+                            # (a JSON-only call whose responder has finished leaves nothing
+                            # in the nursery to stop: its last step was _call_done)
+                            nursery.cancel_scope.cancel()
                     return keep and self.closing_reason is None
             if handled == "call":
                 return False  # cancelled before its answer: the client went away
@@ -790,8 +831,23 @@ class HttpConnection:
 
     async def _accepted(self) -> bool:
         close = self._closing()
-        await send_response(self.stream, self.conn, 202, [], close=close)
+        await self._send_whole(202, [], close=close)
         return not close
+
+    async def _send_whole(
+        self, status: int, headers: list[tuple[str, str]], body: bytes = b"", *, close: bool
+    ) -> None:
+        """Send the whole response to the request in progress (one write), built without h11
+        (:func:`~exai.server.http11.whole_response`): the one response it gets.
+
+        Raises:
+            h11.LocalProtocolError: the request was answered already (or a stream begun).
+            trio.BrokenResourceError / trio.ClosedResourceError: the peer went away.
+        """
+        if self._responded or self.conn.our_state is not h11.SEND_RESPONSE:
+            raise h11.LocalProtocolError("this request was answered already")
+        self._responded = True
+        await self.stream.send_all(whole_response(status, headers, body, close=close))
 
     async def _answer(
         self,
@@ -809,18 +865,16 @@ class HttpConnection:
         status = _status_for(exchange.code, modern)
         hs = [_JSON, *extra]
         close = self._closing()
-        await self._timed_send(
-            send_response(self.stream, self.conn, status, hs, text.encode("utf-8"), close=close)
-        )
+        await self._timed_send(self._send_whole(status, hs, text.encode("utf-8"), close=close))
         outbox.written()
         return not close
 
     async def _timed_send(self, coro: Any) -> None:
         """Await a write under the writer's deadline (``send_timeout_s`` from the last 64 KiB
         written): a peer that reads nothing is disconnected."""
-        with trio.CancelScope() as scope:
+        deadline = trio.current_time() + self.door.settings().send_timeout_s
+        with trio.CancelScope(deadline=deadline) as scope:
             self._write_scope = scope
-            scope.deadline = trio.current_time() + self.door.settings().send_timeout_s
             await coro
         self._write_scope = None
         if scope.cancelled_caught:
@@ -880,9 +934,7 @@ class HttpConnection:
                     status = _status_for(exchange.code, modern)
                     close = self._closing()
                     answer = texts[-1].encode("utf-8")
-                    await self._timed_send(
-                        send_response(self.stream, conn, status, [_JSON], answer, close=close)
-                    )
+                    await self._timed_send(self._send_whole(status, [_JSON], answer, close=close))
                     outbox.written(len(texts))
                     return not close
                 if not sse_ok:
@@ -910,9 +962,7 @@ class HttpConnection:
             if committed:
                 raise trio.BrokenResourceError("unanswered: the call must be sent again")
             await self._timed_send(
-                send_response(
-                    self.stream,
-                    conn,
+                self._send_whole(
                     503,
                     [_JSON, ("Retry-After", "1")],
                     json_body("draining", "this daemon is restarting; retry"),
@@ -935,7 +985,7 @@ class HttpConnection:
             )
             close = self._closing()
             await self._timed_send(
-                send_response(self.stream, conn, 200, [_JSON], body.encode("utf-8"), close=close)
+                self._send_whole(200, [_JSON], body.encode("utf-8"), close=close)
             )
             return not close
         return True
@@ -961,9 +1011,7 @@ class HttpConnection:
         close = self._closing()
         try:
             await self._timed_send(
-                send_response(
-                    self.stream, self.conn, status, [_JSON], text.encode("utf-8"), close=close
-                )
+                self._send_whole(status, [_JSON], text.encode("utf-8"), close=close)
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             self._direct = "failed"
@@ -996,7 +1044,7 @@ class HttpConnection:
                     if len(conn.trailing_data[0]) >= _READ_AHEAD_BYTES:
                         await trio.sleep_forever()  # (until the call ends: _call_done)
                     try:
-                        data = await self.stream.receive_some(16 * 1024)
+                        data = await self.stream.receive_when_readable(16 * 1024)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     if not data:
@@ -1024,7 +1072,7 @@ class HttpConnection:
         conn = self.conn
         while len(conn.trailing_data[0]) < _READ_AHEAD_BYTES:
             try:
-                data = await self.stream.receive_some(16 * 1024)
+                data = await self.stream.receive_when_readable(16 * 1024)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:

@@ -810,6 +810,62 @@ async def test_a_draining_daemon_closes_a_connection_idle_after_its_json_answer_
         await client.aclose()
 
 
+@pytest.mark.parametrize("asks", ["connection_close", "http_1_0"])
+async def test_a_client_that_asks_to_close_gets_connection_close_and_nothing_more(tmp_path, asks):
+    """The door writes its answers without h11, which would have said ``Connection: close``
+    to such a client and then closed: so does the door, and a request sent behind the first
+    is not read."""
+    tool = TwoSteps()
+    tool.go.set()
+    async with running_daemon(_settings(tmp_path), registry_with(tool.spec)) as d:
+        first = _json_call(d, "two_steps", 1)
+        if asks == "http_1_0":
+            first = first.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        else:
+            first = first.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        async with trio.open_nursery() as nursery:
+            client, _ = await _serve_fake_connection(
+                d, nursery, first + _json_call(d, "two_steps", 2)
+            )
+            head, answer = await _read_json_response(client)
+            with trio.fail_after(10):
+                rest = b""
+                while chunk := await client.receive_some(65536):
+                    rest += chunk
+            await client.aclose()
+        assert answer["id"] == 1
+        assert b"\r\nConnection: close" in head
+        assert rest == b""
+
+
+async def test_a_token_table_replaced_while_a_connection_is_kept_applies_to_its_next_request(
+    tmp_path,
+):
+    """A connection's accepted token is remembered only while the token table in force is
+    the same: a reload that drops the token refuses the connection's next request (401)."""
+    from exai.server.auth import TokenTable, parse_tokens
+
+    token = "c" * 40
+    async with running_daemon(_settings(tmp_path, tokens=Secret(token))) as d:
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": envelope()}}
+        headers = [*JSON_HEADERS, ("Authorization", f"Bearer {token}")]
+        ping = request_bytes(d.url, json.dumps(msg).encode(), headers=headers)
+        async with trio.open_nursery() as nursery:
+            client, _ = await _serve_fake_connection(d, nursery, ping)
+            first = await _read_json_response(client)
+            await client.send_all(ping)
+            second = await _read_json_response(client)
+            d.listener.tokens = TokenTable(parse_tokens(Secret("d" * 40)))
+            await client.send_all(ping)
+            third_head = b""
+            with trio.fail_after(10):
+                while chunk := await client.receive_some(65536):
+                    third_head += chunk
+            await client.aclose()
+        assert first[0].startswith(b"HTTP/1.1 200 ") and second[0].startswith(b"HTTP/1.1 200 ")
+        assert third_head.startswith(b"HTTP/1.1 401 ")
+
+
 @pytest.mark.allow_stalls  # (gc.collect() in the test's own task blocks the loop on purpose)
 async def test_a_request_leaves_nothing_for_the_garbage_collector(tmp_path):
     """A request's core (its outbox, ledger, parking lots) is freed when the request ends, not
