@@ -216,8 +216,12 @@ async def send_response(
     body: bytes = b"",
     *,
     close: bool = False,
+    head_request: bool = False,
 ) -> None:
     """Send a whole response (``Content-Length`` set; ``Connection: close`` with ``close``).
+
+    With ``head_request`` (the request was ``HEAD``) only the head is sent: h11 refuses a body
+    then, and a refusal with one never reached its client.
 
     Raises:
         trio.BrokenResourceError / trio.ClosedResourceError: the peer went away.
@@ -228,7 +232,7 @@ async def send_response(
     if close:
         hs.append(("Connection", "close"))
     data = conn.send(h11.Response(status_code=status, headers=hs, reason=reason_phrase(status)))
-    if body and conn.our_state is h11.SEND_BODY:  # (no body for HEAD, 204, 304)
+    if body and not head_request and conn.our_state is h11.SEND_BODY:  # (none for 204, 304)
         data += conn.send(h11.Data(data=body))
     data += conn.send(h11.EndOfMessage())
     await stream.send_all(data)

@@ -285,6 +285,7 @@ class HttpConnection:
         #: the request in progress was answered with :meth:`_send_whole` (h11's state does
         #: not say so: see :func:`~exai.server.http11.whole_response`)
         self._responded = False
+        self._head_request = False
 
     @property
     def identity(self) -> Identity | None:
@@ -364,11 +365,20 @@ class HttpConnection:
             raise h11.LocalProtocolError("this request was answered already")
         hs = [_JSON, *refusal.headers]
         body = json_body(refusal.reason, refusal.message)
-        await send_response(self.stream, self.conn, refusal.status, hs, body, close=True)
+        await send_response(
+            self.stream,
+            self.conn,
+            refusal.status,
+            hs,
+            body,
+            close=True,
+            head_request=self._head_request,
+        )
         return False
 
     async def _serve(self, request: h11.Request) -> bool:
         """Answer one request; whether the connection may carry another."""
+        self._head_request = request.method == b"HEAD"  # (refused: 405, its head only)
         hdrs = _Headers(request)
         try:
             checked = await self._check(request, hdrs)

@@ -205,6 +205,7 @@ class Listener:
                     [_JSON_CT],
                     json_body("bad_request", f"HTTP/{version} is not served; use HTTP/1.1"),
                     close=True,
+                    head_request=request.method == b"HEAD",
                 )
                 return
             # behind a trusted balancer, the client is who X-Forwarded-For names
@@ -272,6 +273,7 @@ class Listener:
                     [(k.decode(), v.decode()) for k, v in headers],
                     body,
                     close=True,
+                    head_request=head.request.method == b"HEAD",
                 )
                 # the request's body may still be on its way: closing now would reset the
                 # connection and lose the answer (see linger)

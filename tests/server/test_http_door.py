@@ -257,6 +257,34 @@ async def test_bad_json_and_a_batch_are_400_with_a_jsonrpc_error(tmp_path):
             assert json.loads(text)["error"]["code"] == code
 
 
+async def _head_reply(d: Any) -> bytes:
+    """Everything the daemon sends to ``HEAD /mcp`` until it closes the connection."""
+    parts = http_url(d.url).split("/")[2].split(":")
+    stream = await trio.open_tcp_stream(parts[0], int(parts[1]))
+    reply = b""
+    async with stream:
+        await stream.send_all(request_bytes(d.url, method="HEAD"))
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+    return reply
+
+
+async def test_a_head_request_gets_its_refusals_head_without_a_body(tmp_path):
+    """HEAD is refused (405) with the head only: the refusal's JSON body, which h11 will not
+    send after a HEAD, made the connection end with no answer and a session error logged."""
+    async with running_daemon(_settings(tmp_path)) as d:
+        reply = await _head_reply(d)
+        assert reply.startswith(b"HTTP/1.1 405 ")
+        assert reply.endswith(b"\r\n\r\n")  # (a head, nothing after it)
+        assert d.stats.rejections["session_error"] == 0
+    settings = _settings(tmp_path, max_connections_per_ip=1)
+    async with running_daemon(settings) as d, ws(d):  # the address's connection cap: full
+        reply = await _head_reply(d)
+        assert reply.startswith(b"HTTP/1.1 503 ") and reply.endswith(b"\r\n\r\n")
+        assert d.stats.rejections["session_error"] == 0
+
+
 async def test_a_bad_token_is_401_with_www_authenticate(tmp_path):
     async with running_daemon(_settings(tmp_path, tokens=Secret("c" * 40))) as d:
         async with mcp_http(d.url, token="wrong" * 10) as mcp:
