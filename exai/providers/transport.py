@@ -81,7 +81,10 @@ Error handling:
     Connecting (DNS, TCP, TLS handshake) is bounded by ``connect_timeout_s``
     (``httpx.ConnectTimeout``; refused, unreachable or a bad certificate: ``ConnectError``);
     writing the request by ``write_timeout_s`` (``WriteTimeout``, a broken socket
-    ``WriteError``); the wait for a slot by ``pool_timeout_s`` (``PoolTimeout``). Reading is
+    ``WriteError``); the wait for a slot by ``pool_timeout_s`` (``PoolTimeout``). A failed
+    request lets the other tasks run once before it raises, even when it found its failure
+    without waiting (on loopback a refused connect fails inside ``connect``): a caller that
+    tries again at once cannot hold the loop, and its deadline still fires. Reading is
     bounded by the caller (the provider client's stall bound and the call's deadline, both
     cancel scopes): a cancelled read closes the connection. A request whose write fails on a
     *reused* connection (the server closed it while idle) was not sent, and is sent again,
@@ -341,10 +344,15 @@ class H11Pool:
                 conn = await self._connect()
                 await self._send(conn, head, body, reused=False)
             response = await self._receive_head(conn)
-        except BaseException:
+        except BaseException as exc:
             if conn is not None:
                 await self._discard(conn)
             self._slots.release()
+            if isinstance(exc, Exception):
+                # A failure found without waiting (a refused connect on loopback fails inside
+                # ``connect``) still lets the other tasks run once: a caller that tries again
+                # at once would otherwise hold the loop, its own deadline never noticed.
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             raise
         return response
 

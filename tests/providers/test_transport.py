@@ -675,6 +675,32 @@ async def test_a_port_nobody_listens_on_is_a_connect_error_and_leaves_nothing_he
             _idle_and_free(pool, connections=0)
 
 
+async def test_a_request_that_fails_at_once_still_lets_the_other_tasks_run():
+    """On loopback a refused connect fails inside ``connect`` itself, with nothing to wait for.
+    The failing request must still yield to the scheduler once: a caller that tries again at
+    once would otherwise hold the loop for good — no other task runs and its own deadline never
+    fires (the run loop that would notice it never gets control back)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        async with _pool(f"http://127.0.0.1:{port}") as pool, anyio.create_task_group() as tg:
+            other_ran = anyio.Event()
+
+            async def other() -> None:
+                other_ran.set()
+
+            tg.start_soon(other)
+            tries = 0
+            while not other_ran.is_set() and tries < 100:  # (100: a hang guard only)
+                tries += 1
+                with pytest.raises(httpx.ConnectError):
+                    await pool.request("GET", "models", [])
+            # the other task ran while the first failure was raised (or, trio running a batch
+            # of ready tasks in either order, while the second was)
+            assert tries <= 2
+            _idle_and_free(pool, connections=0)
+
+
 async def test_a_request_the_socket_takes_only_in_part_still_arrives_whole(monkeypatch):
     """On plain TCP a request is first offered to the socket directly; what a full send buffer
     does not take must follow, in order, under the write bound."""
