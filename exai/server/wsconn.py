@@ -134,17 +134,19 @@ class ServerConnection(WebSocketConnection):
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
         nbytes = message_bytes(event.data)
+        total = self._message_bytes + nbytes
+        if total > self._max_message_size:
+            # Before the budget: a message over the limit never fits, so "try again later"
+            # (1013) would be a lie when the part that crosses the limit also finds the budget
+            # full. (trio-websocket's own check counts characters, never more than this.)
+            await self._refuse_message(
+                1009, f"Exceeded maximum message size: {self._max_message_size} bytes"
+            )
+            return
         meter = self.meter
         if meter is not None and not meter.take(nbytes):
             await self._refuse_message(
                 1013, "the daemon holds as many client bytes as its budget allows; try again later"
-            )
-            return
-        total = self._message_bytes + nbytes
-        if total > self._max_message_size:
-            # (trio-websocket's own check counts characters, never more than this)
-            await self._refuse_message(
-                1009, f"Exceeded maximum message size: {self._max_message_size} bytes"
             )
             return
         self._message_bytes = 0 if event.message_finished else total

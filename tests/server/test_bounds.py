@@ -410,21 +410,25 @@ async def test_a_peer_that_stops_reading_is_closed_once_the_writer_makes_no_prog
         assert (await Rpc(bystander).request("ping"))["result"] == {}
 
 
+async def _refused_with_1013(d: Any, bystander: Any, padding: str) -> None:
+    """A ping carrying ``padding`` on a new connection is closed with 1013, what it was charged
+    is given back, and ``bystander`` is still answered."""
+    async with ws(d) as big:
+        with contextlib.suppress(ConnectionClosed):
+            await big.send_message('{"jsonrpc":"2.0","id":1,"method":"ping","x":"' + padding + '"}')
+            await big.get_message()
+        assert big.closed is not None and big.closed.code == 1013
+    with trio.fail_after(10):
+        while d.budget.charged_bytes > 4096:
+            await trio.sleep(0.01)
+    assert (await Rpc(bystander).request("ping"))["result"] == {}
+
+
 async def test_frames_past_the_daemon_budget_close_their_connection_with_1013(tmp_path):
     mib = 1024 * 1024
     settings = make_settings(tmp_path, max_pending_bytes=mib, max_frame_bytes=4 * mib)
     async with running_daemon(settings) as d, ws(d) as bystander:
-        async with ws(d) as big:
-            with contextlib.suppress(ConnectionClosed):
-                await big.send_message(
-                    '{"jsonrpc":"2.0","id":1,"method":"ping","x":"' + "y" * 2 * mib + '"}'
-                )
-                await big.get_message()
-            assert big.closed is not None and big.closed.code == 1013
-        with trio.fail_after(10):
-            while d.budget.charged_bytes > 4096:
-                await trio.sleep(0.01)
-        assert (await Rpc(bystander).request("ping"))["result"] == {}
+        await _refused_with_1013(d, bystander, "y" * 2 * mib)
 
 
 async def test_a_frame_is_charged_its_utf8_bytes_not_its_characters(tmp_path):
@@ -443,17 +447,7 @@ async def test_a_frame_is_charged_its_utf8_bytes_not_its_characters(tmp_path):
                 )
                 assert json.loads(await talker.get_message())["id"] == i
             assert d.budget.charged_bytes < 4096
-        async with ws(d) as big:
-            with contextlib.suppress(ConnectionClosed):
-                await big.send_message(
-                    '{"jsonrpc":"2.0","id":1,"method":"ping","x":"' + "\U0001f600" * 300_000 + '"}'
-                )
-                await big.get_message()
-            assert big.closed is not None and big.closed.code == 1013
-        with trio.fail_after(10):
-            while d.budget.charged_bytes > 4096:
-                await trio.sleep(0.01)
-        assert (await Rpc(bystander).request("ping"))["result"] == {}
+        await _refused_with_1013(d, bystander, "\U0001f600" * 300_000)
 
 
 # ------------------------------------------------------------------ direct writes (issue 18)

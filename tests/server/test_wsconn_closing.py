@@ -58,3 +58,73 @@ async def test_a_send_after_our_close_frame_is_connection_closed(wrapped: bool) 
         with pytest.raises(ConnectionClosed):
             await conn._send(Ping(b"x").response())  # the reader's pong
         nursery.cancel_scope.cancel()
+
+
+class _FullBudget:
+    """An InboundMeter whose daemon budget is full: every part is refused."""
+
+    held = 0
+
+    def take(self, nbytes: int) -> bool:
+        return False
+
+
+async def _close_code_of(message: str, *, max_message_size: int) -> int:
+    """Send ``message`` (one frame) to a server connection whose budget is full and return the
+    close code the server answers with."""
+    server, client = trio.testing.memory_stream_pair()
+    key = base64.b64encode(os.urandom(16)).decode()
+    await client.send_all(
+        (
+            "GET /mcp HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    async with trio.open_nursery() as nursery:
+        request = await accept_request(nursery, server, max_message_size=max_message_size)
+        conn = await request.accept()
+        assert isinstance(conn, ServerConnection)
+        conn.meter = _FullBudget()  # type: ignore[assignment]
+        head = await client.receive_some()
+        assert head.startswith(b"HTTP/1.1 101") and head.endswith(b"\r\n\r\n")
+        await client.send_all(_client_frame(message))
+        code = None
+        with trio.fail_after(10):
+            while code is None:
+                data = await client.receive_some()
+                if not data:
+                    break
+                code = _close_code(data)
+        nursery.cancel_scope.cancel()
+    assert code is not None
+    return code
+
+
+def _client_frame(text: str) -> bytes:
+    """One masked, final text frame (RFC 6455 §5.2), as a client sends it."""
+    payload = text.encode()
+    n = len(payload)
+    head = bytearray([0x81])
+    if n < 126:
+        head.append(0x80 | n)
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return bytes(head) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _close_code(data: bytes) -> int | None:
+    """The code of a server close frame at the start of ``data`` (unmasked), if it is one."""
+    if len(data) >= 4 and data[0] == 0x88:
+        return int.from_bytes(data[2:4], "big")
+    return None
+
+
+async def test_a_message_over_the_size_limit_closes_1009_even_when_the_budget_is_full() -> None:
+    """A part that crosses the size limit and finds the budget full is over the limit (1009):
+    1013 (try again later) would have the client send it again, forever."""
+    assert await _close_code_of("x" * 3000, max_message_size=1000) == 1009
+    # and a message within the limit that finds the budget full: try again later
+    assert await _close_code_of("x" * 500, max_message_size=1000) == 1013
