@@ -26,6 +26,7 @@ from exai.server.outbox import ProgressStream
 
 __all__ = [
     "MAX_HEAD_BYTES",
+    "SERVED_VERSIONS",
     "Head",
     "header",
     "header_values",
@@ -40,6 +41,9 @@ __all__ = [
 
 #: the largest request head accepted (request line and headers)
 MAX_HEAD_BYTES = 64 * 1024
+#: the HTTP versions served (h11 reads any ``HTTP/1.x``, and the HTTP/2 preface as a head of
+#: ``HTTP/2.0``): any other is refused with 505, on every request of a connection
+SERVED_VERSIONS = (b"1.0", b"1.1")
 _READ = 64 * 1024
 
 

@@ -93,6 +93,7 @@ from exai.server.auth import Identity, TokenTable
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.http11 import (
+    SERVED_VERSIONS,
     json_body,
     next_cycle,
     read_head,
@@ -315,7 +316,6 @@ class HttpConnection:
         with self._scope:
             while request is not None:
                 self.busy = True
-                self._responded = False
                 try:
                     keep = await self._serve(request)
                 except h11.RemoteProtocolError as exc:
@@ -337,7 +337,8 @@ class HttpConnection:
                     or conn.their_state is not h11.DONE
                 ):
                     return
-                self.conn = conn = next_cycle(conn)
+                conn = next_cycle(conn)
+                self._new_cycle(conn)
                 # idle for at most the keep-alive bound: the connection's own scope's deadline
                 # (a scope of its own per request cost ≈ 2 µs more), lifted once a head came
                 self._scope.deadline = trio.current_time() + self.door.settings().http_keepalive_s
@@ -351,6 +352,15 @@ class HttpConnection:
                     return
                 self._scope.deadline = math.inf
                 request = head.request if head is not None else None
+
+    def _new_cycle(self, conn: h11.Connection) -> None:
+        """Start the next request on this connection with ``conn``, its fresh h11 state: every
+        mark of the request before it goes with the old state. (A head that then fails to
+        parse is refused through this cycle: with the last request's "answered" mark kept, the
+        400/431 was taken for a second response and the client got none.)"""
+        self.conn = conn
+        self._responded = False
+        self._head_request = False
 
     async def _try_refuse(self, refusal: _Refused) -> None:
         """Send ``refusal`` if the connection can still carry it (bounded)."""
@@ -412,6 +422,11 @@ class HttpConnection:
         """
         door = self.door
         settings = door.settings()
+        if request.http_version not in SERVED_VERSIONS:
+            # (the listener refuses a connection's first request so; a later one is judged the
+            # same, not served as HTTP/1.1)
+            version = request.http_version.decode("ascii", "replace")
+            raise _Refused(505, "bad_request", f"HTTP/{version} is not served; use HTTP/1.1")
         target = request.target.decode("latin-1")
         if target.split("?", 1)[0] != "/mcp":
             raise _Refused(404, "not_found", "the MCP endpoint is /mcp")

@@ -50,6 +50,7 @@ from exai.server.endings import Endings
 from exai.server.forwarded import client_address, parse_trusted_proxies
 from exai.server.http11 import (
     MAX_HEAD_BYTES,
+    SERVED_VERSIONS,
     Head,
     header_values,
     is_websocket_upgrade,
@@ -194,7 +195,7 @@ class Listener:
                     self.stats.rejections["handshake_timeout"] += 1
                 return  # (the peer closed before a request)
             request = head.request
-            if request.http_version not in (b"1.0", b"1.1"):
+            if request.http_version not in SERVED_VERSIONS:
                 # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head)
                 self.stats.rejections["bad_request"] += 1
                 version = request.http_version.decode("ascii", "replace")
