@@ -266,6 +266,28 @@ class HttpConnection:
         """Send part of the body of a started response."""
         await self._send(h11.Data(data=data))
 
+    async def send_pieces(
+        self,
+        pieces: Iterable[bytes],
+        *,
+        head: tuple[int, Iterable[tuple[str, str]]] | None = None,
+        end: bool = False,
+    ) -> None:
+        """Send in one write: the head ``(status, headers)`` of a chunked response when given,
+        each of ``pieces`` as its own piece of the body, and the body's end when ``end``.
+
+        The bytes are those of :meth:`start_response` (no ``content_length``), :meth:`send_data`
+        for each piece and :meth:`end_response`, in that order; only the system calls are fewer
+        (one for the lot when the socket takes it, as it almost always does on loopback).
+        """
+        events: list[h11.Event] = []
+        if head is not None:
+            events.append(_response(head[0], head[1]))
+        events.extend(h11.Data(data=piece) for piece in pieces)
+        if end:
+            events.append(h11.EndOfMessage())
+        await self._send(*events)
+
     async def end_response(self) -> None:
         """Finish a started response."""
         await self._send(h11.EndOfMessage())

@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import h11
 import httpx
 import pytest
 import trio.testing
 from anyio import open_process  # imported early: a lazy import inside a test trips CPython 3.11.7
 
-from exai.testing import Fault, MockUpstream, RecordedRequest, mock_upstream
+from exai.testing import Fault, MockUpstream, RecordedRequest, _http, mock_upstream
 
 KEY = "sk-mock-test"
 
@@ -801,3 +802,83 @@ def test_the_mock_as_a_process_freezes_its_start_up_and_collects_rarely() -> Non
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split("\n")[0] == f"{mock_upstream.GC_THRESHOLDS} True"
+
+
+class _Writes:
+    """The h11 events of each write of the mock's connections, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.writes: list[list[Any]] = []
+        original = _http.HttpConnection._send
+
+        async def send(conn: _http.HttpConnection, *events: Any) -> None:
+            self.writes.append(list(events))
+            await original(conn, *events)
+
+        monkeypatch.setattr(_http.HttpConnection, "_send", send)
+
+
+@pytest.mark.anyio
+async def test_a_streamed_answer_goes_out_in_one_write_each_event_its_own_chunk(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing to wait for between its events, the head, every event and the end go out
+    in one write (the client reads the answer at once, not part by part), and each event is
+    still its own chunk of the body: the same bytes as one write per event."""
+    writes = _Writes(monkeypatch)
+    events = await stream_chat(client, chat_body("one two three four five six"))
+    assert len(writes.writes) == 1
+    (write,) = writes.writes
+    assert isinstance(write[0], h11.Response) and isinstance(write[-1], h11.EndOfMessage)
+    pieces = [e.data for e in write[1:-1]]
+    assert all(isinstance(e, h11.Data) for e in write[1:-1])
+    assert [p.removeprefix(b"data: ").removesuffix(b"\n\n").decode() for p in pieces] == events
+
+
+@pytest.mark.anyio
+async def test_a_held_streamed_answer_writes_up_to_the_gate_then_the_rest(
+    mock: MockUpstream, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes = _Writes(monkeypatch)
+    mock.hold_answers()
+    got: list[list[str]] = []
+
+    async def streamed() -> None:
+        got.append(await stream_chat(client, chat_body("held")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(streamed)
+        with anyio.fail_after(5):
+            while mock.held < 1:
+                await anyio.sleep(0.01)
+        assert len(writes.writes) == 1 and isinstance(writes.writes[0][0], h11.Response)
+        assert not isinstance(writes.writes[0][-1], h11.EndOfMessage)
+        mock.release_answers()
+    assert len(writes.writes) == 2
+    # the finish chunk and [DONE], then the end
+    assert [type(e) for e in writes.writes[1]] == [h11.Data, h11.Data, h11.EndOfMessage]
+    assert got[0][-1] == "[DONE]"
+
+
+@pytest.mark.anyio
+async def test_each_request_starts_one_task_of_the_mock(client: httpx.AsyncClient) -> None:
+    """The handler runs in the connection's task; only the watcher of the client going away is
+    a task of its own (two before: in a storm the mock shares the cores with the daemon)."""
+    started: list[str] = []
+
+    class Spawned(trio.abc.Instrument):
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            started.append(task.name)
+
+    instrument = Spawned()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        for text in ("one", "two", "three"):
+            resp = await client.post("/chat/completions", json=chat_body(text))
+            assert resp.status_code == 200
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    mine = [name for name in started if "MockUpstream" in name]
+    # the connection's task, then one watcher per request
+    assert len([n for n in mine if "_watched" in n]) == 3
+    assert len(mine) == 4
