@@ -131,6 +131,8 @@ MAX_HEAD_BYTES = 100 * 1024
 MAX_INFORMATIONAL = 16
 #: the most bytes a decompressed piece of a body holds
 PIECE_BYTES = 64 * 1024
+#: ``socket.SOCK_NONBLOCK`` where the system has it (Linux), else 0
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 @attrs.frozen
@@ -422,9 +424,11 @@ class H11Pool:
     async def _connect_address(self, family: int, sockaddr: tuple[Any, ...]) -> _Conn:
         """Plain TCP to an IP address: the socket connected in this task (see the module
         docstring, *Connecting*); the socket is closed on any failure or cancellation."""
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # (non-blocking from its creation where the system can: no system call to make it so)
+        sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
+            if not _SOCK_NONBLOCK:
+                sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS:
