@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python -m benchmarks.storm_intake TREE [--calls 2000] [--latency 4]
-        [--mock-tree TREE] [--pyspy PREFIX] [--native]
+        [--mock-tree TREE] [--pyspy PREFIX] [--native] [--drain]
 
 One *slow_upstream*-like storm (:mod:`benchmarks.scenarios.slow_upstream`: its daemon settings,
 sessions of ``PER_SESSION`` calls fired at once) against a daemon run from the source tree
@@ -13,10 +13,15 @@ set long enough that no answer comes back while requests still arrive. The figur
 process's CPU time (user + system, ``/proc/<pid>/stat``) from the start of the load process
 to just before the first answer can come back, divided by the calls (``daemon_ms_per_req``,
 ``mock_ms_per_req``: milliseconds; they include the sessions' set-up), and the intake time
-(first request sent → last request at the upstream, seconds). ``--pyspy PREFIX`` records
+(first request sent → last request at the upstream, seconds). The egress: ``drain_s`` (first
+answer received → last, seconds) and each process's CPU from just before the first answer to
+the load's end (all answered; a few ms of the load process's exit included), divided by the
+calls (``daemon_ms_per_answer``, ``mock_ms_per_answer``); an intake that outlasts the latency
+shifts requests into these figures (``intake_s`` says when). ``--pyspy PREFIX`` records
 both processes with py-spy (``EXAI_BENCH_PYSPY`` or ``~/.cache/exai-bench/tools-venv``) into
 ``PREFIX-daemon.txt`` and ``PREFIX-mock.txt`` (raw format, for
-:mod:`benchmarks.profile_shares`); ``--native`` adds native frames (the collector's share).
+:mod:`benchmarks.profile_shares`); ``--native`` adds native frames (the collector's share);
+``--drain`` records the answers' phase instead (from just before the first answer, 3 s).
 
 Prints one JSON line; writes nothing else. A measuring tool for before/after work on the
 intake (issue 18, part 6 in ``benchmarks/README.md``), not a scenario with a target.
@@ -61,6 +66,7 @@ def storm(
     mock_tree: Path | None = None,
     pyspy_prefix: str | None = None,
     native: bool = False,
+    drain: bool = False,
 ) -> dict[str, object]:
     """Run one storm; return the figures described in the module docstring."""
     trace = os.path.join(tempfile.mkdtemp(prefix="exai-storm-"), "trace.json")
@@ -83,19 +89,24 @@ def storm(
         if unavailable:
             raise SystemExit(f"chat is not available: {unavailable}")
         time.sleep(0.5)
-        spies = []
-        if pyspy_prefix:
+        spies: list[subprocess.Popen[bytes]] = []
+
+        def spy(seconds: int) -> None:
+            assert pyspy_prefix
             for who, pid in (("daemon", daemon.pid), ("mock", mock.pid)):
                 spies.append(
                     subprocess.Popen(
                         [_pyspy(), "record", "--format", "raw", "--threads", "-r", "250"]
-                        + ["-d", str(int(latency_s) + 1), "-o", f"{pyspy_prefix}-{who}.txt"]
+                        + ["-d", str(seconds), "-o", f"{pyspy_prefix}-{who}.txt"]
                         + ["-p", str(pid)]
                         + (["--native"] if native else []),
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
                 )
+
+        if pyspy_prefix and not drain:
+            spy(int(latency_s) + 1)
             time.sleep(1.0)
         d0, m0, started = _cpu_s(daemon.pid), _cpu_s(mock.pid), time.monotonic()
         load = bd.LoadProcess(
@@ -113,7 +124,10 @@ def storm(
         # until just before the first answer can come back
         time.sleep(max(0.5, latency_s - 0.3) + LOAD_START_S)
         d1, m1 = _cpu_s(daemon.pid), _cpu_s(mock.pid)
+        if pyspy_prefix and drain:
+            spy(3)
         result = load.result(300)
+        d2, m2 = _cpu_s(daemon.pid), _cpu_s(mock.pid)
         for spy in spies:
             spy.wait()
         mock.stop()
@@ -132,6 +146,9 @@ def storm(
         "load_start_to_first_request_s": round(t0 - started, 3),
         "daemon_ms_per_req": round((d1 - d0) / calls * 1000, 3),
         "mock_ms_per_req": round((m1 - m0) / calls * 1000, 3),
+        "drain_s": round(max(ends) - min(ends), 3),
+        "daemon_ms_per_answer": round((d2 - d1) / calls * 1000, 3),
+        "mock_ms_per_answer": round((m2 - m1) / calls * 1000, 3),
         "machine_load": os.getloadavg()[0],
     }
 
@@ -146,8 +163,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mock-tree", type=Path, default=None)
     ap.add_argument("--pyspy", metavar="PREFIX", default=None)
     ap.add_argument("--native", action="store_true")
+    ap.add_argument("--drain", action="store_true", help="profile the answers, not the intake")
     args = ap.parse_args(argv)
-    figures = storm(args.tree, args.calls, args.latency, args.mock_tree, args.pyspy, args.native)
+    figures = storm(
+        args.tree, args.calls, args.latency, args.mock_tree, args.pyspy, args.native, args.drain
+    )
     print(json.dumps(figures))
     return 0
 
