@@ -4,12 +4,13 @@ Just enough for the mock upstream: read one request at a time (keep-alive, bound
 a whole response or a streamed one, notice the client going away while a handler waits, and
 close gracefully or with a reset.
 
-Every write is one send of its own, as before, so a streamed answer reaches the client event by
-event; on plain TCP under trio a small one (≤ :data:`DIRECT_WRITE_BYTES`) is handed to the
-non-blocking socket directly, which almost always takes it whole, instead of through the stream
-and a scheduler round. That made the mock's CPU per streamed chat request about 16 % smaller
-(0.89–1.11 ms against 1.03–1.44 ms, three interleaved runs of 64 keep-alive clients); in a storm
-of slow calls the mock shares the machine's cores with the daemon it serves.
+Every write is one send of its own (:meth:`HttpConnection.send_pieces` puts a head, several
+pieces of a body and its end in one write, each piece still its own chunk); on plain TCP under
+trio a small one (≤ :data:`DIRECT_WRITE_BYTES`) is handed to the non-blocking socket directly,
+which almost always takes it whole, instead of through the stream and a scheduler round. That
+made the mock's CPU per streamed chat request about 16 % smaller (0.89–1.11 ms against
+1.03–1.44 ms, three interleaved runs of 64 keep-alive clients); in a storm of slow calls the
+mock shares the machine's cores with the daemon it serves.
 
 Resource handling:
     :class:`HttpConnection` does not own its stream's lifetime beyond :meth:`HttpConnection.close`

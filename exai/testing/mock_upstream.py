@@ -41,7 +41,9 @@ Endpoints (``/v1`` prefix optional):
     events — a role chunk, reasoning deltas, the content split at spaces into about 8 deltas (or
     one tool-call delta), and a final chunk with ``finish_reason`` **and ``usage`` (always, with
     or without ``stream_options.include_usage``)** — then ``data: [DONE]``. ``chunk_delay_s``
-    waits before each event.
+    waits before each event, and each event is then a write of its own; without a delay (and
+    no fault) the head, every event — each its own chunk — and the body's end go out in one
+    write (a held answer: up to the gate, then the rest).
 
 ``GET /v1/models``
     ``{"object": "list", "data": [{"id": m, "object": "model", "owned_by": "mock"}, ...]}``;
