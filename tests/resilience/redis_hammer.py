@@ -5,7 +5,8 @@ Usage: python redis_hammer.py KEY_PREFIX KEY RATE CAPACITY DURATION_S START_AT_U
 Waits until Redis's clock reaches START_AT_US (so that every child starts together), then
 until Redis's clock reaches START_AT_US + DURATION_S (so that every child stops together, even
 one that started late on a busy machine) hammers the shared bucket from four tasks (two waiting
-in ``acquire``, two polling ``try_acquire``) and prints ``{"admitted": N}`` as JSON on stdout.
+in ``acquire``, two polling ``try_acquire``) and prints ``{"admitted": N, "end_us": T}`` as JSON
+on stdout, ``T`` being Redis's clock after its last admission.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ async def main(
             async with anyio.create_task_group() as tg:
                 for task in (waiting, waiting, polling, polling):
                     tg.start_soon(task)
-        print(json.dumps({"admitted": admitted}), flush=True)
+        # Redis's clock once nothing more can be admitted: the limiter's promise is a rate per
+        # second of *that* clock (its script reads TIME), whatever this process's clock did
+        sec, usec = await client.time()
+        print(json.dumps({"admitted": admitted, "end_us": sec * 1_000_000 + usec}), flush=True)
     finally:
         await client.aclose()
 

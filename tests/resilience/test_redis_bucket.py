@@ -227,7 +227,7 @@ async def test_noscript_falls_back_to_eval(anyio_backend: str, prefix: str) -> N
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_two_processes_sharing_a_key_admit_the_configured_rate(prefix: str) -> None:
     """Over 10 s at 200/s, two processes together admit within 2 % of rate × time (plus the
-    full bucket they start with).
+    full bucket they start with), time being Redis's clock.
 
     The bucket holds a second of tokens: tokens are lost only while it is full and nobody
     takes, so on a busy machine both processes would have to be off the CPU for a whole second
@@ -262,9 +262,17 @@ async def test_two_processes_sharing_a_key_admit_the_configured_rate(prefix: str
         async with anyio.create_task_group() as tg:
             tg.start_soon(child)
             tg.start_soon(child)
-    counts = [json.loads(out)["admitted"] for out in outputs]
+    results = [json.loads(out) for out in outputs]
+    counts = [r["admitted"] for r in results]
     expected = capacity + rate * duration  # the full bucket at the start, then the refill
-    assert abs(sum(counts) - expected) <= 0.02 * rate * duration, counts
+    tolerance = 0.02 * rate * duration
+    assert sum(counts) >= expected - tolerance, counts
+    # At most what the refill gives over the window on Redis's clock (the one the script
+    # reads): a child descheduled past its deadline, or a step of the host's wall clock, may
+    # lengthen that window — it does not make the limiter wrong (seen once at load 8: 2,345).
+    window_s = (max(r["end_us"] for r in results) - start_us) / 1e6
+    assert window_s >= duration, window_s
+    assert sum(counts) <= capacity + rate * window_s + tolerance, (counts, window_s)
     assert all(count > 0.25 * expected for count in counts), counts  # both took part
 
 
