@@ -92,6 +92,7 @@ from exai.server import protocol as p
 from exai.server.auth import Identity, TokenTable
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
+from exai.server.forwarded import TrustedProxies, client_address
 from exai.server.http11 import (
     SERVED_VERSIONS,
     json_body,
@@ -241,10 +242,23 @@ class HttpDoor:
         self.running: dict[tuple[str, str], SessionCore] = {}
 
     async def serve(
-        self, stream: ProgressStream, conn: h11.Connection, first: h11.Request, ip: str
+        self,
+        stream: ProgressStream,
+        conn: h11.Connection,
+        first: h11.Request,
+        ip: str,
+        *,
+        peer: str | None = None,
+        trusted: TrustedProxies = (),
     ) -> None:
-        """Serve one admitted connection until it closes, is idle too long, or is closed."""
-        connection = HttpConnection(self, stream, conn, ip)
+        """Serve one admitted connection until it closes, is idle too long, or is closed.
+
+        Args:
+            ip: the client the first request stands for.
+            peer: the TCP peer (default ``ip``); when it is one of the ``trusted`` proxies, each
+                request stands for the client its own ``X-Forwarded-For`` names.
+        """
+        connection = HttpConnection(self, stream, conn, ip, peer=peer, trusted=trusted)
         try:
             async with self.sessions.open(connection):
                 await connection.run(first)
@@ -258,13 +272,23 @@ class HttpConnection:
     """One HTTP connection of the door, as the session table sees it (a :class:`Door`)."""
 
     def __init__(
-        self, door: HttpDoor, stream: ProgressStream, conn: h11.Connection, ip: str
+        self,
+        door: HttpDoor,
+        stream: ProgressStream,
+        conn: h11.Connection,
+        ip: str,
+        *,
+        peer: str | None = None,
+        trusted: TrustedProxies = (),
     ) -> None:
         self.door = door
         self.shared = door.shared
         self.stream = stream
         self.conn = conn
+        #: the client of the request in progress (audit, logs, the tools' context)
         self.ip = ip
+        self._peer = peer if peer is not None else ip
+        self._trusted = trusted
         s = door.settings()
         #: the connection's message bucket, charged by every request on it
         self.bucket = TokenBucket(s.session_rate_per_s, s.session_burst)
@@ -390,6 +414,10 @@ class HttpConnection:
         """Answer one request; whether the connection may carry another."""
         self._head_request = request.method == b"HEAD"  # (refused: 405, its head only)
         hdrs = _Headers(request)
+        if self._trusted:
+            # a balancer may send several clients' requests over one kept connection (HAProxy's
+            # http-reuse): each request is its own client's, not the first one's
+            self.ip = client_address(self._peer, hdrs.values(b"x-forwarded-for"), self._trusted)
         try:
             checked = await self._check(request, hdrs)
         except _Refused as refusal:

@@ -164,7 +164,7 @@ class Listener:
             nursery.start_soon(self._handle_stream, stream)
 
     async def _handle_stream(self, raw_stream: trio.abc.Stream) -> None:
-        ip = _peer_ip(raw_stream)
+        ip = peer = _peer_ip(raw_stream)
         # the writer's deadline follows the bytes actually written (see exai.server.outbox)
         stream = ProgressStream(raw_stream)
         slots = _Slots()
@@ -211,13 +211,13 @@ class Listener:
                 return
             # behind a trusted balancer, the client is who X-Forwarded-For names
             ip = client_address(
-                ip, header_values(request, b"x-forwarded-for"), self.trusted_proxies
+                peer, header_values(request, b"x-forwarded-for"), self.trusted_proxies
             )
             if is_websocket_upgrade(request):
                 stream.unread(head.raw)
                 await self._websocket(stream, ip, conn_id, slots)
             else:
-                await self._http(stream, head, ip, conn_id, slots)
+                await self._http(stream, head, ip, conn_id, slots, peer)
         except _DISCONNECTS:
             pass
         except Exception as exc:  # one connection's failure never takes the daemon down
@@ -249,10 +249,18 @@ class Listener:
             self._handshakes.release()
 
     async def _http(
-        self, stream: ProgressStream, head: Head, ip: str, conn_id: str, slots: _Slots
+        self,
+        stream: ProgressStream,
+        head: Head,
+        ip: str,
+        conn_id: str,
+        slots: _Slots,
+        peer: str,
     ) -> None:
         """A connection for the Streamable HTTP door: admitted here (readiness, the caps, the
-        deployment's per-IP cap), then served request by request by the door."""
+        deployment's per-IP cap: ``ip``, the client its first request names), then served
+        request by request by the door (each naming its own client behind a trusted proxy,
+        ``peer``)."""
         refusal = self._admit_connection(ip)
         if refusal is None:
             slots.admitted = True
@@ -282,7 +290,9 @@ class Listener:
             return
         assert self.http_door is not None
         stream.turn = self.endings.turn()
-        await self.http_door.serve(stream, head.conn, head.request, ip)
+        await self.http_door.serve(
+            stream, head.conn, head.request, ip, peer=peer, trusted=self.trusted_proxies
+        )
 
     async def _websocket(
         self, stream: ProgressStream, ip: str, conn_id: str, slots: _Slots

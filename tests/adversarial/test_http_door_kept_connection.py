@@ -198,3 +198,38 @@ async def test_each_request_on_a_kept_connection_is_authenticated_on_its_own(
         finished = await daemon.wait_log_events("call.finished", 3 + len(refused))
         assert [rec["client"] for rec in finished][3:] == ["alice"] * len(refused)
         await daemon.assert_serves(token=ALICE)
+
+
+async def test_each_request_through_a_trusted_balancer_stands_for_its_own_client(
+    tmp_path: Path,
+) -> None:
+    """Behind a trusted balancer that sends several clients' requests over one kept connection
+    (HAProxy reuses idle server connections across clients by default), each request is
+    audited as the client its own X-Forwarded-For names: all of them were the client of the
+    connection's first request."""
+    audit = tmp_path / "audit.log"
+    async with live_daemon(
+        tmp_path, EXAI_TRUSTED_PROXIES="127.0.0.1,::1", EXAI_AUDIT_LOG=str(audit)
+    ) as daemon:
+        url = daemon.url
+        clients = ["203.0.113.7", "198.51.100.9", "203.0.113.7"]
+        answers, closed = await _one_connection(
+            url,
+            [
+                ("POST", _call(url, i, None, ("X-Forwarded-For", client)))
+                for i, client in enumerate(clients, 1)
+            ],
+        )
+        assert [(a[0], _id_of(a)) for a in answers] == [(200, 1), (200, 2), (200, 3)]
+        assert not closed
+        peers: dict[object, object] = {}
+        with trio.fail_after(SERVED_WITHIN_S):  # (the audit log is written behind the calls)
+            while len(peers) < len(clients):
+                await trio.sleep(0.05)
+                text = audit.read_text() if audit.exists() else ""
+                lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+                peers = {
+                    rec["request_id"]: rec["peer"] for rec in lines if rec["tool"] == "version"
+                }
+        assert peers == {1: clients[0], 2: clients[1], 3: clients[2]}, peers
+        await daemon.assert_serves()
