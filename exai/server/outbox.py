@@ -42,6 +42,8 @@ __all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream"]
 
 #: the unit :class:`ProgressStream` writes in: the writer's deadline moves after each one
 CHUNK_BYTES = 64 * 1024
+#: what a read asks for when its caller gives no size (trio's ``SocketStream`` default)
+DEFAULT_RECEIVE_BYTES = 64 * 1024
 
 
 class Outbox:
@@ -211,6 +213,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         #: set by the listener once the connection is admitted to a door
         self.turn: EndingTurn | None = None
         self._unread = b""
+        #: the last read from the socket came back short: the next one waits before it reads
+        self._drained = False
         # the socket of a plain TCP stream, which keeps no bytes of its own (never under TLS,
         # whose bytes must go through its stream); trio makes every socket non-blocking, and a
         # socket found blocking is never written to directly
@@ -264,6 +268,20 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """The next bytes, as the wrapped stream's ``receive_some``. On a plain TCP stream whose
+        last read came back short (fewer bytes than asked: the socket had no more then), the
+        read waits until the socket is readable and then reads
+        (:meth:`receive_when_readable`) instead of trying first a read that finds nothing: a
+        WebSocket connection's reader reads one message and asks for the next, which is not
+        there yet — a ``recv`` returning ``EAGAIN`` and trio's wrapping of it per message
+        (issue 18, part 8). Bytes already in the socket are read in the next scheduler round."""
+        if self._drained and self._socket is not None and not self._unread:
+            size = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
+            if size < 1:
+                raise ValueError("max_bytes must be >= 1")
+            got = await self.receive_when_readable(size)
+            self._drained = len(got) < size
+            return got
         if self._unread:
             n = len(self._unread) if max_bytes is None else max_bytes
             data, self._unread = self._unread[:n], self._unread[n:]
@@ -277,6 +295,7 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             raise
         if not got and self.turn is not None:
             await self.turn.take()
+        self._drained = 0 < len(got) < (DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes)
         return got
 
     async def receive_when_readable(self, max_bytes: int) -> bytes | bytearray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,7 +40,7 @@ from exai.storage.service import ConversationService
 from exai.testing import MockUpstream
 from exai.tools import default_registry
 from tests.daemon_tools import BLOB
-from tests.helpers import Rpc, make_settings, running_daemon, ws
+from tests.helpers import Rpc, make_settings, running_daemon, ws, ws_frame
 from tests.httpmcp import envelope, http_url
 from tests.providers.conftest import provider_settings
 
@@ -516,3 +517,47 @@ async def test_the_session_writer_resumes_only_for_what_is_queued(tmp_path: Path
 
     assert len(progress) >= 2 * CALLS  # (something was written by the writer)
     assert set(steps.suspended_in) == {"get > park > wait_task_rescheduled"}
+
+
+async def test_the_connection_s_reader_waits_for_the_next_message_before_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: after each message trio-websocket's reader asked the socket for more at once, a
+    # ``recv`` that found nothing (EAGAIN, trio's wrapping of it), then waited. Now a read after
+    # a short one waits until the socket is readable first (issue 18, part 8). Counted by
+    # reading the socket's readiness (a zero-timeout select) at every read of its descriptor,
+    # through either path — trio's ``recv`` or ``os.read``.
+    messages = [f"m{i}" * (i + 1) for i in range(6)] + ["z" * 70_000]
+    async with _ws_pair() as (server, stream, client):
+        inner = stream.inner
+        assert isinstance(inner, trio.SocketStream)
+        fd = inner.socket.fileno()
+        reads = {"found_nothing": 0, "all": 0}
+
+        def count() -> None:
+            reads["all"] += 1
+            reads["found_nothing"] += not select.select([fd], [], [], 0)[0]
+
+        original_recv = inner.socket.recv
+
+        async def recv(*args: Any) -> bytes:
+            count()
+            return await original_recv(*args)
+
+        original_read = os.read
+
+        def read(f: int, n: int) -> bytes:
+            if f == fd:
+                count()
+            return original_read(f, n)
+
+        monkeypatch.setattr(inner.socket, "recv", recv)
+        monkeypatch.setattr(os, "read", read)
+        for text in messages:
+            await client.send_all(ws_frame(text.encode()))
+            with trio.fail_after(30):  # a hang guard
+                assert await server.get_message() == text
+            await trio.testing.wait_all_tasks_blocked()
+
+    assert reads["all"] >= len(messages)
+    assert reads["found_nothing"] == 0
