@@ -48,13 +48,16 @@ import _thread
 import os
 import socket
 import threading
+import types
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
+import sniffio
+import trio
 
 from exai.errors import StoreUnavailableError
 
@@ -118,6 +121,37 @@ class _Wakeup:
                 s.close()
 
 
+@types.coroutine
+def _wait_readable_then(fd: int, then: Callable[[], None]) -> Generator[Any, Any, None]:
+    """(trio.) ``trio.lowlevel.wait_readable(fd)``, calling ``then()`` (which must not raise)
+    once the wait is registered with the loop, just before the task is put aside.
+
+    Drives trio's coroutine by hand: its first step registers the descriptor and yields trio's
+    trap, which is passed on to the scheduler, and so is everything after it (what trio sends
+    or throws in). ``then`` is not called when the registration raises."""
+    # (awaited by hand below: every step of it goes to trio's scheduler)
+    inner = trio.lowlevel.wait_readable(fd).__await__()  # noqa: ASYNC105
+    try:
+        trap = inner.send(None)  # registers; raises here (not registered) or yields the trap
+    except StopIteration:  # pragma: no cover - trio's wait always suspends
+        then()
+        return
+    then()
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as exc:  # (thrown in by the scheduler)
+            try:
+                trap = inner.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                trap = inner.send(sent)
+            except StopIteration:
+                return
+
+
 class StoreThread:
     """A worker thread that runs one blocking job at a time for the event loop.
 
@@ -140,10 +174,13 @@ class StoreThread:
         self._held = False
         self._waiters: deque[anyio.Event] = deque()
         self.jobs = 0
+        #: under trio a job is handed in only once the wait for its end is registered
+        self._on_trio = False
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> StoreThread:
         self._wakeup = _Wakeup()
+        self._on_trio = sniffio.current_async_library() == "trio"
         self._go.acquire()
         _thread.start_new_thread(self._main, (self._wakeup,))
         return self
@@ -220,8 +257,11 @@ class StoreThread:
             self._job = job
             self.jobs += 1
             self._slot = job
-            self._go.release()
             try:
+                if self._on_trio:
+                    await self._hand_in(job, wakeup)
+                else:
+                    self._go.release()
                 await self._finish(job, wakeup)
             except anyio.get_cancelled_exc_class():
                 if on_abandon is not None and not job.done:
@@ -282,6 +322,39 @@ class StoreThread:
                 raise StoreUnavailableError("the store is closing") from None
             wakeup.drain()
         self._job = None
+
+    async def _hand_in(self, job: _Job[Any], wakeup: _Wakeup) -> None:
+        """(trio.) Hand ``job`` to the thread once this task's wait for the descriptor is
+        registered with the loop, and wait for it to be readable once.
+
+        The thread, woken, needs the GIL at once. Handed the job before the wait's
+        registration (an ``epoll_ctl``, which lets the GIL go), it took the GIL there, and the
+        loop, back from that system call, waited for it until the job reached SQLite: two more
+        futex round trips and context switches per job on the benchmark VM (issue 18, part 8,
+        ``strace -f``). Handed in after it, the thread finds the GIL free once the loop sleeps
+        in its poll.
+
+        Raises:
+            StoreUnavailableError: the descriptor was closed (the store is closing).
+            trio.Cancelled: the caller's scope was cancelled (the job, handed in, runs on; not
+                handed in if the wait could not be registered).
+        """
+        handed = False
+
+        def hand() -> None:
+            nonlocal handed
+            handed = True
+            self._go.release()
+
+        try:
+            await _wait_readable_then(wakeup.fd, hand)
+        except trio.ClosedResourceError:  # (trio's own: no anyio between)
+            raise StoreUnavailableError("the store is closing") from None
+        finally:
+            if not handed:  # (the registration failed: nothing runs in the thread)
+                self._slot = None
+                self._job = None
+        wakeup.drain()
 
     def _release(self) -> None:
         """Hand the thread to the first waiter, or free it."""

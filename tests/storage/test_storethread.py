@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+import trio
 
 from exai.errors import StoreUnavailableError
 from exai.storage.storethread import StoreThread
@@ -256,3 +257,38 @@ async def _cancel_when_started(scope: anyio.CancelScope, started: threading.Even
 async def _cancel_soon(scope: anyio.CancelScope, thread: StoreThread) -> None:
     await _until(lambda: thread.waiting == 1)
     scope.cancel()
+
+
+class _CountingGo:
+    """The thread's ``_go`` lock, recording at each hand-in (``release`` on the loop) how many
+    tasks wait for a descriptor to be readable (trio's public I/O statistics)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.waiting_at_hand_in: list[int] = []
+
+    def acquire(self, *args: Any) -> bool:
+        return bool(self._lock.acquire(*args))
+
+    def release(self) -> None:
+        stats = trio.lowlevel.current_statistics().io_statistics
+        self.waiting_at_hand_in.append(stats.tasks_waiting_read)  # type: ignore[attr-defined]
+        self._lock.release()
+
+
+async def test_a_job_is_handed_in_once_the_wait_for_its_end_is_registered() -> None:
+    # Before: the job went to the thread first and the wait was registered after it; the thread,
+    # woken, took the GIL at the registration's epoll_ctl and the loop waited for it to come back
+    # (issue 18, part 8). Now the wait (on the thread's descriptor) is registered first.
+    async with StoreThread() as thread:
+        assert await thread.run(int, "1") == 1  # (the thread is running)
+        go = _CountingGo(thread._go)
+        thread._go = go  # type: ignore[assignment]
+        before = trio.lowlevel.current_statistics().io_statistics.tasks_waiting_read  # type: ignore[attr-defined]
+        for i in range(5):
+            assert await thread.run(str, i) == str(i)
+        with pytest.raises(ValueError):
+            await thread.run(int, "x")
+        thread._go = go._lock  # (closing releases it once more, outside any task's wait)
+
+    assert go.waiting_at_hand_in == [before + 1] * 6
