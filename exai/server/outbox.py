@@ -314,6 +314,11 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         if sock is None or self._unread:
             return await self.receive_some(max_bytes)
         while True:
+            # a socket closed before the wait has no descriptor (-1): trio would register a wait
+            # for -1, fail on it with a ValueError and leave the registration behind, so every
+            # later wait on a closed socket got ``BusyResourceError`` (another task's)
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("the socket was closed")
             await trio.lowlevel.wait_readable(sock)
             fd = sock.fileno()  # (again after the wait: closed meanwhile is -1, never reused)
             if fd < 0:

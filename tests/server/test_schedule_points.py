@@ -561,3 +561,21 @@ async def test_the_connection_s_reader_waits_for_the_next_message_before_reading
 
     assert reads["all"] >= len(messages)
     assert reads["found_nothing"] == 0
+
+
+async def test_a_read_of_a_socket_closed_before_it_is_a_closed_resource_every_time() -> None:
+    # Before: the wait-first read of a closed socket asked trio to wait for descriptor -1, which
+    # raised a ValueError and left that wait registered: every later such read, on any
+    # connection, got BusyResourceError ("another task is already reading"), which ended its
+    # session as an error (issue 18, part 8: found by tests/adversarial/test_hostile_json.py).
+    a, b = trio.socket.socketpair()
+    async with trio.SocketStream(b) as peer:
+        for _ in range(3):
+            stream = ProgressStream(trio.SocketStream(a))
+            stream.inner.socket.close()  # type: ignore[attr-defined]
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.receive_when_readable(64)
+            a, other = trio.socket.socketpair()
+            other.close()
+        await peer.aclose()
+    a.close()
