@@ -17,7 +17,9 @@ until the OS has run the new thread, which on a loaded machine blocks the loop) 
 at a time from a slot, woken by a lock; when the job is done it writes to an ``eventfd`` (a
 socket pair where there is none), and the task that handed the job in waits for that
 descriptor to be readable — the task itself is woken by the loop's I/O poll, nothing in
-between.
+between. Under trio that wait is registered before the job is handed in (``_hand_in``): the
+thread, woken, needs the GIL at once, and a registration after the hand-off let the GIL go in
+its ``epoll_ctl`` to the thread, which the loop then waited for.
 
 **One job at a time, first come first served.** :meth:`StoreThread.run` holds the thread from
 before its job is handed in until its result is taken; other callers queue (FIFO) — the same
