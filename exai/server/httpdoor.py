@@ -94,9 +94,11 @@ from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.forwarded import TrustedProxies, client_address
 from exai.server.http11 import (
+    MAX_HEAD_BYTES,
     SERVED_VERSIONS,
+    PlainRequest,
     json_body,
-    next_cycle,
+    parse_plain_request,
     read_head,
     reason_phrase,
     send_response,
@@ -121,6 +123,9 @@ _READ_AHEAD_BYTES = 64 * 1024
 #: a request body must keep arriving at this many bytes per EXAI_HANDSHAKE_TIMEOUT_S
 _BODY_PROGRESS_BYTES = 64 * 1024
 _ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
+_READ = 64 * 1024
+#: a request as read: by h11, or whole by :func:`~exai.server.http11.parse_plain_request`
+_AnyRequest = h11.Request | PlainRequest
 _request_ids = itertools.count(1)
 
 
@@ -175,8 +180,11 @@ class _Headers:
 
     __slots__ = ("_map",)
 
-    def __init__(self, request: h11.Request) -> None:
-        self._map: dict[bytes, list[str]] = {}
+    def __init__(self, request: _AnyRequest) -> None:
+        if type(request) is PlainRequest:
+            self._map = request.fields  # (read once by the parser already)
+            return
+        self._map = {}
         for k, v in request.headers:
             self._map.setdefault(k, []).append(v.decode("latin-1"))
 
@@ -284,7 +292,14 @@ class HttpConnection:
         self.door = door
         self.shared = door.shared
         self.stream = stream
-        self.conn = conn
+        #: the h11 state of the request in progress; ``None`` for a plain request read whole
+        #: without h11 until a response h11 writes needs one (:meth:`_h11`)
+        self._conn: h11.Connection | None = conn
+        #: the request in progress when it is a plain one (:func:`parse_plain_request`)
+        self._plain: PlainRequest | None = None
+        #: bytes the client sent past the request in progress (a pipelined request, or its
+        #: start), beside what the request's h11 state holds: where the next request is read
+        self._ahead = bytearray()
         #: the client of the request in progress (audit, logs, the tools' context)
         self.ip = ip
         self._peer = peer if peer is not None else ip
@@ -336,7 +351,7 @@ class HttpConnection:
 
     # ---------------------------------------------------------------- the connection
     async def run(self, first: h11.Request) -> None:
-        request: h11.Request | None = first
+        request: _AnyRequest | None = first
         with self._scope:
             while request is not None:
                 self.busy = True
@@ -352,22 +367,24 @@ class HttpConnection:
                     self.busy = False
                     self._identity = None
                     self.shared.changes.notify()
-                conn = self.conn
+                conn = self._conn
                 if (
                     not keep
                     or self.closing_reason is not None
                     or self.shared.readiness.draining
-                    or not (self._responded or conn.our_state is h11.DONE)
-                    or conn.their_state is not h11.DONE
+                    or (
+                        not self._responded
+                        if conn is None  # (a plain request is read to its end)
+                        else not (self._responded or conn.our_state is h11.DONE)
+                        or conn.their_state is not h11.DONE
+                    )
                 ):
                     return
-                conn = next_cycle(conn)
-                self._new_cycle(conn)
                 # idle for at most the keep-alive bound: the connection's own scope's deadline
                 # (a scope of its own per request cost ≈ 2 µs more), lifted once a head came
                 self._scope.deadline = trio.current_time() + self.door.settings().http_keepalive_s
                 try:
-                    head = await read_head(self.stream, conn, keep_raw=False, wait_first=True)
+                    request = await self._next_request()
                 except h11.RemoteProtocolError as exc:
                     self.shared.stats.rejections["bad_request"] += 1
                     await self._try_refuse(
@@ -375,14 +392,68 @@ class HttpConnection:
                     )
                     return
                 self._scope.deadline = math.inf
-                request = head.request if head is not None else None
 
-    def _new_cycle(self, conn: h11.Connection) -> None:
-        """Start the next request on this connection with ``conn``, its fresh h11 state: every
-        mark of the request before it goes with the old state. (A head that then fails to
-        parse is refused through this cycle: with the last request's "answered" mark kept, the
-        400/431 was taken for a second response and the client got none.)"""
-        self.conn = conn
+    async def _next_request(self) -> _AnyRequest | None:
+        """The next request on a kept connection (``None``: the client closed it first).
+
+        A plain request that is all there (:func:`~exai.server.http11.parse_plain_request`:
+        what a keep-alive client sends, in one read) is read without h11; anything else — a
+        head or body still arriving, chunked, ``Expect``, malformed — is given to a fresh h11
+        state with every byte read so far, and read (or refused) by h11 as before.
+
+        Raises:
+            h11.RemoteProtocolError: h11 refuses the request's head (400, 431, …).
+        """
+        self._new_cycle()
+        data = bytes(self._ahead)
+        self._ahead.clear()
+        closed = False
+        conn = self._conn
+        if conn is not None:
+            trailing, closed = conn.trailing_data
+            if trailing:
+                data = bytes(trailing) + data
+        if not data and not closed:
+            data = bytes(await self.stream.receive_when_readable(_READ))
+            closed = not data
+        if not closed:
+            parsed = parse_plain_request(data)
+            if parsed is not None:
+                request, stop = parsed
+                if stop < len(data):
+                    self._ahead += memoryview(data)[stop:]
+                self._conn = None
+                self._plain = request
+                return request
+        self._conn = conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        if data:
+            conn.receive_data(data)
+        if closed:
+            conn.receive_data(b"")
+        head = await read_head(self.stream, conn, keep_raw=False, wait_first=True)
+        return head.request if head is not None else None
+
+    def _h11(self) -> h11.Connection:
+        """The request's h11 state, made for a plain request when a response h11 writes (a
+        refusal, an SSE stream) needs it."""
+        conn = self._conn
+        if conn is None:
+            assert self._plain is not None
+            conn = self._conn = self._plain.h11_state()
+        return conn
+
+    def _ahead_bytes(self) -> int:
+        """How many bytes the client sent past the request in progress (bounded by
+        :data:`_READ_AHEAD_BYTES`)."""
+        conn = self._conn
+        return len(self._ahead) + (len(conn.trailing_data[0]) if conn is not None else 0)
+
+    def _new_cycle(self) -> None:
+        """Start the next request on this connection: every mark of the request before it
+        goes (before its head is read: a head that then fails to parse is refused through this
+        cycle — with the last request's "answered" mark kept, the 400/431 was taken for a
+        second response and the client got none)."""
+        self._plain = None
         self._responded = False
         self._head_request = False
 
@@ -401,7 +472,7 @@ class HttpConnection:
         body = json_body(refusal.reason, refusal.message)
         await send_response(
             self.stream,
-            self.conn,
+            self._h11(),
             refusal.status,
             hs,
             body,
@@ -410,7 +481,7 @@ class HttpConnection:
         )
         return False
 
-    async def _serve(self, request: h11.Request) -> bool:
+    async def _serve(self, request: _AnyRequest) -> bool:
         """Answer one request; whether the connection may carry another."""
         self._head_request = request.method == b"HEAD"  # (refused: 405, its head only)
         hdrs = _Headers(request)
@@ -440,7 +511,7 @@ class HttpConnection:
 
     # ---------------------------------------------------------------- before the body
     async def _check(
-        self, request: h11.Request, hdrs: _Headers
+        self, request: _AnyRequest, hdrs: _Headers
     ) -> tuple[Identity, McpSession | None, bool] | None:
         """The checks before the body (see the module docstring): the identity, the session
         and whether SSE is accepted; ``None`` when the request was answered here.
@@ -537,9 +608,10 @@ class HttpConnection:
                 "payload_too_large",
                 f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
             )
-        if self.conn.they_are_waiting_for_100_continue:
+        conn = self._conn  # (a plain request sends no Expect)
+        if conn is not None and conn.they_are_waiting_for_100_continue:
             await self.stream.send_all(
-                self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                conn.send(h11.InformationalResponse(status_code=100, headers=[]))
             )
         return identity, session, "text/event-stream" in accepted
 
@@ -610,10 +682,13 @@ class HttpConnection:
         """The request body (within the cap, charged to the budget), or ``None`` after a
         refusal or when the peer went away."""
         limit = settings.max_frame_bytes
+        plain = self._plain
+        if plain is not None:  # read whole already: the same bounds, in one piece
+            return await self._plain_body(plain.body, limit)
         bound = settings.handshake_timeout_s
         parts: list[bytes] = []
         size = 0
-        conn = self.conn
+        conn = self._h11()
         # the body's deadline: ``bound`` from the start or from its last _BODY_PROGRESS_BYTES
         # — not from its last byte, which a client trickling a byte at a time renews forever
         deadline = trio.current_time() + bound
@@ -664,6 +739,32 @@ class HttpConnection:
                 body = b"".join(parts)
                 return body
             return None  # ConnectionClosed: the client went away mid-body
+
+    async def _plain_body(self, body: bytes, limit: int) -> bytes | None:
+        """A plain request's body, read with its head: within the cap (its ``Content-Length``
+        was checked already) and charged to the daemon's budget, as :meth:`_read_body` does."""
+        if len(body) > limit:
+            self.shared.stats.rejections["payload_too_large"] += 1
+            await self._try_refuse(
+                _Refused(
+                    413,
+                    "payload_too_large",
+                    f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
+                )
+            )
+            return None
+        if body and not self.meter.take(len(body)):
+            self.shared.stats.rejections["overloaded"] += 1
+            await self._try_refuse(
+                _Refused(
+                    503,
+                    "overloaded",
+                    "the daemon holds as many client bytes as its budget allows",
+                    (("Retry-After", "1"),),
+                )
+            )
+            return None
+        return body
 
     # ---------------------------------------------------------------- the exchange
     async def _exchange(
@@ -879,7 +980,8 @@ class HttpConnection:
         return (
             self.closing_reason is not None
             or self.shared.readiness.draining
-            or self.conn.their_state is not h11.DONE  # (a body not read: DELETE)
+            or (self._conn is not None and self._conn.their_state is not h11.DONE)
+            # (a body not read: DELETE; a plain request is read to its end)
         )
 
     async def _accepted(self) -> bool:
@@ -897,7 +999,8 @@ class HttpConnection:
             h11.LocalProtocolError: the request was answered already (or a stream begun).
             trio.BrokenResourceError / trio.ClosedResourceError: the peer went away.
         """
-        if self._responded or self.conn.our_state is not h11.SEND_RESPONSE:
+        conn = self._conn
+        if self._responded or (conn is not None and conn.our_state is not h11.SEND_RESPONSE):
             raise h11.LocalProtocolError("this request was answered already")
         self._responded = True
         await self.stream.send_all(whole_response(status, headers, body, close=close))
@@ -946,7 +1049,6 @@ class HttpConnection:
         """Write a call's answer: JSON, or an SSE stream once there is progress to send (or
         after a heartbeat interval of silence). Whether the connection may be kept."""
         outbox = core.outbox
-        conn = self.conn
         interval = settings.heartbeat_interval_s if settings.heartbeat_interval_s > 0 else 15.0
         committed = False
         while True:
@@ -968,7 +1070,8 @@ class HttpConnection:
                 if not committed:
                     head = self._commit_sse()
                     committed = True
-                await self._timed_send(self._send_bytes(head + conn.send(h11.Data(data=data))))
+                chunk = self._h11().send(h11.Data(data=data))
+                await self._timed_send(self._send_bytes(head + chunk))
                 continue
             # Everything queued now goes out in one write: progress that piled up, and the
             # answer with the end of the stream when it is there too (one syscall, not one
@@ -999,6 +1102,7 @@ class HttpConnection:
                 committed = True
             for text in texts:
                 parts.append(b"event: message\ndata: " + text.encode("utf-8") + b"\n\n")
+            conn = self._h11()
             data = conn.send(h11.Data(data=b"".join(parts[1:])))
             if final:
                 data += conn.send(h11.EndOfMessage())
@@ -1025,11 +1129,10 @@ class HttpConnection:
             return False
         # cancelled by its client (notifications/cancelled): the request ends without an answer
         if committed:
-            await self._timed_send(self._send_bytes(conn.send(h11.EndOfMessage())))
+            await self._timed_send(self._send_bytes(self._h11().send(h11.EndOfMessage())))
         elif sse_ok:
-            await self._timed_send(
-                self._send_bytes(self._commit_sse() + conn.send(h11.EndOfMessage()))
-            )
+            head = self._commit_sse()
+            await self._timed_send(self._send_bytes(head + self._h11().send(h11.EndOfMessage())))
         else:
             body = p.encode(
                 p.error(
@@ -1045,7 +1148,7 @@ class HttpConnection:
 
     def _commit_sse(self) -> bytes:
         headers = [*_SSE_HEADERS, ("Connection", "close")] if self._closing() else _SSE_HEADERS
-        return self.conn.send(
+        return self._h11().send(
             h11.Response(status_code=200, headers=headers, reason=reason_phrase(200))
         )
 
@@ -1089,12 +1192,11 @@ class HttpConnection:
 
         (Going on reading after the answer until the next request came, instead of being
         woken at the call's end, was measured: 10-15 % more CPU per call at 64 connections.)"""
-        conn = self.conn
         with trio.CancelScope() as watch:
             self._watch = watch
             try:
                 while not self._call_over:
-                    if len(conn.trailing_data[0]) >= _READ_AHEAD_BYTES:
+                    if self._ahead_bytes() >= _READ_AHEAD_BYTES:
                         await trio.sleep_forever()  # (until the call ends: _call_done)
                     try:
                         data = await self.stream.receive_when_readable(16 * 1024)
@@ -1106,7 +1208,7 @@ class HttpConnection:
                         # still waiting (shielded) for its slots
                         core.detach_all()
                         return False
-                    conn.receive_data(bytes(data))
+                    self._ahead += data
             finally:
                 self._watch = None
         state = self._direct
@@ -1122,8 +1224,7 @@ class HttpConnection:
     async def _watch_disconnect(self, core: SessionCore, scope: trio.CancelScope) -> None:
         """While a call runs: a client that closes its connection cancels it (a keyed call is
         left its orphan grace). Bytes it sends ahead are kept for the next request (bounded)."""
-        conn = self.conn
-        while len(conn.trailing_data[0]) < _READ_AHEAD_BYTES:
+        while self._ahead_bytes() < _READ_AHEAD_BYTES:
             try:
                 data = await self.stream.receive_when_readable(16 * 1024)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -1135,4 +1236,4 @@ class HttpConnection:
                 core.detach_all()
                 scope.cancel()
                 return
-            conn.receive_data(bytes(data))
+            self._ahead += data

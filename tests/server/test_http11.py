@@ -6,11 +6,20 @@ next request on the connection must be read as h11 would have read it after its 
 
 from __future__ import annotations
 
+import random
+
 import h11
 import pytest
 import trio
 
-from exai.server.http11 import next_cycle, send_response, whole_response
+from exai.server.http11 import (
+    MAX_HEAD_BYTES,
+    PLAIN_HEAD_BYTES,
+    next_cycle,
+    parse_plain_request,
+    send_response,
+    whole_response,
+)
 
 BODY = b'{"jsonrpc":"2.0","id":1,"result":{}}'
 
@@ -97,3 +106,216 @@ def test_the_next_cycle_reads_the_request_sent_ahead_and_then_the_peers_end():
     conn = _read_request(_post())
     conn.receive_data(b"")  # the peer closed after its request
     assert isinstance(next_cycle(conn).next_event(), h11.ConnectionClosed)
+
+
+# ---------------------------------------------------------------- the plain request reader
+_BODY = b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"chat"}}'
+
+
+def _mcp_post(body: bytes = _BODY, *, head: bytes | None = None) -> bytes:
+    """A request as the peer benchmark's client and the MCP SDKs send it."""
+    if head is None:
+        head = (
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:8765\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nAuthorization: Bearer abc.DEF_123\r\n"
+            b"Accept: application/json, text/event-stream\r\n"
+            b"MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: chat\r\n"
+            % len(body)
+        )
+    return head + b"\r\n" + body
+
+
+def _h11_reads(data: bytes) -> object:
+    """What h11 makes of ``data`` as a server: the request, its body, the bytes left and the
+    client's state once it is read; ``"incomplete"``; or ``"error"``."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    conn.receive_data(data)
+    parts = []
+    try:
+        request = conn.next_event()
+        if not isinstance(request, h11.Request):
+            return "incomplete"
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Data):
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return "incomplete"
+    except h11.RemoteProtocolError:
+        return "error"
+    rest, _ = conn.trailing_data
+    return (
+        request.method,
+        request.target,
+        list(request.headers),
+        request.http_version,
+        b"".join(parts),
+        bytes(rest),
+        conn.their_state,
+    )
+
+
+def _agrees_with_h11(data: bytes) -> bool:
+    """Whether the plain reader took ``data`` (and then that h11 reads the same from it)."""
+    parsed = parse_plain_request(data)
+    if parsed is None:
+        return False
+    request, stop = parsed
+    assert _h11_reads(data) == (
+        request.method,
+        request.target,
+        request.headers,
+        request.http_version,
+        request.body,
+        data[stop:],
+        h11.DONE,
+    ), data
+    assert request.fields == {
+        name: [v.decode("latin-1") for k, v in request.headers if k == name]
+        for name, _ in request.headers
+    }
+    assert request.raw == data[:stop]
+    state = request.h11_state()  # (what a refusal or an SSE stream is written with)
+    assert state.their_state is h11.DONE and state.our_state is h11.SEND_RESPONSE
+    return True
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _mcp_post(),
+        _mcp_post(b""),
+        _mcp_post() + _mcp_post()[:40],  # a pipelined request's start behind it
+        _mcp_post() + _mcp_post(),
+        b"DELETE /mcp HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nMcp-Session-Id: v1.a.b\r\n\r\n",
+        b"POST /mcp?x=1 HTTP/1.1\r\nHost:x\r\nContent-Length:007\r\nX-Empty:\r\n"
+        b"X-Pad: \t a  b \t\r\n\r\nabcdefg",
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: \xe9\xff\r\n\r\n{}",
+        b"GET /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nAccept: a\r\nAccept: b\r\n\r\n",
+    ],
+)
+def test_the_plain_reader_reads_a_plain_request_as_h11_does(data):
+    assert _agrees_with_h11(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "h11_says"),
+    [
+        # framing: h11 frames these (or refuses them) by rules the plain reader does not take on
+        (
+            _mcp_post(
+                head=b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Length: 2"
+            ),
+            "incomplete",
+        ),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\n",
+            "request",
+        ),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+            "request",
+        ),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+            "error",
+        ),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2, 2\r\n\r\n{}", "request"),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}", "error"),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 0x2\r\n\r\n{}", "error"),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "error",
+        ),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\n\r\n", "request"),  # no length: a body of 0
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{}", "incomplete"),
+        (_mcp_post()[:60], "incomplete"),
+        # the connection's fate: h11 would close, switch, or wait for a 100 Continue
+        (b"POST /mcp HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "request"),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+            "request",
+        ),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            "request",
+        ),
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+            "request",
+        ),
+        (
+            b"GET /mcp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            "request",
+        ),
+        # the head's grammar
+        (b"POST /mcp HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "error"),  # no Host
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\n{}", "request"),
+        (b"POST /mcp HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}", "request"),  # bare LF
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nX: a\n\r\nContent-Length: 2\r\n\r\n{}", "request"),
+        (b"POST /mcp HTTP/1.1\r\nHost : x\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST /mcp HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\nContent-Length: 2\r\n\r\n{}", "request"),
+        (b"\r\nPOST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST  /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST /mcp http/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST /m\x80 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST /mcp HTTP/2.0\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "request"),
+        # a head too large for the plain reader is h11's (bounded by MAX_HEAD_BYTES)
+        (
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: "
+            + b"a" * PLAIN_HEAD_BYTES
+            + b"\r\n\r\n{}",
+            "request",
+        ),
+    ],
+)
+def test_the_plain_reader_leaves_everything_else_to_h11(data, h11_says):
+    """``h11_says``: what h11 makes of the same bytes ("request": one it reads to its end,
+    with a framing or a connection state the plain reader does not take on)."""
+    assert parse_plain_request(data) is None
+    reading = _h11_reads(data)
+    assert (reading if isinstance(reading, str) else "request") == h11_says
+
+
+def test_a_request_cut_anywhere_is_not_plain_until_it_is_all_there():
+    data = _mcp_post()
+    for cut in range(len(data)):
+        assert parse_plain_request(data[:cut]) is None, cut
+    assert _agrees_with_h11(data)
+
+
+_MUTATIONS = b"\r\n \t:,;0123456789aAzZ/\x00\x01\x7f\x80\xff-"
+
+
+def test_the_plain_reader_agrees_with_h11_on_mutated_requests():
+    """Random edits of plain requests (bytes that matter to the grammar and the framing): every
+    one the plain reader takes, h11 reads the same, to the byte."""
+    rng = random.Random(18)
+    seeds = [
+        _mcp_post(),
+        _mcp_post() + _mcp_post(b"{}"),
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nX: a b\r\n\r\n0123456789ab",
+    ]
+    taken = 0
+    for _ in range(6000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data))
+            byte = _MUTATIONS[rng.randrange(len(_MUTATIONS))]
+            edit = rng.randrange(3)
+            if edit == 0:
+                data[at] = byte
+            elif edit == 1:
+                data.insert(at, byte)
+            else:
+                del data[at]
+        taken += _agrees_with_h11(bytes(data))
+    assert taken > 1000  # (the edits that leave a plain request: a body byte, a value's)

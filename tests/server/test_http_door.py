@@ -929,3 +929,92 @@ async def test_a_request_leaves_nothing_for_the_garbage_collector(tmp_path):
             gc.enable()
         await client.aclose()
     assert left == []
+
+
+async def _h11_exchange(
+    client: trio.abc.Stream, conn: Any, raw: bytes, *, send: bool = True
+) -> tuple[Any, bytes]:
+    """Send ``raw`` (one request) and read its response with an h11 client state ``conn``:
+    the response and its body, as h11 reads them (its framing rules, one per request)."""
+    import h11
+
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(raw)
+    while True:
+        event = server.next_event()
+        conn.send(event)  # (h11's client state follows the request the test sends)
+        if isinstance(event, h11.EndOfMessage):
+            break
+    if send:
+        await client.send_all(raw)
+    response = None
+    body = b""
+    with trio.fail_after(10):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await client.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(event)
+    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        conn.start_next_cycle()
+    return response, body
+
+
+async def test_plain_requests_on_a_kept_connection_are_read_without_h11(tmp_path, monkeypatch):
+    """A kept connection's next request, when it is a plain one all there
+    (``http11.parse_plain_request``), is not read by h11 (≈ 20 µs a request, issue 18); an SSE
+    stream and a refusal on such a request are still h11's, and every response is what an h11
+    client reads as the answer to its request."""
+    import sys
+
+    import h11
+
+    reads: list[int] = []
+    next_event = h11.Connection.next_event
+
+    def counting(self: h11.Connection) -> Any:
+        if sys._getframe(1).f_code.co_filename.endswith(("httpdoor.py", "http11.py")):
+            reads.append(1)
+        return next_event(self)
+
+    monkeypatch.setattr(h11.Connection, "next_event", counting)
+    tool = TwoSteps()
+    tool.go.set()
+    async with running_daemon(_settings(tmp_path), registry_with(tool.spec)) as d:
+        sse = json.loads(_json_call(d, "two_steps", 4, progressToken="p").split(b"\r\n\r\n")[1])
+        requests = [
+            _json_call(d, "two_steps", 1),
+            _json_call(d, "two_steps", 2),
+            _json_call(d, "two_steps", 3),
+            request_bytes(d.url, json.dumps(sse).encode(), headers=JSON_HEADERS),
+            _json_call(d, "two_steps", 5).replace(b"POST /mcp ", b"POST /elsewhere ", 1),
+        ]
+        client_state = h11.Connection(h11.CLIENT)
+        async with trio.open_nursery() as nursery:
+            client, _ = await _serve_fake_connection(d, nursery, requests[0])
+            answers = [await _h11_exchange(client, client_state, requests[0], send=False)]
+            read_by_h11 = len(reads)  # (the first request: the listener's, h11's)
+            for raw in requests[1:3]:
+                answers.append(await _h11_exchange(client, client_state, raw))
+            assert len(reads) == read_by_h11
+            for raw in requests[3:]:
+                answers.append(await _h11_exchange(client, client_state, raw))
+            with trio.fail_after(10):
+                assert await client.receive_some(65536) == b""  # closed after the refusal
+            await client.aclose()
+    statuses = [r.status_code for r, _ in answers]
+    assert statuses == [200, 200, 200, 200, 404]
+    assert [json.loads(body)["id"] for _, body in answers[:3]] == [1, 2, 3]
+    assert (b"content-type", b"text/event-stream") in list(answers[3][0].headers)
+    messages = sse_messages(answers[3][1].decode())
+    assert [m.get("params", {}).get("message") for m in messages[:2]] == ["one", "two"]
+    assert messages[2]["id"] == 4
+    assert (b"connection", b"close") in list(answers[4][0].headers)
+    assert json.loads(answers[4][1])["error"] == "not_found"
