@@ -26,11 +26,14 @@ import trio
 from exai.server.outbox import ProgressStream
 
 __all__ = [
+    "LAST_CHUNK",
     "MAX_HEAD_BYTES",
     "PLAIN_HEAD_BYTES",
     "SERVED_VERSIONS",
     "Head",
     "PlainRequest",
+    "chunk",
+    "chunked_head",
     "header",
     "header_values",
     "is_websocket_upgrade",
@@ -202,6 +205,27 @@ def whole_response(
     return b"".join(lines)
 
 
+def chunked_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The head of a chunked response (an SSE stream) to a plain HTTP/1.1 request the
+    connection keeps (:func:`parse_plain_request`): the bytes h11 writes for it, built without
+    h11 (the headers are the caller's own, ``Transfer-Encoding: chunked`` last). Its body is
+    :func:`chunk` after :func:`chunk`, then :data:`LAST_CHUNK`."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b""))]
+    for name, value in headers:
+        lines.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
+    lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
+    return b"".join(lines)
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body, as h11 writes it (nothing for no data)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+#: the end of a chunked body without trailers, as h11 writes it
+LAST_CHUNK = b"0\r\n\r\n"
+
+
 def next_cycle(conn: h11.Connection) -> h11.Connection:
     """The h11 state for the next request on a kept connection: a fresh one holding the bytes
     read past the last request (h11's ``start_next_cycle``, for a response written with
@@ -253,11 +277,12 @@ PLAIN_HEAD_BYTES = 16 * 1024
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 # h11's request line (``_abnf.request_line``) with the version fixed at 1.1
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
-# h11's header field (``_abnf.header_field``) without the control bytes h11 lets through
-_FIELD = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
-)
-_DIGITS = re.compile(rb"[0-9]{1,18}")
+# h11's header field (``_abnf.header_field``: a value of visible bytes, spaces and tabs between
+# optional whitespace) without the control bytes h11 lets through; the value is stripped after
+_FIELD = rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r\n"
+_FIELD_LINE = re.compile(_FIELD)
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 #: headers that change how h11 frames or follows a request: such a request is h11's
 _NOT_PLAIN = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"connection"))
 
@@ -321,37 +346,37 @@ def parse_plain_request(data: bytes) -> tuple[PlainRequest, int] | None:
     end = data.find(b"\r\n\r\n", 0, PLAIN_HEAD_BYTES)
     if end < 0:
         return None
-    lines = data[:end].split(b"\r\n")
-    line = _REQUEST_LINE.fullmatch(lines[0])
+    first = data.find(b"\r\n", 0, end + 2)
+    line = _REQUEST_LINE.fullmatch(data, 0, first)
     if line is None:
         return None
+    # every header line h11's grammar (one match over the lines), then each one's name and value
+    if _FIELDS.fullmatch(data, first + 2, end + 2) is None:
+        return None
+    pairs = _FIELD_LINE.findall(data, first + 2, end + 2)
     headers: list[tuple[bytes, bytes]] = []
     fields: dict[bytes, list[str]] = {}
-    length = b""
-    hosts = 0
-    for i in range(1, len(lines)):
-        field = _FIELD.fullmatch(lines[i])
-        if field is None:
-            return None
-        name = field[1].lower()
-        value = field[2]
-        if name == b"content-length":
-            if length or _DIGITS.fullmatch(value) is None:
-                return None
-            length = value
-        elif name == b"host":
-            hosts += 1
-        elif name in _NOT_PLAIN:
-            return None
+    for name, value in pairs:
+        name = name.lower()
+        value = value.strip(b" \t")
         headers.append((name, value))
         found = fields.get(name)
         if found is None:
             fields[name] = [value.decode("latin-1")]
         else:
             found.append(value.decode("latin-1"))
-    if hosts != 1 or not length:
+    length = fields.get(b"content-length")
+    hosts = fields.get(b"host")
+    if (
+        length is None
+        or len(length) != 1
+        or _DIGITS.fullmatch(length[0]) is None
+        or hosts is None
+        or len(hosts) != 1
+        or not _NOT_PLAIN.isdisjoint(fields)
+    ):
         return None
-    stop = end + 4 + int(length)
+    stop = end + 4 + int(length[0])
     if len(data) < stop:
         return None
     return (

@@ -94,9 +94,12 @@ from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.forwarded import TrustedProxies, client_address
 from exai.server.http11 import (
+    LAST_CHUNK,
     MAX_HEAD_BYTES,
     SERVED_VERSIONS,
     PlainRequest,
+    chunk,
+    chunked_head,
     json_body,
     parse_plain_request,
     read_head,
@@ -117,6 +120,8 @@ _SSE_HEADERS = [
     ("Cache-Control", "no-cache, no-transform"),
     ("X-Accel-Buffering", "no"),
 ]
+#: an SSE stream's head on a plain request the connection keeps, as h11 writes it
+_SSE_HEAD = chunked_head(200, _SSE_HEADERS)
 #: bytes a client may send ahead (a pipelined request) while its call runs: beyond this the
 #: door stops reading, and so stops noticing a disconnect, rather than buffer more
 _READ_AHEAD_BYTES = 64 * 1024
@@ -1070,8 +1075,7 @@ class HttpConnection:
                 if not committed:
                     head = self._commit_sse()
                     committed = True
-                chunk = self._h11().send(h11.Data(data=data))
-                await self._timed_send(self._send_bytes(head + chunk))
+                await self._timed_send(self._send_bytes(head + self._chunk(data)))
                 continue
             # Everything queued now goes out in one write: progress that piled up, and the
             # answer with the end of the stream when it is there too (one syscall, not one
@@ -1102,10 +1106,7 @@ class HttpConnection:
                 committed = True
             for text in texts:
                 parts.append(b"event: message\ndata: " + text.encode("utf-8") + b"\n\n")
-            conn = self._h11()
-            data = conn.send(h11.Data(data=b"".join(parts[1:])))
-            if final:
-                data += conn.send(h11.EndOfMessage())
+            data = self._chunk(b"".join(parts[1:]), last=final)
             await self._timed_send(self._send_bytes(parts[0] + data))
             outbox.written(len(texts))
             if final:
@@ -1129,10 +1130,10 @@ class HttpConnection:
             return False
         # cancelled by its client (notifications/cancelled): the request ends without an answer
         if committed:
-            await self._timed_send(self._send_bytes(self._h11().send(h11.EndOfMessage())))
+            await self._timed_send(self._send_bytes(self._chunk(b"", last=True)))
         elif sse_ok:
             head = self._commit_sse()
-            await self._timed_send(self._send_bytes(head + self._h11().send(h11.EndOfMessage())))
+            await self._timed_send(self._send_bytes(head + self._chunk(b"", last=True)))
         else:
             body = p.encode(
                 p.error(
@@ -1147,10 +1148,28 @@ class HttpConnection:
         return True
 
     def _commit_sse(self) -> bytes:
-        headers = [*_SSE_HEADERS, ("Connection", "close")] if self._closing() else _SSE_HEADERS
+        """The SSE stream's head: for a plain request the connection keeps, the bytes h11
+        writes, built without it (the request's one response, as :meth:`_send_whole`); else
+        h11's (``Connection: close`` when the connection ends after the stream)."""
+        closing = self._closing()
+        if self._conn is None and not closing:
+            self._responded = True
+            return _SSE_HEAD
+        headers = [*_SSE_HEADERS, ("Connection", "close")] if closing else _SSE_HEADERS
         return self._h11().send(
             h11.Response(status_code=200, headers=headers, reason=reason_phrase(200))
         )
+
+    def _chunk(self, data: bytes, *, last: bool = False) -> bytes:
+        """``data`` as the SSE stream's next chunk (and its end with ``last``): framed here
+        for a stream :meth:`_commit_sse` began without h11, else by h11."""
+        conn = self._conn
+        if conn is None:
+            return chunk(data) + LAST_CHUNK if last else chunk(data)
+        out = conn.send(h11.Data(data=data))
+        if last:
+            out += conn.send(h11.EndOfMessage())
+        return out
 
     async def _send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(data)

@@ -13,8 +13,11 @@ import pytest
 import trio
 
 from exai.server.http11 import (
+    LAST_CHUNK,
     MAX_HEAD_BYTES,
     PLAIN_HEAD_BYTES,
+    chunk,
+    chunked_head,
     next_cycle,
     parse_plain_request,
     send_response,
@@ -319,3 +322,28 @@ def test_the_plain_reader_agrees_with_h11_on_mutated_requests():
                 del data[at]
         taken += _agrees_with_h11(bytes(data))
     assert taken > 1000  # (the edits that leave a plain request: a body byte, a value's)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache, no-transform"),
+            ("X-Accel-Buffering", "no"),
+        ],
+    ],
+)
+@pytest.mark.parametrize(
+    "chunks", [[], [b""], [b"event: message\ndata: {}\n\n"], [b"a", b"", b"b" * 300]]
+)
+def test_a_chunked_response_to_a_plain_request_is_the_bytes_h11_writes(headers, chunks):
+    parsed = parse_plain_request(_mcp_post())
+    assert parsed is not None
+    conn = parsed[0].h11_state()
+    expected = conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+    expected += b"".join(conn.send(h11.Data(data=c)) for c in chunks)
+    expected += conn.send(h11.EndOfMessage())
+    assert conn.our_state is h11.DONE
+    assert chunked_head(200, headers) + b"".join(map(chunk, chunks)) + LAST_CHUNK == expected

@@ -969,9 +969,9 @@ async def _h11_exchange(
 
 async def test_plain_requests_on_a_kept_connection_are_read_without_h11(tmp_path, monkeypatch):
     """A kept connection's next request, when it is a plain one all there
-    (``http11.parse_plain_request``), is not read by h11 (≈ 20 µs a request, issue 18); an SSE
-    stream and a refusal on such a request are still h11's, and every response is what an h11
-    client reads as the answer to its request."""
+    (``http11.parse_plain_request``), is not read by h11 (≈ 20 µs a request, issue 18), nor is
+    an SSE stream answering it written by h11; a refusal is still h11's; and every response is
+    what an h11 client reads as the answer to its request."""
     import sys
 
     import h11
@@ -1001,11 +1001,10 @@ async def test_plain_requests_on_a_kept_connection_are_read_without_h11(tmp_path
             client, _ = await _serve_fake_connection(d, nursery, requests[0])
             answers = [await _h11_exchange(client, client_state, requests[0], send=False)]
             read_by_h11 = len(reads)  # (the first request: the listener's, h11's)
-            for raw in requests[1:3]:
+            for raw in requests[1:4]:
                 answers.append(await _h11_exchange(client, client_state, raw))
-            assert len(reads) == read_by_h11
-            for raw in requests[3:]:
-                answers.append(await _h11_exchange(client, client_state, raw))
+            assert len(reads) == read_by_h11  # (the SSE stream's too: written without h11)
+            answers.append(await _h11_exchange(client, client_state, requests[4]))
             with trio.fail_after(10):
                 assert await client.receive_some(65536) == b""  # closed after the refusal
             await client.aclose()
