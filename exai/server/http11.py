@@ -6,10 +6,15 @@ bytes read so far are replayed into it, see :attr:`Head.raw`), anything else to 
 HTTP door, which keeps using the same :class:`h11.Connection`.
 
 Bounds: a head larger than :data:`MAX_HEAD_BYTES` is a protocol error (431); the caller bounds
-the time (``handshake_timeout_s``). Nothing here parses HTTP by hand. The HTTP door's whole
-responses are written without h11 (:func:`whole_response`, the bytes h11 writes for them, tested
-against it; :func:`next_cycle`): h11's checks of headers the door makes itself and its state
-machine cost ten times the rest of building a response.
+the time (``handshake_timeout_s``). The HTTP door's whole responses are written without h11
+(:func:`whole_response`, the bytes h11 writes for them, tested against it; the next request is
+read with a fresh h11 state holding the bytes read past the last one):
+h11's checks of headers the door makes itself and its state machine cost ten times the rest of
+building a response. So are an SSE stream's head and chunks on a kept plain request
+(:func:`chunked_head`, :func:`chunk`). One request is parsed by hand, and only when h11 would read
+it the same way: :func:`parse_plain_request` takes a plain HTTP/1.1 request that is all there
+(the common keep-alive case) and leaves everything else — every framing rule that is not one
+``Content-Length``, every bound, every refusal — to h11, which the tests hold it against.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ __all__ = [
     "header_values",
     "is_websocket_upgrade",
     "json_body",
-    "next_cycle",
     "parse_plain_request",
     "read_head",
     "reason_phrase",
@@ -187,12 +191,13 @@ def whole_response(
     ``POST`` whose body was read: the bytes h11 writes for it, built without h11.
 
     The caller keeps h11's rules itself: one response per request (h11's state is left
-    behind, the next request is read with :func:`next_cycle`), ``close`` whenever h11 would
+    behind, the next request is read with a fresh one, or by :func:`parse_plain_request`),
+    ``close`` whenever h11 would
     close (the request's own state is not ``DONE``: ``Connection: close`` or HTTP/1.0), and
     header values of its own making (h11 would refuse a CR or LF). Why: h11 validates and
     normalises each response's headers twice and runs its state machine for the head, the body
-    and its end — ≈ 15 µs a response against ≈ 1.5 µs with :func:`next_cycle` (issue 18; the
-    HTTP door's part of benchmarks/README.md, part 6).
+    and its end — ≈ 15 µs a response against ≈ 1.5 µs with a fresh state for the next request
+    (issue 18; benchmarks/README.md, part 7).
     """
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b""))]
     for name, value in headers:
@@ -224,20 +229,6 @@ def chunk(data: bytes) -> bytes:
 
 #: the end of a chunked body without trailers, as h11 writes it
 LAST_CHUNK = b"0\r\n\r\n"
-
-
-def next_cycle(conn: h11.Connection) -> h11.Connection:
-    """The h11 state for the next request on a kept connection: a fresh one holding the bytes
-    read past the last request (h11's ``start_next_cycle``, for a response written with
-    :func:`whole_response`). The caller checked that the last request was read to its end
-    (``their_state`` ``DONE``) and answered."""
-    new = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    data, closed = conn.trailing_data
-    if data:
-        new.receive_data(bytes(data))
-    if closed:
-        new.receive_data(b"")
-    return new
 
 
 async def send_response(

@@ -3,7 +3,8 @@
 The listener reads a connection's first request head and, when it is not a WebSocket upgrade,
 admits the connection (draining/overloaded, the global and per-IP caps, the per-IP cap of the
 deployment: 503 + ``Retry-After``) and hands it here. Each request on it (HTTP/1.1 keep-alive,
-one at a time, h11) then goes through, in order, before a byte of its body is read::
+one at a time, read by h11 or, when plain, without it: "Cost per request" below) then goes
+through, in order, before a byte of its body is read::
 
     path /mcp (404) → Origin (403) → one Authorization, a valid bearer token (400, 401 with
     WWW-Authenticate) → method: POST; DELETE ends a session; anything else 405
@@ -57,14 +58,24 @@ event queued at the time in one write (its head with the first event, the answer
 stream's end), while a second task watches for the disconnect. A request's core is freed when
 the request ends: nothing of it is left in a reference cycle for the garbage collector.
 
-**Cost per request** (issue 18; benchmarks/README.md, part 6). h11 reads every request, and
-writes the head and chunks of an SSE stream; a whole response (a JSON answer, 202, 204, 503) is
-built without it (:func:`~exai.server.http11.whole_response`: the same bytes, ≈ 1.5 µs instead
-of ≈ 15 µs for h11's checks and state machine), so the next request is read with a fresh h11
-state (:func:`~exai.server.http11.next_cycle`) and the door keeps h11's rule of one response per
-request itself (:meth:`HttpConnection._send_whole`). The keep-alive bound is the connection
-scope's deadline, the token a connection presented is hashed once while the token table stays
-the same, and the disconnect watch waits for the socket before it reads
+**Cost per request** (issue 18; benchmarks/README.md, parts 7 and 10). h11 reads a
+connection's first request (the listener's, which may be a WebSocket upgrade); a kept
+connection's next request, when it is a plain one all there in the bytes read
+(:func:`~exai.server.http11.parse_plain_request`: HTTP/1.1, h11's grammar, one ``Host``, one
+``Content-Length`` and its whole body, no ``Transfer-Encoding``/``Expect``/``Upgrade``/
+``Connection``), is read without h11 — ≈ 13 µs instead of ≈ 60-75 µs on a loaded VM — and
+anything else is given, with every byte read, to a fresh h11 state as before (so chunked bodies,
+bodies still arriving and malformed heads keep h11's rules and bounds). The checks above still
+come before the body is taken or charged: a plain request's body is only ever one that arrived
+with its head. A whole response (a JSON answer, 202, 204, 503) is built without h11
+(:func:`~exai.server.http11.whole_response`: the same bytes, ≈ 1.5 µs instead of ≈ 15 µs for
+h11's checks and state machine), and so is an SSE stream answering a plain request that the
+connection keeps (:func:`~exai.server.http11.chunked_head`); a refusal, and a stream on a
+request h11 read, are h11's (a plain request's h11 state is made from its bytes when needed,
+:meth:`HttpConnection._h11`). The door keeps h11's rule of one response per request itself
+(:meth:`HttpConnection._send_whole`). The keep-alive bound is the connection scope's deadline,
+the token a connection presented is hashed once while the token table stays the same, and the
+disconnect watch waits for the socket before it reads
 (:meth:`~exai.server.outbox.ProgressStream.receive_when_readable`).
 """
 

@@ -18,7 +18,6 @@ from exai.server.http11 import (
     PLAIN_HEAD_BYTES,
     chunk,
     chunked_head,
-    next_cycle,
     parse_plain_request,
     send_response,
     whole_response,
@@ -94,21 +93,6 @@ def test_a_request_that_asks_to_close_leaves_its_state_short_of_done(request_byt
     it to such a request's response itself; the door builds its responses without h11)."""
     assert _read_request(request_bytes).their_state is h11.MUST_CLOSE
     assert _read_request(_post()).their_state is h11.DONE
-
-
-def test_the_next_cycle_reads_the_request_sent_ahead_and_then_the_peers_end():
-    conn = _read_request(_post(b'{"a":1}') + _post(b'{"b":2}')[:30])
-    nxt = next_cycle(conn)
-    assert nxt.next_event() is h11.NEED_DATA  # (half a request so far)
-    nxt.receive_data(_post(b'{"b":2}')[30:])
-    request = nxt.next_event()
-    assert isinstance(request, h11.Request) and request.method == b"POST"
-    assert nxt.next_event() == h11.Data(data=b'{"b":2}')
-    assert isinstance(nxt.next_event(), h11.EndOfMessage)
-
-    conn = _read_request(_post())
-    conn.receive_data(b"")  # the peer closed after its request
-    assert isinstance(next_cycle(conn).next_event(), h11.ConnectionClosed)
 
 
 # ---------------------------------------------------------------- the plain request reader
