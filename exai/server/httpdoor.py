@@ -595,7 +595,8 @@ class HttpConnection:
             for key in ended:
                 door.running[key].cancel({"requestId": json.loads(key[1])})
             log_event("http.session_ended", client=identity.name, calls_cancelled=len(ended))
-            await self._send_whole(204, [], close=self._closing())
+            # (the connection ends after it: a body a DELETE may carry is not read)
+            await self._send_whole(204, [], close=True)
             return None
         if _media_types(hdrs.values(b"content-type")) != {"application/json"}:
             raise _Refused(

@@ -1017,3 +1017,28 @@ async def test_plain_requests_on_a_kept_connection_are_read_without_h11(tmp_path
     assert messages[2]["id"] == 4
     assert (b"connection", b"close") in list(answers[4][0].headers)
     assert json.loads(answers[4][1])["error"] == "not_found"
+
+
+async def test_a_delete_on_a_kept_connection_says_connection_close_and_closes(tmp_path):
+    """The door closes a connection after a ``DELETE`` (whose body it does not read), so its
+    204 says ``Connection: close`` — a plain one read whole included."""
+    async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
+        await mcp.initialize()
+        headers = [(k, v) for k, v in mcp.headers().items() if k.lower() != "content-type"]
+        ping = request_bytes(
+            d.url,
+            json.dumps(mcp.message("ping")).encode(),
+            headers=[*headers, ("Content-Type", "application/json")],
+        )
+        delete = request_bytes(d.url, method="DELETE", headers=headers, content_length=0)
+        async with trio.open_nursery() as nursery:
+            client, _ = await _serve_fake_connection(d, nursery, ping)
+            first = await _read_json_response(client)
+            await client.send_all(delete)
+            rest = b""
+            with trio.fail_after(10):
+                while chunk := await client.receive_some(65536):
+                    rest += chunk
+            await client.aclose()
+    assert first[0].startswith(b"HTTP/1.1 200 ")
+    assert rest.startswith(b"HTTP/1.1 204 ") and b"\r\nConnection: close\r\n" in rest
