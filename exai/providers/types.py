@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import attrs
@@ -29,60 +29,60 @@ def _messages(value: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
 _MAX_STRINGS = 100_000
 
 
-def _all_encodable(messages: Sequence[Any]) -> bool:
-    """Whether every string :func:`unencodable_field` looks at is valid Unicode — the same walk
-    and bound, without the paths it names (built only once a bad string is known to be there:
-    they were most of the walk's cost for every request)."""
-    stack: list[Any] = list(reversed(messages))  # (popped in the same order as there)
-    seen = 0
-    while stack and seen < _MAX_STRINGS:
-        value = stack.pop()
-        seen += 1
-        if isinstance(value, str):
-            if value.isascii():
-                continue
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-        elif isinstance(value, dict):
-            for key, child in reversed(list(value.items())):
-                stack.append(child)
-                if isinstance(key, str) and not key.isascii():
-                    stack.append(key)
-        elif isinstance(value, list | tuple):
-            stack.extend(reversed(value))
-    return True
+def _path(frames: list[tuple[Any, bool, bool, Any]], *last: tuple[bool, Any]) -> str:
+    """``messages[1].parts[0]``: the step (a key in a dict, else an index) into each open
+    container but the outermost, then ``last``."""
+    steps = [(f[2], f[3]) for f in frames[1:]]
+    return "messages" + "".join(f".{k}" if d else f"[{k}]" for d, k in [*steps, *last])
 
 
 def unencodable_field(messages: Iterable[Any]) -> tuple[str, int] | None:
     """The first string in ``messages`` that is not valid Unicode (it holds a lone surrogate,
     so it cannot be sent as UTF-8), as ``("messages[1].content", character index)``; ``None``
-    when every string is fine. Bounded: at most 100,000 strings are looked at."""
-    messages = messages if isinstance(messages, list | tuple) else list(messages)
-    if _all_encodable(messages):
-        return None
-    stack: list[tuple[str, Any]] = [
-        (f"messages[{i}]", m) for i, m in reversed(list(enumerate(messages)))
+    when every string is fine. Bounded: at most 100,000 strings are looked at.
+
+    One depth-first walk in message order (a dict's non-ASCII key just before its value;
+    every value, containers too, counts against the bound). It keeps one frame per open
+    container — its items' iterator, whether it is a dict, and the step that reached it — and
+    spells the field's name out only once a bad string is found (building it for every value
+    was most of the walk's cost for every request)."""
+    items = messages if isinstance(messages, list | tuple) else list(messages)
+    # (items' iterator, a dict?, the parent a dict?, the key or index into the parent)
+    frames: list[tuple[Iterator[tuple[Any, Any]], bool, bool, Any]] = [
+        (enumerate(items), False, False, None)
     ]
     seen = 0
-    while stack and seen < _MAX_STRINGS:
-        path, value = stack.pop()
-        seen += 1
-        if isinstance(value, str):
-            if value.isascii():
+    while frames:
+        frame = frames[-1]
+        in_dict = frame[1]
+        for label, value in frame[0]:
+            if in_dict and isinstance(label, str) and not label.isascii():
+                if seen >= _MAX_STRINGS:
+                    return None
+                seen += 1
+                try:
+                    label.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return f"{_path(frames)} (a key)", exc.start
+            if seen >= _MAX_STRINGS:
+                return None
+            seen += 1
+            if isinstance(value, str):
+                if value.isascii():
+                    continue
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return _path(frames, (in_dict, label)), exc.start
                 continue
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                return path, exc.start
-        elif isinstance(value, dict):
-            for key, child in reversed(list(value.items())):
-                stack.append((f"{path}.{key}", child))
-                if isinstance(key, str) and not key.isascii():
-                    stack.append((f"{path} (a key)", key))
-        elif isinstance(value, list | tuple):
-            stack.extend((f"{path}[{i}]", c) for i, c in reversed(list(enumerate(value))))
+            if isinstance(value, dict):
+                frames.append((iter(value.items()), True, in_dict, label))
+                break
+            if isinstance(value, list | tuple):
+                frames.append((enumerate(value), False, in_dict, label))
+                break
+        else:
+            frames.pop()
     return None
 
 
