@@ -69,6 +69,7 @@ from exai.providers.ending import (
 from exai.providers.sse import SSEDecoder, StreamAssembler
 from exai.providers.transport import H11Pool, PoolStatistics, Response
 from exai.providers.types import unencodable_field
+from exai.resilience import loop as aio
 
 __all__ = [
     "ChunkCallback",
@@ -360,7 +361,7 @@ class OpenAIClient:
     async def __aexit__(self, *exc: object) -> None:
         pool, self._pool = self._pool, None
         http, self._http = self._http, None
-        with anyio.CancelScope(shield=True):
+        with aio.cancel_scope(shield=True):
             if pool is not None:
                 await pool.__aexit__(None, None, None)
             if http is not None:
@@ -496,7 +497,7 @@ class OpenAIClient:
         async with contextlib.aclosing(chunks):
             while True:
                 chunk: bytes | None = None
-                with anyio.move_on_after(self.settings.stall_timeout_s):
+                with aio.move_on_after(self.settings.stall_timeout_s):
                     chunk = await anext(chunks, b"")
                 if chunk is None:
                     raise self._stalled(f"after {len(buf)} bytes of the body")
@@ -514,7 +515,7 @@ class OpenAIClient:
     async def _read_error_body(self, response: _Response) -> bytes:
         """The start of an error body: enough for the provider's message and code."""
         buf = bytearray()
-        with anyio.move_on_after(min(self.settings.stall_timeout_s, 5.0)):
+        with aio.move_on_after(min(self.settings.stall_timeout_s, 5.0)):
             async for chunk in response.aiter_bytes():
                 buf += chunk
                 if len(buf) >= MAX_ERROR_BODY_BYTES:
@@ -543,7 +544,7 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         stall = self.settings.stall_timeout_s
         response: _Response | None = None
-        with anyio.move_on_after(stall):
+        with aio.move_on_after(stall):
             response = await self._open("POST", "chat/completions", headers, content)
         if response is None:
             raise self._stalled("waiting for the response headers")
@@ -587,7 +588,7 @@ class OpenAIClient:
         """Read what follows ``[DONE]`` (the end of the chunked body, normally at once) so the
         connection goes back to the pool instead of being closed. Bounded in bytes and time."""
         drained = 0
-        with anyio.move_on_after(min(self.settings.stall_timeout_s, 1.0)):
+        with aio.move_on_after(min(self.settings.stall_timeout_s, 1.0)):
             async for extra in chunks:
                 drained += len(extra)
                 if drained > 64 * 1024:
@@ -612,9 +613,9 @@ class OpenAIClient:
         grace_until: float | None = None
         # One cancel scope for the whole read, its deadline moved before each chunk (a scope
         # per chunk cost more than the chunk's decoding); lifted while a chunk is handled.
-        with anyio.CancelScope() as scope:
+        with aio.cancel_scope() as scope:
             while True:
-                now = anyio.current_time()
+                now = aio.current_time()
                 deadline = now + stall
                 if grace_until is None and asm.all_finished:
                     # Usage may still follow the finish chunk, then [DONE]; wait a little, once.

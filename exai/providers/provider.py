@@ -60,6 +60,7 @@ from exai.providers import tokens
 from exai.providers.client import OpenAIClient, host_of
 from exai.providers.dialects import dialect_for
 from exai.providers.types import ChatRequest, ChatResponse, StreamDelta, Usage, unencodable_field
+from exai.resilience import loop as aio
 from exai.resilience.breaker import CircuitBreaker
 from exai.resilience.bucket import TokenBucket
 from exai.resilience.redis_bucket import RedisBucketGroup, RedisTokenBucket
@@ -73,7 +74,7 @@ DEFAULT_OUTPUT_ESTIMATE = 1024
 async def _take_slot(limiter: anyio.CapacityLimiter) -> None:
     """Take one of ``limiter``'s slots: a free one at once (after a cancellation check, as
     ``acquire`` makes), otherwise wait for one in its FIFO. The caller releases it."""
-    await anyio.lowlevel.checkpoint_if_cancelled()
+    await aio.checkpoint_if_cancelled()
     try:
         limiter.acquire_nowait()
     except anyio.WouldBlock:
@@ -291,7 +292,7 @@ class Provider:
         # an overrun is rare (the estimate is generous) and the other daemons must see it at
         # once: charged now, shielded (bookkeeping of a call that may be being cancelled) and
         # bounded by the bucket's own Redis bound
-        with anyio.CancelScope(shield=True):
+        with aio.cancel_scope(shield=True):
             try:
                 await bucket.charge(used - reserved)
             except RateLimiterUnavailableError:
@@ -313,7 +314,7 @@ class Provider:
 
     def _hold(self, seconds: float, *, quota: bool) -> bool:
         """Extend the local hold; True when it now ends later than before."""
-        now = anyio.current_time()
+        now = aio.current_time()
         extended = now + seconds > self._hold_until
         if now + seconds >= self._hold_until:
             self._hold_quota = quota or (self._hold_quota and now < self._hold_until)
@@ -349,7 +350,7 @@ class Provider:
 
     def _admit(self, estimate: int) -> tuple[float, float]:
         """Stages 1–2: returns (rpm cost, tpm cost) taken; raises when refused."""
-        now = anyio.current_time()
+        now = aio.current_time()
         if now < self._hold_until:
             wait = self._hold_until - now
             self.counters.refused += 1
@@ -440,7 +441,7 @@ class Provider:
             self._settle_tpm(tpm_cost, None)
             raise
         used: int | None = None
-        start = anyio.current_time()
+        start = aio.current_time()
         try:
             try:
                 async with self.breaker:
@@ -467,7 +468,7 @@ class Provider:
             provider=self.name,
             model=model,
             outcome="ok",
-            elapsed_ms=round((anyio.current_time() - start) * 1000, 1),
+            elapsed_ms=round((aio.current_time() - start) * 1000, 1),
             tokens=used,
         )
         return resp
@@ -497,14 +498,14 @@ class Provider:
         self.counters.last_error = {
             "reason": reason,
             "message": str(exc)[:300],
-            "at_loop_time": round(anyio.current_time(), 3),
+            "at_loop_time": round(aio.current_time(), 3),
         }
         log_event(
             "provider.call",
             provider=self.name,
             model=model,
             outcome=reason,
-            elapsed_ms=round((anyio.current_time() - start) * 1000, 1),
+            elapsed_ms=round((aio.current_time() - start) * 1000, 1),
         )
 
     async def _exchange(self, req: ChatRequest, model: str) -> ChatResponse:
@@ -572,7 +573,7 @@ class Provider:
         """Health, limits and current use, secrets never included."""
         s = self.settings
         stats = self.breaker.statistics()
-        now = anyio.current_time()
+        now = aio.current_time()
         limiter = self.limiter
         out: dict[str, Any] = {
             "kind": s.kind,

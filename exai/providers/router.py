@@ -61,6 +61,7 @@ from exai.providers.health import SharedHealth
 from exai.providers.provider import Provider
 from exai.providers.registry import ModelRegistry
 from exai.providers.types import Attempt, ChatRequest, ChatResponse
+from exai.resilience import loop as aio
 from exai.resilience.retry import RetryBudget, RetryPolicy, retrying
 
 __all__ = ["ProviderRouter"]
@@ -236,7 +237,7 @@ class ProviderRouter:
         what = req.model if req.model and req.model != "auto" else f"auto/{req.tool}/{req.step}"
         attempts: list[Attempt] = []
         running: list[tuple[str, str]] = []
-        now = anyio.current_time()
+        now = aio.current_time()
         deadline = anyio.current_effective_deadline()
         remaining = deadline - now
         if remaining <= MIN_CALL_S:
@@ -244,7 +245,7 @@ class ProviderRouter:
                 f"no time left to call a provider for {what} ({max(remaining, 0) * 1000:.0f} ms "
                 "before the deadline)"
             )
-        scope = anyio.CancelScope(
+        scope = aio.cancel_scope(
             deadline=deadline - _deadline_margin(remaining) if math.isfinite(deadline) else math.inf
         )
         with scope:
@@ -254,7 +255,7 @@ class ProviderRouter:
                 # Our deadline has passed, so this is the deadline even when the caller's
                 # scope won the race (the loop woke after both): report it as such. Any
                 # other cancellation (the caller's, before our deadline) goes on.
-                if anyio.current_time() < scope.deadline:
+                if aio.current_time() < scope.deadline:
                     raise
         tried = "; ".join(f"{a.provider}/{a.model}: {a.outcome}" for a in attempts)
         if running:
@@ -347,7 +348,7 @@ class ProviderRouter:
         out: dict[str, list[str] | str] = {}
 
         async def one(p: Provider) -> None:
-            with anyio.move_on_after(REFRESH_MODELS_S) as scope:
+            with aio.move_on_after(REFRESH_MODELS_S) as scope:
                 try:
                     out[p.name] = list(await p.refresh_models())
                 except ExaiError as exc:

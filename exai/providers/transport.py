@@ -119,6 +119,7 @@ import attrs
 import httpx
 
 from exai.providers.wire import Head, ProtocolError, ResponseReader, check_header, request_bytes
+from exai.resilience import loop as aio
 
 __all__ = ["H11Pool", "PoolStatistics", "Response"]
 
@@ -359,7 +360,7 @@ class H11Pool:
         return response
 
     async def _acquire(self) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await aio.checkpoint_if_cancelled()
         try:
             self._slots.acquire_nowait()
             return
@@ -368,7 +369,7 @@ class H11Pool:
         if self.pool_timeout_s is None:
             await self._slots.acquire()
             return
-        with anyio.CancelScope(deadline=anyio.current_time() + self.pool_timeout_s) as scope:
+        with aio.cancel_scope(deadline=aio.current_time() + self.pool_timeout_s) as scope:
             await self._slots.acquire()
         if scope.cancelled_caught:
             raise httpx.PoolTimeout(
@@ -381,7 +382,7 @@ class H11Pool:
         idle = self._idle
         if not idle:
             return None
-        now = anyio.current_time()
+        now = aio.current_time()
         expiry = self.keepalive_expiry_s
         # the oldest idle connection expires first: close it while we are here
         if len(idle) > 1 and now - idle[0].idle_since > expiry:
@@ -397,14 +398,14 @@ class H11Pool:
     async def _discard(self, conn: _Conn) -> None:
         """Close a connection now, whatever its state; never waits (shielded, forceful)."""
         self._open -= 1
-        with anyio.CancelScope(shield=True):
+        with aio.cancel_scope(shield=True):
             await conn.aclose()
 
     async def _connect(self) -> _Conn:
         self._open += 1
         conn: _Conn | None = None
         try:
-            with anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout_s):
+            with aio.cancel_scope(deadline=aio.current_time() + self.connect_timeout_s):
                 if self._sockaddr is not None:
                     conn = await self._connect_address(*self._sockaddr)
                 else:
@@ -486,7 +487,7 @@ class H11Pool:
                 return True
             writes = [writes[0][sent:]]
         try:
-            with anyio.CancelScope(deadline=anyio.current_time() + self.write_timeout_s) as scope:
+            with aio.cancel_scope(deadline=aio.current_time() + self.write_timeout_s) as scope:
                 stream = await conn.byte_stream()
                 for data in writes:
                     await stream.send(data)
@@ -528,7 +529,7 @@ class H11Pool:
         reader = conn.reader
         if not reader.done or not reader.keep_alive or reader.leftover or reader.eof:
             return False
-        conn.idle_since = anyio.current_time()
+        conn.idle_since = aio.current_time()
         self._idle.append(conn)
         return True
 
@@ -561,7 +562,7 @@ async def _fill(conn: _Conn) -> None:
     sock = conn.plain
     if sock is not None:
         try:
-            await anyio.wait_readable(sock)
+            await aio.wait_readable(sock)
             data = sock.recv(READ_BYTES)
         except BlockingIOError:
             return  # woken without bytes: the caller asks again

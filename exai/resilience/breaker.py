@@ -26,10 +26,10 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-import anyio
 import attrs
 
 from exai.errors import CallerError, CircuitOpenError
+from exai.resilience import loop as aio
 
 __all__ = ["BreakerState", "BreakerStatistics", "CircuitBreaker", "count_unless_caller_error"]
 
@@ -371,7 +371,7 @@ class CircuitBreaker:
         return self._state
 
     async def __aenter__(self) -> CircuitBreaker:
-        permit = self._admit(anyio.current_time())
+        permit = self._admit(aio.current_time())
         permit.token = self._current.set(permit)
         return self
 
@@ -386,7 +386,7 @@ class CircuitBreaker:
             raise RuntimeError("CircuitBreaker.__aexit__ without a matching __aenter__")
         self._current.reset(permit.token)
         permit.token = None
-        self._settle(permit, exc, anyio.current_time())
+        self._settle(permit, exc, aio.current_time())
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``await fn(*args)`` through the breaker and return its result.
@@ -395,13 +395,13 @@ class CircuitBreaker:
             CircuitOpenError: the call was rejected; ``fn`` was not called.
             Exception: whatever ``fn`` raised (counted according to ``record``).
         """
-        permit = self._admit(anyio.current_time())
+        permit = self._admit(aio.current_time())
         try:
             result = await fn(*args)
         except BaseException as exc:
-            self._settle(permit, exc, anyio.current_time())
+            self._settle(permit, exc, aio.current_time())
             raise
-        self._settle(permit, None, anyio.current_time())
+        self._settle(permit, None, aio.current_time())
         return result
 
     def open_until(self, seconds: float) -> None:
@@ -412,7 +412,7 @@ class CircuitBreaker:
         """
         if not seconds > 0:
             return
-        now = anyio.current_time()
+        now = aio.current_time()
         self._refresh(now)
         until = now + seconds
         if self._state == _OPEN:
@@ -590,6 +590,6 @@ class CircuitBreaker:
 
 def _now_or_none() -> float | None:
     try:
-        return anyio.current_time()
+        return aio.current_time()
     except RuntimeError:  # no event loop running (anyio.NoEventLoopError)
         return None

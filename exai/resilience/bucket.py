@@ -19,6 +19,8 @@ import anyio
 import anyio.lowlevel
 import attrs
 
+from exai.resilience import loop as aio
+
 __all__ = ["TokenBucket", "TokenBucketStatistics"]
 
 # A level within this many seconds' worth of refill counts as reached: the clock is a float, so
@@ -126,8 +128,8 @@ class TokenBucket:
             waiting for go to the next waiter.
         """
         self._check_cost(cost)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        now = anyio.current_time()
+        await aio.checkpoint_if_cancelled()
+        now = aio.current_time()
         self._refill(now)
         if not self._waiters and self._tokens + self._slack >= cost:
             self._take(cost)
@@ -143,12 +145,12 @@ class TokenBucket:
                     await waiter.wake.wait()
                     waiter.wake = anyio.Event()
                     continue
-                self._refill(anyio.current_time())
+                self._refill(aio.current_time())
                 missing = cost - self._tokens
                 if missing <= self._slack:
                     break
                 # Sleep until the tokens are there, or until a refund wakes us earlier.
-                with anyio.move_on_after(missing / self.rate_per_s):
+                with aio.move_on_after(missing / self.rate_per_s):
                     await waiter.wake.wait()
                 waiter.wake = anyio.Event()
         finally:
@@ -174,7 +176,7 @@ class TokenBucket:
             ValueError: ``cost`` is negative or larger than ``capacity``.
         """
         self._check_cost(cost)
-        self._refill(anyio.current_time())
+        self._refill(aio.current_time())
         if not self._waiters and self._tokens + self._slack >= cost:
             self._take(cost)
             return 0.0
@@ -192,7 +194,7 @@ class TokenBucket:
             raise ValueError("refund cost must be >= 0")
         if cost == 0:
             return
-        self._refill(anyio.current_time())
+        self._refill(aio.current_time())
         self._tokens = min(self.capacity, self._tokens + cost)
         self.admitted_cost -= cost
         if self._waiters:
@@ -201,7 +203,7 @@ class TokenBucket:
     def statistics(self) -> TokenBucketStatistics:
         """A frozen snapshot of the bucket."""
         try:
-            self._refill(anyio.current_time())
+            self._refill(aio.current_time())
         except RuntimeError:  # no event loop running: report the last computed level
             pass
         return TokenBucketStatistics(

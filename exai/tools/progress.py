@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import anyio
-
 from exai.providers.types import StreamDelta
+from exai.resilience import loop as aio
 from exai.tools.base import ToolContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "StreamProgress"]
@@ -29,7 +28,7 @@ class StreamProgress:
 
     async def on_delta(self, delta: StreamDelta) -> None:
         self.chars += len(delta.content) + len(delta.reasoning)
-        now = anyio.current_time()
+        now = aio.current_time()
         if now - self.last < PROGRESS_INTERVAL_S:
             return
         self.last = now

@@ -1,0 +1,91 @@
+"""anyio's clock, cancel scopes and socket waits, without its backend lookup per call under trio.
+
+``exai.providers`` and ``exai.resilience`` are written against anyio (usable under asyncio as
+well as trio). Every anyio call first looks its backend up (sniffio, then a dict of backends):
+on the benchmark VM ``anyio.current_time()`` took 1.2 µs against trio's 0.4, an
+``anyio.CancelScope()`` 6.4 µs against trio's 1.0 — and a ``chat`` call made ≈ 15 such clock
+reads and 3 scopes in these layers (issue 18, part 9).
+
+Here the running library is read from sniffio's thread-local, which trio sets for as long as
+it runs a task and which sniffio (so anyio) reads first; under trio, trio's own primitives are
+used — what anyio's trio backend delegates to, with the same errors — and under anything else
+the call goes to anyio as before. So behaviour is anyio's under every backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import sniffio
+import trio
+
+__all__ = [
+    "cancel_scope",
+    "checkpoint_if_cancelled",
+    "current_time",
+    "move_on_after",
+    "wait_readable",
+]
+
+_library = sniffio.thread_local
+
+
+def current_time() -> float:
+    """:func:`anyio.current_time`: the event loop's clock, in seconds.
+
+    Raises:
+        anyio.NoEventLoopError: no event loop runs in this thread (as anyio).
+    """
+    if _library.name == "trio":
+        return trio.current_time()
+    return anyio.current_time()
+
+
+def cancel_scope(*, deadline: float = math.inf, shield: bool = False) -> Any:
+    """A new cancel scope, as :class:`anyio.CancelScope` (``deadline`` on the loop's clock).
+
+    Under trio it is a :class:`trio.CancelScope` (anyio's wraps one and only delegates to it):
+    use it as a context manager and through ``deadline``, ``shield``, ``cancel()``,
+    ``cancel_called`` and ``cancelled_caught``, which both have.
+    """
+    if _library.name == "trio":
+        return trio.CancelScope(deadline=deadline, shield=shield)
+    return anyio.CancelScope(deadline=deadline, shield=shield)
+
+
+def move_on_after(delay: float | None, shield: bool = False) -> Any:
+    """:func:`anyio.move_on_after`: a cancel scope whose deadline is ``delay`` seconds from
+    now (none for ``None``)."""
+    deadline = current_time() + delay if delay is not None else math.inf
+    return cancel_scope(deadline=deadline, shield=shield)
+
+
+async def checkpoint_if_cancelled() -> None:
+    """:func:`anyio.lowlevel.checkpoint_if_cancelled`: raise the cancellation if the enclosing
+    scope is cancelled; no scheduling point otherwise."""
+    if _library.name == "trio":
+        await trio.lowlevel.checkpoint_if_cancelled()
+    else:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+async def wait_readable(obj: Any) -> None:
+    """:func:`anyio.wait_readable`: wait until ``obj`` (a socket or a file descriptor) can be
+    read.
+
+    Raises:
+        anyio.ClosedResourceError: ``obj`` was closed while waited on.
+        anyio.BusyResourceError: another task waits to read it.
+    """
+    if _library.name != "trio":
+        await anyio.wait_readable(obj)
+        return
+    try:
+        await trio.lowlevel.wait_readable(obj)
+    except trio.ClosedResourceError as exc:
+        raise anyio.ClosedResourceError().with_traceback(exc.__traceback__) from None
+    except trio.BusyResourceError:
+        raise anyio.BusyResourceError("reading from") from None

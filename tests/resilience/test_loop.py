@@ -1,0 +1,88 @@
+"""``exai.resilience.loop``: anyio's clock, scopes and waits, trio's own under trio (issue 18).
+
+Every test runs on both backends (this folder's ``anyio_backend``): the helpers must behave as
+the anyio calls they stand for, whatever the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import anyio
+import pytest
+import sniffio
+import trio
+
+from exai.resilience import loop as aio
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_clock_is_the_loops() -> None:
+    # (trio's MockClock stands still between the two reads; asyncio's real clock does not)
+    assert aio.current_time() == pytest.approx(anyio.current_time(), abs=0.5)
+    before = aio.current_time()
+    await anyio.sleep(0.01)
+    assert aio.current_time() - before >= 0.01
+    assert aio.current_time() == pytest.approx(anyio.current_time(), abs=0.5)
+
+
+async def test_trio_gets_trios_own_scope_and_others_anyios() -> None:
+    scope = aio.cancel_scope(deadline=aio.current_time() + 5, shield=True)
+    if sniffio.current_async_library() == "trio":
+        assert type(scope) is trio.CancelScope
+    else:
+        assert isinstance(scope, anyio.CancelScope)
+    assert scope.shield and scope.deadline == pytest.approx(anyio.current_time() + 5, abs=0.5)
+
+
+async def test_a_scope_deadline_cancels_and_is_caught() -> None:
+    with aio.move_on_after(0.01) as scope:
+        await anyio.sleep(10)
+    assert scope.cancelled_caught
+    with aio.move_on_after(None) as forever:
+        await anyio.lowlevel.checkpoint()
+    assert forever.deadline == math.inf and not forever.cancelled_caught
+    with aio.cancel_scope() as moved:
+        moved.deadline = aio.current_time() + 0.01
+        await anyio.sleep(10)
+    assert moved.cancelled_caught
+
+
+async def test_checkpoint_if_cancelled_raises_only_when_cancelled() -> None:
+    with aio.cancel_scope() as scope:
+        await aio.checkpoint_if_cancelled()  # not cancelled: goes on
+        scope.cancel()
+        await aio.checkpoint_if_cancelled()
+        raise AssertionError("not reached")  # pragma: no cover
+    assert scope.cancelled_caught
+
+
+async def test_wait_readable_waits_for_data_and_maps_a_close_to_anyios_error() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        b.send(b"x")
+        with anyio.fail_after(5):
+            await aio.wait_readable(a)
+        assert a.recv(1) == b"x"
+
+        async def close_soon() -> None:
+            await anyio.sleep(0.01)
+            anyio.notify_closing(a)
+            a.close()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close_soon)
+            with pytest.raises(anyio.ClosedResourceError):
+                with anyio.fail_after(5):
+                    await aio.wait_readable(a)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_outside_a_loop_the_clock_raises_as_anyios() -> None:
+    with pytest.raises(anyio.NoEventLoopError):
+        aio.current_time()
