@@ -389,3 +389,33 @@ async def test_status_reports_breaker_limits_and_use_without_secrets(scripted):
     assert math.isclose(pa["use"]["rpm_available"], 59, abs_tol=0.01)
     text = repr(st)
     assert KEY_A not in text and KEY_B not in text
+
+
+def test_the_answer_with_its_attempts_carries_every_field_of_the_providers() -> None:
+    """``_with_attempts`` builds the response field by field (cheaper than ``attrs.evolve``):
+    a field added to ``ChatResponse`` must be added there too, or this fails."""
+    import attrs
+
+    from exai.providers.router import _with_attempts
+    from exai.providers.types import Attempt, ChatResponse, Usage
+
+    resp = ChatResponse(
+        content="c",
+        reasoning="r",
+        model="m",
+        provider="p",
+        usage=Usage(1, 2, 3, True),
+        attempts=(Attempt("x", "y", "z"),),
+        finish_reason="stop",
+        key_fingerprint="k",
+        web_search_rounds=2,
+    )
+    attempts = [Attempt("p", "m", "upstream_unavailable", "d", 1.0), Attempt("p", "m", "ok")]
+    got = _with_attempts(resp, attempts)
+    assert got == attrs.evolve(resp, attempts=tuple(attempts))
+    assert {f.name for f in attrs.fields(ChatResponse)} == {
+        "content", "reasoning", "model", "provider", "usage", "attempts", "finish_reason",
+        "key_fingerprint", "web_search_rounds",
+    }  # fmt: skip
+    assert Usage(1, 2, 3, True).to_dict() == attrs.asdict(Usage(1, 2, 3, True))
+    assert list(Usage().to_dict()) == [f.name for f in attrs.fields(Usage)]
