@@ -237,7 +237,7 @@ class ProviderRouter:
         attempts: list[Attempt] = []
         running: list[tuple[str, str]] = []
         now = aio.current_time()
-        deadline = anyio.current_effective_deadline()
+        deadline = aio.current_effective_deadline()
         remaining = deadline - now
         if remaining <= MIN_CALL_S:
             raise DeadlineExceeded(

@@ -25,6 +25,7 @@ import trio
 __all__ = [
     "cancel_scope",
     "checkpoint_if_cancelled",
+    "current_effective_deadline",
     "current_time",
     "move_on_after",
     "wait_readable",
@@ -42,6 +43,14 @@ def current_time() -> float:
     if _library.name == "trio":
         return trio.current_time()
     return anyio.current_time()
+
+
+def current_effective_deadline() -> float:
+    """:func:`anyio.current_effective_deadline`: the nearest deadline of the enclosing cancel
+    scopes, on the loop's clock (``math.inf`` when none; ``-math.inf`` once cancelled)."""
+    if _library.name == "trio":
+        return trio.current_effective_deadline()
+    return anyio.current_effective_deadline()
 
 
 def cancel_scope(*, deadline: float = math.inf, shield: bool = False) -> Any:

@@ -50,6 +50,16 @@ async def test_a_scope_deadline_cancels_and_is_caught() -> None:
     assert moved.cancelled_caught
 
 
+async def test_the_effective_deadline_is_anyios() -> None:
+    assert aio.current_effective_deadline() == anyio.current_effective_deadline() == math.inf
+    with aio.move_on_after(5):
+        assert aio.current_effective_deadline() == anyio.current_effective_deadline()
+        assert aio.current_effective_deadline() < math.inf
+        with aio.cancel_scope() as scope:
+            scope.cancel()
+            assert aio.current_effective_deadline() == anyio.current_effective_deadline()
+
+
 async def test_checkpoint_if_cancelled_raises_only_when_cancelled() -> None:
     with aio.cancel_scope() as scope:
         await aio.checkpoint_if_cancelled()  # not cancelled: goes on
