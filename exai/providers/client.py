@@ -155,10 +155,6 @@ def parse_retry_after(headers: httpx.Headers | dict[str, str]) -> float | None:
     return _clamp(when.timestamp() - time.time())
 
 
-#: ``json.dumps(value, ensure_ascii=False, allow_nan=False)`` with its encoder made once
-_BODY_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
-
-
 def encode_body(body: dict[str, Any]) -> bytes:
     """``body`` as UTF-8 JSON.
 
@@ -167,7 +163,7 @@ def encode_body(body: dict[str, Any]) -> bytes:
             ``"\\ud800"``); ``field`` names it (``messages[1].content``).
     """
     try:
-        return _BODY_JSON(body).encode("utf-8")
+        return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         where = unencodable_field(body.get("messages") or ()) or ("messages", -1)
         field, pos = where

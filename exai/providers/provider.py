@@ -90,16 +90,11 @@ def breaker_records(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamRetryableError | UpstreamMalformedResponse)
 
 
-#: ``json.dumps(value, ensure_ascii=False, default=str)`` with its encoder made once (``dumps``
-#: builds a ``JSONEncoder`` per call when given any option)
-_ESTIMATE_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode
-
-
 def estimate_tokens(messages: Any, max_output_tokens: int | None) -> int:
     """What a request may cost against a TPM budget: its messages as sent
     (:func:`exai.providers.tokens.estimate`, plus a little for the envelope) and the output
     cap."""
-    text = _ESTIMATE_JSON(messages)
+    text = json.dumps(messages, ensure_ascii=False, default=str)
     return tokens.estimate(text) + 8 + (max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
 
 
