@@ -9,7 +9,8 @@ reads and 3 scopes in these layers (issue 18, part 9).
 Here the running library is read from sniffio's thread-local, which trio sets for as long as
 it runs a task and which sniffio (so anyio) reads first; under trio, trio's own primitives are
 used — what anyio's trio backend delegates to, with the same errors — and under anything else
-the call goes to anyio as before. So behaviour is anyio's under every backend.
+the call goes to anyio as before. So behaviour is anyio's under every backend. Importable
+without trio and sniffio (``exai.resilience`` needs only anyio): then every call is anyio's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import sniffio
-import trio
+
+try:
+    import trio
+    from sniffio import thread_local as _library
+except ImportError:  # ``pip install exai`` without the daemon extras: no trio, so never trio
+
+    class _NoLibrary:
+        name = None
+
+    _library = _NoLibrary()  # type: ignore[assignment]
+    trio = None  # type: ignore[assignment]
 
 __all__ = [
     "cancel_scope",
@@ -30,8 +40,6 @@ __all__ = [
     "move_on_after",
     "wait_readable",
 ]
-
-_library = sniffio.thread_local
 
 
 def current_time() -> float:

@@ -96,3 +96,27 @@ async def test_wait_readable_waits_for_data_and_maps_a_close_to_anyios_error() -
 def test_outside_a_loop_the_clock_raises_as_anyios() -> None:
     with pytest.raises(anyio.NoEventLoopError):
         aio.current_time()
+
+
+def test_without_trio_and_sniffio_installed_every_call_is_anyios() -> None:
+    """``exai.resilience`` needs only anyio (``pip install exai``): the module imports and
+    works on asyncio with neither trio nor sniffio importable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['trio'] = None; sys.modules['sniffio'] = None\n"
+        "import asyncio\n"
+        "from exai.resilience import loop as aio\n"
+        "async def main():\n"
+        "    with aio.move_on_after(0.01) as scope:\n"
+        "        await asyncio.sleep(5)\n"
+        "    assert scope.cancelled_caught and aio.current_time() > 0\n"
+        "    await aio.checkpoint_if_cancelled()\n"
+        "asyncio.run(main())\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.stdout.strip() == "ok", out.stderr
