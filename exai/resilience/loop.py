@@ -9,8 +9,9 @@ reads and 3 scopes in these layers (issue 18, part 9).
 Here the running library is read from sniffio's thread-local, which trio sets for as long as
 it runs a task and which sniffio (so anyio) reads first; under trio, trio's own primitives are
 used — what anyio's trio backend delegates to, with the same errors — and under anything else
-the call goes to anyio as before. So behaviour is anyio's under every backend. Importable
-without trio and sniffio (``exai.resilience`` needs only anyio): then every call is anyio's.
+the call goes to anyio as before. So behaviour is anyio's under every backend. Imports
+neither trio (until a call made under trio) nor anything else of the daemon: without trio and
+sniffio (``exai.resilience`` needs only anyio) every call is anyio's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import anyio
 import anyio.lowlevel
 
 try:
-    import trio
     from sniffio import thread_local as _library
 except ImportError:  # ``pip install exai`` without the daemon extras: no trio, so never trio
 
@@ -30,7 +30,19 @@ except ImportError:  # ``pip install exai`` without the daemon extras: no trio, 
         name = None
 
     _library = _NoLibrary()  # type: ignore[assignment]
-    trio = None  # type: ignore[assignment]
+
+#: the ``trio`` module, imported at the first call made under trio (``exai.resilience``
+#: imports nothing of the daemon: trio is imported here only once it runs)
+_trio: Any = None
+
+
+def _trio_module() -> Any:
+    global _trio
+    import trio
+
+    _trio = trio
+    return trio
+
 
 __all__ = [
     "cancel_scope",
@@ -49,7 +61,7 @@ def current_time() -> float:
         anyio.NoEventLoopError: no event loop runs in this thread (as anyio).
     """
     if _library.name == "trio":
-        return trio.current_time()
+        return (_trio or _trio_module()).current_time()
     return anyio.current_time()
 
 
@@ -57,7 +69,7 @@ def current_effective_deadline() -> float:
     """:func:`anyio.current_effective_deadline`: the nearest deadline of the enclosing cancel
     scopes, on the loop's clock (``math.inf`` when none; ``-math.inf`` once cancelled)."""
     if _library.name == "trio":
-        return trio.current_effective_deadline()
+        return (_trio or _trio_module()).current_effective_deadline()
     return anyio.current_effective_deadline()
 
 
@@ -69,7 +81,7 @@ def cancel_scope(*, deadline: float = math.inf, shield: bool = False) -> Any:
     ``cancel_called`` and ``cancelled_caught``, which both have.
     """
     if _library.name == "trio":
-        return trio.CancelScope(deadline=deadline, shield=shield)
+        return (_trio or _trio_module()).CancelScope(deadline=deadline, shield=shield)
     return anyio.CancelScope(deadline=deadline, shield=shield)
 
 
@@ -84,7 +96,7 @@ async def checkpoint_if_cancelled() -> None:
     """:func:`anyio.lowlevel.checkpoint_if_cancelled`: raise the cancellation if the enclosing
     scope is cancelled; no scheduling point otherwise."""
     if _library.name == "trio":
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await (_trio or _trio_module()).lowlevel.checkpoint_if_cancelled()
     else:
         await anyio.lowlevel.checkpoint_if_cancelled()
 
@@ -100,6 +112,7 @@ async def wait_readable(obj: Any) -> None:
     if _library.name != "trio":
         await anyio.wait_readable(obj)
         return
+    trio = _trio or _trio_module()
     try:
         await trio.lowlevel.wait_readable(obj)
     except trio.ClosedResourceError as exc:
