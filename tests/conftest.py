@@ -34,6 +34,31 @@ def _check_the_builtin_tool_schemas_once() -> None:
 
 _check_the_builtin_tool_schemas_once()
 
+
+def _share_one_client_ssl_context() -> None:
+    """Every ``httpx.AsyncClient`` builds an SSL context in its constructor — it reads and
+    parses the CA bundle from disk, tens of milliseconds, and on a machine whose disk is busy
+    (another suite's fsyncs) over 100 ms — even for the ``http://`` loopback URLs of the tests.
+    Tests make their clients (theirs, and the MCP SDK's) inside the trio loop, so the stall
+    detector rightly saw a blocking call there (``mcp_http`` at 102–193 ms under a ``dd … fsync``
+    loop, 7 of 20 runs). The default context is built once, here, and shared: an SSL context
+    may serve many connections. Any other ``verify``/``cert`` is built as httpx would."""
+    import httpx
+    import httpx._transports.default as default
+
+    shared = httpx.create_ssl_context()
+    build = default.create_ssl_context
+
+    def create_ssl_context(verify: object = True, cert: object = None, trust_env: bool = True):  # type: ignore[no-untyped-def]
+        if verify is True and cert is None:
+            return shared
+        return build(verify=verify, cert=cert, trust_env=trust_env)  # type: ignore[arg-type]
+
+    default.create_ssl_context = create_ssl_context  # type: ignore[assignment]
+
+
+_share_one_client_ssl_context()
+
 #: folders whose async tests are wrapped in the stall detector
 STALL_CHECKED = (
     "server",
