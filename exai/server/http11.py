@@ -187,8 +187,8 @@ async def linger(stream: trio.abc.HalfCloseableStream) -> None:
 def whole_response(
     status: int, headers: Iterable[tuple[str, str]], body: bytes = b"", *, close: bool = False
 ) -> bytes:
-    """A whole response (``Content-Length`` set; ``Connection: close`` with ``close``) to a
-    ``POST`` whose body was read: the bytes h11 writes for it, built without h11.
+    """A whole response (``Content-Length`` set, but on a 204; ``Connection: close`` with
+    ``close``) to a ``POST`` whose body was read: the bytes h11 writes for it, built without h11.
 
     The caller keeps h11's rules itself: one response per request (h11's state is left
     behind, the next request is read with a fresh one, or by :func:`parse_plain_request`),
@@ -202,7 +202,8 @@ def whole_response(
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b""))]
     for name, value in headers:
         lines.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
-    lines.append(b"Content-Length: %d\r\n" % len(body))
+    if status != 204:  # (RFC 9110 §8.6: a 204 carries no Content-Length)
+        lines.append(b"Content-Length: %d\r\n" % len(body))
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
@@ -241,7 +242,8 @@ async def send_response(
     close: bool = False,
     head_request: bool = False,
 ) -> None:
-    """Send a whole response (``Content-Length`` set; ``Connection: close`` with ``close``).
+    """Send a whole response (``Content-Length`` set, but on a 204 — RFC 9110 §8.6 forbids it
+    there; ``Connection: close`` with ``close``).
 
     With ``head_request`` (the request was ``HEAD``) only the head is sent: h11 refuses a body
     then, and a refusal with one never reached its client.
@@ -251,7 +253,8 @@ async def send_response(
         h11.LocalProtocolError: the connection cannot carry a response now.
     """
     hs = [(k, v) for k, v in headers]
-    hs.append(("Content-Length", str(len(body))))
+    if status != 204:  # (RFC 9110 §8.6: a 204 carries no Content-Length)
+        hs.append(("Content-Length", str(len(body))))
     if close:
         hs.append(("Connection", "close"))
     data = conn.send(h11.Response(status_code=status, headers=hs, reason=reason_phrase(status)))

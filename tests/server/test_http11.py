@@ -85,6 +85,15 @@ def test_a_whole_response_is_the_bytes_h11_writes_for_it(status, close, headers)
     )
 
 
+@pytest.mark.parametrize("close", [False, True])
+def test_a_204_carries_no_content_length(close):
+    """RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204 (the door's answer to
+    DELETE; both writers sent ``Content-Length: 0``, found by the attack on part 7)."""
+    for data in (whole_response(204, [], close=close), _h11_bytes(204, [], b"", close)):
+        assert b"content-length" not in data.lower(), data
+        assert data.startswith(b"HTTP/1.1 204 ") and data.endswith(b"\r\n\r\n")
+
+
 @pytest.mark.parametrize(
     "request_bytes", [_post(extra=b"Connection: close\r\n"), _post(version=b"1.0")]
 )
