@@ -51,9 +51,15 @@ Nothing runs on the loop while a step blocks it, so a step that blocks for ``B``
 the probe's next wake-up at least ``B`` after its previous one: its lateness (the gap minus the
 interval) is at least ``B - interval_s``, and no step longer than ``threshold_s + interval_s``
 goes unseen. The run-queue delay of the loop's thread over the same gap is subtracted (as with
-``exclude_descheduled``), so a loaded machine is not a stall. What it also sees, and an
-instrument did not: a scheduler batch of many short steps that kept the loop from its timers
-that long — which is loop latency all the same.
+``exclude_descheduled``), so a loaded machine is not a stall; and, for a wake-up late by more
+than the threshold, the run-queue delay of the process's other threads too, down to no less
+than the CPU time the loop thread used in the gap (as for a step, above: the loop asleep
+waiting for the GIL of a thread the machine keeps off the CPU; a full slow_upstream run logged
+82.5 ms with the store thread, the mock and the load process sharing two CPUs). Their delays
+are read every ``OTHERS_SNAPSHOT_EVERY_S`` from descriptors kept open (a ``pread`` per thread;
+an idle probe's CPU unchanged within noise: 16–20 ms/s with and without, on a slower VM). What
+it also sees, and an instrument did not: a scheduler batch of many short steps that kept the
+loop from its timers that long — which is loop latency all the same.
 
 Which code stalled: a watchdog thread (:mod:`threading`, never on the loop) wakes every
 ``threshold_s / 2``; when the probe is overdue it reads the loop thread's stack
@@ -83,6 +89,7 @@ import collections
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import sys
 import threading
@@ -119,6 +126,12 @@ def _run_delay_ns(fd: int) -> int:
     return int(os.pread(fd, 128, 0).split()[1])
 
 
+def _on_cpu_and_run_delay_ns(fd: int) -> tuple[int, int]:
+    """Nanoseconds this thread has spent on a CPU, and runnable but not running (one read)."""
+    fields = os.pread(fd, 128, 0).split()
+    return int(fields[0]), int(fields[1])
+
+
 #: How old the snapshot of the other threads' run-queue delays may be when a step begins.
 OTHERS_SNAPSHOT_EVERY_S = 0.02
 
@@ -146,6 +159,58 @@ def _other_threads_run_delay_ns(own_tid: int) -> dict[int, int]:
         finally:
             os.close(fd)
     return delays
+
+
+class _OtherThreads:
+    """The run-queue delays of the process's other threads, for :class:`LoopProbe`: each
+    thread's ``schedstat`` is kept open and read with one ``pread``; the list of threads is
+    read again at most every :data:`OTHERS_RELIST_EVERY_S` (and before every look at a stall),
+    so a snapshot costs a read per thread rather than a directory listing and an open, a read
+    and a close per thread."""
+
+    def __init__(self, own_tid: int) -> None:
+        self._own = own_tid
+        self._fds: dict[int, int] = {}
+        self._listed_at = -math.inf
+
+    def delays(self, now: float, *, relist: bool = False) -> dict[int, int]:
+        """``{thread id: run-queue delay in ns}`` (``now``: ``time.perf_counter()``)."""
+        if relist or now - self._listed_at >= OTHERS_RELIST_EVERY_S:
+            self._listed_at = now
+            self._relist()
+        delays: dict[int, int] = {}
+        for tid, fd in list(self._fds.items()):
+            try:
+                delays[tid] = _run_delay_ns(fd)
+            except (OSError, ValueError, IndexError):  # (the thread ended)
+                del self._fds[tid]
+                os.close(fd)
+        return delays
+
+    def _relist(self) -> None:
+        try:
+            tids = {int(name) for name in os.listdir("/proc/self/task")}
+        except OSError:
+            tids = set()
+        tids.discard(self._own)
+        for tid in self._fds.keys() - tids:
+            os.close(self._fds.pop(tid))
+        for tid in tids - self._fds.keys():
+            try:
+                self._fds[tid] = os.open(
+                    f"/proc/self/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC
+                )
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+#: How often :class:`LoopProbe` looks for threads begun or ended since.
+OTHERS_RELIST_EVERY_S = 1.0
 
 
 def _load_timerfd() -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -429,6 +494,13 @@ class LoopProbe:
         on_stall: called as ``on_stall(duration_s, where)`` for each stall, on the loop.
         interval_s: how often the probe wakes.
         exclude_descheduled: subtract the loop thread's run-queue delay (Linux).
+        exclude_others: with ``exclude_descheduled``, a wake-up late by more than the threshold
+            is looked at once more: the run-queue delay the process's other threads
+            accumulated meanwhile is subtracted too, down to no less than the CPU time the
+            loop thread used in the gap — as :class:`StallDetector` does for a step (the
+            loop waiting asleep for the GIL held by a thread the machine keeps off the CPU is
+            the machine's load, not a blocking call). Their delays are read at most every
+            ``OTHERS_SNAPSHOT_EVERY_S``, so up to that much from before the gap counts too.
 
     Attributes:
         max_stall_s: the latest wake-up seen (less run-queue delay), over the threshold or not.
@@ -444,11 +516,13 @@ class LoopProbe:
         *,
         interval_s: float = 0.01,
         exclude_descheduled: bool = True,
+        exclude_others: bool = True,
     ) -> None:
         self.threshold_s = threshold_s
         self.on_stall = on_stall
         self.interval_s = interval_s
         self.exclude_descheduled = exclude_descheduled
+        self.exclude_others = exclude_others
         self._stalls: collections.deque[tuple[float, str]] = collections.deque(
             maxlen=MAX_KEPT_STALLS
         )
@@ -489,22 +563,37 @@ class LoopProbe:
         interval = self.interval_s
         timer = _Timer.open() if _system_clock() else None
         sleep = timer.sleep if timer is not None else trio.sleep
+        others = (
+            _OtherThreads(threading.get_native_id())
+            if fd is not None and self.exclude_others
+            else None
+        )
         try:
             # (the run-queue delay is read once per wake-up: what was read as the probe woke is
             # where the next gap starts, as is the wall time read then)
-            delay0 = _run_delay_ns(fd) if fd is not None else 0
+            cpu0, delay0 = _on_cpu_and_run_delay_ns(fd) if fd is not None else (0, 0)
             self._slept_at = started = perf()
+            snapshot_at = started
+            snapshot = others.delays(started) if others is not None else {}
             while True:
                 await sleep(interval)
                 woke = perf()
                 late = woke - started - interval
                 if fd is not None:
-                    delay = _run_delay_ns(fd)
+                    cpu, delay = _on_cpu_and_run_delay_ns(fd)
                     off_cpu = (delay - delay0) / 1e9
-                    delay0 = delay
+                    ran = (cpu - cpu0) / 1e9
+                    cpu0, delay0 = cpu, delay
                     if off_cpu > 0:
                         self.descheduled_s += off_cpu
                         late -= off_cpu
+                    if others is not None:
+                        if late > self.threshold_s:
+                            now = others.delays(woke, relist=True)
+                            late = self._less_others_delay(late, ran, snapshot, now)
+                            snapshot, snapshot_at = now, woke
+                        elif woke - snapshot_at >= OTHERS_SNAPSHOT_EVERY_S:
+                            snapshot, snapshot_at = others.delays(woke), woke
                 self.probes += 1
                 if late > self.max_stall_s:
                     self.max_stall_s = late
@@ -518,10 +607,26 @@ class LoopProbe:
                 self._slept_at = started = woke
         finally:
             self._stop.set()
+            if others is not None:
+                others.close()
             if fd is not None:
                 os.close(fd)
             if timer is not None:
                 timer.close()
+
+    def _less_others_delay(
+        self, late: float, ran: float, snapshot: dict[int, int], now: dict[int, int]
+    ) -> float:
+        """``late`` less the run-queue delay the other threads accumulated from ``snapshot``
+        to ``now``, but never below the CPU time the loop thread used in the gap (``ran``)."""
+        waited_ns = 0
+        for other, delay in now.items():
+            # a thread absent from the snapshot began since: all its delay is in the window
+            waited_ns += max(0, delay - snapshot.get(other, 0))
+        kept = max(min(late, ran), late - waited_ns / 1e9)
+        if kept < late:
+            self.descheduled_s += late - kept
+        return kept
 
     def _watch(self) -> None:
         """The watchdog thread: name what the loop thread runs while the probe is overdue."""
@@ -570,10 +675,11 @@ def loop_probe(
     on_stall: Callable[[float, str], None] | None = None,
     *,
     interval_s: float = 0.01,
+    exclude_others: bool = True,
 ) -> Iterator[LoopProbe]:
     """Run a :class:`LoopProbe` in the current trio run for the ``with`` block (a system task,
     so it is no child of the caller's nurseries; stopped on exit)."""
-    probe = LoopProbe(threshold_s, on_stall, interval_s=interval_s)
+    probe = LoopProbe(threshold_s, on_stall, interval_s=interval_s, exclude_others=exclude_others)
     scope = trio.CancelScope()
 
     async def probing() -> None:

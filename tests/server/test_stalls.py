@@ -398,6 +398,71 @@ async def test_the_probe_stops_with_its_block() -> None:
 
 
 @pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
+async def test_the_probe_does_not_call_waiting_for_a_thread_off_the_cpu_a_stall() -> None:
+    # As for the instrument (test_a_step_waiting_for_a_thread_the_machine_keeps_off_the_cpu_…):
+    # the loop asleep, waiting for the GIL held by a thread the machine keeps in its run queue.
+    # Seen in the full slow_upstream run on a 2-core VM: 82.5 ms "stalls" of the daemon while
+    # its store thread, the mock and the load process shared the CPUs.
+    stop = threading.Event()
+
+    def low_priority_waker() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        while not stop.is_set():
+            time.sleep(0.001)
+
+    with _on_one_busy_cpu():
+        wakers = [threading.Thread(target=low_priority_waker) for _ in range(4)]
+        for waker in wakers:
+            waker.start()
+        try:
+            with (
+                loop_probe(threshold_s=0.1, exclude_others=False) as own,
+                loop_probe(threshold_s=0.1) as all_threads,
+            ):
+                for _ in range(60):
+                    _spin_cpu(0.01)
+                    await trio.lowlevel.checkpoint()
+                    if own.stall_count >= 2:
+                        break
+                await trio.sleep(0.03)  # both probes wake once more
+        finally:
+            stop.set()
+            for waker in wakers:
+                waker.join()
+
+    assert own.stall_count > 0, "the other thread was not kept waiting; the test proves nothing"
+    assert all_threads.stall_count == 0, all_threads.stalls
+    assert all_threads.descheduled_s > own.descheduled_s
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
+async def test_the_probe_keeps_a_cpu_heavy_step_a_stall_however_long_other_threads_waited() -> None:
+    # Four threads spinning on the CPU beside the loop wait in the run queue meanwhile (2 CPUs
+    # for 5 threads): their delay must not excuse what the loop ran itself.
+    stop = threading.Event()
+
+    def spin_elsewhere() -> None:
+        while not stop.is_set():
+            _spin_cpu(0.001)
+
+    others = [threading.Thread(target=spin_elsewhere) for _ in range(4)]
+    for t in others:
+        t.start()
+    try:
+        with loop_probe(threshold_s=0.05) as probe:
+            await trio.sleep(0.03)
+            _spin_cpu(0.2)
+            await trio.sleep(0.03)
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+
+    assert probe.stall_count >= 1, probe.stalls
+    assert max(d for d, _ in probe.stalls) >= 0.2 - probe.interval_s - 0.01
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
 async def test_the_probe_does_not_call_a_busy_machine_a_stall() -> None:
     # As for the instrument above: steps of 20 ms of CPU that the hogs stretch to ~100 ms of
     # wall time. A probe that does not subtract the run-queue delay calls them stalls.
