@@ -106,9 +106,14 @@ async def wait_readable(obj: Any) -> None:
     read.
 
     Raises:
-        anyio.ClosedResourceError: ``obj`` was closed while waited on.
+        anyio.ClosedResourceError: ``obj`` was closed while waited on, or before (a closed
+            socket's descriptor is -1: trio registered a wait for it, failed with a
+            ``ValueError`` and left that wait behind, so every later wait on a closed socket in
+            the run got ``BusyResourceError``; asyncio raised ``ValueError``).
         anyio.BusyResourceError: another task waits to read it.
     """
+    if (obj if type(obj) is int else obj.fileno()) < 0:
+        raise anyio.ClosedResourceError("the socket was closed")
     if _library.name != "trio":
         await anyio.wait_readable(obj)
         return

@@ -93,6 +93,31 @@ async def test_wait_readable_waits_for_data_and_maps_a_close_to_anyios_error() -
         b.close()
 
 
+async def test_a_socket_closed_before_the_wait_is_closed_and_leaves_no_wait_behind() -> None:
+    """A socket closed before the wait (its descriptor is -1) is ``ClosedResourceError``, every
+    time. Before: trio registered a wait for descriptor -1, failed with ``ValueError`` and left
+    the registration behind, so the next wait on any closed socket got ``BusyResourceError``
+    (the fault eb814ae fixed in the server's ``ProgressStream``); asyncio raised ``ValueError``.
+    Live sockets are waited on as before."""
+    for _ in range(2):
+        a, b = socket.socketpair()
+        a.close()
+        with pytest.raises(anyio.ClosedResourceError), anyio.fail_after(5):
+            await aio.wait_readable(a)
+        b.close()
+    c, d = socket.socketpair()
+    try:
+        c.setblocking(False)
+        d.send(b"x")
+        with anyio.fail_after(5):
+            await aio.wait_readable(c)
+            await aio.wait_readable(c.fileno())
+        assert c.recv(1) == b"x"
+    finally:
+        c.close()
+        d.close()
+
+
 def test_outside_a_loop_the_clock_raises_as_anyios() -> None:
     with pytest.raises(anyio.NoEventLoopError):
         aio.current_time()
