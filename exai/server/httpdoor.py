@@ -112,6 +112,7 @@ from exai.server.http11 import (
     chunk,
     chunked_head,
     json_body,
+    linger,
     parse_plain_request,
     read_head,
     reason_phrase,
@@ -495,6 +496,11 @@ class HttpConnection:
             close=True,
             head_request=self._head_request,
         )
+        # The connection ends after a refusal, and the request's body may still be on its way:
+        # closing with it unread resets the connection and the client loses the refusal (found
+        # on kept connections by the attack on issue 18's parts 8–10). Say we are done and read
+        # the rest, within bounds, as the listener does for a first request's refusal.
+        await linger(self.stream)
         return False
 
     async def _serve(self, request: _AnyRequest) -> bool:

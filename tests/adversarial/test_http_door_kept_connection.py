@@ -233,3 +233,53 @@ async def test_each_request_through_a_trusted_balancer_stands_for_its_own_client
                 }
         assert peers == {1: clients[0], 2: clients[1], 3: clients[2]}, peers
         await daemon.assert_serves()
+
+
+async def test_a_refusal_on_a_kept_connection_lets_the_client_finish_sending_its_body(
+    tmp_path: Path,
+) -> None:
+    """A later request refused before its body (here 401, a wrong token) while the client is
+    still sending that body: the door closed at once with the body unread, so its kernel reset
+    the connection — the client's next writes failed, and a refusal still in the door's send
+    queue at that moment is lost (the listener's linger was added for the same loss on a first
+    request: 5 % of a burst of refused POSTs). Found by the attack on issue 18's parts 8–10.
+    Now the door says it is done (FIN) and reads the rest, within bounds, as the listener does:
+    the client sends its whole body, then reads the refusal and a clean end."""
+    async with live_daemon(tmp_path, EXAI_TOKENS=TOKENS) as daemon:
+        parts = urlsplit(http_url(daemon.url))
+        body = b"x" * (768 * 1024)  # (within what the door reads to linger: LINGER_BYTES)
+        refused = request_bytes(
+            daemon.url,
+            body,
+            headers=[
+                ("Content-Type", "application/json"),
+                ("Accept", "application/json"),
+                ("Authorization", "Bearer not-a-token"),
+            ],
+        )
+        outcomes = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+            received, send_failed, reset = b"", False, False
+            async with stream:
+                with trio.fail_after(SERVED_WITHIN_S):
+                    await stream.send_all(_call(daemon.url, 1, ALICE))
+                    while b"\r\n\r\n" not in received or not received.endswith(b"}"):
+                        received += await stream.receive_some(65536)
+                    received = b""
+                    head = refused[: len(refused) - len(body)]
+                    await stream.send_all(head + body[: 64 * 1024])
+                    await trio.sleep(0.2)  # the door has refused (and closed, or lingers)
+                    try:
+                        for at in range(64 * 1024, len(body), 64 * 1024):
+                            await stream.send_all(body[at : at + 64 * 1024])
+                        await stream.send_eof()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        send_failed = True
+                    try:
+                        while data := await stream.receive_some(65536):
+                            received += data
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        reset = True
+            outcomes.append((received[:12], send_failed, reset))
+        assert outcomes == [(b"HTTP/1.1 401", False, False)] * 3, outcomes
