@@ -735,26 +735,7 @@ class HttpConnection:
                 continue
             if isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > limit:
-                    self.shared.stats.rejections["payload_too_large"] += 1
-                    await self._try_refuse(
-                        _Refused(
-                            413,
-                            "payload_too_large",
-                            f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
-                        )
-                    )
-                    return None
-                if not self.meter.take(len(event.data)):
-                    self.shared.stats.rejections["overloaded"] += 1
-                    await self._try_refuse(
-                        _Refused(
-                            503,
-                            "overloaded",
-                            "the daemon holds as many client bytes as its budget allows",
-                            (("Retry-After", "1"),),
-                        )
-                    )
+                if not await self._admit_body_part(size, len(event.data), limit):
                     return None
                 parts.append(bytes(event.data))
                 continue
@@ -766,7 +747,15 @@ class HttpConnection:
     async def _plain_body(self, body: bytes, limit: int) -> bytes | None:
         """A plain request's body, read with its head: within the cap (its ``Content-Length``
         was checked already) and charged to the daemon's budget, as :meth:`_read_body` does."""
-        if len(body) > limit:
+        if not await self._admit_body_part(len(body), len(body), limit):
+            return None
+        return body
+
+    async def _admit_body_part(self, size: int, nbytes: int, limit: int) -> bool:
+        """Whether a part of ``nbytes`` of the body, ``size`` bytes with the parts before it,
+        is within the cap and fits the daemon's budget (it is charged then); else the request
+        is refused — 413, or 503 with ``Retry-After`` — and ``False``."""
+        if size > limit:
             self.shared.stats.rejections["payload_too_large"] += 1
             await self._try_refuse(
                 _Refused(
@@ -775,8 +764,8 @@ class HttpConnection:
                     f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
                 )
             )
-            return None
-        if body and not self.meter.take(len(body)):
+            return False
+        if nbytes and not self.meter.take(nbytes):
             self.shared.stats.rejections["overloaded"] += 1
             await self._try_refuse(
                 _Refused(
@@ -786,8 +775,8 @@ class HttpConnection:
                     (("Retry-After", "1"),),
                 )
             )
-            return None
-        return body
+            return False
+        return True
 
     # ---------------------------------------------------------------- the exchange
     async def _exchange(

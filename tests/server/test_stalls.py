@@ -230,6 +230,30 @@ def _on_one_busy_cpu(hogs: int = 4) -> Iterator[None]:
             h.wait()
 
 
+@contextlib.contextmanager
+def _wakers_on_one_busy_cpu(wakers: int = 4) -> Iterator[None]:
+    """The block on one CPU with busy processes (:func:`_on_one_busy_cpu`), beside ``wakers``
+    threads of this process that wake every millisecond (so ask for the GIL) at the lowest
+    priority (``SCHED_IDLE``): threads the machine keeps off the CPU while the loop waits."""
+    stop = threading.Event()
+
+    def low_priority_waker() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        while not stop.is_set():
+            time.sleep(0.001)
+
+    with _on_one_busy_cpu():
+        threads = [threading.Thread(target=low_priority_waker) for _ in range(wakers)]
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
+
 @pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat and CPU affinity")
 async def test_a_step_slowed_only_by_other_processes_is_not_a_stall() -> None:
     # The loop's thread shares one CPU with four busy processes: a step of 20 ms of CPU takes
@@ -258,35 +282,18 @@ async def test_a_step_waiting_for_a_thread_the_machine_keeps_off_the_cpu_is_not_
     # wake every millisecond (so ask for the GIL) at the lowest priority (SCHED_IDLE), on one CPU
     # with four busy processes, while the loop runs steps of 10 ms of CPU (seen: up to 2 s of
     # wall time, the loop thread's own run-queue delay explaining a fraction).
-    stop = threading.Event()
-
-    def low_priority_waker() -> None:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        while not stop.is_set():
-            time.sleep(0.001)
-
-    with _on_one_busy_cpu():
-        wakers = [threading.Thread(target=low_priority_waker) for _ in range(4)]
-        for waker in wakers:
-            waker.start()
-        try:
-            # the suite's threshold (0.1 s); steps until the old measure has been fooled twice
-            # (the kernel decides when the low-priority threads run), 60 at most
-            with (
-                stall_detector(
-                    threshold_s=0.1, exclude_descheduled=True, exclude_others=False
-                ) as own,
-                stall_detector(threshold_s=0.1, exclude_descheduled=True) as all_threads,
-            ):
-                for _ in range(60):
-                    _spin_cpu(0.01)
-                    await trio.lowlevel.checkpoint()
-                    if own.stall_count >= 2:
-                        break
-        finally:
-            stop.set()
-            for waker in wakers:
-                waker.join()
+    # the suite's threshold (0.1 s); steps until the old measure has been fooled twice
+    # (the kernel decides when the low-priority threads run), 60 at most
+    with (
+        _wakers_on_one_busy_cpu(),
+        stall_detector(threshold_s=0.1, exclude_descheduled=True, exclude_others=False) as own,
+        stall_detector(threshold_s=0.1, exclude_descheduled=True) as all_threads,
+    ):
+        for _ in range(60):
+            _spin_cpu(0.01)
+            await trio.lowlevel.checkpoint()
+            if own.stall_count >= 2:
+                break
 
     assert own.stall_count > 0, "the other thread was not kept waiting; the test proves nothing"
     assert all_threads.stall_count == 0, all_threads.stalls
@@ -401,34 +408,19 @@ async def test_the_probe_stops_with_its_block() -> None:
 async def test_the_probe_does_not_call_waiting_for_a_thread_off_the_cpu_a_stall() -> None:
     # As for the instrument (test_a_step_waiting_for_a_thread_the_machine_keeps_off_the_cpu_…):
     # the loop asleep, waiting for the GIL held by a thread the machine keeps in its run queue.
-    # Seen in the full slow_upstream run on a 2-core VM: 82.5 ms "stalls" of the daemon while
-    # its store thread, the mock and the load process shared the CPUs.
-    stop = threading.Event()
-
-    def low_priority_waker() -> None:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        while not stop.is_set():
-            time.sleep(0.001)
-
-    with _on_one_busy_cpu():
-        wakers = [threading.Thread(target=low_priority_waker) for _ in range(4)]
-        for waker in wakers:
-            waker.start()
-        try:
-            with (
-                loop_probe(threshold_s=0.1, exclude_others=False) as own,
-                loop_probe(threshold_s=0.1) as all_threads,
-            ):
-                for _ in range(60):
-                    _spin_cpu(0.01)
-                    await trio.lowlevel.checkpoint()
-                    if own.stall_count >= 2:
-                        break
-                await trio.sleep(0.03)  # both probes wake once more
-        finally:
-            stop.set()
-            for waker in wakers:
-                waker.join()
+    # (A full slow_upstream run on a 2-core VM logged 82.5 ms while the daemon's store thread,
+    # the mock and the load process shared the CPUs.)
+    with (
+        _wakers_on_one_busy_cpu(),
+        loop_probe(threshold_s=0.1, exclude_others=False) as own,
+        loop_probe(threshold_s=0.1) as all_threads,
+    ):
+        for _ in range(60):
+            _spin_cpu(0.01)
+            await trio.lowlevel.checkpoint()
+            if own.stall_count >= 2:
+                break
+        await trio.sleep(0.03)  # both probes wake once more
 
     assert own.stall_count > 0, "the other thread was not kept waiting; the test proves nothing"
     assert all_threads.stall_count == 0, all_threads.stalls
