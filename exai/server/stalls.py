@@ -168,8 +168,10 @@ class _OtherThreads:
     so a snapshot costs a read per thread rather than a directory listing and an open, a read
     and a close per thread."""
 
-    def __init__(self, own_tid: int) -> None:
+    def __init__(self, own_tid: int, skip: set[int]) -> None:
         self._own = own_tid
+        #: threads never waited for (the probe's watchdog adds itself once it runs)
+        self._skip = skip
         self._fds: dict[int, int] = {}
         self._listed_at = -math.inf
 
@@ -193,6 +195,7 @@ class _OtherThreads:
         except OSError:
             tids = set()
         tids.discard(self._own)
+        tids -= self._skip
         for tid in self._fds.keys() - tids:
             os.close(self._fds.pop(tid))
         for tid in tids - self._fds.keys():
@@ -536,6 +539,9 @@ class LoopProbe:
         self._where: str | None = None
         self._loop_thread = 0
         self._stop = threading.Event()
+        #: threads the loop never waits for: the watchdog (it only reads the loop's stack), so
+        #: its own run-queue delay never excuses a late wake-up
+        self._not_waited_for: set[int] = set()
 
     @property
     def stalls(self) -> list[tuple[float, str]]:
@@ -564,7 +570,7 @@ class LoopProbe:
         timer = _Timer.open() if _system_clock() else None
         sleep = timer.sleep if timer is not None else trio.sleep
         others = (
-            _OtherThreads(threading.get_native_id())
+            _OtherThreads(threading.get_native_id(), self._not_waited_for)
             if fd is not None and self.exclude_others
             else None
         )
@@ -630,6 +636,7 @@ class LoopProbe:
 
     def _watch(self) -> None:
         """The watchdog thread: name what the loop thread runs while the probe is overdue."""
+        self._not_waited_for.add(threading.get_native_id())
         overdue = self.interval_s + self.threshold_s
         while True:
             slept_at = self._slept_at
