@@ -46,6 +46,7 @@ __all__ = [
     "parse_plain_request",
     "read_head",
     "reason_phrase",
+    "route_path",
     "send_response",
     "whole_response",
 ]
@@ -119,6 +120,43 @@ async def read_head(
                 )
             return Head(conn=conn, request=event, raw=bytes(raw))
         return None  # ConnectionClosed (or PAUSED, which a fresh cycle never is)
+
+
+# RFC 9112 §3.2.2's absolute-form with an http(s) scheme (any case): its authority, then its path
+# and query (a fragment is no part of a request target: such a target routes nowhere)
+_ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?#]*)([^#]*)")
+# RFC 3986's authority with a host (RFC 9110 §4.2.1) and no user info (§4.2.4): an IP literal or
+# a reg-name, then an optional port
+_AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]+)(?::[0-9]*)?")
+
+
+def route_path(target: str) -> str:
+    """The path a request target names, its query dropped: what the listener's doors route by.
+
+    * origin-form: ``/mcp?x=1`` → ``/mcp``;
+    * absolute-form with an ``http`` or ``https`` scheme (any case): ``http://127.0.0.1:8079/mcp?x=1``
+      → ``/mcp``, an empty path being ``/``. RFC 9112 §3.2.2: a server MUST accept this form,
+      and the target's authority, not ``Host``, then says which host the request is for. exai
+      routes by neither (one host per listener) and refuses DNS rebinding by ``Origin``
+      (:mod:`exai.server.origins`), so the authority is only checked to be one;
+    * anything else — ``CONNECT``'s authority-form ``host:port``, ``OPTIONS``' ``*``, another
+      scheme — is returned as it is: a path no door serves (404).
+
+    Raises:
+        ValueError: an absolute-form target whose authority has no host, carries user info or
+            is not ``host[:port]`` (RFC 9110 §4.2.1: a recipient MUST reject an empty host;
+            §4.2.4: user info SHOULD be treated as an error): the caller answers 400.
+    """
+    if target[:1] == "/":
+        return target.split("?", 1)[0]
+    form = _ABSOLUTE_FORM.fullmatch(target)
+    if form is None:
+        return target
+    if _AUTHORITY.fullmatch(form[1]) is None:
+        raise ValueError(
+            f"the request target's authority {form[1][:100]!r} is not a host[:port]"
+        )
+    return form[2].split("?", 1)[0] or "/"
 
 
 def header_values(request: h11.Request, name: bytes) -> list[str]:
@@ -329,20 +367,22 @@ def parse_plain_request(data: bytes) -> tuple[PlainRequest, int] | None:
     Plain: an HTTP/1.1 request line and header lines that h11's own grammar accepts (minus the
     control bytes, obsolete line folding and bare LF it tolerates), a head under
     :data:`PLAIN_HEAD_BYTES`, exactly one ``Host``, exactly one ``Content-Length`` (digits) whose
-    body is all in ``data``, and none of ``Transfer-Encoding``, ``Expect``, ``Upgrade``,
-    ``Connection``. For such bytes h11 gives the same request, body and leftover bytes, and
-    leaves the connection kept (``their_state`` ``DONE``): ``tests/server/test_http11.py``
-    checks this against h11 on the same bytes. Everything else — chunked bodies, conflicting or
-    missing lengths, a head or body still arriving, anything malformed — is h11's to read (or
-    refuse), as before. Why: h11 reads a request with its body in ≈ 20 µs, this in ≈ 4 µs
-    (issue 18; benchmarks/README.md, part 10).
+    body is all in ``data``, none of ``Transfer-Encoding``, ``Expect``, ``Upgrade``,
+    ``Connection``, and a method other than ``CONNECT`` (after which h11 waits for the tunnel to be
+    granted or refused). The target is h11's (origin-, absolute-, authority- or asterisk-form alike:
+    the door reads it, :func:`route_path`). For such bytes h11 gives the same request, body and
+    leftover bytes, and leaves the connection kept (``their_state`` ``DONE``):
+    ``tests/server/test_http11.py`` checks this against h11 on the same bytes. Everything else —
+    chunked bodies, conflicting or missing lengths, a head or body still arriving, anything
+    malformed — is h11's to read (or refuse), as before. Why: h11 reads a request with its body in ≈
+    20 µs, this in ≈ 4 µs (issue 18; benchmarks/README.md, part 10).
     """
     end = data.find(b"\r\n\r\n", 0, PLAIN_HEAD_BYTES)
     if end < 0:
         return None
     first = data.find(b"\r\n", 0, end + 2)
     line = _REQUEST_LINE.fullmatch(data, 0, first)
-    if line is None:
+    if line is None or line[1] == b"CONNECT":
         return None
     # every header line h11's grammar (one match over the lines), then each one's name and value
     if _FIELDS.fullmatch(data, first + 2, end + 2) is None:

@@ -6,7 +6,8 @@ deployment: 503 + ``Retry-After``) and hands it here. Each request on it (HTTP/1
 one at a time, read by h11 or, when plain, without it: "Cost per request" below) then goes
 through, in order, before a byte of its body is read::
 
-    path /mcp (404) → Origin (403) → one Authorization, a valid bearer token (400, 401 with
+    path /mcp, origin- or absolute-form (404; 400 for an absolute-form authority not host[:port])
+    → Origin (403) → one Authorization, a valid bearer token (400, 401 with
     WWW-Authenticate) → method: POST; DELETE ends a session; anything else 405
     → draining / overloaded (503 + Retry-After: the body was not read, so a balancer may
     re-send it elsewhere) → Content-Type application/json (415) → Accept (406)
@@ -116,6 +117,7 @@ from exai.server.http11 import (
     parse_plain_request,
     read_head,
     reason_phrase,
+    route_path,
     send_response,
     whole_response,
 )
@@ -548,8 +550,11 @@ class HttpConnection:
             # same, not served as HTTP/1.1)
             version = request.http_version.decode("ascii", "replace")
             raise _Refused(505, "bad_request", f"HTTP/{version} is not served; use HTTP/1.1")
-        target = request.target.decode("latin-1")
-        if target.split("?", 1)[0] != "/mcp":
+        try:
+            path = route_path(request.target.decode("latin-1"))  # (absolute-form too)
+        except ValueError as exc:
+            raise _Refused(400, "bad_request", str(exc)) from None
+        if path != "/mcp":
             raise _Refused(404, "not_found", "the MCP endpoint is /mcp")
         origins = hdrs.values(b"origin")
         if len(origins) > 1:

@@ -57,6 +57,7 @@ from exai.server.http11 import (
     json_body,
     linger,
     read_head,
+    route_path,
     send_response,
 )
 from exai.server.origins import OriginPolicy
@@ -417,7 +418,7 @@ class Listener:
             return refusal, ""
         ok = False
         try:
-            path = request.path.split("?", 1)[0]
+            path = route_path(request.path)  # (absolute-form too: checked by _malformed_upgrade)
             if path in ("/", "") and self.legacy_door is not None:
                 ok = True  # the old op protocol authenticates in its first message
                 return None, "legacy"
@@ -452,9 +453,14 @@ def _body(reason: str, message: str) -> bytes:
 def _malformed_upgrade(request: WebSocketRequest) -> str | None:
     """Why the upgrade request is refused with 400 before anything else, or ``None``.
 
-    An HTTP/1.0 upgrade (RFC 6455 needs 1.1), and more than one ``Authorization`` header
-    (which one counts would depend on the reader; a proxy may have checked the other).
+    An HTTP/1.0 upgrade (RFC 6455 needs 1.1), more than one ``Authorization`` header
+    (which one counts would depend on the reader; a proxy may have checked the other), and an
+    absolute-form target whose authority is not one (:func:`~exai.server.http11.route_path`).
     """
+    try:
+        route_path(request.path)
+    except ValueError as exc:
+        return str(exc)
     version = http_version(request)
     if version is not None and version != b"1.1":
         return f"a WebSocket upgrade needs HTTP/1.1 (got HTTP/{version.decode('ascii', 'replace')})"

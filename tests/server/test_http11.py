@@ -19,6 +19,7 @@ from exai.server.http11 import (
     chunk,
     chunked_head,
     parse_plain_request,
+    route_path,
     send_response,
     whole_response,
 )
@@ -190,6 +191,12 @@ def _agrees_with_h11(data: bytes) -> bool:
         b"X-Pad: \t a  b \t\r\n\r\nabcdefg",
         b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: \xe9\xff\r\n\r\n{}",
         b"GET /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nAccept: a\r\nAccept: b\r\n\r\n",
+        # the request target's other forms: h11's grammar, the door's to read (route_path)
+        _mcp_post().replace(b"POST /mcp ", b"POST http://127.0.0.1:8765/mcp ", 1),
+        _mcp_post().replace(b"POST /mcp ", b"POST HTTPS://[::1]/mcp?a=1 ", 1),
+        _mcp_post().replace(b"POST /mcp ", b"POST http://evil.example ", 1),
+        _mcp_post().replace(b"POST /mcp ", b"POST http:///mcp ", 1),
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 def test_the_plain_reader_reads_a_plain_request_as_h11_does(data):
@@ -250,8 +257,14 @@ def test_the_plain_reader_reads_a_plain_request_as_h11_does(data):
             b"Content-Length: 0\r\n\r\n",
             "request",
         ),
+        # CONNECT: h11 then waits for the tunnel to be granted or refused (MIGHT_SWITCH_PROTOCOL,
+        # not DONE); the plain reader took it as a kept request
+        (b"CONNECT 127.0.0.1:8765 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "request"),
         # the head's grammar
         (b"POST /mcp HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "error"),  # no Host
+        (b"POST http://h/mcp HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "error"),  # no Host
+        (b"POST http://h/m\x80 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "error"),
+        (b"POST http://h /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "error"),
         (b"POST /mcp HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 2\r\n\r\n{}", "error"),
         (b"POST /mcp HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\n{}", "request"),
         (b"POST /mcp HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}", "request"),  # bare LF
@@ -298,6 +311,7 @@ def test_the_plain_reader_agrees_with_h11_on_mutated_requests():
     seeds = [
         _mcp_post(),
         _mcp_post() + _mcp_post(b"{}"),
+        _mcp_post().replace(b"POST /mcp ", b"POST http://127.0.0.1:8765/mcp?a=1 ", 1),
         b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nX: a b\r\n\r\n0123456789ab",
     ]
     taken = 0
@@ -315,6 +329,49 @@ def test_the_plain_reader_agrees_with_h11_on_mutated_requests():
                 del data[at]
         taken += _agrees_with_h11(bytes(data))
     assert taken > 1000  # (the edits that leave a plain request: a body byte, a value's)
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        ("/mcp", "/mcp"),
+        ("/mcp?x=1&y=/mcp", "/mcp"),
+        ("/", "/"),
+        ("http://127.0.0.1:8079/mcp", "/mcp"),
+        ("HTTP://localhost/mcp?x=1", "/mcp"),
+        ("https://[::1]:8079/mcp", "/mcp"),
+        ("http://evil.example:80/mcp", "/mcp"),  # (any authority: exai judges none, nor Host)
+        ("http://127.0.0.1:8079", "/"),  # an empty path is "/" (RFC 9110 §4.2.3)
+        ("http://127.0.0.1:8079?x=1", "/"),
+        ("http://h/mcp/", "/mcp/"),
+        # routed nowhere (404), as before absolute-form was read
+        ("127.0.0.1:8079", "127.0.0.1:8079"),  # authority-form (CONNECT)
+        ("*", "*"),  # asterisk-form (OPTIONS)
+        ("ftp://h/mcp", "ftp://h/mcp"),
+        ("http://h/mcp#f", "http://h/mcp#f"),  # (a fragment is no part of a target)
+        ("mcp", "mcp"),
+    ],
+)
+def test_a_target_routes_by_its_path_in_origin_and_absolute_form(target, path):
+    assert route_path(target) == path
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http:///mcp",
+        "http://:8079/mcp",
+        "http://alice@127.0.0.1/mcp",
+        "http://alice:pw@127.0.0.1:8079/mcp",
+        "http://h:port/mcp",
+        "http://h h/mcp",
+        "https://[::1/mcp",
+    ],
+)
+def test_an_absolute_form_target_without_a_host_or_with_user_info_is_refused(target):
+    """RFC 9110 §4.2.1 (an empty host MUST be rejected), §4.2.4 (user info is an error)."""
+    with pytest.raises(ValueError, match="authority"):
+        route_path(target)
 
 
 @pytest.mark.parametrize(
