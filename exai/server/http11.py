@@ -15,6 +15,10 @@ building a response. So are an SSE stream's head and chunks on a kept plain requ
 it the same way: :func:`parse_plain_request` takes a plain HTTP/1.1 request that is all there
 (the common keep-alive case) and leaves everything else — every framing rule that is not one
 ``Content-Length``, every bound, every refusal — to h11, which the tests hold it against.
+
+The caller's time bound on a head (the listener's from the accept, the HTTP door's from a kept
+connection's next head's first byte) ends in 408 when some of the head came
+(:data:`HEAD_TIMEOUT_MESSAGE`); a connection that sent nothing is closed without a word.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import trio
 from exai.server.outbox import ProgressStream
 
 __all__ = [
+    "HEAD_TIMEOUT_MESSAGE",
     "LAST_CHUNK",
     "MAX_HEAD_BYTES",
     "PLAIN_HEAD_BYTES",
@@ -53,6 +58,9 @@ __all__ = [
 
 #: the largest request head accepted (request line and headers)
 MAX_HEAD_BYTES = 64 * 1024
+#: the message of a 408 ``head_timeout``: a head began but did not come whole in time (the
+#: listener's bound on a first head, the HTTP door's on a kept connection's later ones)
+HEAD_TIMEOUT_MESSAGE = "the request head did not arrive within EXAI_HANDSHAKE_TIMEOUT_S"
 #: the HTTP versions served (h11 reads any ``HTTP/1.x``, and the HTTP/2 preface as a head of
 #: ``HTTP/2.0``): any other is refused with 505, on every request of a connection
 SERVED_VERSIONS = (b"1.0", b"1.1")

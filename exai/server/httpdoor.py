@@ -59,6 +59,11 @@ event queued at the time in one write (its head with the first event, the answer
 stream's end), while a second task watches for the disconnect. A request's core is freed when
 the request ends: nothing of it is left in a reference cycle for the garbage collector.
 
+**Slow heads.** An idle kept connection is closed after ``EXAI_HTTP_KEEPALIVE_S`` without a
+word; once bytes of its next request's head came, that head must be whole within
+``EXAI_HANDSHAKE_TIMEOUT_S`` of the first (a bound no byte renews), else it is answered 408
+``head_timeout`` and the connection closed — as the listener does for a first head.
+
 **Cost per request** (issue 18; benchmarks/README.md, parts 7 and 10). h11 reads a
 connection's first request (the listener's, which may be a WebSocket upgrade); a kept
 connection's next request, when it is a plain one all there in the bytes read
@@ -106,6 +111,7 @@ from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.forwarded import TrustedProxies, client_address
 from exai.server.http11 import (
+    HEAD_TIMEOUT_MESSAGE,
     LAST_CHUNK,
     MAX_HEAD_BYTES,
     SERVED_VERSIONS,
@@ -413,7 +419,8 @@ class HttpConnection:
                 self._scope.deadline = math.inf
 
     async def _next_request(self) -> _AnyRequest | None:
-        """The next request on a kept connection (``None``: the client closed it first).
+        """The next request on a kept connection (``None``: the client closed it first, or its
+        head did not come whole in time and was answered 408).
 
         A plain request that is all there (:func:`~exai.server.http11.parse_plain_request`:
         what a keep-alive client sends, in one read) is read without h11; anything else — a
@@ -449,7 +456,19 @@ class HttpConnection:
             conn.receive_data(data)
         if closed:
             conn.receive_data(b"")
-        head = await read_head(self.stream, conn, keep_raw=False, wait_first=True)
+            head = await read_head(self.stream, conn, keep_raw=False)
+            return head.request if head is not None else None
+        # Bytes of a head came: the connection is no longer idle, and the head must be whole
+        # within handshake_timeout_s of now — a bound not renewed by each byte (a client
+        # trickling a byte at a time is cut at it, as the first head and a body are) — or it
+        # gets 408 (RFC 9110 §15.5.9), where an idle connection is closed without a word.
+        self._scope.deadline = math.inf
+        with trio.move_on_after(self.door.settings().handshake_timeout_s) as bound:
+            head = await read_head(self.stream, conn, keep_raw=False, wait_first=True)
+        if bound.cancelled_caught:
+            self.shared.stats.rejections["head_timeout"] += 1
+            await self._try_refuse(_Refused(408, "head_timeout", HEAD_TIMEOUT_MESSAGE))
+            return None
         return head.request if head is not None else None
 
     def _h11(self) -> h11.Connection:

@@ -3,8 +3,9 @@
 Data path of a connection::
 
     accept (bounded handshakes) → first request head read with h11 within handshake_timeout_s
-      (400/431 when it is not HTTP/1.x) → the client's address (X-Forwarded-For of a trusted
-      proxy) → a WebSocket upgrade?
+      (400/431 when it is not HTTP/1.x; 408 when it began and did not come whole in time, a
+      connection that sent nothing is closed without a word) → the client's address
+      (X-Forwarded-For of a trusted proxy) → a WebSocket upgrade?
         yes: the bytes read are replayed into trio-websocket, then
              400 malformed upgrade → 403 foreign Origin → 503 draining/overloaded
              → per-IP cap → global cap (503) → per-IP cap of the deployment (Redis, 503)
@@ -49,6 +50,7 @@ from exai.server.auth import Identity, TokenTable
 from exai.server.endings import Endings
 from exai.server.forwarded import client_address, parse_trusted_proxies
 from exai.server.http11 import (
+    HEAD_TIMEOUT_MESSAGE,
     MAX_HEAD_BYTES,
     SERVED_VERSIONS,
     Head,
@@ -78,6 +80,7 @@ SessionRunner = Callable[[WebSocketConnection, str, Identity, ProgressStream], A
 #: a refusal before any protocol state: (status, headers, JSON body)
 _Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
 _JSON_CT = ("Content-Type", "application/json")
+_JSON_BYTES = (b"Content-Type", b"application/json")
 
 
 @attrs.define
@@ -192,9 +195,17 @@ class Listener:
                 timed_out = False
             self._release_handshake(slots)
             if head is None:
-                if timed_out:
+                if timed_out and http.trailing_data[0]:
+                    # a head began and did not come whole in time: say so (RFC 9110 §15.5.9)
+                    self.stats.rejections["head_timeout"] += 1
+                    await self._refuse(
+                        stream,
+                        http,
+                        (408, [_JSON_BYTES], json_body("head_timeout", HEAD_TIMEOUT_MESSAGE)),
+                    )
+                elif timed_out:  # nothing sent at all: closed without a word
                     self.stats.rejections["handshake_timeout"] += 1
-                return  # (the peer closed before a request)
+                return  # (or the peer closed before a request)
             request = head.request
             if request.http_version not in SERVED_VERSIONS:
                 # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head)
@@ -274,26 +285,40 @@ class Listener:
                 _body("not_found", "the MCP endpoint is ws://…/mcp"),
             )
         if refusal is not None:
-            status, headers, body = refusal
-            with trio.move_on_after(self.settings.handshake_timeout_s):
-                await send_response(
-                    stream,
-                    head.conn,
-                    status,
-                    [(k.decode(), v.decode()) for k, v in headers],
-                    body,
-                    close=True,
-                    head_request=head.request.method == b"HEAD",
-                )
-                # the request's body may still be on its way: closing now would reset the
-                # connection and lose the answer (see linger)
-                await linger(stream)
+            await self._refuse(
+                stream, head.conn, refusal, head_request=head.request.method == b"HEAD"
+            )
             return
         assert self.http_door is not None
         stream.turn = self.endings.turn()
         await self.http_door.serve(
             stream, head.conn, head.request, ip, peer=peer, trusted=self.trusted_proxies
         )
+
+    async def _refuse(
+        self,
+        stream: ProgressStream,
+        conn: h11.Connection,
+        refusal: _Refusal,
+        *,
+        head_request: bool = False,
+    ) -> None:
+        """Send ``refusal`` (JSON, ``Connection: close``) on a connection no door has taken,
+        then read what the client is still sending (:func:`~exai.server.http11.linger`: the
+        request's body may still be on its way, and closing with it unread resets the
+        connection and loses the answer), all within ``handshake_timeout_s``."""
+        status, headers, body = refusal
+        with trio.move_on_after(self.settings.handshake_timeout_s):
+            await send_response(
+                stream,
+                conn,
+                status,
+                [(k.decode(), v.decode()) for k, v in headers],
+                body,
+                close=True,
+                head_request=head_request,
+            )
+            await linger(stream)
 
     async def _websocket(
         self, stream: ProgressStream, ip: str, conn_id: str, slots: _Slots

@@ -146,13 +146,21 @@ async def test_client_vanishing_mid_handshake_releases_everything(tmp_path):
         port = int(d.url.rsplit(":", 1)[1].split("/")[0])
         slow = await trio.open_tcp_stream("127.0.0.1", port)
         await slow.send_all(b"GET /mcp HTTP/1.1\r\nHost: x\r\n")  # never finishes (slowloris)
+        silent = await trio.open_tcp_stream("127.0.0.1", port)  # sends nothing at all
         gone = await trio.open_tcp_stream("127.0.0.1", port)
         await gone.send_all(b"GET /mcp HTTP/1.1\r\n")
         await trio.aclose_forcefully(gone)
         with trio.fail_after(5):
-            assert await slow.receive_some(100) == b""  # dropped after the handshake bound
+            answer = b""
+            while chunk := await slow.receive_some(4096):  # 408 at the handshake bound, closed
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert await silent.receive_some(100) == b""  # dropped at the bound, without a word
+        assert d.stats.rejections["head_timeout"] == 1
         assert d.stats.rejections["handshake_timeout"] >= 1
         assert d.admission.open == 0
+        for stream in (slow, silent):
+            await trio.aclose_forcefully(stream)
 
 
 async def test_bearer_token_is_required_when_tokens_are_configured(tmp_path):
