@@ -248,13 +248,19 @@ class StoreThread:
         exception raised here. Cancelled while it runs, the caller leaves at once and the job
         runs on (see the module docstring); ``on_abandon`` is then called (only then: a caller
         cancelled before its job was handed in has nothing running in the thread — whatever
-        runs there is another caller's). A caller already cancelled never hands its job in."""
+        runs there is another caller's). A caller cancelled before its job is handed in —
+        already on entry, while it waits its turn, or after it is given the turn but before it
+        runs again — never hands it in: it gets the cancellation and nothing of its runs."""
         await anyio.lowlevel.checkpoint_if_cancelled()
         await self._acquire()
         try:
             wakeup = self._wakeup
             if wakeup is None:
                 raise StoreUnavailableError("the store thread is not running")
+            # A cancellation that came after the turn was given (or after an abandoned job
+            # ended) is delivered only at the next checkpoint: in the hand-in's wait, after the
+            # job went in. Take it here; nothing from here to the hand-in lets another task run.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             job: _Job[T] = _Job(fn, args)
             self._job = job
             self.jobs += 1
@@ -335,6 +341,9 @@ class StoreThread:
         futex round trips and context switches per job on the benchmark VM (issue 18, part 8,
         ``strace -f``). Handed in after it, the thread finds the GIL free once the loop sleeps
         in its poll.
+
+        The caller must have no cancellation pending (``run`` checks just before): one would
+        be delivered at the wait, after the job went in.
 
         Raises:
             StoreUnavailableError: the descriptor was closed (the store is closing).

@@ -138,6 +138,32 @@ async def test_a_caller_that_leaves_while_queued_never_runs_its_job() -> None:
     assert ran == ["later"]
 
 
+async def test_a_caller_cancelled_just_after_it_is_given_the_turn_hands_no_job_in() -> None:
+    """(The turn came while it was queued and its scope was cancelled before it ran again: it
+    handed its job in anyway — the job ran, for a write a write its caller was told was
+    cancelled — and its ``on_abandon`` was called on it.)"""
+    ran: list[str] = []
+    abandoned: list[str] = []
+    async with StoreThread() as thread:
+        leaving = anyio.CancelScope()
+
+        async def queued() -> None:
+            with leaving:
+                await thread.run(ran.append, "queued", on_abandon=lambda: abandoned.append("x"))
+
+        async with anyio.create_task_group() as tg:
+            async with thread.hold():
+                tg.start_soon(queued)
+                await _until(lambda: thread.waiting == 1)
+            # (no checkpoint since the hold ended: the caller has the turn but has not run yet)
+            leaving.cancel()
+        with anyio.fail_after(GUARD_S):
+            await thread.run(ran.append, "later")  # (after any job handed in has ended)
+        assert not thread.in_use
+    assert leaving.cancelled_caught
+    assert ran == ["later"] and abandoned == []
+
+
 async def test_hold_keeps_jobs_waiting_until_it_ends() -> None:
     ran: list[str] = []
     async with StoreThread() as thread:
