@@ -103,7 +103,7 @@ async def checkpoint_if_cancelled() -> None:
 
 async def wait_readable(obj: Any) -> None:
     """:func:`anyio.wait_readable`: wait until ``obj`` (a socket or a file descriptor) can be
-    read.
+    read. A checkpoint, also when it raises ``ClosedResourceError`` at once.
 
     Raises:
         anyio.ClosedResourceError: ``obj`` was closed while waited on, or before (a closed
@@ -113,6 +113,12 @@ async def wait_readable(obj: Any) -> None:
         anyio.BusyResourceError: another task waits to read it.
     """
     if (obj if type(obj) is int else obj.fileno()) < 0:
+        # (failing at once, it is still the checkpoint the wait would have been: a loop of such
+        # waits can be cancelled and lets the other tasks run)
+        if _library.name == "trio":
+            await (_trio or _trio_module()).lowlevel.checkpoint()
+        else:
+            await anyio.lowlevel.checkpoint()
         raise anyio.ClosedResourceError("the socket was closed")
     if _library.name != "trio":
         await anyio.wait_readable(obj)

@@ -303,7 +303,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         runs): on a plain TCP stream it waits until the socket is readable and then reads,
         instead of first trying a read that finds nothing (a ``recv`` returning ``EAGAIN`` and
         trio's wrapping of it, ≈ 4 µs a call on the HTTP door, issue 18). Any other stream, or
-        bytes given back with :meth:`unread`: :meth:`receive_some`. Always yields.
+        bytes given back with :meth:`unread`: :meth:`receive_some`. Always yields (a
+        checkpoint: cancelled, it raises :exc:`trio.Cancelled`), also when it raises at once.
 
         Raises:
             trio.BrokenResourceError: the peer reset the connection (after the connection's
@@ -318,6 +319,9 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             # for -1, fail on it with a ValueError and leave the registration behind, so every
             # later wait on a closed socket got ``BusyResourceError`` (another task's)
             if sock.fileno() < 0:
+                # (raising at once, it is still a checkpoint: a loop of such reads can be
+                # cancelled and lets the other tasks run)
+                await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError("the socket was closed")
             await trio.lowlevel.wait_readable(sock)
             fd = sock.fileno()  # (again after the wait: closed meanwhile is -1, never reused)

@@ -118,6 +118,31 @@ async def test_a_socket_closed_before_the_wait_is_closed_and_leaves_no_wait_behi
         d.close()
 
 
+async def test_a_wait_on_a_closed_socket_is_still_a_checkpoint() -> None:
+    """Before: it raised ``ClosedResourceError`` at once: a loop retrying such waits never let
+    another task run (here it would have spun its 100 rounds) nor saw its own cancellation."""
+    a, b = socket.socketpair()
+    a.close()
+    b.close()
+    other_ran = anyio.Event()
+
+    async def other() -> None:
+        other_ran.set()
+
+    rounds = 0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        while not other_ran.is_set() and rounds < 100:
+            rounds += 1
+            with pytest.raises(anyio.ClosedResourceError):
+                await aio.wait_readable(a)
+    assert other_ran.is_set() and rounds < 100
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await aio.wait_readable(a)
+    assert scope.cancelled_caught
+
+
 def test_outside_a_loop_the_clock_raises_as_anyios() -> None:
     with pytest.raises(anyio.NoEventLoopError):
         aio.current_time()

@@ -579,3 +579,19 @@ async def test_a_read_of_a_socket_closed_before_it_is_a_closed_resource_every_ti
             other.close()
         await peer.aclose()
     a.close()
+
+
+async def test_a_read_of_a_socket_closed_before_it_still_yields_as_its_docstring_says() -> None:
+    # Before: it raised ClosedResourceError at once, without a checkpoint (trio's convention for
+    # an async call that fails at once, and "Always yields" in its docstring): a loop of such
+    # reads could neither be cancelled nor let any other task run.
+    a, b = trio.socket.socketpair()
+    b.close()
+    stream = ProgressStream(trio.SocketStream(a))
+    stream.inner.socket.close()  # type: ignore[attr-defined]
+    with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+        await stream.receive_when_readable(64)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await stream.receive_when_readable(64)
+    assert scope.cancelled_caught
