@@ -2,9 +2,11 @@
 
 :func:`exai_command` is how to run this very ``exai`` from a shell: ``exai`` when the ``exai``
 on ``PATH`` is this one, else its path (``/home/me/exai/.venv/bin/exai`` after ``make serve``,
-which does not put the virtualenv on ``PATH``). :func:`port_in_use` explains a port that is
-taken at start-up: which address, whether an exai daemon answers there (and its version), which
-process holds it when this account can see it, and how to stop it or start beside it.
+which does not put the virtualenv on ``PATH``); where no script runs it, the installation's own
+command (:func:`exai.client.autostart.exai_words`, which the bridge's autostart runs).
+:func:`port_in_use` explains a port that is taken at start-up: which address, whether an exai
+daemon answers there (and its version), which process holds it when this account can see it,
+and how to stop it or start beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exai.client.autostart import exai_script, exai_words
 from exai.config import Settings
 from exai.config.settings import connect_host
 
@@ -31,36 +34,28 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _candidates(argv0: str, executable: str) -> list[str]:
-    out = []
-    if os.path.basename(argv0) == "exai":
-        out.append(os.path.abspath(argv0))
-    if executable:
-        # the virtualenv's bin, not the interpreter the symlink points to
-        out.append(os.path.join(os.path.dirname(os.path.abspath(executable)), "exai"))
-    return [c for c in out if os.path.isfile(c) and os.access(c, os.X_OK)]
-
-
 def exai_executable(argv0: str | None = None, executable: str | None = None) -> str | None:
-    """The absolute path of this ``exai`` script, or None (run as ``python -m exai.cli``
-    without a script beside the interpreter)."""
+    """The absolute path of this ``exai`` script: the running one (``argv0``, ``sys.argv[0]`` by
+    default, when it is an ``exai`` script), else the one beside the interpreter
+    (:func:`exai.client.autostart.exai_script`); None when run as ``python -m exai.cli``
+    without a script beside the interpreter."""
     argv0 = sys.argv[0] if argv0 is None else argv0
-    executable = sys.executable if executable is None else executable
-    found = _candidates(argv0, executable)
-    return found[0] if found else None
+    if os.path.basename(argv0) == "exai":
+        running = os.path.abspath(argv0)
+        if os.path.isfile(running) and os.access(running, os.X_OK):
+            return running
+    return exai_script(executable)
 
 
 def exai_command(argv0: str | None = None, executable: str | None = None) -> str:
     """The shell words that run this ``exai``: ``exai`` when ``PATH`` finds this one, else the
-    absolute path of the running script (or of the ``exai`` next to the interpreter, or
-    ``python -m exai.cli``), quoted for the shell."""
-    argv0 = sys.argv[0] if argv0 is None else argv0
-    executable = sys.executable if executable is None else executable
-    found = _candidates(argv0, executable)
-    if found:
-        on_path = shutil.which("exai")
-        return "exai" if on_path and _same_file(on_path, found[0]) else shlex.quote(found[0])
-    return f"{shlex.quote(executable or 'python3')} -m exai.cli"
+    absolute path of :func:`exai_executable`, else this installation's
+    ``<python> -m exai.cli`` (:func:`exai.client.autostart.exai_words`), quoted for the shell."""
+    script = exai_executable(argv0, executable)
+    if script is None:
+        return shlex.join(exai_words(executable))
+    on_path = shutil.which("exai")
+    return "exai" if on_path and _same_file(on_path, script) else shlex.quote(script)
 
 
 # ---------------------------------------------------------------------------------------

@@ -62,11 +62,10 @@ def _err(line: str) -> None:
 def exai_argv() -> list[str]:
     """The absolute command that runs this exai's ``serve``."""
     from exai.cli.hints import exai_executable
+    from exai.client.autostart import exai_words
 
     exe = exai_executable()
-    if exe is not None:
-        return [exe, "serve"]
-    return [os.path.abspath(sys.executable), "-m", "exai.cli", "serve"]
+    return [exe, "serve"] if exe is not None else [*exai_words(), "serve"]
 
 
 def service_environment(

@@ -11,8 +11,9 @@ the lock, and only the first finds it silent and starts the daemon; the others f
 answering. The one that starts it holds the lock until the daemon listens (at most
 ``EXAI_AUTOSTART_WAIT_S``), so the others wait instead of starting a second.
 
-The daemon is ``<this python> -m exai.cli serve`` with the bridge's own environment and working
-directory (so it reads the same settings, ``.env`` and ``*_FILE`` paths included), plus
+The daemon is this installation's ``exai serve`` (:func:`exai_words`: the ``exai`` script beside
+the bridge's interpreter, else ``<this python> -m exai.cli``) with the bridge's own environment
+and working directory (so it reads the same settings, ``.env`` and ``*_FILE`` paths included), plus
 ``EXAI_HOST``/``EXAI_PORT`` taken from the URL so it listens where the bridge looks. It is
 detached: its own session (no terminal signal, no process-group kill of the editor reaches it),
 stdin from ``/dev/null``, stdout and stderr appended to ``daemon.log`` in the state directory,
@@ -20,7 +21,8 @@ its pid written to ``daemon.pid`` there. It outlives the bridge; stop it with
 ``kill $(cat <state dir>/daemon.pid)``.
 
 :func:`start_hint` is the command that starts the daemon the URL names, as it can be pasted
-into a shell.
+into a shell. :func:`exai_words` is the one place that says how to run this installation's
+``exai``; the command line's pasted commands (:mod:`exai.cli.hints`) are built from it too.
 
 Resource handling:
     The lock file descriptor is closed (releasing the lock) before :func:`ensure_daemon`
@@ -53,6 +55,7 @@ __all__ = [
     "STARTED",
     "AutostartFailed",
     "ensure_daemon",
+    "exai_words",
     "loopback_target",
     "start_hint",
 ]
@@ -89,12 +92,27 @@ def loopback_target(url: str) -> tuple[str, int] | None:
     return host, port
 
 
-def _exai_command() -> list[str]:
-    """The ``exai`` of this installation: the script beside this python, else ``-m``."""
-    script = Path(sys.executable).parent / "exai"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "exai.cli"]
+def exai_script(executable: str | None = None) -> str | None:
+    """The absolute path of the ``exai`` script installed beside the interpreter ``executable``
+    (``sys.executable`` by default; a virtualenv's ``bin/exai``), or ``None`` when there is no
+    such executable file (or Python cannot tell its interpreter: an empty ``executable``)."""
+    executable = sys.executable if executable is None else executable
+    if not executable:
+        return None
+    # (the virtualenv's bin, not the interpreter its python symlink points to)
+    script = os.path.join(os.path.dirname(os.path.abspath(executable)), "exai")
+    return script if os.path.isfile(script) and os.access(script, os.X_OK) else None
+
+
+def exai_words(executable: str | None = None) -> list[str]:
+    """The command words that run this installation's ``exai`` (unquoted, absolute paths):
+    ``[<script>]`` (:func:`exai_script`), else ``[<executable>, "-m", "exai.cli"]``
+    (``python3`` when ``executable``, ``sys.executable`` by default, is empty)."""
+    executable = sys.executable if executable is None else executable
+    script = exai_script(executable)
+    if script is not None:
+        return [script]
+    return [os.path.abspath(executable) if executable else "python3", "-m", "exai.cli"]
 
 
 def start_hint(url: str) -> str | None:
@@ -111,7 +129,7 @@ def start_hint(url: str) -> str | None:
         env.append(f"EXAI_PORT={port}")
     if url.startswith("wss://"):
         env.append("EXAI_TLS_CERT=<cert.pem> EXAI_TLS_KEY=<key.pem>")
-    return " ".join([*env, *(shlex.quote(a) for a in _exai_command()), "serve"])
+    return " ".join([*env, *(shlex.quote(a) for a in exai_words()), "serve"])
 
 
 async def _answers(host: str, port: int) -> bool:
@@ -148,7 +166,7 @@ def _spawn(state: Path, host: str, port: int) -> subprocess.Popen[bytes]:
         log.write(f"--- exai bridge (pid {os.getpid()}) starts exai serve at {stamp}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            [*_exai_command(), "serve"],
+            [*exai_words(), "serve"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
