@@ -120,6 +120,11 @@ class Settings:
         30.0, "a connection whose writer makes no progress this long is closed with 1008"
     )
     max_inflight: int = _field(64, "concurrent tools/call in the daemon")
+    round_budget_s: float = _field(
+        0.010,
+        "a scheduler round that has run this long begins no more calls and takes in no more "
+        "answers; they wait for the next rounds, so thousands at once do not stall the loop",
+    )
     slot_wait_s: float = _field(
         1.0, "longest wait for an identity or daemon-wide slot before 'overloaded'"
     )
@@ -385,6 +390,8 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"EXAI_{name.upper()} must be greater than 0")
+    if not s.round_budget_s >= 0:
+        raise ConfigError("EXAI_ROUND_BUDGET_S must be 0 or more")
     if s.session_queue_max < 0:
         raise ConfigError("EXAI_SESSION_QUEUE_MAX must be 0 or more")
     if s.session_max_pending < s.session_max_inflight:

@@ -67,7 +67,7 @@ from exai.providers.ending import (
     read_error_doc,
 )
 from exai.providers.sse import SSEDecoder, StreamAssembler
-from exai.providers.transport import H11Pool, PoolStatistics, Response
+from exai.providers.transport import H11Pool, Pacer, PoolStatistics, Response
 from exai.providers.types import unencodable_field
 from exai.resilience import loop as aio
 
@@ -325,6 +325,19 @@ class OpenAIClient:
         self._transport = transport
         self._pool: H11Pool | None = None
         self._http: httpx.AsyncClient | None = None
+        self._pace: Pacer | None = None
+
+    @property
+    def pace(self) -> Pacer | None:
+        """Whose turn each read of an answer takes once its bytes are there (see
+        :attr:`~exai.providers.transport.H11Pool.pace`; not on an httpx ``transport``)."""
+        return self._pace
+
+    @pace.setter
+    def pace(self, pace: Pacer | None) -> None:
+        self._pace = pace
+        if self._pool is not None:
+            self._pool.pace = pace
 
     async def __aenter__(self) -> OpenAIClient:
         s = self.settings
@@ -355,6 +368,7 @@ class OpenAIClient:
             headers={"user-agent": "exai", "accept-encoding": "gzip, deflate"},
         )
         await pool.__aenter__()
+        pool.pace = self._pace
         self._pool = pool
         return self
 

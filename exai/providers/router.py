@@ -59,6 +59,7 @@ from exai.logs import log_event
 from exai.providers.health import SharedHealth
 from exai.providers.provider import Provider
 from exai.providers.registry import ModelRegistry
+from exai.providers.transport import Pacer
 from exai.providers.types import Attempt, ChatRequest, ChatResponse
 from exai.resilience import loop as aio
 from exai.resilience.retry import RetryBudget, RetryPolicy, retrying
@@ -208,6 +209,14 @@ class ProviderRouter:
             await stack.aclose()
 
     # -- public API --------------------------------------------------------------------------
+    def pace_reads(self, pace: Pacer | None) -> None:
+        """Make every provider's reads of an answer take a turn of ``pace`` once their bytes
+        are there, before taking them in (``None``: no turn). The daemon passes its
+        :class:`~exai.server.pacing.RoundPacer`, so answers arriving at once are taken in
+        bites."""
+        for provider in self.providers.values():
+            provider.client.pace = pace
+
     def resolve(
         self,
         model: str | None,

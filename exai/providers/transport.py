@@ -110,7 +110,7 @@ import ssl
 import urllib.parse
 import zlib
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -121,7 +121,7 @@ import httpx
 from exai.providers.wire import Head, ProtocolError, ResponseReader, check_header, request_bytes
 from exai.resilience import loop as aio
 
-__all__ = ["H11Pool", "PoolStatistics", "Response"]
+__all__ = ["H11Pool", "Pacer", "PoolStatistics", "Response"]
 
 #: bytes asked of the socket per read
 READ_BYTES = 64 * 1024
@@ -134,6 +134,16 @@ MAX_INFORMATIONAL = 16
 PIECE_BYTES = 64 * 1024
 #: ``socket.SOCK_NONBLOCK`` where the system has it (Linux), else 0
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+
+class Pacer(Protocol):
+    """A turn-taker (:class:`exai.server.pacing.RoundPacer`): ``try_turn()`` says whether a
+    turn is had at once, without yielding; else ``await turn()`` waits for one."""
+
+    def try_turn(self) -> bool: ...
+
+    async def turn(self) -> None: ...
 
 
 @attrs.frozen
@@ -273,6 +283,10 @@ class H11Pool:
         self.connects = 0
         self.reuses = 0
         self.resends = 0
+        #: whose turn every read takes once its bytes are there, before they are taken in
+        #: (the daemon's :class:`~exai.server.pacing.RoundPacer`: many answers arriving at
+        #: once are taken in bites); ``None``: none
+        self.pace: Pacer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> H11Pool:
@@ -510,7 +524,7 @@ class H11Pool:
             except ProtocolError as exc:
                 raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1: {exc}") from exc
             if head is None:
-                await _fill(conn)
+                await _fill(conn, self.pace)
                 continue
             if head.status_code >= 200:
                 return Response(self, conn, head)
@@ -552,8 +566,9 @@ def _numeric_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None
     return int(family), sockaddr
 
 
-async def _fill(conn: _Conn) -> None:
-    """One read from the socket into the connection's parser (EOF included).
+async def _fill(conn: _Conn, pace: Pacer | None) -> None:
+    """One read from the socket into the connection's parser (EOF included), taking a turn of
+    ``pace`` (see :attr:`H11Pool.pace`) once the bytes are there, before they are read.
 
     On plain TCP the socket is waited for, then read: the reader only asks for more once it has
     taken every byte of the last read, so the bytes are almost never there yet, and trying the
@@ -563,6 +578,8 @@ async def _fill(conn: _Conn) -> None:
     if sock is not None:
         try:
             await aio.wait_readable(sock)
+            if pace is not None and not pace.try_turn():
+                await pace.turn()
             data = sock.recv(READ_BYTES)
         except BlockingIOError:
             return  # woken without bytes: the caller asks again
@@ -572,6 +589,8 @@ async def _fill(conn: _Conn) -> None:
         return
     try:
         data = await (await conn.byte_stream()).receive(READ_BYTES)
+        if pace is not None and not pace.try_turn():
+            await pace.turn()
     except anyio.EndOfStream:
         data = b""
     except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
@@ -704,7 +723,7 @@ class Response:
                 return data
             if data:
                 return data
-            await _fill(conn)
+            await _fill(conn, self._pool.pace)
 
     async def aclose(self) -> None:
         """Give the connection back (body read to the end) or close it (anything else)."""

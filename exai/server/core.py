@@ -19,7 +19,9 @@ Slots:
     it waits in a FIFO of at most ``session_queue_max`` calls, each until its own deadline
     (``call_timeout_s`` from admission); beyond the FIFO it is refused with "overloaded". The
     identity and daemon-wide slots are then waited for at most ``slot_wait_s``, and the
-    identity's slot of the deployment (Redis) after them.
+    identity's slot of the deployment (Redis) after them. Before its slots, a call takes its
+    turn of a scheduler round: once a round has run for ``round_budget_s``, calls begin in
+    the rounds after, a few per round (:mod:`exai.server.pacing`).
 
 Exactly-once:
     a call's key is the client's ``_meta["exai/idempotencyKey"]`` (scoped to its identity;
@@ -67,6 +69,7 @@ from exai.server.auth import Identity
 from exai.server.budget import Ledger, MemoryBudget
 from exai.server.calls import CallRegistry, CallRunner, Changes, Execution, Slot, Watcher
 from exai.server.outbox import Outbox
+from exai.server.pacing import RoundPacer
 from exai.server.readiness import Readiness
 from exai.server.shared_limits import SharedLimits
 from exai.server.stats import DaemonStats
@@ -130,6 +133,8 @@ class SessionShared:
         slot_wait: a histogram of the time a call waited for its slots.
         audit: one line per call refused before it ran.
         shared_limits: the identity's in-flight and message limits across every daemon.
+        pacer: the time budget of a scheduler round for calls' starts and answers
+            (:mod:`exai.server.pacing`).
     """
 
     instance_id: str
@@ -148,6 +153,7 @@ class SessionShared:
     audit: AuditLog
     #: per-identity limits held for the deployment (Redis); ``None`` without Redis
     shared_limits: SharedLimits | None = None
+    pacer: RoundPacer = attrs.field(factory=RoundPacer)
 
 
 @attrs.frozen
@@ -548,12 +554,17 @@ class SessionCore:
                 if owner:
                     # An unkeyed call whose slots are all free starts at once: nothing waits,
                     # so no scope is needed to shield the wait.
-                    launched = None if ex.client_key else self._launch_now(ex, req)
+                    # A call begins in a scheduler round only while the round is within its
+                    # time budget (exai.server.pacing): a storm's intake does not stall the
+                    # loop. One that must wait waits in _start, which ends the reservation if
+                    # it never starts.
+                    paced = self.shared.pacer.try_turn()
+                    launched = None if ex.client_key or not paced else self._launch_now(ex, req)
                     if launched is None:
                         # the start belongs to the execution, not to this responder: requests
                         # that joined still want it if this one goes (bounded by its deadline)
                         with ex.wait_scope:
-                            launched = await self._start(ex, args, req)
+                            launched = await self._start(ex, args, req, paced=paced)
                     if launched is not None:
                         # An unkeyed call runs in its responder's task (one task per call, not
                         # two): it cannot outlive its session anyway (its last watcher leaving
@@ -576,7 +587,9 @@ class SessionCore:
                 self.shared.changes.notify()
         return None
 
-    async def _start(self, ex: Execution, args: dict[str, Any], req: p.Request) -> _Launched | None:
+    async def _start(
+        self, ex: Execution, args: dict[str, Any], req: p.Request, *, paced: bool = True
+    ) -> _Launched | None:
         """Answer a reserved execution from another daemon's stored result, or start it.
 
         Returns what the caller needs to run an unkeyed execution in its own task (see
@@ -584,11 +597,15 @@ class SessionCore:
 
         Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
         the reservation, so the joined duplicates get the same answer and a later retry runs.
+        ``paced``: whether the call has its scheduler round's turn already
+        (:meth:`~exai.server.pacing.RoundPacer.try_turn`); if not, it first waits for one.
         """
         shared = self.shared
         started = False
         launched = None
         try:
+            if not paced:
+                await shared.pacer.turn()  # (its round: see _run_call)
             elsewhere = None
             if ex.client_key:
                 # a result another daemon stored, or the one it is running now

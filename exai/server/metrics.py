@@ -9,9 +9,10 @@ Each daemon has its own :class:`DaemonMetrics` (several daemons can run in one t
   :meth:`DaemonMetrics.add_collector` — the functions below, each given only the parts it
   reads: connections and refusals (:func:`connection_metrics`), calls and in-flight
   (:func:`call_metrics`), pending bytes and overload (:func:`pressure_metrics`), the loop
-  (:func:`loop_metrics`), memory (:func:`memory_metrics`), and whatever the services report
-  through ``metrics_snapshot()`` (:func:`service_metrics`) — breaker states and transitions,
-  token-bucket waits and rejections, pool use, spool depth.
+  (:func:`loop_metrics`), the round pacer (:func:`pacing_metrics`), memory
+  (:func:`memory_metrics`), and whatever the services report through ``metrics_snapshot()``
+  (:func:`service_metrics`) — breaker states and transitions, token-bucket waits and
+  rejections, pool use, spool depth.
 
 A service (providers, conversations) opts in by having ``metrics_snapshot() -> dict`` with any of
 these keys::
@@ -35,6 +36,7 @@ from exai.server.admission import Admission
 from exai.server.budget import MemoryBudget
 from exai.server.calls import CallRegistry
 from exai.server.overload import OverloadManager
+from exai.server.pacing import RoundPacer
 from exai.server.readiness import Readiness
 from exai.server.stalls import LoopProbe
 from exai.server.stats import DaemonStats
@@ -46,6 +48,7 @@ __all__ = [
     "connection_metrics",
     "loop_metrics",
     "memory_metrics",
+    "pacing_metrics",
     "pressure_metrics",
     "service_metrics",
 ]
@@ -165,6 +168,21 @@ def call_metrics(
     lim.add_metric(["global"], max_inflight)
     lim.add_metric(["session"], session_max_inflight)
     yield lim
+
+
+def pacing_metrics(pacer: RoundPacer) -> Iterator[Metric]:
+    """Calls' starts and answer reads the round pacer held for a later scheduler round (its
+    round had run past ``round_budget_s``), and those waiting now."""
+    c = CounterMetricFamily(
+        "exai_paced_steps",
+        "Call starts and answer reads that waited for a later scheduler round (the round's "
+        "time budget, EXAI_ROUND_BUDGET_S, was spent).",
+    )
+    c.add_metric([], pacer.waited)
+    yield c
+    g = GaugeMetricFamily("exai_paced_waiting", "Call starts and answer reads waiting now.")
+    g.add_metric([], pacer.waiting)
+    yield g
 
 
 def pressure_metrics(

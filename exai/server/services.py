@@ -55,11 +55,13 @@ from exai.server.metrics import (
     connection_metrics,
     loop_metrics,
     memory_metrics,
+    pacing_metrics,
     pressure_metrics,
     service_metrics,
 )
 from exai.server.origins import OriginPolicy
 from exai.server.overload import OverloadManager
+from exai.server.pacing import RoundPacer
 from exai.server.readiness import Readiness
 from exai.server.reload import REVOKED_CLOSE_CODE, Reloader
 from exai.server.sessions import SessionTable
@@ -394,7 +396,15 @@ def compose(
         slot_wait=d.metrics.slot_wait,
         audit=d.audit,
         shared_limits=d.shared_limits,
+        pacer=RoundPacer(settings.round_budget_s),
     )
+    from exai.providers import ProviderRouter
+
+    router = tool_services.get("providers")
+    if isinstance(router, ProviderRouter):
+        # an answer's bytes are taken in on the same budget as a call's start: a storm's
+        # answers arriving at once are taken in bites too
+        router.pace_reads(shared.pacer)
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
     d.signer = _signer(settings)
@@ -462,6 +472,7 @@ def compose(
         )
     )
     m.add_collector(lambda: pressure_metrics(d.readiness, d.budget, d.calls))
+    m.add_collector(lambda: pacing_metrics(shared.pacer))
     m.add_collector(lambda: loop_metrics(d.stall_detector) if d.stall_detector else ())
     m.add_collector(lambda: memory_metrics(d.memory))
     m.add_collector(lambda: service_metrics(tool_services))

@@ -1,0 +1,159 @@
+"""A time budget per trio scheduler round for calls' heavy steps: a storm taken in bites.
+
+Trio runs every task that is runnable when a scheduler round begins, one step each, before it
+looks at the clock or the sockets again (``trio._core._run``: the batch of ``runq``). A task
+whose step is long delays every other one by that much — which is what a loop stall is — and
+so does a round of many short steps. When a thousand calls arrive at once, their responders
+each run their first step in the same round: the call's checks, its execution, its provider
+request and the upstream connection, ≈ 0.4–1.3 ms each on this project's 2-core machines; and
+when their answers come back together, each call takes its answer in, in one round again
+(issue 18: rounds of 30–75 ms in ``benchmarks run slow_upstream --full``, while every other
+task — a ping, a handshake, a heartbeat, a timeout — waited for the round to end).
+
+:class:`RoundPacer` gives those steps a budget: once a round has run for ``budget_s``, no more
+calls begin in it and no more answers are taken in (:meth:`RoundPacer.turn`, awaited by
+:class:`~exai.server.core.SessionCore` before a call starts and by the provider's pool before
+each read of an answer); they wait, first come first served, and ``per_round`` of them go on
+in each round after. The total work is the same and nothing caps the calls per second: a
+round only ends sooner, and the loop comes back to its clock, its sockets and its other tasks
+between rounds. Steady load whose rounds stay short (64 concurrent calls make rounds of a few
+milliseconds) is never paced, so it pays nothing but the clock read of each turn.
+
+How: a trio instrument with one hook, ``after_io_wait`` — called once per round, as it
+begins — notes the time (installed at the first turn). A turn in a round younger than the
+budget, with nobody waiting, goes on at once (no yield); the others wait in a FIFO. A system
+task of the pacer's own (the *pump*), there only while turns wait, lets ``per_round`` of them
+go per round (they run in the round after).
+
+Idea: a budget of work per scheduler tick, as Tokio's cooperative scheduling gives each task a
+budget of operations per poll (``tokio::task::coop``); here the unit is the trio round, which
+trio itself cannot cut, and the work budgeted is a call's start or the reading of its answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+__all__ = ["ROUND_BUDGET_S", "STEPS_PER_PACED_ROUND", "RoundPacer"]
+
+#: seconds of a scheduler round after which its calls' heavy steps wait for later rounds
+ROUND_BUDGET_S = 0.010
+#: waiting steps let go per round (≈ 0.4–1.3 ms each: rounds of ≈ 6–20 ms while paced)
+STEPS_PER_PACED_ROUND = 16
+
+
+class RoundPacer:
+    """Turns (:meth:`try_turn`, :meth:`turn`) pass at once until the scheduler round they are
+    taken in has run for ``budget_s``; after that they wait, first come first served, and
+    ``per_round`` of them pass in each later round.
+
+    Args:
+        budget_s: seconds of a round during which turns pass at once (``0``: every turn
+            waits a round; ``inf``: none ever waits).
+        per_round: waiting turns let go per round, ≥ 1.
+        clock: seconds, monotonic (``time.perf_counter``; a test's own).
+
+    Raises:
+        ValueError: ``budget_s`` < 0 or ``per_round`` < 1.
+    """
+
+    __slots__ = (
+        "_began",
+        "_budget_s",
+        "_clock",
+        "_lot",
+        "_per_round",
+        "_pumping",
+        "_run",
+        "waited",
+    )
+
+    def __init__(
+        self,
+        budget_s: float = ROUND_BUDGET_S,
+        per_round: int = STEPS_PER_PACED_ROUND,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not budget_s >= 0:
+            raise ValueError(f"budget_s must be 0 or more, not {budget_s}")
+        if per_round < 1:
+            raise ValueError(f"per_round must be at least 1, not {per_round}")
+        self._budget_s = budget_s
+        self._per_round = per_round
+        self._clock = clock
+        #: when this round began (``clock``); ``-inf`` until the rounds are timed, so the
+        #: first turn finds the budget spent and installs the timing
+        self._began = float("-inf")
+        self._lot = trio.lowlevel.ParkingLot()
+        self._pumping = False
+        #: the trio run whose rounds are timed (``None`` until the first turn)
+        self._run: trio.lowlevel.TrioToken | None = None
+        #: turns that had to wait for a later round (a counter)
+        self.waited = 0
+
+    @property
+    def waiting(self) -> int:
+        """Turns waiting for a later round now."""
+        return len(self._lot)
+
+    def try_turn(self) -> bool:
+        """Whether a turn passes now — this round is younger than the budget and nobody waits
+        — without yielding; ``False``: :meth:`turn` waits for one."""
+        if self._lot:
+            return False
+        return self._clock() - self._began < self._budget_s
+
+    async def turn(self) -> None:
+        """Take a turn: at once as :meth:`try_turn` says (without yielding), or wait, first
+        come first served, for a later round that lets this caller go.
+
+        Raises:
+            trio.Cancelled: cancelled while waiting (no turn taken).
+        """
+        if self.try_turn():
+            return
+        if self._run is not trio.lowlevel.current_trio_token():
+            # the first turn in this trio run: from now on each round is timed (this turn
+            # waits one round; a pacer carried over from another run finds its timing stale)
+            trio.lowlevel.add_instrument(_RoundStart(self))
+            self._run = trio.lowlevel.current_trio_token()
+        self.waited += 1
+        if not self._pumping:
+            self._pumping = True
+            try:
+                trio.lowlevel.spawn_system_task(self._pump, name="exai.round_pacer")
+            except BaseException:
+                self._pumping = False
+                raise
+        await self._lot.park()
+
+    def _round_began(self) -> None:
+        self._began = self._clock()
+
+    async def _pump(self) -> None:
+        """One step per scheduler round while turns wait: let the next ``per_round`` go (they
+        run in the next round); gone once nobody waits (a waiter cancelled meanwhile has left
+        the lot)."""
+        try:
+            while self._lot:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._lot.unpark(count=self._per_round)
+        finally:
+            self._pumping = False
+
+
+class _RoundStart(trio.abc.Instrument):
+    """Tells its pacer when each scheduler round begins (trio calls ``after_io_wait`` once per
+    round, before the round's tasks run, and only the hooks an instrument defines)."""
+
+    __slots__ = ("_pacer",)
+
+    def __init__(self, pacer: RoundPacer) -> None:
+        self._pacer = pacer
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._pacer._round_began()

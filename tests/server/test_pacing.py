@@ -1,0 +1,294 @@
+"""The round pacer: once a scheduler round has run for ``round_budget_s``, no more calls begin
+and no more answers are taken in during it; they wait, and a few go on in each round after.
+
+A storm's intake made scheduler rounds of 30–75 ms (``benchmarks run slow_upstream --full``:
+every connection's next call began in the same round, and their answers were taken in in one
+round again; issue 18). These tests count rounds with a trio instrument (``after_io_wait``
+runs once per round) and give the pacer a clock of their own: never the wall clock.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import exai.providers.transport as transport
+from exai.providers import ProviderRouter
+from exai.server.core import SessionCore
+from exai.server.pacing import STEPS_PER_PACED_ROUND, RoundPacer
+from exai.storage.service import ConversationService
+from exai.testing import MockUpstream
+from tests.helpers import Rpc, make_settings, running_daemon, ws
+from tests.providers.conftest import provider_settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"
+
+
+class _Rounds(trio.abc.Instrument):
+    """Numbers the scheduler rounds: ``n`` is the current one's."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.n += 1
+
+
+class _Clock:
+    """A clock the test sets (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _counted(pacer: RoundPacer, callers: int) -> tuple[collections.Counter[int], list[int]]:
+    """``callers`` tasks take a turn at once: the turns that passed per round, and the round
+    each passed in, listed in the order the callers asked."""
+    rounds = _Rounds()
+    trio.lowlevel.add_instrument(rounds)
+    per_round: collections.Counter[int] = collections.Counter()
+    asked: list[int] = []
+    passed_in: dict[int, int] = {}
+    go = trio.Event()
+
+    async def caller(i: int) -> None:
+        await go.wait()
+        asked.append(i)
+        await pacer.turn()
+        per_round[rounds.n] += 1
+        passed_in[i] = rounds.n
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(callers):
+                nursery.start_soon(caller, i)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+    finally:
+        trio.lowlevel.remove_instrument(rounds)
+    return per_round, [passed_in[i] for i in asked]
+
+
+async def test_past_the_budget_per_round_turns_pass_in_a_round_in_arrival_order() -> None:
+    pacer = RoundPacer(0.0, 3)  # (every round is past a budget of 0)
+
+    per_round, rounds_in_arrival_order = await _counted(pacer, 20)
+
+    assert sum(per_round.values()) == 20
+    assert max(per_round.values()) == 3
+    # first come, first served: nobody passes in a round before one who asked earlier
+    assert rounds_in_arrival_order == sorted(rounds_in_arrival_order)
+    assert pacer.waiting == 0 and pacer.waited == 20
+
+
+async def test_nothing_caps_the_turns_over_rounds() -> None:
+    # 100 turns at 10 per round take 10 rounds and a few, not more: a bound per round, not a rate
+    pacer = RoundPacer(0.0, 10)
+
+    per_round, _ = await _counted(pacer, 100)
+
+    assert len(per_round) <= 12
+
+
+async def test_turns_pass_at_once_until_the_round_has_run_for_the_budget() -> None:
+    clock = _Clock()
+    pacer = RoundPacer(0.010, 2, clock=clock)
+    await pacer.turn()  # (the first turn of a run waits one round: it starts the timing)
+    clock.now = 0.004  # 4 ms into this round
+    for _ in range(20):
+        with trio.testing.assert_no_checkpoints():
+            await pacer.turn()
+    clock.now = 0.011  # past the budget: the next turn waits for the next round
+    assert not pacer.try_turn()
+    rounds = _Rounds()
+    trio.lowlevel.add_instrument(rounds)
+    try:
+        await pacer.turn()
+    finally:
+        trio.lowlevel.remove_instrument(rounds)
+    assert rounds.n >= 1 and pacer.waited == 2
+
+
+async def test_one_turn_at_a_time_waits_only_for_the_first_round() -> None:
+    # concurrency 1 on an idle loop: short rounds, no turn waits but the first (the timing)
+    clock = _Clock()
+    pacer = RoundPacer(0.010, clock=clock)
+    for _ in range(50):
+        await pacer.turn()
+        await trio.lowlevel.checkpoint()  # the next round
+        clock.now += 0.003
+
+    assert pacer.waited == 1
+
+
+async def test_waiters_cancelled_leave_without_a_turn_and_the_pacer_goes_on() -> None:
+    pacer = RoundPacer(0.0, 1)
+    passed: set[int] = set()
+    cancelled: set[int] = set()
+    scopes: dict[int, trio.CancelScope] = {}
+    go = trio.Event()
+
+    async def caller(i: int) -> None:
+        with trio.CancelScope() as scopes[i]:
+            await go.wait()
+            try:
+                await pacer.turn()
+            except trio.Cancelled:
+                cancelled.add(i)
+                raise
+            passed.add(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(caller, i)
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+        while not (passed and pacer.waiting):  # (one passes per round: the rest wait)
+            await trio.lowlevel.checkpoint()
+        for i in set(scopes) - passed:
+            scopes[i].cancel()
+
+    assert cancelled and passed and not cancelled & passed
+    assert cancelled | passed == set(range(10))
+    await trio.testing.wait_all_tasks_blocked()
+    assert pacer.waiting == 0 and not pacer._pumping  # (the pump is gone with the waiters)
+    await pacer.turn()  # and the pacer goes on
+
+
+async def test_a_negative_budget_or_no_turn_per_round_is_refused() -> None:
+    with pytest.raises(ValueError, match="0 or more"):
+        RoundPacer(-1.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        RoundPacer(0.01, 0)
+
+
+# ------------------------------------------------------------------ through the daemon
+
+#: more than the pacer lets go per round
+CONNECTIONS = STEPS_PER_PACED_ROUND + 8
+
+
+async def test_calls_arriving_at_once_past_the_budget_begin_a_few_per_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: every connection's call began in the same round (24 here).
+    rounds = _Rounds()
+    began: collections.Counter[int] = collections.Counter()
+    launch_now, launch = SessionCore._launch_now, SessionCore._launch
+
+    def counted_launch_now(self: SessionCore, *a: Any) -> Any:
+        launched = launch_now(self, *a)
+        if launched is not None:
+            began[rounds.n] += 1
+        return launched
+
+    async def counted_launch(self: SessionCore, *a: Any) -> Any:
+        began[rounds.n] += 1
+        return await launch(self, *a)
+
+    monkeypatch.setattr(SessionCore, "_launch_now", counted_launch_now)
+    monkeypatch.setattr(SessionCore, "_launch", counted_launch)
+    # (a budget of 0: every round is past it, so the bound is the one of a long round)
+    settings = make_settings(tmp_path, round_budget_s=0.0, max_inflight=64)
+    go = trio.Event()
+    answers: list[dict[str, Any]] = []
+
+    async def client(daemon: Any, task_status: Any) -> None:
+        async with ws(daemon) as conn:
+            rpc = Rpc(conn)
+            await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+            task_status.started()
+            await go.wait()
+            answers.append(await rpc.call("version"))
+
+    async with running_daemon(settings) as daemon:
+        async with trio.open_nursery() as nursery:
+            for _ in range(CONNECTIONS):
+                await nursery.start(client, daemon)
+            trio.lowlevel.add_instrument(rounds)
+            go.set()
+        trio.lowlevel.remove_instrument(rounds)
+
+        metrics = daemon.metrics.render().decode()
+    assert len(answers) == CONNECTIONS
+    assert all("result" in a for a in answers), answers
+    assert sum(began.values()) == CONNECTIONS
+    assert "exai_paced_steps_total" in metrics and "exai_paced_waiting 0.0" in metrics
+    assert max(began.values()) <= STEPS_PER_PACED_ROUND, dict(began)
+
+
+async def test_answers_arriving_at_once_past_the_budget_are_taken_in_a_few_per_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: every call whose answer had arrived read it in the same round (24 here).
+    rounds = _Rounds()
+    reads: collections.Counter[int] = collections.Counter()
+    released = False
+    fill = transport._fill
+
+    async def counted_fill(*a: Any) -> None:
+        await fill(*a)
+        if released:
+            reads[rounds.n] += 1
+
+    monkeypatch.setattr(transport, "_fill", counted_fill)
+    answers: list[dict[str, Any]] = []
+    async with MockUpstream(models=("mock-a",)) as upstream:
+        settings = make_settings(
+            tmp_path,
+            providers=(
+                provider_settings(
+                    "a",
+                    upstream.base_url,
+                    None,
+                    ("mock-a",),
+                    max_concurrency=CONNECTIONS,
+                    pool_max=CONNECTIONS,
+                ),
+            ),
+            fast_models=("mock-a",),
+            default_model="mock-a",
+            round_budget_s=0.0,
+            session_max_inflight=CONNECTIONS,
+            session_rate_per_s=1000.0,
+        )
+        async with (
+            ProviderRouter(settings, attempts=1) as router,
+            ConversationService.open(settings) as conversations,
+            running_daemon(
+                settings, services={"providers": router, "conversations": conversations}
+            ) as daemon,
+            ws(daemon) as conn,
+        ):
+            rpc = Rpc(conn)
+            await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+            upstream.hold_answers()
+            for i in range(CONNECTIONS):
+                await rpc.start_call("chat", {"prompt": f"hello {i}"}, id=100 + i)
+            with trio.fail_after(30):
+                while upstream.held < CONNECTIONS:
+                    await trio.sleep(0.01)
+            trio.lowlevel.add_instrument(rounds)
+            released = True
+            upstream.release_answers()
+            with trio.fail_after(30):
+                for i in range(CONNECTIONS):
+                    answers.append(await rpc.response(100 + i))
+            trio.lowlevel.remove_instrument(rounds)
+
+    assert all(a["result"]["isError"] is False for a in answers), answers
+    assert sum(reads.values()) >= CONNECTIONS
+    assert max(reads.values()) <= STEPS_PER_PACED_ROUND, dict(reads)
