@@ -212,8 +212,8 @@ class ProviderRouter:
     def pace_reads(self, pace: Pacer | None) -> None:
         """Make every provider's reads of an answer take a turn of ``pace`` once their bytes
         are there, before taking them in (``None``: no turn). The daemon passes its
-        :class:`~exai.server.pacing.RoundPacer`, so answers arriving at once are taken in
-        bites."""
+        :class:`~exai.server.pacing.RoundPacer`'s ``reads`` lane, so answers arriving at once
+        are taken in bites."""
         for provider in self.providers.values():
             provider.client.pace = pace
 

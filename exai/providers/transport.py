@@ -138,8 +138,9 @@ _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 class Pacer(Protocol):
-    """A turn-taker (:class:`exai.server.pacing.RoundPacer`): ``try_turn()`` says whether a
-    turn is had at once, without yielding; else ``await turn()`` waits for one."""
+    """A turn-taker (:class:`exai.server.pacing.RoundPacer`, or its ``reads`` lane):
+    ``try_turn()`` says whether a turn is had at once, without yielding; else ``await turn()``
+    waits for one."""
 
     def try_turn(self) -> bool: ...
 
@@ -284,8 +285,8 @@ class H11Pool:
         self.reuses = 0
         self.resends = 0
         #: whose turn every read takes once its bytes are there, before they are taken in
-        #: (the daemon's :class:`~exai.server.pacing.RoundPacer`: many answers arriving at
-        #: once are taken in bites); ``None``: none
+        #: (the daemon's :class:`~exai.server.pacing.RoundPacer`'s ``reads`` lane: many
+        #: answers arriving at once are taken in bites); ``None``: none
         self.pace: Pacer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -21,9 +21,16 @@ milliseconds) is never paced, so it pays nothing but the clock read of each turn
 
 How: a trio instrument with one hook, ``after_io_wait`` — called once per round, as it
 begins — notes the time (installed at the first turn). A turn in a round younger than the
-budget, with nobody waiting, goes on at once (no yield); the others wait in a FIFO. A system
-task of the pacer's own (the *pump*), there only while turns wait, lets ``per_round`` of them
-go per round (they run in the round after).
+budget, with nobody of its lane waiting, goes on at once (no yield); the others wait in their
+lane's FIFO. A system task of the pacer's own (the *pump*), there only while turns wait, lets
+``per_round`` of them go per round (they run in the round after).
+
+Two lanes: calls' starts (:meth:`RoundPacer.turn`) and reads of answers
+(:attr:`RoundPacer.reads`). While both have turns waiting, each gets half of a round's
+``per_round`` (the odd one alternates): an answer read — one per running call at most, so a
+few — never waits behind a storm of new calls' starts (thousands from many connections: in one
+FIFO each read of every running call waited for all of them, and a streamed answer of many
+reads for them as many times), and a stream of reads never keeps the starts waiting either.
 
 Idea: a budget of work per scheduler tick, as Tokio's cooperative scheduling gives each task a
 budget of operations per poll (``tokio::task::coop``); here the unit is the trio round, which
@@ -46,9 +53,13 @@ STEPS_PER_PACED_ROUND = 16
 
 
 class RoundPacer:
-    """Turns (:meth:`try_turn`, :meth:`turn`) pass at once until the scheduler round they are
-    taken in has run for ``budget_s``; after that they wait, first come first served, and
-    ``per_round`` of them pass in each later round.
+    """Turns pass at once until the scheduler round they are taken in has run for
+    ``budget_s``; after that they wait, first come first served in their lane, and
+    ``per_round`` of them pass in each later round — half from each lane while both wait.
+
+    Calls' starts take :meth:`try_turn` / :meth:`turn`; reads of answers take
+    :attr:`reads`' (its own FIFO: a read never waits behind the starts waiting, beyond its
+    lane's share of a round).
 
     Args:
         budget_s: seconds of a round during which turns pass at once (``0``: every turn
@@ -64,10 +75,12 @@ class RoundPacer:
         "_began",
         "_budget_s",
         "_clock",
-        "_lot",
+        "_flip",
         "_per_round",
         "_pumping",
         "_run",
+        "_starts",
+        "reads",
         "waited",
     )
 
@@ -88,34 +101,41 @@ class RoundPacer:
         #: when this round began (``clock``); ``-inf`` until the rounds are timed, so the
         #: first turn finds the budget spent and installs the timing
         self._began = float("-inf")
-        self._lot = trio.lowlevel.ParkingLot()
+        self._starts = _Lane(self)
+        #: the lane of reads of answers (a :class:`~exai.providers.transport.Pacer`)
+        self.reads = _Lane(self)
+        #: which lane has the odd turn of a round both wait in (alternates)
+        self._flip = 0
         self._pumping = False
         #: the trio run whose rounds are timed (``None`` until the first turn)
         self._run: trio.lowlevel.TrioToken | None = None
-        #: turns that had to wait for a later round (a counter)
+        #: turns that had to wait for a later round (a counter, both lanes)
         self.waited = 0
 
     @property
     def waiting(self) -> int:
-        """Turns waiting for a later round now."""
-        return len(self._lot)
+        """Turns waiting for a later round now (both lanes)."""
+        return len(self._starts) + len(self.reads)
 
     def try_turn(self) -> bool:
-        """Whether a turn passes now — this round is younger than the budget and nobody waits
-        — without yielding; ``False``: :meth:`turn` waits for one."""
-        if self._lot:
-            return False
-        return self._clock() - self._began < self._budget_s
+        """Whether a call's start passes now — this round is younger than the budget and no
+        start waits — without yielding; ``False``: :meth:`turn` waits for one."""
+        return self._starts.try_turn()
 
     async def turn(self) -> None:
-        """Take a turn: at once as :meth:`try_turn` says (without yielding), or wait, first
-        come first served, for a later round that lets this caller go.
+        """Take a call's start's turn: at once as :meth:`try_turn` says (without yielding), or
+        wait, first come first served, for a later round that lets this caller go.
 
         Raises:
             trio.Cancelled: cancelled while waiting (no turn taken).
         """
-        if self.try_turn():
-            return
+        await self._starts.turn()
+
+    def _young(self) -> bool:
+        return self._clock() - self._began < self._budget_s
+
+    async def _wait(self, lot: trio.lowlevel.ParkingLot) -> None:
+        """Wait in ``lot`` (a lane's) for the pump to let this caller go."""
         if self._run is not trio.lowlevel.current_trio_token():
             # the first turn in this trio run: from now on each round is timed (this turn
             # waits one round; a pacer carried over from another run finds its timing stale)
@@ -129,21 +149,54 @@ class RoundPacer:
             except BaseException:
                 self._pumping = False
                 raise
-        await self._lot.park()
+        await lot.park()
 
     def _round_began(self) -> None:
         self._began = self._clock()
 
     async def _pump(self) -> None:
         """One step per scheduler round while turns wait: let the next ``per_round`` go (they
-        run in the next round); gone once nobody waits (a waiter cancelled meanwhile has left
-        the lot)."""
+        run in the next round), half from each lane while both wait; gone once nobody waits
+        (a waiter cancelled meanwhile has left its lane)."""
+        reads, starts = self.reads._lot, self._starts._lot
         try:
-            while self._lot:
+            while reads or starts:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                self._lot.unpark(count=self._per_round)
+                n = self._per_round
+                share = (n + self._flip) // 2  # the reads' share while both lanes wait
+                self._flip ^= 1
+                let = min(len(reads), max(share, n - len(starts)))
+                reads.unpark(count=let)
+                starts.unpark(count=n - let)
         finally:
             self._pumping = False
+
+
+class _Lane:
+    """One FIFO of a :class:`RoundPacer`'s turns (a :class:`~exai.providers.transport.Pacer`):
+    ``try_turn()`` passes while the round is within its budget and nobody of this lane waits;
+    ``await turn()`` waits, first come first served, otherwise.
+
+    Raises (``turn``):
+        trio.Cancelled: cancelled while waiting (no turn taken).
+    """
+
+    __slots__ = ("_lot", "_pacer")
+
+    def __init__(self, pacer: RoundPacer) -> None:
+        self._pacer = pacer
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._lot)
+
+    def try_turn(self) -> bool:
+        return not self._lot and self._pacer._young()
+
+    async def turn(self) -> None:
+        if self.try_turn():
+            return
+        await self._pacer._wait(self._lot)
 
 
 class _RoundStart(trio.abc.Instrument):

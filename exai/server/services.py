@@ -402,9 +402,9 @@ def compose(
 
     router = tool_services.get("providers")
     if isinstance(router, ProviderRouter):
-        # an answer's bytes are taken in on the same budget as a call's start: a storm's
-        # answers arriving at once are taken in bites too
-        router.pace_reads(shared.pacer)
+        # an answer's bytes are taken in on the same budget as a call's start, in a lane of
+        # their own: a storm's answers arriving at once are taken in bites too
+        router.pace_reads(shared.pacer.reads)
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
     d.signer = _signer(settings)

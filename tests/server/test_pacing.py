@@ -168,6 +168,50 @@ async def test_waiters_cancelled_leave_without_a_turn_and_the_pacer_goes_on() ->
     await pacer.turn()  # and the pacer goes on
 
 
+async def _lanes(pacer: RoundPacer, starts: int, reads: int) -> tuple[list[int], list[int]]:
+    """``starts`` call starts wait, then ``reads`` answer reads ask: the rounds each read and
+    each start waited (passed in less asked in), in the order they asked."""
+    rounds = _Rounds()
+    trio.lowlevel.add_instrument(rounds)
+    waits: dict[str, list[int]] = {"start": [], "read": []}
+
+    async def caller(kind: str, turn: Any) -> None:
+        asked = rounds.n
+        await turn()
+        waits[kind].append(rounds.n - asked)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(starts):
+                nursery.start_soon(caller, "start", pacer.turn)
+            await trio.testing.wait_all_tasks_blocked()  # (every start waits: budget 0)
+            for _ in range(reads):
+                nursery.start_soon(caller, "read", pacer.reads.turn)
+    finally:
+        trio.lowlevel.remove_instrument(rounds)
+    return waits["start"], waits["read"]
+
+
+async def test_an_answer_read_waits_for_its_lanes_share_of_a_round_not_for_every_start() -> None:
+    # Before: one FIFO; a read of a running call's answer waited for all 40 starts ahead of it
+    # (10 rounds at 4 per round), each read of a streamed answer again. (3 rounds: the pump,
+    # started for the first turn that waits, lets it go in its second round)
+    pacer = RoundPacer(0.0, 4)
+
+    started, reads = await _lanes(pacer, starts=40, reads=1)
+
+    assert len(started) == 40 and reads and reads[0] <= 3, reads
+
+
+async def test_reads_waiting_round_after_round_leave_the_starts_their_share() -> None:
+    # one turn per round: while both lanes wait, the turn alternates between them
+    pacer = RoundPacer(0.0, 1)
+
+    started, reads = await _lanes(pacer, starts=1, reads=20)
+
+    assert len(reads) == 20 and started and started[0] <= 3, started
+
+
 async def test_a_negative_budget_or_no_turn_per_round_is_refused() -> None:
     with pytest.raises(ValueError, match="0 or more"):
         RoundPacer(-1.0)
@@ -292,3 +336,82 @@ async def test_answers_arriving_at_once_past_the_budget_are_taken_in_a_few_per_r
     assert all(a["result"]["isError"] is False for a in answers), answers
     assert sum(reads.values()) >= CONNECTIONS
     assert max(reads.values()) <= STEPS_PER_PACED_ROUND, dict(reads)
+
+
+async def test_an_answer_read_does_not_wait_behind_a_storm_of_call_starts(tmp_path: Path) -> None:
+    # Before: reads and starts shared one FIFO; the read of a running call's answer waited for
+    # every start parked ahead of it (9 rounds here for ≈ 200 parked starts; with a thousand
+    # connections, a streamed answer waited that long for each of its reads).
+    rounds = _Rounds()
+    waits: list[int] = []
+
+    class Recording:
+        """The daemon's pace of the provider's reads, noting the rounds each turn waited."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def try_turn(self) -> bool:
+            return bool(self.inner.try_turn())
+
+        async def turn(self) -> None:
+            asked = rounds.n
+            await self.inner.turn()
+            waits.append(rounds.n - asked)
+
+    flooders = 64
+    async with MockUpstream(models=("mock-a",)) as upstream:
+        settings = make_settings(
+            tmp_path,
+            providers=(provider_settings("a", upstream.base_url, None, ("mock-a",)),),
+            fast_models=("mock-a",),
+            default_model="mock-a",
+            round_budget_s=0.0,
+        )
+        async with (
+            ProviderRouter(settings, attempts=1) as router,
+            ConversationService.open(settings) as conversations,
+            running_daemon(
+                settings, services={"providers": router, "conversations": conversations}
+            ) as daemon,
+            ws(daemon) as conn,
+            trio.open_nursery() as nursery,
+        ):
+            client = router.providers["a"].client
+            client.pace = Recording(client.pace)
+            pacer = daemon.sessions.shared.pacer
+            rpc = Rpc(conn)
+            await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+            upstream.hold_answers()
+            await rpc.start_call("chat", {"prompt": "hello"}, id=1)
+            with trio.fail_after(30):
+                while upstream.held < 1:
+                    await trio.sleep(0.01)
+            go, done = trio.Event(), trio.Event()
+
+            async def flooder(task_status: Any) -> None:
+                async with ws(daemon) as flood:
+                    frpc = Rpc(flood)
+                    await frpc.request("initialize", {"protocolVersion": "2025-06-18"})
+                    task_status.started()
+                    await go.wait()
+                    for i in range(8):
+                        await frpc.start_call("version", {}, id=100 + i)
+                    await done.wait()
+
+            for _ in range(flooders):
+                await nursery.start(flooder)
+            trio.lowlevel.add_instrument(rounds)
+            waits.clear()
+            go.set()
+            with trio.fail_after(30):
+                while pacer.waiting < 4 * STEPS_PER_PACED_ROUND:  # (4 rounds' worth of starts)
+                    await trio.lowlevel.checkpoint()
+            upstream.release_answers()
+            with trio.fail_after(30):
+                answer = await rpc.response(1)
+            trio.lowlevel.remove_instrument(rounds)
+            done.set()
+
+    assert answer["result"]["isError"] is False, answer
+    assert waits and max(waits) <= 3, waits
