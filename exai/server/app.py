@@ -31,7 +31,7 @@ from exai.server.admin import serve_admin
 from exai.server.auth import check_bind
 from exai.server.listener import load_ssl_context
 from exai.server.overload import tune_malloc
-from exai.server.services import Daemon, compose
+from exai.server.services import Daemon, compose, paced
 from exai.server.stalls import loop_probe
 from exai.tools import default_registry
 from exai.tools.base import ToolRegistry
@@ -85,7 +85,10 @@ async def serve(
     daemon.started_at = trio.current_time()
     tune_malloc()
 
-    with loop_probe(settings.stall_threshold_s, daemon.on_stall) as detector:
+    with (
+        loop_probe(settings.stall_threshold_s, daemon.on_stall) as detector,
+        paced(daemon.pacer, daemon.services),
+    ):
         daemon.stall_detector = detector
         await _run(daemon, settings, ssl_ctx, announce, task_status)
     log_event("daemon.stopped")

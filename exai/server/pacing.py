@@ -80,6 +80,7 @@ class RoundPacer:
         "_pumping",
         "_run",
         "_starts",
+        "_timing",
         "reads",
         "waited",
     )
@@ -107,8 +108,10 @@ class RoundPacer:
         #: which lane has the odd turn of a round both wait in (alternates)
         self._flip = 0
         self._pumping = False
-        #: the trio run whose rounds are timed (``None`` until the first turn)
+        #: the trio run whose rounds are timed (``None`` until the first turn) and the
+        #: instrument timing them
         self._run: trio.lowlevel.TrioToken | None = None
+        self._timing: _RoundStart | None = None
         #: turns that had to wait for a later round (a counter, both lanes)
         self.waited = 0
 
@@ -131,6 +134,21 @@ class RoundPacer:
         """
         await self._starts.turn()
 
+    def close(self) -> None:
+        """Stop timing the rounds of the trio run this is called in: its instrument leaves the
+        run (called for every round, it kept the pacer alive as long as the run). Turns still
+        waiting are let go as before; a later turn times the rounds again. For an owner whose
+        run goes on after it (a daemon stopped inside a longer trio run). Idempotent."""
+        try:
+            run: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:  # (outside a run: a run that ended took its instruments along)
+            run = None
+        if self._timing is not None and run is self._run:
+            trio.lowlevel.remove_instrument(self._timing)
+        self._timing = None
+        self._run = None
+        self._began = float("-inf")
+
     def _young(self) -> bool:
         return self._clock() - self._began < self._budget_s
 
@@ -139,7 +157,8 @@ class RoundPacer:
         if self._run is not trio.lowlevel.current_trio_token():
             # the first turn in this trio run: from now on each round is timed (this turn
             # waits one round; a pacer carried over from another run finds its timing stale)
-            trio.lowlevel.add_instrument(_RoundStart(self))
+            self._timing = _RoundStart(self)
+            trio.lowlevel.add_instrument(self._timing)
             self._run = trio.lowlevel.current_trio_token()
         self.waited += 1
         if not self._pumping:

@@ -19,6 +19,8 @@ daemon::
     Reloader      ← settings, TokenTable, apply(settings, tokens) -> sessions revoked
     admin         ← Readiness.readiness, DaemonMetrics.render      (started by exai.server.app)
     tools         ← services["daemon"]: a status view (status(), protocol_versions)
+    providers     ← the round pacer's reads lane, for the daemon's run only (:func:`paced`,
+                    entered by exai.server.app)
 
 :class:`Daemon` is what the composition hands back to its owner (:func:`exai.server.app.serve`,
 the CLI, tests): the parts by name, and :meth:`Daemon.status`.
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
@@ -183,6 +185,8 @@ class Daemon:
         self.memory: OverloadManager
         self.readiness: Readiness
         self.runner: CallRunner
+        #: calls' starts and answers' reads taken in bites (see :func:`paced`)
+        self.pacer: RoundPacer
         self.sessions: SessionTable
         self.listener: Listener
 
@@ -398,13 +402,7 @@ def compose(
         shared_limits=d.shared_limits,
         pacer=RoundPacer(settings.round_budget_s),
     )
-    from exai.providers import ProviderRouter
-
-    router = tool_services.get("providers")
-    if isinstance(router, ProviderRouter):
-        # an answer's bytes are taken in on the same budget as a call's start, in a lane of
-        # their own: a storm's answers arriving at once are taken in bites too
-        router.pace_reads(shared.pacer.reads)
+    d.pacer = shared.pacer
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
     d.signer = _signer(settings)
@@ -477,3 +475,26 @@ def compose(
     m.add_collector(lambda: memory_metrics(d.memory))
     m.add_collector(lambda: service_metrics(tool_services))
     return d
+
+
+@contextmanager
+def paced(pacer: RoundPacer, services: Mapping[str, Any]) -> Iterator[None]:
+    """The daemon's round pacer (:mod:`exai.server.pacing`) for the length of its run: the
+    provider router's reads (``services["providers"]``) take turns of its ``reads`` lane —
+    an answer's bytes are taken in on the same budget as a call's start, so a storm's answers
+    arriving at once are taken in bites too — and on exit the router is given back unpaced
+    (unless another daemon paced it since: a router its caller lent goes on without turns of
+    a stopped daemon's pacer) and the pacer stops timing the run's rounds."""
+    from exai.providers import ProviderRouter
+
+    router = services.get("providers")
+    if isinstance(router, ProviderRouter):
+        router.pace_reads(pacer.reads)
+    try:
+        yield
+    finally:
+        if isinstance(router, ProviderRouter) and all(
+            provider.client.pace is pacer.reads for provider in router.providers.values()
+        ):
+            router.pace_reads(None)
+        pacer.close()

@@ -19,6 +19,7 @@ import trio.testing
 
 import exai.providers.transport as transport
 from exai.providers import ProviderRouter
+from exai.providers.types import ChatRequest
 from exai.server.core import SessionCore
 from exai.server.pacing import STEPS_PER_PACED_ROUND, RoundPacer
 from exai.storage.service import ConversationService
@@ -415,3 +416,42 @@ async def test_an_answer_read_does_not_wait_behind_a_storm_of_call_starts(tmp_pa
 
     assert answer["result"]["isError"] is False, answer
     assert waits and max(waits) <= 3, waits
+
+
+async def test_a_stopped_daemon_gives_a_lent_router_back_unpaced_and_stops_timing_the_run(
+    tmp_path: Path,
+) -> None:
+    # Before: the router kept taking turns of the stopped daemon's pacer (a daemon started
+    # again in the same run overrode it; under asyncio its turn had no trio run to wait in),
+    # and each daemon's pacer stayed an instrument of the run, called every round for good.
+    async with MockUpstream(models=("mock-a",)) as upstream:
+        settings = make_settings(
+            tmp_path,
+            providers=(provider_settings("a", upstream.base_url, None, ("mock-a",)),),
+            fast_models=("mock-a",),
+            default_model="mock-a",
+            round_budget_s=0.0,  # (every turn waits: each one is counted in waited)
+        )
+        async with (
+            ProviderRouter(settings, attempts=1) as router,
+            ConversationService.open(settings) as conversations,
+        ):
+            services = {"providers": router, "conversations": conversations}
+            async with running_daemon(settings, services=services) as daemon, ws(daemon) as conn:
+                pacer = daemon.sessions.shared.pacer
+                rpc = Rpc(conn)
+                await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+                assert (await rpc.call("chat", {"prompt": "hello"}))["result"]["isError"] is False
+                waited = pacer.waited
+                assert waited > 0
+            # the router goes on without turns of the stopped daemon's pacer
+            answer = await router.complete(
+                ChatRequest(messages=({"role": "user", "content": "again"},), model="mock-a")
+            )
+            assert answer.content
+            assert pacer.waited == waited
+            # and the pacer no longer hears of the run's rounds
+            began = pacer._began
+            for _ in range(5):
+                await trio.lowlevel.checkpoint()
+            assert pacer._began == began
