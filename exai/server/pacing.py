@@ -51,6 +51,8 @@ ROUND_BUDGET_S = 0.010
 #: waiting steps let go per round (≈ 0.4–1.3 ms each: rounds of ≈ 6–20 ms while paced)
 STEPS_PER_PACED_ROUND = 16
 
+_INF = float("inf")
+
 
 class RoundPacer:
     """Turns pass at once until the scheduler round they are taken in has run for
@@ -150,7 +152,8 @@ class RoundPacer:
         self._began = float("-inf")
 
     def _young(self) -> bool:
-        return self._clock() - self._began < self._budget_s
+        # (an infinite budget: the rounds are never timed, not even by the first turn)
+        return self._budget_s == _INF or self._clock() - self._began < self._budget_s
 
     async def _wait(self, lot: trio.lowlevel.ParkingLot) -> None:
         """Wait in ``lot`` (a lane's) for the pump to let this caller go."""

@@ -135,6 +135,18 @@ async def test_one_turn_at_a_time_waits_only_for_the_first_round() -> None:
     assert pacer.waited == 1
 
 
+async def test_an_infinite_budget_never_makes_a_turn_wait() -> None:
+    # EXAI_ROUND_BUDGET_S=inf, pacing off. Before: the first turn waited a round (the timing
+    # it installed was never needed).
+    pacer = RoundPacer(float("inf"))
+    for _ in range(5):
+        with trio.testing.assert_no_checkpoints():
+            await pacer.turn()
+            await pacer.reads.turn()
+
+    assert pacer.waited == 0
+
+
 async def test_waiters_cancelled_leave_without_a_turn_and_the_pacer_goes_on() -> None:
     pacer = RoundPacer(0.0, 1)
     passed: set[int] = set()
