@@ -94,8 +94,12 @@ def estimate_tokens(messages: Any, max_output_tokens: int | None) -> int:
     """What a request may cost against a TPM budget: its messages as sent
     (:func:`exai.providers.tokens.estimate`, plus a little for the envelope) and the output
     cap."""
-    text = json.dumps(messages, ensure_ascii=False, default=str)
+    text = _ESTIMATE_ENCODER.encode(messages)
     return tokens.estimate(text) + 8 + (max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
+
+
+#: (one encoder, made once: ``json.dumps`` with any option builds a new one per call)
+_ESTIMATE_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 
 
 def _usage_of(completion: dict[str, Any], sent_chars: int, got_chars: int) -> Usage:

@@ -166,7 +166,16 @@ class Thread:
                 updated = max(updated, t.created_at)
         if len(turns) == len(self.turns):
             return self
-        return attrs.evolve(self, turns=turns, updated_at=updated, expires_at=updated + ttl_s)
+        # (what ``attrs.evolve`` makes, built directly: evolve looks every field up each call)
+        return Thread(
+            id=self.id,
+            turns=turns,
+            created_at=self.created_at,
+            updated_at=updated,
+            expires_at=updated + ttl_s,
+            owner=self.owner,
+            creation_key=self.creation_key,
+        )
 
     def to_json(self) -> str:
         """Compact JSON (the Redis cache value)."""

@@ -79,6 +79,7 @@ from exai.errors import (
 )
 from exai.logs import log_event
 from exai.resilience import CircuitBreaker
+from exai.resilience import loop as aio
 from exai.resilience.backoff import Backoff, DrainStatistics, Wakeup, drain_loop
 from exai.storage.base import ConversationStore
 from exai.storage.breakers import on_close, store_breaker
@@ -630,8 +631,10 @@ class ConversationService:
     # -- the primary store under its breaker and the deadline ----------------------------
     async def _primary(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         bound = self.settings.store_timeout_s
-        now = anyio.current_time()
-        deadline = anyio.current_effective_deadline()
+        # (exai.resilience.loop: anyio's clock and scopes without its backend lookup per call
+        # under trio — three of them per store call, two store calls per chat call)
+        now = aio.current_time()
+        deadline = aio.current_effective_deadline()
         if deadline != math.inf:
             bound = min(bound, max(0.0, 0.8 * (deadline - now)))
         kind = self.store.kind
@@ -639,7 +642,7 @@ class ConversationService:
             async with self.breaker:
                 # (a plain cancel scope: ``fail_after`` is a generator context manager, dearer
                 # per store call)
-                with anyio.CancelScope(deadline=now + bound) as scope:
+                with aio.cancel_scope(deadline=now + bound) as scope:
                     result = await fn(*args)
                 if scope.cancelled_caught:
                     raise StoreUnavailableError(

@@ -62,6 +62,7 @@ import sniffio
 import trio
 
 from exai.errors import StoreUnavailableError
+from exai.resilience import loop as aio
 
 __all__ = ["StoreThread"]
 
@@ -251,7 +252,7 @@ class StoreThread:
         runs there is another caller's). A caller cancelled before its job is handed in —
         already on entry, while it waits its turn, or after it is given the turn but before it
         runs again — never hands it in: it gets the cancellation and nothing of its runs."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await aio.checkpoint_if_cancelled()
         await self._acquire()
         try:
             wakeup = self._wakeup
@@ -260,7 +261,7 @@ class StoreThread:
             # A cancellation that came after the turn was given (or after an abandoned job
             # ended) is delivered only at the next checkpoint: in the hand-in's wait, after the
             # job went in. Take it here; nothing from here to the hand-in lets another task run.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await aio.checkpoint_if_cancelled()
             job: _Job[T] = _Job(fn, args)
             self._job = job
             self.jobs += 1
