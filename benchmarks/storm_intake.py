@@ -17,9 +17,11 @@ to just before the first answer can come back, divided by the calls (``daemon_ms
 answer received → last, seconds) and each process's CPU from just before the first answer to
 the load's end (all answered; a few ms of the load process's exit included), divided by the
 calls (``daemon_ms_per_answer``, ``mock_ms_per_answer``); an intake that outlasts the latency
-shifts requests into these figures (``intake_s`` says when). ``--pyspy PREFIX`` records
-both processes with py-spy (``EXAI_BENCH_PYSPY`` or ``~/.cache/exai-bench/tools-venv``) into
-``PREFIX-daemon.txt`` and ``PREFIX-mock.txt`` (raw format, for
+shifts requests into these figures (``intake_s`` says when). ``max_loop_stall_s``: the daemon's
+longest loop stall since it started (its ``exai_loop_max_stall_seconds`` gauge), seconds.
+``--pyspy PREFIX`` records both processes with py-spy (``EXAI_BENCH_PYSPY`` or
+``~/.cache/exai-bench/tools-venv``) into ``PREFIX-daemon.txt`` and ``PREFIX-mock.txt`` (raw
+format, for
 :mod:`benchmarks.profile_shares`); ``--native`` adds native frames (the collector's share);
 ``--drain`` records the answers' phase instead (from just before the first answer, 3 s).
 
@@ -128,6 +130,7 @@ def storm(
             spy(3)
         result = load.result(300)
         d2, m2 = _cpu_s(daemon.pid), _cpu_s(mock.pid)
+        stall = daemon.max_loop_stall_s()["value"]
         for spy in spies:
             spy.wait()
         mock.stop()
@@ -149,6 +152,7 @@ def storm(
         "drain_s": round(max(ends) - min(ends), 3),
         "daemon_ms_per_answer": round((d2 - d1) / calls * 1000, 3),
         "mock_ms_per_answer": round((m2 - m1) / calls * 1000, 3),
+        "max_loop_stall_s": stall,
         "machine_load": os.getloadavg()[0],
     }
 
