@@ -19,9 +19,11 @@ Slots:
     it waits in a FIFO of at most ``session_queue_max`` calls, each until its own deadline
     (``call_timeout_s`` from admission); beyond the FIFO it is refused with "overloaded". The
     identity and daemon-wide slots are then waited for at most ``slot_wait_s``, and the
-    identity's slot of the deployment (Redis) after them. Before its slots, a call takes its
-    turn of a scheduler round: once a round has run for ``round_budget_s``, calls begin in
-    the rounds after, a few per round (:mod:`exai.server.pacing`).
+    identity's slot of the deployment (Redis) after them. Between its session slot and the
+    others, a call takes its turn of a scheduler round: once a round has run for
+    ``round_budget_s``, calls begin in the rounds after, a few per round
+    (:mod:`exai.server.pacing`); the calls waiting for turns are so at most
+    ``session_max_inflight`` per connection.
 
 Exactly-once:
     a call's key is the client's ``_meta["exai/idempotencyKey"]`` (scoped to its identity;
@@ -556,8 +558,8 @@ class SessionCore:
                     # so no scope is needed to shield the wait.
                     # A call begins in a scheduler round only while the round is within its
                     # time budget (exai.server.pacing): a storm's intake does not stall the
-                    # loop. One that must wait waits in _start, which ends the reservation if
-                    # it never starts.
+                    # loop. One that must wait waits in _launch once it holds its session slot
+                    # (_start ends the reservation if it never starts).
                     paced = self.shared.pacer.try_turn()
                     launched = None if ex.client_key or not paced else self._launch_now(ex, req)
                     if launched is None:
@@ -598,14 +600,13 @@ class SessionCore:
         Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
         the reservation, so the joined duplicates get the same answer and a later retry runs.
         ``paced``: whether the call has its scheduler round's turn already
-        (:meth:`~exai.server.pacing.RoundPacer.try_turn`); if not, it first waits for one.
+        (:meth:`~exai.server.pacing.RoundPacer.try_turn`); if not, it waits for one once it
+        holds its session slot (:meth:`_launch`).
         """
         shared = self.shared
         started = False
         launched = None
         try:
-            if not paced:
-                await shared.pacer.turn()  # (its round: see _run_call)
             elsewhere = None
             if ex.client_key:
                 # a result another daemon stored, or the one it is running now
@@ -614,7 +615,7 @@ class SessionCore:
                 ex.payload = elsewhere
                 ex.payload_bytes = shared.calls.store(ex.key, ex.digest, elsewhere)
             else:
-                launched = await self._launch(ex, args, req)
+                launched = await self._launch(ex, args, req, paced=paced)
                 started = True
         except _HandedOver:
             shared.stats.rejections["handed_over"] += 1  # no answer: re-sent elsewhere
@@ -629,8 +630,9 @@ class SessionCore:
                 shared.changes.notify()
         return launched
 
-    async def _session_slot(self, ex: Execution) -> None:
-        """Take one of this session's slots, waiting in its FIFO until the call's deadline.
+    async def _session_slot(self, ex: Execution) -> bool:
+        """Take one of this session's slots, waiting in its FIFO until the call's deadline;
+        whether it had to wait.
 
         Raises:
             OverloadedError: every slot is busy and the FIFO is full.
@@ -639,7 +641,7 @@ class SessionCore:
         limiter = self.limiter
         try:
             limiter.acquire_on_behalf_of_nowait(ex)
-            return
+            return False
         except trio.WouldBlock:
             pass
         s = self.settings
@@ -655,7 +657,7 @@ class SessionCore:
         try:
             with trio.move_on_at(ex.deadline):
                 await limiter.acquire_on_behalf_of(ex)
-                return
+                return True
         finally:
             self.queued -= 1
         raise errors.DeadlineExceeded(
@@ -747,13 +749,19 @@ class SessionCore:
         )
 
     async def _launch(
-        self, ex: Execution, args: dict[str, Any], req: p.Request
+        self, ex: Execution, args: dict[str, Any], req: p.Request, *, paced: bool = True
     ) -> _Launched | None:
-        """Take the session slot (FIFO, until the call's deadline), then the identity and global
-        slots within ``slot_wait_s``; then hand a keyed execution to the daemon's call runner
-        (it may outlive this session: a reconnecting bridge adopts it), and return an unkeyed
-        one's context and slots for its responder to run it
-        (:meth:`~exai.server.calls.CallRunner.run`)."""
+        """Take the session slot (FIFO, until the call's deadline), then the call's turn of a
+        scheduler round unless ``paced`` (it had one) and the slot was free at once — a call
+        that waited for its slot begins rounds later, so it takes a turn then — then the
+        identity and global slots within ``slot_wait_s``; then hand a keyed execution to the
+        daemon's call runner (it may outlive this session: a reconnecting bridge adopts it),
+        and return an unkeyed one's context and slots for its responder to run it
+        (:meth:`~exai.server.calls.CallRunner.run`).
+
+        The turn comes after the session slot: the calls waiting for turns are then at most
+        ``session_max_inflight`` per connection, so one connection's queued calls cannot put a
+        lone client's call behind all of them (:mod:`exai.server.pacing`)."""
         shared = self.shared
         slots = shared.slots
         if shared.readiness.draining:
@@ -763,10 +771,12 @@ class SessionCore:
                 "the daemon is shutting down; retry on the next one", retry_after_s=1.0
             )
         started = trio.current_time()
-        await self._session_slot(ex)
+        waited = await self._session_slot(ex)
         # local limiters, and the deployment-wide identity slot
         held: list[Slot] = [self.limiter]
         try:
+            if waited or not paced:
+                await shared.pacer.turn()
             await self._answer_room(ex)
             if self.limiter.borrowed_tokens > 1:
                 # A session's second and later concurrent calls take a shared slot too,

@@ -20,10 +20,12 @@ import trio.testing
 import exai.providers.transport as transport
 from exai.providers import ProviderRouter
 from exai.providers.types import ChatRequest
-from exai.server.core import SessionCore
+from exai.server.calls import CallRunner
 from exai.server.pacing import STEPS_PER_PACED_ROUND, RoundPacer
 from exai.storage.service import ConversationService
 from exai.testing import MockUpstream
+from exai.tools import default_registry
+from tests.daemon_tools import SLEEP
 from tests.helpers import Rpc, make_settings, running_daemon, ws
 from tests.providers.conftest import provider_settings
 
@@ -244,20 +246,13 @@ async def test_calls_arriving_at_once_past_the_budget_begin_a_few_per_round(
     # Before: every connection's call began in the same round (24 here).
     rounds = _Rounds()
     began: collections.Counter[int] = collections.Counter()
-    launch_now, launch = SessionCore._launch_now, SessionCore._launch
+    run = CallRunner.run
 
-    def counted_launch_now(self: SessionCore, *a: Any) -> Any:
-        launched = launch_now(self, *a)
-        if launched is not None:
-            began[rounds.n] += 1
-        return launched
+    async def counted_run(self: CallRunner, *a: Any) -> Any:
+        began[rounds.n] += 1  # (an unkeyed call runs once it has its turn and its slots)
+        return await run(self, *a)
 
-    async def counted_launch(self: SessionCore, *a: Any) -> Any:
-        began[rounds.n] += 1
-        return await launch(self, *a)
-
-    monkeypatch.setattr(SessionCore, "_launch_now", counted_launch_now)
-    monkeypatch.setattr(SessionCore, "_launch", counted_launch)
+    monkeypatch.setattr(CallRunner, "run", counted_run)
     # (a budget of 0: every round is past it, so the bound is the one of a long round)
     settings = make_settings(tmp_path, round_budget_s=0.0, max_inflight=64)
     go = trio.Event()
@@ -467,3 +462,54 @@ async def test_a_stopped_daemon_gives_a_lent_router_back_unpaced_and_stops_timin
             for _ in range(5):
                 await trio.lowlevel.checkpoint()
             assert pacer._began == began
+
+
+async def test_a_lone_call_waits_for_the_running_slots_of_a_flood_not_for_its_queue(
+    tmp_path: Path,
+) -> None:
+    # 32 connections flood 8 calls each, one slot per connection: 256 calls admitted, 32 can
+    # run. Before, every admitted call took its turn before its session slot, so a lone
+    # client's call queued behind every turn still waiting (48 at the flood's peak here, one
+    # per admitted call at most: 64 a connection by default); now only the calls that hold a
+    # slot take turns — the rest wait in their connections' FIFOs, without one.
+    flooders, per_flooder = 32, 8
+    settings = make_settings(
+        tmp_path,
+        round_budget_s=0.0,
+        max_inflight=512,
+        session_max_inflight=1,
+        session_rate_per_s=1000.0,
+    )
+    registry = default_registry()
+    registry.register(SLEEP)
+    async with running_daemon(settings, registry) as daemon, trio.open_nursery() as nursery:
+        conns = []
+        for _ in range(flooders + 1):
+            conn = await nursery.start(_open_ws, daemon)
+            conns.append(Rpc(conn))
+
+        async def flood(rpc: Rpc) -> None:
+            for i in range(per_flooder):
+                await rpc.start_call("sleep", {"seconds": 60}, id=i)
+
+        for rpc in conns[:flooders]:  # (all at once: 32 calls come in each round)
+            nursery.start_soon(flood, rpc)
+        with trio.fail_after(30):  # (every round: the lone call comes at the flood's peak)
+            while len(daemon.calls.running) < flooders * per_flooder:
+                await trio.lowlevel.checkpoint()
+        answer = await conns[-1].call("version")
+        nursery.cancel_scope.cancel()
+
+        turns = daemon.pacer.waited
+    assert "result" in answer, answer
+    # (a budget of 0: every turn is one that waited) the flood's 32 running calls and the lone
+    # call took turns; the 224 calls queued for their connections' slots took none (all 256
+    # did before, and the lone call's turn waited behind every one still in the lane)
+    assert turns == flooders + 1, turns
+
+
+async def _open_ws(daemon: Any, task_status: Any) -> None:
+    async with ws(daemon) as conn:
+        await Rpc(conn).request("initialize", {"protocolVersion": "2025-06-18"})
+        task_status.started(conn)
+        await trio.sleep_forever()
