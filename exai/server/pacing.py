@@ -68,7 +68,9 @@ class RoundPacer:
         budget_s: seconds of a round during which turns pass at once (``0``: every turn
             waits a round; ``inf``: none ever waits).
         per_round: waiting turns let go per round, ≥ 1.
-        clock: seconds, monotonic (``time.perf_counter``; a test's own).
+        clock: seconds, monotonic (``time.perf_counter``; a test's own). Real time, not the
+            run's clock: a round's length is what the loop's other tasks wait, whatever clock
+            the run keeps (a ``MockClock`` stands still within a round).
 
     Raises:
         ValueError: ``budget_s`` < 0 or ``per_round`` < 1.
