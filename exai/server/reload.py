@@ -2,8 +2,9 @@
 
 What is reloaded: client tokens (``EXAI_TOKENS`` / ``EXAI_TOKENS_FILE``), the session-signing
 key (``EXAI_SESSION_SIGNING_KEY_FILE``: sessions signed with the old key become unknown) and
-provider keys (and the rest of each provider's settings). Listener settings (host, ports,
-limits) need a restart; a reload that changes them logs that they were not applied.
+provider keys (and the rest of each provider's settings). Every other setting (host, ports,
+limits, timeouts, stores, …) needs a restart; a reload that changes one logs its name under
+``not_applied_until_restart`` (values are not logged: some are secrets).
 
 What happens:
     * the new settings are read and validated first (in a worker thread: they read files); a
@@ -38,7 +39,8 @@ from exai.server.auth import TokenTable, check_bind, parse_tokens
 __all__ = ["REVOKED_CLOSE_CODE", "Reloader", "watched_files"]
 
 REVOKED_CLOSE_CODE = 4001
-_RESTART_ONLY = ("host", "port", "admin_host", "admin_port", "tls_cert", "tls_key")
+#: the settings a reload applies; every other one waits for a restart
+_APPLIED = frozenset({"tokens", "providers", "source_files", "session_signing_key"})
 _LIMITER = anyio.CapacityLimiter(1)
 
 
@@ -143,7 +145,11 @@ class Reloader:
 
     def _apply(self, new: Settings, tokens: TokenTable, why: str) -> None:
         old = self.settings
-        ignored = [f for f in _RESTART_ONLY if getattr(new, f) != getattr(old, f)]
+        ignored = [
+            f.name
+            for f in attrs.fields(Settings)
+            if f.name not in _APPLIED and getattr(new, f.name) != getattr(old, f.name)
+        ]
         self.settings = attrs.evolve(
             old,
             tokens=new.tokens,

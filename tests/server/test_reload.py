@@ -211,3 +211,25 @@ async def test_a_rotated_session_signing_key_ends_the_sessions_signed_with_the_o
             await new.initialize()  # a new session, signed with the new key
             assert (await new.post(new.message("ping"))).status_code == 200
         d.request_shutdown()
+
+
+async def test_a_reload_names_every_changed_setting_it_does_not_apply(tmp_path, caplog):
+    # Before: only host, ports and TLS files were named; a changed limit (EXAI_MAX_INFLIGHT,
+    # EXAI_ROUND_BUDGET_S) was silently not applied, against the module's docstring.
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file), "EXAI_SECRET_WATCH_INTERVAL_S": "0.05"}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        env["EXAI_MAX_INFLIGHT"] = "7"
+        env["EXAI_ROUND_BUDGET_S"] = "0.5"
+        write(tokens_file, TOK_A, TOK_B)
+        with caplog.at_level("INFO", logger="exai"):
+            assert await d.reloader.reload("test") is True
+        d.request_shutdown()
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "config.reloaded"]
+    assert len(logged) == 1
+    ignored = logged[0].fields["not_applied_until_restart"]
+    assert {"max_inflight", "round_budget_s"} <= set(ignored)
+    assert not {"tokens", "providers", "source_files"} & set(ignored)
+    assert d.settings.max_inflight != 7  # (not applied: it needs a restart)
