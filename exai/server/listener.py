@@ -79,7 +79,6 @@ __all__ = ["Listener", "SessionRunner", "load_ssl_context"]
 SessionRunner = Callable[[WebSocketConnection, str, Identity, ProgressStream], Awaitable[None]]
 #: a refusal before any protocol state: (status, headers, JSON body)
 _Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
-_JSON_CT = ("Content-Type", "application/json")
 _JSON_BYTES = (b"Content-Type", b"application/json")
 
 
@@ -183,13 +182,15 @@ class Listener:
                 except h11.RemoteProtocolError as exc:
                     self._release_handshake(slots)
                     self.stats.rejections["bad_request"] += 1
-                    await send_response(
+                    # (lingers like every refusal: a client still sending reads its answer)
+                    await self._refuse(
                         stream,
                         http,
-                        exc.error_status_hint,
-                        [_JSON_CT],
-                        json_body("bad_request", f"malformed HTTP request: {exc}"),
-                        close=True,
+                        (
+                            exc.error_status_hint,
+                            [_JSON_BYTES],
+                            json_body("bad_request", f"malformed HTTP request: {exc}"),
+                        ),
                     )
                     return
                 timed_out = False
@@ -211,13 +212,14 @@ class Listener:
                 # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head)
                 self.stats.rejections["bad_request"] += 1
                 version = request.http_version.decode("ascii", "replace")
-                await send_response(
+                await self._refuse(
                     stream,
                     http,
-                    505,
-                    [_JSON_CT],
-                    json_body("bad_request", f"HTTP/{version} is not served; use HTTP/1.1"),
-                    close=True,
+                    (
+                        505,
+                        [_JSON_BYTES],
+                        json_body("bad_request", f"HTTP/{version} is not served; use HTTP/1.1"),
+                    ),
                     head_request=request.method == b"HEAD",
                 )
                 return

@@ -283,3 +283,48 @@ async def test_a_refusal_on_a_kept_connection_lets_the_client_finish_sending_its
                         reset = True
             outcomes.append((received[:12], send_failed, reset))
         assert outcomes == [(b"HTTP/1.1 401", False, False)] * 3, outcomes
+
+
+@pytest.mark.parametrize(
+    ("head_line", "status"),
+    [(b"Bad Header Line", b"HTTP/1.1 400"), (b"X-Ok: 1", None)],
+    ids=["malformed", "well-formed"],
+)
+async def test_a_malformed_first_head_is_answered_while_the_client_still_sends_its_body(
+    tmp_path: Path, head_line: bytes, status: bytes | None
+) -> None:
+    """A first request whose head is malformed (400) while its client is still sending the
+    body: the listener answered and closed with the body unread, so its kernel reset the
+    connection — the client's writes failed and the answer could be lost (the other refusals
+    already lingered). The well-formed case is the control: the same bytes with a good header
+    line are refused for their body (not JSON-RPC) by the door, which lingers too."""
+    async with live_daemon(tmp_path) as daemon:
+        parts = urlsplit(http_url(daemon.url))
+        body = b"x" * (768 * 1024)  # (within what is read to linger: LINGER_BYTES)
+        head = (
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json\r\nContent-Length: %d\r\n%s\r\n\r\n"
+            % (len(body), head_line)
+        )
+        outcomes = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+            received, send_failed, reset = b"", False, False
+            async with stream:
+                with trio.fail_after(SERVED_WITHIN_S):
+                    await stream.send_all(head + body[: 64 * 1024])
+                    await trio.sleep(0.2)  # the listener has answered (and closed, or lingers)
+                    try:
+                        for at in range(64 * 1024, len(body), 64 * 1024):
+                            await stream.send_all(body[at : at + 64 * 1024])
+                        await stream.send_eof()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        send_failed = True
+                    try:
+                        while data := await stream.receive_some(65536):
+                            received += data
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        reset = True
+            outcomes.append((received[:12], send_failed, reset))
+        expected = status or outcomes[0][0]
+        assert outcomes == [(expected, False, False)] * 3, outcomes
