@@ -56,6 +56,10 @@ class TokenBucketStatistics:
     waited: int = 0
 
 
+#: the waiters of every bucket nobody has waited on yet: never appended to (see ``acquire``)
+_NOBODY_WAITS: deque[_Waiter] = deque()
+
+
 class _Waiter:
     __slots__ = ("cost", "wake")
 
@@ -105,7 +109,9 @@ class TokenBucket:
         self._tokens = float(capacity)
         self._slack = 1e-9 + self.rate_per_s * _SLACK_S
         self._last: float | None = None  # loop time of the last refill; None until first use
-        self._waiters: deque[_Waiter] = deque()
+        # (the empty queue every bucket shares until one has to wait: an empty deque holds a
+        # block of 64 slots, ≈ 0.6 KB, and a daemon has a bucket per connection)
+        self._waiters: deque[_Waiter] = _NOBODY_WAITS
         self._queued_cost = 0.0
         self.admitted = 0
         self.admitted_cost = 0.0
@@ -137,6 +143,8 @@ class TokenBucket:
             return
         waiter = _Waiter(cost)
         self.waited += 1
+        if self._waiters is _NOBODY_WAITS:
+            self._waiters = deque()
         self._waiters.append(waiter)
         self._queued_cost += cost
         try:

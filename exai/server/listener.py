@@ -364,6 +364,7 @@ class Listener:
             assert identity is not None  # checked in _admit
             subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
             conn = await request.accept(subprotocol=subprotocol)
+            request = None  # (its headers are not needed by the session: memory per session)
             stream.turn = self.endings.turn()
             try:
                 await self.serve_session(conn, ip, identity, stream)

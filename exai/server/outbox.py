@@ -46,6 +46,10 @@ CHUNK_BYTES = 64 * 1024
 DEFAULT_RECEIVE_BYTES = 64 * 1024
 
 
+#: the queue of every outbox with nothing queued: never appended to (see ``_append``)
+_NOTHING_QUEUED: deque[str] = deque()
+
+
 class Outbox:
     """Encoded messages waiting to be written to one connection.
 
@@ -67,7 +71,9 @@ class Outbox:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.ledger = ledger
-        self._queue: deque[str] = deque()
+        # (the empty queue every outbox shares while it has nothing queued: a deque holds a
+        # block of 64 slots, ≈ 0.6 KB, even empty, in each of 10,000 idle sessions)
+        self._queue: deque[str] = _NOTHING_QUEUED
         self.queued_bytes = 0
         # the writer waits for a message; senders wait for room (parking lots: a wake-up with
         # nobody waiting costs nothing, and the writer is not woken when room is made)
@@ -87,6 +93,8 @@ class Outbox:
         return len(self._queue) < self.max_count and self.queued_bytes + nbytes <= self.max_bytes
 
     def _append(self, text: str) -> None:
+        if self._queue is _NOTHING_QUEUED:
+            self._queue = deque()
         self._queue.append(text)
         self.queued_bytes += len(text)
         self.ledger.add(len(text))
@@ -173,6 +181,8 @@ class Outbox:
         nbytes = 0
         for _ in range(min(count, len(queue))):
             nbytes += len(queue.popleft())
+        if not queue:
+            self._queue = _NOTHING_QUEUED  # (an idle session holds no block of its own)
         self.queued_bytes -= nbytes
         self.ledger.add(-nbytes)
         if self._room:
@@ -189,7 +199,7 @@ class Outbox:
         self._closed = True
         if drop:
             self.ledger.add(-self.queued_bytes)
-            self._queue.clear()
+            self._queue = _NOTHING_QUEUED
             self.queued_bytes = 0
         if self._readable:
             self._readable.unpark_all()

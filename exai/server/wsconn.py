@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -68,6 +69,22 @@ def message_bytes(data: str | bytes | bytearray) -> int:
 class ServerConnection(WebSocketConnection):
     #: charged for every part of a frame as it arrives (``None`` until the session sets it)
     meter: InboundMeter | None = None
+
+    async def _accept(
+        self, request: Any, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        await super()._accept(request, subprotocol, extra_headers)
+        # The upgrade is answered: the handshake's HTTP/1.1 state (an h11 connection with its
+        # state tables and buffers) and its event queue (a deque: ≈ 0.6 KB even empty) are not
+        # used again, but wsproto keeps them for the life of the WebSocket connection
+        # (``WSConnection.handshake``: its ``events()`` still reads the empty queue) — in every
+        # idle session. (wsproto's own attributes: tests/server/test_wsconn_memory.py checks
+        # that they are there to drop, so an upgrade that renames them is seen.)
+        handshake: Any = self._wsproto.handshake
+        if getattr(handshake, "_h11_connection", None) is not None:
+            handshake._h11_connection = None
+        if not getattr(handshake, "_events", True):
+            handshake._events = ()
 
     async def send_text(
         self,
