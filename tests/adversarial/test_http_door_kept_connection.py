@@ -260,29 +260,38 @@ async def test_a_refusal_on_a_kept_connection_lets_the_client_finish_sending_its
         outcomes = []
         for _ in range(3):
             stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
-            received, send_failed, reset = b"", False, False
+            received = b""
             async with stream:
                 with trio.fail_after(SERVED_WITHIN_S):
                     await stream.send_all(_call(daemon.url, 1, ALICE))
                     while b"\r\n\r\n" not in received or not received.endswith(b"}"):
                         received += await stream.receive_some(65536)
-                    received = b""
                     head = refused[: len(refused) - len(body)]
-                    await stream.send_all(head + body[: 64 * 1024])
-                    await trio.sleep(0.2)  # the door has refused (and closed, or lingers)
-                    try:
-                        for at in range(64 * 1024, len(body), 64 * 1024):
-                            await stream.send_all(body[at : at + 64 * 1024])
-                        await stream.send_eof()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        send_failed = True
-                    try:
-                        while data := await stream.receive_some(65536):
-                            received += data
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        reset = True
-            outcomes.append((received[:12], send_failed, reset))
+                    outcomes.append(await _send_while_refused(stream, head, body))
         assert outcomes == [(b"HTTP/1.1 401", False, False)] * 3, outcomes
+
+
+async def _send_while_refused(
+    stream: trio.SocketStream, head: bytes, body: bytes
+) -> tuple[bytes, bool, bool]:
+    """Send ``head`` and the body's first 64 KiB, give the server time to refuse, send the
+    rest and the end, then read everything: (the answer's first 12 bytes, whether a write
+    failed, whether the read was reset)."""
+    received, send_failed, reset = b"", False, False
+    await stream.send_all(head + body[: 64 * 1024])
+    await trio.sleep(0.2)  # the server has refused (and closed, or lingers)
+    try:
+        for at in range(64 * 1024, len(body), 64 * 1024):
+            await stream.send_all(body[at : at + 64 * 1024])
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        send_failed = True
+    try:
+        while data := await stream.receive_some(65536):
+            received += data
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        reset = True
+    return received[:12], send_failed, reset
 
 
 @pytest.mark.parametrize(
@@ -309,22 +318,8 @@ async def test_a_malformed_first_head_is_answered_while_the_client_still_sends_i
         outcomes = []
         for _ in range(3):
             stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
-            received, send_failed, reset = b"", False, False
             async with stream:
                 with trio.fail_after(SERVED_WITHIN_S):
-                    await stream.send_all(head + body[: 64 * 1024])
-                    await trio.sleep(0.2)  # the listener has answered (and closed, or lingers)
-                    try:
-                        for at in range(64 * 1024, len(body), 64 * 1024):
-                            await stream.send_all(body[at : at + 64 * 1024])
-                        await stream.send_eof()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        send_failed = True
-                    try:
-                        while data := await stream.receive_some(65536):
-                            received += data
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        reset = True
-            outcomes.append((received[:12], send_failed, reset))
+                    outcomes.append(await _send_while_refused(stream, head, body))
         expected = status or outcomes[0][0]
         assert outcomes == [(expected, False, False)] * 3, outcomes
