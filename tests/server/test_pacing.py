@@ -10,6 +10,8 @@ runs once per round) and give the pacer a clock of their own: never the wall clo
 from __future__ import annotations
 
 import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import trio.testing
 import exai.providers.transport as transport
 from exai.providers import ProviderRouter
 from exai.providers.types import ChatRequest
+from exai.server.app import Daemon
 from exai.server.calls import CallRunner
 from exai.server.pacing import STEPS_PER_PACED_ROUND, RoundPacer
 from exai.storage.service import ConversationService
@@ -236,6 +239,33 @@ async def test_a_negative_budget_or_no_turn_per_round_is_refused() -> None:
 
 # ------------------------------------------------------------------ through the daemon
 
+
+@asynccontextmanager
+async def _chat_daemon(
+    tmp_path: Path, provider: dict[str, Any] | None = None, **settings: Any
+) -> AsyncIterator[tuple[MockUpstream, ProviderRouter, Daemon]]:
+    """A daemon in this trio run serving ``chat`` from one mock upstream (SQLite store), every
+    round past its budget (0: each turn waits, so the bound is the one of a long round)."""
+    async with MockUpstream(models=("mock-a",)) as upstream:
+        config = make_settings(
+            tmp_path,
+            providers=(
+                provider_settings("a", upstream.base_url, None, ("mock-a",), **(provider or {})),
+            ),
+            fast_models=("mock-a",),
+            default_model="mock-a",
+            round_budget_s=0.0,
+            **settings,
+        )
+        async with (
+            ProviderRouter(config, attempts=1) as router,
+            ConversationService.open(config) as conversations,
+            running_daemon(
+                config, services={"providers": router, "conversations": conversations}
+            ) as daemon,
+        ):
+            yield upstream, router, daemon
+
 #: more than the pacer lets go per round
 CONNECTIONS = STEPS_PER_PACED_ROUND + 8
 
@@ -298,48 +328,28 @@ async def test_answers_arriving_at_once_past_the_budget_are_taken_in_a_few_per_r
 
     monkeypatch.setattr(transport, "_fill", counted_fill)
     answers: list[dict[str, Any]] = []
-    async with MockUpstream(models=("mock-a",)) as upstream:
-        settings = make_settings(
-            tmp_path,
-            providers=(
-                provider_settings(
-                    "a",
-                    upstream.base_url,
-                    None,
-                    ("mock-a",),
-                    max_concurrency=CONNECTIONS,
-                    pool_max=CONNECTIONS,
-                ),
-            ),
-            fast_models=("mock-a",),
-            default_model="mock-a",
-            round_budget_s=0.0,
-            session_max_inflight=CONNECTIONS,
-            session_rate_per_s=1000.0,
-        )
-        async with (
-            ProviderRouter(settings, attempts=1) as router,
-            ConversationService.open(settings) as conversations,
-            running_daemon(
-                settings, services={"providers": router, "conversations": conversations}
-            ) as daemon,
-            ws(daemon) as conn,
-        ):
-            rpc = Rpc(conn)
-            await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
-            upstream.hold_answers()
+    chat = _chat_daemon(
+        tmp_path,
+        {"max_concurrency": CONNECTIONS, "pool_max": CONNECTIONS},
+        session_max_inflight=CONNECTIONS,
+        session_rate_per_s=1000.0,
+    )
+    async with chat as (upstream, _, daemon), ws(daemon) as conn:
+        rpc = Rpc(conn)
+        await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+        upstream.hold_answers()
+        for i in range(CONNECTIONS):
+            await rpc.start_call("chat", {"prompt": f"hello {i}"}, id=100 + i)
+        with trio.fail_after(30):
+            while upstream.held < CONNECTIONS:
+                await trio.sleep(0.01)
+        trio.lowlevel.add_instrument(rounds)
+        released = True
+        upstream.release_answers()
+        with trio.fail_after(30):
             for i in range(CONNECTIONS):
-                await rpc.start_call("chat", {"prompt": f"hello {i}"}, id=100 + i)
-            with trio.fail_after(30):
-                while upstream.held < CONNECTIONS:
-                    await trio.sleep(0.01)
-            trio.lowlevel.add_instrument(rounds)
-            released = True
-            upstream.release_answers()
-            with trio.fail_after(30):
-                for i in range(CONNECTIONS):
-                    answers.append(await rpc.response(100 + i))
-            trio.lowlevel.remove_instrument(rounds)
+                answers.append(await rpc.response(100 + i))
+        trio.lowlevel.remove_instrument(rounds)
 
     assert all(a["result"]["isError"] is False for a in answers), answers
     assert sum(reads.values()) >= CONNECTIONS
@@ -368,58 +378,46 @@ async def test_an_answer_read_does_not_wait_behind_a_storm_of_call_starts(tmp_pa
             waits.append(rounds.n - asked)
 
     flooders = 64
-    async with MockUpstream(models=("mock-a",)) as upstream:
-        settings = make_settings(
-            tmp_path,
-            providers=(provider_settings("a", upstream.base_url, None, ("mock-a",)),),
-            fast_models=("mock-a",),
-            default_model="mock-a",
-            round_budget_s=0.0,
-        )
-        async with (
-            ProviderRouter(settings, attempts=1) as router,
-            ConversationService.open(settings) as conversations,
-            running_daemon(
-                settings, services={"providers": router, "conversations": conversations}
-            ) as daemon,
-            ws(daemon) as conn,
-            trio.open_nursery() as nursery,
-        ):
-            client = router.providers["a"].client
-            client.pace = Recording(client.pace)
-            pacer = daemon.sessions.shared.pacer
-            rpc = Rpc(conn)
-            await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
-            upstream.hold_answers()
-            await rpc.start_call("chat", {"prompt": "hello"}, id=1)
-            with trio.fail_after(30):
-                while upstream.held < 1:
-                    await trio.sleep(0.01)
-            go, done = trio.Event(), trio.Event()
+    async with (
+        _chat_daemon(tmp_path) as (upstream, router, daemon),
+        ws(daemon) as conn,
+        trio.open_nursery() as nursery,
+    ):
+        client = router.providers["a"].client
+        client.pace = Recording(client.pace)
+        pacer = daemon.sessions.shared.pacer
+        rpc = Rpc(conn)
+        await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+        upstream.hold_answers()
+        await rpc.start_call("chat", {"prompt": "hello"}, id=1)
+        with trio.fail_after(30):
+            while upstream.held < 1:
+                await trio.sleep(0.01)
+        go, done = trio.Event(), trio.Event()
 
-            async def flooder(task_status: Any) -> None:
-                async with ws(daemon) as flood:
-                    frpc = Rpc(flood)
-                    await frpc.request("initialize", {"protocolVersion": "2025-06-18"})
-                    task_status.started()
-                    await go.wait()
-                    for i in range(8):
-                        await frpc.start_call("version", {}, id=100 + i)
-                    await done.wait()
+        async def flooder(task_status: Any) -> None:
+            async with ws(daemon) as flood:
+                frpc = Rpc(flood)
+                await frpc.request("initialize", {"protocolVersion": "2025-06-18"})
+                task_status.started()
+                await go.wait()
+                for i in range(8):
+                    await frpc.start_call("version", {}, id=100 + i)
+                await done.wait()
 
-            for _ in range(flooders):
-                await nursery.start(flooder)
-            trio.lowlevel.add_instrument(rounds)
-            waits.clear()
-            go.set()
-            with trio.fail_after(30):
-                while pacer.waiting < 4 * STEPS_PER_PACED_ROUND:  # (4 rounds' worth of starts)
-                    await trio.lowlevel.checkpoint()
-            upstream.release_answers()
-            with trio.fail_after(30):
-                answer = await rpc.response(1)
-            trio.lowlevel.remove_instrument(rounds)
-            done.set()
+        for _ in range(flooders):
+            await nursery.start(flooder)
+        trio.lowlevel.add_instrument(rounds)
+        waits.clear()
+        go.set()
+        with trio.fail_after(30):
+            while pacer.waiting < 4 * STEPS_PER_PACED_ROUND:  # (4 rounds' worth of starts)
+                await trio.lowlevel.checkpoint()
+        upstream.release_answers()
+        with trio.fail_after(30):
+            answer = await rpc.response(1)
+        trio.lowlevel.remove_instrument(rounds)
+        done.set()
 
     assert answer["result"]["isError"] is False, answer
     assert waits and max(waits) <= 3, waits
