@@ -23,7 +23,10 @@ Slots:
     others, a call takes its turn of a scheduler round: once a round has run for
     ``round_budget_s``, calls begin in the rounds after, a few per round
     (:mod:`exai.server.pacing`); the calls waiting for turns are so at most
-    ``session_max_inflight`` per connection.
+    ``session_max_inflight`` per connection. A call that waited for any of its other slots
+    takes a turn again once it holds them (a freed slot lets its waiters go all at once), and
+    one that waited finds out after its turn whether the daemon began to drain (then it is
+    handed over or refused).
 
 Exactly-once:
     a call's key is the client's ``_meta["exai/idempotencyKey"]`` (scoped to its identity;
@@ -559,9 +562,10 @@ class SessionCore:
                     # A call begins in a scheduler round only while the round is within its
                     # time budget (exai.server.pacing): a storm's intake does not stall the
                     # loop. One that must wait waits in _launch once it holds its session slot
-                    # (_start ends the reservation if it never starts).
-                    paced = self.shared.pacer.try_turn()
-                    launched = None if ex.client_key or not paced else self._launch_now(ex, req)
+                    # (_start ends the reservation if it never starts); so does a keyed call,
+                    # which first looks for a result elsewhere (with Redis, a round trip).
+                    paced = not ex.client_key and self.shared.pacer.try_turn()
+                    launched = self._launch_now(ex, req) if paced else None
                     if launched is None:
                         # the start belongs to the execution, not to this responder: requests
                         # that joined still want it if this one goes (bounded by its deadline)
@@ -600,8 +604,8 @@ class SessionCore:
         Whatever stops it from starting (no slot in time, shutting down, cancellation) ends
         the reservation, so the joined duplicates get the same answer and a later retry runs.
         ``paced``: whether the call has its scheduler round's turn already
-        (:meth:`~exai.server.pacing.RoundPacer.try_turn`); if not, it waits for one once it
-        holds its session slot (:meth:`_launch`).
+        (:meth:`~exai.server.pacing.RoundPacer.try_turn`); if not, it takes one once it holds
+        its session slot (:meth:`_launch`).
         """
         shared = self.shared
         started = False
@@ -665,8 +669,9 @@ class SessionCore:
             "slots until its deadline"
         )
 
-    async def _answer_room(self, ex: Execution) -> None:
-        """Wait (until the call's deadline) for room for one more answer before starting it.
+    async def _answer_room(self, ex: Execution) -> bool:
+        """Wait (until the call's deadline) for room for one more answer before starting it;
+        whether it had to wait.
 
         A request costs little when admitted, but its answer may be large: a session that
         holds ``session_max_pending_bytes`` of unread answers starts no new call until the
@@ -679,10 +684,10 @@ class SessionCore:
         """
         room = self._answer_room_now
         if room():
-            return
+            return False
         with trio.move_on_at(ex.deadline):
             await self.shared.budget.wait_until(room)
-            return
+            return True
         raise errors.DeadlineExceeded(
             f"tool {ex.tool!r} waited until its deadline for this connection's unread answers "
             "to be read"
@@ -753,36 +758,36 @@ class SessionCore:
     ) -> _Launched | None:
         """Take the session slot (FIFO, until the call's deadline), then the call's turn of a
         scheduler round unless ``paced`` (it had one) and the slot was free at once — a call
-        that waited for its slot begins rounds later, so it takes a turn then — then the
-        identity and global slots within ``slot_wait_s``; then hand a keyed execution to the
-        daemon's call runner (it may outlive this session: a reconnecting bridge adopts it),
-        and return an unkeyed one's context and slots for its responder to run it
-        (:meth:`~exai.server.calls.CallRunner.run`).
+        that waited for its slot begins rounds later, so it takes a turn then — then room for
+        its answer and the identity and global slots within ``slot_wait_s`` (and the
+        identity's slot of the deployment), and a turn again if it had to wait for any of
+        them; then hand a keyed execution to the daemon's call runner (it may outlive this
+        session: a reconnecting bridge adopts it), and return an unkeyed one's context and
+        slots for its responder to run it (:meth:`~exai.server.calls.CallRunner.run`).
 
         The turn comes after the session slot: the calls waiting for turns are then at most
         ``session_max_inflight`` per connection, so one connection's queued calls cannot put a
-        lone client's call behind all of them (:mod:`exai.server.pacing`)."""
+        lone client's call behind all of them (:mod:`exai.server.pacing`). A call that waited
+        finds out after its turn whether the daemon began to drain meanwhile: then it is
+        handed over or refused, as it would have been had it come a moment later."""
         shared = self.shared
         slots = shared.slots
-        if shared.readiness.draining:
-            if ex.client_key:
-                raise _HandedOver  # the client re-sends it elsewhere (see _start_call)
-            raise errors.OverloadedError(
-                "the daemon is shutting down; retry on the next one", retry_after_s=1.0
-            )
+        self._refuse_if_draining(ex)
         started = trio.current_time()
         waited = await self._session_slot(ex)
         # local limiters, and the deployment-wide identity slot
         held: list[Slot] = [self.limiter]
         try:
             if waited or not paced:
-                await shared.pacer.turn()
-            await self._answer_room(ex)
+                await self._turn(ex)
+            # (from here: whether it waited since its turn, so begins in a later round)
+            waited = await self._answer_room(ex)
             if self.limiter.borrowed_tokens > 1:
                 # A session's second and later concurrent calls take a shared slot too,
                 # waiting (until the deadline) while a quarter of the daemon's slots is left
                 # for sessions running one call each: a bridge multiplexing a whole
                 # editor does not make everyone else wait for a slot.
+                waited = True  # (acquire_on_behalf_of is a schedule point, even when free)
                 with trio.move_on_at(ex.deadline):
                     await slots.shared_inflight.acquire_on_behalf_of(ex)
                     held.append(slots.shared_inflight)
@@ -812,6 +817,7 @@ class SessionCore:
                     break
                 held.append(limiter)
             if len(held) < len(wanted) + base:
+                waited = True
                 with trio.move_on_after(self.settings.slot_wait_s):
                     for limiter, _ in wanted[len(held) - base :]:
                         await limiter.acquire_on_behalf_of(ex)
@@ -827,6 +833,7 @@ class SessionCore:
             if ident_limiter is not None and shared.shared_limits is not None:
                 # the identity's limit holds for the deployment, not per daemon (Redis)
                 slot = None
+                waited = True
                 with trio.move_on_after(self.settings.slot_wait_s):
                     slot = await shared.shared_limits.identity_slot(self.identity.name, ex.key)
                 if slot is None:
@@ -837,6 +844,10 @@ class SessionCore:
                         retry_after_s=self.settings.slot_wait_s,
                     )
                 held.append(slot)
+            if waited:
+                # let go by a freed slot (with every other waiter a release lets go at once)
+                # or by the client's reads: it begins rounds after its turn, so a turn again
+                await self._turn(ex)
         except BaseException:
             for limiter in held:
                 limiter.release_on_behalf_of(ex)
@@ -846,6 +857,29 @@ class SessionCore:
             return _Launched(ctx, held)
         shared.runner.start(ex, args, ctx, held)
         return None
+
+    async def _turn(self, ex: Execution) -> None:
+        """Take the call's turn of a scheduler round (:meth:`RoundPacer.turn
+        <exai.server.pacing.RoundPacer.turn>`); then — it may have waited for it, and for its
+        slots before — the call is handed over or refused if the daemon began to drain
+        meanwhile (:meth:`_refuse_if_draining`)."""
+        await self.shared.pacer.turn()
+        self._refuse_if_draining(ex)
+
+    def _refuse_if_draining(self, ex: Execution) -> None:
+        """A call about to begin on a draining daemon: a keyed one is handed over (its client
+        re-sends it elsewhere, see :meth:`_start_call`), an unkeyed one refused.
+
+        Raises:
+            _HandedOver: a keyed call.
+            OverloadedError: an unkeyed call.
+        """
+        if self.shared.readiness.draining:
+            if ex.client_key:
+                raise _HandedOver
+            raise errors.OverloadedError(
+                "the daemon is shutting down; retry on the next one", retry_after_s=1.0
+            )
 
     def _audit_refusal(self, req: p.Request, exc: errors.ExaiError) -> None:
         """An audit line for a call refused before it ran (bad arguments, no slot, …)."""

@@ -12,9 +12,10 @@ task — a ping, a handshake, a heartbeat, a timeout — waited for the round to
 
 :class:`RoundPacer` gives those steps a budget: once a round has run for ``budget_s``, no more
 calls begin in it and no more answers are taken in (:meth:`RoundPacer.turn`, awaited by
-:class:`~exai.server.core.SessionCore` once a call holds its session slot, before its other
-slots, and by the provider's pool before each read of an answer); they wait, first come first
-served, and ``per_round`` of them go on in each round after. The total work is the same and
+:class:`~exai.server.core.SessionCore` once a call holds its session slot, and again once it
+holds the others if it had to wait for them, and by the provider's pool before each read of
+an answer); they wait, first come first served, and ``per_round`` of them go on in each round
+after. The total work is the same and
 nothing caps the calls per second: a round only ends sooner, and the loop comes back to its
 clock, its sockets and its other tasks between rounds. Steady load whose rounds stay short (64
 concurrent calls make rounds of a few milliseconds) is never paced, so it pays nothing but the
