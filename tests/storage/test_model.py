@@ -126,3 +126,64 @@ def test_placed_copies_every_field_of_a_turn() -> None:
         "seq",
         "idempotency_key",
     ]
+
+
+_turns = st.lists(
+    st.builds(
+        Turn,
+        role=st.sampled_from(sorted(ROLES)),
+        content=st.text(max_size=8),
+        created_at=st.none() | st.floats(min_value=0, max_value=2e9),
+        idempotency_key=st.none() | st.sampled_from(["a", "b", "c"]),
+    ),
+    max_size=5,
+)
+
+
+@given(
+    before=_turns,
+    extra=_turns,
+    owner=st.none() | st.text(max_size=8),
+    creation_key=st.none() | st.text(max_size=8),
+    created_at=st.floats(min_value=0, max_value=2e9),
+    ttl_s=st.floats(min_value=0, max_value=1e7),
+)
+def test_with_turns_is_what_evolve_makes(
+    before: list[Turn],
+    extra: list[Turn],
+    owner: str | None,
+    creation_key: str | None,
+    created_at: float,
+    ttl_s: float,
+) -> None:
+    # with_turns builds its copy field by field (c5e401e: evolve looked each one up)
+    thread = Thread(
+        id="t1",
+        turns=[t.placed("t1", i + 1) for i, t in enumerate(before)],
+        created_at=created_at,
+        updated_at=created_at,
+        expires_at=created_at + 5,
+        owner=owner,
+        creation_key=creation_key,
+    )
+    got = thread.with_turns(extra, ttl_s=ttl_s)
+    if got is thread:
+        return  # (nothing new: the thread itself)
+    expected = attrs.evolve(
+        thread, turns=got.turns, updated_at=got.updated_at, expires_at=got.updated_at + ttl_s
+    )
+    assert got == expected
+    assert type(got.turns) is tuple  # (the converter ran)
+
+
+def test_with_turns_copies_every_field_of_a_thread() -> None:
+    # Thread.with_turns names each field: a field added to Thread must be added there too
+    assert [f.name for f in attrs.fields(Thread)] == [
+        "id",
+        "turns",
+        "created_at",
+        "updated_at",
+        "expires_at",
+        "owner",
+        "creation_key",
+    ]

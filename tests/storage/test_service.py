@@ -394,3 +394,43 @@ def test_settings_default_to_sqlite_in_the_state_directory(tmp_path: Path) -> No
     settings = make_settings(tmp_path)
     assert sqlite_path(settings.effective_storage_url).parent == settings.state_path
     assert attrs.evolve(settings).effective_storage_url == settings.effective_storage_url
+
+
+# ConversationService._primary bounds a store call with exai.resilience.loop's scope (trio's own
+# under trio, anyio's otherwise, c5e401e): a library user's asyncio gets the same bounds.
+@pytest.mark.parametrize("anyio_backend", ["trio", "asyncio"])
+async def test_a_hanging_store_is_bounded_under_either_backend(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    settings = make_settings(tmp_path, store_timeout_s=0.1)
+    async with flaky_service(settings) as (svc, store):
+        thread = await svc.start_or_continue(None, "chat")
+        store.hang = True
+        with anyio.fail_after(30):  # a hang guard: the store's own bound is 0.1 s
+            await svc.add_turns(thread, [user("q")], "c1")
+        assert svc.spool.depth == 1
+        store.hang = False
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio", "asyncio"])
+async def test_a_caller_cancelled_during_a_store_call_is_cancelled_not_spooled(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # the caller's own cancellation is not the store's bound (cancelled_caught is the inner
+    # scope's): it propagates, and nothing is spooled as if the store had failed
+    settings = make_settings(tmp_path, store_timeout_s=30.0)
+    async with flaky_service(settings) as (svc, store):
+        thread = await svc.start_or_continue(None, "chat")
+        store.hang = True
+        with anyio.CancelScope() as outer:
+            async with anyio.create_task_group() as tg:
+
+                async def stop() -> None:
+                    await anyio.sleep(0.05)
+                    outer.cancel()
+
+                tg.start_soon(stop)
+                await svc.add_turns(thread, [user("q")], "c1")
+        assert outer.cancelled_caught
+        assert svc.spool.depth == 0
+        store.hang = False
