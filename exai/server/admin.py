@@ -19,6 +19,8 @@ from typing import Any
 import h11
 import trio
 
+from exai.server.http11 import route_path
+
 __all__ = ["serve_admin"]
 
 #: a route's handler: () -> (status, content type, body)
@@ -86,9 +88,15 @@ async def _handle(
 async def _answer(
     routes: Mapping[str, Route], stream: trio.SocketStream, conn: h11.Connection, event: Any
 ) -> None:
-    target = event.target.decode("latin-1").split("?", 1)[0]
-    handler = routes.get(target)
-    if event.method != b"GET":
+    try:
+        # (origin-form, or absolute-form ``http://host:port/healthz``: RFC 9112 §3.2.2)
+        target: str | None = route_path(event.target.decode("latin-1"))
+    except ValueError:
+        target = None
+    handler = routes.get(target) if target is not None else None
+    if target is None:
+        status, ctype, body = _json(400, {"error": "the request target is malformed"})
+    elif event.method != b"GET":
         status, ctype, body = _json(405, {"error": "only GET is served"})
     elif handler is None:
         status, ctype, body = _json(404, {"error": "not found", "paths": sorted(routes)})

@@ -617,6 +617,26 @@ async def test_admin_healthz_and_readyz(tmp_path):
         assert (await http.get("/nope")).status_code == 404
 
 
+async def test_admin_paths_in_absolute_form_are_served(tmp_path):
+    # RFC 9112 §3.2.2: a server MUST accept the absolute form (it was 404, as on the MCP
+    # listener before); an authority that is not host[:port] is 400.
+    async with running_daemon(make_settings(tmp_path)) as d:
+        host, port = d.admin_url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+        answers = []
+        for target in (f"http://{host}:{port}/healthz", "HTTP://x/readyz?verbose=1", "http://@/healthz"):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(
+                    f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+                )
+                received = b""
+                with trio.fail_after(30):
+                    while data := await stream.receive_some(65536):
+                        received += data
+            answers.append(received.split(b"\r\n", 1)[0])
+    assert answers == [b"HTTP/1.1 200 ", b"HTTP/1.1 200 ", b"HTTP/1.1 400 "]
+
+
 async def test_status_tool_reports_connections_inflight_limits_and_uptime(tmp_path):
     async with running_daemon(make_settings(tmp_path, max_inflight=9)) as d, ws(d) as conn:
         res = await Rpc(conn).call("status")
