@@ -1,7 +1,8 @@
 """The admin HTTP listener: ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Loopback by default (``EXAI_ADMIN_HOST``). A deliberately small HTTP/1.1 server on h11: one
-request per connection, bounded header size and time, GET only. A request must arrive within
+request per connection, bounded header size and time, GET and HEAD only (HEAD: GET's head, no
+body). A request must arrive within
 :data:`HEAD_TIMEOUT_S` of its accept, and only then takes one of the 64 slots to be answered
 in: connections that never send one (a balancer's half-open checks, or a slowloris) hold no
 slot — they used to, for 5 s each, and a health check queued behind them all (200 of them: a
@@ -81,8 +82,8 @@ async def _handle(
                 await _answer(routes, stream, conn, event)
             finally:
                 limiter.release()
-    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # (a local one too: one connection's failure never ends the admin listener)
 
 
 async def _answer(
@@ -96,8 +97,8 @@ async def _answer(
     handler = routes.get(target) if target is not None else None
     if target is None:
         status, ctype, body = _json(400, {"error": "the request target is malformed"})
-    elif event.method != b"GET":
-        status, ctype, body = _json(405, {"error": "only GET is served"})
+    elif event.method not in (b"GET", b"HEAD"):
+        status, ctype, body = _json(405, {"error": "only GET and HEAD are served"})
     elif handler is None:
         status, ctype, body = _json(404, {"error": "not found", "paths": sorted(routes)})
     else:
@@ -107,8 +108,11 @@ async def _answer(
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
     ]
+    if status == 405:
+        headers.append(("Allow", "GET, HEAD"))  # (RFC 9110 §15.5.6)
     await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-    await stream.send_all(conn.send(h11.Data(data=body)))
+    if event.method != b"HEAD":  # (h11 refuses a body after a HEAD's head: RFC 9110 §9.3.2)
+        await stream.send_all(conn.send(h11.Data(data=body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 

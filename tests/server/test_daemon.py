@@ -637,6 +637,32 @@ async def test_admin_paths_in_absolute_form_are_served(tmp_path):
     assert answers == [b"HTTP/1.1 200 ", b"HTTP/1.1 200 ", b"HTTP/1.1 400 "]
 
 
+async def test_an_admin_head_request_is_answered_and_the_daemon_keeps_running(tmp_path):
+    # A HEAD request (curl -I, many balancers' health checks) had its answer's body written
+    # anyway: h11 refuses a body after a HEAD's head (LocalProtocolError), which nothing caught,
+    # so it ended the admin listener's nursery -- the daemon's connection nursery: one
+    # unauthenticated `HEAD /healthz` stopped the daemon. RFC 9110 §9.1: GET and HEAD are served.
+    async with running_daemon(make_settings(tmp_path)) as d:
+        host, port = d.admin_url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+        answers = []
+        for method, target in (("HEAD", "/healthz"), ("HEAD", "/nope"), ("GET", "/healthz")):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                received = b""
+                with trio.fail_after(30):
+                    while data := await stream.receive_some(65536):
+                        received += data
+            head, _, body = received.partition(b"\r\n\r\n")
+            answers.append((head.split(b"\r\n", 1)[0], body if method == "HEAD" else b"..."))
+        assert not d.draining
+    assert answers == [
+        (b"HTTP/1.1 200 ", b""),
+        (b"HTTP/1.1 404 ", b""),
+        (b"HTTP/1.1 200 ", b"..."),
+    ]
+
+
 async def test_status_tool_reports_connections_inflight_limits_and_uptime(tmp_path):
     async with running_daemon(make_settings(tmp_path, max_inflight=9)) as d, ws(d) as conn:
         res = await Rpc(conn).call("status")
