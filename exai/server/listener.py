@@ -175,26 +175,32 @@ class Listener:
         try:
             http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
             head: Head | None = None
+            malformed: h11.RemoteProtocolError | None = None
             timed_out = True
             with trio.move_on_after(self.settings.handshake_timeout_s):
                 try:
                     head = await read_head(stream, http)
                 except h11.RemoteProtocolError as exc:
-                    self._release_handshake(slots)
-                    self.stats.rejections["bad_request"] += 1
-                    # (lingers like every refusal: a client still sending reads its answer)
-                    await self._refuse(
-                        stream,
-                        http,
-                        (
-                            exc.error_status_hint,
-                            [_JSON_BYTES],
-                            json_body("bad_request", f"malformed HTTP request: {exc}"),
-                        ),
-                    )
-                    return
+                    malformed = exc
                 timed_out = False
             self._release_handshake(slots)
+            if malformed is not None:
+                # (refused after the read's bound, within its own, as the 408 and 505 below: a
+                # refusal lingering when the read's bound ran out was taken for a head timeout,
+                # counted again and answered twice -- a second response h11 refused, logged as
+                # a session error)
+                self.stats.rejections["bad_request"] += 1
+                # (lingers like every refusal: a client still sending reads its answer)
+                await self._refuse(
+                    stream,
+                    http,
+                    (
+                        malformed.error_status_hint,
+                        [_JSON_BYTES],
+                        json_body("bad_request", f"malformed HTTP request: {malformed}"),
+                    ),
+                )
+                return
             if head is None:
                 if timed_out and http.trailing_data[0]:
                     # a head began and did not come whole in time: say so (RFC 9110 §15.5.9)

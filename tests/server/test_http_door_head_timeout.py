@@ -1,5 +1,6 @@
 """A request head that began and did not come whole in time, on the MCP listener's port, over
-real sockets, in-process (short ``handshake_timeout_s``; nothing here measures time).
+real sockets, in-process (short ``handshake_timeout_s``; nothing here measures time), and one
+over a memory stream under a mock clock.
 
 RFC 9110 §15.5.9: such a client is answered ``408 Request Timeout`` with ``Connection: close``
 (``head_timeout``), on a connection's first head (the listener's bound,
@@ -12,12 +13,14 @@ time is cut at it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import trio
+import trio.testing
 
 from tests.helpers import make_settings, running_daemon
 from tests.httpmcp import envelope, http_url, raw_exchange, request_bytes
@@ -164,3 +167,46 @@ async def test_an_idle_kept_connection_is_closed_without_a_word_at_the_keep_aliv
             assert (await _read_answer(stream)).startswith(b"HTTP/1.1 200 ")
             assert await _read_to_end(stream) == b""
         assert d.stats.rejections["head_timeout"] == 0
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+@pytest.mark.parametrize("after_head", [b"", b"body"], ids=["head-only", "body-follows"])
+async def test_a_malformed_head_refused_as_the_handshake_bound_ends_is_refused_once(
+    tmp_path: Any, caplog: Any, after_head: bytes
+) -> None:
+    """A malformed first head that arrives shortly before ``handshake_timeout_s`` runs out, its
+    client then keeping the connection open (or trickling): the 400 lingered within the head
+    read's bound, so the bound ran out inside the refusal and the listener went on as if no
+    head had come — counted a ``handshake_timeout`` too, or, with bytes after the head in
+    h11's buffer, a ``head_timeout`` and a 408 that h11 refused (a second response), logged
+    as a ``session.error`` at ERROR level: any client could write that line at will."""
+    from exai.server.services import compose
+    from exai.tools import default_registry
+
+    daemon = compose(make_settings(tmp_path, handshake_timeout_s=5.0), default_registry())
+    listener = daemon.listener
+    ours, theirs = trio.testing.memory_stream_pair()
+    received = bytearray()
+
+    async def read_all() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await theirs.receive_some():
+                received.extend(data)
+
+    with caplog.at_level("INFO", logger="exai"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener._handle_stream, ours)
+            nursery.start_soon(read_all)
+            await theirs.send_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\n")
+            await trio.sleep(4.5)  # (the bound is 5 s; the refusal may linger 1 s)
+            await theirs.send_all(b"Bad Header Line\r\nContent-Length: 9\r\n\r\n" + after_head)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for _ in range(100):  # a byte every 0.1 s: lingering is cut after 1 s
+                    await trio.sleep(0.1)
+                    await theirs.send_all(b"x")
+    assert bytes(received).startswith(b"HTTP/1.1 400 "), bytes(received[:200])
+    assert received.count(b"HTTP/1.1 ") == 1
+    assert dict(listener.stats.rejections) == {"bad_request": 1}
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "session.error"]
