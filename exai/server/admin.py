@@ -14,12 +14,14 @@ things it serves: a readiness view (``() -> (ready, reason)``) and the metrics r
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import h11
 import trio
 
+from exai.logs import log_event
 from exai.server.http11 import route_path
 
 __all__ = ["serve_admin"]
@@ -102,7 +104,17 @@ async def _answer(
     elif handler is None:
         status, ctype, body = _json(404, {"error": "not found", "paths": sorted(routes)})
     else:
-        status, ctype, body = handler()
+        try:
+            status, ctype, body = handler()
+        except Exception as exc:  # (a route's failure is this request's, never the daemon's)
+            log_event(
+                "admin.route_failed",
+                logging.ERROR,
+                path=target,
+                exc_type=type(exc).__name__,
+                error=str(exc)[:200],
+            )
+            status, ctype, body = _json(500, {"error": f"{target} failed: {type(exc).__name__}"})
     headers = [
         ("Content-Type", ctype),
         ("Content-Length", str(len(body))),

@@ -788,3 +788,25 @@ def test_the_announcement_lines_are_each_written_whole(monkeypatch):
         ("daemon.listening", "exai: listening on ws://127.0.0.1:8079/mcp", Parts.url),
         ("daemon.admin_listening", "exai: admin on http://127.0.0.1:8080", Parts.admin_url),
     ]
+
+
+async def test_an_admin_route_that_fails_is_answered_500_and_the_daemon_keeps_running(
+    tmp_path, monkeypatch
+):
+    # Before: an exception from a route (a metrics render here) left the admin connection's
+    # handler, and the admin listener runs in the daemon's connection nursery: the daemon ended.
+    from exai.server.metrics import DaemonMetrics
+
+    def broken_render(self):
+        raise RuntimeError("a collector failed")
+
+    monkeypatch.setattr(DaemonMetrics, "render", broken_render)
+    async with (
+        running_daemon(make_settings(tmp_path)) as d,
+        httpx.AsyncClient(base_url=d.admin_url, verify=False) as http,
+    ):
+        failed = await http.get("/metrics")
+        assert failed.status_code == 500 and "RuntimeError" in failed.json()["error"]
+        assert (await http.get("/healthz")).status_code == 200
+        async with ws(d) as conn:
+            assert (await Rpc(conn).request("ping"))["result"] == {}
