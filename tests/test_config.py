@@ -163,3 +163,18 @@ def test_malformed_token_entry_is_reported_without_its_value():
 
 def test_no_tokens_means_anonymous_access():
     assert TokenTable(()).authenticate(None).name == "anonymous"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"EXAI_IDEMPOTENCY_TTL_S": "nan"},
+        {"EXAI_ROUND_BUDGET_S": "NaN"},
+        {"EXAI_PROVIDER_X_BASE_URL": "http://127.0.0.1:1/v1", "EXAI_PROVIDER_X_RPM": "nan"},
+    ],
+)
+def test_a_float_setting_that_is_not_a_number_is_refused(env):
+    # Before: float("nan") was taken, and a NaN passes every range check (each comparison
+    # says false), so a daemon started with it (helper report, attack on part 12).
+    with pytest.raises(ConfigError, match="invalid value"):
+        Settings.from_env(env, env_file="", config_file="")

@@ -172,7 +172,10 @@ def _convert(name: str, typ: Any, raw: Any) -> Any:
         if t in ("int", "<class 'int'>"):
             return int(raw)
         if t in ("float", "<class 'float'>"):
-            return float(raw)
+            value = float(raw)
+            if value != value:  # NaN: every bound it is checked against says false
+                raise ValueError(raw)
+            return value
         if "tuple" in t:
             return str_tuple(raw)
         return str(raw)
