@@ -3,8 +3,10 @@
 Build it with :meth:`Settings.from_env` (the environment, an optional ``.env`` and a TOML file:
 see :mod:`exai.config.loader` for the sources and their precedence); change it in tests with
 ``attrs.evolve``. Units are in the names (``_s`` seconds, ``_bytes`` bytes). Each field's
-metadata holds its documentation (``.env.example`` is generated from it) and, when it is not
-``EXAI_<FIELD>``, its environment variable.
+metadata holds its documentation (``.env.example`` is generated from it), when it is not
+``EXAI_<FIELD>``, its environment variable, and ``client``: whether only the client side (the
+bridge, ``exai call``/``status``, :class:`exai.Client`) reads it — the daemon never does, so a
+reload does not name it among the settings it leaves for a restart.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ def default_state_dir() -> Path:
     return Path(base) / "exai"
 
 
-def _field(default: Any, doc: str, *, env: str | None = None, **kw: Any) -> Any:
-    return attrs.field(default=default, metadata={"doc": doc, "env": env}, **kw)
+def _field(
+    default: Any, doc: str, *, env: str | None = None, client: bool = False, **kw: Any
+) -> Any:
+    metadata = {"doc": doc, "env": env, "client": client}
+    return attrs.field(default=default, metadata=metadata, **kw)
 
 
 @attrs.frozen(kw_only=True)
@@ -61,7 +66,7 @@ class Settings:
     )
     tls_cert: str = _field("", "PEM certificate chain: serve wss:// instead of ws://")
     tls_key: str = _field("", "PEM private key for EXAI_TLS_CERT")
-    tls_ca: str = _field("", "PEM CA bundle the bridge and client trust for wss://")
+    tls_ca: str = _field("", "PEM CA bundle the bridge and client trust for wss://", client=True)
 
     # --- admission and sessions ----------------------------------------------------------
     max_connections: int = _field(1024, "open connections (WebSocket and HTTP), in all")
@@ -156,20 +161,23 @@ class Settings:
         "",
         "daemon URL for the bridge, exai call/status and exai.Client (empty = "
         "ws[s]://EXAI_HOST:EXAI_PORT/mcp, a wildcard host read as loopback)",
+        client=True,
     )
-    token: Secret | None = _field(None, "client token the bridge and client send")
+    token: Secret | None = _field(None, "client token the bridge and client send", client=True)
     connect_wait_s: float = _field(
         5.0,
         "how long the bridge's requests wait for a daemon it has not reached yet before an "
         "error that says how to start it",
+        client=True,
     )
     autostart: bool = _field(
         False,
         "the bridge starts exai serve itself when nothing answers on its loopback URL (one "
         "daemon for all bridges; its log is daemon.log in the state directory)",
+        client=True,
     )
     autostart_wait_s: float = _field(
-        30.0, "how long a bridge waits for the daemon it started to listen"
+        30.0, "how long a bridge waits for the daemon it started to listen", client=True
     )
 
     # --- logging and state ----------------------------------------------------------------

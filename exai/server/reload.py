@@ -2,9 +2,12 @@
 
 What is reloaded: client tokens (``EXAI_TOKENS`` / ``EXAI_TOKENS_FILE``), the session-signing
 key (``EXAI_SESSION_SIGNING_KEY_FILE``: sessions signed with the old key become unknown) and
-provider keys (and the rest of each provider's settings). Every other setting (host, ports,
-limits, timeouts, stores, …) needs a restart; a reload that changes one logs its name under
-``not_applied_until_restart`` (values are not logged: some are secrets).
+provider keys (and the rest of each provider's settings). Every other setting of the daemon
+(host, ports, limits, timeouts, stores, …) needs a restart; a reload that changes one logs its
+name under ``not_applied_until_restart`` (values are not logged: some are secrets). The
+client side's settings (``EXAI_URL``, ``EXAI_TOKEN``, ``EXAI_TLS_CA``, ``EXAI_CONNECT_WAIT_S``,
+``EXAI_AUTOSTART*``: the bridge's and ``exai call``'s) are never named: the daemon does not use
+them, so there is nothing to restart for.
 
 What happens:
     * the new settings are read and validated first (in a worker thread: they read files); a
@@ -148,7 +151,9 @@ class Reloader:
         ignored = [
             f.name
             for f in attrs.fields(Settings)
-            if f.name not in _APPLIED and getattr(new, f.name) != getattr(old, f.name)
+            if f.name not in _APPLIED
+            and not f.metadata.get("client")  # (the bridge's and clients': never the daemon's)
+            and getattr(new, f.name) != getattr(old, f.name)
         ]
         self.settings = attrs.evolve(
             old,

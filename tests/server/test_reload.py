@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -233,3 +234,31 @@ async def test_a_reload_names_every_changed_setting_it_does_not_apply(tmp_path, 
     assert {"max_inflight", "round_budget_s"} <= set(ignored)
     assert not {"tokens", "providers", "source_files"} & set(ignored)
     assert d.settings.max_inflight != 7  # (not applied: it needs a restart)
+
+
+async def test_a_reload_does_not_name_the_client_sides_settings(tmp_path, caplog):
+    # Before: a changed EXAI_URL, EXAI_TOKEN, EXAI_TLS_CA, EXAI_CONNECT_WAIT_S or
+    # EXAI_AUTOSTART* (the bridge's and exai call's, in a .env both sides read) was named as
+    # needing a restart of the daemon, which never uses them.
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file), "EXAI_SECRET_WATCH_INTERVAL_S": "0.05"}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        env["EXAI_URL"] = "ws://127.0.0.1:9/mcp"
+        env["EXAI_TOKEN"] = bearer(TOK_B)
+        env["EXAI_TLS_CA"] = str(tmp_path / "ca.pem")
+        env["EXAI_CONNECT_WAIT_S"] = "9"
+        env["EXAI_AUTOSTART"] = "true"
+        env["EXAI_AUTOSTART_WAIT_S"] = "9"
+        env["EXAI_SLOT_WAIT_S"] = "9"  # (the daemon's: still named)
+        with caplog.at_level("INFO", logger="exai"):
+            assert await d.reloader.reload("test") is True
+        d.request_shutdown()
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "config.reloaded"]
+    assert len(logged) == 1
+    ignored = set(logged[0].fields["not_applied_until_restart"])
+    client_side = {"url", "token", "tls_ca", "connect_wait_s", "autostart", "autostart_wait_s"}
+    assert "slot_wait_s" in ignored and not client_side & ignored, ignored
+    # (the settings marked as the client side's are these)
+    assert {f.name for f in attrs.fields(Settings) if f.metadata.get("client")} == client_side
