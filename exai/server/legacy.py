@@ -235,7 +235,7 @@ class LegacyDoor:
         else:
             identity = self.tokens().authenticate(None)
         if identity is None:
-            self.shared.stats.rejections["unauthorized"] += 1
+            self.shared.stats.refuse_connection("unauthorized")
             await self._refuse(conn, "unauthorized", 4003, "unauthorized")
             return
         translator = Translator(settings)

@@ -189,7 +189,7 @@ class Listener:
                 # refusal lingering when the read's bound ran out was taken for a head timeout,
                 # counted again and answered twice -- a second response h11 refused, logged as
                 # a session error)
-                self.stats.rejections["bad_request"] += 1
+                self.stats.refuse_connection("bad_request")
                 # (lingers like every refusal: a client still sending reads its answer)
                 await self._refuse(
                     stream,
@@ -204,19 +204,19 @@ class Listener:
             if head is None:
                 if timed_out and http.trailing_data[0]:
                     # a head began and did not come whole in time: say so (RFC 9110 §15.5.9)
-                    self.stats.rejections["head_timeout"] += 1
+                    self.stats.refuse_connection("head_timeout")
                     await self._refuse(
                         stream,
                         http,
                         (408, [_JSON_BYTES], json_body("head_timeout", HEAD_TIMEOUT_MESSAGE)),
                     )
                 elif timed_out:  # nothing sent at all: closed without a word
-                    self.stats.rejections["handshake_timeout"] += 1
+                    self.stats.refuse_connection("handshake_timeout")
                 return  # (or the peer closed before a request)
             request = head.request
             if request.http_version not in SERVED_VERSIONS:
                 # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head)
-                self.stats.rejections["bad_request"] += 1
+                self.stats.refuse_connection("bad_request")
                 version = request.http_version.decode("ascii", "replace")
                 await self._refuse(
                     stream,
@@ -287,6 +287,7 @@ class Listener:
             refusal = await self._admit_shared(ip, conn_id)
             slots.shared = refusal is None and self.shared_limits is not None
         if refusal is None and self.http_door is None:
+            self.stats.refuse_connection("not_found")
             refusal = (
                 404,
                 [(b"Content-Type", b"application/json")],
@@ -340,7 +341,7 @@ class Listener:
                     nursery, stream, max_message_size=self.settings.max_frame_bytes
                 )
             if request is None:
-                self.stats.rejections["handshake_timeout"] += 1
+                self.stats.refuse_connection("handshake_timeout")
                 nursery.cancel_scope.cancel()
                 return
             refusal, door = self._admit(request, ip)
@@ -411,7 +412,7 @@ class Listener:
         draining = self.readiness.draining
         if draining or self.readiness.overloaded_reason is not None:
             reason = "draining" if draining else "overloaded"
-            self.stats.rejections[reason] += 1
+            self.stats.refuse_connection(reason)
             return 503, [json_ct, (b"Retry-After", b"1")], _body(reason, "not accepting now")
         refused = self.admission.try_admit(ip)
         if refused is not None:
@@ -433,11 +434,11 @@ class Listener:
         json_ct = (b"Content-Type", b"application/json")
         malformed = _malformed_upgrade(request)
         if malformed is not None:
-            self.stats.rejections["bad_request"] += 1
+            self.stats.refuse_connection("bad_request")
             return (400, [json_ct], _body("bad_request", malformed)), ""
         origins = _headers(request, b"origin")
         if len(origins) > 1 or not self.origins.allows(origins[0] if origins else None):
-            self.stats.rejections["forbidden_origin"] += 1
+            self.stats.refuse_connection("forbidden_origin")
             return (
                 403,
                 [json_ct],
@@ -457,14 +458,14 @@ class Listener:
                 ok = True  # the old op protocol authenticates in its first message
                 return None, "legacy"
             if self.tokens.authenticate(_header(request, b"authorization")) is None:
-                self.stats.rejections["unauthorized"] += 1
+                self.stats.refuse_connection("unauthorized")
                 return (
                     401,
                     [json_ct, (b"WWW-Authenticate", b'Bearer realm="exai"')],
                     _body("unauthorized", "missing or invalid bearer token"),
                 ), ""
             if path != "/mcp":
-                self.stats.rejections["not_found"] += 1
+                self.stats.refuse_connection("not_found")
                 return (404, [json_ct], _body("not_found", "the MCP endpoint is /mcp")), ""
             ok = True
             return None, "mcp"

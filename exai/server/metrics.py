@@ -25,6 +25,7 @@ these keys::
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -109,10 +110,6 @@ class _Collectors(Collector):
             yield from fn()
 
 
-#: refusals before the upgrade counted by the listener (the caps are counted by Admission)
-_UPGRADE_REFUSALS = ("unauthorized", "handshake_timeout", "draining", "overloaded", "not_found")
-
-
 def connection_metrics(
     admission: Admission, stats: DaemonStats, sessions: Callable[[], int]
 ) -> Iterator[Metric]:
@@ -125,19 +122,25 @@ def connection_metrics(
     )
     c.add_metric([], admission.accepted_total)
     yield c
+    # every connection refused before a session began (DaemonStats.refuse_connection: the
+    # listener's refusals, a first head's 400/408/431/505 and its handshake_timeout included),
+    # with the caps Admission counts; a door's refusals of requests and calls are not
+    # connections' (they are in exai_rejections, as every refusal is)
     rej = CounterMetricFamily(
         "exai_connections_rejected",
-        "Connections refused before the upgrade, by reason.",
+        "Connections refused before a session began (WebSocket or HTTP), by reason.",
         labels=["reason"],
     )
-    reasons: dict[str, int] = dict(admission.rejected)
-    for key in _UPGRADE_REFUSALS:
-        if key in stats.rejections:
-            reasons[key] = reasons.get(key, 0) + stats.rejections[key]
+    reasons = collections.Counter(admission.rejected)
+    reasons.update(stats.connections_rejected)
     for reason, n in sorted(reasons.items()):
         rej.add_metric([reason], n)
     yield rej
-    r = CounterMetricFamily("exai_rejections", "Requests refused, by reason.", labels=["reason"])
+    r = CounterMetricFamily(
+        "exai_rejections",
+        "Refusals of connections, requests and calls, by reason.",
+        labels=["reason"],
+    )
     for reason, n in sorted(stats.rejections.items()):
         r.add_metric([reason], n)
     yield r

@@ -210,3 +210,38 @@ async def test_a_malformed_head_refused_as_the_handshake_bound_ends_is_refused_o
     assert received.count(b"HTTP/1.1 ") == 1
     assert dict(listener.stats.rejections) == {"bad_request": 1}
     assert not [r for r in caplog.records if getattr(r, "event", None) == "session.error"]
+
+
+def _metric(d: Any, name: str, reason: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(d.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("reason") == reason:
+                return sample.value
+    return 0.0
+
+
+async def test_a_first_head_cut_at_its_bound_is_a_refused_connection_a_kept_ones_is_not(
+    tmp_path,
+):
+    """``exai_connections_rejected`` counts the connections refused before a session began:
+    before c8484ae a first head cut at the handshake bound was counted there (as a
+    ``handshake_timeout``); as a ``head_timeout`` it was counted in ``exai_rejections`` only.
+    A kept connection's next head cut at its bound is a request's refusal, not a
+    connection's."""
+    async with running_daemon(_settings(tmp_path, http_keepalive_s=30)) as d:
+        async with await _connect(d) as stalled, await _connect(d) as silent:
+            await stalled.send_all(PARTIAL)
+            _assert_408(await _read_to_end(stalled))
+            assert await _read_to_end(silent) == b""
+        assert _metric(d, "exai_connections_rejected_total", "head_timeout") == 1
+        assert _metric(d, "exai_connections_rejected_total", "handshake_timeout") == 1
+        assert _metric(d, "exai_rejections_total", "head_timeout") == 1
+        async with await _connect(d) as kept:
+            await kept.send_all(_ping(d))
+            assert (await _read_answer(kept)).startswith(b"HTTP/1.1 200 ")
+            await kept.send_all(PARTIAL)
+            _assert_408(await _read_to_end(kept))
+        assert _metric(d, "exai_rejections_total", "head_timeout") == 2
+        assert _metric(d, "exai_connections_rejected_total", "head_timeout") == 1
