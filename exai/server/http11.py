@@ -19,6 +19,11 @@ it the same way: :func:`parse_plain_request` takes a plain HTTP/1.1 request that
 The caller's time bound on a head (the listener's from the accept, the HTTP door's from a kept
 connection's next head's first byte) ends in 408 when some of the head came
 (:data:`HEAD_TIMEOUT_MESSAGE`); a connection that sent nothing is closed without a word.
+
+Empty lines before a request line (a stray CRLF after a body, RFC 9112 §2.2: a server SHOULD
+ignore at least one) are skipped (:func:`skip_empty_lines`), as many as :data:`MAX_HEAD_BYTES`
+allows with the head; h11 refuses them ("no request line received"). Skipped, they are no part
+of a head: a connection that sent only those sent nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ __all__ = [
     "reason_phrase",
     "route_path",
     "send_response",
+    "skip_empty_lines",
     "whole_response",
 ]
 
@@ -107,6 +113,7 @@ async def read_head(
     if conn is None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     raw = bytearray()
+    skipped = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -114,20 +121,58 @@ async def read_head(
                 data = await stream.receive_when_readable(_READ)
             else:
                 data = await stream.receive_some(_READ)
+            if data[:1] in _EMPTY_LINE_START and not conn.trailing_data[0]:
+                # (before the request line: RFC 9112 §2.2; kept out of raw, which a WebSocket
+                # door's h11 reads again)
+                data, n = await skip_empty_lines(stream, bytes(data))
+                skipped += n
             if keep_raw:
                 raw += data
             conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
             # (h11 bounds a head while it is incomplete; one that arrived whole in a large read
-            # is measured here)
+            # is measured here, with the empty lines skipped before it)
             size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-            if size > MAX_HEAD_BYTES:
+            if size + skipped > MAX_HEAD_BYTES:
                 raise h11.RemoteProtocolError(
                     f"the request head is larger than {MAX_HEAD_BYTES} bytes", 431
                 )
             return Head(conn=conn, request=event, raw=bytes(raw))
         return None  # ConnectionClosed (or PAUSED, which a fresh cycle never is)
+
+
+#: what an empty line begins with (CRLF; h11 reads a bare LF as a line's end too)
+_EMPTY_LINE_START = (b"\r", b"\n")
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+
+
+async def skip_empty_lines(stream: trio.abc.ReceiveStream, data: bytes) -> tuple[bytes, int]:
+    """``data``, the first bytes of a request, without the empty lines before its request line
+    (RFC 9112 §2.2: a server SHOULD ignore at least one; h11 refuses any), reading on from
+    ``stream`` while nothing else came; and how many bytes were skipped. The bytes returned
+    begin a request line (or are what h11 refuses), or are ``b""``: the peer closed.
+
+    Raises:
+        h11.RemoteProtocolError: more than :data:`MAX_HEAD_BYTES` of empty lines (431: they
+            count towards the head's bound).
+    """
+    skipped = 0
+    while True:
+        n = _EMPTY_LINES.match(data).end()  # type: ignore[union-attr]  # (matches b"")
+        if n:
+            skipped += n
+            data = data[n:]
+        if skipped > MAX_HEAD_BYTES:
+            raise h11.RemoteProtocolError(
+                f"more than {MAX_HEAD_BYTES} bytes of empty lines before the request line", 431
+            )
+        if data and data != b"\r":  # (a lone CR: the rest of its line is still coming)
+            return data, skipped
+        more = await stream.receive_some(_READ)
+        if not more:
+            return data, skipped
+        data += more
 
 
 # RFC 9112 §3.2.2's absolute-form with an http(s) scheme (any case): its authority, then its path

@@ -125,6 +125,7 @@ from exai.server.http11 import (
     reason_phrase,
     route_path,
     send_response,
+    skip_empty_lines,
     whole_response,
 )
 from exai.server.mcp_sessions import McpSession, Revocations, SessionSigner
@@ -441,6 +442,15 @@ class HttpConnection:
                 data = bytes(trailing) + data
         if not data and not closed:
             data = bytes(await self.stream.receive_when_readable(_READ))
+            closed = not data
+        if data[:1] in (b"\r", b"\n"):
+            # empty lines before the request line (a stray CRLF after the last body): skipped,
+            # the connection still idle (RFC 9112 §2.2; h11 refuses them)
+            try:
+                data = (await skip_empty_lines(self.stream, data))[0]
+            except h11.RemoteProtocolError:
+                self._conn = h11.Connection(h11.SERVER)  # (to refuse them: 431)
+                raise
             closed = not data
         if not closed:
             parsed = parse_plain_request(data)
