@@ -6,9 +6,12 @@ body). A request must arrive within
 :data:`HEAD_TIMEOUT_S` of its accept, and only then takes one of the 64 slots to be answered
 in: connections that never send one (a balancer's half-open checks, or a slowloris) hold no
 slot — they used to, for 5 s each, and a health check queued behind them all (200 of them: a
-``/readyz`` answered after 14 s). It is handed the two
-things it serves: a readiness view (``() -> (ready, reason)``) and the metrics renderer
-(``() -> bytes``).
+``/readyz`` answered after 14 s). The first head is read by the MCP listener's rule
+(:func:`~exai.server.http11.read_first_head`): one that began and did not come whole in time is
+answered 408 ``head_timeout``, a malformed one 400 (431 for its size), and a connection that
+sent nothing is closed without a word; empty lines before the request line are ignored. It
+is handed the two things it serves: a readiness view (``() -> (ready, reason)``) and the
+metrics renderer (``() -> bytes``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import h11
 import trio
 
 from exai.logs import log_event
-from exai.server.http11 import route_path
+from exai.server.http11 import linger, read_first_head, route_path, send_response
 
 __all__ = ["serve_admin"]
 
@@ -33,6 +36,8 @@ Route = Callable[[], tuple[int, str, bytes]]
 HEAD_TIMEOUT_S = 2.0
 #: how long writing the answer may take
 SEND_TIMEOUT_S = 5.0
+#: the 408's message (a head begun and not whole within HEAD_TIMEOUT_S)
+_HEAD_TIMEOUT_MESSAGE = f"the request head did not arrive within {HEAD_TIMEOUT_S:g} s"
 
 
 def _json(status: int, data: dict[str, Any]) -> tuple[int, str, bytes]:
@@ -60,28 +65,34 @@ def _routes(
 async def _handle(
     routes: Mapping[str, Route],
     stream: trio.SocketStream,
-    deadline: float,
     limiter: trio.CapacityLimiter,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
-        event: Any = None
-        with trio.move_on_at(deadline):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(16 * 1024)
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                    continue
-                break
-        if not isinstance(event, h11.Request):
-            return
+        # the MCP listener's rule for a first head (exai.server.http11.read_first_head): 408
+        # for one begun and not whole in time, 400/431 for a malformed one, nothing for a
+        # connection that sent nothing
+        first = await read_first_head(
+            stream, conn, HEAD_TIMEOUT_S, keep_raw=False, timeout_message=_HEAD_TIMEOUT_MESSAGE
+        )
         with trio.move_on_after(SEND_TIMEOUT_S):
+            if first.head is None:
+                if first.reason is not None and first.status:
+                    # (no slot: a refusal costs its few bytes, and is cut at the send bound)
+                    body = json.dumps({"error": first.reason, "message": first.message})
+                    await send_response(
+                        stream,
+                        conn,
+                        first.status,
+                        [("Content-Type", "application/json")],
+                        body.encode(),
+                        close=True,
+                    )
+                    await linger(stream)  # (closed with bytes unread, the answer was lost)
+                return
             await limiter.acquire()  # (a slot to answer in: only once the request is here)
             try:
-                await _answer(routes, stream, conn, event)
+                await _answer(routes, stream, conn, first.head.request)
             finally:
                 limiter.release()
     except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -153,7 +164,7 @@ async def serve_admin(
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            await _handle(routes, stream, trio.current_time() + HEAD_TIMEOUT_S, limiter)
+            await _handle(routes, stream, limiter)
         finally:
             await trio.aclose_forcefully(stream)
 

@@ -1,6 +1,7 @@
 """HTTP/1.1 on the MCP listener, with h11: reading a request head, sending a whole response.
 
-The listener reads the head of a connection's first request here (:func:`read_head`) before it
+The listener reads the head of a connection's first request here (:func:`read_first_head`,
+which the admin listener reads its one request's with too) before it
 knows which door the connection is for: a WebSocket upgrade goes to the WebSocket door (the
 bytes read so far are replayed into it, see :attr:`Head.raw`), anything else to the Streamable
 HTTP door, which keeps using the same :class:`h11.Connection`.
@@ -45,6 +46,7 @@ __all__ = [
     "MAX_HEAD_BYTES",
     "PLAIN_HEAD_BYTES",
     "SERVED_VERSIONS",
+    "FirstHead",
     "Head",
     "PlainRequest",
     "chunk",
@@ -54,6 +56,7 @@ __all__ = [
     "is_websocket_upgrade",
     "json_body",
     "parse_plain_request",
+    "read_first_head",
     "read_head",
     "reason_phrase",
     "route_path",
@@ -140,6 +143,67 @@ async def read_head(
                 )
             return Head(conn=conn, request=event, raw=bytes(raw))
         return None  # ConnectionClosed (or PAUSED, which a fresh cycle never is)
+
+
+@attrs.frozen
+class FirstHead:
+    """What reading a connection's first request head within a bound came to
+    (:func:`read_first_head`).
+
+    Attributes:
+        head: the head; ``None`` when none came.
+        reason: why none came — ``"bad_request"`` (malformed: 400, or 431 for its size),
+            ``"head_timeout"`` (it began and did not come whole in time: 408),
+            ``"handshake_timeout"`` (nothing came in time: closed without a word); ``None``
+            with a head, or when the peer closed first.
+        status: the refusal's status (``0``: no answer, close without a word).
+        message: the refusal's message.
+    """
+
+    head: Head | None = None
+    reason: str | None = None
+    status: int = 0
+    message: str = ""
+
+
+async def read_first_head(
+    stream: trio.abc.ReceiveStream,
+    conn: h11.Connection,
+    timeout_s: float,
+    *,
+    keep_raw: bool = True,
+    timeout_message: str = HEAD_TIMEOUT_MESSAGE,
+) -> FirstHead:
+    """Read a connection's first request head (:func:`read_head`) within ``timeout_s`` of now:
+    the head, or why none came and how to refuse it — the MCP listener's and the admin
+    listener's one rule. A head that began and did not come whole in time is answered 408
+    (RFC 9110 §15.5.9) with ``timeout_message``; a connection that sent nothing (empty lines
+    before a request line are nothing) is closed without a word; a malformed one is 400/431.
+
+    The caller answers a refusal (``status``) itself, on ``conn``, after this returns: outside
+    the bound (a refusal that lingered within it was taken for a head timeout and answered
+    twice).
+    """
+    malformed: h11.RemoteProtocolError | None = None
+    head: Head | None = None
+    with trio.move_on_after(timeout_s) as bound:
+        try:
+            head = await read_head(stream, conn, keep_raw=keep_raw)
+        except h11.RemoteProtocolError as exc:
+            malformed = exc
+    if malformed is not None:
+        return FirstHead(
+            reason="bad_request",
+            status=malformed.error_status_hint,
+            message=f"malformed HTTP request: {malformed}",
+        )
+    if head is not None:
+        return FirstHead(head=head)
+    if not bound.cancelled_caught:
+        return FirstHead()  # (the peer closed before a request)
+    if conn.trailing_data[0]:
+        return FirstHead(reason="head_timeout", status=408, message=timeout_message)
+    return FirstHead(reason="handshake_timeout")
 
 
 #: what an empty line begins with (CRLF; h11 reads a bare LF as a line's end too)

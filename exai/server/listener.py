@@ -50,7 +50,6 @@ from exai.server.auth import Identity, TokenTable
 from exai.server.endings import Endings
 from exai.server.forwarded import client_address, parse_trusted_proxies
 from exai.server.http11 import (
-    HEAD_TIMEOUT_MESSAGE,
     MAX_HEAD_BYTES,
     SERVED_VERSIONS,
     Head,
@@ -58,7 +57,7 @@ from exai.server.http11 import (
     is_websocket_upgrade,
     json_body,
     linger,
-    read_head,
+    read_first_head,
     route_path,
     send_response,
 )
@@ -174,45 +173,26 @@ class Listener:
         conn_id = f"c{next(_connection_ids)}"
         try:
             http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-            head: Head | None = None
-            malformed: h11.RemoteProtocolError | None = None
-            timed_out = True
-            with trio.move_on_after(self.settings.handshake_timeout_s):
-                try:
-                    head = await read_head(stream, http)
-                except h11.RemoteProtocolError as exc:
-                    malformed = exc
-                timed_out = False
+            first = await read_first_head(stream, http, self.settings.handshake_timeout_s)
             self._release_handshake(slots)
-            if malformed is not None:
-                # (refused after the read's bound, within its own, as the 408 and 505 below: a
-                # refusal lingering when the read's bound ran out was taken for a head timeout,
-                # counted again and answered twice -- a second response h11 refused, logged as
-                # a session error)
-                self.stats.refuse_connection("bad_request")
-                # (lingers like every refusal: a client still sending reads its answer)
-                await self._refuse(
-                    stream,
-                    http,
-                    (
-                        malformed.error_status_hint,
-                        [_JSON_BYTES],
-                        json_body("bad_request", f"malformed HTTP request: {malformed}"),
-                    ),
-                )
-                return
+            head = first.head
             if head is None:
-                if timed_out and http.trailing_data[0]:
-                    # a head began and did not come whole in time: say so (RFC 9110 §15.5.9)
-                    self.stats.refuse_connection("head_timeout")
+                # malformed (400/431), begun and not whole in time (408, RFC 9110 §15.5.9), or
+                # nothing sent in time (closed without a word), or the peer closed first
+                reason = first.reason
+                if reason is not None:
+                    self.stats.refuse_connection(reason)
+                if reason is not None and first.status:
+                    # (after the read's bound, within its own, as the 505 below: a refusal
+                    # lingering when the read's bound ran out was taken for a head timeout,
+                    # counted again and answered twice; it lingers like every refusal: a
+                    # client still sending reads its answer)
                     await self._refuse(
                         stream,
                         http,
-                        (408, [_JSON_BYTES], json_body("head_timeout", HEAD_TIMEOUT_MESSAGE)),
+                        (first.status, [_JSON_BYTES], json_body(reason, first.message)),
                     )
-                elif timed_out:  # nothing sent at all: closed without a word
-                    self.stats.refuse_connection("handshake_timeout")
-                return  # (or the peer closed before a request)
+                return
             request = head.request
             if request.http_version not in SERVED_VERSIONS:
                 # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head)
