@@ -131,7 +131,9 @@ class Settings:
         "answers; they wait for the next rounds, so thousands at once do not stall the loop",
     )
     slot_wait_s: float = _field(
-        1.0, "longest wait for an identity or daemon-wide slot before 'overloaded'"
+        1.0,
+        "longest wait for an identity or daemon-wide slot before 'overloaded' (or the call's "
+        "deadline, if sooner: 'timeout')",
     )
     call_timeout_s: float = _field(300.0, "default deadline of a tools/call")
     heartbeat_interval_s: float = _field(5.0, "progress heartbeat while a call runs")

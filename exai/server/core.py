@@ -26,7 +26,9 @@ Slots:
     ``session_max_inflight`` per connection. A call that waited for any of its other slots
     takes a turn again once it holds them (a freed slot lets its waiters go all at once), and
     one that waited finds out after its turn whether the daemon began to drain (then it is
-    handed over or refused).
+    handed over or refused). Every one of these waits ends at the call's deadline at the
+    latest (``timeout``, its slots given back): they run in the execution's shielded wait
+    scope, which nothing else cuts.
 
 Exactly-once:
     a call's key is the client's ``_meta["exai/idempotencyKey"]`` (scoped to its identity;
@@ -818,12 +820,13 @@ class SessionCore:
                 held.append(limiter)
             if len(held) < len(wanted) + base:
                 waited = True
-                with trio.move_on_after(self.settings.slot_wait_s):
+                with trio.move_on_at(self._slot_wait_until(ex)):
                     for limiter, _ in wanted[len(held) - base :]:
                         await limiter.acquire_on_behalf_of(ex)
                         held.append(limiter)
             shared.slot_wait.observe(trio.current_time() - started)
             if len(held) < len(wanted) + base:
+                self._raise_if_expired(ex)
                 which = wanted[len(held) - base][1]
                 shared.stats.rejections["overloaded"] += 1
                 raise errors.OverloadedError(
@@ -834,9 +837,10 @@ class SessionCore:
                 # the identity's limit holds for the deployment, not per daemon (Redis)
                 slot = None
                 waited = True
-                with trio.move_on_after(self.settings.slot_wait_s):
+                with trio.move_on_at(self._slot_wait_until(ex)):
                     slot = await shared.shared_limits.identity_slot(self.identity.name, ex.key)
                 if slot is None:
+                    self._raise_if_expired(ex)
                     shared.stats.rejections["overloaded"] += 1
                     raise errors.OverloadedError(
                         f"client {self.identity.name!r}'s {ident_limiter.total_tokens} in-flight "
@@ -858,12 +862,42 @@ class SessionCore:
         shared.runner.start(ex, args, ctx, held)
         return None
 
+    def _slot_wait_until(self, ex: Execution) -> float:
+        """When a wait for an identity or daemon-wide slot ends: after ``slot_wait_s``, or at
+        the call's deadline if that comes first."""
+        return min(ex.deadline, trio.current_time() + self.settings.slot_wait_s)
+
+    def _raise_if_expired(self, ex: Execution) -> None:
+        """A wait for slots ended without them: at the call's deadline it is answered as
+        expired, as a call whose deadline ends any other of its waits is.
+
+        Raises:
+            DeadlineExceeded: the deadline has passed.
+        """
+        if trio.current_time() >= ex.deadline:
+            raise errors.DeadlineExceeded(
+                f"tool {ex.tool!r} waited for a slot until its deadline"
+            )
+
     async def _turn(self, ex: Execution) -> None:
         """Take the call's turn of a scheduler round (:meth:`RoundPacer.turn
-        <exai.server.pacing.RoundPacer.turn>`); then — it may have waited for it, and for its
-        slots before — the call is handed over or refused if the daemon began to drain
-        meanwhile (:meth:`_refuse_if_draining`)."""
-        await self.shared.pacer.turn()
+        <exai.server.pacing.RoundPacer.turn>`), waiting for it until the call's deadline, as
+        for its slots; then — it may have waited for it, and for its slots before — the call is
+        handed over or refused if the daemon began to drain meanwhile
+        (:meth:`_refuse_if_draining`).
+
+        Raises:
+            DeadlineExceeded: the deadline passed while it waited (in the execution's shielded
+                wait scope nothing else cut the wait: the call kept its slots until its turn).
+        """
+        pacer = self.shared.pacer
+        if not pacer.try_turn():  # (a turn that passes at once needs no scope)
+            with trio.move_on_at(ex.deadline) as bound:
+                await pacer.turn()
+            if bound.cancelled_caught:
+                raise errors.DeadlineExceeded(
+                    f"tool {ex.tool!r} waited for its turn to begin until its deadline"
+                )
         self._refuse_if_draining(ex)
 
     def _refuse_if_draining(self, ex: Execution) -> None:

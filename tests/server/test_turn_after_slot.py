@@ -375,3 +375,74 @@ async def test_a_keyed_call_takes_its_turn_after_its_lookup_of_a_shared_result(
                 await trio.sleep(0.01)
         (answer,) = _answers(core)
         assert "result" in answer and runs.started == ["a"], answer
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+@pytest.mark.parametrize("key", [None, "k-1"], ids=["unkeyed", "keyed"])
+async def test_a_call_whose_deadline_passes_while_parked_for_its_turn_is_answered_at_once(
+    tmp_path: Path, key: str | None
+) -> None:
+    # A real pacer whose every round is past its budget of 0, letting one turn go per round,
+    # with thousands of turns parked before the call's. Its turn is taken in the execution's
+    # shielded wait scope, and nothing cut that wait at the call's deadline: the call kept its
+    # session slot and was answered only once its turn came, thousands of rounds later.
+    parked = 2000
+    async with (
+        _setup(tmp_path, call_timeout_s=5.0) as (daemon, runs),
+        _core(daemon, RoundPacer(0.0, 1)) as core,
+    ):
+        pacer = core.shared.pacer
+        clock = trio.lowlevel.current_clock()
+        assert isinstance(clock, trio.testing.MockClock)
+        async with trio.open_nursery() as nursery:
+            for _ in range(parked):
+                nursery.start_soon(pacer.turn)
+            await trio.lowlevel.checkpoint()  # (they park: every turn waits a round)
+            assert await core.handle_text(_call(1, "a", key=key)) == "call"
+            for _ in range(10):
+                await trio.lowlevel.checkpoint()
+            assert core.limiter.borrowed_tokens == 1 and runs.started == []
+            clock.jump(6.0)  # past the call's deadline
+            rounds = 0
+            while not core.outbox.queued():
+                rounds += 1
+                assert rounds < 50, f"not answered {rounds} rounds after its deadline"
+                await trio.lowlevel.checkpoint()
+            assert pacer.waiting > parked // 2  # (its turn would have been far off)
+            (answer,) = _answers(core)
+            assert answer["id"] == 1 and answer["error"]["data"]["reason"] == "timeout", answer
+            await trio.testing.wait_all_tasks_blocked()
+            assert runs.started == []
+            assert core.limiter.borrowed_tokens == 0
+            assert daemon.slots.inflight.borrowed_tokens == 0
+            assert not daemon.calls.running and not core.inflight
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+async def test_a_call_whose_deadline_passes_while_it_waits_for_a_daemon_slot_is_expired(
+    tmp_path: Path,
+) -> None:
+    # The wait for the identity and daemon-wide slots was bounded by slot_wait_s alone: a call
+    # whose deadline came first waited on past it, and was answered "overloaded" at the end.
+    overrides = {"call_timeout_s": 5.0, "slot_wait_s": 600.0, "max_inflight": 1}
+    async with (
+        _setup(tmp_path, **overrides) as (daemon, runs),
+        _core(daemon, RoundPacer(float("inf"))) as core,
+    ):
+        await daemon.slots.inflight.acquire()  # (the daemon's one slot, held by the test)
+        try:
+            started = trio.current_time()
+            await core.handle_text(_call(1, "waits"))
+            with trio.fail_after(1000):
+                while not core.outbox.queued():
+                    await trio.sleep(0.5)
+            (answer,) = _answers(core)
+            assert answer["error"]["data"]["reason"] == "timeout", answer
+            assert trio.current_time() - started < 10  # (virtual time: its deadline, 5 s)
+            assert core.limiter.borrowed_tokens == 0 and runs.started == []
+        finally:
+            daemon.slots.inflight.release()
