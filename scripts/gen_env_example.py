@@ -6,6 +6,13 @@ Run: .venv/bin/python scripts/gen_env_example.py > .env.example
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# the exai beside this script, not whichever one the interpreter would import (an editable
+# install of another checkout, say): the file it writes describes this tree's Settings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import attrs
 
 from exai.config import (

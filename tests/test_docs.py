@@ -34,3 +34,39 @@ def test_env_example_as_a_dotenv_file_changes_no_default():
     from_example = Settings.from_env({}, env_file=REPO / ".env.example", config_file="")
     defaults = Settings.from_env({}, env_file="", config_file="")
     assert from_example.display() == defaults.display()
+
+
+def test_gen_env_example_reads_the_settings_of_its_own_tree(tmp_path):
+    """scripts/gen_env_example.py describes the exai beside it, whatever the interpreter would
+    import otherwise (an editable install of another checkout): a copy of the script in a tree
+    whose ``exai.config`` has one setting prints that setting, not this checkout's."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "gen_env_example.py", tmp_path / "scripts")
+    (tmp_path / "exai").mkdir()
+    (tmp_path / "exai" / "__init__.py").write_text("")
+    (tmp_path / "exai" / "config.py").write_text(
+        "import attrs\n"
+        "@attrs.define\n"
+        "class Settings:\n"
+        "    only_here: int = attrs.field(default=7, metadata={'doc': 'a setting of this tree'})\n"
+        "@attrs.define\n"
+        "class ProviderSettings:\n"
+        "    timeout_s: float = 1.0\n"
+        "PROVIDER_FIELDS = ('timeout_s',)\n"
+        "BUILTIN_PROVIDERS = {'kimi': {}, 'glm': {}}\n"
+        "def env_name(f):\n"
+        "    return 'EXAI_' + f.name.upper()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "scripts" / "gen_env_example.py")],
+        cwd=tmp_path.parent,  # neither tree on the path by the working directory
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "EXAI_ONLY_HERE=7" in out
+    assert "EXAI_LOG_LEVEL" not in out
