@@ -155,6 +155,10 @@ def parse_retry_after(headers: httpx.Headers | dict[str, str]) -> float | None:
     return _clamp(when.timestamp() - time.time())
 
 
+#: (one encoder, made once: ``json.dumps`` with any option builds a new one per call)
+_BODY_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
 def encode_body(body: dict[str, Any]) -> bytes:
     """``body`` as UTF-8 JSON.
 
@@ -163,7 +167,7 @@ def encode_body(body: dict[str, Any]) -> bytes:
             ``"\\ud800"``); ``field`` names it (``messages[1].content``).
     """
     try:
-        return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return _BODY_ENCODER.encode(body).encode("utf-8")
     except UnicodeEncodeError:
         where = unencodable_field(body.get("messages") or ()) or ("messages", -1)
         field, pos = where
@@ -192,6 +196,20 @@ def loads(data: str | bytes) -> Any:
         return _decoder.decode(data)
     except msgspec.DecodeError:
         return json.loads(data)
+
+
+class _StreamRead:
+    """Where the read of one streamed answer is: its decoder and assembler, when the grace
+    after the last finish reason ends (``None`` until every choice finished) and how the read
+    stopped (``None`` while it runs, and when a stall ended it)."""
+
+    __slots__ = ("asm", "decoder", "ended", "grace_until")
+
+    def __init__(self) -> None:
+        self.decoder = SSEDecoder()
+        self.asm = StreamAssembler()
+        self.grace_until: float | None = None
+        self.ended: Ended | None = None
 
 
 def _content_type(response: _Response) -> str:
@@ -558,45 +576,60 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         stall = self.settings.stall_timeout_s
         response: _Response | None = None
-        with aio.move_on_after(stall):
+        read = _StreamRead()
+        # One cancel scope bounds the wait for the head and then each read of the stream (its
+        # deadline moved by ``_pump``): a trio scope with a deadline costs several microseconds
+        # to enter and leave, as much as the SSE decoding of a short answer, and a call made two.
+        with aio.cancel_scope(deadline=aio.current_time() + stall) as scope:
             response = await self._open("POST", "chat/completions", headers, content)
-        if response is None:
-            raise self._stalled("waiting for the response headers")
-        try:
-            if not 200 <= response.status_code < 300:
-                self._raise_for_status(response, await self._read_error_body(response))
-            if "text/event-stream" not in _content_type(response):
-                # A provider may ignore stream=true and answer (or fail) in one piece.
-                body = await self._read_body(response, self._answer_body_limit, answer=True)
-                return self._plain_completion(response, body)
-            return await self._read_sse(response, on_chunk)
-        finally:
-            # On cancellation too: closing an unfinished response closes the connection, so
-            # the upstream stops generating at once.
-            await response.aclose()
-
-    async def _read_sse(
-        self, response: _Response, on_chunk: ChunkCallback | None
-    ) -> dict[str, Any]:
-        decoder = SSEDecoder()
-        asm = StreamAssembler()
-        byte_iter = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
-        async with contextlib.aclosing(byte_iter) as chunks:
-            ended = await self._pump(chunks, decoder, asm, on_chunk)
-            # (the body's end usually came with [DONE]: then nothing is left to wait for)
-            if ended == "done" and not (isinstance(response, Response) and response.ended):
-                await self._drain(chunks)
+            scope.deadline = math.inf  # (the head is here: the reads below bound themselves)
+            try:
+                if not 200 <= response.status_code < 300:
+                    self._raise_for_status(response, await self._read_error_body(response))
+                if "text/event-stream" not in _content_type(response):
+                    # A provider may ignore stream=true and answer (or fail) in one piece.
+                    body = await self._read_body(response, self._answer_body_limit, answer=True)
+                    return self._plain_completion(response, body)
+                await self._read_sse(response, read, on_chunk, scope)
+            finally:
+                # On cancellation too: closing an unfinished response closes the connection, so
+                # the upstream stops generating at once.
+                await response.aclose()
+        if read.ended is None:  # the scope's deadline passed (it caught its cancellation)
+            if response is None:
+                raise self._stalled("waiting for the response headers")
+            if read.grace_until is None:
+                raise self._stalled(f"after {read.asm.chunks} chunks")
+            read.ended = "finished"
+        assert response is not None  # (the head arrived: only its wait leaves it None)
+        asm = read.asm
         completion = asm.completion()
         judge(
             self.name,
             completion,
             errors=asm.errors,
-            ended=ended,
+            ended=read.ended,
             # (only an error document uses it: no headers object is built for an answer)
             retry_after_s=parse_retry_after(response.headers) if asm.errors else None,
             secret=self._secret(),
         )
         return completion
+
+    async def _read_sse(
+        self,
+        response: _Response,
+        read: _StreamRead,
+        on_chunk: ChunkCallback | None,
+        scope: Any,
+    ) -> None:
+        """Read the stream into ``read`` (its ``ended`` says how the read stopped), each read
+        bounded by ``scope``'s deadline (see :meth:`_pump`)."""
+        byte_iter = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+        async with contextlib.aclosing(byte_iter) as chunks:
+            read.ended = await self._pump(chunks, read, on_chunk, scope)
+            # (the body's end usually came with [DONE]: then nothing is left to wait for)
+            if read.ended == "done" and not (isinstance(response, Response) and response.ended):
+                await self._drain(chunks)
 
     async def _drain(self, chunks: AsyncIterator[bytes]) -> None:
         """Read what follows ``[DONE]`` (the end of the chunked body, normally at once) so the
@@ -611,9 +644,9 @@ class OpenAIClient:
     async def _pump(
         self,
         chunks: AsyncIterator[bytes],
-        decoder: SSEDecoder,
-        asm: StreamAssembler,
+        read: _StreamRead,
         on_chunk: ChunkCallback | None,
+        scope: Any,
     ) -> Ended:
         """Read events until the stream says it is over; returns how the read stopped.
 
@@ -622,33 +655,33 @@ class OpenAIClient:
         make the answer whole); ``"finished"``: every choice had its finish reason and nothing
         more came within :data:`FINISH_GRACE_S` (a provider that never sends ``[DONE]`` and
         holds the connection open). No byte for ``stall_timeout_s`` before that is a stall.
+
+        ``scope`` (the caller's, entered around this read) bounds each read: its deadline is
+        moved before each one (a scope per read cost more than the chunk's decoding) and lifted
+        while a chunk is handled. When it passes, its cancellation leaves this method and the
+        caller tells a stall from the grace's end by ``read.grace_until``.
         """
         stall = self.settings.stall_timeout_s
-        grace_until: float | None = None
-        # One cancel scope for the whole read, its deadline moved before each chunk (a scope
-        # per chunk cost more than the chunk's decoding); lifted while a chunk is handled.
-        with aio.cancel_scope() as scope:
-            while True:
-                now = aio.current_time()
-                deadline = now + stall
-                if grace_until is None and asm.all_finished:
-                    # Usage may still follow the finish chunk, then [DONE]; wait a little, once.
-                    grace_until = now + FINISH_GRACE_S
-                if grace_until is not None:
-                    deadline = min(deadline, grace_until)
-                    if deadline <= now:
-                        return "finished"
-                scope.deadline = deadline
-                raw = await anext(chunks, b"")
-                scope.deadline = math.inf
-                if raw == b"":
-                    return "eof"
-                ended = await self._handle_chunk(raw, decoder, asm, on_chunk)
-                if ended is not None:
-                    return ended
-        if grace_until is not None:
-            return "finished"
-        raise self._stalled(f"after {asm.chunks} chunks")
+        asm = read.asm
+        decoder = read.decoder
+        while True:
+            now = aio.current_time()
+            deadline = now + stall
+            if read.grace_until is None and asm.all_finished:
+                # Usage may still follow the finish chunk, then [DONE]; wait a little, once.
+                read.grace_until = now + FINISH_GRACE_S
+            if read.grace_until is not None:
+                deadline = min(deadline, read.grace_until)
+                if deadline <= now:
+                    return "finished"
+            scope.deadline = deadline
+            raw = await anext(chunks, b"")
+            scope.deadline = math.inf
+            if raw == b"":
+                return "eof"
+            ended = await self._handle_chunk(raw, decoder, asm, on_chunk)
+            if ended is not None:
+                return ended
 
     async def _handle_chunk(
         self,

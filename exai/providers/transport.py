@@ -40,7 +40,8 @@ http_client --full`` in each tree)::
 
 h11 makes an event object and steps its state machine for each chunk of a body, and validates
 every request header on every send; the reader takes every body byte one read delivered in one
-pass and the pool's own headers are checked once. What it accepts and rejects is h11's, held by
+pass, the pool's own headers are checked once, and so is each distinct request head (a provider
+client sends the same few: :meth:`H11Pool._head`). What it accepts and rejects is h11's, held by
 differential tests (hypothesis: the same bytes split anywhere, into both); aiohttp through
 trio-asyncio measured 0.9 ms in issue 18 and would put an asyncio loop on the provider path.
 
@@ -132,6 +133,9 @@ MAX_HEAD_BYTES = 100 * 1024
 MAX_INFORMATIONAL = 16
 #: the most bytes a decompressed piece of a body holds
 PIECE_BYTES = 64 * 1024
+#: request heads a pool keeps, checked and written (:meth:`H11Pool._head`); past it the cache
+#: starts over
+MAX_CACHED_HEADS = 64
 #: ``socket.SOCK_NONBLOCK`` where the system has it (Linux), else 0
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 
@@ -276,6 +280,9 @@ class H11Pool:
                 raise ValueError(str(exc)) from None
         # the pool's own header lines, checked once and written as they are on every request
         self._head_lines = b"".join(name + b": " + value + b"\r\n" for name, value in fixed)
+        #: request heads already written and checked, by method, path and headers (see
+        #: :meth:`_head`)
+        self._heads: dict[tuple[Any, ...], bytes] = {}
         self._slots = anyio.Semaphore(max_connections, fast_acquire=True)
         self._idle: deque[_Conn] = deque()
         self._open = 0
@@ -343,13 +350,11 @@ class H11Pool:
         await self._acquire()
         conn: _Conn | None = None
         try:
-            target = (self._prefix + "/" + path.lstrip("/")).encode("ascii")
+            head = self._head(method, path, headers)
             if body or method not in ("GET", "HEAD"):
-                headers = [*headers, (b"content-length", str(len(body)).encode("ascii"))]
-            try:
-                head = request_bytes(method.encode("ascii"), target, self._head_lines, headers)
-            except ProtocolError as exc:  # a header value with a line break...
-                raise httpx.LocalProtocolError(f"the request cannot be sent: {exc}") from None
+                head = b"%bcontent-length: %d\r\n\r\n" % (head, len(body))
+            else:
+                head += b"\r\n"
             conn = await self._take_idle()
             if conn is not None:
                 self.reuses += 1
@@ -373,6 +378,30 @@ class H11Pool:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             raise
         return response
+
+    def _head(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The request head up to its framing (``Content-Length`` and the blank line are the
+        caller's), from :attr:`_heads` when an equal request was sent before: a provider
+        client sends the same few heads over and over (its method, path, accept, content type
+        and key), which are then checked once, not once per request.
+
+        Raises:
+            httpx.LocalProtocolError: a header or the target may not be sent (nothing cached).
+        """
+        key = (method, path, *headers)
+        head = self._heads.get(key)
+        if head is not None:
+            return head
+        target = (self._prefix + "/" + path.lstrip("/")).encode("ascii")
+        try:
+            head = request_bytes(method.encode("ascii"), target, self._head_lines, headers)
+        except ProtocolError as exc:  # a header value with a line break...
+            raise httpx.LocalProtocolError(f"the request cannot be sent: {exc}") from None
+        head = head[:-2]  # (its blank line: the framing goes before it)
+        if len(self._heads) >= MAX_CACHED_HEADS:
+            self._heads.clear()  # (a key rotated many times, say: start over, never grow)
+        self._heads[key] = head
+        return head
 
     async def _acquire(self) -> None:
         await aio.checkpoint_if_cancelled()
