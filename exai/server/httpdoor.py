@@ -130,7 +130,7 @@ from exai.server.http11 import (
 )
 from exai.server.mcp_sessions import McpSession, Revocations, SessionSigner
 from exai.server.origins import OriginPolicy
-from exai.server.outbox import Outbox, ProgressStream
+from exai.server.outbox import CHUNK_BYTES, Outbox, ProgressStream
 from exai.server.sessions import SessionTable
 
 __all__ = ["HttpDoor"]
@@ -1045,11 +1045,22 @@ class HttpConnection:
             h11.LocalProtocolError: the request was answered already (or a stream begun).
             trio.BrokenResourceError / trio.ClosedResourceError: the peer went away.
         """
+        await self.stream.send_all(self._whole(status, headers, body, close=close))
+
+    def _whole(
+        self, status: int, headers: list[tuple[str, str]], body: bytes = b"", *, close: bool
+    ) -> bytes:
+        """The whole response to the request in progress, which is marked answered (see
+        :meth:`_send_whole`; the caller writes it, :meth:`_timed_write`).
+
+        Raises:
+            h11.LocalProtocolError: the request was answered already (or a stream begun).
+        """
         conn = self._conn
         if self._responded or (conn is not None and conn.our_state is not h11.SEND_RESPONSE):
             raise h11.LocalProtocolError("this request was answered already")
         self._responded = True
-        await self.stream.send_all(whole_response(status, headers, body, close=close))
+        return whole_response(status, headers, body, close=close)
 
     async def _answer(
         self,
@@ -1067,17 +1078,37 @@ class HttpConnection:
         status = _status_for(exchange.code, modern)
         hs = [_JSON, *extra]
         close = self._closing()
-        await self._timed_send(self._send_whole(status, hs, text.encode("utf-8"), close=close))
+        await self._timed_write(self._whole(status, hs, text.encode("utf-8"), close=close))
         outbox.written()
         return not close
 
-    async def _timed_send(self, coro: Any) -> None:
-        """Await a write under the writer's deadline (``send_timeout_s`` from the last 64 KiB
-        written): a peer that reads nothing is disconnected."""
+    async def _timed_write(self, data: bytes) -> None:
+        """Write ``data`` under the writer's deadline (``send_timeout_s`` from the last 64 KiB
+        written): a peer that reads nothing is disconnected.
+
+        A write of at most 64 KiB is first handed to a plain TCP socket at once
+        (:meth:`~exai.server.outbox.ProgressStream.send_nowait`, as the WebSocket door's
+        ``send_text``): it almost always takes it whole, with no deadline scope and no scheduler
+        round (``send_all`` yields even when the socket takes everything, and at concurrency 1
+        each round costs CPU: issue 18); only what it did not take waits, under the deadline.
+        The connection has one writer at a time (the request's responder or its task).
+        Always a checkpoint for cancellation (as ``send_all``).
+
+        Raises:
+            trio.BrokenResourceError: the peer went away, or read nothing in time.
+            trio.ClosedResourceError: the stream was closed.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sent = self.stream.send_nowait(data) if len(data) <= CHUNK_BYTES else 0
+        if sent < len(data):
+            await self._timed_send(memoryview(data)[sent:] if sent else data)
+
+    async def _timed_send(self, data: bytes | memoryview) -> None:
+        """``send_all(data)`` under the writer's deadline (see :meth:`_timed_write`)."""
         deadline = trio.current_time() + self.door.settings().send_timeout_s
         with trio.CancelScope(deadline=deadline) as scope:
             self._write_scope = scope
-            await coro
+            await self.stream.send_all(data)
         self._write_scope = None
         if scope.cancelled_caught:
             self.shared.stats.rejections["send_timeout"] += 1
@@ -1116,7 +1147,7 @@ class HttpConnection:
                 if not committed:
                     head = self._commit_sse()
                     committed = True
-                await self._timed_send(self._send_bytes(head + self._chunk(data)))
+                await self._timed_write(head + self._chunk(data))
                 continue
             # Everything queued now goes out in one write: progress that piled up, and the
             # answer with the end of the stream when it is there too (one syscall, not one
@@ -1135,7 +1166,7 @@ class HttpConnection:
                     status = _status_for(exchange.code, modern)
                     close = self._closing()
                     answer = texts[-1].encode("utf-8")
-                    await self._timed_send(self._send_whole(status, [_JSON], answer, close=close))
+                    await self._timed_write(self._whole(status, [_JSON], answer, close=close))
                     outbox.written(len(texts))
                     return not close
                 if not sse_ok:
@@ -1148,7 +1179,7 @@ class HttpConnection:
             for text in texts:
                 parts.append(b"event: message\ndata: " + text.encode("utf-8") + b"\n\n")
             data = self._chunk(b"".join(parts[1:]), last=final)
-            await self._timed_send(self._send_bytes(parts[0] + data))
+            await self._timed_write(parts[0] + data)
             outbox.written(len(texts))
             if final:
                 return True
@@ -1160,8 +1191,8 @@ class HttpConnection:
             self.shared.stats.rejections["draining"] += 1
             if committed:
                 raise trio.BrokenResourceError("unanswered: the call must be sent again")
-            await self._timed_send(
-                self._send_whole(
+            await self._timed_write(
+                self._whole(
                     503,
                     [_JSON, ("Retry-After", "1")],
                     json_body("draining", "this daemon is restarting; retry"),
@@ -1171,10 +1202,10 @@ class HttpConnection:
             return False
         # cancelled by its client (notifications/cancelled): the request ends without an answer
         if committed:
-            await self._timed_send(self._send_bytes(self._chunk(b"", last=True)))
+            await self._timed_write(self._chunk(b"", last=True))
         elif sse_ok:
             head = self._commit_sse()
-            await self._timed_send(self._send_bytes(head + self._chunk(b"", last=True)))
+            await self._timed_write(head + self._chunk(b"", last=True))
         else:
             body = p.encode(
                 p.error(
@@ -1182,9 +1213,7 @@ class HttpConnection:
                 )
             )
             close = self._closing()
-            await self._timed_send(
-                self._send_whole(200, [_JSON], body.encode("utf-8"), close=close)
-            )
+            await self._timed_write(self._whole(200, [_JSON], body.encode("utf-8"), close=close))
             return not close
         return True
 
@@ -1212,12 +1241,9 @@ class HttpConnection:
             out += conn.send(h11.EndOfMessage())
         return out
 
-    async def _send_bytes(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
     async def _direct_answer(self, exchange: _Exchange, modern: bool, text: str) -> None:
         """The responder writes its call's JSON answer itself (nothing else is queued), under
-        the writer's deadline (:meth:`_timed_send`).
+        the writer's deadline (:meth:`_timed_write`).
 
         Raises:
             trio.ClosedResourceError: the client went, or read nothing for ``send_timeout_s``
@@ -1226,9 +1252,7 @@ class HttpConnection:
         status = _status_for(exchange.code, modern)
         close = self._closing()
         try:
-            await self._timed_send(
-                self._send_whole(status, [_JSON], text.encode("utf-8"), close=close)
-            )
+            await self._timed_write(self._whole(status, [_JSON], text.encode("utf-8"), close=close))
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             self._direct = "failed"
             raise trio.ClosedResourceError("the client went, or reads nothing") from None
