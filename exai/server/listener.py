@@ -215,6 +215,9 @@ class Listener:
             )
             if is_websocket_upgrade(request):
                 stream.unread(head.raw)
+                # (the WebSocket door reads the head again: this task's h11 state and parsed
+                # head, ≈ 2.7 KB, are not kept for the connection's life — memory per session)
+                http = first = head = request = None  # type: ignore[assignment]
                 await self._websocket(stream, ip, conn_id, slots)
             else:
                 await self._http(stream, head, ip, conn_id, slots, peer)

@@ -65,6 +65,12 @@ class Outbox:
             (the door's write deadline applies as to its writer) instead of waking the writer.
             It stays queued, and charged, while it is written, so messages put meanwhile queue
             behind it and the writer sends them after it, in order.
+        wake: set by a door whose writer runs only while there is something to write (the
+            WebSocket session: an idle session holds no writer task): called when a message
+            is queued for the writer and none waits in :meth:`get` — not while a direct write
+            holds the queue (``wake`` is called when it ends, if anything queued behind it).
+            The door's writer sends with :meth:`next` and :meth:`written` until :meth:`next`
+            says there is nothing more, and calls :meth:`abandon` if its connection fails.
     """
 
     def __init__(self, max_count: int, max_bytes: int, ledger: Ledger) -> None:
@@ -83,6 +89,9 @@ class Outbox:
         self.direct: Callable[[str], Awaitable[None]] | None = None
         #: a message is being written by :attr:`direct` (the writer leaves the queue alone)
         self._direct_busy = False
+        self.wake: Callable[[], None] | None = None
+        #: the writer's connection failed: what is queued will not be written (:meth:`flushed`)
+        self._abandoned = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -105,6 +114,8 @@ class Outbox:
         self._append(text)
         if self._readable:
             self._readable.unpark_all()
+        elif self.wake is not None and not self._direct_busy:
+            self.wake()
 
     async def wait_room(self, nbytes: int) -> None:
         """Wait until ``nbytes`` fit (the writer's progress bounds the wait).
@@ -145,6 +156,8 @@ class Outbox:
                 self.written()
             if (self._queue or self._closed) and self._readable:
                 self._readable.unpark_all()  # what queued behind it, or the end
+            elif self._queue and self.wake is not None:
+                self.wake()  # what queued behind it
 
     def full(self) -> bool:
         """Whether no message at all would be queued now (closed, or at its count or bytes):
@@ -173,6 +186,28 @@ class Outbox:
                 raise trio.EndOfChannel
             await self._readable.park()
         return self._queue[0]
+
+    def next(self) -> str | None:
+        """The oldest message, for a writer started by :attr:`wake` (it calls :meth:`written`
+        once it is sent); ``None`` when nothing is queued, or a direct write holds the queue
+        (then :attr:`wake` is called again when it ends, if anything queued behind it)."""
+        if not self._queue or self._direct_busy:
+            return None
+        return self._queue[0]
+
+    def abandon(self) -> None:
+        """The writer's connection failed: nothing queued will be written (:meth:`flushed`
+        waits no more for it). What is queued stays charged until :meth:`close` drops it."""
+        self._abandoned = True
+        if self._room:
+            self._room.unpark_all()
+
+    async def flushed(self) -> None:
+        """Wait until everything queued was written (also a direct write: its message stays
+        queued while it is written), dropped (:meth:`close` with ``drop``) or abandoned. Only
+        once the outbox is closed (nothing more is queued meanwhile); the caller bounds it."""
+        while self._queue and not self._abandoned:
+            await self._room.park()
 
     def written(self, count: int = 1) -> None:
         """The message :meth:`get` returned (or the first ``count`` of :meth:`queued`) was

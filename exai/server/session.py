@@ -13,9 +13,12 @@ Writing:
     on the slow client's own calls), progress is dropped and counted when there is none. An
     answer put while nothing is queued is written by the responder's own task
     (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off to the writer task, which sends
-    whatever queues meanwhile after it, in order). A write that makes no progress for
-    ``send_timeout_s`` — the writer's or a direct one — closes the connection with 1008 and
-    everything the session held is freed. A message of at most 64 KiB on plain TCP — a direct
+    whatever queues meanwhile after it, in order). The writer task runs only while something
+    is queued for it (:attr:`~exai.server.outbox.Outbox.wake` starts it, it ends when the
+    queue is empty): an idle session holds no task for it (memory per idle session). A write
+    that makes no progress for ``send_timeout_s`` — the writer's or a direct one — closes the
+    connection with 1008 and everything the session held is freed. A message of at most 64 KiB
+    on plain TCP — a direct
     answer, or what the writer sends (mostly progress) — is handed to the non-blocking socket
     at once when no other write holds the connection
     (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not take goes
@@ -92,11 +95,14 @@ class Session:
         self.meter = InboundMeter(shared.budget)
         if isinstance(conn, ServerConnection):
             conn.meter = self.meter
-        self._writer_done = trio.Event()
         self.nursery: trio.Nursery | None = None
         # an answer put while nothing is queued is written by its own task (no hand-off), a
         # small one straight to a plain TCP socket when it can (ServerConnection.send_text)
         self.core.outbox.direct = self._direct_write
+        # the writer task runs only while something is queued for it: an idle session holds no
+        # task, frames, scope or last message for it (≈ 3.5 KB of each of 10,000 idle sessions)
+        self.core.outbox.wake = self._wake_writer
+        self._writing = False
         self._send_text = conn.send_text if isinstance(conn, ServerConnection) else None
 
     @property
@@ -115,7 +121,8 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 self.core.nursery = nursery
-                nursery.start_soon(self._writer)
+                if self.core.outbox.next() is not None:
+                    self._wake_writer()  # (queued before the session ran)
                 try:
                     await self._reader(handle or self.core.handle_text)
                 finally:
@@ -130,6 +137,7 @@ class Session:
             self.core.release_all()
             self.meter.release_all()
             # (with the core's links, see release_all: the session is not a reference cycle)
+            self.core.outbox.wake = None
             if self._stream is not None:
                 self._stream.on_progress = None
 
@@ -147,7 +155,7 @@ class Session:
         self.core.closing_reason = (code, reason)
         self.core.outbox.close(drop=False)
         with trio.move_on_after(1.0):
-            await self._writer_done.wait()
+            await self.core.outbox.flushed()
         with trio.move_on_after(1.0):
             await self.conn.aclose(code, reason)
 
@@ -156,40 +164,42 @@ class Session:
         if scope is not None:
             scope.deadline = trio.current_time() + self.settings.send_timeout_s
 
+    def _wake_writer(self) -> None:
+        """Something is queued for the writer (:attr:`Outbox.wake`): start it unless it runs."""
+        if not self._writing and self.nursery is not None:
+            self._writing = True
+            self.nursery.start_soon(self._writer)
+
     async def _writer(self) -> None:
+        """Send what is queued, in order, and end once nothing is (the outbox's ``wake`` starts
+        it again when something is queued: :meth:`_wake_writer`)."""
         outbox = self.core.outbox
         timeout = self.settings.send_timeout_s
-        inf = float("inf")
         # (ServerConnection.send_text: a small frame straight to the socket when it takes it,
         # no scheduler round for the stream lock and the send — most messages queued here are
         # progress notifications, one or more per streamed call)
         send = self._send_text or self.conn.send_message
         try:
-            # One scope for every write (not one per message): its deadline is set while a
-            # message is being written and lifted while the writer waits for the next one.
+            # One scope for every write of this run: its deadline is set for each message
+            # (and moved by the stream's progress while a large one is written).
             with trio.CancelScope() as scope:
-                while True:
-                    try:
-                        text = await outbox.get()
-                    except trio.EndOfChannel:
-                        return
-                    self._write_scope = scope
+                self._write_scope = scope
+                while (text := outbox.next()) is not None:
                     scope.deadline = trio.current_time() + timeout
                     await send(text)
-                    self._write_scope = None
-                    scope.deadline = inf
                     outbox.written()
             self._write_scope = None
             if scope.cancelled_caught:
                 await self._stalled()
-                return
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             # the peer went away with answers still queued: stop reading too; the answers are
             # kept by the executions for a reconnecting bridge
+            outbox.abandon()
             if self.nursery is not None:
                 self.nursery.cancel_scope.cancel()
         finally:
-            self._writer_done.set()
+            self._write_scope = None
+            self._writing = False
 
     async def _direct_write(self, text: str) -> None:
         """Write one message from the task that put it (the outbox was empty, so nothing is

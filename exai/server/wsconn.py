@@ -37,12 +37,16 @@ request; anything else is wsproto's, with every rule of RFC 6455).
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
 ``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_close_reason``,
 ``_recv_channel``, ``_send_channel``, ``_reader_running``, ``_message_parts``,
-``_max_message_size``); pyproject pins the minor version it was checked against.
+``_max_message_size``); pyproject pins the minor version it was checked against. For memory per
+idle session it also swaps three of wsproto's and trio's attributes once they are not used
+(the handshake's h11 state and event queue) or are empty almost always (the message channel's
+buffer, the connection's event queue): tests/server/test_wsconn_memory.py checks they exist.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -65,6 +69,19 @@ __all__ = [
     "http_version",
     "message_bytes",
 ]
+
+
+class _FewItems(list[Any]):
+    """A queue that is empty almost always and holds a few items at most: a list, which holds
+    no storage while empty, with the ``popleft`` of the ``collections.deque`` it stands in for
+    (an empty deque holds a block of 64 slots, ≈ 0.7 KB). Its users here: the connection's
+    message channel (at most ``message_queue_size`` = 1 message, while the session's reader
+    is busy) and wsproto's queue of events not read from frames (the peer's end of stream)."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
 
 
 def message_bytes(data: str | bytes | bytearray) -> int:
@@ -94,6 +111,11 @@ class ServerConnection(WebSocketConnection):
             handshake._h11_connection = None
         if not getattr(handshake, "_events", True):
             handshake._events = ()
+        # The WebSocket connection's own event queue: only the end of stream is put there
+        # (frames' events come from its frame protocol), so it is empty all its life.
+        connection: Any = self._wsproto.connection
+        if type(getattr(connection, "_events", None)) is deque and not connection._events:
+            connection._events = _FewItems()
 
     async def send_text(
         self,
@@ -307,6 +329,12 @@ async def accept_request(
         message_queue_size=1,
         max_message_size=max_message_size,
     )
+    # the message channel's buffer (one message while the session's reader is busy): a list,
+    # not a deque's block of 64 slots, in every idle session (trio's own attribute: checked
+    # by tests/server/test_wsconn_memory.py)
+    state: Any = getattr(connection._recv_channel, "_state", None)
+    if type(getattr(state, "data", None)) is deque and not state.data:
+        state.data = _FewItems()
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()
 
