@@ -165,10 +165,14 @@ class Session:
             scope.deadline = trio.current_time() + self.settings.send_timeout_s
 
     def _wake_writer(self) -> None:
-        """Something is queued for the writer (:attr:`Outbox.wake`): start it unless it runs."""
-        if not self._writing and self.nursery is not None:
+        """Something is queued for the writer (:attr:`Outbox.wake`): start it unless it runs.
+        Not once the session's nursery is cancelled (the session is ending: a writer would be
+        cancelled at once, and the nursery may already be closed to new tasks while an
+        execution's watcher still queues progress for this session)."""
+        nursery = self.nursery
+        if not self._writing and nursery is not None and not nursery.cancel_scope.cancel_called:
             self._writing = True
-            self.nursery.start_soon(self._writer)
+            nursery.start_soon(self._writer)
 
     async def _writer(self) -> None:
         """Send what is queued, in order, and end once nothing is (the outbox's ``wake`` starts
@@ -278,5 +282,8 @@ class Session:
                 # the frame is handled: what a call keeps of it is charged to its ledger
                 # (the connection charged its UTF-8 bytes)
                 self.meter.release(message_bytes(message))
+            # (not kept while the session waits for the next one: its bytes were given back,
+            # and an idle session would hold its last message, however large, meanwhile)
+            del message
             if self.closing_reason is not None:
                 return

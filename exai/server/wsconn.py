@@ -111,6 +111,10 @@ class ServerConnection(WebSocketConnection):
             handshake._h11_connection = None
         if not getattr(handshake, "_events", True):
             handshake._events = ()
+        # (and the upgrade request as wsproto parsed it — its headers, ≈ 1 KB — which only the
+        # accept reads)
+        if getattr(handshake, "_initiating_request", None) is not None:
+            handshake._initiating_request = None
         # The WebSocket connection's own event queue: only the end of stream is put there
         # (frames' events come from its frame protocol), so it is empty all its life.
         connection: Any = self._wsproto.connection

@@ -63,6 +63,8 @@ async def test_an_accepted_connection_keeps_no_handshake_state(
         handshake = server._wsproto.handshake
         assert hasattr(handshake, "_h11_connection") and handshake._h11_connection is None
         assert hasattr(handshake, "_events") and handshake._events == ()
+        assert hasattr(handshake, "_initiating_request")
+        assert handshake._initiating_request is None
 
 
 async def test_an_outbox_holds_a_queue_only_while_something_is_queued() -> None:
@@ -128,6 +130,26 @@ async def test_an_idle_session_holds_no_writer_task(tmp_path: Path) -> None:
         assert got == ids
         await trio.testing.wait_all_tasks_blocked()
         assert _tasks("Session._writer") == []
+
+
+async def test_an_idle_session_does_not_hold_its_last_message(tmp_path: Path) -> None:
+    # Before: the session's reader kept the last message it handled (its text, however large,
+    # its bytes given back to the budget) while it waited for the next one.
+    async with running_daemon(make_settings(tmp_path)) as daemon, ws(daemon) as conn:
+        rpc = Rpc(conn)
+        assert "result" in await rpc.request("initialize", {"protocolVersion": "2025-06-18"})
+        marker = "x" * 1000
+        assert "result" in await rpc.request("ping", {"_meta": {"marker": marker}})
+        await trio.testing.wait_all_tasks_blocked()
+        [task] = _tasks("Listener._handle_stream")
+        coro: Any = task.coro
+        frames = []
+        while coro is not None and getattr(coro, "cr_frame", None) is not None:
+            frames.append(coro.cr_frame)
+            coro = coro.cr_await
+        assert any(f.f_code.co_name == "_reader" for f in frames)
+        held = [v for f in frames for v in f.f_locals.values() if isinstance(v, str)]
+        assert not any(marker in v for v in held)
 
 
 async def test_a_websocket_session_keeps_no_http_state_of_its_upgrade(tmp_path: Path) -> None:
