@@ -240,3 +240,55 @@ def test_a_non_loopback_bind_without_tls_is_refused_saying_what_it_exposes(tmp_p
         check_bind(settings, tokens)
     check_bind(attrs.evolve(settings, allow_insecure_bind=True), tokens)  # explicitly allowed
     check_bind(attrs.evolve(settings, tls_cert="c.pem", tls_key="k.pem"), tokens)  # TLS
+
+
+# ---------------------------------------------------------------------------------------
+# the Streamable HTTP door over TLS
+
+
+@pytest.mark.anyio
+async def test_the_http_door_over_tls_writes_nothing_past_tls(tmp_path, pki, monkeypatch):
+    """JSON answers (small, and one over 64 KiB), a 202 and an SSE stream over ``https://``.
+    The door hands a small write to a plain TCP socket at once (``ProgressStream.send_nowait``,
+    e83bafc); under TLS it must take nothing (the bytes must go through the TLS stream), and
+    every write must still arrive whole."""
+    import httpx
+
+    from exai.server.outbox import ProgressStream
+    from tests.daemon_tools import BLOB
+    from tests.helpers import registry_with
+    from tests.httpmcp import McpHttp, sse_messages
+
+    taken: list[int] = []
+    real = ProgressStream.send_nowait
+
+    def recording(self: ProgressStream, data: bytes | bytearray | memoryview) -> int:
+        n = real(self, data)
+        taken.append(n)
+        return n
+
+    monkeypatch.setattr(ProgressStream, "send_nowait", recording)
+    settings = attrs.evolve(tls_settings(tmp_path, pki), heartbeat_interval_s=0.5)
+    async with (
+        running_daemon(settings, registry_with(BLOB)) as daemon,
+        httpx.AsyncClient(verify=trusting(pki.ca_file), timeout=60) as client,
+    ):
+        mcp = McpHttp(client, daemon.url)
+        assert mcp.url.startswith("https://")
+        await mcp.initialize()  # (a 200 with its session id, then a 202)
+        small = await mcp.call("version")
+        assert small["result"]["isError"] is False
+        big = await mcp.call("blob", {"bytes": 200_000})
+        assert big["result"]["structuredContent"]["content"] == ("exai " * 40_000)[:200_000]
+        # silent for a heartbeat interval: an SSE stream (its head and a keep-alive comment,
+        # then the answer and the stream's end)
+        response = await mcp.post(
+            mcp.message("tools/call", {"name": "blob", "arguments": {"bytes": 10, "seconds": 1.2}})
+        )
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert ": keep-alive" in response.text
+        assert (
+            sse_messages(response.text)[-1]["result"]["structuredContent"]["content"]
+            == "exai exai "
+        )
+        assert taken and set(taken) == {0}, taken
