@@ -150,3 +150,70 @@ def test_the_wsproto_internals_it_reads_are_there() -> None:
     assert proto._frame_decoder.header is None
     assert isinstance(proto._frame_decoder.buffer.buffer, bytearray)
     assert proto._message_decoder.opcode is None
+
+
+def _any_frame(first: int, payload: bytes, mask: bytes, width: int, masked: bool) -> bytes:
+    """A frame with any first byte (FIN, RSV bits, opcode), the length in the shortest form or
+    a longer one (``width`` 0, 1, 2: wsproto refuses a non-minimal one), masked or not."""
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if width == 0 and n < 126:
+        head = bytes([first, bit | n])
+    elif width <= 1 and n < 65536:
+        head = bytes([first, bit | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([first, bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+any_frames = st.builds(
+    _any_frame,
+    st.one_of(
+        st.sampled_from([0x81, 0x01, 0x80, 0x82, 0x88, 0x89, 0x8A, 0xC1]), st.integers(0, 255)
+    ),
+    st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=100).map(str.encode),
+        st.sampled_from([b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\xe2\x82", b""]),
+    ),
+    st.one_of(st.just(b"\0\0\0\0"), st.binary(min_size=4, max_size=4)),
+    st.sampled_from([0, 0, 0, 1, 2]),
+    st.sampled_from([True] * 9 + [False]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    reads=st.lists(
+        st.tuples(any_frames, st.sampled_from(["read", "close_after_first", "send_text"])),
+        max_size=6,
+    )
+)
+def test_any_frame_read_as_trio_websocket_reads_gives_the_events_of_wsproto(
+    reads: list[tuple[bytes, str]],
+) -> None:
+    """Frames of any first byte, length form, mask (zero too) or none, one read each, as
+    trio-websocket's reader gives them (``receive_data`` then every event), with the server
+    closing (1008: a stalled writer) after a read's first event or sending between reads: the
+    events, the refusals and the bytes sent are wsproto's."""
+
+    def run(server: WSConnection) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for frame, then in reads:
+            try:
+                server.receive_data(frame)
+                for i, event in enumerate(server.events()):
+                    out.append(_describe(event))
+                    if then == "close_after_first" and i == 0:
+                        out.append(("sent", server.send(CloseConnection(code=1008))))
+                if then == "send_text":
+                    out.append(("sent", server.send(TextMessage(data="x"))))
+            except Exception as exc:  # (compared as well: both ways must raise alike)
+                out.append(("raised", type(exc).__name__, str(exc)))
+        return out
+
+    fast, _ = _pair(ServerWSConnection(ConnectionType.SERVER))
+    plain, _ = _pair(WSConnection(ConnectionType.SERVER))
+    assert run(fast) == run(plain)
