@@ -319,12 +319,14 @@ class Listener:
         (``/mcp``) or the old op protocol's (``/``)."""
         async with trio.open_nursery() as nursery:
             request: WebSocketRequest | None = None
-            with trio.move_on_after(self.settings.handshake_timeout_s):
+            with trio.move_on_after(self.settings.handshake_timeout_s) as bound:
                 request = await accept_request(
                     nursery, stream, max_message_size=self.settings.max_frame_bytes
                 )
             if request is None:
-                self.stats.refuse_connection("handshake_timeout")
+                # refused by wsproto (answered 400/426, closed) or, its bound passed, not read
+                timed_out = bound.cancelled_caught
+                self.stats.refuse_connection("handshake_timeout" if timed_out else "bad_request")
                 nursery.cancel_scope.cancel()
                 return
             refusal, door = self._admit(request, ip)
@@ -399,6 +401,9 @@ class Listener:
             return 503, [json_ct, (b"Retry-After", b"1")], _body(reason, "not accepting now")
         refused = self.admission.try_admit(ip)
         if refused is not None:
+            # (Admission counts it for exai_connections_rejected; exai_rejections has every
+            # refusal, as it has the deployment-wide cap's in _admit_shared)
+            self.stats.rejections[refused] += 1
             limit = (
                 self.settings.max_connections
                 if refused == "max_connections"

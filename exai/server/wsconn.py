@@ -35,12 +35,13 @@ wsproto's frame and message decoders (≈ 2 µs of CPU against ≈ 10 µs for a 
 request; anything else is wsproto's, with every rule of RFC 6455).
 
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
-``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_close_reason``,
-``_recv_channel``, ``_send_channel``, ``_reader_running``, ``_message_parts``,
-``_max_message_size``); pyproject pins the minor version it was checked against. For memory per
-idle session it also swaps three of wsproto's and trio's attributes once they are not used
-(the handshake's h11 state and event queue) or are empty almost always (the message channel's
-buffer, the connection's event queue): tests/server/test_wsconn_memory.py checks they exist.
+``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_connection_proposal``,
+``_close_stream``, ``_close_reason``, ``_recv_channel``, ``_send_channel``, ``_reader_running``,
+``_message_parts``, ``_max_message_size``); pyproject pins the minor version it was checked
+against. For memory per idle session it also swaps three of wsproto's and trio's attributes
+once they are not used (the handshake's h11 state and event queue) or are empty almost always
+(the message channel's buffer, the connection's event queue): tests/server/test_wsconn_memory.py
+checks they exist.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ def message_bytes(data: str | bytes | bytearray) -> int:
 class ServerConnection(WebSocketConnection):
     #: charged for every part of a frame as it arrives (``None`` until the session sets it)
     meter: InboundMeter | None = None
+
+    async def _close_stream(self) -> None:
+        await super()._close_stream()
+        # Closed before the upgrade request was taken (wsproto refused it: answered 400 or 426
+        # by trio-websocket's reader, which then closes the stream): no request will come, and
+        # accept_request says so at once (None) rather than at its caller's bound. (A method,
+        # not a wrapper task: nothing more held per session.)
+        proposal = self._connection_proposal
+        if proposal is not None and not proposal._value_event.is_set():
+            proposal.set_value(None)  # type: ignore[arg-type]
 
     async def _accept(
         self, request: Any, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
@@ -325,8 +336,11 @@ def _whole_text_frame(conn: Connection, data: bytes | bytearray) -> TextMessage 
 
 async def accept_request(
     nursery: trio.Nursery, stream: trio.abc.Stream, *, max_message_size: int
-) -> WebSocketRequest:
-    """Read the HTTP upgrade request from ``stream`` (the caller bounds the time)."""
+) -> WebSocketRequest | None:
+    """Read the HTTP upgrade request from ``stream`` (the caller bounds the time); ``None``
+    when wsproto refused it (no ``Sec-WebSocket-Key``, a version other than 13, …: it answered
+    400 or 426 and trio-websocket closed the stream). Without that, the wait for a request went
+    on until the caller's bound, and the refusal was taken for a client that sent nothing."""
     connection = ServerConnection(
         stream,
         ServerWSConnection(ConnectionType.SERVER),
