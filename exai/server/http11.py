@@ -208,7 +208,23 @@ async def read_first_head(
 
 #: what an empty line begins with (CRLF; h11 reads a bare LF as a line's end too)
 _EMPTY_LINE_START = (b"\r", b"\n")
-_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+
+
+def _empty_lines(data: bytes) -> int:
+    """How many bytes of empty lines (``\\r?\\n`` each) ``data`` begins with: its run of CR and
+    LF up to its first CR not followed by LF. (``bytes.lstrip`` and ``find``, ≈ 3 µs per KiB:
+    the regular expression ``(?:\\r?\\n)*`` took 9 µs per KiB of CRLF and 16 of LF, and a flood
+    of empty lines was the cheapest way to make a listener work: see
+    ``tests/server/test_empty_lines_scan.py``.)"""
+    run = len(data) - len(data.lstrip(b"\r\n"))
+    if not run:
+        return 0
+    stop = data.find(b"\r\r", 0, run)  # (a CR followed by a CR: not an empty line's)
+    if stop < 0:
+        stop = run
+    if data[stop - 1 : stop] == b"\r":  # (the run ends in a CR: not followed by LF here)
+        stop -= 1
+    return stop
 
 
 async def skip_empty_lines(stream: trio.abc.ReceiveStream, data: bytes) -> tuple[bytes, int]:
@@ -223,7 +239,7 @@ async def skip_empty_lines(stream: trio.abc.ReceiveStream, data: bytes) -> tuple
     """
     skipped = 0
     while True:
-        n = _EMPTY_LINES.match(data).end()  # type: ignore[union-attr]  # (matches b"")
+        n = _empty_lines(data)
         if n:
             skipped += n
             data = data[n:]
