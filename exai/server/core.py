@@ -626,6 +626,11 @@ class SessionCore:
         except _HandedOver:
             shared.stats.rejections["handed_over"] += 1  # no answer: re-sent elsewhere
         except errors.ExaiError as exc:
+            if isinstance(exc, errors.DeadlineExceeded):
+                # its deadline ended a wait before it began (a slot, its turn, room for its
+                # answer, another daemon's run): a refusal, which nothing else counts (the
+                # runner counts the calls it ran)
+                shared.stats.rejections[exc.reason] += 1
             self._audit_refusal(req, exc)
             ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
         finally:
