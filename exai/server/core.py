@@ -626,11 +626,11 @@ class SessionCore:
         except _HandedOver:
             shared.stats.rejections["handed_over"] += 1  # no answer: re-sent elsewhere
         except errors.ExaiError as exc:
-            if isinstance(exc, errors.DeadlineExceeded):
-                # its deadline ended a wait before it began (a slot, its turn, room for its
-                # answer, another daemon's run): a refusal, which nothing else counts (the
-                # runner counts the calls it ran)
-                shared.stats.rejections[exc.reason] += 1
+            # every refusal of a call before it began is counted here, the one place they all
+            # pass (no slot, its deadline ending a wait for a slot or its turn, the drain
+            # beginning while it waited, another daemon's run past its deadline); the runner
+            # counts the calls it ran
+            shared.stats.rejections[exc.reason] += 1
             self._audit_refusal(req, exc)
             ex.payload = {"error": p.error_from_exception(None, exc)["error"]}
         finally:
@@ -657,7 +657,6 @@ class SessionCore:
             pass
         s = self.settings
         if self.queued >= s.session_queue_max:
-            self.shared.stats.rejections["overloaded"] += 1
             raise errors.OverloadedError(
                 f"this connection's {s.session_max_inflight} in-flight calls are all busy and "
                 f"{self.queued} more are waiting (EXAI_SESSION_QUEUE_MAX="
@@ -833,7 +832,6 @@ class SessionCore:
             if len(held) < len(wanted) + base:
                 self._raise_if_expired(ex)
                 which = wanted[len(held) - base][1]
-                shared.stats.rejections["overloaded"] += 1
                 raise errors.OverloadedError(
                     f"{which} in-flight calls are all busy; retry shortly",
                     retry_after_s=self.settings.slot_wait_s,
@@ -846,7 +844,6 @@ class SessionCore:
                     slot = await shared.shared_limits.identity_slot(self.identity.name, ex.key)
                 if slot is None:
                     self._raise_if_expired(ex)
-                    shared.stats.rejections["overloaded"] += 1
                     raise errors.OverloadedError(
                         f"client {self.identity.name!r}'s {ident_limiter.total_tokens} in-flight "
                         "calls across the deployment are all busy; retry shortly",

@@ -1,5 +1,6 @@
-"""A call whose deadline ends its wait before it begins is counted (``exai_rejections{reason=
-"timeout"}``), found by the attack on 8c7fa80.
+"""A call refused before it begins is counted in ``exai_rejections``: one whose deadline ends
+its wait (``reason="timeout"``), found by the attack on 8c7fa80, and one refused as the drain
+began while it waited.
 
 8c7fa80 ends a call's wait for its round's turn and for its identity and daemon-wide slots at
 its deadline. Before it, such a call was counted: the one parked for its turn ran once its turn
@@ -66,3 +67,43 @@ async def test_a_call_expired_before_it_began_is_counted_as_a_refusal(tmp_path, 
         assert "a" not in runs.started
         assert daemon.stats.rejections["timeout"] == 1
         assert _metric(daemon, "exai_rejections_total", "timeout") == 1
+
+
+async def test_an_unkeyed_call_refused_as_the_drain_began_while_it_waited_is_counted(tmp_path):
+    # (the same hole: a call parked for its turn when the drain begins is refused "overloaded"
+    # after its turn, ad0e88c, and nothing counted that refusal)
+    async with _setup(tmp_path) as (daemon, runs), _core(daemon, _GatedPacer()) as core:
+        pacer = core.shared.pacer
+        assert isinstance(pacer, _GatedPacer)
+        await core.handle_text(_call(1, "a"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert pacer.parked == 1
+        daemon.readiness.draining = True
+        pacer.gate.set()
+        with trio.fail_after(10):
+            while not core.outbox.queued():
+                await trio.sleep(0.01)
+        (answer,) = _answers(core)
+        assert answer["error"]["data"]["reason"] == "overloaded", answer
+        assert runs.started == []
+        assert dict(daemon.stats.rejections) == {"overloaded": 1}
+
+
+@pytest.mark.parametrize("anyio_backend", _MOCK)
+async def test_a_call_refused_for_want_of_a_slot_is_counted_once(tmp_path):
+    overrides = {"call_timeout_s": 600.0, "slot_wait_s": 1.0, "max_inflight": 1}
+    async with (
+        _setup(tmp_path, **overrides) as (daemon, _runs),
+        _core(daemon, RoundPacer(float("inf"))) as core,
+    ):
+        await daemon.slots.inflight.acquire()
+        try:
+            await core.handle_text(_call(1, "a"))
+            with trio.fail_after(100):
+                while not core.outbox.queued():
+                    await trio.sleep(0.1)
+        finally:
+            daemon.slots.inflight.release()
+        (answer,) = _answers(core)
+        assert answer["error"]["data"]["reason"] == "overloaded", answer
+        assert dict(daemon.stats.rejections) == {"overloaded": 1}
