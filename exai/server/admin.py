@@ -9,7 +9,8 @@ slot — they used to, for 5 s each, and a health check queued behind them all (
 ``/readyz`` answered after 14 s). The first head is read by the MCP listener's rule
 (:func:`~exai.server.http11.read_first_head`): one that began and did not come whole in time is
 answered 408 ``head_timeout``, a malformed one 400 (431 for its size), and a connection that
-sent nothing is closed without a word; empty lines before the request line are ignored. It
+sent nothing is closed without a word; empty lines before the request line are ignored. At
+most :data:`MAX_CONNECTIONS` are open at once; one past them is closed as it is accepted. It
 is handed the two things it serves: a readiness view (``() -> (ready, reason)``) and the
 metrics renderer (``() -> bytes``).
 """
@@ -36,6 +37,10 @@ Route = Callable[[], tuple[int, str, bytes]]
 HEAD_TIMEOUT_S = 2.0
 #: how long writing the answer may take
 SEND_TIMEOUT_S = 5.0
+#: connections open at once: one past it is closed as it is accepted, nothing read from it (a
+#: flood of connections held open for their head's bound would otherwise hold a task and a
+#: descriptor each, without limit)
+MAX_CONNECTIONS = 256
 #: the 408's message (a head begun and not whole within HEAD_TIMEOUT_S)
 _HEAD_TIMEOUT_MESSAGE = f"the request head did not arrive within {HEAD_TIMEOUT_S:g} s"
 
@@ -161,11 +166,18 @@ async def serve_admin(
     if ":" in host:
         host = f"[{host}]"
     limiter = trio.CapacityLimiter(64)
+    open_connections = 0
 
     async def handler(stream: trio.SocketStream) -> None:
+        nonlocal open_connections
+        if open_connections >= MAX_CONNECTIONS:
+            await trio.aclose_forcefully(stream)  # (over the cap: nothing read, nothing held)
+            return
+        open_connections += 1
         try:
             await _handle(routes, stream, limiter)
         finally:
+            open_connections -= 1
             await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as nursery:

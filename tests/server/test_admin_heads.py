@@ -70,3 +70,28 @@ async def test_empty_lines_before_an_admin_request_are_ignored(tmp_path):
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         # only empty lines: nothing was sent, closed without a word at the bound
         assert await _exchange(d, b"\r\n\r\n") == b""
+
+
+async def test_admin_connections_past_the_cap_are_closed_at_once(tmp_path, monkeypatch):
+    # a flood of connections that send nothing held a task and a descriptor each for the head's
+    # bound, without limit (attack on 94d3462: 10 threads in a tight loop); past the cap a
+    # connection is closed as it is accepted, and the port answers again once one is gone
+    monkeypatch.setattr(admin, "HEAD_TIMEOUT_S", 60.0)  # (the held ones stay held)
+    monkeypatch.setattr(admin, "MAX_CONNECTIONS", 4, raising=False)
+    async with running_daemon(make_settings(tmp_path)) as d:
+        host, port = d.admin_url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+        held = [await trio.open_tcp_stream(host, int(port)) for _ in range(4)]
+        try:
+            # the fifth: closed without an answer, long before the held ones' 60 s
+            assert await _exchange(d, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+        finally:
+            await held[0].aclose()
+        # one gone: the port answers again (the daemon may take a moment to see the close)
+        with trio.fail_after(10):
+            while not (
+                answer := await _exchange(d, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            ).startswith(b"HTTP/1.1 200 "):
+                assert answer == b"", answer
+                await trio.sleep(0.01)
+        for stream in held[1:]:
+            await stream.aclose()
