@@ -150,14 +150,23 @@ class Session:
         if self.closing_reason is None:
             await self.close(1012, "exai is restarting; reconnect")
 
+    #: set once a :meth:`close` has ended (made by it: an idle session holds no event)
+    _close_done: trio.Event | None = None
+
     async def close(self, code: int, reason: str) -> None:
-        """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s)."""
-        self.core.closing_reason = (code, reason)
-        self.core.outbox.close(drop=False)
-        with trio.move_on_after(1.0):
-            await self.core.outbox.flushed()
-        with trio.move_on_after(1.0):
-            await self.conn.aclose(code, reason)
+        """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s).
+        The session's reader, which stops once ``closing_reason`` is set, waits for it when
+        another task closes (:meth:`_reader`)."""
+        done = self._close_done = trio.Event()
+        try:
+            self.core.closing_reason = (code, reason)
+            self.core.outbox.close(drop=False)
+            with trio.move_on_after(1.0):
+                await self.core.outbox.flushed()
+            with trio.move_on_after(1.0):
+                await self.conn.aclose(code, reason)
+        finally:
+            done.set()
 
     def _write_progress(self) -> None:
         scope = self._write_scope
@@ -286,4 +295,12 @@ class Session:
             # and an idle session would hold its last message, however large, meanwhile)
             del message
             if self.closing_reason is not None:
+                # A close by another task (the drain's hand-over, a revoked token) flushes what
+                # is queued first: returning now would cancel the session's nursery, cutting
+                # the answer being written in the middle of its frame (the close frame then
+                # followed the cut frame: 1007 at the client) and losing those behind it.
+                # (A stalled writer's close sets no event: it ends the session itself.)
+                done = self._close_done
+                if done is not None:
+                    await done.wait()
                 return
