@@ -16,9 +16,9 @@ Writing:
     whatever queues meanwhile after it, in order). The writer task runs only while something
     is queued for it (:attr:`~exai.server.outbox.Outbox.wake` starts it, it ends when the
     queue is empty): an idle session holds no task for it (memory per idle session). A write
-    that makes no progress for ``send_timeout_s`` — the writer's or a direct one — closes the
-    connection with 1008 and everything the session held is freed. A message of at most 64 KiB
-    on plain TCP — a direct
+    that makes no progress for ``send_timeout_s`` — the writer's, a direct one, or a pong
+    written by the connection's reader — closes the connection with 1008 and everything the
+    session held is freed. A message of at most 64 KiB on plain TCP — a direct
     answer, or what the writer sends (mostly progress) — is handed to the non-blocking socket
     at once when no other write holds the connection
     (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not take goes
@@ -95,6 +95,9 @@ class Session:
         self.meter = InboundMeter(shared.budget)
         if isinstance(conn, ServerConnection):
             conn.meter = self.meter
+            # (a pong is written by the connection's reader, under the same deadline)
+            conn.pong_timeout_s = settings.send_timeout_s
+            conn.on_pong_stalled = self._pong_stalled
         self.nursery: trio.Nursery | None = None
         # an answer put while nothing is queued is written by its own task (no hand-off), a
         # small one straight to a plain TCP socket when it can (ServerConnection.send_text)
@@ -140,6 +143,8 @@ class Session:
             self.core.outbox.wake = None
             if self._stream is not None:
                 self._stream.on_progress = None
+            if isinstance(self.conn, ServerConnection):
+                self.conn.on_pong_stalled = None
 
     async def hand_over(self) -> None:
         """Draining: close this session (1012, service restart) once every call admitted on it
@@ -247,6 +252,14 @@ class Session:
         if scope is not None and scope.cancelled_caught:
             await self._stalled()
             raise trio.ClosedResourceError("the peer reads nothing")
+
+    def _pong_stalled(self) -> None:
+        """A pong made no progress for ``send_timeout_s`` (the connection's reader wrote it):
+        the peer reads nothing — closed as by a stalled writer (:meth:`_stalled`)."""
+        nursery = self.nursery
+        if nursery is None or nursery.cancel_scope.cancel_called or self.closing_reason:
+            return  # (the session is ending already)
+        nursery.start_soon(self._stalled)
 
     async def _stalled(self) -> None:
         """The peer read nothing for ``send_timeout_s``: close with 1008 and free everything."""

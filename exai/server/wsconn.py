@@ -57,7 +57,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from trio_websocket._impl import CloseReason
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Event, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from exai.server.budget import InboundMeter
@@ -96,6 +96,10 @@ def message_bytes(data: str | bytes | bytearray) -> int:
 class ServerConnection(WebSocketConnection):
     #: charged for every part of a frame as it arrives (``None`` until the session sets it)
     meter: InboundMeter | None = None
+    #: the write deadline of a pong (the session's ``send_timeout_s``; ``None``: none)
+    pong_timeout_s: float | None = None
+    #: called when a pong made no progress for ``pong_timeout_s`` (the peer reads nothing)
+    on_pong_stalled: Callable[[], None] | None = None
 
     async def _close_stream(self) -> None:
         await super()._close_stream()
@@ -176,6 +180,34 @@ class ServerConnection(WebSocketConnection):
             raise ConnectionClosed(self._close_reason) from None
         finally:
             lock.release()
+
+    async def _handle_ping_event(self, event: Ping) -> None:
+        """The pong, written under the session's write deadline (trio-websocket writes it with
+        none): a peer that sends pings and reads nothing filled the socket's buffer with pongs,
+        and the connection's reader then waited in a pong's write for ever — it read nothing
+        more, no writer ran (nothing was queued), and the session was never closed (1008 is
+        for a peer that stops reading). The wait for another writer's turn is not under it
+        (that writer has its own deadline, which a slow but steady reader keeps moving)."""
+        timeout = self.pong_timeout_s
+        if timeout is None:
+            await super()._handle_ping_event(event)
+            return
+        try:
+            data = self._wsproto.send(event.response())
+        except LocalProtocolError:
+            raise ConnectionClosed(self._closing_reason()) from None
+        async with self._stream_lock:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._abort_web_socket()
+                    raise ConnectionClosed(self._closing_reason()) from None
+        if scope.cancelled_caught:
+            if self.on_pong_stalled is not None:
+                self.on_pong_stalled()
+            # (the reader stops: the session ends, and no further pong waits its turn)
+            raise ConnectionClosed(CloseReason(1008, "not reading"))
 
     async def _send(self, event: Event) -> None:
         """trio-websocket's send, except that wsproto refusing an event because the close
