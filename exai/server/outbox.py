@@ -260,6 +260,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         self._unread = b""
         #: the last read from the socket came back short: the next one waits before it reads
         self._drained = False
+        #: a write ended part-way: nothing more is written (:meth:`send_all`)
+        self.cut = False
         # the socket of a plain TCP stream, which keeps no bytes of its own (never under TLS,
         # whose bytes must go through its stream); trio makes every socket non-blocking, and a
         # socket found blocking is never written to directly
@@ -281,8 +283,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             trio.BrokenResourceError: the peer went away (the socket's error).
         """
         sock = self._socket
-        if sock is None:
-            return 0
+        if sock is None or self.cut:
+            return 0  # (send_all says why, for a cut stream)
         fd = sock.fileno()
         if fd < 0:
             return 0  # closed: send_all says so
@@ -299,15 +301,34 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         self._unread = data + self._unread
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` in chunks (see the class). A write that ends part-way — cancelled (a
+        send deadline), or failed — cuts the stream: every later write raises
+        :exc:`trio.ClosedResourceError`, so nothing (a close frame, say) follows a cut frame
+        on the wire, where the peer would read it as the rest of the frame. A write cancelled
+        before it began cuts nothing.
+
+        Raises:
+            trio.ClosedResourceError: an earlier write was cut (or as the wrapped stream's).
+        """
+        if self.cut:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("an earlier write was cut part-way")
         view = memoryview(data)
         if not view:
             await trio.lowlevel.checkpoint()
-        for start in range(0, len(view), CHUNK_BYTES):
-            if start and self.on_progress is not None:
-                # a chunk went and more follow (progress after the last one would renew the
-                # deadline of a write that is over: ≈ 2 µs for each one-chunk answer)
-                self.on_progress()
-            await self.inner.send_all(view[start : start + CHUNK_BYTES])
+        await trio.lowlevel.checkpoint_if_cancelled()  # (cancelled before it began)
+        try:
+            for start in range(0, len(view), CHUNK_BYTES):
+                if start and self.on_progress is not None:
+                    # a chunk went and more follow (progress after the last one would renew
+                    # the deadline of a write that is over: ≈ 2 µs for each one-chunk answer)
+                    self.on_progress()
+                await self.inner.send_all(view[start : start + CHUNK_BYTES])
+        except BaseException:
+            # (a write cancelled while it waited for room before its first byte went is
+            # counted as cut too: its peer was reading nothing then)
+            self.cut = True
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
