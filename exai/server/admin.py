@@ -10,7 +10,8 @@ slot — they used to, for 5 s each, and a health check queued behind them all (
 (:func:`~exai.server.http11.read_first_head`): one that began and did not come whole in time is
 answered 408 ``head_timeout``, a malformed one 400 (431 for its size), and a connection that
 sent nothing is closed without a word; empty lines before the request line are ignored. At
-most :data:`MAX_CONNECTIONS` are open at once; one past them is closed as it is accepted. It
+most :data:`MAX_WAITING_HEADS` connections wait for their request at once; a new one past them
+closes the oldest. It
 is handed the two things it serves: a readiness view (``() -> (ready, reason)``) and the
 metrics renderer (``() -> bytes``).
 """
@@ -37,10 +38,11 @@ Route = Callable[[], tuple[int, str, bytes]]
 HEAD_TIMEOUT_S = 2.0
 #: how long writing the answer may take
 SEND_TIMEOUT_S = 5.0
-#: connections open at once: one past it is closed as it is accepted, nothing read from it (a
-#: flood of connections held open for their head's bound would otherwise hold a task and a
-#: descriptor each, without limit)
-MAX_CONNECTIONS = 256
+#: connections waiting for their request at once: a new one past it closes the oldest of them
+#: (a flood of connections held open for their head's bound would otherwise hold a task and a
+#: descriptor each without limit; evicting the oldest, not refusing the newest, lets a health
+#: check that sends its request at once through any such flood)
+MAX_WAITING_HEADS = 256
 #: the 408's message (a head begun and not whole within HEAD_TIMEOUT_S)
 _HEAD_TIMEOUT_MESSAGE = f"the request head did not arrive within {HEAD_TIMEOUT_S:g} s"
 
@@ -71,7 +73,10 @@ async def _handle(
     routes: Mapping[str, Route],
     stream: trio.SocketStream,
     limiter: trio.CapacityLimiter,
+    requested: Callable[[], object],
 ) -> None:
+    """Answer one connection's request; ``requested()`` once its request has come (it can no
+    longer be evicted as a connection that sends none)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
         # the MCP listener's rule for a first head (exai.server.http11.read_first_head): 408
@@ -95,6 +100,7 @@ async def _handle(
                     )
                     await linger(stream)  # (closed with bytes unread, the answer was lost)
                 return
+            requested()
             await limiter.acquire()  # (a slot to answer in: only once the request is here)
             try:
                 await _answer(routes, stream, conn, first.head.request)
@@ -166,18 +172,21 @@ async def serve_admin(
     if ":" in host:
         host = f"[{host}]"
     limiter = trio.CapacityLimiter(64)
-    open_connections = 0
+    #: the connections still waiting for their request, oldest first (a dict keeps its order)
+    waiting: dict[trio.CancelScope, None] = {}
 
     async def handler(stream: trio.SocketStream) -> None:
-        nonlocal open_connections
-        if open_connections >= MAX_CONNECTIONS:
-            await trio.aclose_forcefully(stream)  # (over the cap: nothing read, nothing held)
-            return
-        open_connections += 1
+        if len(waiting) >= MAX_WAITING_HEADS:
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.cancel()  # (closed without a word, as at its head's bound)
+        scope = trio.CancelScope()
+        waiting[scope] = None
         try:
-            await _handle(routes, stream, limiter)
+            with scope:
+                await _handle(routes, stream, limiter, lambda: waiting.pop(scope, None))
         finally:
-            open_connections -= 1
+            waiting.pop(scope, None)
             await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as nursery:
