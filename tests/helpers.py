@@ -129,13 +129,26 @@ class Rpc:
 
 
 async def raw_upgrade(
-    host: str, port: int, *, path: str = "/mcp", token: str | None = None
+    host: str,
+    port: int,
+    *,
+    path: str = "/mcp",
+    token: str | None = None,
+    rcvbuf: int | None = None,
 ) -> tuple[trio.SocketStream, int, dict[str, str], bytes]:
-    """Open a TCP stream and send a WebSocket upgrade by hand.
+    """Open a TCP stream and send a WebSocket upgrade by hand. ``rcvbuf``: the socket's receive
+    buffer in bytes, set before it connects (a small one makes the server's writes block as
+    soon as the client stops reading).
 
     Returns the stream, the HTTP status, the response headers and any bytes read past them.
     """
-    stream = await trio.open_tcp_stream(host, port)
+    if rcvbuf is None:
+        stream = await trio.open_tcp_stream(host, port)
+    else:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect((host, port))
+        stream = trio.SocketStream(sock)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",

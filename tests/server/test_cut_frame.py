@@ -11,10 +11,7 @@ every write after a cut one fails as closed, so the connection ends with the cut
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ import trio.testing
 
 from exai.server.outbox import ProgressStream
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
-from tests.helpers import make_settings, registry_with, running_daemon, ws_frame
+from tests.helpers import make_settings, raw_upgrade, registry_with, running_daemon, ws_frame
 
 pytestmark = pytest.mark.anyio
 
@@ -44,22 +41,8 @@ BIG = ToolSpec(
 
 async def _connect(url: str) -> trio.SocketStream:
     host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, int(port)))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        (
-            f"GET /mcp HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: mcp\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await stream.receive_some(1)
-    assert head.startswith(b"HTTP/1.1 101")
+    stream, status, _, rest = await raw_upgrade(host, int(port), rcvbuf=4096)
+    assert status == 101 and rest == b""
     return stream
 
 

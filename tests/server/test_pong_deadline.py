@@ -11,15 +11,12 @@ session still open 15 s later, the kernel holding its unread pongs.
 
 from __future__ import annotations
 
-import base64
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.helpers import Rpc, make_settings, running_daemon, ws, ws_frame
+from tests.helpers import Rpc, make_settings, raw_upgrade, running_daemon, ws, ws_frame
 
 pytestmark = pytest.mark.anyio
 
@@ -27,22 +24,8 @@ pytestmark = pytest.mark.anyio
 async def _connect(url: str) -> trio.SocketStream:
     """A WebSocket client over a TCP socket with a small receive buffer, its upgrade answered."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, int(port)))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        (
-            f"GET /mcp HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: mcp\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await stream.receive_some(1)
-    assert head.startswith(b"HTTP/1.1 101")
+    stream, status, _, rest = await raw_upgrade(host, int(port), rcvbuf=4096)
+    assert status == 101 and rest == b""
     return stream
 
 
