@@ -24,6 +24,13 @@ Writing:
     (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not take goes
     the usual way, under the same deadline; a direct answer's deadline scope is made only then).
 
+Closing:
+    the peer's close frame (RFC 6455: it sends nothing more, but reads until ours) is answered
+    once the messages read before it are: the calls they started are awaited for at most
+    :data:`PEER_CLOSE_GRACE_S` (a one-shot client sends its request and its close at once),
+    then what is queued is written and the close frame echoed; a call still running is dropped
+    as for any client that goes (:meth:`Session._answer_close`).
+
 Error handling:
     A frame over ``max_frame_bytes`` closes with 1009 and invalid UTF-8 with 1007 (both done by
     wsproto/trio-websocket), a binary frame closes with 1003. Every other bad input gets a
@@ -49,7 +56,12 @@ from exai.server.core import SessionCore, SessionShared
 from exai.server.outbox import ProgressStream
 from exai.server.wsconn import ServerConnection, message_bytes
 
-__all__ = ["Session", "SessionShared"]
+__all__ = ["PEER_CLOSE_GRACE_S", "Session", "SessionShared"]
+
+#: how long the answers of calls running when the peer's close frame arrives are awaited before
+#: it is answered (and those calls dropped): long enough for a one-shot client's quick call
+#: (``initialize``, ``tools/list``, ``version``), short against a client's close handshake
+PEER_CLOSE_GRACE_S = 1.0
 
 
 class Session:
@@ -98,6 +110,8 @@ class Session:
             # (a pong is written by the connection's reader, under the same deadline)
             conn.pong_timeout_s = settings.send_timeout_s
             conn.on_pong_stalled = self._pong_stalled
+            # (the peer's close frame is answered once what came before it is: _answer_close)
+            conn.answer_close_later = True
         self.nursery: trio.Nursery | None = None
         # an answer put while nothing is queued is written by its own task (no hand-off), a
         # small one straight to a plain TCP socket when it can (ServerConnection.send_text)
@@ -172,6 +186,36 @@ class Session:
                 await self.conn.aclose(code, reason)
         finally:
             done.set()
+
+    async def _answer_close(self) -> None:
+        """The peer sent its close frame: it sends nothing more, but may still read until ours
+        (RFC 6455 §5.5.1, §7.1.1) — a one-shot client sends its request and its close at once.
+        Every message read before it has been handled; the answers of the calls they started
+        are awaited for at most :data:`PEER_CLOSE_GRACE_S`, then the close frame is answered
+        (echoing its code) after what is queued (:meth:`close`). A call still running then is
+        dropped as for any client that closes (cancelled, or kept for a re-send of its
+        idempotency key): a client that closes with calls running is not kept waiting for its
+        close handshake. The peer's end of stream meanwhile ends the wait (a client that goes
+        away takes its calls with it). Nothing to do when the connection ended otherwise."""
+        conn = self.conn
+        peer = getattr(conn, "peer_close", None)
+        if peer is None or conn.closed is not None:
+            return
+        assert isinstance(conn, ServerConnection)
+        if self.closing_reason is None:
+            ledger = self.core.ledger
+            with trio.move_on_after(PEER_CLOSE_GRACE_S) as waiting:
+                conn.on_closed = waiting.cancel
+                try:
+                    await self.shared.changes.wait_for(lambda: ledger.count == 0)
+                finally:
+                    conn.on_closed = None
+            if self.closing_reason is None and conn.closed is None:
+                await self.close(peer.code, peer.reason or "")
+                return
+        done = self._close_done  # (another task's close: the drain's hand-over, a stall)
+        if done is not None:
+            await done.wait()
 
     def _write_progress(self) -> None:
         scope = self._write_scope
@@ -289,6 +333,7 @@ class Session:
             try:
                 message = await self.conn.get_message()
             except ConnectionClosed:
+                await self._answer_close()
                 # the connection closed: the teardown waits its turn (exai.server.endings),
                 # unless the read that found the end of stream already took it
                 turn = None if self._stream is None else self._stream.turn

@@ -34,14 +34,21 @@ read, as one whole text frame, is unmasked and decoded by :class:`ServerWSConnec
 wsproto's frame and message decoders (≈ 2 µs of CPU against ≈ 10 µs for a ``tools/call``
 request; anything else is wsproto's, with every rule of RFC 6455).
 
+The peer's close frame is not answered by the reader (trio-websocket answers it at once and
+closes the stream, so the answers to the messages read before it were lost): the session answers
+it (:meth:`ServerConnection.aclose`) once it has answered those, while the reader goes on reading
+only to see the peer's end of stream, and :class:`ServerWSConnection` lets a text frame out
+between the peer's close and ours, which RFC 6455 allows and wsproto refuses.
+
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
 ``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_connection_proposal``,
 ``_close_stream``, ``_close_reason``, ``_recv_channel``, ``_send_channel``, ``_reader_running``,
-``_message_parts``, ``_max_message_size``); pyproject pins the minor version it was checked
-against. For memory per idle session it also swaps three of wsproto's and trio's attributes
-once they are not used (the handshake's h11 state and event queue) or are empty almost always
-(the message channel's buffer, the connection's event queue): tests/server/test_wsconn_memory.py
-checks they exist.
+``_message_parts``, ``_max_message_size``, ``_close_handshake``,
+``_for_testing_peer_closed_connection``, ``_close_web_socket``); pyproject pins the minor version
+it was checked against. For memory per idle session it also swaps three of wsproto's and trio's
+attributes once they are not used (the handshake's h11 state and event queue) or are empty
+almost always (the message channel's buffer, the connection's event queue):
+tests/server/test_wsconn_memory.py checks they exist.
 """
 
 from __future__ import annotations
@@ -96,6 +103,13 @@ def message_bytes(data: str | bytes | bytearray) -> int:
 class ServerConnection(WebSocketConnection):
     #: charged for every part of a frame as it arrives (``None`` until the session sets it)
     meter: InboundMeter | None = None
+    #: the peer's close frame is answered by the session (:meth:`aclose`) once it has answered
+    #: what came before it, not at once by the reader (set by the session)
+    answer_close_later = False
+    #: the peer's close frame, read while :attr:`answer_close_later` (its answer not yet sent)
+    peer_close: CloseReason | None = None
+    #: called once the connection is closed (the session's wait for its answers, see above)
+    on_closed: Callable[[], None] | None = None
     #: the write deadline of a pong (the session's ``send_timeout_s``; ``None``: none)
     pong_timeout_s: float | None = None
     #: called when a pong made no progress for ``pong_timeout_s`` (the peer reads nothing)
@@ -181,6 +195,54 @@ class ServerConnection(WebSocketConnection):
         finally:
             lock.release()
 
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        state = self._wsproto.state
+        if state == ConnectionState.OPEN:
+            # not a close frame from the peer: a local parse failure; say why before closing
+            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                await self._send(CloseConnection(code=event.code, reason=event.reason))
+        elif (
+            state == ConnectionState.REMOTE_CLOSING
+            and self.answer_close_later
+            and self._close_reason is None
+            and self.peer_close is None
+        ):
+            # The peer's close frame: it sends nothing more (RFC 6455 §1.4: what follows is
+            # discarded), but it may still read until our close frame (§5.5.1, §7.1.1) — a
+            # one-shot client sends its request and its close at once. trio-websocket answers
+            # it here and closes the stream, so the answers to the messages read before it were
+            # lost (whether they came in the same read or in an earlier one). The session
+            # reads those messages, answers them, then closes (:meth:`aclose`); this reader
+            # goes on reading (wsproto drops the bytes) only to see the peer's end of stream,
+            # which ends the connection as before (1006: the session's calls are dropped).
+            self.peer_close = CloseReason(event.code, event.reason or None)
+            self._for_testing_peer_closed_connection.set()
+            await self._send_channel.aclose()  # (the session reads what came before, then ends)
+            return
+        await super()._handle_close_connection_event(event)
+
+    async def _aclose(self, code: int, reason: str | None) -> None:
+        """trio-websocket's close, and the answer to a peer's close frame left for the session
+        (:attr:`answer_close_later`): our close frame with ``code`` (the session echoes the
+        peer's), then the stream is closed (RFC 6455 §7.1.1: the server closes TCP first)."""
+        if self.peer_close is None or self._close_reason is not None:
+            await super()._aclose(code, reason)
+            return
+        self._close_reason = self.peer_close
+        try:
+            with contextlib.suppress(
+                ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await self._send(CloseConnection(code=code, reason=reason))
+        finally:
+            self._close_handshake.set()
+            await self._close_stream()
+
+    async def _close_web_socket(self, code: int, reason: str | None = None) -> None:
+        await super()._close_web_socket(code, reason)
+        if self.on_closed is not None:
+            self.on_closed()
+
     async def _handle_ping_event(self, event: Ping) -> None:
         """The pong, written under the session's write deadline (trio-websocket writes it with
         none): a peer that sends pings and reads nothing filled the socket's buffer with pongs,
@@ -188,6 +250,8 @@ class ServerConnection(WebSocketConnection):
         more, no writer ran (nothing was queued), and the session was never closed (1008 is
         for a peer that stops reading). The wait for another writer's turn is not under it
         (that writer has its own deadline, which a slow but steady reader keeps moving)."""
+        if self.peer_close is not None:
+            return  # (after the peer's close frame: discarded, RFC 6455 §1.4)
         timeout = self.pong_timeout_s
         if timeout is None:
             await super()._handle_ping_event(event)
@@ -228,6 +292,8 @@ class ServerConnection(WebSocketConnection):
     _message_bytes = 0
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        if self.peer_close is not None:
+            return  # (after the peer's close frame: discarded, RFC 6455 §1.4)
         nbytes = message_bytes(event.data)
         total = self._message_bytes + nbytes
         if total > self._max_message_size:
@@ -270,12 +336,6 @@ class ServerConnection(WebSocketConnection):
         await self._recv_channel.aclose()
         self._reader_running = False
 
-    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
-        if self._wsproto.state == ConnectionState.OPEN:
-            # not a close frame from the peer: a local parse failure; say why before closing
-            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
-                await self._send(CloseConnection(code=event.code, reason=event.reason))
-        await super()._handle_close_connection_event(event)
 
 
 class ServerWSConnection(WSConnection):
@@ -296,6 +356,21 @@ class ServerWSConnection(WSConnection):
 
     #: a message read the short way, given by the next :meth:`events`
     _ready: TextMessage | None = None
+
+    def send(self, event: Event) -> bytes:
+        """wsproto's, except that a text frame may be sent after the peer's close frame and
+        before ours, as RFC 6455 allows (§5.5.1: a close frame is answered "as soon as
+        practical"; no data frame may follow one's *own* close): wsproto refuses any data
+        frame once it has read the peer's, and the answers to what came before it are
+        written then (:attr:`ServerConnection.answer_close_later`)."""
+        conn = self.connection
+        if (
+            type(event) is TextMessage
+            and conn is not None
+            and conn.state is ConnectionState.REMOTE_CLOSING
+        ):
+            return bytes(conn._proto.send_data(event.data, event.message_finished))
+        return super().send(event)
     #: bytes were given to wsproto while a message read the short way waited: it comes first
     _behind = False
 
