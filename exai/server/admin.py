@@ -11,9 +11,13 @@ slot — they used to, for 5 s each, and a health check queued behind them all (
 answered 408 ``head_timeout``, a malformed one 400 (431 for its size), and a connection that
 sent nothing is closed without a word; empty lines before the request line are ignored. At
 most :data:`MAX_WAITING_HEADS` connections wait for their request at once; a new one past them
-closes the oldest. It
-is handed the two things it serves: a readiness view (``() -> (ready, reason)``) and the
-metrics renderer (``() -> bytes``).
+closes the oldest. An HTTP version other than 1.0 and 1.1 (the HTTP/2 preface, ``PRI *
+HTTP/2.0``, is read as a head) is answered 505, as on the MCP port. Every refusal — a first
+head's 400/408/431/505, a connection that sent nothing in time, one closed for a newer
+(``evicted``) — is counted through ``refused(reason)``: the daemon's
+``exai_connections_rejected`` and ``exai_rejections`` with ``listener="admin"``. It is handed
+the three things it serves and counts with: a readiness view (``() -> (ready, reason)``), the
+metrics renderer (``() -> bytes``) and that counter.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ import h11
 import trio
 
 from exai.logs import log_event
-from exai.server.http11 import linger, read_first_head, route_path, send_response
+from exai.server.http11 import (
+    SERVED_VERSIONS,
+    linger,
+    read_first_head,
+    route_path,
+    send_response,
+)
 
 __all__ = ["serve_admin"]
 
@@ -69,14 +79,38 @@ def _routes(
     return {"/healthz": healthz, "/readyz": readyz, "/metrics": render_metrics}
 
 
+async def _refuse(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    status: int,
+    reason: str,
+    message: str,
+    *,
+    head_request: bool = False,
+) -> None:
+    """Answer a refusal (JSON, ``Connection: close``) and read what the client still sends."""
+    body = json.dumps({"error": reason, "message": message}).encode()
+    await send_response(
+        stream,
+        conn,
+        status,
+        [("Content-Type", "application/json")],
+        body,
+        close=True,
+        head_request=head_request,
+    )
+    await linger(stream)  # (closed with bytes unread, the answer was lost)
+
+
 async def _handle(
     routes: Mapping[str, Route],
     stream: trio.SocketStream,
     limiter: trio.CapacityLimiter,
     requested: Callable[[], object],
+    refused: Callable[[str], None],
 ) -> None:
     """Answer one connection's request; ``requested()`` once its request has come (it can no
-    longer be evicted as a connection that sends none)."""
+    longer be evicted as a connection that sends none), ``refused(reason)`` for a refusal."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
         # the MCP listener's rule for a first head (exai.server.http11.read_first_head): 408
@@ -85,25 +119,33 @@ async def _handle(
         first = await read_first_head(
             stream, conn, HEAD_TIMEOUT_S, keep_raw=False, timeout_message=_HEAD_TIMEOUT_MESSAGE
         )
+        if first.reason is not None:
+            refused(first.reason)
         with trio.move_on_after(SEND_TIMEOUT_S):
+            # (no slot for a refusal: it costs its few bytes, and is cut at the send bound)
             if first.head is None:
                 if first.reason is not None and first.status:
-                    # (no slot: a refusal costs its few bytes, and is cut at the send bound)
-                    body = json.dumps({"error": first.reason, "message": first.message})
-                    await send_response(
-                        stream,
-                        conn,
-                        first.status,
-                        [("Content-Type", "application/json")],
-                        body.encode(),
-                        close=True,
-                    )
-                    await linger(stream)  # (closed with bytes unread, the answer was lost)
+                    await _refuse(stream, conn, first.status, first.reason, first.message)
                 return
+            request = first.head.request
             requested()
+            if request.http_version not in SERVED_VERSIONS:
+                # (h11 reads "PRI * HTTP/2.0", the HTTP/2 preface, as a request head: 505, as
+                # the MCP listener answers it, not a 404 for the path "*")
+                refused("bad_request")
+                version = request.http_version.decode("ascii", "replace")
+                await _refuse(
+                    stream,
+                    conn,
+                    505,
+                    "bad_request",
+                    f"HTTP/{version} is not served; use HTTP/1.1",
+                    head_request=request.method == b"HEAD",
+                )
+                return
             await limiter.acquire()  # (a slot to answer in: only once the request is here)
             try:
-                await _answer(routes, stream, conn, first.head.request)
+                await _answer(routes, stream, conn, request)
             finally:
                 limiter.release()
     except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -156,6 +198,7 @@ async def serve_admin(
     *,
     readiness: Callable[[], tuple[bool, str | None]],
     metrics: Callable[[], bytes],
+    refused: Callable[[str], None] = lambda reason: None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoints until cancelled; ``task_status.started(url)`` when listening.
@@ -165,6 +208,8 @@ async def serve_admin(
         port: the port (``EXAI_ADMIN_PORT``; 0 = a free one).
         readiness: what ``/readyz`` reports: ``(ready, reason)``.
         metrics: what ``/metrics`` serves: the Prometheus text exposition.
+        refused: called with the reason of every connection refused (``bad_request``,
+            ``head_timeout``, ``handshake_timeout``, ``evicted``).
     """
     routes = _routes(readiness, metrics)
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -180,11 +225,14 @@ async def serve_admin(
             oldest = next(iter(waiting))
             del waiting[oldest]
             oldest.cancel()  # (closed without a word, as at its head's bound)
+            refused("evicted")
         scope = trio.CancelScope()
         waiting[scope] = None
         try:
             with scope:
-                await _handle(routes, stream, limiter, lambda: waiting.pop(scope, None))
+                await _handle(
+                    routes, stream, limiter, lambda: waiting.pop(scope, None), refused
+                )
         finally:
             waiting.pop(scope, None)
             await trio.aclose_forcefully(stream)

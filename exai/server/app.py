@@ -141,6 +141,7 @@ async def _run(
                     settings.admin_port,
                     readiness=daemon.readiness.readiness,
                     metrics=daemon.metrics.render,
+                    refused=daemon.stats.refuse_admin_connection,
                     task_status=task_status,
                 )
             )

@@ -126,23 +126,29 @@ def connection_metrics(
     # listener's refusals, a first head's 400/408/431/505 and its handshake_timeout included),
     # with the caps Admission counts; a door's refusals of requests and calls are not
     # connections' (they are in exai_rejections, as every refusal is)
+    # The admin listener's refused connections are in both, with listener="admin" (the MCP
+    # listener's, and its doors' refusals of requests and calls, with "mcp").
     rej = CounterMetricFamily(
         "exai_connections_rejected",
-        "Connections refused before a session began (WebSocket or HTTP), by reason.",
-        labels=["reason"],
+        "Connections refused before a session began (WebSocket or HTTP), by listener and reason.",
+        labels=["listener", "reason"],
     )
     reasons = collections.Counter(admission.rejected)
     reasons.update(stats.connections_rejected)
     for reason, n in sorted(reasons.items()):
-        rej.add_metric([reason], n)
+        rej.add_metric(["mcp", reason], n)
+    for reason, n in sorted(stats.admin_rejected.items()):
+        rej.add_metric(["admin", reason], n)
     yield rej
     r = CounterMetricFamily(
         "exai_rejections",
-        "Refusals of connections, requests and calls, by reason.",
-        labels=["reason"],
+        "Refusals of connections, requests and calls, by listener and reason.",
+        labels=["listener", "reason"],
     )
     for reason, n in sorted(stats.rejections.items()):
-        r.add_metric([reason], n)
+        r.add_metric(["mcp", reason], n)
+    for reason, n in sorted(stats.admin_rejected.items()):
+        r.add_metric(["admin", reason], n)
     yield r
     sess = GaugeMetricFamily(
         "exai_sessions",

@@ -22,6 +22,9 @@ class DaemonStats:
         #: with the caps :class:`~exai.server.admission.Admission` counts:
         #: ``exai_connections_rejected``)
         self.connections_rejected: Counter[str] = Counter()
+        #: the admin listener's refused connections, by reason (:meth:`refuse_admin_connection`:
+        #: in both of the above metrics with ``listener="admin"``, the rest with ``"mcp"``)
+        self.admin_rejected: Counter[str] = Counter()
         #: finished calls by outcome
         self.calls: Counter[str] = Counter()
         #: finished calls by (tool, outcome)
@@ -37,3 +40,8 @@ class DaemonStats:
         only."""
         self.rejections[reason] += 1
         self.connections_rejected[reason] += 1
+
+    def refuse_admin_connection(self, reason: str) -> None:
+        """Count a connection the admin listener refused (a first head's 400/408/431/505, one
+        that sent nothing in time, one closed for a newer: ``evicted``)."""
+        self.admin_rejected[reason] += 1
