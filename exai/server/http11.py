@@ -328,24 +328,26 @@ def json_body(reason: str, message: str, **extra: object) -> bytes:
 
 #: After an answer on a connection that then closes, the rest of the request (a refused POST's
 #: body, still arriving) is read and dropped for at most this long, at most
-#: :data:`LINGER_BYTES` of it (see :func:`linger`).
+#: :data:`LINGER_BYTES` of it (see :func:`linger`) — or, for a body refused for its declared
+#: ``Content-Length`` (413), the rest of that length, at most :data:`LINGER_MAX_BYTES`.
 LINGER_S = 1.0
 LINGER_BYTES = 1 << 20
+LINGER_MAX_BYTES = 64 << 20
 
 
-async def linger(stream: trio.abc.HalfCloseableStream) -> None:
+async def linger(stream: trio.abc.HalfCloseableStream, max_bytes: int = LINGER_BYTES) -> None:
     """Say we are done (FIN) and read what the client is still sending, within bounds.
 
     Closing a socket whose input was not all read makes the kernel send a reset instead of a
     FIN, and a reset makes the client's kernel drop the answer it had not read yet: a refused
     request got no answer at all (under load, 5 % of a burst of refused POSTs). The caller
     closes the stream afterwards; a client that neither stops sending nor closes is cut off
-    after :data:`LINGER_S` or :data:`LINGER_BYTES`.
+    after :data:`LINGER_S` or ``max_bytes``.
     """
     try:
         with trio.move_on_after(LINGER_S):
             await stream.send_eof()
-            left = LINGER_BYTES
+            left = max_bytes
             while left > 0:
                 data = await stream.receive_some(64 * 1024)
                 if not data:

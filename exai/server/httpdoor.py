@@ -116,6 +116,8 @@ from exai.server.forwarded import TrustedProxies, client_address
 from exai.server.http11 import (
     HEAD_TIMEOUT_MESSAGE,
     LAST_CHUNK,
+    LINGER_BYTES,
+    LINGER_MAX_BYTES,
     MAX_HEAD_BYTES,
     SERVED_VERSIONS,
     PlainRequest,
@@ -162,13 +164,21 @@ class _Refused(Exception):
     """A request refused before its body was read (the connection closes after it)."""
 
     def __init__(
-        self, status: int, reason: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        unread: int = LINGER_BYTES,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
         self.headers = headers
+        #: how much of the body may still be on its way, read and dropped after the refusal
+        self.unread = unread
 
 
 @attrs.define
@@ -536,7 +546,7 @@ class HttpConnection:
         # closing with it unread resets the connection and the client loses the refusal (found
         # on kept connections by the attack on issue 18's parts 8–10). Say we are done and read
         # the rest, within bounds, as the listener does for a first request's refusal.
-        await linger(self.stream)
+        await linger(self.stream, max(refusal.unread, LINGER_BYTES))
         return False
 
     async def _serve(self, request: _AnyRequest) -> bool:
@@ -665,10 +675,14 @@ class HttpConnection:
             )
         limit = settings.max_frame_bytes
         if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > limit:
+            # the whole declared body is still to come: a client that writes it all before
+            # reading (httpx on asyncio — the official Python SDK —, Node's fetch) was cut
+            # off after LINGER_BYTES, its kernel reset the connection and the 413 was lost
             raise _Refused(
                 413,
                 "payload_too_large",
                 f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
+                unread=min(int(lengths[0]), LINGER_MAX_BYTES),
             )
         conn = self._conn  # (a plain request sends no Expect)
         if conn is not None and conn.they_are_waiting_for_100_continue:

@@ -323,3 +323,32 @@ async def test_a_malformed_first_head_is_answered_while_the_client_still_sends_i
                     outcomes.append(await _send_while_refused(stream, head, body))
         expected = status or outcomes[0][0]
         assert outcomes == [(expected, False, False)] * 3, outcomes
+
+
+async def test_a_body_over_the_cap_is_refused_with_a_413_the_client_reads_after_sending_it(
+    tmp_path: Path,
+) -> None:
+    """A POST whose ``Content-Length`` is over ``EXAI_MAX_FRAME_BYTES``, from a client that
+    writes its whole body before it reads (httpx on asyncio — the official Python SDK's
+    transport —, Node's fetch — the TypeScript SDK's): the door refused it on the length and
+    read at most ``LINGER_BYTES`` (1 MiB) of the rest, then closed with the body still coming,
+    so its kernel reset the connection and the client never saw the 413 (the Python SDK got a
+    ReadError and its whole session ended; the TypeScript SDK a bare "fetch failed"). Now the
+    declared rest of the body is read and dropped (at most ``LINGER_MAX_BYTES``, within
+    ``LINGER_S``): the client sends it all, then reads the 413 and a clean end."""
+    async with live_daemon(tmp_path, EXAI_MAX_FRAME_BYTES=str(1 << 20)) as daemon:
+        parts = urlsplit(http_url(daemon.url))
+        body = b"x" * (12 << 20)  # (far more than the linger of other refusals and the buffers)
+        head = (
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+        )
+        outcomes = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+            async with stream:
+                with trio.fail_after(SERVED_WITHIN_S):
+                    outcomes.append(await _send_while_refused(stream, head, body))
+        assert outcomes == [(b"HTTP/1.1 413", False, False)] * 3, outcomes
+        await daemon.assert_serves()
