@@ -237,7 +237,7 @@ class Spool:
         self._dirty = None
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -654,7 +654,9 @@ async def open_spool(
     Adoption appends an orphan's records to the opened spool (fsync'd), then deletes the
     orphan; a crash in between leaves both copies, which replay de-duplicates.
     """
-    await anyio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+    await anyio.to_thread.run_sync(
+        lambda: directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # (turns: private)
+    )
     spool: Spool | None = None
     for n in range(64):
         path = directory / (f"{stem}.spool" if n == 0 else f"{stem}.{n}.spool")

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import urllib.parse
 from collections import deque
@@ -291,7 +292,17 @@ class SQLiteStore:
             await self._thread.__aexit__(None, None, None)
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the store holds every conversation — prompts, answers, the files sent with them — so
+        # a new one is the daemon user's alone: its directory 0700, the file 0600 (SQLite
+        # gives the -wal and -shm files the database file's mode). With the usual umask 022
+        # they were created 0755/0644: every local account could read every conversation.
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # (an existing file is SQLite's to open, or refuse, as it is)
+        except OSError as exc:
+            raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from exc
         try:
             # the check runs on a connection of its own, so the serving connection starts with
             # an empty page cache and meets damage done later instead of a cached good copy

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from exai.errors import ConfigError, StoreError, StoreUnavailableError
 from exai.storage.base import AppendResult
 from exai.storage.model import Turn
+from exai.storage.spool import open_spool
 from exai.storage.sqlite import SCHEMA_VERSION, SQLiteStore, sqlite_path
 
 pytestmark = pytest.mark.anyio
@@ -63,6 +66,35 @@ async def test_new_database_is_in_wal_mode_with_the_current_schema_version(
 
     mode, version = await anyio.to_thread.run_sync(inspect)
     assert (mode, version) == ("wal", SCHEMA_VERSION)
+
+
+async def test_a_new_store_and_its_directories_are_private_to_the_daemon_user(
+    tmp_path: Path,
+) -> None:
+    """Conversations (prompts, answers, the files sent with them) were created under the
+    process umask — with the usual 022, the state directory 0755 and ``exai.sqlite3`` (and its
+    ``-wal``/``-shm``) 0644, so any local account could read them. A new store's directory is
+    0700 and its files 0600 whatever the umask; so is the spool's directory."""
+    state = tmp_path / "home" / "state"
+    old = os.umask(0o022)
+    try:
+        async with SQLiteStore(state / "exai.sqlite3", ttl_s=60.0) as store:
+            await store.append_turns("t1", [_turn("secret prompt", "k#0")])
+            modes = {
+                p.name: stat.S_IMODE(p.stat().st_mode)
+                for p in (state, *sorted(state.iterdir()))
+            }
+        async with open_spool(state / "spool", "exai", max_bytes=1 << 20):
+            modes["spool"] = stat.S_IMODE((state / "spool").stat().st_mode)
+    finally:
+        os.umask(old)
+    assert modes == {
+        "state": 0o700,
+        "exai.sqlite3": 0o600,
+        "exai.sqlite3-shm": 0o600,
+        "exai.sqlite3-wal": 0o600,
+        "spool": 0o700,
+    }, {k: oct(v) for k, v in modes.items()}
 
 
 async def test_appends_create_the_thread_and_number_turns_in_order(tmp_path: Path) -> None:
