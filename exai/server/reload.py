@@ -48,8 +48,10 @@ _LIMITER = anyio.CapacityLimiter(1)
 
 
 def watched_files(environ: Mapping[str, str]) -> list[Path]:
-    """The secret and config files whose change triggers a reload."""
-    paths = []
+    """The secret and config files whose change triggers a reload, each once (``EXAI_ENV_FILE``
+    is a ``*_FILE`` variable too: it was watched twice, and one change of the file was logged
+    as ``why: "file changed: .env, .env"``)."""
+    paths: list[Path] = []
     for name, value in environ.items():
         if value and name.endswith("_FILE") and name.startswith(("EXAI_", "KIMI_", "GLM_")):
             paths.append(Path(value))
@@ -58,7 +60,7 @@ def watched_files(environ: Mapping[str, str]) -> list[Path]:
             paths.append(Path(environ[name]))
     if "EXAI_ENV_FILE" not in environ:
         paths.append(Path(".env"))
-    return paths
+    return list(dict.fromkeys(paths))
 
 
 def _fingerprints(paths: list[Path]) -> dict[Path, tuple[int, int, int] | None]:

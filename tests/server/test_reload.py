@@ -14,6 +14,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from exai.config import Settings
 from exai.server.app import serve
+from exai.server.reload import watched_files
 from tests.helpers import Rpc, make_settings, ws
 
 pytestmark = pytest.mark.anyio
@@ -262,3 +263,16 @@ async def test_a_reload_does_not_name_the_client_sides_settings(tmp_path, caplog
     assert "slot_wait_s" in ignored and not client_side & ignored, ignored
     # (the settings marked as the client side's are these)
     assert {f.name for f in attrs.fields(Settings) if f.metadata.get("client")} == client_side
+
+
+def test_each_watched_file_is_watched_once() -> None:
+    """``EXAI_ENV_FILE`` ends in ``_FILE``: it was watched as a secret file and again as the
+    env file, and an edit of it was reported as ``file changed: /x/.env, /x/.env``."""
+    env = {
+        "EXAI_ENV_FILE": "/x/.env",
+        "EXAI_CONFIG": "/x/exai.toml",
+        "EXAI_TOKENS_FILE": "/x/tokens",
+        "KIMI_API_KEY_FILE": "/x/tokens",
+        "OTHER_FILE": "/x/other",
+    }
+    assert watched_files(env) == [Path("/x/.env"), Path("/x/tokens"), Path("/x/exai.toml")]
