@@ -87,6 +87,15 @@ def warn_exposed_secret_files(settings: Settings) -> None:
             )
 
 
+def _reload_settings() -> Settings:
+    """The settings a reload reads (in a worker thread), with the start's warning for each
+    secret file other accounts can read: a tokens file made readable by all, or replaced by
+    one that is, and picked up by SIGHUP or the watcher, was taken in silence."""
+    settings = Settings.from_env()
+    warn_exposed_secret_files(settings)
+    return settings
+
+
 async def _serve_async(settings: Settings, registry: Any) -> None:
     import trio
 
@@ -98,7 +107,7 @@ async def _serve_async(settings: Settings, registry: Any) -> None:
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             await serve(
-                settings, registry, services, reload=Settings.from_env, task_status=task_status
+                settings, registry, services, reload=_reload_settings, task_status=task_status
             )
             nursery.cancel_scope.cancel()
 

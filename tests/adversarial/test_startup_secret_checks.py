@@ -7,6 +7,8 @@ variable (never the secret); a tokens file other accounts can read starts with a
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +125,22 @@ async def test_a_tokens_file_other_accounts_can_read_is_warned_about_at_start(
         # logged after the start-up checks: once it is read, a warning would have been too
         await daemon.wait_log_events("daemon.ready")
         assert daemon.log_events("config.secret_file_exposed") == []
+
+
+async def test_a_tokens_file_other_accounts_can_read_is_warned_about_on_reload(
+    tmp_path: Path,
+) -> None:
+    """The start's warning held at start only: a tokens file made readable by every account
+    (or replaced by one that is) and taken in by ``SIGHUP`` was reloaded without a word."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{TOKEN}\n")
+    tokens.chmod(0o600)
+    async with live_daemon(tmp_path, EXAI_TOKENS_FILE=str(tokens)) as daemon:
+        await daemon.wait_log_events("daemon.ready")
+        tokens.chmod(0o644)
+        os.kill(daemon.pid, signal.SIGHUP)
+        await daemon.wait_log_events("config.reloaded")
+        warned = await daemon.wait_log_events("config.secret_file_exposed")
+        assert [w["variable"] for w in warned] == ["EXAI_TOKENS_FILE"]
+        assert warned[0]["fix"] == f"chmod 600 {tokens}"
+        await daemon.assert_serves(token=TOKEN)
