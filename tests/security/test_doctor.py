@@ -157,6 +157,25 @@ def test_a_missing_secret_file_is_an_error(tmp_path):
 # tokens and bind
 
 
+def test_a_sqlite_store_other_accounts_can_read_is_a_warning_saying_chmod_600(tmp_path):
+    """A store made before exai created it 0600 (under umask 022: 0644, in a 0755 directory)
+    is readable by every local account; the doctor said "ok"."""
+    settings = settings_of(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    db, wal = state / "exai.sqlite3", state / "exai.sqlite3-wal"
+    for file in (db, wal):
+        file.write_bytes(b"")
+        file.chmod(0o644)
+    found = problems(doctor.check_sqlite(settings), "storage")
+    assert [f.level for f in found] == ["warn"], found
+    assert "0644" in found[0].message and "every conversation" in found[0].message
+    assert found[0].fix == f"chmod 600 {db} {wal}"
+    for file in (db, wal):
+        file.chmod(0o600)
+    assert problems(doctor.check_sqlite(settings), "storage") == []
+
+
 def test_a_short_plain_token_is_an_error_naming_the_entry_never_the_value(tmp_path):
     digest = hashlib.sha256(b"whatever").hexdigest()
     settings = settings_of(

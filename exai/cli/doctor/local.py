@@ -11,7 +11,9 @@
 * ``client-url``: the URL the client side would use (``EXAI_URL``, else derived from
   ``EXAI_HOST``/``EXAI_PORT``) does not reach the listener these settings describe (another
   port, host or scheme), or cannot name it (``EXAI_PORT=0``);
-* ``storage`` (SQLite): the state directory is not writable.
+* ``storage`` (SQLite): the state directory is not writable; the store (or its ``-wal``/``-shm``)
+  can be read by group or others — every conversation is in it (a store made before exai
+  created it ``0600``).
 
 Blocking (``git``, ``stat``): run them from a thread when a loop is running.
 """
@@ -363,6 +365,24 @@ def check_sqlite(settings: Settings) -> list[Finding]:
                 "storage",
                 f"SQLite store {path}: {probe} is not writable",
                 "set EXAI_STATE_DIR or EXAI_STORAGE_URL=sqlite:///<writable path>",
+            )
+        ]
+    exposed = []
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            exposed.append((file, mode))
+    if exposed:
+        shown = ", ".join(f"{file} (mode {mode:04o})" for file, mode in exposed)
+        return [
+            warn(
+                "storage",
+                f"SQLite store {path}: other accounts on this machine can read every "
+                f"conversation in {shown}",
+                "chmod 600 " + " ".join(str(file) for file, _ in exposed),
             )
         ]
     return [ok("storage", f"SQLite store at {path}")]
