@@ -84,6 +84,7 @@ from exai.client.lines import DECODER, Entry, Oversized, dumps_line, to_client_l
 from exai.client.ws import (
     ConnectionClosed,
     HandshakeRejected,
+    NotTheMcpDoor,
     WebSocketConnection,
     WebSocketError,
     connect_websocket,
@@ -234,7 +235,7 @@ class Bridge:
         self._stdout_done = anyio.Event()
         #: around reading stdin and the drain; :meth:`stop` cancels it
         self._reading = anyio.CancelScope()
-        self._fatal: HandshakeRejected | None = None
+        self._fatal: HandshakeRejected | NotTheMcpDoor | None = None
         #: the largest message sent on the current connection, and how that connection ended
         #: (a 1009 close names a message too large; see :meth:`_fail_too_large`)
         self._largest_sent: Entry | None = None
@@ -612,7 +613,9 @@ class Bridge:
                         ssl_context=self._ssl,
                         max_message_bytes=self.settings.max_frame_bytes,
                     )
-            except HandshakeRejected as exc:
+            except (HandshakeRejected, NotTheMcpDoor) as exc:
+                # (a bad token, a wrong URL: the daemon answers, so neither "unreachable" nor
+                # "start it" is true, and retrying — or autostarting — cannot help)
                 self._last_error = str(exc)
                 if not exc.retryable:
                     log.error("%s; not retrying", exc)

@@ -57,6 +57,7 @@ from exai.errors import ExaiError
 __all__ = [
     "ConnectionClosed",
     "HandshakeRejected",
+    "NotTheMcpDoor",
     "WebSocketConnection",
     "WebSocketError",
     "connect_websocket",
@@ -114,6 +115,26 @@ class HandshakeRejected(WebSocketError):
     def retryable(self) -> bool:  # type: ignore[override]
         """Only overload and server errors are worth retrying; a bad token or URL is not."""
         return self.status in (408, 429) or self.status >= 500
+
+
+class NotTheMcpDoor(WebSocketError):
+    """The server upgraded the connection without the ``mcp`` subprotocol: not an MCP door —
+    on an exai daemon, the old op protocol's at ``/`` (``ws://host:8079``, the URL of the
+    daemon exai replaces), where the MCP door is ``/mcp``. Retrying the same URL cannot help."""
+
+    retryable = False
+
+    def __init__(self, url: str, subprotocol: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        message = f"exai daemon at {url} did not accept subprotocol {subprotocol!r}"
+        if parts.path.rstrip("/") != "/mcp":
+            mcp_url = urllib.parse.urlunsplit(parts._replace(path="/mcp"))
+            message += (
+                f" (on an exai daemon, {parts.path or '/'} is the old op protocol's door): "
+                f"connect to {mcp_url} (EXAI_URL)"
+            )
+        super().__init__(message)
+        self.url = url
 
 
 class ConnectionClosed(WebSocketError):
@@ -292,9 +313,7 @@ class WebSocketConnection:
             for event in self._ws.events():
                 if isinstance(event, wse.AcceptConnection):
                     if event.subprotocol != subprotocol:
-                        raise WebSocketError(
-                            f"exai daemon at {self.url} did not accept subprotocol {subprotocol!r}"
-                        )
+                        raise NotTheMcpDoor(self.url, subprotocol)
                     self.subprotocol = event.subprotocol
                     return
                 if isinstance(event, wse.RejectConnection):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,6 +16,7 @@ import trio.testing
 from exai.client.bridge import BACKOFF_CAP_S, IDEMPOTENCY_META_KEY, Bridge, backoff_delay
 from exai.config import Settings
 from exai.testing.faultproxy import FaultProxy
+from tests.helpers import make_settings, running_daemon
 
 from .conftest import FakeDaemon
 
@@ -402,6 +404,31 @@ async def test_refused_token_is_reported_and_not_retried() -> None:
         assert "refused the client token" in reply["error"]["message"]
         assert "wrong" not in reply["error"]["message"]
     assert fake.auth_headers == ["Bearer wrong"]
+
+
+@pytest.mark.anyio
+async def test_a_url_without_mcp_is_reported_with_the_mcp_url_and_not_retried(
+    tmp_path: Path,
+) -> None:
+    """``EXAI_URL=ws://127.0.0.1:8079`` — the URL of the daemon exai replaces — reaches the
+    old op protocol's door at ``/``, which upgrades without the ``mcp`` subprotocol. The bridge
+    retried for ``EXAI_CONNECT_WAIT_S`` and then said the running daemon was "unreachable" and
+    to start it (``start it with: … exai serve``); now it says at once, and for every request,
+    that the path is not the MCP door and which URL is."""
+    async with running_daemon(make_settings(tmp_path)) as daemon:
+        root = daemon.url.removesuffix("/mcp")
+        async with trio.open_nursery() as nursery:
+            _, client = await start_bridge(nursery, root, connect_wait_s=100_000.0)
+            await client.send(INIT)
+            first = await client.recv()
+            await client.send({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            second = await client.recv()
+            nursery.cancel_scope.cancel()
+    for reply in (first, second):
+        message = reply["error"]["message"]
+        assert f"connect to {root}/mcp (EXAI_URL)" in message, message
+        assert "unreachable" not in message and "start it" not in message, message
+        assert "start" not in reply["error"]["data"]
 
 
 @pytest.mark.anyio
