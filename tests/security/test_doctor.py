@@ -22,7 +22,7 @@ import trio.testing
 
 from exai.cli import doctor
 from exai.cli.doctor import Finding, render
-from exai.config import Settings
+from exai.config import Secret, Settings
 from exai.testing import MockUpstream
 from tests.helpers import free_port, make_settings, running_daemon
 
@@ -464,6 +464,25 @@ async def test_no_daemon_at_the_url_is_not_a_problem(tmp_path):
     settings = make_settings(tmp_path, url=f"ws://127.0.0.1:{free_port()}/mcp")
     found = await doctor.check_daemon(settings)
     assert [f.level for f in found] == ["ok"] and "no daemon" in found[0].message
+
+
+@pytest.mark.anyio
+async def test_a_daemon_that_answers_is_never_reported_as_absent_or_as_refusing_an_unset_token(
+    tmp_path,
+):
+    """Two untrue lines of the daemon check: with ``EXAI_URL`` on the old op protocol's door
+    (no ``/mcp``) it said "no daemon answering … (not running?)" next to a running daemon; with
+    no ``EXAI_TOKEN`` set it said the daemon "refused EXAI_TOKEN"."""
+    settings = make_settings(tmp_path, tokens=Secret(f"alice:{LONG_TOKEN}"))
+    async with running_daemon(settings) as daemon:
+        root = daemon.url.removesuffix("/mcp")
+        wrong_door = await doctor.check_daemon(make_settings(tmp_path, url=root))
+        no_token = await doctor.check_daemon(make_settings(tmp_path, url=daemon.url))
+    assert [f.level for f in wrong_door] == ["warn"], wrong_door
+    assert f"connect to {root}/mcp" in wrong_door[0].message
+    assert [f.level for f in no_token] == ["warn"], no_token
+    assert "EXAI_TOKEN is not set" in no_token[0].message
+    assert "refused EXAI_TOKEN" not in no_token[0].message
 
 
 # ---------------------------------------------------------------------------------------

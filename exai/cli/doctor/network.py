@@ -31,7 +31,7 @@ import httpx
 
 from exai.cli.doctor.report import Finding, error, ok, warn
 from exai.client import Client
-from exai.client.ws import HandshakeRejected, WebSocketError
+from exai.client.ws import HandshakeRejected, NotTheMcpDoor, WebSocketError
 from exai.config import Settings, redact_url
 from exai.errors import ConfigError, StoreError, StoreUnavailableError
 
@@ -346,11 +346,19 @@ async def check_daemon(settings: Settings) -> list[Finding]:
                 result = await client.call_tool("status", {})
     except HandshakeRejected as exc:
         if exc.status in (401, 403):
+            # (with no EXAI_TOKEN set, "refused EXAI_TOKEN" sent the reader to a token they
+            # never gave)
+            what = (
+                f"refused EXAI_TOKEN (HTTP {exc.status})"
+                if settings.token is not None
+                else f"wants a client token (HTTP {exc.status}) and EXAI_TOKEN is not set"
+            )
             return [
                 warn(
                     "daemon",
-                    f"the daemon at {url} refused EXAI_TOKEN (HTTP {exc.status})",
-                    "set EXAI_TOKEN to a token listed in the daemon's EXAI_TOKENS",
+                    f"the daemon at {url} {what}",
+                    "set EXAI_TOKEN (or EXAI_TOKEN_FILE) to a token listed in the daemon's "
+                    "EXAI_TOKENS",
                 )
             ]
         return [
@@ -360,6 +368,9 @@ async def check_daemon(settings: Settings) -> list[Finding]:
                 "see `exai status` once it accepts connections",
             )
         ]
+    except NotTheMcpDoor as exc:
+        # something answers there: "no daemon answering" was untrue
+        return [warn("daemon", str(exc), "set EXAI_URL to the MCP door, or unset it")]
     except (WebSocketError, TimeoutError):
         return [ok("daemon", f"no daemon answering at {url} (not running?)")]
     except Exception as exc:
