@@ -28,7 +28,8 @@ lone surrogate in a prompt) is the caller's :class:`~exai.errors.InvalidParams`,
 exception from inside httpx that a breaker would count.
 
 Keys: the ``Authorization`` header is built per request from ``ProviderSettings.api_key`` (so a
-rotated key takes effect on the next request), sent only to this provider's base URL (redirects
+rotated key takes effect on the next request; the pool's cached request heads, which hold it,
+are dropped when the settings are replaced), sent only to this provider's base URL (redirects
 are never followed), never logged, and scrubbed from any text a provider echoes back.
 """
 
@@ -336,14 +337,28 @@ class OpenAIClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
+        self._pool: H11Pool | None = None
         self.settings = settings
         self.name = settings.name
         #: the largest answer read (``Settings.max_answer_bytes``); settable on reload
         self.max_answer_bytes = max_answer_bytes
         self._transport = transport
-        self._pool: H11Pool | None = None
         self._http: httpx.AsyncClient | None = None
         self._pace: Pacer | None = None
+
+    @property
+    def settings(self) -> ProviderSettings:
+        """The provider's settings; replaced on reload (a rotated key is sent from the next
+        request on)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: ProviderSettings) -> None:
+        self._settings = settings
+        if self._pool is not None:
+            # The pool's cached request heads hold the key they were sent with: dropped, so a
+            # rotated key does not stay in memory (kept, it stayed until 64 heads had come).
+            self._pool.forget_heads()
 
     @property
     def pace(self) -> Pacer | None:

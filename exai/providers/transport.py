@@ -134,7 +134,7 @@ MAX_INFORMATIONAL = 16
 #: the most bytes a decompressed piece of a body holds
 PIECE_BYTES = 64 * 1024
 #: request heads a pool keeps, checked and written (:meth:`H11Pool._head`); past it the cache
-#: starts over
+#: starts over (and it is dropped when the provider's key changes: :meth:`H11Pool.forget_heads`)
 MAX_CACHED_HEADS = 64
 #: ``socket.SOCK_NONBLOCK`` where the system has it (Linux), else 0
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -347,10 +347,13 @@ class H11Pool:
         """
         if self._closed:
             raise RuntimeError("the HTTP pool is closed")
+        # (made, and cached, in the step its headers were built — before any wait: made after
+        # the wait for a connection, a head built with a key rotated meanwhile went back into
+        # the cache that the rotation had cleared, :meth:`forget_heads`)
+        head = self._head(method, path, headers)
         await self._acquire()
         conn: _Conn | None = None
         try:
-            head = self._head(method, path, headers)
             if body or method not in ("GET", "HEAD"):
                 head = b"%bcontent-length: %d\r\n\r\n" % (head, len(body))
             else:
@@ -378,6 +381,11 @@ class H11Pool:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             raise
         return response
+
+    def forget_heads(self) -> None:
+        """Drop every cached request head (:meth:`_head`): they hold the headers they were sent
+        with, a provider's key among them, so its owner calls this when the key changes."""
+        self._heads.clear()
 
     def _head(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The request head up to its framing (``Content-Length`` and the blank line are the
