@@ -592,24 +592,27 @@ class OpenAIClient:
         stall = self.settings.stall_timeout_s
         response: _Response | None = None
         read = _StreamRead()
+        plain: dict[str, Any] | None = None
+        late = False  # (the head came in the step its deadline passed)
         # One cancel scope bounds the wait for the head and then each read of the stream (its
         # deadline moved by ``_pump``): a trio scope with a deadline costs several microseconds
         # to enter and leave, as much as the SSE decoding of a short answer, and a call made two.
         with aio.cancel_scope(deadline=aio.current_time() + stall) as scope:
             response = await self._open("POST", "chat/completions", headers, content)
-            scope.deadline = math.inf  # (the head is here: the reads below bound themselves)
-            try:
-                if not 200 <= response.status_code < 300:
-                    self._raise_for_status(response, await self._read_error_body(response))
-                if "text/event-stream" not in _content_type(response):
-                    # A provider may ignore stream=true and answer (or fail) in one piece.
-                    body = await self._read_body(response, self._answer_body_limit, answer=True)
-                    return self._plain_completion(response, body)
-                await self._read_sse(response, read, on_chunk, scope)
-            finally:
-                # On cancellation too: closing an unfinished response closes the connection, so
-                # the upstream stops generating at once.
-                await response.aclose()
+            late = scope.cancel_called
+            if not late:
+                scope.deadline = math.inf  # (the head is here: the reads below bound themselves)
+                plain = await self._read_streamed(response, read, on_chunk, scope)
+        if late:
+            # The head came in the very step its deadline passed: the scope is cancelled (a
+            # scope cannot be un-cancelled), and its first read would have raised in it — a
+            # stall "after 0 chunks" with the head and body there. The body gets a scope of its
+            # own, as before the head and stream shared one (only in this rare case).
+            assert response is not None
+            with aio.cancel_scope() as scope:
+                plain = await self._read_streamed(response, read, on_chunk, scope)
+        if plain is not None:
+            return plain
         if read.ended is None:  # the scope's deadline passed (it caught its cancellation)
             if response is None:
                 raise self._stalled("waiting for the response headers")
@@ -629,6 +632,31 @@ class OpenAIClient:
             secret=self._secret(),
         )
         return completion
+
+    async def _read_streamed(
+        self,
+        response: _Response,
+        read: _StreamRead,
+        on_chunk: ChunkCallback | None,
+        scope: Any,
+    ) -> dict[str, Any] | None:
+        """Read a streamed request's response whose head came: an error status raised, a
+        response in one piece returned as its completion, a stream read into ``read`` (then
+        ``None``), each read bounded by ``scope`` (:meth:`_pump`). The response is closed on
+        every path."""
+        try:
+            if not 200 <= response.status_code < 300:
+                self._raise_for_status(response, await self._read_error_body(response))
+            if "text/event-stream" not in _content_type(response):
+                # A provider may ignore stream=true and answer (or fail) in one piece.
+                body = await self._read_body(response, self._answer_body_limit, answer=True)
+                return self._plain_completion(response, body)
+            await self._read_sse(response, read, on_chunk, scope)
+            return None
+        finally:
+            # On cancellation too: closing an unfinished response closes the connection, so
+            # the upstream stops generating at once.
+            await response.aclose()
 
     async def _read_sse(
         self,
