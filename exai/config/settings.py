@@ -86,7 +86,8 @@ class Settings:
     session_signing_key: Secret | None = _field(
         None,
         "key signing Streamable HTTP session ids (Mcp-Session-Id), at least 32 characters; "
-        "every daemon of a deployment needs the same (empty = a new key each run)",
+        "every daemon of a deployment needs the same (empty = a key kept in the state directory, "
+        "session-signing.key, made on first start)",
     )
     http_session_ttl_s: float = _field(
         86400.0, "how long an Mcp-Session-Id is accepted after its initialize"

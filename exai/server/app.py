@@ -163,12 +163,21 @@ async def _run(
             if announce:
                 _announce(daemon)
             log_event("daemon.ready", url=daemon.url, admin=admin_url)
-            if not settings.session_signing_key:
+            if daemon.signing_key_source == "state directory":
+                log_event(
+                    "config.session_key_stored",
+                    note="EXAI_SESSION_SIGNING_KEY is not set: Streamable HTTP session ids are "
+                    "signed with the key kept in the state directory (session-signing.key), so "
+                    "they outlive a restart; daemons behind one balancer must share one key "
+                    "(docs/deploy.md)",
+                )
+            elif daemon.signing_key_source == "per run":
                 log_event(
                     "config.session_key_generated",
-                    note="EXAI_SESSION_SIGNING_KEY is not set: Streamable HTTP session ids are "
-                    "signed with a key made for this run and end with it; daemons behind one "
-                    "balancer must share one key (docs/deploy.md)",
+                    note="EXAI_SESSION_SIGNING_KEY is not set and the state directory cannot "
+                    "keep a key: Streamable HTTP session ids are signed with a key made for "
+                    "this run and end with it; daemons behind one balancer must share one key "
+                    "(docs/deploy.md)",
                 )
             task_status.started(daemon)
             await daemon.wait_for_shutdown()

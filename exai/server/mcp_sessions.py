@@ -34,10 +34,12 @@ import binascii
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -49,10 +51,49 @@ from exai.resilience.breaker import CircuitBreaker
 __all__ = [
     "MAX_LOCAL_REVOCATIONS",
     "MAX_SESSION_ID_CHARS",
+    "STORED_KEY_FILE",
     "McpSession",
     "Revocations",
     "SessionSigner",
+    "stored_key",
 ]
+
+#: the signing key kept in the state directory when ``EXAI_SESSION_SIGNING_KEY`` is not set
+STORED_KEY_FILE = "session-signing.key"
+
+
+def stored_key(state_dir: Path) -> bytes | None:
+    """The session-signing key kept in ``state_dir`` (:data:`STORED_KEY_FILE`), made when
+    missing — 32 random bytes as hex, mode 0600, published by ``link`` so two daemons starting
+    at once on one state directory read the same key — or ``None`` when the directory cannot
+    hold one (the caller makes a key for the run). Blocking: called once, at start.
+
+    Why: with a key made per run, every daemon restart (an upgrade, ``systemctl restart``, a
+    crash) ended every initialize-era Streamable HTTP session, and the official SDKs do not
+    start a new one by themselves: an editor's every call failed ("Session terminated", 404
+    ``unknown_session``) until the editor was restarted."""
+    path = state_dir / STORED_KEY_FILE
+    try:
+        if not path.exists():
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = state_dir / f".{STORED_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_hex(32).encode() + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass  # (another daemon made it first: its key is the one)
+            finally:
+                tmp.unlink(missing_ok=True)
+        key = path.read_bytes().strip()
+    except OSError:
+        return None
+    return key if len(key) >= 32 else None
+
 
 _PREFIX = "v1."
 #: the longest ``Mcp-Session-Id`` looked at (a signed id is about 200 characters)

@@ -50,7 +50,7 @@ from exai.server.core import SessionShared
 from exai.server.httpdoor import HttpDoor
 from exai.server.legacy import LegacyDoor
 from exai.server.listener import Listener
-from exai.server.mcp_sessions import Revocations, SessionSigner
+from exai.server.mcp_sessions import Revocations, SessionSigner, stored_key
 from exai.server.metrics import (
     DaemonMetrics,
     call_metrics,
@@ -179,6 +179,8 @@ class Daemon:
         #: the Streamable HTTP door, its session-id signer and the sessions ended by DELETE
         self.http_door: HttpDoor
         self.signer: SessionSigner
+        #: where its key came from: "configured", "state directory" or "per run"
+        self.signing_key_source = "per run"
         self.revocations: Revocations
         self._shutdown = trio.Event()
         # set by compose()
@@ -264,7 +266,7 @@ class Daemon:
                 "websocket": "/mcp",
                 "streamable_http": "/mcp",
                 "legacy_op_protocol": "/" if s.legacy_protocol else None,
-                "session_signing_key": "configured" if s.session_signing_key else "per run",
+                "session_signing_key": self.signing_key_source,
                 "http_sessions": self.revocations.status(),
             },
             "connections": self.admission.snapshot(),
@@ -311,13 +313,17 @@ class Daemon:
         }
 
 
-def _signer(settings: Settings) -> SessionSigner:
-    """The session-id signer of ``EXAI_SESSION_SIGNING_KEY``, or of a key made for this run."""
+def _signer(settings: Settings) -> tuple[SessionSigner, str]:
+    """The session-id signer of ``EXAI_SESSION_SIGNING_KEY``, else of the key kept in the state
+    directory (:func:`~exai.server.mcp_sessions.stored_key`), else of a key made for this run;
+    and which of the three (``"configured"``, ``"state directory"``, ``"per run"``)."""
     if settings.session_signing_key:
-        key = settings.session_signing_key.reveal().encode()
+        key, source = settings.session_signing_key.reveal().encode(), "configured"
+    elif (kept := stored_key(settings.state_path)) is not None:
+        key, source = kept, "state directory"
     else:
-        key = secrets.token_bytes(32)  # (exai.server.app logs that it was made for this run)
-    return SessionSigner(key, settings.http_session_ttl_s)
+        key, source = secrets.token_bytes(32), "per run"  # (exai.server.app logs which)
+    return SessionSigner(key, settings.http_session_ttl_s), source
 
 
 def compose(
@@ -405,7 +411,7 @@ def compose(
     d.pacer = shared.pacer
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
-    d.signer = _signer(settings)
+    d.signer, d.signing_key_source = _signer(settings)
     d.revocations = Revocations(redis, key_prefix=settings.redis_key_prefix)
     origins = OriginPolicy.from_entries(settings.allowed_origins)
     d.http_door = HttpDoor(
@@ -448,7 +454,7 @@ def compose(
                 old_key is None or new.session_signing_key.reveal() != old_key.reveal()
             ):
                 # a rotated key: sessions signed with the old one are unknown from now on
-                d.signer = _signer(new)
+                d.signer, d.signing_key_source = _signer(new)
             for svc in others:
                 update = getattr(svc, "update_settings", None)
                 if update is not None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import gc
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 
 from exai.config import Secret
-from exai.server.mcp_sessions import SessionSigner
+from exai.server.mcp_sessions import STORED_KEY_FILE, SessionSigner, stored_key
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from tests.daemon_tools import COUNT, SLEEP
 from tests.helpers import Rpc, make_settings, registry_with, running_daemon, ws
@@ -130,6 +132,39 @@ async def test_a_session_id_signed_with_another_key_is_unknown(tmp_path):
         response = await mcp.post(mcp.message("tools/list"))
         assert response.status_code == 404
         assert response.json()["error"] == "unknown_session"
+
+
+async def test_a_session_outlives_a_restart_of_its_daemon_without_a_configured_key(tmp_path):
+    """Without ``EXAI_SESSION_SIGNING_KEY`` the key was made per run: a restart (an upgrade,
+    ``systemctl restart``, a crash) answered every initialize-era session 404, and the official
+    SDKs do not start a new one by themselves — an editor's every call failed until it was
+    restarted. The key is now kept in the state directory (0600): a restarted daemon accepts
+    the ids it signed before, and says where its key came from."""
+    settings = _settings(tmp_path)
+    async with mcp_http("http://127.0.0.1:1/mcp") as mcp:
+        async with running_daemon(settings) as d:
+            mcp.url = http_url(d.url)
+            await mcp.initialize("2025-11-25")
+            port = int(mcp.url.rsplit(":", 1)[1].split("/")[0])
+        async with running_daemon(attrs.evolve(settings, port=port)) as d:
+            response = await mcp.post(mcp.message("tools/list"))
+            assert response.status_code == 200, response.text
+            assert d.status()["doors"]["session_signing_key"] == "state directory"
+    key = tmp_path / "state" / STORED_KEY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_a_state_directory_that_cannot_keep_a_key_gives_none_and_two_daemons_share_one(
+    tmp_path,
+):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    assert stored_key(blocker / "state") is None  # (the caller makes a key for the run)
+    first, second = stored_key(tmp_path / "state"), stored_key(tmp_path / "state")
+    assert first is not None and len(first) == 64 and first == second
+    (tmp_path / "state" / STORED_KEY_FILE).write_text("short\n")  # damaged
+    assert stored_key(tmp_path / "state") is None
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [STORED_KEY_FILE]
 
 
 async def test_a_session_id_that_is_garbage_is_404_and_two_of_them_are_400(tmp_path):
