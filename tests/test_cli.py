@@ -445,6 +445,19 @@ def test_status_errors_say_exai_status(tmp_path):
     assert "exai call" not in out.stderr
 
 
+def test_a_call_with_no_daemon_says_how_to_start_it(tmp_path):
+    """As the bridge does: ``exai status`` / ``exai call`` before any ``exai serve`` said only
+    "cannot connect … All connection attempts failed"."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    out = run_cli(["call", "version"], subprocess_env(tmp_path, EXAI_PORT=str(port)))
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"exai call: is the daemon running? start it with: EXAI_PORT={port} ")
+    assert last.endswith(" serve"), last
+
+
 @pytest.fixture
 def slow_mock():
     """The mock upstream as a process, streaming its answer in chunks 0.3 s apart."""

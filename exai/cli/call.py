@@ -19,6 +19,8 @@ from typing import Any, TextIO
 import anyio
 
 from exai.client import Client
+from exai.client.autostart import start_hint
+from exai.client.ws import Unreachable
 from exai.config import Settings
 from exai.errors import ExaiError
 
@@ -172,6 +174,10 @@ def call_tool(
         return anyio.run(call, backend="trio")
     except ExaiError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        if isinstance(exc, Unreachable) and (hint := start_hint(exc.url)) is not None:
+            # (what the bridge says in the same case: a first `exai status` before any
+            # `exai serve` only said "All connection attempts failed")
+            print(f"{prog}: is the daemon running? start it with: {hint}", file=sys.stderr)
         return 1
     except TimeoutError:
         print(f"{prog}: no answer from the daemon in time", file=sys.stderr)

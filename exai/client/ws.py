@@ -58,6 +58,7 @@ __all__ = [
     "ConnectionClosed",
     "HandshakeRejected",
     "NotTheMcpDoor",
+    "Unreachable",
     "WebSocketConnection",
     "WebSocketError",
     "connect_websocket",
@@ -115,6 +116,14 @@ class HandshakeRejected(WebSocketError):
     def retryable(self) -> bool:  # type: ignore[override]
         """Only overload and server errors are worth retrying; a bad token or URL is not."""
         return self.status in (408, 429) or self.status >= 500
+
+
+class Unreachable(WebSocketError):
+    """Nothing could be reached at the URL (refused, no route, TLS failed before HTTP)."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(f"cannot connect to the exai daemon at {url}: {cause}")
+        self.url = url
 
 
 class NotTheMcpDoor(WebSocketError):
@@ -235,7 +244,7 @@ async def connect_websocket(
         else:
             stream = await anyio.connect_tcp(host, port)
     except (OSError, anyio.BrokenResourceError) as exc:
-        raise WebSocketError(f"cannot connect to the exai daemon at {shown}: {exc}") from exc
+        raise Unreachable(shown, exc) from exc
 
     conn = WebSocketConnection(stream, url=shown, max_message_bytes=max_message_bytes)
     try:
