@@ -217,6 +217,8 @@ class ServerConnection(WebSocketConnection):
             # which ends the connection as before (1006: the session's calls are dropped).
             self.peer_close = CloseReason(event.code, event.reason or None)
             self._for_testing_peer_closed_connection.set()
+            if isinstance(self._wsproto, ServerWSConnection):
+                self._wsproto.text_after_peer_close = True
             await self._send_channel.aclose()  # (the session reads what came before, then ends)
             return
         await super()._handle_close_connection_event(event)
@@ -350,26 +352,26 @@ class ServerWSConnection(WSConnection):
     frame read the short way: it was idle before and is idle after.
 
     Leans on wsproto internals (``Connection._proto``, ``_events``, ``FrameProtocol.extensions``,
-    ``_frame_decoder.header``/``buffer``, ``_message_decoder.opcode``); tests/server/
-    test_wsconn_fast_text.py checks them and compares both ways on generated frames.
+    ``_parse_more``, ``_frame_decoder.header``/``buffer``, ``_message_decoder.opcode``);
+    tests/server/test_wsconn_fast_text.py checks them and compares both ways on generated frames.
     """
 
     #: a message read the short way, given by the next :meth:`events`
     _ready: TextMessage | None = None
+    #: a text frame may be sent between the peer's close frame and ours (set by
+    #: :class:`ServerConnection` when it leaves the peer's close to its session)
+    text_after_peer_close = False
 
     def send(self, event: Event) -> bytes:
-        """wsproto's, except that a text frame may be sent after the peer's close frame and
-        before ours, as RFC 6455 allows (§5.5.1: a close frame is answered "as soon as
-        practical"; no data frame may follow one's *own* close): wsproto refuses any data
-        frame once it has read the peer's, and the answers to what came before it are
-        written then (:attr:`ServerConnection.answer_close_later`)."""
-        conn = self.connection
-        if (
-            type(event) is TextMessage
-            and conn is not None
-            and conn.state is ConnectionState.REMOTE_CLOSING
-        ):
-            return bytes(conn._proto.send_data(event.data, event.message_finished))
+        """wsproto's; with :attr:`text_after_peer_close`, a text frame may also be sent after
+        the peer's close frame and before ours, as RFC 6455 allows (§5.5.1: a close frame is
+        answered "as soon as practical"; no data frame may follow one's *own* close): wsproto
+        refuses any data frame once it has read the peer's, and the answers to what came before
+        it are written then (:attr:`ServerConnection.answer_close_later`)."""
+        if self.text_after_peer_close and type(event) is TextMessage:
+            conn = self.connection
+            if conn is not None and conn.state is ConnectionState.REMOTE_CLOSING:
+                return bytes(conn._proto.send_data(event.data, event.message_finished))
         return super().send(event)
     #: bytes were given to wsproto while a message read the short way waited: it comes first
     _behind = False
@@ -422,6 +424,9 @@ def _whole_text_frame(conn: Connection, data: bytes | bytearray) -> TextMessage 
     decoder = proto._frame_decoder
     if (
         proto.extensions
+        # (a frame that failed to parse ended wsproto's frame parser, a generator, for good:
+        # it reads no frame after it, the state still OPEN)
+        or proto._parse_more.gi_frame is None  # type: ignore[attr-defined]
         or decoder.header is not None
         or decoder.buffer.buffer
         or proto._message_decoder.opcode is not None

@@ -7,6 +7,7 @@ import os
 import struct
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
@@ -20,6 +21,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.utilities import LocalProtocolError
 
 from exai.server.wsconn import ServerWSConnection
 
@@ -150,6 +152,35 @@ def test_the_wsproto_internals_it_reads_are_there() -> None:
     assert proto._frame_decoder.header is None
     assert isinstance(proto._frame_decoder.buffer.buffer, bytearray)
     assert proto._message_decoder.opcode is None
+    assert proto._parse_more.gi_frame is not None  # (a generator, not finished)
+
+
+def test_a_text_frame_goes_after_the_peers_close_only_when_the_connection_allows_it() -> None:
+    # (ServerConnection allows it when it leaves the peer's close to its session: the answers
+    # to what came before it; otherwise wsproto's refusal, as the comparisons here expect)
+    for allowed in (False, True):
+        server, client = _pair(ServerWSConnection(ConnectionType.SERVER))
+        server.receive_data(client.send(CloseConnection(code=1000)))
+        assert [type(e) for e in server.events()] == [CloseConnection]
+        server.text_after_peer_close = allowed
+        if allowed:
+            client.receive_data(server.send(TextMessage(data="answer")))
+            assert [_describe(e) for e in client.events()] == [
+                ("TextMessage", "answer", True, True)
+            ]
+        else:
+            with pytest.raises(LocalProtocolError):
+                server.send(TextMessage(data="answer"))
+
+
+def test_no_frame_is_read_after_one_that_failed_to_parse() -> None:
+    # wsproto's frame parser ends with the failure (its state still OPEN) and reads nothing
+    # more; the short way read the next whole text frame (found by the hypothesis comparison
+    # below: three empty texts, a lone continuation, an empty text)
+    empty = b"\x81\x80\x00\x00\x00\x00"
+    lone_continuation = b"\x80\x80\x00\x00\x00\x00"
+    _both(lambda: [empty, empty, lone_continuation, empty])
+    _both(lambda: [lone_continuation, _frame(b"after")])
 
 
 def _any_frame(first: int, payload: bytes, mask: bytes, width: int, masked: bool) -> bytes:
