@@ -329,7 +329,8 @@ def json_body(reason: str, message: str, **extra: object) -> bytes:
 #: After an answer on a connection that then closes, the rest of the request (a refused POST's
 #: body, still arriving) is read and dropped for at most this long, at most
 #: :data:`LINGER_BYTES` of it (see :func:`linger`) — or, for a body refused for its declared
-#: ``Content-Length`` (413), the rest of that length, at most :data:`LINGER_MAX_BYTES`.
+#: ``Content-Length`` (413), the rest of that length, at most :data:`LINGER_MAX_BYTES` (as for
+#: a body refused part-way, whose rest is of no known length).
 LINGER_S = 1.0
 LINGER_BYTES = 1 << 20
 LINGER_MAX_BYTES = 64 << 20

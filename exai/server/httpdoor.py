@@ -808,6 +808,9 @@ class HttpConnection:
         """Whether a part of ``nbytes`` of the body, ``size`` bytes with the parts before it,
         is within the cap and fits the daemon's budget (it is charged then); else the request
         is refused — 413, or 503 with ``Retry-After`` — and ``False``."""
+        # (refused part-way, the rest of the body is still to come — a chunked one's of no
+        # known length: read and dropped as for a length refused at the head, so a client that
+        # writes its whole body before reading gets its refusal, not a reset)
         if size > limit:
             self.shared.stats.rejections["payload_too_large"] += 1
             await self._try_refuse(
@@ -815,6 +818,7 @@ class HttpConnection:
                     413,
                     "payload_too_large",
                     f"the body is larger than EXAI_MAX_FRAME_BYTES={limit}",
+                    unread=LINGER_MAX_BYTES,
                 )
             )
             return False
@@ -826,6 +830,7 @@ class HttpConnection:
                     "overloaded",
                     "the daemon holds as many client bytes as its budget allows",
                     (("Retry-After", "1"),),
+                    unread=LINGER_MAX_BYTES,
                 )
             )
             return False

@@ -352,3 +352,30 @@ async def test_a_body_over_the_cap_is_refused_with_a_413_the_client_reads_after_
                     outcomes.append(await _send_while_refused(stream, head, body))
         assert outcomes == [(b"HTTP/1.1 413", False, False)] * 3, outcomes
         await daemon.assert_serves()
+
+
+async def test_a_chunked_body_over_the_cap_is_refused_with_a_413_the_client_reads_after_sending_it(
+    tmp_path: Path,
+) -> None:
+    """A chunked POST (no ``Content-Length``: the cap is crossed while its body is read) from a
+    client that writes its whole body before it reads: the door refused it at the cap and read
+    at most ``LINGER_BYTES`` (1 MiB) more, then closed with the body still coming, so its
+    kernel reset the connection and the client never saw the 413 (as for a declared length
+    before 38071f3). Now the rest is read and dropped as for a declared length: at most
+    ``LINGER_MAX_BYTES``, within ``LINGER_S``."""
+    async with live_daemon(tmp_path, EXAI_MAX_FRAME_BYTES=str(1 << 20)) as daemon:
+        parts = urlsplit(http_url(daemon.url))
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * (64 * 1024))
+        body = chunk * 192 + b"0\r\n\r\n"  # (12 MiB of data, as for a declared length)
+        head = (
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        outcomes = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+            async with stream:
+                with trio.fail_after(SERVED_WITHIN_S):
+                    outcomes.append(await _send_while_refused(stream, head, body))
+        assert outcomes == [(b"HTTP/1.1 413", False, False)] * 3, outcomes
+        await daemon.assert_serves()
