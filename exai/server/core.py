@@ -196,6 +196,11 @@ class SessionCore:
         closing_reason: set once the door is closing; the door stops reading.
     """
 
+    #: admitted calls whose answer is made and is being queued or written (the rest of
+    #: ``ledger.count`` still run): a door closing on its peer's word waits a grace for those
+    #: that run, and for these as long as its peer reads (exai.server.session)
+    answering = 0
+
     def __init__(
         self,
         shared: SessionShared,
@@ -481,10 +486,13 @@ class SessionCore:
 
     async def _respond_call(self, req: p.Request, served: _Served) -> None:
         charged = req.cost_bytes
+        answering = False
         try:
             payload = await self._run_call(req)
             if payload is None:
                 return  # cancelled by notifications/cancelled: no response, by the spec
+            self.answering += 1
+            answering = True
             # From here the answer is what this request holds, not its arguments.
             size = max(payload[1], 0)
             self.ledger.add(size - charged)
@@ -502,6 +510,8 @@ class SessionCore:
         except trio.ClosedResourceError:
             pass  # the session is closing
         finally:
+            if answering:
+                self.answering -= 1
             self.ledger.done(charged)
             self.shared.changes.notify()  # (a draining daemon waits for its sessions' answers)
             if self.on_call_done is not None:

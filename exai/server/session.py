@@ -28,7 +28,8 @@ Closing:
     the peer's close frame (RFC 6455: it sends nothing more, but reads until ours) is answered
     once the messages read before it are: the calls they started are awaited for at most
     :data:`PEER_CLOSE_GRACE_S` (a one-shot client sends its request and its close at once),
-    then what is queued is written and the close frame echoed; a call still running is dropped
+    then what is queued is written — for as long as the peer reads it, under the send
+    deadline as any answer — and the close frame echoed; a call still running is dropped
     as for any client that goes (:meth:`Session._answer_close`).
 
 Error handling:
@@ -42,6 +43,7 @@ Error handling:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -172,15 +174,20 @@ class Session:
     #: set once a :meth:`close` has ended (made by it: an idle session holds no event)
     _close_done: trio.Event | None = None
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, *, flush_s: float = 1.0) -> None:
         """Flush what is queued, then close with ``code`` (bounded: a stuck peer gets 1 s).
         The session's reader, which stops once ``closing_reason`` is set, waits for it when
-        another task closes (:meth:`_reader`)."""
+        another task closes (:meth:`_reader`).
+
+        ``flush_s``: how long what is queued may take to be written — ``math.inf`` for the
+        answer to the peer's close frame: then only the writes' own deadline bounds it
+        (``send_timeout_s`` without progress closes with 1008, dropping the rest), so a peer
+        that reads slowly but steadily gets the answers it waits for whole."""
         done = self._close_done = trio.Event()
         try:
             self.core.closing_reason = (code, reason)
             self.core.outbox.close(drop=False)
-            with trio.move_on_after(1.0):
+            with trio.move_on_after(flush_s):
                 await self.core.outbox.flushed()
             with trio.move_on_after(1.0):
                 await self.conn.aclose(code, reason)
@@ -190,28 +197,41 @@ class Session:
     async def _answer_close(self) -> None:
         """The peer sent its close frame: it sends nothing more, but may still read until ours
         (RFC 6455 §5.5.1, §7.1.1) — a one-shot client sends its request and its close at once.
-        Every message read before it has been handled; the answers of the calls they started
-        are awaited for at most :data:`PEER_CLOSE_GRACE_S`, then the close frame is answered
-        (echoing its code) after what is queued (:meth:`close`). A call still running then is
-        dropped as for any client that closes (cancelled, or kept for a re-send of its
-        idempotency key): a client that closes with calls running is not kept waiting for its
-        close handshake. The peer's end of stream meanwhile ends the wait (a client that goes
-        away takes its calls with it). Nothing to do when the connection ended otherwise."""
+        Every message read before it has been handled; the calls they started are awaited
+        for at most :data:`PEER_CLOSE_GRACE_S`, then the close frame is answered (echoing its
+        code) after what is queued (:meth:`close`). A call still running then is dropped as
+        for any client that closes (cancelled, or kept for a re-send of its idempotency key):
+        a client that closes with calls running is not kept waiting for its close handshake.
+        The answers themselves are written as long as the peer reads them — each write under
+        the send deadline (``send_timeout_s`` without progress: 1008), as any answer: a 1 s
+        bound cut a large answer to a slow but steady reader in the middle of its frame. The
+        peer's end of stream meanwhile ends the wait (a client that goes away takes its calls
+        with it). Nothing to do when the connection ended otherwise."""
         conn = self.conn
         peer = getattr(conn, "peer_close", None)
         if peer is None or conn.closed is not None:
             return
         assert isinstance(conn, ServerConnection)
         if self.closing_reason is None:
-            ledger = self.core.ledger
-            with trio.move_on_after(PEER_CLOSE_GRACE_S) as waiting:
+            core = self.core
+            ledger = core.ledger
+            with trio.CancelScope() as waiting:
                 conn.on_closed = waiting.cancel
                 try:
-                    await self.shared.changes.wait_for(lambda: ledger.count == 0)
+                    # the calls: for the grace
+                    with trio.move_on_after(PEER_CLOSE_GRACE_S):
+                        await self.shared.changes.wait_for(
+                            lambda: ledger.count == core.answering
+                        )
+                    # their answers (waiting for room, being written): while the peer reads
+                    if ledger.count == core.answering:
+                        await self.shared.changes.wait_for(
+                            lambda: ledger.count == 0 or self.closing_reason is not None
+                        )
                 finally:
                     conn.on_closed = None
             if self.closing_reason is None and conn.closed is None:
-                await self.close(peer.code, peer.reason or "")
+                await self.close(peer.code, peer.reason or "", flush_s=math.inf)
                 return
         done = self._close_done  # (another task's close: the drain's hand-over, a stall)
         if done is not None:

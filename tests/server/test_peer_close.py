@@ -217,3 +217,67 @@ async def test_a_call_running_past_the_grace_is_dropped_and_the_close_answered(
             while not GATE.cancelled:
                 await trio.sleep(0.01)
     assert [op for op, _ in frames] == [0x81, 0x88]
+
+
+async def _large(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+    return ToolResult(text="a" * 400_000)
+
+
+LARGE = ToolSpec(
+    name="large",
+    description="Test tool: a large answer.",
+    input_schema={"type": "object"},
+    handler=_large,
+)
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+async def test_a_large_answer_to_a_slow_reader_that_closed_is_written_whole_before_the_close(
+    tmp_path: Path,
+) -> None:
+    # A client that sends its request and its close frame at once, then reads slowly but
+    # steadily (4 KiB every 50 ms: a 64 KiB chunk every 0.8 s, far within the send deadline):
+    # the answer was cut part-way 1 s after the grace (Session.close's flush bound, then 1 s
+    # for the close frame's turn) — a cut frame and no close frame, where the same client
+    # without its close frame got the whole answer. (Virtual time: ≈ 5 s of reading.)
+    async with running_daemon(make_settings(tmp_path), registry_with(LARGE)) as daemon:
+        host, port = daemon.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        stream, status, _, rest = await raw_upgrade(host, int(port), rcvbuf=4096)
+        assert status == 101 and rest == b""
+        call = _request(1, "tools/call", {"name": "large", "arguments": {}})
+        await stream.send_all(INIT + call + CLOSE_1000)
+        buf = b""
+        with trio.fail_after(300):
+            while data := await stream.receive_some(4096):
+                buf += data
+                await trio.sleep(0.05)
+        await stream.aclose()
+        assert daemon.stats.rejections["send_timeout"] == 0
+    frames = _frames(buf)  # (whole frames only: no cut one)
+    assert _ids(frames) == [0, 1]
+    assert len(json.loads(frames[1][1])["result"]["content"][0]["text"]) == 400_000
+    assert frames[-1] == (0x88, struct.pack("!H", 1000) + b"bye")
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})]
+)
+async def test_a_peer_that_closes_and_reads_nothing_is_given_up_on_at_the_send_deadline(
+    tmp_path: Path,
+) -> None:
+    # the answers after a peer's close frame are written for as long as it reads them: one
+    # that reads nothing holds its session until the send deadline, as any client, no longer
+    settings = make_settings(tmp_path, send_timeout_s=5.0)
+    async with running_daemon(settings, registry_with(LARGE)) as daemon:
+        host, port = daemon.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        stream, status, _, rest = await raw_upgrade(host, int(port), rcvbuf=4096)
+        assert status == 101 and rest == b""
+        call = _request(1, "tools/call", {"name": "large", "arguments": {}})
+        await stream.send_all(INIT + call + CLOSE_1000)
+        with trio.fail_after(60):
+            while daemon.sessions:
+                await trio.sleep(0.1)
+        assert daemon.stats.rejections["send_timeout"] == 1
+        await stream.aclose()
