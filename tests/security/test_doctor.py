@@ -176,6 +176,36 @@ def test_a_sqlite_store_other_accounts_can_read_is_a_warning_saying_chmod_600(tm
     assert problems(doctor.check_sqlite(settings), "storage") == []
 
 
+def test_the_sqlite_check_reads_the_file_the_store_opens_from_a_percent_encoded_url(tmp_path):
+    """``EXAI_STORAGE_URL=sqlite:////…/my%20dir/exai.sqlite3``: the store opens ``my dir``
+    (exai.storage.sqlite.sqlite_path unquotes the URL's path), the doctor looked at ``my%20dir``
+    — a file that is not there — and said "ok" beside a store every account could read. Its fix
+    is a command a shell runs as it is (the path quoted)."""
+    state = tmp_path / "my dir"
+    state.mkdir()
+    db = state / "exai.sqlite3"
+    db.write_bytes(b"")
+    db.chmod(0o644)
+    url = "sqlite:///" + str(tmp_path).replace(" ", "%20") + "/my%20dir/exai.sqlite3"
+    settings = settings_of(tmp_path, EXAI_STORAGE_URL=url)
+    found = problems(doctor.check_sqlite(settings), "storage")
+    assert [f.level for f in found] == ["warn"], found
+    assert found[0].fix == f"chmod 600 '{db}'"
+    db.chmod(0o600)
+    assert problems(doctor.check_sqlite(settings), "storage") == []
+
+
+def test_a_secret_files_chmod_fix_is_a_command_a_shell_runs_as_it_is(tmp_path):
+    """``chmod 600 /x/my dir/tokens`` (the fix exai doctor and exai serve's
+    config.secret_file_exposed gave) is a chmod of two files that are not it."""
+    tokens = tmp_path / "my dir" / "tokens"
+    tokens.parent.mkdir()
+    tokens.write_text("alice:x\n")
+    tokens.chmod(0o644)
+    problem = doctor.secret_file_problem("EXAI_TOKENS_FILE", str(tokens))
+    assert problem is not None and problem[1] == f"chmod 600 '{tokens}'"
+
+
 def test_a_short_plain_token_is_an_error_naming_the_entry_never_the_value(tmp_path):
     digest = hashlib.sha256(b"whatever").hexdigest()
     settings = settings_of(

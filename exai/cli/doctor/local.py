@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import ssl
 import stat
 import subprocess
@@ -181,7 +182,7 @@ def secret_file_problem(var: str, path: str) -> tuple[str, str] | None:
     return (
         f"{var} file {path} is readable by {who} (mode {mode:04o}): other accounts "
         "on this machine can read the secret",
-        f"chmod 600 {path}",
+        f"chmod 600 {shlex.quote(path)}",  # (a command a shell runs as it is: "my dir")
     )
 
 
@@ -355,7 +356,14 @@ def check_sqlite(settings: Settings) -> list[Finding]:
     url = settings.effective_storage_url
     if not url.startswith("sqlite:"):
         return []
-    path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+    from exai.storage.sqlite import sqlite_path
+
+    try:
+        # the file the store opens (its URL's path unquoted: ``my%20dir`` is ``my dir``), not
+        # the URL's text — the check looked at a file that was not there and said "ok"
+        path = sqlite_path(url)
+    except ConfigError as exc:
+        return [error("storage", str(exc), "EXAI_STORAGE_URL=sqlite:////absolute/path")]
     probe = path.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -382,7 +390,7 @@ def check_sqlite(settings: Settings) -> list[Finding]:
                 "storage",
                 f"SQLite store {path}: other accounts on this machine can read every "
                 f"conversation in {shown}",
-                "chmod 600 " + " ".join(str(file) for file, _ in exposed),
+                "chmod 600 " + " ".join(shlex.quote(str(file)) for file, _ in exposed),
             )
         ]
     return [ok("storage", f"SQLite store at {path}")]
