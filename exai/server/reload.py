@@ -63,12 +63,15 @@ def watched_files(environ: Mapping[str, str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _fingerprints(paths: list[Path]) -> dict[Path, tuple[int, int, int] | None]:
-    out: dict[Path, tuple[int, int, int] | None] = {}
+def _fingerprints(paths: list[Path]) -> dict[Path, tuple[int, int, int, int] | None]:
+    """What a change of each file is seen by: its inode, size, mtime — and its mode, so a
+    secret file made readable by others (``chmod 644``, which leaves the rest alone) is
+    reloaded and warned about (``config.secret_file_exposed``), not left in silence."""
+    out: dict[Path, tuple[int, int, int, int] | None] = {}
     for p in paths:
         try:
             st = p.stat()
-            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
         except OSError:
             out[p] = None
     return out

@@ -144,3 +144,22 @@ async def test_a_tokens_file_other_accounts_can_read_is_warned_about_on_reload(
         assert [w["variable"] for w in warned] == ["EXAI_TOKENS_FILE"]
         assert warned[0]["fix"] == f"chmod 600 {tokens}"
         await daemon.assert_serves(token=TOKEN)
+
+
+async def test_a_tokens_file_made_readable_by_others_is_warned_about_without_a_sighup(
+    tmp_path: Path,
+) -> None:
+    """``chmod 644`` of a watched tokens file changes neither its inode, size nor mtime — all
+    the watcher looked at — so no reload read it and the exposure went unreported until some
+    other change (3416611 warns on every reload). Its mode is part of what is watched now."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{TOKEN}\n")
+    tokens.chmod(0o600)
+    async with live_daemon(
+        tmp_path, EXAI_TOKENS_FILE=str(tokens), EXAI_SECRET_WATCH_INTERVAL_S="0.2"
+    ) as daemon:
+        await daemon.wait_log_events("daemon.ready")
+        tokens.chmod(0o644)
+        warned = await daemon.wait_log_events("config.secret_file_exposed")
+        assert [w["variable"] for w in warned] == ["EXAI_TOKENS_FILE"]
+        await daemon.assert_serves(token=TOKEN)
