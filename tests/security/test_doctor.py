@@ -176,6 +176,30 @@ def test_a_sqlite_store_other_accounts_can_read_is_a_warning_saying_chmod_600(tm
     assert problems(doctor.check_sqlite(settings), "storage") == []
 
 
+def test_a_kept_session_signing_key_other_accounts_can_read_is_an_error_saying_chmod_600(tmp_path):
+    """The key the daemon keeps in its state directory when EXAI_SESSION_SIGNING_KEY is not set
+    (ff9e53f) signs every Streamable HTTP session id: an older file or one copied with its
+    directory, readable by all, was in no check (the doctor said the secret files were
+    private). A configured key leaves the file out of it."""
+    from exai.server.mcp_sessions import STORED_KEY_FILE
+
+    settings = settings_of(tmp_path)
+    assert problems(doctor.check_secret_files(settings, {}, None), "secret-files") == []
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    key = state / STORED_KEY_FILE
+    key.write_bytes(b"0" * 64 + b"\n")
+    key.chmod(0o644)
+    found = problems(doctor.check_secret_files(settings, {}, None), "secret-files")
+    assert [f.level for f in found] == ["error"], found
+    assert "session signing key" in found[0].message and "0644" in found[0].message
+    assert found[0].fix == f"chmod 600 {key}"
+    configured = settings_of(tmp_path, EXAI_SESSION_SIGNING_KEY="k" * 40)
+    assert problems(doctor.check_secret_files(configured, {}, None), "secret-files") == []
+    key.chmod(0o600)
+    assert problems(doctor.check_secret_files(settings, {}, None), "secret-files") == []
+
+
 def test_the_sqlite_check_reads_the_file_the_store_opens_from_a_percent_encoded_url(tmp_path):
     """``EXAI_STORAGE_URL=sqlite:////…/my%20dir/exai.sqlite3``: the store opens ``my dir``
     (exai.storage.sqlite.sqlite_path unquotes the URL's path), the doctor looked at ``my%20dir``

@@ -143,8 +143,9 @@ def secret_files(
     settings: Settings, env: Mapping[str, str], env_file: Path | None
 ) -> list[tuple[str, str]]:
     """``(variable, path)`` of every file holding a secret: each ``*_FILE`` the settings were
-    read from (environment, ``.env`` or TOML), ``EXAI_TLS_KEY``, and the ``.env`` file when it
-    holds secrets. Sorted by variable."""
+    read from (environment, ``.env`` or TOML), ``EXAI_TLS_KEY``, the ``.env`` file when it
+    holds secrets, and the session-signing key kept in the state directory when
+    ``EXAI_SESSION_SIGNING_KEY`` is not set. Sorted by variable."""
     found: dict[str, tuple[str, str]] = {}
     named = list(_secret_file_vars(env))
     named += [
@@ -156,6 +157,15 @@ def secret_files(
         named.append(("EXAI_TLS_KEY", settings.tls_key))
     if env_file is not None and env_file.is_file() and _env_file_has_secrets(env_file):
         named.append(("env file", str(env_file)))
+    if not settings.session_signing_key:
+        # the key the daemon keeps in its state directory when none is configured: whoever
+        # reads it can sign a Streamable HTTP session id (an older file, or one copied with
+        # its directory, may be readable by all)
+        from exai.server.mcp_sessions import STORED_KEY_FILE
+
+        kept = settings.state_path / STORED_KEY_FILE
+        if kept.is_file():
+            named.append(("session signing key", str(kept)))
     for var, path in named:
         found.setdefault(os.path.abspath(path), (var, path))
     return sorted(found.values())
