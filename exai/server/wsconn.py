@@ -37,8 +37,9 @@ request; anything else is wsproto's, with every rule of RFC 6455).
 The peer's close frame is not answered by the reader (trio-websocket answers it at once and
 closes the stream, so the answers to the messages read before it were lost): the session answers
 it (:meth:`ServerConnection.aclose`) once it has answered those, while the reader goes on reading
-only to see the peer's end of stream, and :class:`ServerWSConnection` lets a text frame out
-between the peer's close and ours, which RFC 6455 allows and wsproto refuses.
+only to see the peer's end of stream (more than :data:`AFTER_CLOSE_BYTES` after the close
+frame fails the connection), and :class:`ServerWSConnection` lets a text frame out between the
+peer's close and ours, which RFC 6455 allows and wsproto refuses.
 
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
 ``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_connection_proposal``,
@@ -65,7 +66,7 @@ from trio_websocket._impl import CloseReason
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
-from wsproto.utilities import LocalProtocolError
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from exai.server.budget import InboundMeter
 from exai.server.outbox import CHUNK_BYTES, ProgressStream
@@ -77,6 +78,11 @@ __all__ = [
     "http_version",
     "message_bytes",
 ]
+
+
+#: what a peer may send after its close frame (nothing, by RFC 6455 §1.4; some slack) before
+#: the connection is failed, while the answers before it are written (:class:`ServerWSConnection`)
+AFTER_CLOSE_BYTES = 64 * 1024
 
 
 class _FewItems(list[Any]):
@@ -117,6 +123,11 @@ class ServerConnection(WebSocketConnection):
 
     async def _close_stream(self) -> None:
         await super()._close_stream()
+        if self.peer_close is not None and self._close_reason is None:
+            # the reader failed a peer that sent on after its close frame (ServerWSConnection.
+            # receive_data): the connection is gone, as for a peer that went away (1006) — the
+            # session's wait for its answers ends now (on_closed)
+            await self._close_web_socket(1006, "data after the close frame")
         # Closed before the upgrade request was taken (wsproto refused it: answered 400 or 426
         # by trio-websocket's reader, which then closes the stream): no request will come, and
         # accept_request says so at once (None) rather than at its caller's bound. (A method,
@@ -376,6 +387,9 @@ class ServerWSConnection(WSConnection):
     #: bytes were given to wsproto while a message read the short way waited: it comes first
     _behind = False
 
+    #: bytes read after the peer's close frame, while its answer is left to the session
+    _after_close = 0
+
     def receive_data(self, data: bytes | None) -> None:
         conn = self.connection
         if data and conn is not None and self._ready is None:
@@ -385,6 +399,21 @@ class ServerWSConnection(WSConnection):
                 return
         if self._ready is not None:
             self._behind = True
+        if (
+            self.text_after_peer_close
+            and data
+            and conn is not None
+            and conn.state is ConnectionState.REMOTE_CLOSING
+        ):
+            # Nothing may follow the peer's close frame (RFC 6455 §1.4), and wsproto drops it
+            # unread — while the answers before it are written, for as long as the peer reads
+            # them: a peer that reads its answer slowly could make the daemon read and drop
+            # junk at line rate all that time (1 GB in 6.6 s, found by the attack on
+            # 86b7df9). Past AFTER_CLOSE_BYTES the connection is failed (its stream closed:
+            # ServerConnection._close_stream), as a peer that went away.
+            self._after_close += len(data)
+            if self._after_close > AFTER_CLOSE_BYTES:
+                raise RemoteProtocolError("data after the close frame", event_hint=None)
         super().receive_data(data)
 
     def events(self) -> Generator[Event, None, None]:

@@ -14,6 +14,7 @@ closes its TCP stream after its close frame takes its calls with it at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -280,4 +281,32 @@ async def test_a_peer_that_closes_and_reads_nothing_is_given_up_on_at_the_send_d
             while daemon.sessions:
                 await trio.sleep(0.1)
         assert daemon.stats.rejections["send_timeout"] == 1
+        await stream.aclose()
+
+
+async def test_a_peer_that_sends_on_after_its_close_frame_is_failed_and_its_calls_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing may follow a close frame (§1.4) and wsproto drops it unread: while the answers
+    # before it were awaited (or written to a slow reader), a peer could make the daemon read
+    # and drop junk at line rate (1 GB in 6.6 s). Past AFTER_CLOSE_BYTES the connection is
+    # failed as a peer that went away: its calls dropped, its session ended at once.
+    monkeypatch.setattr(session, "PEER_CLOSE_GRACE_S", 600.0, raising=False)  # (no race)
+    global GATE
+    GATE = Gate()
+    async with running_daemon(make_settings(tmp_path), registry_with(GATED)) as daemon:
+        stream = await _connect(daemon.url)
+        await stream.send_all(INIT)
+        await stream.send_all(_request(1, "tools/call", {"name": "gated", "arguments": {}}))
+        with trio.fail_after(30):
+            await GATE.started.wait()
+        await stream.send_all(CLOSE_1000)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(30):
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(64):  # (1 MiB, far past the 64 KiB let through)
+                    await stream.send_all(b"\0" * 16384)
+            while daemon.sessions:
+                await trio.sleep(0.01)
+        assert GATE.cancelled
         await stream.aclose()
