@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,9 @@ class Settings:
     def effective_storage_url(self) -> str:
         if self.storage_url:
             return self.storage_url.reveal()
-        return "sqlite:///" + str(self.state_path / "exai.sqlite3")
+        # (quoted: the store reads the URL's path unquoted, and a state directory named with
+        # "#", "?" or "%41" put the store elsewhere — "/x/a#b" in "/x/a", outside it)
+        return "sqlite:///" + urllib.parse.quote(str(self.state_path / "exai.sqlite3"))
 
     @property
     def effective_file_roots(self) -> tuple[str, ...]:

@@ -396,6 +396,17 @@ def test_settings_default_to_sqlite_in_the_state_directory(tmp_path: Path) -> No
     assert attrs.evolve(settings).effective_storage_url == settings.effective_storage_url
 
 
+@pytest.mark.parametrize("name", ["a#b", "q?x=1", "s%41t", "my dir", "été"])
+def test_the_default_store_is_in_the_state_directory_whatever_its_name(
+    tmp_path: Path, name: str
+) -> None:
+    """The default URL was "sqlite:///" + the path as it is, which the store reads as a URL
+    (its path unquoted, up to a "?" or "#"): EXAI_STATE_DIR=/x/a#b put the store in the file
+    /x/a, outside the state directory (and not in a directory made 0700), /x/s%41t in /x/sAt."""
+    settings = make_settings(tmp_path / name)
+    assert sqlite_path(settings.effective_storage_url) == settings.state_path / "exai.sqlite3"
+
+
 # ConversationService._primary bounds a store call with exai.resilience.loop's scope (trio's own
 # under trio, anyio's otherwise, c5e401e): a library user's asyncio gets the same bounds.
 @pytest.mark.parametrize("anyio_backend", ["trio", "asyncio"])
