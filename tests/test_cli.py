@@ -723,3 +723,31 @@ def test_status_summary_counts_in_words():
     assert "calls in flight: 2 " in text  # the status call itself not counted
     assert "mock  configured      breaker open       1 request (0 ok, 1 failed)" in text
     assert "spool: 1 write waiting for the store (2.0 KiB of 1.0 MiB)" in text
+
+
+def test_client_commands_do_not_read_the_daemons_secret_files(tmp_path):
+    """A ``.env`` shared with the daemon names its tokens file, provider key and storage URL
+    files, which the client's account cannot read (here: they do not exist — the tests run as
+    root, for whom no mode hides a file). ``exai call`` / ``exai status`` stopped with
+    "EXAI_TOKENS_FILE: cannot read secret file"; they need none of them. A client secret that
+    cannot be read (``EXAI_TOKEN_FILE``) is still an error naming it."""
+    hidden = tmp_path / "daemon-only"
+    dotenv = tmp_path / "client.env"
+    dotenv.write_text(
+        f"EXAI_TOKENS_FILE={hidden}/tokens\n"
+        f"KIMI_API_KEY_FILE={hidden}/kimi\n"
+        f"EXAI_STORAGE_URL_FILE={hidden}/storage-url\n"
+        f"EXAI_SESSION_SIGNING_KEY_FILE={hidden}/signing\n"
+    )
+    with daemon_process(tmp_path) as (proc, url):
+        env = subprocess_env(tmp_path, EXAI_URL=url, EXAI_ENV_FILE=str(dotenv))
+        called = run_cli(["call", "version"], env)
+        status = run_cli(["status", "--json"], env)
+        env["EXAI_TOKEN_FILE"] = str(hidden / "token")
+        no_token = run_cli(["call", "version"], env)
+        _stop(proc)
+    assert called.returncode == 0, called.stderr
+    assert status.returncode == 0, status.stderr
+    assert no_token.returncode != 0
+    assert "EXAI_TOKEN_FILE" in no_token.stderr and "cannot read" in no_token.stderr
+    assert "EXAI_TOKENS_FILE" not in no_token.stderr

@@ -147,7 +147,7 @@ def call_tool(
     shown = ProgressLine(sys.stderr, prog=prog, quiet=quiet)
 
     async def call() -> dict[str, Any]:
-        settings = Settings.from_env()
+        settings = Settings.from_env(client=True)
         bound = settings.handshake_timeout_s + settings.call_timeout_s + 5.0
         name = prog.replace(" ", "-")
         outcome: dict[str, Any] | Exception = ExaiError("the call did not run")

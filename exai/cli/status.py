@@ -141,7 +141,7 @@ def run(url: str | None = None, mode: str = "auto") -> int:
     shown_url: str | None = url
     if shown_url is None:
         try:
-            shown_url = Settings.from_env().effective_url
+            shown_url = Settings.from_env(client=True).effective_url
         except Exception:  # the call connected, so this does not fail; the URL is a nicety
             shown_url = None
     print(summary(doc, shown_url))

@@ -201,7 +201,8 @@ class Client:
         url: ``ws://…/mcp`` or ``wss://…/mcp``; default ``settings.effective_url`` (``EXAI_URL``,
             else derived from ``EXAI_HOST``/``EXAI_PORT``).
         token: client token; default ``settings.token`` (``EXAI_TOKEN``).
-        settings: where defaults and bounds come from; default :meth:`Settings.from_env`.
+        settings: where defaults and bounds come from; default :meth:`Settings.from_env`
+            with ``client=True`` (the daemon's secret files are not read).
         ssl_context: for ``wss://``; default the system store or ``EXAI_TLS_CA``.
         client_name: the ``clientInfo.name`` sent in ``initialize``.
 
@@ -249,7 +250,7 @@ class Client:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def __aenter__(self) -> Client:
-        settings = self._settings_arg or Settings.from_env()
+        settings = self._settings_arg or Settings.from_env(client=True)
         self._max_frame_bytes = settings.max_frame_bytes
         self.url = self._url_arg or settings.effective_url
         token = self._token_arg if self._token_arg is not None else settings.token

@@ -135,7 +135,7 @@ def run(url: str | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(client=True)
     except ConfigError as exc:
         print(f"exai bridge: {exc}", file=sys.stderr)
         return 2

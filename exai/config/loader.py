@@ -50,6 +50,7 @@ def load(
     *,
     env_file: str | os.PathLike[str] | None = None,
     config_file: str | os.PathLike[str] | None = None,
+    client: bool = False,
 ) -> T:
     """Read the sources (see the module docstring) into an instance of ``cls``.
 
@@ -59,6 +60,11 @@ def load(
         environ: the environment to read (default ``os.environ``).
         env_file: a ``.env`` file; default ``EXAI_ENV_FILE`` or ``./.env`` if present.
         config_file: a TOML file; default ``EXAI_CONFIG``.
+        client: for a client command (the bridge, ``exai call``/``status``, ``exai.Client``):
+            the secret files only the daemon uses (every secret but those of fields whose
+            metadata says ``client``, such as ``EXAI_TOKEN``; providers' API keys) are not
+            read, so a ``.env`` shared with the daemon may name files only its account can
+            read. Those secrets stay unset.
 
     Raises:
         ConfigError: an unknown ``EXAI_*`` name or TOML key, a value of the wrong type,
@@ -78,7 +84,7 @@ def load(
     toml_data = _read_toml(Path(cf)) if cf else {}
     if cf:
         sources.append(("EXAI_CONFIG", os.path.abspath(cf)))
-    return _build(cls, merged, toml_data, sources)
+    return _build(cls, merged, toml_data, sources, client=client)
 
 
 _META_VARS = {"EXAI_CONFIG", "EXAI_ENV_FILE"}
@@ -239,14 +245,19 @@ def _build(
     env: Mapping[str, str],
     toml_data: dict[str, Any],
     sources: list[tuple[str, str]] | None = None,
+    *,
+    client: bool = False,
 ) -> T:
     fields = {f.name: f for f in attrs.fields(cls)}
     values: dict[str, Any] = {}
     sources = [] if sources is None else sources
 
     secret_fields = {name for name, f in fields.items() if _is_secret(f)}
+    # a client command leaves the daemon's secrets unset, and does not read their files
+    unread = {n for n in secret_fields if not fields[n].metadata.get("client")} if client else set()
     toml_providers = toml_data.get("providers", {})
     toml_keys = set(toml_data)
+    toml_data = {k: v for k, v in toml_data.items() if k.removesuffix("_file") not in unread}
     toml_data = _toml_secret_files(toml_data, secret_fields, "", sources)
     for key, toml_value in toml_data.items():
         if key == "providers":
@@ -267,13 +278,15 @@ def _build(
         if f.metadata.get("env") == "-":
             continue
         var = env_name(f)
+        if name in unread:
+            continue
         raw: str | None = _secret_from(env, var, sources) if _is_secret(f) else env.get(var)
         if raw:  # an empty value (as in a copied .env.example) means "the default"
             values[name] = _convert(var, f.type, raw)
     if values.get("tokens"):
         _check_token_entries(_origin(env, toml_keys, "tokens"), values["tokens"].reveal())
 
-    values["providers"] = _build_providers(env, toml_providers, sources)
+    values["providers"] = _build_providers(env, toml_providers, sources, client=client)
     values["source_files"] = tuple(sources)
     try:
         return cls(**values)
@@ -282,11 +295,13 @@ def _build(
 
 
 def _provider_values(
-    prefix: str, env: Mapping[str, str], sources: list[tuple[str, str]]
+    prefix: str, env: Mapping[str, str], sources: list[tuple[str, str]], client: bool
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for fld in PROVIDER_FIELDS:
         var = f"{prefix}_{fld.upper()}"
+        if client and fld == "api_key":
+            continue  # (the daemon's: a client command does not read it)
         raw = _secret_from(env, var, sources) if fld == "api_key" else env.get(var)
         if raw:
             out[fld] = raw
@@ -294,7 +309,11 @@ def _provider_values(
 
 
 def _build_providers(
-    env: Mapping[str, str], toml_providers: dict[str, Any], sources: list[tuple[str, str]]
+    env: Mapping[str, str],
+    toml_providers: dict[str, Any],
+    sources: list[tuple[str, str]],
+    *,
+    client: bool = False,
 ) -> tuple[ProviderSettings, ...]:
     pfields = {f.name: f for f in attrs.fields(ProviderSettings)}
     specs: dict[str, dict[str, Any]] = {}
@@ -303,6 +322,8 @@ def _build_providers(
     for name, table in toml_providers.items():
         if not isinstance(table, dict):
             raise ConfigError(f"[providers.{name}] must be a table")
+        if client:  # the API key is the daemon's: a client command does not read its file
+            table = {k: v for k, v in table.items() if k not in ("api_key", "api_key_file")}
         table = _toml_secret_files(table, {"api_key"}, f"[providers.{name}] ", sources)
         for key in table:
             if key not in pfields or key == "name":
@@ -310,10 +331,10 @@ def _build_providers(
                 raise ConfigError(f"unknown key {key!r} in [providers.{name}]{hint}")
         specs.setdefault(name, {}).update(table)
     for name in ("kimi", "glm"):
-        specs[name].update(_provider_values(name.upper(), env, sources))
+        specs[name].update(_provider_values(name.upper(), env, sources, client))
     extra_names = {m.group(1) for v in env if (m := _PROVIDER_ENV.match(v))}
     for upper in sorted(extra_names):
-        vals = _provider_values(f"EXAI_PROVIDER_{upper}", env, sources)
+        vals = _provider_values(f"EXAI_PROVIDER_{upper}", env, sources, client)
         bad = [
             v
             for v in env

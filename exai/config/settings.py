@@ -297,6 +297,7 @@ class Settings:
         *,
         env_file: str | os.PathLike[str] | None = None,
         config_file: str | os.PathLike[str] | None = None,
+        client: bool = False,
     ) -> Settings:
         """Build the settings.
 
@@ -304,12 +305,17 @@ class Settings:
             environ: the environment to read (default ``os.environ``).
             env_file: a ``.env`` file; default ``EXAI_ENV_FILE`` or ``./.env`` if present.
             config_file: a TOML file; default ``EXAI_CONFIG``.
+            client: for a client command (the bridge, ``exai call``/``status``,
+                ``exai.Client``): the daemon's secrets (``EXAI_TOKENS[_FILE]``, the storage and
+                Redis URLs, the signing key, providers' API keys) are left unset and their
+                files not read — the client may not be allowed to read them. ``EXAI_TOKEN``
+                (``_FILE``) is read as ever.
 
         Raises:
             ConfigError: an unknown ``EXAI_*`` name or TOML key, a value of the wrong type,
                 an unreadable secret file. The message names the variable, never a secret.
         """
-        settings = load(cls, environ, env_file=env_file, config_file=config_file)
+        settings = load(cls, environ, env_file=env_file, config_file=config_file, client=client)
         _validate(settings)
         return settings
 
