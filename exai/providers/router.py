@@ -321,6 +321,8 @@ class ProviderRouter:
             provider = self.providers[prov_name]
             # Left set when cancelled, so a deadline error can name the call still running.
             running[:] = [(prov_name, model)]
+            if req.on_route is not None:
+                req.on_route(prov_name, model)
             try:
                 resp = await provider.complete(req, model)
             except (CallerError, UpstreamAnswerError) as exc:

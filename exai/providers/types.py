@@ -124,6 +124,8 @@ class ChatRequest:
         max_output_tokens: cap on generated tokens, or ``None``.
         on_delta: called for each streamed piece; when given, the call streams.
         allow_fallback: when false only the named model is tried (its providers, retried).
+        on_route: called with ``(provider, model)`` as each provider is tried, before it
+            answers (so a call cancelled or timed out on the way still knows where it went).
     """
 
     messages: tuple[dict[str, Any], ...] = attrs.field(converter=_messages)
@@ -136,6 +138,7 @@ class ChatRequest:
     max_output_tokens: int | None = None
     on_delta: DeltaCallback | None = attrs.field(default=None, eq=False, repr=False)
     allow_fallback: bool = True
+    on_route: Callable[[str, str], None] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

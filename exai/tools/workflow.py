@@ -311,6 +311,8 @@ async def _final(
             thinking_mode=args.get("thinking_mode") or defn.default_thinking_mode,
             use_websearch=bool(args.get("use_websearch", False)),
             on_delta=progress.on_delta,
+            # known before the answer: a cancelled call's log line and audit record name it
+            on_route=lambda prov, mdl: ctx.annotations.update(provider=prov, model=mdl),
         )
     )
     ctx.annotations["provider"] = resp.provider

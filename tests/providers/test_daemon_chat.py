@@ -119,3 +119,40 @@ async def test_provider_key_rotation_reaches_the_upstream_on_the_next_call(tmp_p
             d.request_shutdown()
         auth = [r.headers["authorization"] for r in mock.chat_requests]
         assert auth == ["Bearer key-before-rotation-000000", "Bearer key-after-rotation-1111111"]
+
+
+async def test_a_cancelled_call_logs_the_provider_it_had_reached(tmp_path, two_mocks, caplog):
+    """``call.finished`` said ``provider: null`` for a call cancelled while its provider was
+    answering: the provider was only noted from the answer. The route is noted as it is taken."""
+    a, b = two_mocks
+    a.latency_s = 30.0  # the answer does not come before the cancel
+    settings = daemon_settings(tmp_path, a, b)
+    with caplog.at_level("INFO", logger="exai"):
+        async with (
+            ProviderRouter(settings) as router,
+            running_daemon(settings, default_registry(), {"providers": router}) as d,
+            ws(d) as conn,
+        ):
+            rpc = Rpc(conn)
+            await rpc.start_call("chat", {"prompt": "hello", "model": "mock-a"}, id=7)
+            with trio.fail_after(10):
+                while not a.chat_requests:
+                    await trio.sleep(0.01)
+                await rpc.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": 7},
+                    }
+                )
+
+                def finished() -> list[object]:
+                    return [
+                        r for r in caplog.records if getattr(r, "event", None) == "call.finished"
+                    ]
+
+                while not finished():
+                    await trio.sleep(0.01)
+    fields = finished()[0].fields  # type: ignore[attr-defined]
+    assert fields["outcome"] == "cancelled"
+    assert fields["provider"] == "a" and fields["model"] == "mock-a"
