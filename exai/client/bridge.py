@@ -92,11 +92,11 @@ from exai.client.ws import (
 )
 from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text, redact_url
 from exai.errors import SERVER_ERROR, ConfigError
+from exai.logs import log_event
 from exai.server.idscan import ID_SCAN_BYTES, recover_id
 
 __all__ = ["IDEMPOTENCY_META_KEY", "Bridge", "backoff_delay"]
 
-log = logging.getLogger("exai.client.bridge")
 
 #: ``params._meta`` key the daemon dedupes re-sent ``tools/call`` requests by.
 IDEMPOTENCY_META_KEY = "exai/idempotencyKey"
@@ -315,7 +315,12 @@ class Bridge:
                 await self._line(line)
             if oversized is None and len(buf) > limit:
                 oversized = Oversized(bytes(buf[:ID_SCAN_BYTES]))
-                log.warning("refused a message from the client larger than %d bytes", limit)
+                log_event(
+                    "bridge.client_message_too_large",
+                    logging.WARNING,
+                    message=f"refused a message from the client larger than {limit} bytes",
+                    limit_bytes=limit,
+                )
                 if oversized.rid is not None:  # found at the start: answer at once
                     await self._refuse_oversized(oversized, limit)
             if oversized is not None:
@@ -344,7 +349,11 @@ class Bridge:
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             # RecursionError: a 100,000-deep [[[[ … is refused, not a crash of the bridge
             what = "nests too deep" if isinstance(exc, RecursionError) else "is not valid JSON"
-            log.warning("the client sent a line that %s", what)
+            log_event(
+                "bridge.client_line_invalid",
+                logging.WARNING,
+                message=f"the client sent a line that {what}",
+            )
             await self._emit_error(
                 recover_id(line), -32700, f"parse error: the message {what}", "parse_error"
             )
@@ -365,7 +374,10 @@ class Bridge:
         elif "id" in msg:
             gen = self._server_requests.pop(_key(msg["id"]), None)
             if gen is None or gen != self._generation or not self._connected:
-                log.info("dropped the client's answer to a request from a closed connection")
+                log_event(
+                    "bridge.client_answer_dropped",
+                    message="dropped the client's answer to a request from a closed connection",
+                )
                 return
             entry = self._entry(msg, None)
             if entry is not None:
@@ -420,7 +432,11 @@ class Bridge:
 
     async def _refuse_unencodable(self, msg: dict[str, Any]) -> None:
         limit = self.settings.max_frame_bytes
-        log.warning("refused a request from the client that cannot be sent to the daemon")
+        log_event(
+            "bridge.client_request_refused",
+            logging.WARNING,
+            message="refused a request from the client that cannot be sent to the daemon",
+        )
         await self._emit_error(
             msg["id"],
             -32600,
@@ -469,14 +485,29 @@ class Bridge:
         elif method == "notifications/initialized":
             self._initialized_seen = True
         if self._fatal is not None or self._expired:
-            log.debug("daemon out of reach: dropped a %s notification from the client", method)
+            log_event(
+                "bridge.notification_dropped",
+                logging.DEBUG,
+                message=f"daemon out of reach: dropped a {method} notification from the client",
+                method=method,
+            )
             return
         if len(self._queue) >= self.max_buffer:
-            log.warning("bridge buffer full: dropped a %s notification from the client", method)
+            log_event(
+                "bridge.notification_dropped",
+                logging.WARNING,
+                message=f"bridge buffer full: dropped a {method} notification from the client",
+                method=method,
+            )
             return
         entry = self._entry(msg, None)
         if entry is None:
-            log.warning("dropped a %s notification that cannot be sent to the daemon", method)
+            log_event(
+                "bridge.notification_dropped",
+                logging.WARNING,
+                message=f"dropped a {method} notification that cannot be sent to the daemon",
+                method=method,
+            )
             return
         self._enqueue(entry)
 
@@ -508,7 +539,11 @@ class Bridge:
             await self._out_send.send(msg)
         except anyio.ClosedResourceError:
             # stdin ended and the drain is over: an answer this late has nobody to go to
-            log.debug("dropped a message for the client after the drain")
+            log_event(
+                "bridge.message_dropped",
+                logging.DEBUG,
+                message="dropped a message for the client after the drain",
+            )
         finally:
             self._emitting -= 1
             self._emitted.set()
@@ -518,15 +553,23 @@ class Bridge:
         """stdin closed: wait until every request read has its answer (bounded)."""
         if not self._pending and not self._emitting:
             return
-        log.debug("stdin closed; waiting for %d answers", len(self._pending))
+        log_event(
+            "bridge.stdin_closed",
+            logging.DEBUG,
+            message=f"stdin closed; waiting for {len(self._pending)} answers",
+            pending=len(self._pending),
+        )
         with anyio.move_on_after(self.settings.call_timeout_s + DRAIN_MARGIN_S):
             while self._pending or self._emitting:
                 await self._emitted.wait()
         if self._pending:
-            log.warning(
-                "stdin closed; %d requests still unanswered after %.0fs: cancelled",
-                len(self._pending),
-                self.settings.call_timeout_s + DRAIN_MARGIN_S,
+            waited = self.settings.call_timeout_s + DRAIN_MARGIN_S
+            log_event(
+                "bridge.drain_cancelled",
+                logging.WARNING,
+                message=f"stdin closed; {len(self._pending)} requests still unanswered after "
+                f"{waited:.0f}s: cancelled",
+                pending=len(self._pending),
             )
 
     async def _emit_error(
@@ -592,7 +635,11 @@ class Bridge:
                 if line:
                     await stdout.send_all((line + "\n").encode("utf-8"))
         except _STDIO_ERRORS:
-            log.debug("stdout is closed; the client is gone")
+            log_event(
+                "bridge.stdout_closed",
+                logging.DEBUG,
+                message="stdout is closed; the client is gone",
+            )
             scope.cancel()
         finally:
             self._stdout_done.set()
@@ -618,14 +665,21 @@ class Bridge:
                 # "start it" is true, and retrying — or autostarting — cannot help)
                 self._last_error = str(exc)
                 if not exc.retryable:
-                    log.error("%s; not retrying", exc)
+                    log_event(
+                        "bridge.connect_refused", logging.ERROR, message=f"{exc}; not retrying"
+                    )
                     self._fatal = exc
                     await self._fail_pending(fatal=True)
                     return
                 delay = backoff_delay(attempt, self._rng)
                 if exc.retry_after_s is not None:
                     delay = min(exc.retry_after_s, MAX_RETRY_AFTER_S)
-                log.warning("%s; retrying in %.2fs", exc, delay)
+                log_event(
+                    "bridge.connect_retry",
+                    logging.WARNING,
+                    message=f"{exc}; retrying in {delay:.2f}s",
+                    delay_s=round(delay, 2),
+                )
             except (WebSocketError, TimeoutError) as exc:
                 self._last_error = str(exc) if str(exc) else "connect timed out"
                 delay = backoff_delay(attempt, self._rng)
@@ -633,7 +687,11 @@ class Bridge:
                     attempt = 0
                     continue
                 if attempt == 0 or attempt % 20 == 0:
-                    log.warning("%s; retrying", self._last_error)
+                    log_event(
+                        "bridge.connect_retry",
+                        logging.WARNING,
+                        message=f"{self._last_error}; retrying",
+                    )
             else:
                 attempt = 0
                 async with conn:
@@ -652,10 +710,11 @@ class Bridge:
             return False
         if loopback_target(self.url) is None:
             # a daemon elsewhere cannot be started from here: wait for it as without autostart
-            log.warning(
-                "EXAI_AUTOSTART is set, but %s is not a URL on this machine: the bridge starts "
-                "no daemon for it",
-                redact_url(self.url),
+            log_event(
+                "bridge.autostart_not_local",
+                logging.WARNING,
+                message=f"EXAI_AUTOSTART is set, but {redact_url(self.url)} is not a URL on this "
+                "machine: the bridge starts no daemon for it",
             )
             self._autostart_after = float("inf")
             return False
@@ -664,11 +723,14 @@ class Bridge:
         except AutostartFailed as exc:
             self._autostart_after = anyio.current_time() + self.settings.autostart_wait_s
             self._last_error = f"EXAI_AUTOSTART: {exc}"
-            log.error("%s", self._last_error)
+            log_event("bridge.autostart_failed", logging.ERROR, message=self._last_error)
             self._hopeless = True  # nothing will answer soon: the waiting learn why now
             return False
         if started == "started":
-            log.info("started the exai daemon for %s (EXAI_AUTOSTART)", redact_url(self.url))
+            log_event(
+                "bridge.autostart_started",
+                message=f"started the exai daemon for {redact_url(self.url)} (EXAI_AUTOSTART)",
+            )
             self._autostart_after = anyio.current_time() + AUTOSTART_SPACING_S
         return started != "answering"
 
@@ -683,7 +745,11 @@ class Bridge:
         for event in self._internal.values():
             event.set()
         self._internal.clear()
-        log.warning("lost the connection to the daemon (%s); reconnecting", self._last_error)
+        log_event(
+            "bridge.connection_lost",
+            logging.WARNING,
+            message=f"lost the connection to the daemon ({self._last_error}); reconnecting",
+        )
 
     async def _wait_or_expire(self, delay: float) -> None:
         """Sleep ``delay``, but wake to answer waiting requests once the outage is too long."""
@@ -695,10 +761,13 @@ class Bridge:
             if not self._hopeless:
                 await anyio.sleep(max(0.0, deadline - now))
             self._expired = True
-            log.error(
-                "exai daemon unreachable at %s for %.1fs: answering waiting requests with an error",
-                redact_url(self.url),
-                anyio.current_time() - self._down_since,
+            down_s = anyio.current_time() - self._down_since
+            log_event(
+                "bridge.unreachable",
+                logging.ERROR,
+                message=f"exai daemon unreachable at {redact_url(self.url)} for {down_s:.1f}s: "
+                "answering waiting requests with an error",
+                down_s=round(down_s, 1),
             )
             await self._fail_pending(fatal=False)
             delay = max(0.0, now + delay - anyio.current_time())
@@ -763,7 +832,10 @@ class Bridge:
             self._hopeless = False
             self._down_since = None
             if self._expired:
-                log.info("the daemon at %s is reachable again", redact_url(self.url))
+                log_event(
+                    "bridge.reachable_again",
+                    message=f"the daemon at {redact_url(self.url)} is reachable again",
+                )
             self._expired = False
             tg.start_soon(self._guard, self._sender, conn, tg.cancel_scope)
             tg.start_soon(self._guard, self._heartbeat, conn, tg.cancel_scope)
@@ -787,7 +859,11 @@ class Bridge:
         with anyio.move_on_after(self.settings.handshake_timeout_s) as scope:
             await answered.wait()
         if scope.cancelled_caught:
-            log.warning("the daemon did not answer the replayed %s", self._handshake["method"])
+            log_event(
+                "bridge.handshake_unanswered",
+                logging.WARNING,
+                message=f"the daemon did not answer the replayed {self._handshake['method']}",
+            )
         queued_initialized = any(
             e.msg.get("method") == "notifications/initialized" for e in self._queue
         )
@@ -833,7 +909,11 @@ class Bridge:
             try:
                 message = json.loads(text)
             except (ValueError, RecursionError):
-                log.warning("the daemon sent a message that is not JSON; ignored")
+                log_event(
+                    "bridge.daemon_message_invalid",
+                    logging.WARNING,
+                    message="the daemon sent a message that is not JSON; ignored",
+                )
                 continue
             for msg in message if isinstance(message, list) else [message]:
                 if isinstance(msg, dict):
@@ -848,11 +928,19 @@ class Bridge:
                 if event is not None:
                     event.set()
                 if "error" in msg:
-                    log.warning("the daemon refused the replayed handshake: %s", msg["error"])
+                    log_event(
+                        "bridge.handshake_refused",
+                        logging.WARNING,
+                        message=f"the daemon refused the replayed handshake: {msg['error']}",
+                    )
                 return
             entry = self._pending.pop(_key(rid), None)
             if entry is None:
-                log.debug("dropped an answer for id %r (answered, cancelled or not ours)", rid)
+                log_event(
+                    "bridge.answer_dropped",
+                    logging.DEBUG,
+                    message=f"dropped an answer for id {rid!r} (answered, cancelled or not ours)",
+                )
                 return
             if entry.msg.get("method") in ("initialize", "server/discover") and "result" in msg:
                 self._handshake = {k: v for k, v in entry.msg.items() if k != "id"}

@@ -12,12 +12,11 @@ import json
 import logging
 from typing import Any
 
+from exai.logs import log_event
 from exai.server.idscan import ID_SCAN_BYTES, recover_id_from_ends
 from exai.server.protocol import encode as encode_message
 
 __all__ = ["DECODER", "Entry", "Oversized", "dumps_line", "to_client_line"]
-
-log = logging.getLogger("exai.bridge")
 
 
 def dumps_line(message: Any) -> str:
@@ -83,9 +82,17 @@ def to_client_line(msg: dict[str, Any]) -> str:
     except (ValueError, TypeError, RecursionError):
         rid = msg.get("id")
         if "method" in msg or not isinstance(rid, str | int) or isinstance(rid, bool):
-            log.warning("dropped a message from the daemon that cannot be encoded")
+            log_event(
+                "bridge.daemon_message_unencodable",
+                logging.WARNING,
+                message="dropped a message from the daemon that cannot be encoded",
+            )
             return ""
-        log.warning("the daemon's answer to %r cannot be encoded; answering with an error", rid)
+        log_event(
+            "bridge.answer_unencodable",
+            logging.WARNING,
+            message=f"the daemon's answer to {rid!r} cannot be encoded; answering with an error",
+        )
         return dumps_line(
             {
                 "jsonrpc": "2.0",

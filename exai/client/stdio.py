@@ -32,11 +32,10 @@ import trio
 from exai.client.bridge import FLUSH_S, GOODBYE_S, Bridge
 from exai.config import Settings, redact_url
 from exai.errors import ConfigError
-from exai.logs import configure_logging
+from exai.logs import configure_logging, log_event
 
 __all__ = ["PARENT_POLL_S", "run"]
 
-log = logging.getLogger("exai.bridge")
 
 #: How often the parent process is checked.
 PARENT_POLL_S = 0.5
@@ -80,7 +79,9 @@ def _open_fd(fd: int) -> Any:
 async def _watch_parent(original_ppid: int, stop: Callable[[], None]) -> None:
     while True:
         if os.getppid() != original_ppid:
-            log.debug("the parent process is gone; exiting")
+            log_event(
+                "bridge.parent_gone", logging.DEBUG, message="the parent process is gone; exiting"
+            )
             stop()
             return
         await anyio.sleep(PARENT_POLL_S)
@@ -91,7 +92,8 @@ async def _watch_signals(stop: _Stop, scope: anyio.CancelScope) -> None:
     second one ends it at once."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.debug("received %s; exiting", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            log_event("bridge.signal", logging.DEBUG, message=f"received {name}; exiting")
             if stop.called:
                 scope.cancel()
                 return
@@ -151,7 +153,11 @@ def run(url: str | None = None) -> int:
         bridge = Bridge(settings, url=url)
         # debug: an MCP client shows the bridge's stderr to its user, and a start that works
         # has nothing to tell (warnings and errors still go there)
-        log.debug("bridging stdio to %s", redact_url(bridge.url))
+        log_event(
+            "bridge.started",
+            logging.DEBUG,
+            message=f"bridging stdio to {redact_url(bridge.url)}",
+        )
         async with anyio.create_task_group() as tg:
             stop = _Stop(bridge, tg)
             tg.start_soon(_watch_parent, original_ppid, stop)

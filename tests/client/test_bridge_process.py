@@ -73,6 +73,33 @@ def test_bridge_answers_over_stdio_and_exits_0_on_stdin_eof(threaded_daemon: Fak
     assert b"bridging stdio to" in err
 
 
+def test_the_bridges_log_lines_are_shaped_as_the_daemons(threaded_daemon: FakeDaemon) -> None:
+    """Each stderr line is a record with a short dotted event name and fields, the sentence a
+    person reads under ``message`` (the bridge put the whole sentence in ``event``)."""
+    import re
+
+    env = bridge_env(threaded_daemon.url) | {"EXAI_LOG_FORMAT": "json"}
+    with subprocess.Popen(
+        BRIDGE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        proc.stdin.write(b"not json\n")  # a warning: the client sent a line that is not JSON
+        proc.stdin.flush()
+        proc.stdout.readline()
+        proc.stdout.readline()
+        proc.stdin.close()
+        code = proc.wait(timeout=HANG_GUARD_S)
+        err = proc.stderr.read().decode()
+    assert code == 0, err
+    records = [json.loads(line) for line in err.splitlines()]
+    events = {r["event"]: r for r in records}
+    assert all(re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", e) for e in events), sorted(events)
+    assert events["bridge.started"]["message"].startswith("bridging stdio to ws://")
+    assert events["bridge.client_line_invalid"]["level"] == "warning"
+    assert "is not valid JSON" in events["bridge.client_line_invalid"]["message"]
+
+
 def test_stray_prints_inside_the_bridge_go_to_stderr(threaded_daemon: FakeDaemon) -> None:
     code = textwrap.dedent(
         """
