@@ -30,6 +30,7 @@ from exai.logs import log_event, say
 from exai.server.admin import serve_admin
 from exai.server.auth import check_bind
 from exai.server.listener import load_ssl_context
+from exai.server.mcp_sessions import stored_key
 from exai.server.overload import tune_malloc
 from exai.server.services import Daemon, compose, paced
 from exai.server.stalls import loop_probe
@@ -38,7 +39,8 @@ from exai.tools.base import ToolRegistry
 
 __all__ = ["BindError", "Daemon", "serve"]
 
-#: start-up work done in a worker thread (reading the TLS files, checking the tools' schemas)
+#: start-up work done in a worker thread (reading the TLS files and the kept session-signing
+#: key, checking the tools' schemas)
 _TLS_LIMITER = trio.CapacityLimiter(1)
 
 
@@ -78,7 +80,21 @@ async def serve(
         # checking the tools' schemas against the metaschema takes a tenth of a second the
         # first time: not on the event loop
         registry = await trio.to_thread.run_sync(default_registry, limiter=_TLS_LIMITER)
-    daemon = compose(settings, registry, services, reload=reload, reload_environ=reload_environ)
+    kept_key = None
+    if not settings.session_signing_key:
+        # the session-signing key kept in the state directory (made at first start: mkdir,
+        # write, fsync, link) is blocking file I/O: not on the loop
+        kept_key = await trio.to_thread.run_sync(
+            stored_key, settings.state_path, limiter=_TLS_LIMITER
+        )
+    daemon = compose(
+        settings,
+        registry,
+        services,
+        reload=reload,
+        reload_environ=reload_environ,
+        kept_signing_key=kept_key,
+    )
     check_bind(settings, daemon.tokens)
     # reading the certificate and key files is blocking file I/O: not on the loop
     ssl_ctx = await trio.to_thread.run_sync(load_ssl_context, settings, limiter=_TLS_LIMITER)

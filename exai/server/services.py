@@ -50,7 +50,7 @@ from exai.server.core import SessionShared
 from exai.server.httpdoor import HttpDoor
 from exai.server.legacy import LegacyDoor
 from exai.server.listener import Listener
-from exai.server.mcp_sessions import Revocations, SessionSigner, stored_key
+from exai.server.mcp_sessions import Revocations, SessionSigner
 from exai.server.metrics import (
     DaemonMetrics,
     call_metrics,
@@ -313,13 +313,13 @@ class Daemon:
         }
 
 
-def _signer(settings: Settings) -> tuple[SessionSigner, str]:
-    """The session-id signer of ``EXAI_SESSION_SIGNING_KEY``, else of the key kept in the state
-    directory (:func:`~exai.server.mcp_sessions.stored_key`), else of a key made for this run;
-    and which of the three (``"configured"``, ``"state directory"``, ``"per run"``)."""
+def _signer(settings: Settings, kept: bytes | None = None) -> tuple[SessionSigner, str]:
+    """The session-id signer of ``EXAI_SESSION_SIGNING_KEY``, else of ``kept`` (the key kept in
+    the state directory, :func:`~exai.server.mcp_sessions.stored_key`), else of a key made for
+    this run; and which of the three (``"configured"``, ``"state directory"``, ``"per run"``)."""
     if settings.session_signing_key:
         key, source = settings.session_signing_key.reveal().encode(), "configured"
-    elif (kept := stored_key(settings.state_path)) is not None:
+    elif kept is not None:
         key, source = kept, "state directory"
     else:
         key, source = secrets.token_bytes(32), "per run"  # (exai.server.app logs which)
@@ -333,9 +333,11 @@ def compose(
     *,
     reload: Callable[[], Settings] | None = None,
     reload_environ: Mapping[str, str] | None = None,
+    kept_signing_key: bytes | None = None,
 ) -> Daemon:
-    """Build and wire every part of one daemon (see the module docstring). Starts nothing:
-    :func:`exai.server.app.serve` runs what is built here.
+    """Build and wire every part of one daemon (see the module docstring). Starts nothing, and
+    reads no file (it runs on the event loop): :func:`exai.server.app.serve` runs what is built
+    here, and reads beforehand, in a thread, what it needs from files.
 
     Args:
         settings: the daemon's settings.
@@ -344,6 +346,10 @@ def compose(
             (the status view) is added unless given.
         reload: builds fresh settings for secret rotation; ``None`` disables it.
         reload_environ: where the names of the watched secret files come from.
+        kept_signing_key: the session-signing key kept in the state directory
+            (:func:`~exai.server.mcp_sessions.stored_key`, blocking file I/O: ``serve`` reads it
+            in a thread), used unless ``EXAI_SESSION_SIGNING_KEY`` is set; ``None``: a key made
+            for this run.
 
     Raises:
         ConfigError: a malformed token entry.
@@ -411,7 +417,7 @@ def compose(
     d.pacer = shared.pacer
     d.sessions = SessionTable(shared, lambda: d.settings, d.changes)
     tokens = TokenTable(parse_tokens(settings.tokens))
-    d.signer, d.signing_key_source = _signer(settings)
+    d.signer, d.signing_key_source = _signer(settings, kept_signing_key)
     d.revocations = Revocations(redis, key_prefix=settings.redis_key_prefix)
     origins = OriginPolicy.from_entries(settings.allowed_origins)
     d.http_door = HttpDoor(

@@ -1077,3 +1077,26 @@ async def test_a_delete_on_a_kept_connection_says_connection_close_and_closes(tm
             await client.aclose()
     assert first[0].startswith(b"HTTP/1.1 200 ")
     assert rest.startswith(b"HTTP/1.1 204 ") and b"\r\nConnection: close\r\n" in rest
+
+
+async def test_the_kept_signing_key_is_read_and_made_off_the_event_loop(tmp_path, monkeypatch):
+    """``stored_key`` (mkdir, write, fsync, link at first start) ran from ``compose()``, on the
+    trio loop; the other start-time file work (TLS files, the registry) goes to a thread."""
+    import exai.server.app as app_module
+    import exai.server.services as services_module
+
+    on_loop: list[bool] = []
+
+    def recording(state_dir):
+        try:
+            trio.lowlevel.current_task()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return stored_key(state_dir)
+
+    monkeypatch.setattr(services_module, "stored_key", recording, raising=False)
+    monkeypatch.setattr(app_module, "stored_key", recording, raising=False)
+    async with running_daemon(make_settings(tmp_path)) as d:
+        assert d.status()["doors"]["session_signing_key"] == "state directory"
+    assert on_loop == [False]
