@@ -751,3 +751,28 @@ def test_client_commands_do_not_read_the_daemons_secret_files(tmp_path):
     assert no_token.returncode != 0
     assert "EXAI_TOKEN_FILE" in no_token.stderr and "cannot read" in no_token.stderr
     assert "EXAI_TOKENS_FILE" not in no_token.stderr
+
+
+def test_config_says_which_restart_only_settings_the_running_daemon_still_runs_without(tmp_path):
+    """After a SIGHUP with a restart-only setting changed in the files, `exai config` showed the
+    new value and nothing said the daemon still ran with the old one. Its status now names the
+    settings changed since it started, and `exai config` says so on stderr (stdout stays JSON)."""
+    import time
+
+    dotenv = tmp_path / "daemon.env"
+    dotenv.write_text("EXAI_MAX_INFLIGHT=5\n")
+    env = subprocess_env(tmp_path, EXAI_ENV_FILE=str(dotenv))
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        dotenv.write_text("EXAI_MAX_INFLIGHT=7\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60  # (only turns a hang into a failure)
+        while not any("config.reloaded" in line for line in proc.stderr_lines):
+            assert time.monotonic() < deadline, proc.stderr_lines
+            time.sleep(0.05)
+        shown = run_cli(["config"], env | {"EXAI_URL": url})
+        offline = run_cli(["config", "--offline"], env | {"EXAI_URL": url})
+        _stop(proc)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["max_inflight"] == 7  # the files' value
+    assert "max_inflight" in shown.stderr and "restart" in shown.stderr
+    assert offline.returncode == 0 and offline.stderr == ""

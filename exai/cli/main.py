@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from exai import __version__
-from exai.config import Settings
+from exai.config import Settings, redact_url
 from exai.errors import ConfigError, ExaiError
 from exai.testing.mock_args import add_arguments as add_mock_upstream_arguments
 
@@ -79,7 +79,42 @@ def _config(args: argparse.Namespace) -> int:
         _err(f"configuration error: {exc}")
         return 2
     print(json.dumps(settings.display(), indent=2, sort_keys=True))
+    if not args.offline and (waiting := _not_applied_in_daemon(settings)):
+        # (on stderr: stdout stays the JSON document scripts parse)
+        _err(
+            f"the daemon at {redact_url(settings.effective_url)} still runs with the values it "
+            f"started with for {', '.join(waiting)}: changed in the files since, they take "
+            "effect at its restart (the values above are the files')"
+        )
     return 0
+
+
+#: how long `exai config` waits for the daemon's status (it prints the settings regardless)
+CONFIG_STATUS_WAIT_S = 3.0
+
+
+def _not_applied_in_daemon(settings: Settings) -> list[str]:
+    """The restart-only settings the running daemon reports as changed in the files since it
+    started (its ``status``: ``daemon.config.not_applied_until_restart``); empty when it does not
+    answer in :data:`CONFIG_STATUS_WAIT_S`, or without the daemon extras."""
+    if importlib.util.find_spec("trio_websocket") is None:
+        return []
+    import anyio
+
+    from exai.client import Client
+
+    async def ask() -> list[str]:
+        with anyio.fail_after(CONFIG_STATUS_WAIT_S):
+            async with Client(settings=settings, client_name="exai-config") as client:
+                result = await client.call_tool("status")
+        doc = result.get("structuredContent") or {}
+        names = ((doc.get("daemon") or {}).get("config") or {}).get("not_applied_until_restart")
+        return [str(n) for n in names] if isinstance(names, list) else []
+
+    try:
+        return anyio.run(ask, backend="trio")
+    except Exception:  # no daemon, another one, a refusal: nothing known to say
+        return []
 
 
 def _token_new(args: argparse.Namespace) -> int:
@@ -189,7 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         const="human",
         help="the short summary (the default on a terminal)",
     )
-    command("config", _config, "print the effective settings, secrets redacted")
+    p = command("config", _config, "print the effective settings, secrets redacted")
+    p.description = (
+        "Print the effective settings, secrets redacted: the values of the environment and the "
+        "files now. A running daemon takes the changed tokens, secrets and providers on reload "
+        "(SIGHUP, or a watched file changed) and every other setting only at its restart; when "
+        "it answers, a note on stderr names the settings it still runs with their old values."
+    )
+    p.add_argument("--offline", action="store_true", help="do not ask the running daemon (no note)")
     p = command("token", _token_new, "client tokens")
     token_sub = p.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
     new = token_sub.add_parser("new", help="make a fresh token and its hashed line")

@@ -106,6 +106,9 @@ class Reloader:
         self.settings = settings
         self.tokens = tokens
         self.load = load
+        #: the restart-only settings whose value in the files differs from the one the daemon
+        #: started with, as of the last reload (``status``: ``config``; ``exai config`` says so)
+        self.not_applied: list[str] = []
         self.apply = apply
         self.paths = watched_files(os.environ if environ is None else environ)
         # and every file the settings were read from, whichever source named it (a tokens
@@ -168,6 +171,7 @@ class Reloader:
             session_signing_key=new.session_signing_key,
         )
         self.tokens = tokens
+        self.not_applied = ignored
         revoked = self.apply(self.settings, tokens)
         self.reloads += 1
         fields: dict[str, Any] = {

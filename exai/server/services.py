@@ -294,6 +294,14 @@ class Daemon:
                 "session_max_pending_bytes": s.session_max_pending_bytes,
                 "session_queue_max": s.session_queue_max,
             },
+            "config": (
+                {
+                    "reloads": self.reloader.reloads,
+                    "not_applied_until_restart": list(self.reloader.not_applied),
+                }
+                if self.reloader
+                else None
+            ),
             "log_dropped": dropped_log_records(),
             "progress_dropped": self.stats.progress_dropped,
             "max_loop_stall_s": round(detector.max_stall_s, 4) if detector else None,
