@@ -372,6 +372,10 @@ class ServerWSConnection(WSConnection):
     #: a text frame may be sent between the peer's close frame and ours (set by
     #: :class:`ServerConnection` when it leaves the peer's close to its session)
     text_after_peer_close = False
+    #: bytes were given to wsproto while a message read the short way waited: it comes first
+    _behind = False
+    #: bytes read after the peer's close frame, while its answer is left to the session
+    _after_close = 0
 
     def send(self, event: Event) -> bytes:
         """wsproto's; with :attr:`text_after_peer_close`, a text frame may also be sent after
@@ -384,11 +388,6 @@ class ServerWSConnection(WSConnection):
             if conn is not None and conn.state is ConnectionState.REMOTE_CLOSING:
                 return bytes(conn._proto.send_data(event.data, event.message_finished))
         return super().send(event)
-    #: bytes were given to wsproto while a message read the short way waited: it comes first
-    _behind = False
-
-    #: bytes read after the peer's close frame, while its answer is left to the session
-    _after_close = 0
 
     def receive_data(self, data: bytes | None) -> None:
         conn = self.connection
