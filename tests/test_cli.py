@@ -776,3 +776,28 @@ def test_config_says_which_restart_only_settings_the_running_daemon_still_runs_w
     assert json.loads(shown.stdout)["max_inflight"] == 7  # the files' value
     assert "max_inflight" in shown.stderr and "restart" in shown.stderr
     assert offline.returncode == 0 and offline.stderr == ""
+
+
+def test_config_says_when_the_daemon_could_not_be_asked(tmp_path):
+    """A daemon with client tokens refused `exai config`'s status call (no EXAI_TOKEN, or a
+    wrong one) and `exai config` said nothing: the silence read as "the daemon runs with these
+    values" although it could not tell. It now says on stderr that it could not ask, and why;
+    stdout stays the JSON document. Nothing listening (no daemon) stays silent."""
+    import hashlib
+
+    token = "t" * 43
+    line = f"alice:sha256:{hashlib.sha256(token.encode()).hexdigest()}"
+    env = subprocess_env(tmp_path, EXAI_TOKENS=line)
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        refused = run_cli(["config"], env | {"EXAI_URL": url})
+        wrong = run_cli(["config"], env | {"EXAI_URL": url, "EXAI_TOKEN": "w" * 43})
+        right = run_cli(["config"], env | {"EXAI_URL": url, "EXAI_TOKEN": token})
+        _stop(proc)
+    nothing = run_cli(["config"], env | {"EXAI_URL": url})  # (the daemon has stopped)
+    for out in (refused, wrong):
+        assert out.returncode == 0, out.stderr
+        json.loads(out.stdout)
+        assert "could not ask the daemon" in out.stderr and "refused" in out.stderr, out.stderr
+        assert "w" * 43 not in out.stderr
+    assert right.returncode == 0 and right.stderr == "", right.stderr
+    assert nothing.returncode == 0 and nothing.stderr == "", nothing.stderr

@@ -79,12 +79,20 @@ def _config(args: argparse.Namespace) -> int:
         _err(f"configuration error: {exc}")
         return 2
     print(json.dumps(settings.display(), indent=2, sort_keys=True))
-    if not args.offline and (waiting := _not_applied_in_daemon(settings)):
-        # (on stderr: stdout stays the JSON document scripts parse)
+    if args.offline:
+        return 0
+    waiting, unasked = _not_applied_in_daemon(settings)
+    # (on stderr: stdout stays the JSON document scripts parse)
+    if waiting:
         _err(
             f"the daemon at {redact_url(settings.effective_url)} still runs with the values it "
             f"started with for {', '.join(waiting)}: changed in the files since, they take "
             "effect at its restart (the values above are the files')"
+        )
+    elif unasked:
+        _err(
+            f"could not ask the daemon at {redact_url(settings.effective_url)} whether it still "
+            f"runs with other values of the settings applied only at restart: {unasked}"
         )
     return 0
 
@@ -93,15 +101,18 @@ def _config(args: argparse.Namespace) -> int:
 CONFIG_STATUS_WAIT_S = 3.0
 
 
-def _not_applied_in_daemon(settings: Settings) -> list[str]:
+def _not_applied_in_daemon(settings: Settings) -> tuple[list[str], str | None]:
     """The restart-only settings the running daemon reports as changed in the files since it
-    started (its ``status``: ``daemon.config.not_applied_until_restart``); empty when it does not
-    answer in :data:`CONFIG_STATUS_WAIT_S`, or without the daemon extras."""
+    started (its ``status``: ``daemon.config.not_applied_until_restart``), and why it could not
+    be asked: ``None`` when it answered, when nothing listens (no daemon runs) or without the
+    daemon extras; else the reason (it refused the token, did not answer in
+    :data:`CONFIG_STATUS_WAIT_S`, …), so a silence is never taken for "nothing to apply"."""
     if importlib.util.find_spec("trio_websocket") is None:
-        return []
+        return [], None
     import anyio
 
     from exai.client import Client
+    from exai.client.ws import Unreachable
 
     async def ask() -> list[str]:
         with anyio.fail_after(CONFIG_STATUS_WAIT_S):
@@ -112,9 +123,14 @@ def _not_applied_in_daemon(settings: Settings) -> list[str]:
         return [str(n) for n in names] if isinstance(names, list) else []
 
     try:
-        return anyio.run(ask, backend="trio")
-    except Exception:  # no daemon, another one, a refusal: nothing known to say
-        return []
+        return anyio.run(ask, backend="trio"), None
+    except Unreachable:  # no daemon runs: nothing to say
+        return [], None
+    except TimeoutError:
+        return [], f"it did not answer in {CONFIG_STATUS_WAIT_S:g}s"
+    except Exception as exc:  # a refusal, another program, an error: say so, the URL redacted
+        url = settings.effective_url
+        return [], (str(exc) or type(exc).__name__).replace(url, redact_url(url))
 
 
 def _token_new(args: argparse.Namespace) -> int:
@@ -229,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Print the effective settings, secrets redacted: the values of the environment and the "
         "files now. A running daemon takes the changed tokens, secrets and providers on reload "
         "(SIGHUP, or a watched file changed) and every other setting only at its restart; when "
-        "it answers, a note on stderr names the settings it still runs with their old values."
+        "it answers, a note on stderr names the settings it still runs with their old values; "
+        "when it runs but cannot be asked (it refuses the token, does not answer in 3 s), a "
+        "note says so."
     )
     p.add_argument("--offline", action="store_true", help="do not ask the running daemon (no note)")
     p = command("token", _token_new, "client tokens")
