@@ -30,7 +30,7 @@ from exai.logs import log_event, say
 from exai.server.admin import serve_admin
 from exai.server.auth import check_bind
 from exai.server.listener import load_ssl_context
-from exai.server.mcp_sessions import stored_key
+from exai.server.mcp_sessions import STORED_KEY_FILE, stored_key
 from exai.server.overload import tune_malloc
 from exai.server.services import Daemon, compose, paced
 from exai.server.stalls import loop_probe
@@ -194,6 +194,7 @@ async def _run(
                     "keep a key: Streamable HTTP session ids are signed with a key made for "
                     "this run and end with it; daemons behind one balancer must share one key "
                     "(docs/deploy.md)",
+                    file=str(settings.state_path / STORED_KEY_FILE),
                 )
             task_status.started(daemon)
             await daemon.wait_for_shutdown()

@@ -36,6 +36,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,6 +61,8 @@ __all__ = [
 
 #: the signing key kept in the state directory when ``EXAI_SESSION_SIGNING_KEY`` is not set
 STORED_KEY_FILE = "session-signing.key"
+#: the longest kept key read (one made here is 64 hex digits); a longer file is not used
+MAX_STORED_KEY_BYTES = 4096
 
 
 def stored_key(state_dir: Path) -> bytes | None:
@@ -89,10 +92,19 @@ def stored_key(state_dir: Path) -> bytes | None:
                     pass  # (another daemon made it first: its key is the one)
             finally:
                 tmp.unlink(missing_ok=True)
-        key = path.read_bytes().strip()
+        # a regular file, read up to a bound: a FIFO or a link to /dev/zero put there (by a
+        # mistake, or by whoever can write the state directory) blocked or filled the memory
+        # of the start-up, which waits for this thread
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            key = os.read(fd, MAX_STORED_KEY_BYTES + 1).strip()
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    return key if len(key) >= 32 else None
+    return key if 32 <= len(key) <= MAX_STORED_KEY_BYTES else None
 
 
 _PREFIX = "v1."

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,27 @@ def test_a_state_directory_that_cannot_keep_a_key_gives_none_and_two_daemons_sha
     (tmp_path / "state" / STORED_KEY_FILE).write_text("short\n")  # damaged
     assert stored_key(tmp_path / "state") is None
     assert [p.name for p in (tmp_path / "state").iterdir()] == [STORED_KEY_FILE]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_kept_key_that_is_not_a_regular_file_gives_none_without_blocking(tmp_path, kind):
+    """A FIFO at the key's path blocked stored_key's read for ever, and a link to /dev/zero read
+    until the memory ran out: the daemon's start-up waits for that thread, so it never
+    listened. Only a regular file is read, and only up to a bound."""
+    import threading
+
+    state = tmp_path / "state"
+    state.mkdir()
+    key = state / STORED_KEY_FILE
+    if kind == "fifo":
+        os.mkfifo(key)
+    else:  # (/dev/null, not /dev/zero: the old code would read that until the memory ran out)
+        key.symlink_to("/dev/null")
+    got: list[bytes | None] = []
+    worker = threading.Thread(target=lambda: got.append(stored_key(state)), daemon=True)
+    worker.start()
+    worker.join(30)  # (only turns a hang into a failure)
+    assert got == [None]
 
 
 async def test_a_session_id_that_is_garbage_is_404_and_two_of_them_are_400(tmp_path):
