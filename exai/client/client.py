@@ -57,7 +57,7 @@ from exai.client.ws import (
     connect_websocket,
     make_ssl_context,
 )
-from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text
+from exai.config import TOKEN_TEXT_RULE, Secret, Settings, is_token_text, redact_url
 from exai.errors import ExaiError
 from exai.server.protocol import encode as encode_message
 
@@ -245,7 +245,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "broken" if self._broken else ("open" if self._conn else "not open")
-        return f"<exai.Client {self.url} {state} in_flight={len(self._pending)}>"
+        return f"<exai.Client {redact_url(self.url)} {state} in_flight={len(self._pending)}>"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class Client:
                 )
         except TimeoutError:
             raise WebSocketError(
-                f"timed out connecting to the exai daemon at {self.url} "
+                f"timed out connecting to the exai daemon at {redact_url(self.url)} "
                 f"({settings.handshake_timeout_s:g}s)"
             ) from None
         tg = anyio.create_task_group()
@@ -290,7 +290,7 @@ class Client:
             await self._shutdown()
             if isinstance(exc, TimeoutError):
                 raise WebSocketError(
-                    f"the exai daemon at {self.url} did not answer initialize in "
+                    f"the exai daemon at {redact_url(self.url)} did not answer initialize in "
                     f"{settings.handshake_timeout_s:g}s"
                 ) from None
             raise
@@ -316,10 +316,12 @@ class Client:
             if conn is not None:
                 with anyio.CancelScope(shield=True):
                     await conn.aclose()
-            gone = ConnectionClosed(1000, "client closed", url=self.url)
+            gone = ConnectionClosed(1000, "client closed", url=redact_url(self.url))
             self._broken = self._broken or gone
             for pending in list(self._pending.values()):
-                pending.settle(None, ConnectionClosed(1000, "client closed", url=self.url))
+                pending.settle(
+                    None, ConnectionClosed(1000, "client closed", url=redact_url(self.url))
+                )
             self._pending.clear()
             self._progress.clear()
 
@@ -346,7 +348,9 @@ class Client:
         except ConnectionClosed as exc:
             self._broken = exc
             for pending in list(self._pending.values()):
-                pending.settle(None, ConnectionClosed(exc.code, exc.close_reason, url=self.url))
+                pending.settle(
+                    None, ConnectionClosed(exc.code, exc.close_reason, url=redact_url(self.url))
+                )
             self._pending.clear()
             self._progress.clear()
 
@@ -427,7 +431,9 @@ class Client:
 
     async def _send(self, message: dict[str, Any]) -> None:
         if self._broken is not None:
-            raise ConnectionClosed(self._broken.code, self._broken.close_reason, url=self.url)
+            raise ConnectionClosed(
+                self._broken.code, self._broken.close_reason, url=redact_url(self.url)
+            )
         if self._conn is None:
             raise RuntimeError("exai.Client is not open; use 'async with Client(...)'")
         await self._conn.send_message(self._encode(message))

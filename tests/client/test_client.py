@@ -306,3 +306,32 @@ def test_a_token_that_is_not_printable_ascii_is_refused_when_the_client_is_made(
     with pytest.raises(ConfigError, match="ASCII") as info:
         Client("ws://127.0.0.1:9/mcp", token="tök€n-0123456789abcdef0123456789")
     assert "tök€n" not in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_the_clients_errors_never_show_the_urls_password_or_query(daemon: FakeDaemon) -> None:
+    """The WebSocket layer's errors name the URL redacted, but exai.Client's own — "timed out
+    connecting to the exai daemon at …", and the ConnectionClosed of a lost or closed
+    connection — named it whole: `exai call` / `exai status` printed EXAI_URL's password and
+    query string (a token put there) on stderr."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    silent = f"ws://u:pw-SECRET@127.0.0.1:{port}/mcp?token=q-SECRET"
+
+    async def hold(stream: trio.SocketStream) -> None:  # accepts, never answers the upgrade
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, hold, [listener])
+        with pytest.raises(errors.ExaiError) as timed_out:
+            async with Client(settings=settings_for(silent, handshake_timeout_s=0.05)):
+                pass
+        nursery.cancel_scope.cancel()
+    assert "timed out" in str(timed_out.value)
+    with_query = daemon.url + "?token=q-SECRET"
+    async with Client(settings=settings_for(with_query)) as client:
+        await daemon.conns[-1].aclose(code=1001, reason="shutting down")
+        with pytest.raises(ConnectionClosed) as lost:
+            await client.call_tool("hold")
+    shown = [str(timed_out.value), str(lost.value), repr(client)]
+    assert not [s for s in shown if "SECRET" in s], shown
