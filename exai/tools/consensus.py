@@ -311,6 +311,8 @@ async def _synthesise(
         temperature=args.get("temperature"),
         thinking_mode=args.get("thinking_mode"),
         on_delta=progress.on_delta,
+        # the synthesis is the call's answer: call.finished and the audit record name its route
+        on_route=lambda prov, mdl: ctx.annotations.update(provider=prov, model=mdl),
     )
     outcome: tuple[ChatResponse | None, str | None] = (
         None,
@@ -396,6 +398,13 @@ async def _consensus(args: dict[str, Any], ctx: ToolContext) -> ToolResult:
         )
     else:
         synth_note = "only one model answered: nothing to weigh it against, so no synthesis"
+    # call.finished and the audit record name what answered: the synthesis, else the one answer
+    # (before, a consensus call logged provider and model null however many models it asked)
+    if synthesis is not None:
+        ctx.annotations.update(provider=synthesis.provider, model=synthesis.model)
+    elif len(answered) == 1:
+        one = answered[0]
+        ctx.annotations.update(provider=one.provider, model=one.served_by or one.model)
 
     cont = await _save(ctx, conv, thread, args, consultations, synthesis)
     return _result(consultations, synthesis, synth_note, cont, file_notes, len(answered))

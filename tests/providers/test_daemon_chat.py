@@ -156,3 +156,40 @@ async def test_a_cancelled_call_logs_the_provider_it_had_reached(tmp_path, two_m
     fields = finished()[0].fields  # type: ignore[attr-defined]
     assert fields["outcome"] == "cancelled"
     assert fields["provider"] == "a" and fields["model"] == "mock-a"
+
+
+@pytest.mark.parametrize(
+    ("b_fails", "expected"),
+    [
+        (False, ("b", "mock-b")),  # two answers: the synthesis (asked of mock-b) answered
+        (True, ("a", "mock-a")),  # mock-b refuses: one answer, no synthesis, that one answered
+    ],
+)
+async def test_a_consensus_call_logs_the_provider_that_answered(
+    tmp_path, two_mocks, caplog, b_fails, expected
+):
+    """call.finished and the audit record said ``provider: null, model: null`` for every
+    consensus call, though docs/security.md says they name what answered and null only for a
+    call that reached no provider. They now name the synthesis, or the one answer."""
+    from exai.testing.mock_upstream import Fault
+
+    a, b = two_mocks
+    if b_fails:
+        b.set_fault(Fault.status(400))
+    settings = daemon_settings(tmp_path, a, b)
+    with caplog.at_level("INFO", logger="exai"):
+        async with (
+            ProviderRouter(settings) as router,
+            running_daemon(settings, default_registry(), {"providers": router}) as d,
+            ws(d) as conn,
+        ):
+            models = [{"model": "mock-a"}, {"model": "mock-b"}]
+            args = {"prompt": "p", "model": "mock-b", "models": models}
+            res = await Rpc(conn).call("consensus", args)
+            assert res["result"]["isError"] is False, res
+            with trio.fail_after(10):  # (only turns a hang into a failure)
+                while not [r for r in caplog.records if getattr(r, "event", "") == "call.finished"]:
+                    await trio.sleep(0.01)
+    [fin] = [r for r in caplog.records if getattr(r, "event", "") == "call.finished"]
+    fields = fin.fields  # type: ignore[attr-defined]
+    assert (fields["provider"], fields["model"]) == expected
