@@ -725,6 +725,16 @@ def test_status_summary_counts_in_words():
     assert "spool: 1 write waiting for the store (2.0 KiB of 1.0 MiB)" in text
 
 
+def test_status_summary_never_shows_the_urls_password_or_query():
+    """`exai status` (the summary) headed its lines with the URL as given, so EXAI_URL or --url
+    with a password or a token in the query string was printed whole."""
+    from exai.cli.status import summary
+
+    doc = {"daemon": {"version": "9", "ready": True}}
+    head = summary(doc, "ws://u:pw-SECRET@127.0.0.1:1/mcp?token=q-SECRET").splitlines()[0]
+    assert head == "exai 9 at ws://u:***@127.0.0.1:1/mcp: ready, up ?, auth ?"
+
+
 def test_client_commands_do_not_read_the_daemons_secret_files(tmp_path):
     """A ``.env`` shared with the daemon names its tokens file, provider key and storage URL
     files, which the client's account cannot read (here: they do not exist — the tests run as

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from exai.config.secret import redact_url
+
 __all__ = ["run", "summary"]
 
 
@@ -61,7 +63,8 @@ def summary(doc: Mapping[str, Any], url: str | None = None) -> str:
     d = _get(doc, "daemon") or {}
     lines = []
     state = "draining" if d.get("draining") else ("ready" if d.get("ready") else "not ready")
-    head = f"exai {d.get('version', '?')}" + (f" at {url}" if url else "")
+    # (the URL as given: EXAI_URL or --url may carry a password or a token in its query)
+    head = f"exai {d.get('version', '?')}" + (f" at {redact_url(url)}" if url else "")
     lines.append(f"{head}: {state}, up {_duration(d.get('uptime_s'))}, auth {d.get('auth', '?')}")
     conns = d.get("connections") or {}
     lines.append(
