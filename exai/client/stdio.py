@@ -30,6 +30,7 @@ import anyio.to_thread
 import trio
 
 from exai.client.bridge import FLUSH_S, GOODBYE_S, Bridge
+from exai.client.ws import WebSocketError, check_url
 from exai.config import Settings, redact_url
 from exai.errors import ConfigError
 from exai.logs import configure_logging, log_event
@@ -139,6 +140,13 @@ def run(url: str | None = None) -> int:
     try:
         settings = Settings.from_env(client=True)
     except ConfigError as exc:
+        print(f"exai bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # a malformed URL (http://…, no host, a bad port) can never work: the bridge retried it
+        # for ever (or crashed with a traceback on a bad port); it is a configuration error
+        check_url(url or settings.effective_url)
+    except WebSocketError as exc:
         print(f"exai bridge: {exc}", file=sys.stderr)
         return 2
     try:

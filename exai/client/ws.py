@@ -61,6 +61,7 @@ __all__ = [
     "Unreachable",
     "WebSocketConnection",
     "WebSocketError",
+    "check_url",
     "connect_websocket",
     "make_ssl_context",
 ]
@@ -179,14 +180,25 @@ def make_ssl_context(settings: Settings | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
 
+def check_url(url: str) -> None:
+    """Raise :class:`WebSocketError` (its message names ``url`` redacted) unless ``url`` is a
+    ``ws://`` or ``wss://`` URL with a host and, if any, a valid port: a malformed URL is a
+    configuration error, never worth retrying."""
+    _parse_url(url)
+
+
 def _parse_url(url: str) -> tuple[bool, str, int, str]:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        given_port = parts.port  # (ValueError: not a number, or out of 0-65535)
+    except ValueError:
+        raise WebSocketError(f"not a valid URL (a bad port?): {redact_url(url)!r}") from None
     if parts.scheme not in ("ws", "wss"):
         raise WebSocketError(f"not a WebSocket URL (ws:// or wss://): {redact_url(url)!r}")
     if not parts.hostname:
         raise WebSocketError(f"WebSocket URL without a host: {redact_url(url)!r}")
     secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
+    port = given_port or (443 if secure else 80)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query

@@ -66,8 +66,12 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url.split("?", 1)[0]  # nothing to mask (and sqlite:////abs/path stays intact)
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:  # (not a number, or out of range: the URL is shown as unusable)
+        return "**********"
+    if port:
+        netloc = f"{netloc}:{port}"
     if parts.username:
         user = parts.username + (":***" if parts.password else "")
         netloc = f"{user}@{netloc}"

@@ -236,3 +236,31 @@ def test_bridge_exits_when_its_parent_dies(threaded_daemon: FakeDaemon) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://127.0.0.1:1/mcp", "not a WebSocket URL"),
+        ("ws:///mcp", "without a host"),
+        ("ws://127.0.0.1:99999/mcp", "a bad port"),
+        ("ws://u:pw-SECRET@127.0.0.1:99999/mcp?token=q-SECRET", "a bad port"),
+    ],
+)
+def test_a_malformed_url_stops_the_bridge_and_exai_call_with_a_configuration_error(
+    url: str, said: str
+) -> None:
+    """A URL that can never work (EXAI_URL=http://…, no host) had the bridge retry it for ever,
+    every call of the MCP client failing as "unreachable"; a port out of range crashed the
+    bridge and `exai call` with a ValueError traceback. The bridge now stops at start (2), and
+    `exai call` says so in one line (1); neither shows the URL's password or query."""
+    env = bridge_env(url)
+    bridge = subprocess.run(BRIDGE, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                            timeout=HANG_GUARD_S)  # fmt: skip
+    call = subprocess.run([*BRIDGE[:-1], "call", "version"], capture_output=True, env=env,
+                          timeout=HANG_GUARD_S)  # fmt: skip
+    assert bridge.returncode == 2, bridge.stderr
+    assert call.returncode == 1, call.stderr
+    for err in (bridge.stderr.decode(), call.stderr.decode()):
+        assert said in err and "Traceback" not in err and "SECRET" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
