@@ -788,6 +788,31 @@ def test_config_says_which_restart_only_settings_the_running_daemon_still_runs_w
     assert offline.returncode == 0 and offline.stderr == ""
 
 
+def test_config_says_a_provider_added_since_the_start_awaits_the_restart(tmp_path):
+    """A provider added to the files (or given another base URL) is taken only at a restart
+    (provider.reload_needs_restart), but the daemon's status left it out of
+    not_applied_until_restart: `exai config` showed it configured and said nothing."""
+    import time
+
+    dotenv = tmp_path / "daemon.env"
+    dotenv.write_text("")
+    env = subprocess_env(tmp_path, EXAI_ENV_FILE=str(dotenv))
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        dotenv.write_text(
+            "EXAI_PROVIDER_LATE_BASE_URL=http://127.0.0.1:9/v1\nEXAI_PROVIDER_LATE_MODELS=m-1\n"
+        )
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60  # (only turns a hang into a failure)
+        while not any("config.reloaded" in line for line in proc.stderr_lines):
+            assert time.monotonic() < deadline, proc.stderr_lines
+            time.sleep(0.05)
+        shown = run_cli(["config"], env | {"EXAI_URL": url})
+        _stop(proc)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["providers"]["late"]["configured"] is True
+    assert "providers.late" in shown.stderr and "restart" in shown.stderr, shown.stderr
+
+
 def test_config_says_when_the_daemon_could_not_be_asked(tmp_path):
     """A daemon with client tokens refused `exai config`'s status call (no EXAI_TOKEN, or a
     wrong one) and `exai config` said nothing: the silence read as "the daemon runs with these

@@ -177,6 +177,9 @@ class ProviderRouter:
             for p in settings.providers
         }
         self.registry = ModelRegistry(settings, self.providers)
+        #: providers the last reload added or gave another ``base_url``: they take effect at
+        #: the daemon's restart (``status``: ``daemon.config.not_applied_until_restart``)
+        self.needs_restart: list[str] = []
         self._attempts = attempts
         self._initial_backoff_s = initial_backoff_s
         self._budget = retry_budget
@@ -391,14 +394,17 @@ class ProviderRouter:
         one. A provider added or whose ``base_url`` changed needs a restart (logged).
         """
         self.settings = settings
+        needs_restart = []
         for new in settings.providers:
             provider = self.providers.get(new.name)
             if provider is None or new.base_url != provider.settings.base_url:
                 log_event("provider.reload_needs_restart", provider=new.name)
+                needs_restart.append(new.name)
                 continue
             provider.settings = new
             provider.client.settings = new
             provider.client.max_answer_bytes = settings.max_answer_bytes
+        self.needs_restart = needs_restart
         self.registry.settings = settings
 
     def metrics_snapshot(self) -> dict[str, Any]:

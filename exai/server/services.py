@@ -297,7 +297,14 @@ class Daemon:
             "config": (
                 {
                     "reloads": self.reloader.reloads,
-                    "not_applied_until_restart": list(self.reloader.not_applied),
+                    # (and the providers the reload added or moved: the router's, by name)
+                    "not_applied_until_restart": [
+                        *self.reloader.not_applied,
+                        *(
+                            f"providers.{name}"
+                            for name in getattr(self.services.get("providers"), "needs_restart", ())
+                        ),
+                    ],
                 }
                 if self.reloader
                 else None
