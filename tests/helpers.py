@@ -297,3 +297,16 @@ async def async_daemon_process(
 async def wait_exit(proc: subprocess.Popen[str], timeout_s: float = 15) -> int:
     """Wait for a subprocess to exit without blocking the trio loop."""
     return await trio.to_thread.run_sync(proc.wait, timeout_s)
+
+
+async def live_objects(cls: type) -> list[Any]:
+    """The objects of ``cls`` the garbage collector still tracks, after a collection — looked
+    for in a worker thread: in a whole suite's process ``gc.get_objects()`` walks millions of
+    objects, a 100+ ms step that the stall check failed as a blocking call (seen in CI)."""
+    import gc
+
+    def scan() -> list[Any]:
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, cls)]
+
+    return await trio.to_thread.run_sync(scan)

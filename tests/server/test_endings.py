@@ -9,7 +9,6 @@ their peers close in the same instant — never wall-clock time.
 from __future__ import annotations
 
 import base64
-import gc
 import os
 from collections import Counter
 
@@ -18,7 +17,7 @@ import trio
 
 from exai.server.endings import Endings
 from exai.server.session import Session
-from tests.helpers import make_settings, running_daemon
+from tests.helpers import live_objects, make_settings, running_daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -100,8 +99,7 @@ async def test_sessions_closing_at_once_leave_nothing_behind(tmp_path):
         assert len(d.sessions) == 0
         assert d.admission.open == 0
         assert endings.free == AT_ONCE  # every turn given back
-        gc.collect()
-        assert [o for o in gc.get_objects() if isinstance(o, Session)] == []
+        assert await live_objects(Session) == []
 
 
 async def test_a_session_ending_alone_waits_for_no_turn(tmp_path):
