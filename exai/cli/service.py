@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from exai.config import Settings
+from exai.config.dirs import make_dirs
 from exai.errors import ConfigError
 
 __all__ = [
@@ -288,7 +289,7 @@ def run(
         sys.stdout.write(content.decode())
         sys.stdout.flush()
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, 0o755)  # (the service manager reads it; never 0777)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(content)
     tmp.chmod(0o644)

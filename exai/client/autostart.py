@@ -47,6 +47,7 @@ import anyio
 import anyio.to_thread
 
 from exai.config import Settings, is_loopback
+from exai.config.dirs import make_dirs
 
 __all__ = [
     "LOCK_NAME",
@@ -144,7 +145,7 @@ async def _answers(host: str, port: int) -> bool:
 
 
 def _open_lock(state: Path) -> int:
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(state)
     return os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
 
 
@@ -161,7 +162,8 @@ def _spawn(state: Path, host: str, port: int) -> subprocess.Popen[bytes]:
     env["EXAI_HOST"] = host
     env["EXAI_PORT"] = str(port)
     log_path = state / LOG_NAME
-    with open(log_path, "ab") as log:
+    # the daemon's log and pid file private as the directory (0600 whatever the umask)
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         log.write(f"--- exai bridge (pid {os.getpid()}) starts exai serve at {stamp}\n".encode())
         log.flush()
@@ -175,7 +177,9 @@ def _spawn(state: Path, host: str, port: int) -> subprocess.Popen[bytes]:
             close_fds=True,
         )
     STARTED.append(proc)
-    (state / PID_NAME).write_text(f"{proc.pid}\n")
+    fd = os.open(state / PID_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as pid_file:
+        pid_file.write(f"{proc.pid}\n")
     return proc
 
 

@@ -47,6 +47,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from exai.config import Secret, Settings
+from exai.config.dirs import make_dirs
 from exai.logs import log_event
 
 __all__ = ["DEFAULT_CAPACITY", "DRAIN_S", "FIELDS", "AuditLog", "AuditStatistics"]
@@ -338,4 +339,4 @@ class AuditLog:
 
 
 def _make_dir(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)  # (0700 whatever the umask; an existing directory as it is)

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 
+from exai.config.dirs import make_dirs
 from exai.errors import CircuitOpenError
 from exai.resilience.breaker import CircuitBreaker
 
@@ -78,7 +79,7 @@ def stored_key(state_dir: Path) -> bytes | None:
     path = state_dir / STORED_KEY_FILE
     try:
         if not path.exists():
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs(state_dir)
             tmp = state_dir / f".{STORED_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:

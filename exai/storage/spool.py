@@ -54,6 +54,7 @@ import anyio.abc
 import anyio.to_thread
 import attrs
 
+from exai.config.dirs import make_dirs
 from exai.errors import ExaiError, StorageUnavailableError, StoreError
 from exai.resilience.backoff import Wakeup
 from exai.storage.model import Turn
@@ -237,7 +238,7 @@ class Spool:
         self._dirty = None
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.path.parent)
         lock_fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -655,7 +656,7 @@ async def open_spool(
     orphan; a crash in between leaves both copies, which replay de-duplicates.
     """
     await anyio.to_thread.run_sync(
-        lambda: directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # (turns: private)
+        lambda: make_dirs(directory)  # (turns: private)
     )
     spool: Spool | None = None
     for n in range(64):

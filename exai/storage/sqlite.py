@@ -77,6 +77,7 @@ import anyio.abc
 import attrs
 
 from exai.config import Settings
+from exai.config.dirs import make_dirs
 from exai.errors import ConfigError, StoreError, StoreUnavailableError
 from exai.logs import log_event
 from exai.storage.base import AppendResult, BatchItem
@@ -296,7 +297,7 @@ class SQLiteStore:
         # a new one is the daemon user's alone: its directory 0700, the file 0600 (SQLite
         # gives the -wal and -shm files the database file's mode). With the usual umask 022
         # they were created 0755/0644: every local account could read every conversation.
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.path.parent)
         try:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
