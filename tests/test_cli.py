@@ -813,6 +813,29 @@ def test_config_says_a_provider_added_since_the_start_awaits_the_restart(tmp_pat
     assert "providers.late" in shown.stderr and "restart" in shown.stderr, shown.stderr
 
 
+def test_config_says_a_signing_key_taken_out_of_the_files_awaits_the_restart(tmp_path):
+    """A reload whose files no longer set EXAI_SESSION_SIGNING_KEY leaves the daemon signing
+    with the key it started with (its sessions go on), but `exai config` showed no key and said
+    nothing, while the restart will take another key and end every session."""
+    import time
+
+    dotenv = tmp_path / "daemon.env"
+    dotenv.write_text("EXAI_SESSION_SIGNING_KEY=" + "s" * 40 + "\n")
+    env = subprocess_env(tmp_path, EXAI_ENV_FILE=str(dotenv))
+    with daemon_process(tmp_path, env=env) as (proc, url):
+        dotenv.write_text("")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60  # (only turns a hang into a failure)
+        while not any("config.reloaded" in line for line in proc.stderr_lines):
+            assert time.monotonic() < deadline, proc.stderr_lines
+            time.sleep(0.05)
+        shown = run_cli(["config"], env | {"EXAI_URL": url})
+        _stop(proc)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["session_signing_key"] is None
+    assert "session_signing_key" in shown.stderr and "restart" in shown.stderr, shown.stderr
+
+
 def test_config_says_when_the_daemon_could_not_be_asked(tmp_path):
     """A daemon with client tokens refused `exai config`'s status call (no EXAI_TOKEN, or a
     wrong one) and `exai config` said nothing: the silence read as "the daemon runs with these

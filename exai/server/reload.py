@@ -17,9 +17,15 @@ What happens:
       ("token revoked");
     * providers get the new keys for their next upstream request.
 
+A session-signing key taken out of the files (``EXAI_SESSION_SIGNING_KEY`` and its ``_FILE``
+both gone) is not applied: the daemon keeps signing with the key it has, and the reload names
+``session_signing_key`` under ``not_applied_until_restart`` (at the restart the daemon takes the
+key kept in the state directory, or one per run, and every session it signed ends).
+
 Which files are watched: every ``*_FILE`` variable of exai (``EXAI_*``, ``KIMI_*``, ``GLM_*``),
-plus ``EXAI_ENV_FILE``/``./.env`` and ``EXAI_CONFIG``; checked every
-``EXAI_SECRET_WATCH_INTERVAL_S`` by (inode, size, mtime).
+plus ``EXAI_ENV_FILE``/``./.env`` and ``EXAI_CONFIG``, and every file the settings were read
+from (at start, and as of each reload: a ``*_FILE`` newly named in the ``.env`` or TOML file);
+checked every ``EXAI_SECRET_WATCH_INTERVAL_S`` by (inode, size, mtime, mode).
 """
 
 from __future__ import annotations
@@ -163,13 +169,27 @@ class Reloader:
             and not f.metadata.get("client")  # (the bridge's and clients': never the daemon's)
             and getattr(new, f.name) != getattr(old, f.name)
         ]
+        # a session-signing key taken out of the files is not applied: the daemon goes on
+        # signing with the key it has (dropping it would end every session at once, as a
+        # restart will: it then uses the key kept in the state directory, or one per run), so
+        # it is named with the settings that wait for a restart
+        key = new.session_signing_key
+        if key is None and old.session_signing_key is not None:
+            key = old.session_signing_key
+            ignored.append("session_signing_key")
         self.settings = attrs.evolve(
             old,
             tokens=new.tokens,
             providers=new.providers,
             source_files=new.source_files,
-            session_signing_key=new.session_signing_key,
+            session_signing_key=key,
         )
+        # and the files these settings were read from are watched from now on (a key moved
+        # from the .env into EXAI_SESSION_SIGNING_KEY_FILE, a tokens file newly named in the
+        # TOML file): their next rotation reloads without a SIGHUP
+        for _var, path in new.source_files:
+            if Path(path) not in self.paths:
+                self.paths.append(Path(path))
         self.tokens = tokens
         self.not_applied = ignored
         revoked = self.apply(self.settings, tokens)
@@ -195,12 +215,14 @@ class Reloader:
         if interval <= 0 or not self.paths:
             task_status.started()
             return
-        seen = await anyio.to_thread.run_sync(_fingerprints, self.paths, limiter=_LIMITER)
+        seen = await anyio.to_thread.run_sync(_fingerprints, list(self.paths), limiter=_LIMITER)
         task_status.started()
         while True:
             await trio.sleep(interval)
-            now = await anyio.to_thread.run_sync(_fingerprints, self.paths, limiter=_LIMITER)
-            if now != seen:
-                changed = [str(p) for p in self.paths if now.get(p) != seen.get(p)]
-                seen = now
+            now = await anyio.to_thread.run_sync(_fingerprints, list(self.paths), limiter=_LIMITER)
+            # (a file first watched since the last look counts as changed: it may have changed
+            # since the reload that added it read it, so it is read once more)
+            changed = [str(p) for p in now if now[p] != seen.get(p, ())]
+            seen = now
+            if changed:
                 await self.reload("file changed: " + ", ".join(changed))

@@ -43,7 +43,13 @@ async def start(nursery: trio.Nursery, tmp_path: Path, env: dict[str, str]) -> A
 
         return attrs.evolve(base, port=0, admin_port=0, state_dir=str(tmp_path / "state"))
 
-    settings = make_settings(tmp_path, tokens=load().tokens, secret_watch_interval_s=0.05)
+    first = load()
+    settings = make_settings(
+        tmp_path,
+        tokens=first.tokens,
+        session_signing_key=first.session_signing_key,
+        secret_watch_interval_s=0.05,
+    )
     return await nursery.start(
         lambda task_status: serve(
             settings,
@@ -212,6 +218,58 @@ async def test_a_rotated_session_signing_key_ends_the_sessions_signed_with_the_o
         async with mcp_http(d.url, token=bearer(TOK_A)) as new:
             await new.initialize()  # a new session, signed with the new key
             assert (await new.post(new.message("ping"))).status_code == 200
+        d.request_shutdown()
+
+
+async def test_a_session_signing_key_taken_out_of_the_files_is_named_as_awaiting_the_restart(
+    tmp_path,
+):
+    """A reload whose files no longer set EXAI_SESSION_SIGNING_KEY (nor its _FILE) leaves the
+    daemon signing with the key it has — its sessions go on — but it was named nowhere: status
+    (and so `exai config`) said nothing, while the restart will take another key (the state
+    directory's) and end every session."""
+    from tests.httpmcp import mcp_http
+
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file), "EXAI_SESSION_SIGNING_KEY": "k" * 40}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        async with mcp_http(d.url, token=bearer(TOK_A)) as old:
+            await old.initialize()
+            del env["EXAI_SESSION_SIGNING_KEY"]
+            assert await d.reloader.reload("test")
+            assert (await old.post(old.message("ping"))).status_code == 200  # (kept)
+            status = d.status()
+            assert "session_signing_key" in status["config"]["not_applied_until_restart"]
+            assert status["doors"]["session_signing_key"] == "configured"
+            env["EXAI_SESSION_SIGNING_KEY"] = "k" * 40  # (back as it was: nothing waits)
+            assert await d.reloader.reload("test")
+            assert "session_signing_key" not in d.status()["config"]["not_applied_until_restart"]
+        d.request_shutdown()
+
+
+async def test_a_key_file_first_named_by_a_reload_is_watched(tmp_path):
+    """The watched files were the ones named at start: a signing key moved into
+    EXAI_SESSION_SIGNING_KEY_FILE (or a tokens file newly named) by a reload was read then, but
+    its next rotation went unseen until a SIGHUP."""
+    key_file = tmp_path / "signing.key"
+    key_file.write_text("n" * 40 + "\n")
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file), "EXAI_SESSION_SIGNING_KEY": "k" * 40}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        del env["EXAI_SESSION_SIGNING_KEY"]
+        env["EXAI_SESSION_SIGNING_KEY_FILE"] = str(key_file)
+        assert await d.reloader.reload("test")
+        assert d.settings.session_signing_key.reveal() == "n" * 40
+        tmp = key_file.with_suffix(".tmp")
+        tmp.write_text("m" * 40 + "\n")
+        tmp.replace(key_file)
+        with trio.fail_after(HANG_GUARD_S):
+            while d.settings.session_signing_key.reveal() != "m" * 40:
+                await trio.sleep(0.02)
         d.request_shutdown()
 
 
