@@ -6,7 +6,8 @@ Data path of a connection::
       (400/431 when it is not HTTP/1.x; 408 when it began and did not come whole in time, a
       connection that sent nothing is closed without a word) → the client's address
       (X-Forwarded-For of a trusted proxy) → a WebSocket upgrade?
-        yes: the bytes read are replayed into trio-websocket, then
+        yes: the head read is replayed into trio-websocket (the bytes past it held back until
+             the upgrade is answered: ProgressStream.hold), then
              400 malformed upgrade → 403 foreign Origin → 503 draining/overloaded
              → per-IP cap → global cap (503) → per-IP cap of the deployment (Redis, 503)
              → path /: the old op protocol's door (its token is in its first message)
@@ -214,7 +215,14 @@ class Listener:
                 peer, header_values(request, b"x-forwarded-for"), self.trusted_proxies
             )
             if is_websocket_upgrade(request):
-                stream.unread(head.raw)
+                # The WebSocket door reads the head again (wsproto); what came past it in the
+                # same reads (a client's first frames, sent right behind its upgrade) is held
+                # back until the upgrade is answered — wsproto's handshake would keep it to
+                # itself and the connection would start without it — and every read after the
+                # head waits meanwhile (ProgressStream.hold; ServerConnection._accept releases)
+                rest = http.trailing_data[0]
+                stream.unread(head.raw[: len(head.raw) - len(rest)] if rest else head.raw)
+                stream.hold(rest)
                 # (the WebSocket door reads the head again: this task's h11 state and parsed
                 # head, ≈ 2.7 KB, are not kept for the connection's life — memory per session)
                 http = first = head = request = None  # type: ignore[assignment]

@@ -249,7 +249,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
     Reads return what was given back with :meth:`unread` first; everything else is passed to
     the wrapped stream unchanged — except the peer's end: a read that finds the end of stream
     or a reset first waits for the connection's :attr:`turn` to be torn down, when it has one
-    (:mod:`exai.server.endings`).
+    (:mod:`exai.server.endings`) — and while the stream is held (:meth:`hold`): a read that
+    finds nothing given back waits for :meth:`release` before it reads the wrapped stream.
     """
 
     def __init__(self, inner: trio.abc.Stream) -> None:
@@ -258,6 +259,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         #: set by the listener once the connection is admitted to a door
         self.turn: EndingTurn | None = None
         self._unread = b""
+        #: while held (:meth:`hold`): the event :meth:`release` sets and the bytes it gives back
+        self._held: tuple[trio.Event, bytes] | None = None
         #: the last read from the socket came back short: the next one waits before it reads
         self._drained = False
         #: a write ended part-way: nothing more is written (:meth:`send_all`)
@@ -300,6 +303,32 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         listener read a request head before it knew which door it was for)."""
         self._unread = data + self._unread
 
+    def hold(self, rest: bytes = b"") -> None:
+        """Hold the stream until :meth:`release`: a read that finds nothing given back with
+        :meth:`unread` waits instead of reading the wrapped stream, and ``rest`` is given back
+        at the release, after what is given back then.
+
+        The WebSocket door's upgrade: the listener read the request head — and, in the same
+        reads, whatever the client sent past it (RFC 6455 lets a client send its first frames
+        right behind the upgrade request) — and gives back the head alone. The connection's
+        reader reads it and then the next bytes, which must not reach wsproto before the
+        upgrade is answered: its HTTP/1.1 state keeps bytes read past the request to itself
+        and the WebSocket connection the answer makes starts without them, so those frames
+        were lost (:meth:`~exai.server.wsconn.ServerConnection._accept` releases the stream
+        once the upgrade is answered; a refused upgrade never reads on)."""
+        self._held = (trio.Event(), rest)
+
+    def release(self) -> None:
+        """End :meth:`hold`: what it held is given back (read next) and a read waiting on it
+        goes on."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            event, rest = held
+            if rest:
+                self._unread += rest
+            event.set()
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` in chunks (see the class). A write that ends part-way — cancelled (a
         send deadline), or failed — cuts the stream: every later write raises
@@ -340,7 +369,12 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         (:meth:`receive_when_readable`) instead of trying first a read that finds nothing: a
         WebSocket connection's reader reads one message and asks for the next, which is not
         there yet — a ``recv`` returning ``EAGAIN`` and trio's wrapping of it per message
-        (issue 18, part 8). Bytes already in the socket are read in the next scheduler round."""
+        (issue 18, part 8). Bytes already in the socket are read in the next scheduler round.
+        While the stream is held (:meth:`hold`), a read with nothing given back waits for the
+        release first."""
+        held = self._held
+        if held is not None and not self._unread:
+            await held[0].wait()
         if self._drained and self._socket is not None and not self._unread:
             size = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
             if size < 1:
@@ -378,7 +412,7 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             trio.ClosedResourceError: the stream was closed.
         """
         sock = self._socket
-        if sock is None or self._unread:
+        if sock is None or self._unread or self._held is not None:
             return await self.receive_some(max_bytes)
         while True:
             # a socket closed before the wait has no descriptor (-1): trio would register a wait

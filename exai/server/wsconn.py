@@ -140,6 +140,12 @@ class ServerConnection(WebSocketConnection):
         self, request: Any, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
     ) -> None:
         await super()._accept(request, subprotocol, extra_headers)
+        # The upgrade is answered: what the client sent past its request (frames sent with it,
+        # held back by the listener: ProgressStream.hold) is read now, by the WebSocket
+        # connection the answer made — wsproto's handshake would have kept it to itself.
+        stream = self._stream
+        if isinstance(stream, ProgressStream):
+            stream.release()
         # The upgrade is answered: the handshake's HTTP/1.1 state (an h11 connection with its
         # state tables and buffers) and its event queue (a deque: ≈ 0.6 KB even empty) are not
         # used again, but wsproto keeps them for the life of the WebSocket connection
