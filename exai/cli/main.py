@@ -18,26 +18,32 @@
 Each command's work lives in its own module (:mod:`~exai.cli.serve`, :mod:`~exai.cli.call`,
 :mod:`~exai.cli.doctor`, :mod:`exai.client.stdio`, …), imported only when that command runs, so
 ``exai bridge`` starts without loading the daemon.
+
+Ctrl-C: every command interrupted by it (SIGINT) exits 130 without a traceback — :func:`main`
+turns the ``KeyboardInterrupt``, however it comes out of the command (alone, in an exception
+group of trio's, or as the cause of another error), into that status. So that this holds from
+the start, this module imports nothing else at its top: whatever a command needs is imported
+inside :func:`main`'s guard. ``exai serve`` and ``exai bridge`` take SIGINT as their signal to
+stop once they run (drain and exit 0); before that, it is an interruption too.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib.util
-import json
-import secrets
 import sys
-from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from exai import __version__
-from exai.config import Settings, redact_url
-from exai.errors import ConfigError, ExaiError
-from exai.testing.mock_args import add_arguments as add_mock_upstream_arguments
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
 
-__all__ = ["build_parser", "main"]
+    from exai.config import Settings
 
-Command = Callable[[argparse.Namespace], int]
+    Command = Callable[[argparse.Namespace], int]
+
+__all__ = ["INTERRUPTED", "build_parser", "main"]
+
+#: the exit status of a command interrupted by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
 
 
 def _err(msg: str) -> None:
@@ -73,6 +79,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
+    import json
+
+    from exai.config import Settings, redact_url
+    from exai.errors import ConfigError
+
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -107,6 +118,10 @@ def _not_applied_in_daemon(settings: Settings) -> tuple[list[str], str | None]:
     be asked: ``None`` when it answered, when nothing listens (no daemon runs) or without the
     daemon extras; else the reason (it refused the token, did not answer in
     :data:`CONFIG_STATUS_WAIT_S`, …), so a silence is never taken for "nothing to apply"."""
+    import importlib.util
+
+    from exai.config import redact_url
+
     if importlib.util.find_spec("trio_websocket") is None:
         return [], None
     import anyio
@@ -134,6 +149,9 @@ def _not_applied_in_daemon(settings: Settings) -> tuple[list[str], str | None]:
 
 
 def _token_new(args: argparse.Namespace) -> int:
+    import hashlib
+    import secrets
+
     token = secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
     print(f"token (shown once; give it to the client as EXAI_TOKEN): {token}")
@@ -149,8 +167,12 @@ def _mock_upstream(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    import json
+
     import trio
 
+    from exai.config import Settings
+    from exai.errors import ConfigError, ExaiError
     from exai.storage.migrate import migrate_storage
 
     try:
@@ -193,6 +215,11 @@ def _completion(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand, its options and its help."""
+    import argparse
+
+    from exai import __version__
+    from exai.testing.mock_args import add_arguments as add_mock_upstream_arguments
+
     parser = argparse.ArgumentParser(
         prog="exai",
         description="exai: one daemon serving AI tools over MCP to many clients.",
@@ -293,8 +320,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``exai`` with ``argv`` (default ``sys.argv[1:]``); the exit status.
 
     ``--help`` and ``--version`` print and return 0; a usage error prints the usage and
-    returns 2.
+    returns 2; Ctrl-C returns :data:`INTERRUPTED` (130), printing nothing.
     """
+    try:
+        return _main(argv)
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        return INTERRUPTED
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or comes from, a ``KeyboardInterrupt``: itself, in an exception
+    group (trio's nurseries wrap what their tasks raise), or as the cause or context of an
+    error raised while it unwound."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    import importlib.util
+
     try:
         args, extra = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
         if extra:
