@@ -42,7 +42,12 @@ statuses are (-32602/-32020/-32022 → 400, -32601 → 404).
 
 **Cancellation.** A client that closes its connection while its call runs cancels it (down to
 the upstream request) — unless the call carries an idempotency key, which keeps it for a
-re-send to join for ``ORPHAN_GRACE_S``, as on WebSocket. In the initialize era a
+re-send to join for ``ORPHAN_GRACE_S``, as on WebSocket. Its end of stream (a FIN) is not yet
+a close: a client that half-closed (``shutdown(SHUT_WR)`` after its request, as ``nc -N`` and
+one-shot scripts do; RFC 9112 §9.6) still reads, so the call is given
+:data:`~exai.server.session.PEER_CLOSE_GRACE_S` to answer — the answer is written as any
+(``Connection: close``), and a client that has gone fails that write — and is cancelled after
+it; a reset cancels at once. In the initialize era a
 ``notifications/cancelled`` posted in the same session cancels the call it names, on this
 daemon (with several daemons, the cancellation must reach the daemon that runs the call:
 docs/deploy.md). A cancelled call's request is ended without an answer (an empty SSE stream,
@@ -109,6 +114,7 @@ from exai.config import Settings
 from exai.logs import log_event
 from exai.resilience import TokenBucket
 from exai.server import protocol as p
+from exai.server import session as _ws_session
 from exai.server.auth import Identity, TokenTable
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
@@ -1306,12 +1312,19 @@ class HttpConnection:
                 while not self._call_over:
                     if self._ahead_bytes() >= _READ_AHEAD_BYTES:
                         await trio.sleep_forever()  # (until the call ends: _call_done)
+                    reset = False
                     try:
                         data = await self.stream.receive_when_readable(16 * 1024)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
+                        data, reset = b"", True
                     if not data:
                         self.closing_reason = (1001, "the client closed the connection")
+                        if not reset:
+                            # its end of stream (a FIN): it sends nothing more, but a client
+                            # that half-closed reads on — the call's answer, if it comes within
+                            # the grace (_call_done ends this wait), is written as any answer
+                            # (a client that has gone fails that write)
+                            await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
                         # detach first: a call nobody else watches is cancelled now, even one
                         # still waiting (shielded) for its slots
                         core.detach_all()
@@ -1333,12 +1346,18 @@ class HttpConnection:
         """While a call runs: a client that closes its connection cancels it (a keyed call is
         left its orphan grace). Bytes it sends ahead are kept for the next request (bounded)."""
         while self._ahead_bytes() < _READ_AHEAD_BYTES:
+            reset = False
             try:
                 data = await self.stream.receive_when_readable(16 * 1024)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+                data, reset = b"", True
             if not data:
                 self.closing_reason = (1001, "the client closed the connection")
+                if not reset:
+                    # its end of stream (a FIN): a client that half-closed reads on — the
+                    # stream goes on for the grace (its end cancels this watch), then the call
+                    # is dropped as for a client that has gone (whose writes fail sooner)
+                    await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
                 # detach first: a call nobody else watches is cancelled now, even one still
                 # waiting (shielded) for its slots
                 core.detach_all()

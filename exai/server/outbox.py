@@ -253,6 +253,11 @@ class ProgressStream(trio.abc.HalfCloseableStream):
     finds nothing given back waits for :meth:`release` before it reads the wrapped stream.
     """
 
+    #: a read found the peer's end of stream (its FIN: it sends nothing more, but may still
+    #: read — a half-close — or may have gone; set on the connection's last read, so a class
+    #: attribute until then: nothing more held per idle connection)
+    peer_ended = False
+
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.on_progress: Callable[[], None] | None = None
@@ -393,8 +398,10 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             if self.turn is not None:
                 await self.turn.take()
             raise
-        if not got and self.turn is not None:
-            await self.turn.take()
+        if not got:
+            if self.turn is not None:
+                await self.turn.take()
+            self.peer_ended = True
         self._drained = 0 < len(got) < (DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes)
         return got
 
@@ -435,8 +442,10 @@ class ProgressStream(trio.abc.HalfCloseableStream):
                 if self.turn is not None:
                     await self.turn.take()
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            if not got and self.turn is not None:
-                await self.turn.take()
+            if not got:
+                if self.turn is not None:
+                    await self.turn.take()
+                self.peer_ended = True
             return got
 
     async def send_eof(self) -> None:

@@ -25,7 +25,8 @@ Writing:
     the usual way, under the same deadline; a direct answer's deadline scope is made only then).
 
 Closing:
-    the peer's close frame (RFC 6455: it sends nothing more, but reads until ours) is answered
+    the peer's close frame (RFC 6455: it sends nothing more, but reads until ours) — or its end
+    of stream (a FIN: a half-closed client sends nothing more, but may read on) — is answered
     once the messages read before it are: the calls they started are awaited for at most
     :data:`PEER_CLOSE_GRACE_S` (a one-shot client sends its request and its close at once),
     then what is queued is written — for as long as the peer reads it, under the send
@@ -205,8 +206,10 @@ class Session:
         The answers themselves are written as long as the peer reads them — each write under
         the send deadline (``send_timeout_s`` without progress: 1008), as any answer: a 1 s
         bound cut a large answer to a slow but steady reader in the middle of its frame. The
-        peer's end of stream meanwhile ends the wait (a client that goes away takes its calls
-        with it). Nothing to do when the connection ended otherwise."""
+        peer's end of stream (a FIN) without a close frame is answered the same way: it sends
+        nothing more, and may read on (``shutdown(SHUT_WR)``, ``nc -N``); after a close frame
+        it changes nothing. A peer that has gone (a reset, a write that fails) ends the wait:
+        its calls go with it. Nothing to do when the connection ended otherwise."""
         conn = self.conn
         peer = getattr(conn, "peer_close", None)
         if peer is None or conn.closed is not None:

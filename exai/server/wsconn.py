@@ -39,7 +39,10 @@ closes the stream, so the answers to the messages read before it were lost): the
 it (:meth:`ServerConnection.aclose`) once it has answered those, while the reader goes on reading
 only to see the peer's end of stream (more than :data:`AFTER_CLOSE_BYTES` after the close
 frame fails the connection), and :class:`ServerWSConnection` lets a text frame out between the
-peer's close and ours, which RFC 6455 allows and wsproto refuses.
+peer's close and ours, which RFC 6455 allows and wsproto refuses. The peer's end of stream (a
+FIN: a half-close, ``shutdown(SHUT_WR)``) is not an abort either, with or without a close frame
+before it: the peer sends nothing more but may read on, and the session answers it as a close
+(:meth:`ServerConnection._abort_web_socket`); a peer that has gone fails the first write.
 
 This leans on trio-websocket internals (``_wsproto``, ``_send``, ``_stream``, ``_stream_lock``,
 ``_abort_web_socket``, ``_reader_task``, ``_get_request``, ``_connection_proposal``,
@@ -231,7 +234,8 @@ class ServerConnection(WebSocketConnection):
             # lost (whether they came in the same read or in an earlier one). The session
             # reads those messages, answers them, then closes (:meth:`aclose`); this reader
             # goes on reading (wsproto drops the bytes) only to see the peer's end of stream,
-            # which ends the connection as before (1006: the session's calls are dropped).
+            # which ends nothing (a half-close: _abort_web_socket); a reset, or a write that
+            # fails, ends the connection as before (1006: the session's calls are dropped).
             self.peer_close = CloseReason(event.code, event.reason or None)
             self._for_testing_peer_closed_connection.set()
             if isinstance(self._wsproto, ServerWSConnection):
@@ -256,6 +260,42 @@ class ServerConnection(WebSocketConnection):
         finally:
             self._close_handshake.set()
             await self._close_stream()
+
+    #: the peer's end of stream was read and left to the session (:meth:`_abort_web_socket`)
+    _peer_ended = False
+
+    async def _abort_web_socket(self) -> None:
+        """trio-websocket's abort (the peer went away: 1006, the session's calls dropped) —
+        except for the reader finding the peer's end of stream while the session answers the
+        peer's close (:attr:`answer_close_later`): a FIN says the peer sends nothing more, not
+        that it reads nothing more. A one-shot client (``nc -N``, a script) sends its requests
+        and its close frame, or only its requests, then shuts its side down and reads the
+        answers; the abort dropped them all. So the end of stream is the peer's close: after
+        its close frame, nothing more (the session is answering that close already); without
+        one, it stands for one (:attr:`peer_close`, code 1000), and the session answers what
+        came before it as it answers a close frame — the calls awaited for at most
+        ``PEER_CLOSE_GRACE_S``, their answers written while the peer reads, under the send
+        deadline. A peer that has gone fails that write (a reset), which aborts as before.
+
+        The reader calls this right after the read that found the end (no checkpoint between:
+        :attr:`~exai.server.outbox.ProgressStream.peer_ended` is that read's); a failed write
+        after it aborts."""
+        stream = self._stream
+        if (
+            self.answer_close_later
+            and not self._peer_ended
+            and self._close_reason is None
+            and isinstance(stream, ProgressStream)
+            and stream.peer_ended
+        ):
+            self._peer_ended = True
+            self._reader_running = False  # (nothing more to read)
+            if self.peer_close is None:
+                self.peer_close = CloseReason(1000, "the client ended its stream")
+                self._for_testing_peer_closed_connection.set()
+                await self._send_channel.aclose()  # (the session reads what came before)
+            return
+        await super()._abort_web_socket()
 
     async def _close_web_socket(self, code: int, reason: str | None = None) -> None:
         await super()._close_web_socket(code, reason)

@@ -9,7 +9,8 @@ frame in one read went through wsproto, a lone text frame read the short way
 close was refused (wsproto allows no data frame after the peer's close) and the session ended.
 A call still running past the grace is dropped, as for any client that closes
 (tests/server/test_daemon.py::test_closing_the_connection_cancels_its_calls), and a peer that
-closes its TCP stream after its close frame takes its calls with it at once.
+goes away after its close frame takes its calls with it (its end of stream alone is a
+half-close, which changes nothing: tests/server/test_half_close.py).
 """
 
 from __future__ import annotations

@@ -210,7 +210,9 @@ async def test_the_message_channel_and_the_event_queue_hold_no_deque(tmp_path: P
             with trio.fail_after(10):
                 while server.closed is None:
                     await trio.sleep(0.01)
-            assert server.closed.code == 1006
+            # (answered as the peer's close: a FIN may be a half-close, tests/server/
+            # test_half_close.py; our close frame then goes to a peer that has gone)
+            assert server.closed.code == 1000
 
 
 async def _idle_session(host: str, port: int) -> trio.SocketStream:
