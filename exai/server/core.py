@@ -196,6 +196,11 @@ class SessionCore:
         closing_reason: set once the door is closing; the door stops reading.
     """
 
+    #: its HTTP session was ended (``DELETE``) while its call ran, and the call cancelled: the
+    #: request still waiting is answered with the error ``session_ended`` for its id, so the
+    #: client's pending request settles (set by the HTTP door; a class default: nothing held)
+    session_ended = False
+
     #: admitted calls whose answer is made and is being queued or written (the rest of
     #: ``ledger.count`` still run): a door closing on its peer's word waits a grace for those
     #: that run, and for these as long as its peer reads (exai.server.session)

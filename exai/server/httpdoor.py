@@ -25,7 +25,9 @@ routing headers (``MCP-Protocol-Version``, ``Mcp-Method``, ``Mcp-Name``), when s
 with the body (-32020, 400); a notification is acknowledged with 202. Anything else is the
 initialize era: ``initialize`` answers with a new signed ``Mcp-Session-Id``
 (:mod:`exai.server.mcp_sessions`), every other message must carry it (400 without), and a
-``DELETE`` ends it (204; the session's calls running on this daemon are cancelled). ``GET`` (a
+``DELETE`` ends it (204; the session's calls running on this daemon are cancelled, and each
+one's request ends with the JSON-RPC error ``session_ended`` for its id — not an empty stream,
+which left a client's pending request waiting for its timeout). ``GET`` (a
 server-initiated stream) is 405 in both eras.
 
 **Answers.** Each request gets its own :class:`~exai.server.core.SessionCore` — so its
@@ -51,7 +53,8 @@ it; a reset cancels at once. In the initialize era a
 ``notifications/cancelled`` posted in the same session cancels the call it names, on this
 daemon (with several daemons, the cancellation must reach the daemon that runs the call:
 docs/deploy.md). A cancelled call's request is ended without an answer (an empty SSE stream,
-or, for a JSON-only client, the error ``cancelled``).
+or, for a JSON-only client, the error ``cancelled``) — but one its session's ``DELETE``
+cancelled, whose client did not cancel it, with the error ``session_ended`` for its id.
 
 **Writing.** A response after which the door closes the connection (a ``DELETE``, whose body is not
 read; a refusal; a draining daemon) says ``Connection: close``. Answers wait in the core's bounded
@@ -194,6 +197,8 @@ class _Exchange:
 
     final_text: str | None = None
     code: int | None = None
+    #: the request's id (a request's; ``None`` for a notification)
+    request_id: Any = None
     #: whether progress is wanted (an SSE answer): a JSON-only client's is dropped unencoded
     progress: bool = True
 
@@ -651,10 +656,14 @@ class HttpConnection:
                     (("Allow", "POST"),),
                 )
             await door.revocations.revoke(session)
-            # the session's calls running here end with it (its client will never read them)
+            # the session's calls running here end with it, and their requests with the error
+            # session_ended (_stream): a client that ends its session while a call runs (the
+            # TypeScript SDK's terminateSession) rejects the call instead of waiting on it
             ended = [k for k in door.running if k[0] == session.nonce]
             for key in ended:
-                door.running[key].cancel({"requestId": json.loads(key[1])})
+                running = door.running[key]
+                running.session_ended = True
+                running.cancel({"requestId": json.loads(key[1])})
             log_event("http.session_ended", client=identity.name, calls_cancelled=len(ended))
             # (the connection ends after it: a body a DELETE may carry is not read)
             await self._timed_send(self._whole(204, [], close=True))
@@ -890,6 +899,8 @@ class HttpConnection:
                 await core.over_rate(text, wait, core.decode)
                 return await self._answer(core, exchange, modern=False, extra=())
             msg = core.decode(text)
+            if isinstance(msg, p.Request):
+                exchange.request_id = msg.id
             modern = False
             gate: p.EraGate | None = None
             if isinstance(msg, p.Request | p.Notification):
@@ -1230,6 +1241,25 @@ class HttpConnection:
                 )
             )
             return False
+        if core.session_ended:
+            # its session ended (DELETE) while it ran: the client still waits on this request,
+            # and only an answer for its id settles it (the TypeScript SDK reconnects a POST's
+            # stream only after an event id, and otherwise waits for its request's timeout)
+            answer_body = p.encode(
+                p.error(
+                    exchange.request_id,
+                    errors.SERVER_ERROR,
+                    "the session was ended (DELETE) while this call ran; the call was cancelled",
+                    {"reason": "session_ended"},
+                )
+            ).encode("utf-8")
+            if committed:
+                event = b"event: message\ndata: " + answer_body + b"\n\n"
+                await self._timed_write(self._chunk(event, last=True))
+                return True
+            close = self._closing()
+            await self._timed_write(self._whole(200, [_JSON], answer_body, close=close))
+            return not close
         # cancelled by its client (notifications/cancelled): the request ends without an answer
         if committed:
             await self._timed_write(self._chunk(b"", last=True))

@@ -164,3 +164,41 @@ async def test_the_typescript_sdk_aborting_a_call_ends_the_upstream_request(
             await mock.wait_disconnect(1)
         assert await daemon.metric("exai_calls_total", outcome="cancelled") == 1
         await daemon.assert_serves()
+
+
+async def test_the_typescript_sdk_ending_its_session_during_a_call_settles_the_call(
+    tmp_path: Path, ts_sdk: Path
+) -> None:
+    # transport.terminateSession() (DELETE /mcp) while a tools/call runs on the session's POST
+    # (an SSE stream): the daemon cancelled the call and ended its stream without an answer,
+    # and the SDK — which reconnects a POST's stream only after an event id, and rejects a
+    # request only on an answer, its timeout or its own close — left callTool pending until its
+    # timeout (60 s by default; 30 s here). The call's request now ends with a JSON-RPC error
+    # for its id (data.reason "session_ended"): the SDK rejects the call at once.
+    async with (
+        MockUpstream(models=("mock-fast",), latency_s=120.0) as mock,
+        live_daemon(
+            tmp_path,
+            EXAI_PROVIDER_MOCK_BASE_URL=mock.base_url,
+            EXAI_PROVIDER_MOCK_MODELS="mock-fast",
+        ) as daemon,
+    ):
+
+        async def on_line(doc: dict[str, Any], send: Any) -> None:
+            if doc["step"] == "started":
+                while not mock.chat_requests:
+                    await trio.sleep(0.02)
+                await send("terminate")
+
+        docs = {
+            d["step"]: d
+            for d in await run_script(ts_sdk, http_url(daemon.url), "terminate", on_line)
+        }
+        assert docs["terminated"]["sessionId"] is None
+        call = docs["call"]
+        assert call["outcome"] == "rejected", call
+        assert call["code"] == -32000 and "session" in call["error"], call
+        with trio.fail_after(WITHIN_S):
+            await mock.wait_disconnect(1)  # (the upstream request ended with the call)
+        assert await daemon.metric("exai_calls_total", outcome="cancelled") == 1
+        await daemon.assert_serves()

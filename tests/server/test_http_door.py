@@ -504,6 +504,63 @@ async def test_notifications_cancelled_in_the_session_cancels_the_call(tmp_path,
             assert result[0].json()["error"]["data"]["reason"] == "cancelled"
 
 
+@pytest.mark.parametrize(
+    "accept, progress",
+    [(ACCEPT_BOTH, True), (ACCEPT_BOTH, False), ("application/json", False)],
+    ids=["sse_stream_begun", "sse_accepted", "json_only"],
+)
+async def test_a_call_running_when_its_session_is_deleted_ends_with_session_ended(
+    tmp_path, accept, progress
+):
+    # DELETE /mcp (the TypeScript SDK's terminateSession) while a tools/call runs on the
+    # session's POST: the call was cancelled and its request ended without an answer for its id
+    # (an empty SSE stream, or the error "cancelled" with id null), so a client's pending
+    # request waited for its own timeout (tests/client/test_ts_sdk_http.py). It now ends with
+    # the error session_ended for its id — as an SSE event when the stream had begun.
+    probe = Probe()
+    async with (
+        running_daemon(_settings(tmp_path), registry_with(probe.spec)) as d,
+        mcp_http(d.url) as mcp,
+    ):
+        await mcp.initialize("2025-06-18")
+        assert mcp.session_id is not None and mcp.version is not None
+        params: dict[str, Any] = {"name": "probe", "arguments": {"progress": progress}}
+        if progress:
+            params["_meta"] = {"progressToken": "p1"}
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": "slow", "method": "tools/call", "params": params}
+        ).encode()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", accept),
+            ("Mcp-Session-Id", mcp.session_id),
+            ("MCP-Protocol-Version", mcp.version),
+        ]
+        got: list[tuple[int, dict[str, str], bytes]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                got.append(await raw_exchange(d.url, request_bytes(d.url, body, headers=headers)))
+
+            nursery.start_soon(call)
+            with trio.fail_after(10):
+                await probe.started_event.wait()
+            ended = await mcp.client.delete(mcp.url, headers=mcp.headers())
+            assert ended.status_code == 204
+        assert probe.cancelled == 1
+        [(status, response_headers, response)] = got
+        assert status == 200
+        if progress:
+            assert response_headers["content-type"].startswith("text/event-stream")
+            messages = sse_messages(response.decode())
+            assert messages[0]["method"] == "notifications/progress"
+            answer = messages[-1]
+        else:
+            answer = json.loads(response)
+        assert answer["id"] == "slow"
+        assert answer["error"]["data"]["reason"] == "session_ended"
+
+
 async def test_a_retry_with_the_same_idempotency_key_joins_the_first_execution(tmp_path):
     path = tmp_path / "runs"
     async with running_daemon(_settings(tmp_path), registry_with(COUNT)) as d:

@@ -5,7 +5,9 @@
 //
 // phase "calls": list tools, call version, chat (with progress), a two-step thinkdeep; then end
 // the session (DELETE). phase "cancel": start a slow chat and abort it once the test says the
-// upstream has the request (a line on stdin). One JSON document is printed per step.
+// upstream has the request (a line on stdin). phase "terminate": the same slow chat, and the
+// session ended (transport.terminateSession(): DELETE) while it runs; the call's outcome (its
+// own timeout, 30 s, says it never settled). One JSON document is printed per step.
 import { pathToFileURL } from "node:url";
 import { createInterface } from "node:readline";
 
@@ -74,6 +76,21 @@ if (phase === "calls") {
   out("cancel", await call);
   const after = await client.callTool({ name: "version", arguments: {} });
   out("after", { isError: after.isError });
+} else if (phase === "terminate") {
+  const call = client
+    .callTool({ name: "chat", arguments: { prompt: "never mind", model: "mock-fast" } }, CallToolResultSchema, {
+      timeout: 30000,
+    })
+    .then((r) => ({ outcome: "answered", text: text(r) }))
+    .catch((e) => ({ outcome: "rejected", code: e && e.code, error: String(e && e.message) }));
+  out("started", {});
+  const lines = createInterface({ input: process.stdin });
+  for await (const _ of lines) break; // the test: "the upstream has the request"
+  lines.close();
+  process.stdin.destroy();
+  await transport.terminateSession();
+  out("terminated", { sessionId: transport.sessionId ?? null });
+  out("call", await call);
 }
 await client.close();
 out("closed", {});
