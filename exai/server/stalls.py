@@ -24,7 +24,10 @@ the detector reads the thread's run-queue delay from ``/proc/thread-self/schedst
 second field: nanoseconds spent runnable but waiting for a CPU) before and after each step and
 subtracts it, so what remains is the time the step ran or blocked in a system call — exactly what
 ``time.sleep``, file I/O or a CPU-heavy loop cost — while a step merely descheduled by a loaded
-machine is not a stall. Where the file does not exist the wall time is used unchanged.
+machine is not a stall. The step's start on the clock and the delay are read as one instant (a
+pair further apart than ``SAME_INSTANT_S`` is read again, as the probe does): the loop's thread
+can give up the GIL between the two reads and wait for a CPU, which read the other way round
+counted as the step's own time. Where the file does not exist the wall time is used unchanged.
 
 The loop's thread can also wait, asleep, for *another* thread of the process that is waiting for
 a CPU: ``threading.Thread.start`` (trio's ``to_thread`` starting a worker when its cache has none
@@ -398,15 +401,24 @@ class StallDetector(trio.abc.Instrument):
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._gc_in_step = 0.0
-        now = time.perf_counter()
-        if self._schedstat is not None:
-            self._delay_at_start = _run_delay_ns(self._schedstat)
-            if self.exclude_others:
-                self._cpu_at_start = time.thread_time()
-                if now - self._others_read_at > OTHERS_SNAPSHOT_EVERY_S:
-                    self._others = _other_threads_run_delay_ns(self._tid)
-                    self._others_read_at = now
-                    now = time.perf_counter()  # (the snapshot is not part of the step)
+        fd = self._schedstat
+        if fd is None:
+            self._step_started = time.perf_counter()
+            return
+        if self.exclude_others:
+            now = time.perf_counter()
+            if now - self._others_read_at > OTHERS_SNAPSHOT_EVERY_S:
+                self._others = _other_threads_run_delay_ns(self._tid)
+                self._others_read_at = now
+        # the step's start and the run-queue delay then, read as one instant (as the probe
+        # does): the clock was read first and the delay after it, and between the two the
+        # loop's thread can give up the GIL at a bytecode boundary (another thread asked for
+        # it: a worker starting, a to_thread hand-off) and, woken, wait for a CPU — delay
+        # that then counted as the step's own time, since the delay read at its start
+        # already held it (a checkpoint read as a 100+ ms stall on a loaded machine)
+        now, _, self._delay_at_start = _clock_and_schedstat(fd)
+        if self.exclude_others:
+            self._cpu_at_start = time.thread_time()
         self._step_started = now
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
