@@ -35,6 +35,10 @@ class _Spliced:
 _SPLICE_MIN_CHARS = 1024
 #: how many nodes of ``structuredContent`` are searched for strings the text repeats
 _SPLICE_MAX_NODES = 1000
+#: strings longer than this are not looked for: comparing them (and joining them back,
+#: :func:`expand`) is one step that grows with the answer (issue 18: ≈ 0.1 s for 16 MiB on a
+#: loaded machine); such an answer is stored with its text whole (its bytes are counted)
+_SPLICE_MAX_CHARS = 4 * 1024 * 1024
 
 
 def _long_strings(structured: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
@@ -55,18 +59,65 @@ def _long_strings(structured: dict[str, Any]) -> list[tuple[tuple[str | int, ...
     return found
 
 
+#: characters of a long string looked for first (see :func:`_find`)
+_PROBE_CHARS = 64
+#: places of the probe checked for the whole string before giving up on the text
+_PROBE_TRIES = 8
+#: characters compared at a time (a slice of this many is the only copy made)
+_COMPARE_CHARS = 256 * 1024
+
+
+def _stripped_length(value: str) -> int:
+    """``len(value.rstrip())``, without copying ``value`` (its end, 1 Ki characters at a time)."""
+    end = len(value)
+    while end:
+        start = max(0, end - 1024)
+        kept = len(value[start:end].rstrip())
+        if kept:
+            return start + kept
+        end = start
+    return 0
+
+
+def _matches(text: str, at: int, value: str, length: int) -> bool:
+    """``text[at:at + length] == value[:length]``, a slice of ``value`` at a time."""
+    if at + length > len(text):
+        return False
+    for start in range(0, length, _COMPARE_CHARS):
+        stop = min(start + _COMPARE_CHARS, length)
+        if not text.startswith(value[start:stop], at + start):
+            return False
+    return True
+
+
+def _find(text: str, value: str, length: int) -> int:
+    """``text.find(value[:length])`` for a long ``value``, without copying either: its first
+    characters are looked for, and each place they are found is compared with the rest (a
+    ``memcmp`` a slice at a time). ``str.find`` of a multi-MiB string costs ≈ 1.5 ms per MiB
+    and ``rstrip`` copies it whole (issue 18: one step stored a 16 MiB answer); this ≈ 0.2 ms
+    per MiB. A text where the probe recurs without the string is given up after a few tries:
+    it is then stored whole."""
+    probe = value[: min(_PROBE_CHARS, length)]
+    at = text.find(probe)
+    for _ in range(_PROBE_TRIES):
+        if at < 0 or _matches(text, at, value, length):
+            return at
+        at = text.find(probe, at + 1)
+    return -1
+
+
 def _splice(text: str, strings: list[tuple[tuple[str | int, ...], str]]) -> _Spliced | None:
     """``text`` as pieces referring to the long strings it contains (longest first, without
     overlap; a string is matched without its trailing whitespace, which tools often strip)."""
     spans: list[tuple[int, int, _Ref]] = []
     for path, value in sorted(strings, key=lambda item: -len(item[1])):
-        core = value.rstrip()
-        if len(core) < _SPLICE_MIN_CHARS:
+        length = _stripped_length(value)
+        if length < _SPLICE_MIN_CHARS or length > _SPLICE_MAX_CHARS:
             continue
-        at = text.find(core)
-        if at < 0 or any(at < end and start < at + len(core) for start, end, _ in spans):
+        at = _find(text, value, length)
+        if at < 0 or any(at < end and start < at + length for start, end, _ in spans):
             continue
-        spans.append((at, at + len(core), _Ref(path, len(core))))
+        spans.append((at, at + length, _Ref(path, length)))
     if not spans:
         return None
     pieces: list[str | _Ref] = []
@@ -86,8 +137,9 @@ def compact(payload: dict[str, Any]) -> dict[str, Any]:
 
     A tool's result carries its answer twice: as the text content and inside
     ``structuredContent`` (``chat``'s ``content``, ``consensus``'s answers). The text blocks are
-    kept as references into ``structuredContent`` for every string of at least 1 KiB they
-    repeat; :func:`expand` rebuilds them. Payloads with nothing repeated come back as they are.
+    kept as references into ``structuredContent`` for every string of at least 1 KiB (and at
+    most 4 Mi characters) they repeat; :func:`expand` rebuilds them. Payloads with nothing
+    repeated come back as they are.
     """
     result = payload.get("result")
     if not isinstance(result, dict):

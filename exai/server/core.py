@@ -77,6 +77,7 @@ from exai.server.budget import Ledger, MemoryBudget
 from exai.server.calls import CallRegistry, CallRunner, Changes, Execution, Slot, Watcher
 from exai.server.outbox import Outbox
 from exai.server.pacing import RoundPacer
+from exai.server.pieces import Text, encode_reply_pieces
 from exai.server.readiness import Readiness
 from exai.server.shared_limits import SharedLimits
 from exai.server.stats import DaemonStats
@@ -97,7 +98,7 @@ _core_ids = itertools.count(1)
 SEND_QUEUE = 256
 #: a message costs one token of the message bucket per started this many bytes
 BYTES_PER_MESSAGE_TOKEN = 256 * 1024
-#: an answer larger than this is encoded after a checkpoint (see ``_respond_call``)
+#: an answer larger than this is encoded in pieces (see ``_respond_call``)
 LARGE_ANSWER_BYTES = 64 * 1024
 
 #: what :meth:`SessionCore.handle_text` did with a message:
@@ -186,6 +187,8 @@ class SessionCore:
             it is part of the keys that make a call's writes idempotent in a shared store.
         encode: turns a message into the text the door writes (``None`` = drop it); the door
             of the old op protocol translates here.
+        encode_large: the same, for a call's answer over :data:`LARGE_ANSWER_BYTES`: encoded
+            in pieces, with checkpoints between (:func:`exai.server.pieces.encode_pieces`).
         bucket: the message bucket to charge (default: a new one per core; a door whose
             sessions are shorter than its connections passes the connection's).
 
@@ -216,6 +219,7 @@ class SessionCore:
         close: Callable[[int, str], Awaitable[None]],
         id: str | None = None,
         encode: Callable[[dict[str, Any]], str | None] = p.encode_reply,
+        encode_large: Callable[[dict[str, Any]], Awaitable[Text | None]] = encode_reply_pieces,
         bucket: TokenBucket | None = None,
     ) -> None:
         self.shared = shared
@@ -225,6 +229,7 @@ class SessionCore:
         self.id = id or f"{shared.instance_id}-s{next(_core_ids)}"
         self._close = close
         self.encode = encode
+        self.encode_large = encode_large
         self.bucket = bucket or TokenBucket(s.session_rate_per_s, s.session_burst)
         # made on first use: most sessions are idle most of the time, and 10,000 of them
         # should cost little memory
@@ -502,13 +507,15 @@ class SessionCore:
             size = max(payload[1], 0)
             self.ledger.add(size - charged)
             charged = size
-            if size > LARGE_ANSWER_BYTES:
-                # A large answer is encoded in a step of its own, not in the one that made it:
-                # a 6 MiB one takes tens of milliseconds to make and as many to encode (a small
-                # one goes on at once: every scheduler round costs CPU at concurrency 1).
-                await trio.lowlevel.checkpoint()
             await self.outbox.wait_room(size)
-            text = self.encode(self._response(req.id, payload[0], served))
+            text: Text | None
+            if size > LARGE_ANSWER_BYTES:
+                # A large answer is encoded in pieces, a step each (exai.server.pieces): one
+                # call encoding 16 MiB held the loop ≈ 0.1 s. A small one is encoded at once, in
+                # one call and the same step (every scheduler round costs CPU at concurrency 1).
+                text = await self.encode_large(self._response(req.id, payload[0], served))
+            else:
+                text = self.encode(self._response(req.id, payload[0], served))
             if text is not None:
                 # (written by this task when nothing is queued: no hand-off to the writer)
                 await self.outbox.put(text, direct=True)

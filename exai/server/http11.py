@@ -359,7 +359,12 @@ async def linger(stream: trio.abc.HalfCloseableStream, max_bytes: int = LINGER_B
 
 
 def whole_response(
-    status: int, headers: Iterable[tuple[str, str]], body: bytes = b"", *, close: bool = False
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    body: bytes = b"",
+    *,
+    close: bool = False,
+    length: int | None = None,
 ) -> bytes:
     """A whole response (``Content-Length`` set, but on a 204; ``Connection: close`` with
     ``close``) to a ``POST`` whose body was read: the bytes h11 writes for it, built without h11.
@@ -371,13 +376,14 @@ def whole_response(
     header values of its own making (h11 would refuse a CR or LF). Why: h11 validates and
     normalises each response's headers twice and runs its state machine for the head, the body
     and its end — ≈ 15 µs a response against ≈ 1.5 µs with a fresh state for the next request
-    (issue 18; benchmarks/README.md, part 7).
+    (issue 18; benchmarks/README.md, part 7). With ``length``, the head of a body of that
+    length the caller writes after it (a large answer, in pieces: ``body`` is left out).
     """
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b""))]
     for name, value in headers:
         lines.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
     if status != 204:  # (RFC 9110 §8.6: a 204 carries no Content-Length)
-        lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"Content-Length: %d\r\n" % (len(body) if length is None else length))
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")

@@ -105,7 +105,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -144,7 +144,8 @@ from exai.server.http11 import (
 )
 from exai.server.mcp_sessions import McpSession, Revocations, SessionSigner
 from exai.server.origins import OriginPolicy
-from exai.server.outbox import CHUNK_BYTES, Outbox, ProgressStream
+from exai.server.outbox import CHUNK_BYTES, Outbox, ProgressStream, send_pieces
+from exai.server.pieces import Pieces, Text, encode_reply_pieces
 from exai.server.sessions import SessionTable
 
 __all__ = ["HttpDoor"]
@@ -195,7 +196,7 @@ class _Exchange:
     """One request's answer as the core encodes it: which text is the final one (the response,
     as opposed to progress) and the error code it carries."""
 
-    final_text: str | None = None
+    final_text: Text | None = None
     code: int | None = None
     #: the request's id (a request's; ``None`` for a notification)
     request_id: Any = None
@@ -206,11 +207,20 @@ class _Exchange:
         if not self.progress and "method" in msg:
             return None
         text = p.encode_reply(msg)
+        self._note(msg, text)
+        return text
+
+    async def encode_large(self, msg: dict[str, Any]) -> Text | None:
+        """:meth:`encode` for a large answer: in pieces (:mod:`exai.server.pieces`)."""
+        text = await encode_reply_pieces(msg)
+        self._note(msg, text)
+        return text
+
+    def _note(self, msg: dict[str, Any], text: Text | None) -> None:
         if text is not None and "method" not in msg and "id" in msg:
             self.final_text = text
             err = msg.get("error")
             self.code = err.get("code") if isinstance(err, dict) else None
-        return text
 
 
 def _status_for(code: int | None, modern: bool) -> int:
@@ -876,6 +886,7 @@ class HttpConnection:
             close=self._core_close,
             id=core_id,
             encode=exchange.encode,
+            encode_large=exchange.encode_large,
             bucket=self.bucket,
         )
         # a stateless request's id never comes back to this core: keep no unkeyed answer
@@ -1080,7 +1091,13 @@ class HttpConnection:
         return not close
 
     def _whole(
-        self, status: int, headers: list[tuple[str, str]], body: bytes = b"", *, close: bool
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes = b"",
+        *,
+        close: bool,
+        length: int | None = None,
     ) -> bytes:
         """The whole response to the request in progress (one write, built without h11:
         :func:`~exai.server.http11.whole_response`), which is marked answered: the one response
@@ -1093,7 +1110,7 @@ class HttpConnection:
         if self._responded or (conn is not None and conn.our_state is not h11.SEND_RESPONSE):
             raise h11.LocalProtocolError("this request was answered already")
         self._responded = True
-        return whole_response(status, headers, body, close=close)
+        return whole_response(status, headers, body, close=close, length=length)
 
     async def _answer(
         self,
@@ -1111,9 +1128,20 @@ class HttpConnection:
         status = _status_for(exchange.code, modern)
         hs = [_JSON, *extra]
         close = self._closing()
-        await self._timed_write(self._whole(status, hs, text.encode("utf-8"), close=close))
+        await self._write_whole(status, hs, text, close=close)
         outbox.written()
         return not close
+
+    async def _write_whole(
+        self, status: int, headers: list[tuple[str, str]], text: Text, *, close: bool
+    ) -> None:
+        """The whole response with ``text`` as its body, under the writer's deadline; a large
+        answer's pieces one write each (:func:`~exai.server.outbox.send_pieces`)."""
+        if isinstance(text, Pieces):
+            head = self._whole(status, headers, length=text.nbytes, close=close)
+            await self._timed(send_pieces(self.stream, head, text.parts))
+        else:
+            await self._timed_write(self._whole(status, headers, text.encode("utf-8"), close=close))
 
     async def _timed_write(self, data: bytes) -> None:
         """Write ``data`` under the writer's deadline (``send_timeout_s`` from the last 64 KiB
@@ -1170,7 +1198,7 @@ class HttpConnection:
         interval = settings.heartbeat_interval_s if settings.heartbeat_interval_s > 0 else 15.0
         committed = False
         while True:
-            text: str | None = None
+            text: Text | None = None
             ended = False
             try:
                 if sse_ok:
@@ -1206,8 +1234,7 @@ class HttpConnection:
                     # it is dropped unless the client takes SSE, which then carries it)
                     status = _status_for(exchange.code, modern)
                     close = self._closing()
-                    answer = texts[-1].encode("utf-8")
-                    await self._timed_write(self._whole(status, [_JSON], answer, close=close))
+                    await self._write_whole(status, [_JSON], texts[-1], close=close)
                     outbox.written(len(texts))
                     return not close
                 if not sse_ok:
@@ -1217,10 +1244,16 @@ class HttpConnection:
             if not committed:
                 parts[0] = self._commit_sse()
                 committed = True
-            for text in texts:
+            large = texts[-1] if isinstance(texts[-1], Pieces) else None
+            for text in texts[:-1] if large is not None else texts:
+                if isinstance(text, Pieces):  # (only ever an answer, the last: never here)
+                    text = text.text()
                 parts.append(b"event: message\ndata: " + text.encode("utf-8") + b"\n\n")
-            data = self._chunk(b"".join(parts[1:]), last=final)
-            await self._timed_write(parts[0] + data)
+            if large is None:
+                data = self._chunk(b"".join(parts[1:]), last=final)
+                await self._timed_write(parts[0] + data)
+            else:
+                await self._timed(self._sse_pieces(parts[0], b"".join(parts[1:]), large, final))
             outbox.written(len(texts))
             if final:
                 return True
@@ -1290,6 +1323,26 @@ class HttpConnection:
             h11.Response(status_code=200, headers=headers, reason=reason_phrase(200))
         )
 
+    async def _sse_pieces(self, head: bytes, before: bytes, large: Pieces, last: bool) -> None:
+        """Write ``head`` and the events ``before``, then a large message's event, a piece a
+        write (:func:`~exai.server.outbox.send_pieces`): one chunk for all of it on a stream
+        begun without h11 (the bytes :meth:`_chunk` makes of them), a chunk a piece with h11."""
+        prefix = before + b"event: message\ndata: "
+        conn = self._conn
+        if conn is None:
+            size = len(prefix) + large.nbytes + 2
+            tail = b"\n\n\r\n" + (LAST_CHUNK if last else b"")
+            await send_pieces(self.stream, head + b"%x\r\n" % size + prefix, large.parts, tail)
+            return
+
+        def framed(conn: h11.Connection) -> Iterator[bytes]:
+            for part in large.parts:
+                yield conn.send(h11.Data(data=part))
+            end = conn.send(h11.Data(data=b"\n\n"))
+            yield end + conn.send(h11.EndOfMessage()) if last else end
+
+        await send_pieces(self.stream, head + self._chunk(prefix), framed(conn))
+
     def _chunk(self, data: bytes, *, last: bool = False) -> bytes:
         """``data`` as the SSE stream's next chunk (and its end with ``last``): framed here
         for a stream :meth:`_commit_sse` began without h11, else by h11."""
@@ -1301,7 +1354,7 @@ class HttpConnection:
             out += conn.send(h11.EndOfMessage())
         return out
 
-    async def _direct_answer(self, exchange: _Exchange, modern: bool, text: str) -> None:
+    async def _direct_answer(self, exchange: _Exchange, modern: bool, text: Text) -> None:
         """The responder writes its call's JSON answer itself (nothing else is queued), under
         the writer's deadline (:meth:`_timed_write`).
 
@@ -1312,7 +1365,7 @@ class HttpConnection:
         status = _status_for(exchange.code, modern)
         close = self._closing()
         try:
-            await self._timed_write(self._whole(status, [_JSON], text.encode("utf-8"), close=close))
+            await self._write_whole(status, [_JSON], text, close=close)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             self._direct = "failed"
             raise trio.ClosedResourceError("the client went, or reads nothing") from None

@@ -50,6 +50,7 @@ from exai.server import protocol as p
 from exai.server.auth import TokenTable
 from exai.server.core import SessionCore, SessionShared
 from exai.server.outbox import ProgressStream
+from exai.server.pieces import Text, encode_reply_pieces
 from exai.server.session import Session
 from exai.server.sessions import SessionTable
 
@@ -131,8 +132,25 @@ class Translator:
         return p.Request(rid, "tools/call", params, cost_bytes=cost)
 
     def encode(self, msg: dict[str, Any]) -> str | None:
+        out = self._translate(msg)
+        if out is None:
+            return None
+        op, reply = out
+        return p.encode_reply(op) if reply else p.encode(op)
+
+    async def encode_large(self, msg: dict[str, Any]) -> Text | None:
+        """:meth:`encode` for a large answer: in pieces (:mod:`exai.server.pieces`)."""
+        out = self._translate(msg)
+        if out is None:
+            return None
+        op, reply = out
+        return await encode_reply_pieces(op) if reply else p.encode(op)
+
+    def _translate(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bool] | None:
+        """The op message for ``msg`` (``None``: nothing to send), and whether it is encoded
+        as a reply (:func:`~exai.server.protocol.encode_reply`: never raises)."""
         if "op" in msg:
-            return p.encode(msg)  # already an op message (hello_ack, the call's ack)
+            return msg, False  # already an op message (hello_ack, the call's ack)
         if "method" in msg:
             if msg.get("method") != "notifications/progress":
                 return None
@@ -143,20 +161,20 @@ class Translator:
             op = _op(op="progress", request_id=entry[1], name=entry[2])
             if isinstance(params.get("message"), str):
                 op["note"] = params["message"]
-            return p.encode_reply(op)
+            return op, True
         entry = self._pending.pop(json.dumps(msg.get("id")), None)
         err = msg.get("error")
         if entry is None:
             message = err.get("message") if isinstance(err, dict) else None
-            return p.encode(_op(op="error", message=message or "error"))
+            return _op(op="error", message=message or "error"), False
         kind, req_id, _ = entry
         if kind == "list":
             if err is not None:
-                return p.encode(_op(op="error", message=err.get("message", "error")))
+                return _op(op="error", message=err.get("message", "error")), False
             out = _op(op="list_tools_res", tools=msg["result"]["tools"])
             if req_id is not None:
                 out["request_id"] = req_id
-            return p.encode_reply(out)
+            return out, True
         if err is not None:
             data = err.get("data") or {}
             reason = data.get("reason", "internal_error")
@@ -164,7 +182,7 @@ class Translator:
             error = {"code": code, "message": err.get("message", ""), "reason": reason}
             if data.get("retry_after_s") is not None:
                 error["retry_after"] = data["retry_after_s"]
-            return p.encode_reply(_op(op="call_tool_res", request_id=req_id, error=error))
+            return _op(op="call_tool_res", request_id=req_id, error=error), True
         result = msg.get("result") or {}
         outputs = [
             {"type": "text", "text": c.get("text", "")}
@@ -175,7 +193,7 @@ class Translator:
         res = _op(op="call_tool_res", request_id=req_id, outputs=outputs, text=text)
         if result.get("isError"):
             res["error"] = {"code": "EXEC_ERROR", "message": text, "reason": "tool_error"}
-        return p.encode_reply(res)
+        return res, True
 
 
 def _invalid(why: str) -> p.DecodeError:
@@ -242,7 +260,13 @@ class LegacyDoor:
 
         def make_core(close: Callable[..., Any]) -> SessionCore:
             return SessionCore(
-                self.shared, settings, ip, identity, close=close, encode=translator.encode
+                self.shared,
+                settings,
+                ip,
+                identity,
+                close=close,
+                encode=translator.encode,
+                encode_large=translator.encode_large,
             )
 
         session = Session(self.shared, settings, conn, ip, identity, stream, core=make_core)

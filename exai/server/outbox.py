@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
 from exai.server.budget import Ledger
 from exai.server.endings import EndingTurn
+from exai.server.pieces import Text
 
-__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream"]
+__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream", "send_pieces"]
 
 #: the unit :class:`ProgressStream` writes in: the writer's deadline moves after each one
 CHUNK_BYTES = 64 * 1024
@@ -47,7 +48,7 @@ DEFAULT_RECEIVE_BYTES = 64 * 1024
 
 
 #: the queue of every outbox with nothing queued: never appended to (see ``_append``)
-_NOTHING_QUEUED: deque[str] = deque()
+_NOTHING_QUEUED: deque[Text] = deque()
 
 
 class Outbox:
@@ -79,14 +80,14 @@ class Outbox:
         self.ledger = ledger
         # (the empty queue every outbox shares while it has nothing queued: a deque holds a
         # block of 64 slots, ≈ 0.6 KB, even empty, in each of 10,000 idle sessions)
-        self._queue: deque[str] = _NOTHING_QUEUED
+        self._queue: deque[Text] = _NOTHING_QUEUED
         self.queued_bytes = 0
         # the writer waits for a message; senders wait for room (parking lots: a wake-up with
         # nobody waiting costs nothing, and the writer is not woken when room is made)
         self._readable = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
         self._closed = False
-        self.direct: Callable[[str], Awaitable[None]] | None = None
+        self.direct: Callable[[Text], Awaitable[None]] | None = None
         #: a message is being written by :attr:`direct` (the writer leaves the queue alone)
         self._direct_busy = False
         self.wake: Callable[[], None] | None = None
@@ -101,7 +102,7 @@ class Outbox:
             return True
         return len(self._queue) < self.max_count and self.queued_bytes + nbytes <= self.max_bytes
 
-    def _append(self, text: str) -> None:
+    def _append(self, text: Text) -> None:
         if self._queue is _NOTHING_QUEUED:
             self._queue = deque()
         self._queue.append(text)
@@ -110,7 +111,7 @@ class Outbox:
 
     # (each wake-up below is skipped when nobody waits: unparking an empty lot costs ≈ 0.8 µs,
     # and most puts, writes and closes have nobody to wake)
-    def _push(self, text: str) -> None:
+    def _push(self, text: Text) -> None:
         self._append(text)
         if self._readable:
             self._readable.unpark_all()
@@ -128,7 +129,7 @@ class Outbox:
         if self._closed:
             raise trio.ClosedResourceError("the connection is closing")
 
-    async def put(self, text: str, *, direct: bool = False) -> None:
+    async def put(self, text: Text, *, direct: bool = False) -> None:
         """Queue ``text``, waiting for room.
 
         Args:
@@ -168,14 +169,14 @@ class Outbox:
             return False
         return len(self._queue) >= self.max_count or self.queued_bytes >= self.max_bytes
 
-    def put_nowait(self, text: str) -> bool:
+    def put_nowait(self, text: Text) -> bool:
         """Queue ``text`` if it fits now; returns False (nothing queued) if not."""
         if self._closed or not self._has_room(len(text)):
             return False
         self._push(text)
         return True
 
-    async def get(self) -> str:
+    async def get(self) -> Text:
         """The oldest message, waiting for one; the caller calls :meth:`written` after sending.
 
         Raises:
@@ -187,7 +188,7 @@ class Outbox:
             await self._readable.park()
         return self._queue[0]
 
-    def next(self) -> str | None:
+    def next(self) -> Text | None:
         """The oldest message, for a writer started by :attr:`wake` (it calls :meth:`written`
         once it is sent); ``None`` when nothing is queued, or a direct write holds the queue
         (then :attr:`wake` is called again when it ends, if anything queued behind it)."""
@@ -223,7 +224,7 @@ class Outbox:
         if self._room:
             self._room.unpark_all()
 
-    def queued(self) -> list[str]:
+    def queued(self) -> list[Text]:
         """Every message queued now, oldest first (a writer that sends several in one write
         calls :meth:`written` with their count once they are sent)."""
         return list(self._queue)
@@ -454,3 +455,27 @@ class ProgressStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def send_pieces(
+    stream: trio.abc.SendStream, head: bytes, parts: Iterable[bytes], tail: bytes = b""
+) -> None:
+    """Write ``head``, each of ``parts`` (a large message's :class:`~exai.server.pieces.Pieces`,
+    or their framing), then ``tail``: one ``send_all`` a piece (the first with ``head``), each
+    a step of its own, so no step copies or writes the whole message. On a
+    :class:`ProgressStream`, each piece written is progress (its ``on_progress``), as each
+    chunk of one write is."""
+    first = True
+    for part in parts:
+        if first:
+            await stream.send_all(head + part)
+            first = False
+        else:
+            progress = getattr(stream, "on_progress", None)
+            if progress is not None:
+                progress()
+            await stream.send_all(part)
+    if first:
+        await stream.send_all(head + tail)
+    elif tail:
+        await stream.send_all(tail)

@@ -171,6 +171,7 @@ __all__ = [
     "request_meta",
     "result",
     "tools_call_params",
+    "unencodable_reply",
 ]
 
 HANDSHAKE_VERSIONS: Final[tuple[str, ...]] = (
@@ -746,20 +747,25 @@ def encode_reply(msg: dict[str, Any]) -> str | None:
     try:
         return encode(msg)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        if "id" not in msg:
-            return None
-        rid = msg["id"]
-        if isinstance(rid, bool) or not isinstance(rid, str | int):
-            rid = None
-        return encode(
-            error(
-                rid,
-                INTERNAL_ERROR,
-                f"the answer could not be encoded as JSON ({type(exc).__name__}); "
-                "the call ran, its result is lost",
-                {"reason": "unencodable_result"},
-            )
+        return unencodable_reply(msg, exc)
+
+
+def unencodable_reply(msg: dict[str, Any], exc: Exception) -> str | None:
+    """What :func:`encode_reply` sends for ``msg``, which failed to encode with ``exc``."""
+    if "id" not in msg:
+        return None
+    rid = msg["id"]
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        rid = None
+    return encode(
+        error(
+            rid,
+            INTERNAL_ERROR,
+            f"the answer could not be encoded as JSON ({type(exc).__name__}); "
+            "the call ran, its result is lost",
+            {"reason": "unencodable_result"},
         )
+    )
 
 
 _PEEK_CHARS: Final = 4096

@@ -57,6 +57,7 @@ from exai.server.auth import Identity
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
 from exai.server.outbox import ProgressStream
+from exai.server.pieces import Pieces, Text
 from exai.server.wsconn import ServerConnection, message_bytes
 
 __all__ = ["PEER_CLOSE_GRACE_S", "Session", "SessionShared"]
@@ -263,7 +264,7 @@ class Session:
         # (ServerConnection.send_text: a small frame straight to the socket when it takes it,
         # no scheduler round for the stream lock and the send — most messages queued here are
         # progress notifications, one or more per streamed call)
-        send = self._send_text or self.conn.send_message
+        send = self._send_text or self._send_message
         try:
             # One scope for every write of this run: its deadline is set for each message
             # (and moved by the stream's progress while a large one is written).
@@ -286,7 +287,12 @@ class Session:
             self._write_scope = None
             self._writing = False
 
-    async def _direct_write(self, text: str) -> None:
+    async def _send_message(self, text: Text) -> None:
+        """trio-websocket's ``send_message``, for a connection that is not a
+        :class:`ServerConnection` (which writes :class:`Pieces` piece by piece)."""
+        await self.conn.send_message(text.text() if isinstance(text, Pieces) else text)
+
+    async def _direct_write(self, text: Text) -> None:
         """Write one message from the task that put it (the outbox was empty, so nothing is
         being written), under the writer's deadline: ``send_timeout_s`` from the last progress.
         A frame the socket takes at once needs no deadline: the scope that carries it is made
@@ -309,7 +315,7 @@ class Session:
                 await self._send_text(text, wait_scope)
             else:
                 with wait_scope():
-                    await self.conn.send_message(text)
+                    await self._send_message(text)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             if self.nursery is not None:  # the peer went away: stop reading too
                 self.nursery.cancel_scope.cancel()
