@@ -121,6 +121,14 @@ async def flaky_service(
             yield svc, flaky
 
 
+def left_down(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings of a test that ends with the store still down and turns in the spool: the
+    graceful exit's flush (``spool_flush_timeout_s``, 5 s by default) could only wait for a
+    store that does not come back; the flush itself is tested in
+    tests/adversarial/test_store_outages.py."""
+    return make_settings(tmp_path, spool_flush_timeout_s=0, **overrides)
+
+
 def user(content: str, tool: str = "chat") -> Turn:
     return Turn(role="user", content=content, tool=tool)
 
@@ -281,7 +289,7 @@ async def test_turns_go_to_the_spool_while_the_store_is_down_and_are_replayed_on
 async def test_a_thread_started_during_an_outage_is_readable_from_the_spool(
     tmp_path: Path,
 ) -> None:
-    async with flaky_service(make_settings(tmp_path)) as (svc, store):
+    async with flaky_service(left_down(tmp_path)) as (svc, store):
         store.down = True
         thread = await svc.start_or_continue(None, "chat")
         await svc.add_turns(thread, [user("q"), assistant("a")], "c1")
@@ -318,7 +326,7 @@ async def test_new_turns_of_a_thread_with_spooled_turns_queue_behind_them(tmp_pa
 
 
 async def test_a_full_spool_fails_the_call_with_storage_unavailable(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, spool_max_bytes=600)
+    settings = left_down(tmp_path, spool_max_bytes=600)
     async with flaky_service(settings) as (svc, store):
         store.down = True
         thread = await svc.start_or_continue(None, "chat")
@@ -358,7 +366,7 @@ async def test_the_store_call_leaves_part_of_the_callers_deadline_for_the_spool(
 
 
 async def test_an_open_breaker_sends_turns_straight_to_the_spool(tmp_path: Path) -> None:
-    async with flaky_service(make_settings(tmp_path)) as (svc, store):
+    async with flaky_service(left_down(tmp_path)) as (svc, store):
         store.down = True
         thread = await svc.start_or_continue(None, "chat")
         for i in range(3):
@@ -372,7 +380,7 @@ async def test_an_open_breaker_sends_turns_straight_to_the_spool(tmp_path: Path)
 
 
 async def test_status_shows_the_breaker_the_pool_and_the_spool(tmp_path: Path) -> None:
-    async with flaky_service(make_settings(tmp_path)) as (svc, store):
+    async with flaky_service(left_down(tmp_path)) as (svc, store):
         store.down = True
         thread = await svc.start_or_continue(None, "chat")
         await svc.add_turns(thread, [user("q")], "c1")
