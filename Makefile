@@ -35,8 +35,11 @@ serve: $(STAMP)
 	@$(BIN)/exai serve
 
 ## Lint (ruff with the ASYNC rules, mypy) and run the whole suite against local Postgres and Redis.
+## PYTEST_WORKERS: pytest-xdist processes (2, the CI box's cores; 0 runs it in this process).
+## The tests tests/conftest.py names in ONE_AT_A_TIME run one at a time, on one worker.
+PYTEST_WORKERS ?= 2
 test: $(TSTAMP) services ts-sdk lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(TSTAMP)
 	$(BIN)/ruff check exai tests benchmarks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -72,6 +73,50 @@ STALL_CHECKED = (
 )
 #: test files that block the loop on purpose (they test the detector itself)
 STALLS_ON_PURPOSE = ("test_stalls.py",)
+
+#: Under pytest-xdist (``make test`` runs ``-n 2``) these run one at a time, on one worker,
+#: while the other worker runs the rest: each starts a cluster of processes (HAProxy and three
+#: daemons; load generators; ten thousand connections; node) or measures a rate or the machine's
+#: scheduling over seconds of real time, and two of them at once on two cores would measure each
+#: other. Paths relative to tests/ (a folder, or one file).
+ONE_AT_A_TIME = (
+    "scaleout",
+    "test_benchmarks_smoke.py",
+    "resilience/test_redis_bucket.py",
+    "server/test_stalls.py",
+    "adversarial/test_http_door_refusals.py",
+    "client/test_ts_sdk_http.py",
+)
+#: files whose tests share an expensive module-scoped fixture (a daemon run through every path
+#: once): kept on one worker, so it runs once
+ONE_WORKER_PER_FILE = ("security/test_secret_hygiene.py",)
+
+
+def work_unit(nodeid: str) -> str:
+    """What pytest-xdist hands a worker at once: ``one_at_a_time`` for a test under
+    :data:`ONE_AT_A_TIME`, its file for one in :data:`ONE_WORKER_PER_FILE`, else the test."""
+    path = nodeid.split("::", 1)[0].removeprefix("tests/")
+    if path.split("/", 1)[0] in ONE_AT_A_TIME or path in ONE_AT_A_TIME:
+        return "one_at_a_time"
+    if path in ONE_WORKER_PER_FILE:
+        return path
+    return nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n N`` (``--dist load``) schedules by :func:`work_unit`. (pytest-xdist's own
+    ``--dist loadgroup`` does nothing under pytest 9: it renames ``item._nodeid``, which
+    pytest 9 no longer reads.) Other ``--dist`` modes are left as they are."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return Scheduling(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -403,7 +403,10 @@ def test_own_files_are_known_by_identity_even_under_another_name(tmp_path, root)
 
 
 @pytest.mark.parametrize(
-    "path", ["/proc/self/environ", f"/proc/{os.getpid()}/cmdline", "/sys/kernel/hostname"]
+    "path",
+    ["/proc/self/environ", f"/proc/{os.getpid()}/cmdline", "/sys/kernel/hostname"],
+    # (ids without the pid: pytest-xdist's workers must collect the same names)
+    ids=["proc-self-environ", "proc-pid-cmdline", "sys-kernel-hostname"],
 )
 def test_kernel_pseudo_files_are_refused_even_under_a_root_of_slash(tmp_path, path):
     box = FileSandbox(make_settings(tmp_path, file_roots=("/",)), environ={})
