@@ -25,9 +25,11 @@ second field: nanoseconds spent runnable but waiting for a CPU) before and after
 subtracts it, so what remains is the time the step ran or blocked in a system call — exactly what
 ``time.sleep``, file I/O or a CPU-heavy loop cost — while a step merely descheduled by a loaded
 machine is not a stall. The step's start on the clock and the delay are read as one instant (a
-pair further apart than ``SAME_INSTANT_S`` is read again, as the probe does): the loop's thread
-can give up the GIL between the two reads and wait for a CPU, which read the other way round
-counted as the step's own time. Where the file does not exist the wall time is used unchanged.
+pair further apart than ``SAME_INSTANT_S`` is read again, as the probe does), and so are its end
+and the delay then: the loop's thread can give up the GIL between the two reads and wait for a
+CPU, which read the other way round counted as the step's own time at its start, and was
+subtracted from a wall time it is not in at its end (a block measured short). Where the file
+does not exist the wall time is used unchanged.
 
 The loop's thread can also wait, asleep, for *another* thread of the process that is waiting for
 a CPU: ``threading.Thread.start`` (trio's ``to_thread`` starting a worker when its cache has none
@@ -426,11 +428,20 @@ class StallDetector(trio.abc.Instrument):
         if started is None:
             return
         self._step_started = None
-        duration = time.perf_counter() - started
+        fd = self._schedstat
+        if fd is None:
+            duration = time.perf_counter() - started
+        else:
+            # the step's end and the run-queue delay then, read as one instant, as at its
+            # start: the clock was read first and the delay after it, and a wait for a CPU
+            # between the two was subtracted from a wall time it is not in — a blocking step
+            # measured short by all of it (a 0.2 s sleep read as 0.187 s on a loaded machine)
+            end, _, delay_at_end = _clock_and_schedstat(fd)
+            duration = end - started
         if self.exclude_gc:
             duration -= self._gc_in_step
-        if self._schedstat is not None:
-            off_cpu = (_run_delay_ns(self._schedstat) - self._delay_at_start) / 1e9
+        if fd is not None:
+            off_cpu = (delay_at_end - self._delay_at_start) / 1e9
             if off_cpu > 0:
                 self.descheduled_s += off_cpu
                 duration -= off_cpu

@@ -362,6 +362,55 @@ async def test_a_wait_for_a_cpu_between_the_steps_clock_and_schedstat_reads_is_n
 
 
 @pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
+async def test_a_wait_for_a_cpu_between_the_steps_end_and_its_schedstat_read_hides_no_stall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The other end of a step: the instrument read the clock, then the run-queue delay, and a
+    # wait for a CPU between the two was subtracted from a wall time it is not in — a real
+    # block measured short by all of it (test_a_blocking_sleep_is_still_a_stall_when_descheduled
+    # _time_is_excluded: 0.187 s for a 0.2 s sleep, two pytest workers at load 12-15). Here
+    # the schedstat read at the end of the blocking step waits 0.2 s "in the run queue" before
+    # it reads: the clock runs on, and the delay it reads has grown by as much.
+    delay_ns = [0]
+    state = {"armed": False, "in_after": False}
+
+    def wait_then_read() -> int:
+        if state["armed"] and state["in_after"]:
+            state["armed"] = False
+            time.sleep(0.2)  # (stands for the wait for a CPU)
+            delay_ns[0] += 200_000_000
+        return delay_ns[0]
+
+    monkeypatch.setattr(stalls, "_run_delay_ns", lambda fd: wait_then_read())
+    monkeypatch.setattr(stalls, "_on_cpu_and_run_delay_ns", lambda fd: (0, wait_then_read()))
+    after = StallDetector.after_task_step
+
+    def watched_after(self: StallDetector, task: trio.lowlevel.Task) -> None:
+        state["in_after"] = True
+        try:
+            after(self, task)
+        finally:
+            state["in_after"] = False
+
+    monkeypatch.setattr(StallDetector, "after_task_step", watched_after)
+
+    async def blocker() -> None:
+        state["armed"] = True
+        time.sleep(0.2)  # noqa: ASYNC251 - the blocking call under test
+        await trio.lowlevel.checkpoint()
+
+    # (the other threads' correction left out: its reads would see the stand-in's delay too)
+    with stall_detector(
+        threshold_s=0.1, exclude_descheduled=True, exclude_others=False
+    ) as detector:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocker, name="blocker")
+    assert not state["armed"], "no step ended while armed; the test proves nothing"
+    assert [name for _, name in detector.stalls] == ["blocker"], detector.stalls
+    assert detector.stalls[0][0] >= 0.19
+
+
+@pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
 async def test_a_cpu_heavy_step_stays_a_stall_however_long_other_threads_waited() -> None:
     # Other threads waiting for a CPU meanwhile must not excuse a step that ran on the CPU: the
     # subtraction stops at the step's own CPU time.
