@@ -80,6 +80,30 @@ def test_closed_loop_load_against_a_daemon_process_records_every_call() -> None:
     assert len(recs["t"]) == len(recs["lat"]) == len(recs["outcome"])
 
 
+def test_the_stepped_load_makes_the_calls_it_is_asked_for_over_each_door() -> None:
+    """benchmarks.insns's load: one connection, ``run N`` steps, every call answered."""
+    from benchmarks.daemon import LoadProcess, exai_daemon, mock_upstream
+    from benchmarks.insns import _load_config, _run
+
+    with mock_upstream() as mock, exai_daemon(mock=mock, tokens="t0k") as d:
+        for series in ("chat1", "stream1", "http1", "httpstream1", "version1"):
+            cfg = _load_config(series, d)
+            cfg.update(token="t0k", warmup=2)
+            if "headers" in cfg:
+                cfg["headers"] = {"Authorization": "Bearer t0k"}
+            lp = LoadProcess("stepped", cfg)
+            try:
+                assert lp.wait_event("ready", 60)["ok"] == 2
+                _run(lp, 3, series)  # (raises unless all 3 were answered "ok")
+                _run(lp, 2, series)
+                lp.send("close")
+                assert lp.result(60)["steps"] == 2
+            finally:
+                lp.kill()
+    with pytest.raises(SystemExit):
+        _load_config("chat64", d)
+
+
 def test_idle_sessions_are_held_and_the_daemon_answers_503_past_its_cap() -> None:
     from benchmarks.daemon import LoadProcess, exai_daemon
 
