@@ -48,13 +48,15 @@ re-send to join for ``ORPHAN_GRACE_S``, as on WebSocket. Its end of stream (a FI
 a close: a client that half-closed (``shutdown(SHUT_WR)`` after its request, as ``nc -N`` and
 one-shot scripts do; RFC 9112 §9.6) still reads, so the call is given
 :data:`~exai.server.session.PEER_CLOSE_GRACE_S` to answer — the answer is written as any
-(``Connection: close``), and a client that has gone fails that write — and is cancelled after
-it; a reset cancels at once. In the initialize era a
-``notifications/cancelled`` posted in the same session cancels the call it names, on this
-daemon (with several daemons, the cancellation must reach the daemon that runs the call:
-docs/deploy.md). A cancelled call's request is ended without an answer (an empty SSE stream,
-or, for a JSON-only client, the error ``cancelled``) — but one its session's ``DELETE``
-cancelled, whose client did not cancel it, with the error ``session_ended`` for its id.
+(``Connection: close`` when it sent no request after it: requests pipelined before the FIN are
+each answered in turn, as on a kept connection, the last with ``Connection: close``), and a
+client that has gone fails that write — and is cancelled after it; a reset cancels at once.
+In the initialize era a ``notifications/cancelled`` posted in the same session cancels the
+call it names, on this daemon (with several daemons, the cancellation must reach the daemon
+that runs the call: docs/deploy.md). A cancelled call's request is ended without an answer
+(an empty SSE stream, or, for a JSON-only client, the error ``cancelled``) — but one its
+session's ``DELETE`` cancelled, whose client did not cancel it, with the error
+``session_ended`` for its id.
 
 **Writing.** A response after which the door closes the connection (a ``DELETE``, whose body is not
 read; a refusal; a draining daemon) says ``Connection: close``. Answers wait in the core's bounded
@@ -1080,6 +1082,9 @@ class HttpConnection:
             or self.shared.readiness.draining
             or (self._conn is not None and self._conn.their_state is not h11.DONE)
             # (a body not read: DELETE; a plain request is read to its end)
+            # the client half-closed (a FIN) and sent no request after this one: nothing more
+            # will come (the requests it sent before its end are each answered first)
+            or (self.stream.peer_ended and not self._ahead_bytes())
         )
 
     async def _accepted(self) -> bool:
@@ -1401,13 +1406,14 @@ class HttpConnection:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data, reset = b"", True
                     if not data:
-                        self.closing_reason = (1001, "the client closed the connection")
                         if not reset:
                             # its end of stream (a FIN): it sends nothing more, but a client
                             # that half-closed reads on — the call's answer, if it comes within
                             # the grace (_call_done ends this wait), is written as any answer
-                            # (a client that has gone fails that write)
+                            # (a client that has gone fails that write), and the requests it
+                            # sent before its end are answered too (_closing)
                             await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
+                        self.closing_reason = (1001, "the client closed the connection")
                         # detach first: a call nobody else watches is cancelled now, even one
                         # still waiting (shielded) for its slots
                         core.detach_all()
@@ -1435,12 +1441,13 @@ class HttpConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data, reset = b"", True
             if not data:
-                self.closing_reason = (1001, "the client closed the connection")
                 if not reset:
                     # its end of stream (a FIN): a client that half-closed reads on — the
-                    # stream goes on for the grace (its end cancels this watch), then the call
-                    # is dropped as for a client that has gone (whose writes fail sooner)
+                    # stream goes on for the grace (its end cancels this watch; the requests
+                    # sent before the end are answered next: _closing), then the call is
+                    # dropped as for a client that has gone (whose writes fail sooner)
                     await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
+                self.closing_reason = (1001, "the client closed the connection")
                 # detach first: a call nobody else watches is cancelled now, even one still
                 # waiting (shielded) for its slots
                 core.detach_all()

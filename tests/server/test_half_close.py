@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -172,15 +173,17 @@ async def test_a_websocket_call_running_past_the_grace_after_a_fin_is_dropped(
 # ---------------------------------------------------------------------------- HTTP
 
 
-def _post(port: int, accept: str) -> bytes:
-    body = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": 7,
-            "method": "tools/call",
-            "params": {"name": "gated", "arguments": {}, "_meta": envelope(MODERN)},
-        }
-    ).encode()
+def _post(
+    port: int,
+    accept: str,
+    id: int = 7,
+    method: str = "tools/call",
+    params: dict[str, Any] | None = None,
+) -> bytes:
+    if params is None:
+        params = {"name": "gated", "arguments": {}}
+    params = {**params, "_meta": envelope(MODERN)}
+    body = json.dumps({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).encode()
     head = (
         f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
         f"Accept: {accept}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -226,3 +229,64 @@ async def test_an_http_call_running_past_the_grace_after_a_fin_is_cancelled(
             while not GATE.cancelled:
                 await trio.sleep(0.01)
         await stream.aclose()
+
+
+def _responses(data: bytes, count: int) -> list[tuple[h11.Response, bytes]]:
+    """The responses in ``data`` (a client's h11 reading them in order; at most ``count``)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    out: list[tuple[h11.Response, bytes]] = []
+    while len(out) < count:
+        conn.send(h11.Request(method="POST", target="/mcp", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        head, body = None, b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            assert not isinstance(event, h11.ConnectionClosed) and event is not h11.NEED_DATA
+            if isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+        assert head is not None
+        out.append((head, body))
+        if conn.their_state is not h11.DONE:
+            break  # (the server closes after this one)
+        conn.start_next_cycle()
+    return out
+
+
+@pytest.mark.parametrize(
+    "accept", ["application/json", "application/json, text/event-stream"], ids=["json", "sse"]
+)
+async def test_http_requests_pipelined_before_a_fin_are_all_answered(
+    tmp_path: Path, accept: str
+) -> None:
+    # A one-shot client pipelines its requests, then half-closes (``printf ... | nc -N``): the
+    # daemon had read them all before the end of stream, while the first call ran. Each is
+    # answered in order, the last with Connection: close (the old code answered the first,
+    # with Connection: close, and dropped the others it had read).
+    settings = make_settings(tmp_path, heartbeat_interval_s=0.05)  # (SSE: begun by a keep-alive)
+    async with running_daemon(settings, registry_with(GATED)) as daemon:
+        port = _port(daemon)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            _post(port, accept)
+            + _post(port, accept, 8, "ping", {})
+            + _post(port, accept, 9, "tools/call", {"name": "version", "arguments": {}})
+        )
+        with trio.fail_after(30):
+            await GATE.started.wait()
+        await stream.send_eof()
+        await _until_its_end_is_read(daemon)
+        GATE.release.set()
+        responses = _responses(await _read_to_end(stream), 3)
+    ids = []
+    for head, body in responses:
+        assert head.status_code == 200
+        if dict(head.headers)[b"content-type"].startswith(b"text/event-stream"):
+            body = body.rsplit(b"event: message\ndata: ", 1)[1]
+        ids.append(json.loads(body)["id"])
+    assert ids == [7, 8, 9]
+    assert (b"connection", b"close") in responses[-1][0].headers
+    assert all((b"connection", b"close") not in head.headers for head, _ in responses[:-1])
+    assert not GATE.cancelled
