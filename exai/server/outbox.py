@@ -464,18 +464,27 @@ async def send_pieces(
     or their framing), then ``tail``: one ``send_all`` a piece (the first with ``head``), each
     a step of its own, so no step copies or writes the whole message. On a
     :class:`ProgressStream`, each piece written is progress (its ``on_progress``), as each
-    chunk of one write is."""
+    chunk of one write is. A message begun and not written to its end (cancelled between two
+    pieces, or a piece's write failed) cuts a :class:`ProgressStream` as a write cut part-way
+    does (:meth:`ProgressStream.send_all`): nothing follows the cut message on the wire."""
     first = True
-    for part in parts:
+    try:
+        for part in parts:
+            if first:
+                await stream.send_all(head + part)
+                first = False
+            else:
+                progress = getattr(stream, "on_progress", None)
+                if progress is not None:
+                    progress()
+                await stream.send_all(part)
         if first:
-            await stream.send_all(head + part)
-            first = False
-        else:
-            progress = getattr(stream, "on_progress", None)
-            if progress is not None:
-                progress()
-            await stream.send_all(part)
-    if first:
-        await stream.send_all(head + tail)
-    elif tail:
-        await stream.send_all(tail)
+            await stream.send_all(head + tail)
+        elif tail:
+            await stream.send_all(tail)
+    except BaseException:
+        # (a piece's own write cut part-way has cut it already; one cancelled before it
+        # began, at the next piece's start, cuts nothing by itself, but the message is cut)
+        if not first and isinstance(stream, ProgressStream):
+            stream.cut = True
+        raise

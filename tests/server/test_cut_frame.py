@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from exai.server.outbox import ProgressStream
+from exai.server.outbox import ProgressStream, send_pieces
 from exai.tools.base import ToolContext, ToolResult, ToolSpec
 from tests.helpers import make_settings, raw_upgrade, registry_with, running_daemon, ws_frame
 
@@ -109,4 +109,33 @@ async def test_a_write_after_a_cut_one_fails_as_closed() -> None:
     with trio.CancelScope() as scope:
         scope.cancel()
         await fresh.send_all(b"z")
+    await fresh.send_all(b"z")
+
+
+async def test_a_message_written_in_pieces_cancelled_between_two_pieces_cuts_the_stream() -> None:
+    # A large answer is written a piece a send_all (exai.server.outbox.send_pieces). A cancel
+    # that lands between two pieces (at the next piece's start: "a write cancelled before it
+    # began cuts nothing") left the stream writable in the middle of the message's frame, so
+    # the close frame that follows (the session's, the listener's) went out as part of it.
+    left, _right = trio.testing.memory_stream_pair()
+    stream = ProgressStream(left)
+    written: list[bytes] = []
+
+    with trio.CancelScope() as scope:
+
+        async def sent() -> None:
+            written.append(bytes(left.send_stream.get_data_nowait()))
+            scope.cancel()  # (after the head and the first piece went whole)
+
+        left.send_stream.send_all_hook = sent
+        await send_pieces(stream, b"HEAD", [b"one", b"two", b"three"], b"TAIL")
+    assert scope.cancelled_caught and written == [b"HEADone"]
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"close frame")
+    assert stream.send_nowait(b"close frame") == 0
+    # a message cancelled before its first piece went cuts nothing
+    fresh = ProgressStream(trio.testing.memory_stream_pair()[0])
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send_pieces(fresh, b"HEAD", [b"one", b"two"])
     await fresh.send_all(b"z")
