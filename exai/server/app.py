@@ -217,13 +217,16 @@ async def _drain(
     log_event("daemon.draining", running=len(calls.running))
     for session in sessions:
         conn_nursery.start_soon(session.hand_over)
-    with trio.move_on_after(settings.drain_timeout_s):
+    bound = trio.current_time() + settings.drain_timeout_s
+    with trio.move_on_at(bound):
         await changes.wait_for(lambda: not calls.running)
     for ex in list(calls.running.values()):
         ex.cancel()  # past the drain bound (the calls nursery also encloses sessions)
-    # each session's hand-over closes it once every answer it owes is queued (and the close
-    # writes them); a session still open after that is one whose client does not read
-    with trio.move_on_after(2.0):
+    # each session's hand-over closes it once every answer it owes is queued, and the close
+    # writes them: a large answer to a client that reads it slowly but steadily may take a
+    # while (each write under the send deadline) — within the drain bound, but at least 2 s
+    # as before; a session still open then is one whose client does not read (or too slowly)
+    with trio.move_on_at(max(bound, trio.current_time() + 2.0)):
         await changes.wait_for(lambda: not sessions)
     sessions.close_all(conn_nursery, 1001, "exai is shutting down")
     with trio.move_on_after(2.0):

@@ -171,7 +171,10 @@ class Session:
         ledger = self.core.ledger
         await self.shared.changes.wait_for(lambda: ledger.count == 0)
         if self.closing_reason is None:
-            await self.close(1012, "exai is restarting; reconnect")
+            # what is queued is written as long as the peer reads it (each write under the
+            # send deadline; the drain's own bound ends the rest): a 1 s bound cut a large
+            # answer to a slow but steady reader in the middle of its frame
+            await self.close(1012, "exai is restarting; reconnect", flush_s=math.inf)
 
     #: set once a :meth:`close` has ended (made by it: an idle session holds no event)
     _close_done: trio.Event | None = None
