@@ -25,6 +25,28 @@ module makes a retry of a *running* one wait for that result instead of running 
 Keys carry the call's key as a Redis Cluster hash tag (the result and run keys share a slot);
 the liveness check is a separate round trip, so no script spans slots.
 
+A large result (its long strings over :data:`LARGE_RESULT_CHARS` in all) is not stored as one
+JSON text — ``json.dumps`` of a 4 MiB answer was one loop step of ≈ 0.1 s on the owner, and the
+claim's decode + ``json.loads`` another on the reader (issue 18: no loop stall over 50 ms) —
+but as :data:`PIECES_MAGIC`, a small header, the JSON of its *skeleton* (each string over
+:data:`exai.server.pieces.LONG_CHARS` replaced by a placeholder) and those strings as raw UTF-8,
+encoded and decoded :data:`~exai.server.pieces.PIECE_CHARS` characters /
+:data:`~exai.server.pieces.STEP_BYTES` bytes at a time with a checkpoint between
+(:func:`encode_result`, :func:`decode_result`). The value is valid UTF-8 and not JSON, so a
+daemon of an older version (a rolling restart) reading it takes it for "unavailable" and runs
+the call itself (as during a Redis outage), never for another result; this version reads both
+formats. A small result is stored as plain JSON, as before. A long string holding a lone
+surrogate (not UTF-8) sends the whole result the plain way.
+
+A value over :data:`TRANSFER_BYTES` (1 MiB) also goes to and from Redis in round trips of at
+most that much: asyncio's ``writelines`` joins a command whole and its transport buffers the
+rest whole, redis-py's pure-Python reader (no hiredis here) copies a bulk reply whole (the
+``StreamReader`` buffer, ``readexactly``, its ``tail + data``) — each one step of the
+trio-asyncio loop, ≈ 60 ms for a 32 MiB SET on a loaded machine, and a 96 MiB value did not
+fit the 0.5 s bound of one round trip at all. The owner appends the pieces to an upload key of
+its own (same hash tag), then one script renames it to the result (first one wins); a claim
+that finds a result over 1 MiB reads it with ``GETRANGE``, 1 MiB at a time, into one buffer.
+
 Redis unreachable (or slow past ``call_bound_s``): :meth:`SharedCalls.claim` says so and the
 caller runs the call itself — during a Redis outage a call retried onto another daemon may run
 twice (docs/deploy.md). Nothing waits on Redis longer than the bound, and after a few failures
@@ -33,23 +55,39 @@ the breaker ``redis-calls`` answers "unavailable" at once until Redis answers ag
 
 from __future__ import annotations
 
+import codecs
 import json
+import secrets
 from collections import OrderedDict
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 
 from exai.errors import CircuitOpenError
 from exai.logs import log_event
 from exai.resilience.breaker import CircuitBreaker
+from exai.server.pieces import LONG_CHARS, PIECE_CHARS, STEP_BYTES
 
-__all__ = ["CLAIM_SCRIPT", "FINISH_SCRIPT", "Claim", "SharedCalls"]
+__all__ = [
+    "CLAIM_SCRIPT",
+    "FINISH_SCRIPT",
+    "LARGE_RESULT_CHARS",
+    "PIECES_MAGIC",
+    "Claim",
+    "SharedCalls",
+    "decode_result",
+    "encode_result",
+]
 
-#: KEYS: result, run. ARGV: this daemon's id, run key TTL (ms).
-#: Returns {"result", <json>} | {"owner", ""} | {"running", <owner id>}.
+#: KEYS: result, run. ARGV: this daemon's id, run key TTL (ms), the largest result returned
+#: whole (bytes). Returns {"result", <value>} | {"large", <its size>} | {"owner", ""} |
+#: {"running", <owner id>}.
 CLAIM_SCRIPT = """
+local n = redis.call('STRLEN', KEYS[1])
+if n > tonumber(ARGV[3]) then return {'large', tostring(n)} end
 local r = redis.call('GET', KEYS[1])
 if r then return {'result', r} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'owner', ''} end
@@ -76,6 +114,45 @@ if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) e
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """
+
+#: KEYS: upload. ARGV: a piece, the upload's TTL (ms), '1' for the first piece.
+UPLOAD_SCRIPT = """
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('APPEND', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+#: KEYS: result, run, upload. ARGV: this daemon's id, result TTL (ms), the upload's size.
+#: The uploaded result becomes the result (first one wins) when it is whole; 1, else 0.
+FINISH_UPLOADED_SCRIPT = """
+local whole = redis.call('STRLEN', KEYS[3]) == tonumber(ARGV[3])
+if whole and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('RENAME', KEYS[3], KEYS[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  redis.call('DEL', KEYS[3])
+end
+if not whole then return 0 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+#: KEYS: result. ARGV: first, last byte. A piece of a large result.
+READ_SCRIPT = """
+return redis.call('GETRANGE', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+#: a result larger than this goes to and from Redis in pieces of this size, one round trip
+#: each: asyncio copies a command's arguments whole (``writelines``' join, the transport's
+#: buffer) and redis-py's reader a reply whole, in one step each
+TRANSFER_BYTES: Final = 1024 * 1024
+
+#: an upload left half-done (Redis went away) is dropped this long after its last piece
+UPLOAD_TTL_S: Final = 60
 
 #: finishes kept to send again while Redis is away (oldest dropped beyond)
 MAX_UNFINISHED = 1024
@@ -143,8 +220,8 @@ class SharedCalls:
             max_open_duration_s=30.0,
             record=lambda exc: isinstance(exc, Exception),
         )
-        #: key → (keys, args) of a finish Redis did not take, sent again with each beat
-        self._unfinished: OrderedDict[str, tuple[list[str], list[str]]] = OrderedDict()
+        #: key → the value of a finish Redis did not take, sent again with each beat
+        self._unfinished: OrderedDict[str, str | list[bytes]] = OrderedDict()
         self.rejected = 0
         self.joined = 0
         self.taken_over = 0
@@ -172,6 +249,10 @@ class SharedCalls:
     def run_key(self, key: str) -> str:
         return f"{self.prefix}idem:{{{key}}}:run"
 
+    def upload_key(self, key: str, upload: str) -> str:
+        """Where one upload of a large result is put together (renamed to the result)."""
+        return f"{self.prefix}idem:{{{key}}}:up:{self.instance_id}:{upload}"
+
     def alive_key(self, instance: str) -> str:
         return f"{self.prefix}alive:{{{instance}}}"
 
@@ -181,20 +262,25 @@ class SharedCalls:
         reply = await self._run(
             CLAIM_SCRIPT,
             [self.result_key(key), self.run_key(key)],
-            [self.instance_id, str(max(1, int(run_ttl_s * 1000)))],
+            [self.instance_id, str(max(1, int(run_ttl_s * 1000))), str(TRANSFER_BYTES)],
         )
         if not isinstance(reply, list) or len(reply) != 2:
             return Claim("unavailable")
-        kind, value = _text(reply[0]), _text(reply[1])
+        kind = _text(reply[0])
+        if kind == "large":
+            value = await self._read_large(key, int(_text(reply[1])))
+            if value is None:
+                return Claim("unavailable")
+            reply[1], kind = value, "result"
         if kind == "result":
             try:
-                doc = json.loads(value)
-            except ValueError:
+                doc = await decode_result(reply[1])
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
                 return Claim("unavailable")
             return Claim("result", doc) if isinstance(doc, dict) else Claim("unavailable")
         if kind == "owner":
             return Claim("owner")
-        return Claim("running", owner_id=value)
+        return Claim("running", owner_id=_text(reply[1]))
 
     async def join(self, key: str, run_ttl_s: float, first: Claim) -> Claim:
         """Wait while another daemon runs ``key``: its result, or ownership once it stopped
@@ -220,22 +306,70 @@ class SharedCalls:
 
     async def finish(self, key: str, payload: dict[str, Any] | None) -> None:
         """Store the owner's result (``None``: cancelled, store nothing) and drop its run key."""
-        data = "" if payload is None else json.dumps(payload, separators=(",", ":"), default=str)
-        keys = [self.result_key(key), self.run_key(key)]
-        args = [self.instance_id, data, str(max(1, int(self.result_ttl_s * 1000)))]
-        if await self._run(FINISH_SCRIPT, keys, args) is None:
-            self._unfinished[key] = (keys, args)
+        data: str | list[bytes] = "" if payload is None else await encode_result(payload)
+        if not await self._store(key, data):
+            self._unfinished[key] = data
             self._unfinished.move_to_end(key)
             while len(self._unfinished) > MAX_UNFINISHED:
                 self._unfinished.popitem(last=False)
 
+    async def _store(self, key: str, data: str | list[bytes]) -> bool:
+        """One finish: ``data`` stored (``""``: none) and the run key dropped; False when Redis
+        did not take it. A value over :data:`TRANSFER_BYTES` (or in pieces) is uploaded about
+        :data:`TRANSFER_BYTES` at a time beside the result key, then renamed to it (first one
+        wins)."""
+        keys = [self.result_key(key), self.run_key(key)]
+        ttl = str(max(1, int(self.result_ttl_s * 1000)))
+        if isinstance(data, str) and len(data) <= TRANSFER_BYTES:
+            return await self._run(FINISH_SCRIPT, keys, [self.instance_id, data, ttl]) is not None
+        pieces = [data.encode("utf-8")] if isinstance(data, str) else data
+        upload = self.upload_key(key, secrets.token_hex(4))
+        up_ttl = str(UPLOAD_TTL_S * 1000)
+        size = 0
+        group: list[bytes | memoryview] = []
+        grouped = 0
+        chunks = (
+            view[at : at + TRANSFER_BYTES]
+            for piece in pieces
+            for view in (memoryview(piece),)
+            for at in range(0, len(piece), TRANSFER_BYTES)
+        )
+        for chunk in [*chunks, None]:
+            if chunk is not None and grouped + len(chunk) <= TRANSFER_BYTES:
+                group.append(chunk)
+                grouped += len(chunk)
+                continue
+            if group:
+                arg = group[0] if len(group) == 1 else b"".join(group)
+                first = "1" if size == 0 else ""
+                if await self._run(UPLOAD_SCRIPT, [upload], [arg, up_ttl, first]) is None:
+                    return False
+                size += grouped
+            group, grouped = ([chunk], len(chunk)) if chunk is not None else ([], 0)
+        done = await self._run(
+            FINISH_UPLOADED_SCRIPT, [*keys, upload], [self.instance_id, ttl, str(size)]
+        )
+        return done is not None and int(done) == 1
+
+    async def _read_large(self, key: str, size: int) -> bytearray | None:
+        """A stored result of ``size`` bytes read :data:`TRANSFER_BYTES` at a time; ``None``
+        when Redis did not answer or the result changed meanwhile (expired)."""
+        value = bytearray(size)
+        for at in range(0, size, TRANSFER_BYTES):
+            end = min(size, at + TRANSFER_BYTES)
+            piece = await self._run(READ_SCRIPT, [self.result_key(key)], [str(at), str(end - 1)])
+            if not isinstance(piece, bytes | bytearray) or len(piece) != end - at:
+                return None
+            value[at:end] = piece
+        return value
+
     async def _finish_again(self) -> None:
         """Send the finishes Redis did not take, oldest first, until one fails again."""
         while self._unfinished:
-            key, (keys, args) = next(iter(self._unfinished.items()))
-            if await self._run(FINISH_SCRIPT, keys, args) is None:
+            key, data = next(iter(self._unfinished.items()))
+            if not await self._store(key, data):
                 return
-            if self._unfinished.get(key) == (keys, args):
+            if self._unfinished.get(key) is data:
                 del self._unfinished[key]
 
     # -- internals -------------------------------------------------------------------------
@@ -260,7 +394,7 @@ class SharedCalls:
             await self._beat()
             await self._finish_again()
 
-    async def _run(self, script: str, keys: list[str], args: list[str]) -> Any:
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """One bounded script round trip behind the breaker; ``None`` when Redis did not
         answer (or the breaker is open: a Redis that hangs costs a few calls the bound, then
         none until it answers again)."""
@@ -287,3 +421,117 @@ class SharedCalls:
 
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes | bytearray) else str(v)
+
+
+#: the start of a result stored in pieces (a NUL first: no JSON text starts so, and it is UTF-8)
+PIECES_MAGIC: Final = b"\x00exai-result-pieces:1\n"
+#: a result whose long strings hold more characters than this in all is stored in pieces
+LARGE_RESULT_CHARS: Final = 64 * 1024
+
+
+def _plain(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), default=str)
+
+
+def _swap(node: Any, long: list[str], seen: dict[int, int], token: str) -> Any:
+    """``node`` with every exact ``str`` over :data:`LONG_CHARS` replaced by a placeholder
+    (``token``, its index, NUL); one string carried twice (the same object) is kept once."""
+    t = type(node)
+    if t is str:
+        if len(node) <= LONG_CHARS:
+            return node
+        index = seen.get(id(node))
+        if index is None:
+            index = seen[id(node)] = len(long)
+            long.append(node)
+        return f"{token}{index}\x00"
+    if t is dict:
+        return {key: _swap(value, long, seen, token) for key, value in node.items()}
+    if t is list or t is tuple:
+        return [_swap(value, long, seen, token) for value in node]
+    return node
+
+
+def _unswap(node: Any, long: list[str], token: str) -> Any:
+    t = type(node)
+    if t is str:
+        if node.startswith(token) and node.endswith("\x00"):
+            return long[int(node[len(token) : -1])]
+        return node
+    if t is dict:
+        return {key: _unswap(value, long, token) for key, value in node.items()}
+    if t is list:
+        return [_unswap(value, long, token) for value in node]
+    return node
+
+
+async def encode_result(payload: dict[str, Any]) -> str | list[bytes]:
+    """What :meth:`SharedCalls.finish` stores for ``payload``: its JSON (a small result, as
+    before), or — a large one — the pieces format (module docstring) as a list of pieces (the
+    value is their concatenation), made with a checkpoint after every :data:`STEP_BYTES`."""
+    long: list[str] = []
+    token = f"\x00exai-piece:{secrets.token_hex(8)}:"
+    try:
+        skeleton = _swap(payload, long, {}, token)
+    except RecursionError:
+        return _plain(payload)
+    if sum(map(len, long)) <= LARGE_RESULT_CHARS:
+        return _plain(payload)
+    await anyio.lowlevel.checkpoint()
+    skel = json.dumps(skeleton, separators=(",", ":"), default=str).encode("ascii")
+    parts: list[bytes] = []
+    sizes: list[int] = []
+    step = 0
+    for value in long:
+        size = 0
+        for start in range(0, len(value), PIECE_CHARS):
+            try:
+                part = value[start : start + PIECE_CHARS].encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: JSON escapes it, raw UTF-8 cannot
+                return _plain(payload)
+            parts.append(part)
+            size += len(part)
+            step += len(part)
+            if step >= STEP_BYTES:
+                step = 0
+                await anyio.lowlevel.checkpoint()
+        sizes.append(size)
+    head = json.dumps({"token": token, "skeleton": len(skel), "strings": sizes}).encode("ascii")
+    return [PIECES_MAGIC + head + b"\n" + skel, *parts]
+
+
+async def decode_result(value: Any) -> Any:
+    """The result stored as ``value`` (bytes from Redis), in either format; a large one is
+    decoded :data:`STEP_BYTES` at a time with a checkpoint between.
+
+    Raises:
+        ValueError: not a stored result (bad JSON, bad UTF-8, a malformed header).
+    """
+    if not isinstance(value, bytes | bytearray) or not value.startswith(PIECES_MAGIC):
+        return json.loads(value if isinstance(value, bytes | bytearray) else _text(value))
+    view = memoryview(value)
+    at = value.index(b"\n", len(PIECES_MAGIC)) + 1
+    head = json.loads(bytes(view[len(PIECES_MAGIC) : at]))
+    token, skel_size, sizes = head["token"], int(head["skeleton"]), head["strings"]
+    if not isinstance(token, str) or not isinstance(sizes, list):
+        raise ValueError("a malformed result header")
+    skeleton = json.loads(bytes(view[at : at + skel_size]))
+    at += skel_size
+    long: list[str] = []
+    for size in sizes:
+        end = at + int(size)
+        if end > len(value):
+            raise ValueError("a truncated result")
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        parts: list[str] = []
+        for start in range(at, end, STEP_BYTES):
+            parts.append(decoder.decode(view[start : min(end, start + STEP_BYTES)]))
+            await anyio.lowlevel.checkpoint()
+        parts.append(decoder.decode(b"", final=True))
+        long.append("".join(parts))
+        at = end
+    if at != len(value):
+        raise ValueError("trailing bytes after a result")
+    doc = _unswap(skeleton, long, token)
+    await anyio.lowlevel.checkpoint()
+    return doc
