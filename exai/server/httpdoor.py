@@ -47,7 +47,8 @@ the upstream request) — unless the call carries an idempotency key, which keep
 re-send to join for ``ORPHAN_GRACE_S``, as on WebSocket. Its end of stream (a FIN) is not yet
 a close: a client that half-closed (``shutdown(SHUT_WR)`` after its request, as ``nc -N`` and
 one-shot scripts do; RFC 9112 §9.6) still reads, so the call is given
-:data:`~exai.server.session.PEER_CLOSE_GRACE_S` to answer — the answer is written as any
+:data:`~exai.server.session.PEER_CLOSE_GRACE_S` to answer — an answer it has is written as any,
+for as long as the client reads it (the grace bounds the call, not the write)
 (``Connection: close`` when it sent no request after it: requests pipelined before the FIN are
 each answered in turn, as on a kept connection, the last with ``Connection: close``), and a
 client that has gone fails that write — and is cancelled after it; a reset cancels at once.
@@ -223,6 +224,12 @@ class _Exchange:
             self.final_text = text
             err = msg.get("error")
             self.code = err.get("code") if isinstance(err, dict) else None
+
+
+def _answering(core: SessionCore, exchange: _Exchange) -> bool:
+    """Whether the request's call has its answer — being encoded or written (the core's
+    ``answering``), or encoded and queued for the SSE stream (the exchange's final text)."""
+    return core.answering > 0 or exchange.final_text is not None
 
 
 def _status_for(code: int | None, modern: bool) -> int:
@@ -957,7 +964,9 @@ class HttpConnection:
                 if handled == "call":
                     try:
                         if sse_ok:
-                            nursery.start_soon(self._watch_disconnect, core, nursery.cancel_scope)
+                            nursery.start_soon(
+                                self._watch_disconnect, core, exchange, nursery.cancel_scope
+                            )
                             keep = await self._stream(core, exchange, sse_ok, modern, settings)
                         else:
                             keep = await self._await_answer(core, exchange, modern, settings)
@@ -1413,6 +1422,11 @@ class HttpConnection:
                             # (a client that has gone fails that write), and the requests it
                             # sent before its end are answered too (_closing)
                             await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
+                            if _answering(core, exchange):
+                                # the answer is being written: for as long as the client reads
+                                # it, under the send deadline (_call_done ends this wait) — the
+                                # grace bounds the call, not the answer's write
+                                await trio.sleep_forever()
                         self.closing_reason = (1001, "the client closed the connection")
                         # detach first: a call nobody else watches is cancelled now, even one
                         # still waiting (shielded) for its slots
@@ -1431,7 +1445,9 @@ class HttpConnection:
         # by a draining daemon, or an answer queued behind another message): written here
         return await self._stream(core, exchange, False, modern, settings)
 
-    async def _watch_disconnect(self, core: SessionCore, scope: trio.CancelScope) -> None:
+    async def _watch_disconnect(
+        self, core: SessionCore, exchange: _Exchange, scope: trio.CancelScope
+    ) -> None:
         """While a call runs: a client that closes its connection cancels it (a keyed call is
         left its orphan grace). Bytes it sends ahead are kept for the next request (bounded)."""
         while self._ahead_bytes() < _READ_AHEAD_BYTES:
@@ -1445,8 +1461,12 @@ class HttpConnection:
                     # its end of stream (a FIN): a client that half-closed reads on — the
                     # stream goes on for the grace (its end cancels this watch; the requests
                     # sent before the end are answered next: _closing), then the call is
-                    # dropped as for a client that has gone (whose writes fail sooner)
+                    # dropped as for a client that has gone (whose writes fail sooner) —
+                    # unless its answer is being written: then the stream goes on to its end
+                    # (under the send deadline) as long as the client reads it
                     await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
+                    if _answering(core, exchange):
+                        await trio.sleep_forever()  # (the stream's end cancels this watch)
                 self.closing_reason = (1001, "the client closed the connection")
                 # detach first: a call nobody else watches is cancelled now, even one still
                 # waiting (shielded) for its slots

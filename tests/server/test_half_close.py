@@ -16,6 +16,7 @@ dropped as for any client that goes, and a client that has gone fails the first 
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,57 @@ async def test_http_requests_pipelined_before_a_fin_are_all_answered(
     assert (b"connection", b"close") in responses[-1][0].headers
     assert all((b"connection", b"close") not in head.headers for head, _ in responses[:-1])
     assert not GATE.cancelled
+
+
+@pytest.mark.parametrize(
+    "accept", ["application/json", "application/json, text/event-stream"], ids=["json", "sse"]
+)
+async def test_a_large_http_answer_being_written_when_the_client_half_closes_is_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accept: str
+) -> None:
+    # The grace after a FIN bounds the call, not the write of its answer: a client that
+    # half-closes while its (large) answer is written and reads it slowly gets all of it, as
+    # on the WebSocket door. The HTTP door cut the body (or the SSE stream) at the grace's
+    # end, in the middle (≈ 0.5 MB of 7.4 at a 16 KiB / 5 ms reader with the 1 s grace).
+    from benchmarks.load import large_answers as la
+
+    monkeypatch.setattr(session, "PEER_CLOSE_GRACE_S", 0.0)  # (over before the answer is read)
+    nbytes = 1024 * 1024
+    la.prepare(nbytes)
+    settings = make_settings(tmp_path, heartbeat_interval_s=0.05, max_answer_bytes=64 * 1024 * 1024)
+    async with running_daemon(settings, registry_with(la.BIG)) as daemon:
+        port = _port(daemon)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        arguments = {"bytes": nbytes, "seconds": 0.2}  # (SSE: begun by a keep-alive first)
+        await stream.send_all(
+            _post(port, accept, 7, "tools/call", {"name": "big", "arguments": arguments})
+        )
+        received = bytearray()
+        with trio.fail_after(30):
+            while b'"id":7' not in received:  # (its answer is being written)
+                received += await stream.receive_some(4096)
+        await stream.send_eof()
+        await _until_its_end_is_read(daemon)
+        received += await _read_to_end(stream)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    if accept == "application/json":
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert len(body) == length
+        msg = json.loads(body)
+    else:
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="POST", target="/mcp", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(bytes(received))
+        conn.receive_data(b"")
+        data = b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            assert event is not h11.NEED_DATA and not isinstance(event, h11.ConnectionClosed)
+            if isinstance(event, h11.Data):
+                data += event.data
+        msg = json.loads(data.rsplit(b"event: message\ndata: ", 1)[1])
+    assert msg["id"] == 7
+    assert msg["result"]["structuredContent"]["content"] == la.prepare(nbytes)[1]
