@@ -17,7 +17,7 @@ import trio
 
 from exai.server.endings import Endings
 from exai.server.session import Session
-from tests.helpers import live_objects, make_settings, running_daemon
+from tests.helpers import instances_of, live_objects, make_settings, running_daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -95,11 +95,13 @@ async def test_sessions_closing_at_once_end_at_most_at_once_per_batch(tmp_path):
 async def test_sessions_closing_at_once_leave_nothing_behind(tmp_path):
     async with running_daemon(make_settings(tmp_path)) as d:
         d.listener.endings = endings = Endings(AT_ONCE)
-        await _close_at_once(d, SESSIONS)
+        with instances_of(Session) as sessions:
+            await _close_at_once(d, SESSIONS)
+        assert sessions.made == SESSIONS
         assert len(d.sessions) == 0
         assert d.admission.open == 0
         assert endings.free == AT_ONCE  # every turn given back
-        assert await live_objects(Session) == []
+        assert await live_objects(sessions) == []
 
 
 async def test_a_session_ending_alone_waits_for_no_turn(tmp_path):
