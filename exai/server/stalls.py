@@ -430,16 +430,24 @@ class StallDetector(trio.abc.Instrument):
         self._step_started = None
         fd = self._schedstat
         if fd is None:
-            duration = time.perf_counter() - started
+            end = time.perf_counter()
         else:
             # the step's end and the run-queue delay then, read as one instant, as at its
             # start: the clock was read first and the delay after it, and a wait for a CPU
             # between the two was subtracted from a wall time it is not in — a blocking step
             # measured short by all of it (a 0.2 s sleep read as 0.187 s on a loaded machine)
             end, _, delay_at_end = _clock_and_schedstat(fd)
-            duration = end - started
+        duration = end - started
         if self.exclude_gc:
             duration -= self._gc_in_step
+            gc_started = self._gc_started
+            if gc_started is not None:
+                # a collection still running: another thread's, whose "stop" callback has not
+                # run yet — it gives up the GIL at that callback's first bytecode, and this
+                # thread, which waited for it (from the read above: a syscall lets go of the
+                # GIL), measures its step first. A worker thread's gc.collect() read as a
+                # stall of 0.1-0.9 s of the step that had started it.
+                duration -= end - max(started, gc_started)
         if fd is not None:
             off_cpu = (delay_at_end - self._delay_at_start) / 1e9
             if off_cpu > 0:
