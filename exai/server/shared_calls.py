@@ -45,7 +45,12 @@ rest whole, redis-py's pure-Python reader (no hiredis here) copies a bulk reply 
 trio-asyncio loop, ≈ 60 ms for a 32 MiB SET on a loaded machine, and a 96 MiB value did not
 fit the 0.5 s bound of one round trip at all. The owner appends the pieces to an upload key of
 its own (same hash tag), then one script renames it to the result (first one wins); a claim
-that finds a result over 1 MiB reads it with ``GETRANGE``, 1 MiB at a time, into one buffer.
+that finds a result over 1 MiB reads it with ``GETRANGE``, 1 MiB at a time, into one buffer;
+each read checks the result's size and first :data:`GUARD_BYTES` (its random token), so a
+result that expired and was replaced between two reads is "unavailable", never a mix of two.
+A stored value is not trusted: its header's sizes are checked against it before anything is
+decoded, and a stored string fills at most :data:`MAX_REFS` placeholders, so reading a value
+costs work and memory bounded by its size (tests/server/test_shared_hostile.py).
 
 Redis unreachable (or slow past ``call_bound_s``): :meth:`SharedCalls.claim` says so and the
 caller runs the call itself — during a Redis outage a call retried onto another daemon may run
@@ -141,10 +146,20 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
-#: KEYS: result. ARGV: first, last byte. A piece of a large result.
+#: KEYS: result. ARGV: first, last byte, the result's size, its first bytes as read before.
+#: A piece of a large result; false when the result is no longer the one being read (its size
+#: or its first bytes changed: it expired, and another daemon stored another in its place).
 READ_SCRIPT = """
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then return false end
+if #ARGV[4] > 0 and redis.call('GETRANGE', KEYS[1], 0, #ARGV[4] - 1) ~= ARGV[4] then
+  return false
+end
 return redis.call('GETRANGE', KEYS[1], ARGV[1], ARGV[2])
 """
+
+#: the first bytes of a large result that every later read of it checks: they hold the
+#: pieces format's random token (a value stored in its place by another finish differs)
+GUARD_BYTES: Final = 128
 
 #: a result larger than this goes to and from Redis in pieces of this size, one round trip
 #: each: asyncio copies a command's arguments whole (``writelines``' join, the transport's
@@ -353,14 +368,21 @@ class SharedCalls:
 
     async def _read_large(self, key: str, size: int) -> bytearray | None:
         """A stored result of ``size`` bytes read :data:`TRANSFER_BYTES` at a time; ``None``
-        when Redis did not answer or the result changed meanwhile (expired)."""
+        when Redis did not answer or the result changed meanwhile (expired, or expired and
+        replaced by another daemon's: each read checks the size and the first
+        :data:`GUARD_BYTES`, which hold the pieces format's random token — never a value
+        made of two results)."""
         value = bytearray(size)
+        guard = b""
         for at in range(0, size, TRANSFER_BYTES):
             end = min(size, at + TRANSFER_BYTES)
-            piece = await self._run(READ_SCRIPT, [self.result_key(key)], [str(at), str(end - 1)])
+            piece = await self._run(
+                READ_SCRIPT, [self.result_key(key)], [str(at), str(end - 1), str(size), guard]
+            )
             if not isinstance(piece, bytes | bytearray) or len(piece) != end - at:
                 return None
             value[at:end] = piece
+            guard = bytes(value[:GUARD_BYTES])
         return value
 
     async def _finish_again(self) -> None:
@@ -427,24 +449,30 @@ def _text(v: Any) -> str:
 PIECES_MAGIC: Final = b"\x00exai-result-pieces:1\n"
 #: a result whose long strings hold more characters than this in all is stored in pieces
 LARGE_RESULT_CHARS: Final = 64 * 1024
+#: the most placeholders one stored string fills (the same string object carried more often
+#: is stored again): a stored value, once read, is at most this many times its own size —
+#: a value with one string and a million placeholders for it is refused, not expanded
+MAX_REFS: Final = 4
 
 
 def _plain(payload: dict[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"), default=str)
 
 
-def _swap(node: Any, long: list[str], seen: dict[int, int], token: str) -> Any:
+def _swap(node: Any, long: list[str], seen: dict[int, list[int]], token: str) -> Any:
     """``node`` with every exact ``str`` over :data:`LONG_CHARS` replaced by a placeholder
-    (``token``, its index, NUL); one string carried twice (the same object) is kept once."""
+    (``token``, its index, NUL); one string carried twice (the same object) is kept once, up
+    to :data:`MAX_REFS` placeholders per stored string (a reader refuses more)."""
     t = type(node)
     if t is str:
         if len(node) <= LONG_CHARS:
             return node
-        index = seen.get(id(node))
-        if index is None:
-            index = seen[id(node)] = len(long)
+        entry = seen.get(id(node))
+        if entry is None or entry[1] >= MAX_REFS:
+            entry = seen[id(node)] = [len(long), 0]
             long.append(node)
-        return f"{token}{index}\x00"
+        entry[1] += 1
+        return f"{token}{entry[0]}\x00"
     if t is dict:
         return {key: _swap(value, long, seen, token) for key, value in node.items()}
     if t is list or t is tuple:
@@ -452,16 +480,22 @@ def _swap(node: Any, long: list[str], seen: dict[int, int], token: str) -> Any:
     return node
 
 
-def _unswap(node: Any, long: list[str], token: str) -> Any:
+def _unswap(node: Any, long: list[str], refs: list[int], token: str) -> Any:
     t = type(node)
     if t is str:
         if node.startswith(token) and node.endswith("\x00"):
-            return long[int(node[len(token) : -1])]
+            index = int(node[len(token) : -1])
+            if not 0 <= index < len(long):
+                raise ValueError("a placeholder for no string")
+            refs[index] += 1
+            if refs[index] > MAX_REFS:  # a stored value that grows without bound once read
+                raise ValueError("a string placed more often than a result places it")
+            return long[index]
         return node
     if t is dict:
-        return {key: _unswap(value, long, token) for key, value in node.items()}
+        return {key: _unswap(value, long, refs, token) for key, value in node.items()}
     if t is list:
-        return [_unswap(value, long, token) for value in node]
+        return [_unswap(value, long, refs, token) for value in node]
     return node
 
 
@@ -512,16 +546,26 @@ async def decode_result(value: Any) -> Any:
     view = memoryview(value)
     at = value.index(b"\n", len(PIECES_MAGIC)) + 1
     head = json.loads(bytes(view[len(PIECES_MAGIC) : at]))
-    token, skel_size, sizes = head["token"], int(head["skeleton"]), head["strings"]
-    if not isinstance(token, str) or not isinstance(sizes, list):
+    if type(head) is not dict:
+        raise ValueError("a malformed result header")
+    token, skel_size, sizes = head.get("token"), head.get("skeleton"), head.get("strings")
+    # every size checked against the value before anything is decoded: a size that lies
+    # (negative, past the end) must not read any byte twice or past the value
+    if (
+        type(token) is not str
+        or not token
+        or type(skel_size) is not int
+        or type(sizes) is not list
+        or skel_size < 2
+        or not all(type(size) is int and size > LONG_CHARS for size in sizes)
+        or at + skel_size + sum(sizes) != len(value)
+    ):
         raise ValueError("a malformed result header")
     skeleton = json.loads(bytes(view[at : at + skel_size]))
     at += skel_size
     long: list[str] = []
     for size in sizes:
-        end = at + int(size)
-        if end > len(value):
-            raise ValueError("a truncated result")
+        end = at + size
         decoder = codecs.getincrementaldecoder("utf-8")()
         parts: list[str] = []
         for start in range(at, end, STEP_BYTES):
@@ -532,6 +576,6 @@ async def decode_result(value: Any) -> Any:
         at = end
     if at != len(value):
         raise ValueError("trailing bytes after a result")
-    doc = _unswap(skeleton, long, token)
+    doc = _unswap(skeleton, long, [0] * len(long), token)
     await anyio.lowlevel.checkpoint()
     return doc
