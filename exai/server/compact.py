@@ -112,21 +112,31 @@ def _find(text: str, value: str, length: int) -> int:
     return -1
 
 
+#: what one string looked for in one text block costs the budget at least (characters): the
+#: pairs of (block, string) looked at are bounded too, not only the characters scanned — 10,000
+#: tiny text blocks against 1,000 strings were 10 million looks, one step of 8 s, for a budget
+#: that counted only the (tiny) texts scanned
+_SPLICE_TRY_CHARS = 1024
+
+
 def _splice(
-    text: str, strings: list[tuple[tuple[str | int, ...], str]], budget: list[int]
+    text: str, strings: list[tuple[tuple[str | int, ...], str, int]], budget: list[int]
 ) -> _Spliced | None:
-    """``text`` as pieces referring to the long strings it contains (longest first, without
-    overlap; a string is matched without its trailing whitespace, which tools often strip),
-    looked for while ``budget[0]`` (characters scanned, see :data:`_SPLICE_SCAN_CHARS`) lasts."""
+    """``text`` as pieces referring to the long strings it contains (``strings``: path, value,
+    its length without trailing whitespace — which tools often strip — longest first; without
+    overlap), looked for while ``budget[0]`` (characters scanned, see
+    :data:`_SPLICE_SCAN_CHARS`; each look at least :data:`_SPLICE_TRY_CHARS`) lasts."""
+    if len(text) < _SPLICE_MIN_CHARS:
+        return None  # (holds no string long enough: nothing to look for, nothing charged)
     spans: list[tuple[int, int, _Ref]] = []
-    for path, value in sorted(strings, key=lambda item: -len(item[1])):
+    for path, value, length in strings:
         if budget[0] <= 0:
             break
-        length = _stripped_length(value)
-        if length < _SPLICE_MIN_CHARS or length > _SPLICE_MAX_CHARS:
+        if length > len(text):
+            budget[0] -= _SPLICE_TRY_CHARS
             continue
         at = _find(text, value, length)
-        budget[0] -= len(text) if at < 0 else at + length
+        budget[0] -= max(_SPLICE_TRY_CHARS, len(text) if at < 0 else at + length)
         if at < 0 or any(at < end and start < at + length for start, end, _ in spans):
             continue
         spans.append((at, at + length, _Ref(path, length)))
@@ -151,7 +161,8 @@ def compact(payload: dict[str, Any]) -> dict[str, Any]:
     ``structuredContent`` (``chat``'s ``content``, ``consensus``'s answers). The text blocks are
     kept as references into ``structuredContent`` for every string of at least 1 KiB (and at
     most 4 Mi characters) they repeat, longest first, while a scan budget lasts (16 Mi
-    characters: one step stays short whatever ``structuredContent`` holds); :func:`expand`
+    characters, each string looked for in each block at least 1 Ki of them: one step stays
+    short whatever ``structuredContent`` and ``content`` hold); :func:`expand`
     rebuilds them. Payloads with nothing repeated come back as they are.
     """
     result = payload.get("result")
@@ -167,12 +178,19 @@ def compact(payload: dict[str, Any]) -> dict[str, Any]:
         for b in content
     ):
         return payload  # no text block long enough to repeat a long string: nothing to search
-    strings = _long_strings(structured)
+    budget = [_SPLICE_SCAN_CHARS]
+    strings: list[tuple[tuple[str | int, ...], str, int]] = []
+    for path, value in _long_strings(structured):
+        # each string's length without its trailing whitespace, once (not once per block)
+        length = _stripped_length(value)
+        budget[0] -= len(value) - length
+        if _SPLICE_MIN_CHARS <= length <= _SPLICE_MAX_CHARS:
+            strings.append((path, value, length))
     if not strings:
         return payload
+    strings.sort(key=lambda item: -len(item[1]))
     blocks: list[Any] = []
     changed = False
-    budget = [_SPLICE_SCAN_CHARS]
     for block in content:
         text = block.get("text") if isinstance(block, dict) else None
         spliced = _splice(text, strings, budget) if isinstance(text, str) else None
