@@ -19,7 +19,8 @@ module makes a retry of a *running* one wait for that result instead of running 
 * **finish** (one script, replacing the plain result write): the owner stores the result (first
   one wins, TTL ``result_ttl_s``) and drops its run key; a cancelled call only drops the key, so
   a joiner runs it. A finish Redis did not take (it was away for a moment) is sent again with
-  each liveness beat until it is (at most :data:`MAX_UNFINISHED`, oldest out): a joiner would
+  each liveness beat until it is (at most :data:`MAX_UNFINISHED` holding at most
+  :data:`MAX_UNFINISHED_BYTES`, oldest out): a joiner would
   otherwise wait for the run key's whole TTL, the owner alive and its result never there.
 
 Keys carry the call's key as a Redis Cluster hash tag (the result and run keys share a slot);
@@ -171,6 +172,10 @@ UPLOAD_TTL_S: Final = 60
 
 #: finishes kept to send again while Redis is away (oldest dropped beyond)
 MAX_UNFINISHED = 1024
+#: ... and the bytes their values may hold (oldest dropped beyond; the newest is always kept):
+#: 1,024 large answers of a Redis outage were gigabytes. A joiner of a dropped one waits for
+#: its run key's TTL, as when its owner could not store it
+MAX_UNFINISHED_BYTES = 64 * 1024 * 1024
 
 ClaimKind = Literal["result", "owner", "running", "unavailable"]
 
@@ -237,6 +242,8 @@ class SharedCalls:
         )
         #: key → the value of a finish Redis did not take, sent again with each beat
         self._unfinished: OrderedDict[str, str | list[bytes]] = OrderedDict()
+        #: the bytes those values hold (bounded by MAX_UNFINISHED_BYTES, oldest out)
+        self._unfinished_bytes = 0
         self.rejected = 0
         self.joined = 0
         self.taken_over = 0
@@ -323,10 +330,18 @@ class SharedCalls:
         """Store the owner's result (``None``: cancelled, store nothing) and drop its run key."""
         data: str | list[bytes] = "" if payload is None else await encode_result(payload)
         if not await self._store(key, data):
+            self._forget(key)
             self._unfinished[key] = data
-            self._unfinished.move_to_end(key)
-            while len(self._unfinished) > MAX_UNFINISHED:
-                self._unfinished.popitem(last=False)
+            self._unfinished_bytes += _size(data)
+            while len(self._unfinished) > MAX_UNFINISHED or (
+                self._unfinished_bytes > MAX_UNFINISHED_BYTES and len(self._unfinished) > 1
+            ):
+                self._forget(next(iter(self._unfinished)))
+
+    def _forget(self, key: str) -> None:
+        data = self._unfinished.pop(key, None)
+        if data is not None:
+            self._unfinished_bytes -= _size(data)
 
     async def _store(self, key: str, data: str | list[bytes]) -> bool:
         """One finish: ``data`` stored (``""``: none) and the run key dropped; False when Redis
@@ -392,7 +407,7 @@ class SharedCalls:
             if not await self._store(key, data):
                 return
             if self._unfinished.get(key) is data:
-                del self._unfinished[key]
+                self._forget(key)
 
     # -- internals -------------------------------------------------------------------------
     async def _is_alive(self, instance: str) -> bool:
@@ -437,8 +452,14 @@ class SharedCalls:
             "errors": self.errors,
             "rejected": self.rejected,
             "unfinished": len(self._unfinished),
+            "unfinished_bytes": self._unfinished_bytes,
             "breaker": self.breaker.state,
         }
+
+
+def _size(data: str | list[bytes]) -> int:
+    """What a value kept to send again holds (characters of a str: bytes for the ASCII JSON)."""
+    return len(data) if isinstance(data, str) else sum(map(len, data))
 
 
 def _text(v: Any) -> str:

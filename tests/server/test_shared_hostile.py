@@ -125,3 +125,35 @@ async def test_a_large_result_replaced_between_two_reads_is_not_read_as_a_mix(
             got = await b.claim(key, 30)
         assert Replacing.reads >= 1
         assert got.kind == "unavailable" or got.result in (first, second)
+
+
+class _Away:
+    """Redis away: every round trip fails."""
+
+    async def run_script(self, script: str, keys: Any, args: Any) -> Any:
+        raise ConnectionError("redis is away")
+
+    async def get(self, key: str) -> bytes | None:
+        raise ConnectionError("redis is away")
+
+    async def set(self, key: str, value: bytes | str, **kw: Any) -> bool:
+        raise ConnectionError("redis is away")
+
+
+async def test_finishes_kept_while_redis_is_away_are_bounded_in_bytes() -> None:
+    """A finish Redis did not take is kept to send again; 1,024 of them were kept whatever
+    their size (80 answers of 1 MiB: 80 MiB here, gigabytes for a daemon of large answers
+    through an outage). The bytes are bounded too, oldest out, the newest kept."""
+    big = "x" * (1024 * 1024)
+    async with sc_mod.SharedCalls(
+        _Away(),  # type: ignore[arg-type]
+        key_prefix="t:",
+        instance_id="daemon-a",
+        result_ttl_s=60,
+    ) as a:
+        for i in range(80):
+            await a.finish(f"alice:{i}", {"result": {"text": big, "i": i}})
+        kept = a._unfinished
+        held = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in kept.values())
+        assert held <= 64 * 1024 * 1024 + 2 * len(big)
+        assert "alice:79" in kept  # the newest is kept
