@@ -51,7 +51,8 @@ each read checks the result's size and first :data:`GUARD_BYTES` (its random tok
 result that expired and was replaced between two reads is "unavailable", never a mix of two.
 A stored value is not trusted: its header's sizes are checked against it before anything is
 decoded, and a stored string fills at most :data:`MAX_REFS` placeholders, so reading a value
-costs work and memory bounded by its size (tests/server/test_shared_hostile.py).
+costs work and memory bounded by its size, and no result over :data:`MAX_RESULT_BYTES` is
+stored or read (tests/server/test_shared_hostile.py).
 
 Redis unreachable (or slow past ``call_bound_s``): :meth:`SharedCalls.claim` says so and the
 caller runs the call itself — during a Redis outage a call retried onto another daemon may run
@@ -166,6 +167,10 @@ GUARD_BYTES: Final = 128
 #: each: asyncio copies a command's arguments whole (``writelines``' join, the transport's
 #: buffer) and redis-py's reader a reply whole, in one step each
 TRANSFER_BYTES: Final = 1024 * 1024
+
+#: the largest result shared through Redis (bytes stored): a larger one is not stored, and a
+#: claim does not read one (Redis holds values up to 512 MB: the buffer is never that large)
+MAX_RESULT_BYTES: Final = 128 * 1024 * 1024
 
 #: an upload left half-done (Redis went away) is dropped this long after its last piece
 UPLOAD_TTL_S: Final = 60
@@ -290,7 +295,10 @@ class SharedCalls:
             return Claim("unavailable")
         kind = _text(reply[0])
         if kind == "large":
-            value = await self._read_large(key, int(_text(reply[1])))
+            size = int(_text(reply[1]))
+            if size > MAX_RESULT_BYTES:  # (no daemon stores one: a value not to allocate)
+                return Claim("unavailable")
+            value = await self._read_large(key, size)
             if value is None:
                 return Claim("unavailable")
             reply[1], kind = value, "result"
@@ -350,6 +358,9 @@ class SharedCalls:
         wins)."""
         keys = [self.result_key(key), self.run_key(key)]
         ttl = str(max(1, int(self.result_ttl_s * 1000)))
+        if _size(data) > MAX_RESULT_BYTES:
+            # no reader would take it: the run key dropped, a joiner runs the call itself
+            return await self._run(FINISH_SCRIPT, keys, [self.instance_id, "", ttl]) is not None
         if isinstance(data, str) and len(data) <= TRANSFER_BYTES:
             return await self._run(FINISH_SCRIPT, keys, [self.instance_id, data, ttl]) is not None
         pieces = [data.encode("utf-8")] if isinstance(data, str) else data

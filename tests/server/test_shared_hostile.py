@@ -157,3 +157,22 @@ async def test_finishes_kept_while_redis_is_away_are_bounded_in_bytes() -> None:
         held = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in kept.values())
         assert held <= 64 * 1024 * 1024 + 2 * len(big)
         assert "alice:79" in kept  # the newest is kept
+
+
+async def test_a_result_over_the_largest_shared_size_is_neither_stored_nor_read(
+    redis_prefix: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim allocated a buffer of whatever size the stored value had (Redis holds up to
+    512 MB): over MAX_RESULT_BYTES (2 MiB here) the claim says "unavailable" without reading
+    it, and a finish that large stores nothing (the run key dropped: a joiner runs the call)."""
+    monkeypatch.setattr(sc_mod, "MAX_RESULT_BYTES", 2 * 1024 * 1024, raising=False)
+    answer = {"result": {"text": "x" * (3 * 1024 * 1024)}}
+    async with _redis() as redis, _calls(redis, redis_prefix, "daemon-a") as a:
+        value = b"".join(await encode_result(answer))  # type: ignore[arg-type]
+        await redis.set(a.result_key("alice:huge"), value, ex_s=60)  # (another's, or hostile)
+        assert await a.claim("alice:huge", 30) == Claim("unavailable")
+        assert await a.claim("alice:mine", 30) == Claim("owner")
+        await a.finish("alice:mine", answer)
+        assert await redis.get(a.result_key("alice:mine")) is None
+        assert await redis.get(a.run_key("alice:mine")) is None
