@@ -536,7 +536,10 @@ async def test_the_probe_does_not_call_waiting_for_a_thread_off_the_cpu_a_stall(
 
     assert own.stall_count > 0, "the other thread was not kept waiting; the test proves nothing"
     assert all_threads.stall_count == 0, all_threads.stalls
-    assert all_threads.descheduled_s > own.descheduled_s
+    # (what it left out: not compared with the other probe's figure — each probe has its own
+    # thread and wakes at its own moments, so their windows differ: 0.77 s against 0.82 s in a
+    # CI run at -n 2, with the two assertions above holding)
+    assert all_threads.descheduled_s > 0
 
 
 @pytest.mark.skipif(not _HAS_SCHEDSTAT, reason="needs Linux schedstat")
