@@ -54,8 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import benchmarks.daemon as bd
-from benchmarks.ab import _start
-from benchmarks.scenarios.peer import MODEL, PROMPT, TOKEN
+from benchmarks.ab import _config, _start
 
 #: calls made after instrumentation is switched on and before the first sample
 SETTLE_CALLS = 20
@@ -92,30 +91,13 @@ sys.exit(main())
 
 
 def _load_config(series: str, d: Any) -> dict[str, Any]:
-    kind = series.rstrip("0123456789")
-    if series[len(kind) :] != "1":
+    """:func:`benchmarks.ab._config`'s load for ``series``, for the stepped load
+    (:mod:`benchmarks.load.stepped`: ``stream`` asks for progress over WebSocket too)."""
+    c, cfg = _config(series, d)
+    if c != 1:
         raise SystemExit(f"{series!r}: benchmarks.insns measures concurrency 1 only")
-    cfg: dict[str, Any] = {
-        "mode": "mcp",
-        "url": d.url,
-        "token": TOKEN,
-        "arguments": {"prompt": PROMPT, "model": MODEL},
-    }
-    if kind.startswith("http"):
-        cfg.update(
-            mode="mcp_http",
-            url=d.url.replace("ws://", "http://", 1),
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        )
-        kind = kind.removeprefix("http") or "chat"
-    if kind == "stream":
+    if cfg.pop("progress", False):
         cfg["stream"] = True
-    elif kind == "version":
-        cfg.update(tool="version", arguments={})
-    elif kind != "chat":
-        raise SystemExit(
-            f"unknown series {series!r}: chat1, stream1, version1, http1, httpstream1, httpversion1"
-        )
     return cfg
 
 
