@@ -1,8 +1,9 @@
 """RedisTokenBucket against the real Redis on 127.0.0.1:6379, and through a fault proxy.
 
-Each test uses its own key prefix (``exai-test:<uuid>:``) and deletes its keys afterwards; the
-server is never flushed. Tests run on asyncio with ``redis.asyncio`` and on trio through a small
-trio-asyncio adapter (the shape of the daemon's storage bridge). Real time: waits stay short.
+Each test uses its own key prefix (``exai-test:<owner>:<hex>:``, :mod:`tests.leftovers`) and
+deletes its keys afterwards; the server is never flushed. Tests run on asyncio with
+``redis.asyncio`` and on trio through a small trio-asyncio adapter (the shape of the daemon's
+storage bridge). Real time: waits stay short.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from exai.errors import RateLimiterUnavailableError, RejectedError
 from exai.resilience import CircuitBreaker, RedisTokenBucket, is_redis_unreachable
 from exai.testing.faultproxy import FaultProxy
+from tests.leftovers import delete_prefix, new_redis_prefix
 
 pytestmark = pytest.mark.redis
 
@@ -45,16 +46,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    value = f"exai-test:{uuid.uuid4().hex}:"
-    yield value
-    sync = redis.Redis(host=HOST, port=PORT)
+    """A key prefix of this test's own (:func:`tests.leftovers.new_redis_prefix`: a killed
+    run's keys are deleted by the next run); its keys are deleted afterwards."""
+    value = new_redis_prefix()
     try:
-        keys = list(sync.scan_iter(match=f"{value}*", count=1000))
-        if keys:
-            sync.delete(*keys)
+        yield value
     finally:
-        sync.close()
+        delete_prefix(value)
 
 
 class TrioRedis:

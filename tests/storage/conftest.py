@@ -1,14 +1,14 @@
 """Fixtures for the storage tests.
 
 Real servers on loopback: PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) and Redis on
-127.0.0.1:6379. The session gets its own database ``exai_test_<hex>`` (dropped at the end); each
-test gets its own schema in it and its own Redis key prefix (its keys are deleted afterwards;
-nothing is ever flushed).
+127.0.0.1:6379. The session gets its own database ``exai_test_<pid>_<hex>`` (dropped at the end);
+each test gets its own schema in it and its own Redis key prefix ``exai-test:<owner>:<hex>:`` (its
+keys are deleted afterwards; nothing is ever flushed). A killed run's database and keys are
+removed by the next run's start, never a live run's (:mod:`tests.leftovers`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import uuid
 from collections.abc import Iterator
@@ -19,9 +19,15 @@ import attrs
 import pytest
 
 from exai.config import Secret, Settings
-
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+from tests.leftovers import (
+    PG_HOST,
+    PG_PORT,
+    REDIS_HOST,
+    REDIS_PORT,
+    OwnedDatabase,
+    delete_prefix,
+    new_redis_prefix,
+)
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -42,59 +48,17 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
-    """A fresh database for this test session; its name."""
+    """A fresh database for this test session; its name. Owned by this process for its life
+    and dropped at the end; a killed run's is dropped by the next session's start
+    (:mod:`tests.leftovers`)."""
     if not _reachable(PG_HOST, PG_PORT):
         pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    import asyncpg
-
-    name = f"exai_test_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(
-            user="postgres", host=PG_HOST, port=PG_PORT, database="postgres"
-        )
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    database = OwnedDatabase(PG_HOST, PG_PORT)
+    name = database.open()
     try:
         yield name
     finally:
-        _drop_database_in_the_background(name)
-
-
-#: what the detached child of :func:`_drop_database_in_the_background` runs
-_DROP = """
-import asyncio, sys
-import asyncpg
-
-async def main(name, host, port):
-    conn = await asyncpg.connect(user="postgres", host=host, port=int(port), database="postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-asyncio.run(main(*sys.argv[1:]))
-"""
-
-
-def _drop_database_in_the_background(name: str) -> None:
-    """Drop the session's database from a detached process the session does not wait for.
-
-    DROP DATABASE makes PostgreSQL (15) checkpoint and unlink every file of the hundreds of
-    schemas the tests made: 8 s at the end of a suite on a busy machine (1.8 s for an empty
-    database), all of it spent after the last test, checking nothing. Any failure goes to
-    stderr; a database left behind is named ``exai_test_<hex>``."""
-    import os
-    import sys
-
-    # (os.posix_spawn, not subprocess.Popen: a Popen still running when the process exits
-    # says so in a ResourceWarning, an error under this suite's filterwarnings)
-    argv = [sys.executable, "-c", _DROP, name, PG_HOST, str(PG_PORT)]
-    os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
+        database.close()
 
 
 def pg_url(database: str, *, schema: str, host: str = PG_HOST, port: int = PG_PORT) -> str:
@@ -109,19 +73,15 @@ def pg_schema() -> str:
 
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
-    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    """A Redis key prefix of this test's own, owned by this process (a killed run's keys are
+    deleted by the next run: :mod:`tests.leftovers`); its keys are deleted afterwards."""
     if not _reachable(REDIS_HOST, REDIS_PORT):
         pytest.skip("Redis is not running on 127.0.0.1:6379")
-    prefix = f"exai-test:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    import redis
-
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    prefix = new_redis_prefix()
     try:
-        for key in client.scan_iter(match=prefix + "*", count=500):
-            client.delete(key)
+        yield prefix
     finally:
-        client.close()
+        delete_prefix(prefix)
 
 
 def pg_settings(tmp_path: Path, database: str, schema: str, **overrides: Any) -> Settings:
