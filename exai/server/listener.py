@@ -17,7 +17,9 @@ Data path of a connection::
              (path, Origin, token, method, headers, body size) before reading its body
 
 Every refusal is an HTTP status with a JSON body (``{"error": reason, "message": …}``) sent
-before any WebSocket or JSON-RPC state exists. A connection's failure never takes the daemon
+before any WebSocket or JSON-RPC state exists; then the connection lingers (FIN, and what the
+client still sends — a body, frames behind an upgrade — read within ``http11.linger``'s bounds)
+before it closes, so no reset drops the refusal. A connection's failure never takes the daemon
 down: it is counted (``session_error``) and logged, and its admission slot is given back in
 ``finally``. A connection admitted to a door takes a turn of :attr:`Listener.endings` once its
 peer has gone and gives it back in that ``finally``, after the stream is closed: thousands of
@@ -226,7 +228,13 @@ class Listener:
                 # (the WebSocket door reads the head again: this task's h11 state and parsed
                 # head, ≈ 2.7 KB, are not kept for the connection's life — memory per session)
                 http = first = head = request = None  # type: ignore[assignment]
-                await self._websocket(stream, ip, conn_id, slots)
+                if await self._websocket(stream, ip, conn_id, slots):
+                    # refused: what the client sent behind its upgrade (frames, a body) is
+                    # unread, and closing now would reset the connection and drop the refusal
+                    # (tests/server/test_refused_upgrade_linger.py): it lingers as every
+                    # refusal does, once trio-websocket's reader is gone
+                    stream.release()
+                    await linger(stream)
             else:
                 await self._http(stream, head, ip, conn_id, slots, peer)
         except _DISCONNECTS:
@@ -322,9 +330,10 @@ class Listener:
 
     async def _websocket(
         self, stream: ProgressStream, ip: str, conn_id: str, slots: _Slots
-    ) -> None:
+    ) -> bool:
         """A WebSocket upgrade: decided before any WebSocket state exists, then the MCP door
-        (``/mcp``) or the old op protocol's (``/``)."""
+        (``/mcp``) or the old op protocol's (``/``). Whether it was refused with a status (the
+        caller lingers: the client may still be sending)."""
         async with trio.open_nursery() as nursery:
             request: WebSocketRequest | None = None
             with trio.move_on_after(self.settings.handshake_timeout_s) as bound:
@@ -332,11 +341,11 @@ class Listener:
                     nursery, stream, max_message_size=self.settings.max_frame_bytes
                 )
             if request is None:
-                # refused by wsproto (answered 400/426, closed) or, its bound passed, not read
+                # refused by wsproto (answered 400/426: lingers) or, its bound passed, not read
                 timed_out = bound.cancelled_caught
                 self.stats.refuse_connection("handshake_timeout" if timed_out else "bad_request")
                 nursery.cancel_scope.cancel()
-                return
+                return not timed_out
             refusal, door = self._admit(request, ip)
             if refusal is None:
                 slots.admitted = True
@@ -347,7 +356,7 @@ class Listener:
                 with trio.move_on_after(self.settings.handshake_timeout_s):
                     await request.reject(status, extra_headers=headers, body=body)
                 nursery.cancel_scope.cancel()
-                return
+                return True
             if door == "legacy":
                 conn = await request.accept()
                 stream.turn = self.endings.turn()
@@ -359,7 +368,7 @@ class Listener:
                         closing.shield = True
                         await conn.aclose()
                     nursery.cancel_scope.cancel()
-                return
+                return False
             identity = self.tokens.authenticate(_header(request, b"authorization"))
             assert identity is not None  # checked in _admit
             subprotocol = "mcp" if "mcp" in request.proposed_subprotocols else None
@@ -373,6 +382,7 @@ class Listener:
                     closing.shield = True
                     await conn.aclose()
                 nursery.cancel_scope.cancel()
+        return False
 
     async def _admit_shared(self, ip: str, conn_id: str) -> _Refusal | None:
         """The deployment-wide connection cap of ``ip`` (Redis), after the local one admitted

@@ -126,19 +126,21 @@ class ServerConnection(WebSocketConnection):
     on_pong_stalled: Callable[[], None] | None = None
 
     async def _close_stream(self) -> None:
+        proposal = self._connection_proposal
+        if proposal is not None and not proposal._value_event.is_set():
+            # wsproto refused the upgrade request (trio-websocket's reader answered it 400 or
+            # 426): what the client sent behind it is unread, and closing now would reset the
+            # connection and drop the answer. No request will come (accept_request says so at
+            # once: None); the listener lingers, then closes the stream.
+            self._reader_running = False
+            proposal.set_value(None)  # type: ignore[arg-type]
+            return
         await super()._close_stream()
         if self.peer_close is not None and self._close_reason is None:
             # the reader failed a peer that sent on after its close frame (ServerWSConnection.
             # receive_data): the connection is gone, as for a peer that went away (1006) — the
             # session's wait for its answers ends now (on_closed)
             await self._close_web_socket(1006, "data after the close frame")
-        # Closed before the upgrade request was taken (wsproto refused it: answered 400 or 426
-        # by trio-websocket's reader, which then closes the stream): no request will come, and
-        # accept_request says so at once (None) rather than at its caller's bound. (A method,
-        # not a wrapper task: nothing more held per session.)
-        proposal = self._connection_proposal
-        if proposal is not None and not proposal._value_event.is_set():
-            proposal.set_value(None)  # type: ignore[arg-type]
 
     async def _accept(
         self, request: Any, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
@@ -589,8 +591,9 @@ async def accept_request(
 ) -> WebSocketRequest | None:
     """Read the HTTP upgrade request from ``stream`` (the caller bounds the time); ``None``
     when wsproto refused it (no ``Sec-WebSocket-Key``, a version other than 13, …: it answered
-    400 or 426 and trio-websocket closed the stream). Without that, the wait for a request went
-    on until the caller's bound, and the refusal was taken for a client that sent nothing."""
+    400 or 426; the stream is left open for the caller to linger on and close). Without that,
+    the wait for a request went on until the caller's bound, and the refusal was taken for a
+    client that sent nothing."""
     connection = ServerConnection(
         stream,
         ServerWSConnection(ConnectionType.SERVER),
