@@ -84,6 +84,13 @@ class Settings:
         "port (others get 403)",
         converter=str_tuple,
     )
+    allowed_hosts: tuple[str, ...] = _field(
+        (),
+        "Host values served besides the loopback ones (DNS rebinding): name or name:port, "
+        "'*' for any; empty = loopback names only while EXAI_HOST is loopback, any otherwise "
+        "(others get 421)",
+        converter=str_tuple,
+    )
     session_signing_key: Secret | None = _field(
         None,
         "key signing Streamable HTTP session ids (Mcp-Session-Id), at least 32 characters; "
@@ -378,6 +385,10 @@ def listen_url(settings: Settings) -> str:
 _ORIGIN_ENTRY = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]@?#]+)(:(\d{1,5}|\*))?/?$")
 
 
+#: an EXAI_ALLOWED_HOSTS entry: name[:port] or [v6][:port] (exai.server.origins reads it)
+_HOST_ENTRY = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?$")
+
+
 def is_loopback(host: str) -> bool:
     return host in _LOOPBACK or host.startswith("127.")
 
@@ -446,6 +457,12 @@ def _validate(s: Settings) -> None:
             raise ConfigError(
                 f"EXAI_ALLOWED_ORIGINS: {origin!r} is not an origin (http[s]://host[:port], "
                 "':*' for any port)"
+            )
+    for host in s.allowed_hosts:
+        if host.strip() != "*" and not _HOST_ENTRY.match(host.strip()):
+            raise ConfigError(
+                f"EXAI_ALLOWED_HOSTS: {host!r} is not a host (name, name:port, [v6]:port, or * "
+                "for any)"
             )
     if s.session_signing_key and len(s.session_signing_key.reveal()) < 32:
         raise ConfigError(

@@ -269,9 +269,9 @@ def route_path(target: str) -> str:
     * origin-form: ``/mcp?x=1`` → ``/mcp``;
     * absolute-form with an ``http`` or ``https`` scheme (any case): ``http://127.0.0.1:8079/mcp?x=1``
       → ``/mcp``, an empty path being ``/``. RFC 9112 §3.2.2: a server MUST accept this form,
-      and the target's authority, not ``Host``, then says which host the request is for. exai
-      routes by neither (one host per listener) and refuses DNS rebinding by ``Origin``
-      (:mod:`exai.server.origins`), so the authority is only checked to be one;
+      and the target's authority, not ``Host``, then says which host the request is for
+      (:func:`request_host`). exai routes by neither (one host per listener), so here the
+      authority is only checked to be one;
     * anything else — ``CONNECT``'s authority-form ``host:port``, ``OPTIONS``' ``*``, another
       scheme — is returned as it is: a path no door serves (404).
 
@@ -290,6 +290,17 @@ def route_path(target: str) -> str:
             f"the request target's authority {form[1][:100]!r} is not a host[:port]"
         )
     return form[2].split("?", 1)[0] or "/"
+
+
+def request_host(target: str, hosts: list[str]) -> tuple[str | None, bool]:
+    """The host a request names and whether it names more than one ``Host``: an absolute-form
+    target's authority (RFC 9112 §3.2.2: it stands for ``Host``, which is then ignored), else
+    its ``Host`` header (``None``: none). What :mod:`exai.server.origins` judges."""
+    if target[:1] != "/":
+        form = _ABSOLUTE_FORM.fullmatch(target)
+        if form is not None:
+            return form[1], False
+    return (hosts[0] if hosts else None), len(hosts) > 1
 
 
 def header_values(request: h11.Request, name: bytes) -> list[str]:

@@ -6,9 +6,10 @@ deployment: 503 + ``Retry-After``) and hands it here. Each request on it (HTTP/1
 one at a time, read by h11 or, when plain, without it: "Cost per request" below) then goes
 through, in order, before a byte of its body is read::
 
-    path /mcp, origin- or absolute-form (404; 400 for an absolute-form authority not host[:port])
-    → Origin (403) → one Authorization, a valid bearer token (400, 401 with
-    WWW-Authenticate) → method: POST; DELETE ends a session; anything else 405
+    target, origin- or absolute-form (400 for an absolute-form authority not host[:port])
+    → Host (421, exai.server.origins) → path /mcp (404) → Origin (403) → one Authorization,
+    a valid bearer token (400, 401 with WWW-Authenticate) → method: POST; DELETE ends a
+    session; anything else 405
     → draining / overloaded (503 + Retry-After: the body was not read, so a balancer may
     re-send it elsewhere) → Content-Type application/json (415) → Accept (406)
     → Mcp-Session-Id: one, signed, unexpired, this identity's, not ended (400 / 404)
@@ -140,6 +141,7 @@ from exai.server.http11 import (
     parse_plain_request,
     read_head,
     reason_phrase,
+    request_host,
     route_path,
     send_response,
     skip_empty_lines,
@@ -624,10 +626,19 @@ class HttpConnection:
             # same, not served as HTTP/1.1)
             version = request.http_version.decode("ascii", "replace")
             raise _Refused(505, "bad_request", f"HTTP/{version} is not served; use HTTP/1.1")
+        target = request.target.decode("latin-1")
         try:
-            path = route_path(request.target.decode("latin-1"))  # (absolute-form too)
+            path = route_path(target)  # (absolute-form too)
         except ValueError as exc:
             raise _Refused(400, "bad_request", str(exc)) from None
+        host, several = request_host(target, hdrs.values(b"host"))
+        if several or not door.origins().allows_host(host):
+            raise _Refused(  # (a page whose name was rebound to this address: DNS rebinding)
+                421,
+                "forbidden_host",
+                f"this daemon does not serve the host {(host or '')[:100]!r}; allow it with "
+                "EXAI_ALLOWED_HOSTS",
+            )
         if path != "/mcp":
             raise _Refused(404, "not_found", "the MCP endpoint is /mcp")
         origins = hdrs.values(b"origin")

@@ -8,7 +8,8 @@ Data path of a connection::
       (X-Forwarded-For of a trusted proxy) → a WebSocket upgrade?
         yes: the head read is replayed into trio-websocket (the bytes past it held back until
              the upgrade is answered: ProgressStream.hold), then
-             400 malformed upgrade → 403 foreign Origin → 503 draining/overloaded
+             400 malformed upgrade → 421 foreign Host → 403 foreign Origin
+             → 503 draining/overloaded
              → per-IP cap → global cap (503) → per-IP cap of the deployment (Redis, 503)
              → path /: the old op protocol's door (its token is in its first message)
              → bearer token (401) → path /mcp (404) → upgrade → serve_session(...)
@@ -61,6 +62,7 @@ from exai.server.http11 import (
     json_body,
     linger,
     read_first_head,
+    request_host,
     route_path,
     send_response,
 )
@@ -112,7 +114,8 @@ class Listener:
         http_door: serves a connection whose first request is not a WebSocket upgrade
             (Streamable HTTP); ``None``: such connections get 404.
         legacy_door: serves a WebSocket upgrade on ``/`` (the old op protocol); ``None``: 404.
-        origins: the browser origins allowed (default: from ``settings.allowed_origins``).
+        origins: the browser origins and ``Host`` values allowed (default: from
+            ``settings``: :meth:`OriginPolicy.from_settings`).
 
     Behind a balancer in ``EXAI_TRUSTED_PROXIES`` the connection's address is the client's,
     from ``X-Forwarded-For`` (:mod:`exai.server.forwarded`): the caps, the session and the
@@ -142,7 +145,7 @@ class Listener:
         self.shared_limits = shared_limits
         self.http_door = http_door
         self.legacy_door = legacy_door
-        self.origins = origins or OriginPolicy.from_entries(settings.allowed_origins)
+        self.origins = origins or OriginPolicy.from_settings(settings)
         self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
         self._handshakes = trio.Semaphore(max(64, min(1024, settings.max_connections)))
         #: connections whose peers went at once are torn down a few at a time
@@ -222,13 +225,20 @@ class Listener:
                 # back until the upgrade is answered — wsproto's handshake would keep it to
                 # itself and the connection would start without it — and every read after the
                 # head waits meanwhile (ProgressStream.hold; ServerConnection._accept releases)
+                # (its Host judged as sent — wsproto keeps it apart, decoded from IDNA —
+                # and only the verdict kept: memory per session)
+                host, several = request_host(
+                    request.target.decode("latin-1"), header_values(request, b"host")
+                )
+                foreign_host = several or not self.origins.allows_host(host)
+                host = None
                 rest = http.trailing_data[0]
                 stream.unread(head.raw[: len(head.raw) - len(rest)] if rest else head.raw)
                 stream.hold(rest)
                 # (the WebSocket door reads the head again: this task's h11 state and parsed
                 # head, ≈ 2.7 KB, are not kept for the connection's life — memory per session)
                 http = first = head = request = None  # type: ignore[assignment]
-                if await self._websocket(stream, ip, conn_id, slots):
+                if await self._websocket(stream, ip, conn_id, slots, foreign_host):
                     # refused: what the client sent behind its upgrade (frames, a body) is
                     # unread, and closing now would reset the connection and drop the refusal
                     # (tests/server/test_refused_upgrade_linger.py): it lingers as every
@@ -329,7 +339,7 @@ class Listener:
             await linger(stream)
 
     async def _websocket(
-        self, stream: ProgressStream, ip: str, conn_id: str, slots: _Slots
+        self, stream: ProgressStream, ip: str, conn_id: str, slots: _Slots, foreign_host: bool
     ) -> bool:
         """A WebSocket upgrade: decided before any WebSocket state exists, then the MCP door
         (``/mcp``) or the old op protocol's (``/``). Whether it was refused with a status (the
@@ -346,7 +356,7 @@ class Listener:
                 self.stats.refuse_connection("handshake_timeout" if timed_out else "bad_request")
                 nursery.cancel_scope.cancel()
                 return not timed_out
-            refusal, door = self._admit(request, ip)
+            refusal, door = self._admit(request, ip, foreign_host)
             if refusal is None:
                 slots.admitted = True
                 refusal = await self._admit_shared(ip, conn_id)
@@ -434,14 +444,29 @@ class Listener:
             )
         return None
 
-    def _admit(self, request: WebSocketRequest, ip: str) -> tuple[_Refusal | None, str]:
+    def _admit(
+        self, request: WebSocketRequest, ip: str, foreign_host: bool
+    ) -> tuple[_Refusal | None, str]:
         """Decide before the upgrade: (status, headers, body) to refuse, or None after taking
-        an admission slot (the caller releases it); and the door (``"mcp"``, ``"legacy"``)."""
+        an admission slot (the caller releases it); and the door (``"mcp"``, ``"legacy"``).
+        ``foreign_host``: the request names a ``Host`` not served (:mod:`~exai.server.origins`)."""
         json_ct = (b"Content-Type", b"application/json")
         malformed = _malformed_upgrade(request)
         if malformed is not None:
             self.stats.refuse_connection("bad_request")
             return (400, [json_ct], _body("bad_request", malformed)), ""
+        if foreign_host:
+            # a page whose name was rebound to this address (DNS rebinding)
+            self.stats.refuse_connection("forbidden_host")
+            return (
+                421,
+                [json_ct],
+                _body(
+                    "forbidden_host",
+                    "this daemon does not serve the host the request names; allow it with "
+                    "EXAI_ALLOWED_HOSTS",
+                ),
+            ), ""
         origins = _headers(request, b"origin")
         if len(origins) > 1 or not self.origins.allows(origins[0] if origins else None):
             self.stats.refuse_connection("forbidden_origin")

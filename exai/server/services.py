@@ -434,7 +434,7 @@ def compose(
     tokens = TokenTable(parse_tokens(settings.tokens))
     d.signer, d.signing_key_source = _signer(settings, kept_signing_key)
     d.revocations = Revocations(redis, key_prefix=settings.redis_key_prefix)
-    origins = OriginPolicy.from_entries(settings.allowed_origins)
+    origins = OriginPolicy.from_settings(settings)
     d.http_door = HttpDoor(
         shared,
         settings=lambda: d.settings,

@@ -58,7 +58,7 @@ async def _read_to_end(stream: trio.abc.ReceiveStream) -> bytes:
 
 def _upgrade(*lines: bytes) -> bytes:
     return (
-        b"GET /mcp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"GET /mcp HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         + b"".join(lines)
         + b"\r\n"
     )
@@ -74,7 +74,7 @@ async def test_a_connection_over_a_local_cap_is_counted_in_both_metrics(tmp_path
                 assert (await held.receive_some(65536)).startswith(b"HTTP/1.1 101 ")
             async with await _connect(d) as refused:
                 if door == "http":
-                    await refused.send_all(b"GET /mcp HTTP/1.1\r\nHost: x\r\n\r\n")
+                    await refused.send_all(b"GET /mcp HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 else:
                     await refused.send_all(_upgrade(KEY, b"Sec-WebSocket-Version: 13\r\n"))
                 answer = await _read_to_end(refused)

@@ -79,7 +79,7 @@ async def test_a_stray_crlf_before_a_request_h11_reads_is_ignored_too(tmp_path):
             {"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {"_meta": envelope()}}
         ).encode()
         head = (
-            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Accept: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         chunked = head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
@@ -102,7 +102,7 @@ async def test_empty_lines_before_a_websocket_upgrade_are_ignored(tmp_path):
     # (the bytes read are replayed into the WebSocket door's own h11: without the empty lines)
     async with running_daemon(make_settings(tmp_path)) as d:
         upgrade = (
-            b"GET /mcp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /mcp HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         async with await _connect(d) as stream:

@@ -3,9 +3,10 @@ real sockets, in-process.
 
 RFC 9112 §3.2.2: a server MUST accept the absolute-form (``POST http://host:port/mcp``), and an
 origin server MUST then ignore ``Host`` and take the target's authority instead. exai routes by
-neither; it refuses DNS rebinding by ``Origin`` (docs/security.md "Browser origins"). So an
-absolute-form request is answered exactly as the origin-form request whose ``Host`` is the
-target's authority — whatever its own ``Host`` says — on a first request (read by h11 in the
+neither, and judges the authority as it judges a ``Host`` (DNS rebinding: a foreign one is 421,
+docs/security.md "Host"). So an absolute-form request is answered exactly as the origin-form
+request whose ``Host`` is the target's authority — whatever its own ``Host`` says — on a first
+request (read by h11 in the
 listener) and on a kept connection's later ones (read by the plain reader, or by h11).
 ``CONNECT host:port`` and ``OPTIONS *`` route nowhere: 404, the connection closed.
 """
@@ -118,10 +119,12 @@ async def test_an_absolute_form_target_is_answered_as_the_origin_form_with_its_a
 ):
     """The old door compared the whole target with ``/mcp``: 404 for every absolute-form
     request. Now the target's authority stands for the request, not ``Host``; a foreign one is
-    judged as a foreign ``Host`` is (exai checks neither: one host per listener), and a
-    browser's foreign ``Origin`` is refused (403) whichever form the target takes."""
+    judged as a foreign ``Host`` is (421 on a daemon bound to loopback, before ``Origin``), and
+    a browser's foreign ``Origin`` is refused (403) whichever form the target takes."""
     async with running_daemon(make_settings(tmp_path)) as d:
         authority, host = authority.format(port=_port(d)), host.format(port=_port(d))
+        if authority.startswith("evil.example"):
+            status = 421
         extra = [("Origin", origin)] if origin is not None else []
         absolute, _ = await _exchange(d, [_request(f"http://{authority}/mcp", host, *extra)])
         origin_form, _ = await _exchange(d, [_request("/mcp", authority, *extra)])
@@ -129,7 +132,8 @@ async def test_an_absolute_form_target_is_answered_as_the_origin_form_with_its_a
         if status == 200:
             assert json.loads(absolute[0][2]) == json.loads(origin_form[0][2])
         else:
-            assert json.loads(absolute[0][2])["error"] == "forbidden_origin"
+            error = "forbidden_host" if status == 421 else "forbidden_origin"
+            assert json.loads(absolute[0][2])["error"] == error
         assert d.stats.rejections["session_error"] == 0
 
 
@@ -153,7 +157,7 @@ async def test_absolute_form_targets_are_routed_by_their_path_by_both_request_re
         assert not closed
         for target in (f"http://127.0.0.1:{port}/other", f"http://127.0.0.1:{port}"):
             answers, closed = await _exchange(
-                d, [_request("/mcp", "x"), _request(target, "x")]
+                d, [_request("/mcp", "localhost"), _request(target, "x")]
             )
             assert [a[0] for a in answers] == [200, 404], (target, answers)
             assert json.loads(answers[1][2])["error"] == "not_found"
@@ -168,7 +172,10 @@ async def test_an_absolute_form_target_without_a_host_or_with_user_info_is_400(t
     """RFC 9110 §4.2.1: a recipient MUST reject an http URI with an empty host; §4.2.4: user
     info is treated as an error (it hides the authority). First request and kept alike."""
     async with running_daemon(make_settings(tmp_path)) as d:
-        for requests in ([_request(target, "x")], [_request("/mcp", "x"), _request(target, "x")]):
+        for requests in (
+            [_request(target, "x")],
+            [_request("/mcp", "localhost"), _request(target, "x")],
+        ):
             answers, closed = await _exchange(d, requests)
             assert [a[0] for a in answers][-1] == 400, answers
             assert json.loads(answers[-1][2])["error"] == "bad_request"
@@ -188,9 +195,9 @@ async def test_authority_and_asterisk_form_targets_are_404_and_the_connection_cl
     there: the plain reader leaves it, h11 waits for the tunnel to be granted or refused)."""
     async with running_daemon(make_settings(tmp_path)) as d:
         request = head.replace(b"{port}", str(_port(d)).encode()) + (
-            b"Host: x\r\nContent-Length: 0\r\n\r\n"
+            b"Host: localhost\r\nContent-Length: 0\r\n\r\n"
         )
-        for requests in ([request], [_request("/mcp", "x"), request]):
+        for requests in ([request], [_request("/mcp", "localhost"), request]):
             answers, closed = await _exchange(d, requests)
             status, headers, body = answers[-1]
             assert status == 404, answers
@@ -205,7 +212,7 @@ async def test_a_websocket_upgrade_to_an_absolute_form_target_is_routed_by_its_p
         port = _port(d)
         cases = [
             (f"http://127.0.0.1:{port}/mcp", 101),
-            ("http://evil.example/mcp?x=1", 101),  # (a foreign authority: as a foreign Host)
+            ("http://evil.example/mcp?x=1", 421),  # (a foreign authority: as a foreign Host)
             (f"http://127.0.0.1:{port}", 101),  # the empty path is "/": the op protocol's door
             (f"http://127.0.0.1:{port}/elsewhere", 404),
             ("http://u@127.0.0.1/mcp", 400),
