@@ -71,10 +71,20 @@ Which code stalled: a watchdog thread (:mod:`threading`, never on the loop) wake
 (:func:`sys._current_frames`) and takes the running trio task's name (the ``task`` local of
 trio's scheduler frame) and the innermost frame. A stall inside C code that holds the GIL (a
 garbage collection, a huge JSON parse) cannot be sampled while it lasts: then the name is the
-first code seen after it, or ``"?"``. Cost: 100 wake-ups a second of one task and about 20 of
-the thread, whether the daemon is busy or idle — measured on the shared 2-vCPU benchmark VM
-at 5–12 ms of CPU per second (0.5–1.2 % of a core; the wake-ups of an idle loop are the
-dear ones), against 3–5 % of the loop thread for the instrument under load.
+first code seen after it, or ``"?"``. Cost, while the loop runs something: 100 wake-ups a
+second of one task and about 20 of the thread — measured on the shared 2-vCPU benchmark VM at
+5–12 ms of CPU per second (0.5–1.2 % of a core), against 3–5 % of the loop thread for the
+instrument under load.
+
+An idle loop costs the probe nothing (issue 18): a wake-up that finds the loop ran nothing but
+the probe for a whole interval — one scheduler round since the last, counted by a one-hook
+instrument (``after_io_wait``, once per round) — parks the probe, and the watchdog sleeps until
+it is woken. Nothing can block a loop that runs nothing; the first round after (whatever wakes
+the loop: a socket, a timer) wakes the probe from its hook, and that round's start — the clock
+and the run-queue delay, read in the hook — begins the next gap, so a step that blocks in that
+round is measured and named as any other. An idle ``exai serve`` spent ≈ 26 ms of CPU and ≈ 119
+wake-ups a second on the probe's 100 a second, 1.3–2.5 ms and 11–14 with it parked
+(``python -m benchmarks run idle``, load 10–12 on 2 cores).
 
 How the probe waits (issue 18): under trio's own clock it arms a one-shot ``timerfd`` (Linux,
 through :mod:`ctypes`, loaded with this module) for the interval and waits for it with
@@ -539,6 +549,25 @@ def stall_detector(
             os.close(fd)
 
 
+class _RoundStarts(trio.abc.Instrument):
+    """Counts the scheduler's rounds for a :class:`LoopProbe` (``after_io_wait``: once per
+    round, before the round's tasks run) and, at the start of the first round after the probe
+    went idle, hands the parked probe to ``unpark``."""
+
+    def __init__(self, unpark: Callable[[trio.lowlevel.Task], None]) -> None:
+        self.count = 0
+        #: the probe while it is idle
+        self.parked: trio.lowlevel.Task | None = None
+        self._unpark = unpark
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.count += 1
+        task = self.parked
+        if task is not None:
+            self.parked = None
+            self._unpark(task)
+
+
 class LoopProbe:
     """The daemon's sampled stall detector (see the module docstring): a probe task instead of
     per-step hooks.
@@ -546,7 +575,7 @@ class LoopProbe:
     Args:
         threshold_s: a probe wake-up later than this (less the run-queue delay) is a stall.
         on_stall: called as ``on_stall(duration_s, where)`` for each stall, on the loop.
-        interval_s: how often the probe wakes.
+        interval_s: how often the probe wakes while the loop runs something.
         exclude_descheduled: subtract the loop thread's run-queue delay (Linux).
         exclude_others: with ``exclude_descheduled``, a wake-up late by more than the threshold
             is looked at once more: the run-queue delay the process's other threads
@@ -560,6 +589,9 @@ class LoopProbe:
         max_stall_s: the latest wake-up seen (less run-queue delay), over the threshold or not.
         stall_count: stalls seen since the last reset.
         probes: wake-ups measured.
+        idled: times the probe went idle (the loop ran nothing else for a whole interval):
+            each idle period ends with a wake-up measured from the start of the round that
+            ended it, without a timer.
         descheduled_s: run-queue delay subtracted, in seconds.
     """
 
@@ -583,9 +615,19 @@ class LoopProbe:
         self.max_stall_s = 0.0
         self.stall_count = 0
         self.probes = 0
+        self.idled = 0
         self.descheduled_s = 0.0
-        #: ``time.perf_counter()`` when the probe last went to sleep (read by the watchdog)
-        self._slept_at = time.perf_counter()
+        #: ``time.perf_counter()`` when the probe is due to wake (read by the watchdog; ``inf``
+        #: while it is idle)
+        self._due_at = time.perf_counter() + interval_s
+        #: set when the probe leaves idle, or stops (the watchdog waits on it while idle)
+        self._awake = threading.Event()
+        #: the clock and schedstat reads at the start of the round that woke an idle probe
+        self._resumed: tuple[float, int, int] | None = None
+        self._fd: int | None = None
+        self._others: _OtherThreads | None = None
+        self._snapshot: dict[int, int] = {}
+        self._snapshot_at = 0.0
         #: what the watchdog saw the loop thread running while the probe was overdue
         self._where: str | None = None
         self._loop_thread = 0
@@ -608,8 +650,10 @@ class LoopProbe:
     async def run(self) -> None:
         """Probe until cancelled (run it for the whole life of what it watches)."""
         fd = _open_schedstat() if self.exclude_descheduled else None
+        self._fd = fd
         self._loop_thread = threading.get_ident()
         self._stop.clear()
+        self._awake.clear()
         # ``threading.Thread.start`` waits until the new thread has run; on a loaded machine
         # the OS may not schedule it for hundreds of milliseconds, and that wait would block
         # the loop (a stall of the probe's own making). ``_thread.start_new_thread`` only
@@ -625,6 +669,9 @@ class LoopProbe:
             if fd is not None and self.exclude_others
             else None
         )
+        self._others = others
+        rounds = _RoundStarts(self._unpark)
+        trio.lowlevel.add_instrument(rounds)
         try:
             # (the run-queue delay is read once per wake-up: what was read as the probe woke is
             # where the next gap starts, as is the wall time read then)
@@ -632,16 +679,49 @@ class LoopProbe:
                 started, cpu0, delay0 = _clock_and_schedstat(fd)
             else:
                 started, cpu0, delay0 = perf(), 0, 0
-            self._slept_at = started
-            snapshot_at = started
-            snapshot = others.delays(started) if others is not None else {}
+            self._due_at = started + interval
+            self._snapshot_at = started
+            self._snapshot = others.delays(started) if others is not None else {}
+            seen = rounds.count
+            idle = False
             while True:
-                await sleep(interval)
+                if idle:
+                    # The loop ran nothing but this probe for a whole interval. Nothing can
+                    # block it until something wakes it up, and then the start of that round
+                    # (the instrument's hook) wakes the probe and begins its next gap: an idle
+                    # daemon costs no wake-ups.
+                    self._due_at = math.inf
+                    self.idled += 1
+                    rounds.parked = trio.lowlevel.current_task()
+
+                    def abort(_: object) -> trio.lowlevel.Abort:
+                        rounds.parked = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    # (a wake-up that comes with a cancellation counts as none, as in
+                    # ``_Timer.sleep``: a probe whose block has ended measures nothing more)
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    resumed = self._resumed
+                    if resumed is None:  # (the hook could not read the clocks: begin afresh)
+                        if fd is not None:
+                            started, cpu0, delay0 = _clock_and_schedstat(fd)
+                        else:
+                            started = perf()
+                        self._due_at = started + interval
+                        idle = False
+                        seen = rounds.count
+                        continue
+                    started, cpu0, delay0 = resumed
+                    gap = 0.0
+                else:
+                    await sleep(interval)
+                    gap = interval
                 if fd is not None:
                     woke, cpu, delay = _clock_and_schedstat(fd)
                 else:
                     woke = perf()
-                late = woke - started - interval
+                late = woke - started - gap
                 if fd is not None:
                     off_cpu = (delay - delay0) / 1e9
                     ran = (cpu - cpu0) / 1e9
@@ -652,10 +732,10 @@ class LoopProbe:
                     if others is not None:
                         if late > self.threshold_s:
                             now = others.delays(woke, relist=True)
-                            late = self._less_others_delay(late, ran, snapshot, now)
-                            snapshot, snapshot_at = now, woke
-                        elif woke - snapshot_at >= OTHERS_SNAPSHOT_EVERY_S:
-                            snapshot, snapshot_at = others.delays(woke), woke
+                            late = self._less_others_delay(late, ran, self._snapshot, now)
+                            self._snapshot, self._snapshot_at = now, woke
+                        elif woke - self._snapshot_at >= OTHERS_SNAPSHOT_EVERY_S:
+                            self._snapshot, self._snapshot_at = others.delays(woke), woke
                 self.probes += 1
                 if late > self.max_stall_s:
                     self.max_stall_s = late
@@ -666,15 +746,52 @@ class LoopProbe:
                     if self.on_stall is not None:
                         self.on_stall(late, where)
                 self._where = None
-                self._slept_at = started = woke
+                started = woke
+                self._due_at = woke + interval
+                # idle: no round since the last wake-up but the one that woke the probe now (a
+                # probe just back from idle has seen only the round that brought it back: it
+                # waits an interval first)
+                count = rounds.count
+                idle = gap > 0 and count - seen <= 1
+                seen = count
         finally:
+            with contextlib.suppress(KeyError):
+                # (already gone if its hook raised: trio drops such an instrument)
+                trio.lowlevel.remove_instrument(rounds)
+            rounds.parked = None
             self._stop.set()
+            self._awake.set()
+            self._others = None
             if others is not None:
                 others.close()
+            self._fd = None
             if fd is not None:
                 os.close(fd)
             if timer is not None:
                 timer.close()
+
+    def _unpark(self, task: trio.lowlevel.Task) -> None:
+        """The start of the first round after the probe went idle (the instrument's hook, on
+        the loop thread): note where the probe's next gap begins — the clock, the run-queue
+        delay, and the other threads' delays if their snapshot is old — wake the watchdog and
+        reschedule the probe. Never raises (trio would drop the instrument)."""
+        resumed: tuple[float, int, int] | None
+        try:
+            fd = self._fd
+            if fd is not None:
+                now, cpu, delay = _clock_and_schedstat(fd)
+            else:
+                now, cpu, delay = time.perf_counter(), 0, 0
+            others = self._others
+            if others is not None and now - self._snapshot_at >= OTHERS_SNAPSHOT_EVERY_S:
+                self._snapshot, self._snapshot_at = others.delays(now), now
+            resumed = (now, cpu, delay)
+            self._due_at = now
+        except Exception:  # (a /proc read failed: the probe begins afresh)
+            resumed = None
+        self._resumed = resumed
+        self._awake.set()
+        trio.lowlevel.reschedule(task)
 
     def _less_others_delay(
         self, late: float, ran: float, snapshot: dict[int, int], now: dict[int, int]
@@ -693,10 +810,18 @@ class LoopProbe:
     def _watch(self) -> None:
         """The watchdog thread: name what the loop thread runs while the probe is overdue."""
         self._not_waited_for.add(threading.get_native_id())
-        overdue = self.interval_s + self.threshold_s
+        threshold = self.threshold_s
         while True:
-            slept_at = self._slept_at
-            wait = slept_at + overdue - time.perf_counter()
+            self._awake.clear()
+            due_at = self._due_at
+            if due_at == math.inf:
+                # the probe is idle: nothing is due until the loop wakes it (and sets
+                # ``_awake``); the watchdog sleeps as long
+                self._awake.wait()
+                if self._stop.is_set():
+                    return
+                continue
+            wait = due_at + threshold - time.perf_counter()
             if wait > 0:
                 # the probe is not overdue yet: sleep until it would be
                 if self._stop.wait(wait):
@@ -704,9 +829,9 @@ class LoopProbe:
                 continue
             if self._where is None:
                 frame = sys._current_frames().get(self._loop_thread)
-                if frame is not None and self._slept_at == slept_at:
+                if frame is not None and self._due_at == due_at:
                     self._where = _describe(frame)
-            if self._stop.wait(self.threshold_s / 2):
+            if self._stop.wait(threshold / 2):
                 return
 
     def __repr__(self) -> str:
