@@ -59,3 +59,45 @@ async def test_a_spooled_record_the_store_refuses_is_set_aside_and_the_rest_repl
     assert good is not None and [t.content for t in good.turns] == ["fine"]
     assert rejected == 1
     assert (settings.state_path / "spool" / f"{stem}.spool.rejected").exists()
+
+
+async def test_a_long_answer_is_made_storable_in_bounded_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 4 MiB answer went through one regular-expression pass (≈ 20 ns a character): a loop
+    # step of ≈ 80 ms, found by an attack on a live daemon (loop.stall in add_turns). A clean
+    # long text is now checked by C scans only, and one that needs replacing is replaced in
+    # parts of at most 256 Ki characters, a checkpoint between two.
+    from exai.storage import service
+
+    passes: list[int] = []
+    pattern = service._UNSTORABLE
+
+    class Recording:
+        def sub(self, repl: str, text: str) -> str:
+            passes.append(len(text))
+            return pattern.sub(repl, text)
+
+        def search(self, text: str) -> object:
+            passes.append(len(text))
+            return pattern.search(text)
+
+    monkeypatch.setattr(service, "_UNSTORABLE", Recording())
+    part = 256 * 1024
+    clean = "é" + "x" * (4 * 1024 * 1024)
+    # bad characters on both sides of a part's edge and at the very end
+    dirty = "y" * (part - 1) + "\x00\ud800" + "z" * (3 * part) + "\udfff"
+    async with ConversationService.open(make_settings(tmp_path)) as svc:
+        thread = await svc.start_or_continue(None, "chat", call_key="k:long")
+        other = await svc.start_or_continue(None, "chat", call_key="k:long2")
+        stored = []
+        for t, answer, key in ((thread, clean, "chat:k:long"), (other, dirty, "chat:k:long2")):
+            t = await svc.add_turns(
+                t, [Turn(role="user", content="q"), Turn(role="assistant", content=answer)], key
+            )
+            stored.append(await svc.store.get_thread(t.id))
+    assert passes and max(passes) <= part, max(passes)
+    assert [[t.content for t in s.turns] for s in stored if s is not None] == [
+        ["q", clean],
+        ["q", "y" * (part - 1) + "\ufffd\ufffd" + "z" * (3 * part) + "\ufffd"],
+    ]
