@@ -188,15 +188,22 @@ _decoder = msgspec.json.Decoder()
 def loads(data: str | bytes) -> Any:
     """``json.loads``, in C where it can be: msgspec decodes what it accepts to the same values
     (it refuses NaN, Infinity, out-of-range floats and lone surrogates, which ``json`` takes);
-    anything it refuses goes to ``json.loads``, so the result and the errors are json's.
+    anything it refuses goes to ``json.loads``, so the result and the errors are json's. Every
+    document a provider sends is read with it: one nested deeper than the interpreter's
+    recursion limit (``[`` × 100,000 in a stream chunk, an error body or a tool call's
+    arguments) is a ``ValueError`` like any other malformed JSON, not a ``RecursionError``
+    that no caller expects (it failed the call as an internal error of the tool).
 
     Raises:
-        ValueError: not JSON.
+        ValueError: not JSON, or nested too deeply to decode.
     """
     try:
-        return _decoder.decode(data)
-    except msgspec.DecodeError:
-        return json.loads(data)
+        try:
+            return _decoder.decode(data)
+        except msgspec.DecodeError:
+            return json.loads(data)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply to decode") from None
 
 
 class _StreamRead:
@@ -233,7 +240,7 @@ def _clamp(v: float) -> float | None:
 def _error_doc(body: bytes) -> ErrorDoc:
     """The error document of a non-2xx body (JSON or not)."""
     try:
-        data = json.loads(body)
+        data = loads(body)
     except (ValueError, UnicodeDecodeError):
         return ErrorDoc(message=body[:MAX_ERROR_TEXT].decode("utf-8", errors="replace"))
     doc = read_error_doc(data) if isinstance(data, dict) and "error" in data else None
@@ -258,7 +265,7 @@ def map_status(
 def _sse_error(data: str) -> ErrorDoc:
     """The error document of an SSE ``event: error`` frame (JSON or plain text)."""
     try:
-        parsed = json.loads(data)
+        parsed = loads(data)
     except ValueError:
         return ErrorDoc(message=data[:MAX_ERROR_TEXT])
     return read_error_doc(parsed) or ErrorDoc(message=data[:MAX_ERROR_TEXT])
@@ -779,7 +786,7 @@ class OpenAIClient:
             raise map_transport_error(self.name, exc) from None
         self._raise_for_status(response, body)
         try:
-            data = json.loads(body)
+            data = loads(body)
             items = data["data"] if isinstance(data, dict) else data
             ids = [str(m["id"]) for m in items if isinstance(m, dict) and m.get("id")]
         except (ValueError, KeyError, TypeError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from exai.providers.client import loads
 from exai.providers.dialect import Dialect
 from exai.providers.types import ChatRequest
 
@@ -55,7 +56,7 @@ class KimiDialect(Dialect):
         for call in calls:
             args = (call.get("function") or {}).get("arguments") or "{}"
             try:
-                parsed = json.loads(args)
+                parsed = loads(args)
             except ValueError:
                 parsed = {}
             out.append(

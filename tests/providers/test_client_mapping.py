@@ -186,3 +186,52 @@ async def test_models_are_listed_from_the_data_array() -> None:
 
     async with OpenAIClient(_settings(), transport=httpx.MockTransport(handler)) as c:
         assert await c.list_models() == ["a", "b"]
+
+
+_DEEP = "[" * 100_000  # (nested past the recursion limit of both decoders)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("stream chunk", UpstreamMalformedResponse),
+        ("sse error event", UpstreamRetryableError),
+        ("plain body", UpstreamMalformedResponse),
+        ("error body", UpstreamRetryableError),
+        ("models body", UpstreamMalformedResponse),
+    ],
+)
+async def test_a_document_nested_too_deeply_is_malformed_not_a_crash(
+    where: str, error: type[Exception]
+) -> None:
+    # An upstream that sent "[" x 100,000 in a stream chunk failed the call with a
+    # RecursionError (the daemon's "internal error in tool 'chat'", call.crashed), found by
+    # an attack on a live daemon; every document a provider sends is malformed JSON then.
+    def handler(request: httpx.Request) -> httpx.Response:
+        sse = {"content-type": "text/event-stream"}
+        if where == "stream chunk":
+            return httpx.Response(200, content=f"data: {_DEEP}\n\n".encode(), headers=sse)
+        if where == "sse error event":
+            body = f"event: error\ndata: {_DEEP}\n\n"
+            return httpx.Response(200, content=body.encode(), headers=sse)
+        if where == "error body":
+            return httpx.Response(503, content=_DEEP.encode())
+        return httpx.Response(200, content=_DEEP.encode())
+
+    async with OpenAIClient(_settings(), transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(error):
+            if where == "models body":
+                await c.list_models()
+            else:
+                stream = where in ("stream chunk", "sse error event")
+                await c.chat({"model": "m", "messages": [], "stream": stream})
+
+
+def test_web_search_arguments_nested_too_deeply_are_read_as_none() -> None:
+    from exai.providers.kimi import KimiDialect
+
+    call = {"id": "c1", "function": {"name": "$web_search", "arguments": _DEEP}}
+    message = {"role": "assistant", "content": "", "tool_calls": [call]}
+    out = KimiDialect().tool_round(message, "tool_calls")  # (a RecursionError before)
+    assert out is not None and out[-1]["content"] == "{}"
