@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -933,3 +934,36 @@ def test_an_interrupt_in_a_trio_nursery_or_under_another_error_is_still_130(monk
     monkeypatch.setattr(cli, "_token_new", failing)
     with pytest.raises(RuntimeError):
         cli.main(["token", "new", "x"])
+
+
+@pytest.mark.parametrize("args", [["completion", "bash"], ["doctor", "--offline"]])
+def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path, args):
+    # `exai call listmodels | head` and `exai doctor | head -1` ended in a BrokenPipeError
+    # traceback (found by a new-user run of the README's commands)
+    read, write = os.pipe()
+    os.close(read)  # (nobody will read: the first write is a broken pipe)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "exai.cli", *args],
+            env=subprocess_env(tmp_path),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=str(REPO),
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 141
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    from exai.cli import main as cli
+
+    def broken(argv):
+        raise RuntimeError("the daemon went away") from BrokenPipeError()
+
+    monkeypatch.setattr(cli, "_main", broken)
+    with pytest.raises(RuntimeError, match="the daemon went away"):
+        cli.main([])

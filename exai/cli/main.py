@@ -44,6 +44,9 @@ __all__ = ["INTERRUPTED", "build_parser", "main"]
 
 #: the exit status of a command interrupted by Ctrl-C (128 + SIGINT, as a shell reports it)
 INTERRUPTED = 130
+#: the exit status of a command whose reader went away (``exai call listmodels | head``):
+#: 128 + SIGPIPE, what a shell reports for a command the signal ended
+OUTPUT_CLOSED = 141
 
 
 def _err(msg: str) -> None:
@@ -325,15 +328,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except BaseException as exc:
-        if not interrupted(exc):
-            raise
-        return INTERRUPTED
+        if interrupted(exc):
+            return INTERRUPTED
+        if _comes_from(exc, BrokenPipeError) and _stdout_gone():
+            # the reader of our output went away: stop quietly, as a command SIGPIPE ends
+            # does (no traceback, and none from the interpreter's last flush of stdout); a
+            # broken pipe elsewhere (a socket to the daemon) is an error and says so
+            _discard_stdout()
+            return OUTPUT_CLOSED
+        raise
+
+
+def _stdout_gone() -> bool:
+    """Whether nobody reads our stdout any more (its pipe's read end is closed)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _discard_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def interrupted(exc: BaseException) -> bool:
     """Whether ``exc`` is, or comes from, a ``KeyboardInterrupt``: itself, in an exception
     group (trio's nurseries wrap what their tasks raise), or as the cause or context of an
     error raised while it unwound."""
+    return _comes_from(exc, KeyboardInterrupt)
+
+
+def _comes_from(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` is, or comes from, a ``kind``, as :func:`interrupted` reads it."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -341,7 +378,7 @@ def interrupted(exc: BaseException) -> bool:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, kind):
             return True
         if isinstance(e, BaseExceptionGroup):
             todo.extend(e.exceptions)
