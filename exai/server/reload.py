@@ -131,8 +131,9 @@ class Reloader:
         loading fails, whatever the failure."""
         async with self._lock:
             try:
-                new = await anyio.to_thread.run_sync(self.load, limiter=_LIMITER)
-                tokens = TokenTable(parse_tokens(new.tokens))
+                # (the tokens are parsed and hashed in the thread too: work that grows with
+                # the file, off the loop)
+                new, tokens = await anyio.to_thread.run_sync(self._read, limiter=_LIMITER)
                 check_bind(attrs.evolve(new, host=self.settings.host), tokens)
                 if self.tokens.enabled and not tokens.enabled:
                     # an emptied tokens file (or one caught half-written) must not switch
@@ -159,6 +160,11 @@ class Reloader:
                 return False
             self._apply(new, tokens, why)
             return True
+
+    def _read(self) -> tuple[Settings, TokenTable]:
+        """The settings as the files give them now, and their tokens' table (in a thread)."""
+        new = self.load()
+        return new, TokenTable(parse_tokens(new.tokens))
 
     def _apply(self, new: Settings, tokens: TokenTable, why: str) -> None:
         old = self.settings

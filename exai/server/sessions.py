@@ -100,11 +100,10 @@ class SessionTable:
         ``tokens``; returns how many there are."""
         if not tokens.enabled:
             return 0
-        valid = {i.digest for i in tokens.identities}
         revoked = 0
         for session in list(self.running):
             identity = session.identity
-            if identity is not None and identity.digest not in valid:
+            if identity is not None and identity.digest not in tokens.digests:
                 revoked += 1
                 if nursery is not None:
                     nursery.start_soon(session.close, code, reason)

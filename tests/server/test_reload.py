@@ -334,3 +334,40 @@ def test_each_watched_file_is_watched_once() -> None:
         "OTHER_FILE": "/x/other",
     }
     assert watched_files(env) == [Path("/x/.env"), Path("/x/tokens"), Path("/x/exai.toml")]
+
+
+async def test_a_reload_of_a_large_tokens_file_leaves_the_loop_free(tmp_path):
+    # The tokens were parsed on the loop, and their names checked for duplicates with
+    # names.count(name) for each: a file of 200,000 entries, loaded by SIGHUP, held the
+    # loop for hours (found by an attack on a live daemon: /healthz unanswered). 20,000
+    # entries were a step of seconds; the stall check (tests/stall_plugin.py, 0.1 s) fails
+    # the test on the old code.
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file)}
+    many = [f"n{i}:tok-{i:032d}" for i in range(20_000)]
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        write(tokens_file, TOK_A, *many)
+        with trio.fail_after(HANG_GUARD_S):
+            while d.reloader.reloads == 0:
+                await trio.sleep(0.02)
+        assert len(d.reloader.tokens.identities) == 20_001
+        async with ws(d, token=bearer(many[-1])) as conn:
+            reply = await Rpc(conn).request(
+                "initialize",
+                {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}},
+            )
+            assert "result" in reply
+        nursery.cancel_scope.cancel()
+
+
+def test_a_name_used_twice_among_many_tokens_is_refused() -> None:
+    from exai.config import Secret
+    from exai.errors import ConfigError
+    from exai.server.auth import parse_tokens
+
+    many = [f"n{i}:tok-{i:032d}" for i in range(20_000)]
+    assert len(parse_tokens(Secret("\n".join(many)))) == 20_000
+    with pytest.raises(ConfigError, match="'n7' is used twice"):
+        parse_tokens(Secret("\n".join([*many, "n7:tok-another-000000000000000000000"])))
