@@ -178,3 +178,50 @@ def test_a_float_setting_that_is_not_a_number_is_refused(env):
     # says false), so a daemon started with it (helper report, attack on part 12).
     with pytest.raises(ConfigError, match="invalid value"):
         Settings.from_env(env, env_file="", config_file="")
+
+
+def _release(fifo) -> None:
+    """Give a reader blocked on ``fifo`` (the old code's) its end of file."""
+    import os
+
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # (nobody reads it)
+
+
+@pytest.mark.parametrize("var", ["EXAI_TOKENS_FILE", "KIMI_API_KEY_FILE", "EXAI_CONFIG"])
+def test_a_fifo_for_a_secret_or_settings_file_is_refused_unread(tmp_path, var):
+    # Reading a FIFO blocked for good: a SIGHUP's reload then held every later reload (found
+    # by an attack on a live daemon), a start never ended. A device (/dev/zero) was read until
+    # memory ran out. What is not a regular file is refused without being read.
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | Settings] = []
+
+    def run() -> None:
+        try:
+            outcome.append(load({var: str(fifo)}))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)  # (a hang guard only)
+    try:
+        assert not t.is_alive(), "reading the FIFO blocked"
+    finally:
+        _release(fifo)
+    assert isinstance(outcome[0], ConfigError), outcome
+    assert var in str(outcome[0]) or str(fifo) in str(outcome[0])
+    assert "not a regular file" in str(outcome[0])
+
+
+def test_a_device_for_a_secret_file_is_refused_unread(tmp_path):
+    link = tmp_path / "key"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"KIMI_API_KEY_FILE: cannot read secret file .*: not a"):
+        load({"KIMI_API_KEY_FILE": str(link)})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -113,11 +114,55 @@ def _is_secret(f: attrs.Attribute[Any]) -> bool:
     return "Secret" in str(f.type)
 
 
+#: the largest settings, secret or tokens file read (a tokens file of 200,000 entries is 9 MB)
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+class _NotAFile(OSError):
+    """A path that names something other than a regular file, or one too large."""
+
+
+def _read_file(path: Path | str) -> bytes:
+    """The bytes of the regular file ``path``, read whole, at most :data:`MAX_FILE_BYTES`.
+
+    A FIFO, a device (``/dev/zero``), a socket or a directory is refused without being read:
+    reading one blocked the reading thread for good — a reload's, which then held every
+    later reload — or never ended (found by an attack on a live daemon's SIGHUP).
+
+    Raises:
+        OSError: it cannot be opened or read; :class:`_NotAFile` (an ``OSError``) for what is
+            not a regular file or is larger than :data:`MAX_FILE_BYTES`.
+    """
+    # (O_NONBLOCK: opening a FIFO without a writer would block; a regular file ignores it)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotAFile(0, "not a regular file (a FIFO, a device, a directory?)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise _NotAFile(0, f"larger than {MAX_FILE_BYTES} bytes")
+        parts = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:  # (it grew while read)
+                raise _NotAFile(0, f"larger than {MAX_FILE_BYTES} bytes")
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _read_env_file(path: Path) -> dict[str, str]:
+    import io
+
     from dotenv import dotenv_values
 
+    if not path.is_file():
+        return {}  # (as python-dotenv reads a path that is not a file: nothing)
     try:
-        values = dotenv_values(path)
+        text = _read_file(path).decode("utf-8")
+        values = dotenv_values(stream=io.StringIO(text))
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -127,8 +172,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(_read_file(path).decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -146,7 +190,7 @@ def _read_secret_file(var: str, path: str, sources: list[tuple[str, str]]) -> st
     """
     sources.append((var, os.path.abspath(path)))
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        value = _read_file(path).decode("utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{var}: cannot read secret file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError:

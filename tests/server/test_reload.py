@@ -371,3 +371,35 @@ def test_a_name_used_twice_among_many_tokens_is_refused() -> None:
     assert len(parse_tokens(Secret("\n".join(many)))) == 20_000
     with pytest.raises(ConfigError, match="'n7' is used twice"):
         parse_tokens(Secret("\n".join([*many, "n7:tok-another-000000000000000000000"])))
+
+
+async def test_a_tokens_file_made_a_fifo_fails_its_reload_and_the_next_one_applies(tmp_path):
+    # The reload read the FIFO in its thread and blocked there for good, holding the lock
+    # every later reload (SIGHUP or watcher) waits for: the daemon served on with the tokens
+    # it had and never rotated nor revoked one again (found by an attack on a live daemon).
+    import os
+
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A)
+    env = {"EXAI_TOKENS_FILE": str(tokens_file)}
+    async with trio.open_nursery() as nursery:
+        d = await start(nursery, tmp_path, env)
+        tokens_file.unlink()
+        os.mkfifo(tokens_file)
+        try:
+            with trio.fail_after(HANG_GUARD_S):
+                while d.reloader.failures == 0:
+                    await trio.sleep(0.02)
+        finally:
+            try:  # (release the old code's reader, blocked on the FIFO)
+                os.close(os.open(tokens_file, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        tokens_file.unlink()
+        write(tokens_file, TOK_A, TOK_B)
+        with trio.fail_after(HANG_GUARD_S):
+            while d.reloader.reloads == 0:
+                await trio.sleep(0.02)
+        async with ws(d, token=bearer(TOK_B)):
+            pass
+        nursery.cancel_scope.cancel()
