@@ -76,15 +76,17 @@ second of one task and about 20 of the thread — measured on the shared 2-vCPU 
 5–12 ms of CPU per second (0.5–1.2 % of a core), against 3–5 % of the loop thread for the
 instrument under load.
 
-An idle loop costs the probe nothing (issue 18): a wake-up that finds the loop ran nothing but
-the probe for a whole interval — one scheduler round since the last, counted by a one-hook
-instrument (``after_io_wait``, once per round) — parks the probe, and the watchdog sleeps until
-it is woken. Nothing can block a loop that runs nothing; the first round after (whatever wakes
-the loop: a socket, a timer) wakes the probe from its hook, and that round's start — the clock
-and the run-queue delay, read in the hook — begins the next gap, so a step that blocks in that
-round is measured and named as any other. An idle ``exai serve`` spent ≈ 26 ms of CPU and ≈ 119
-wake-ups a second on the probe's 100 a second, 1.3–2.5 ms and 11–14 with it parked
-(``python -m benchmarks run idle``, load 10–12 on 2 cores).
+An idle loop costs the probe nothing (issue 18). After a wake-up that finds the loop ran
+nothing but the probe for a whole interval — one scheduler round since the last, counted by
+the probe's instrument (``after_io_wait``, once per round) — the probe goes idle at that
+round's end (``before_io_wait``: nothing more runs in it), if the round's tasks after the
+probe's step ran for less than the threshold and the interval and no task is ready: its timer
+is disarmed and the watchdog sleeps until woken. Nothing can block a loop that runs nothing;
+the start of the next round (whatever wakes the loop: a socket, a timer) arms the timer again
+for an interval and is where the probe's next gap begins — the clock and the run-queue delay
+are read in the hook — so a step that blocks in that round is measured and named as any
+other. An idle ``exai serve`` spent ≈ 26 ms of CPU and ≈ 119 wake-ups a second on the probe's
+100 a second; 2.5 ms and 13–16 idle (``python -m benchmarks run idle``, load 5–12 on 2 cores).
 
 How the probe waits (issue 18): under trio's own clock it arms a one-shot ``timerfd`` (Linux,
 through :mod:`ctypes`, loaded with this module) for the interval and waits for it with
@@ -299,12 +301,25 @@ class _Timer:
         fd = _TIMERFD[0](_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
         return cls(fd) if fd >= 0 else None
 
-    async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` (at least one nanosecond: a zero ``it_value`` disarms the timer)."""
+    def arm(self, seconds: float) -> bool:
+        """Arm the timer to expire in ``seconds`` (at least one nanosecond: a zero
+        ``it_value`` disarms it); whether it could be."""
         ns = max(int(seconds * 1e9), 1)
         value = self._spec.it_value
         value.tv_sec, value.tv_nsec = divmod(ns, 1_000_000_000)
-        if _TIMERFD[1](self.fd, 0, self._ref, None) != 0:  # type: ignore[index]
+        return _TIMERFD[1](self.fd, 0, self._ref, None) == 0  # type: ignore[index]
+
+    def disarm(self) -> None:
+        """Stop the timer; an expiry not yet read is dropped with it (the kernel resets the
+        count), so a waiter waits until it is armed again."""
+        value = self._spec.it_value
+        value.tv_sec = value.tv_nsec = 0
+        _TIMERFD[1](self.fd, 0, self._ref, None)  # type: ignore[index]
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (or, if :meth:`disarm` is called meanwhile, until it is armed
+        again and expires)."""
+        if not self.arm(seconds):
             await trio.sleep(seconds)  # (cannot happen with a valid fd; the usual way then)
             return
         await trio.lowlevel.wait_readable(self.fd)
@@ -549,23 +564,41 @@ def stall_detector(
             os.close(fd)
 
 
-class _RoundStarts(trio.abc.Instrument):
-    """Counts the scheduler's rounds for a :class:`LoopProbe` (``after_io_wait``: once per
-    round, before the round's tasks run) and, at the start of the first round after the probe
-    went idle, hands the parked probe to ``unpark``."""
+class _Rounds(trio.abc.Instrument):
+    """A :class:`LoopProbe`'s view of the scheduler's rounds (trio's timerfd path only).
 
-    def __init__(self, unpark: Callable[[trio.lowlevel.Task], None]) -> None:
+    ``after_io_wait`` (once per round, before its tasks run) counts the rounds and wakes an
+    idle probe; ``before_io_wait`` (once per round, after its tasks ran) lets a probe that found
+    its last interval idle go idle — only now, when nothing more runs in the round, and only
+    if the round's tasks after the probe's own step ran for less than the threshold and the
+    interval (else the armed timer has expired or will report them: nothing is hidden).
+    Going idle disarms the probe's timer; the next round's start arms it again for an
+    interval and is where the probe's next gap begins."""
+
+    def __init__(self, probe: LoopProbe, timer: _Timer) -> None:
         self.count = 0
-        #: the probe while it is idle
-        self.parked: trio.lowlevel.Task | None = None
-        self._unpark = unpark
+        #: set by the probe after a wake-up that ended an interval with no other round
+        self.may_idle = False
+        #: until when (``time.perf_counter()``) this round's end may still idle the probe
+        self.idle_by = 0.0
+        self.idle = False
+        self._probe = probe
+        self._timer = timer
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.may_idle:
+            self.may_idle = False
+            # (timeout 0: more tasks to run at once — the loop is not idle)
+            if timeout > 0 and time.perf_counter() < self.idle_by:
+                self._timer.disarm()
+                self.idle = True
+                self._probe._went_idle()
 
     def after_io_wait(self, timeout: float) -> None:
         self.count += 1
-        task = self.parked
-        if task is not None:
-            self.parked = None
-            self._unpark(task)
+        if self.idle:
+            self.idle = False
+            self._probe._left_idle(self._timer)
 
 
 class LoopProbe:
@@ -622,7 +655,7 @@ class LoopProbe:
         self._due_at = time.perf_counter() + interval_s
         #: set when the probe leaves idle, or stops (the watchdog waits on it while idle)
         self._awake = threading.Event()
-        #: the clock and schedstat reads at the start of the round that woke an idle probe
+        #: the clock and schedstat reads at the start of the round that ended an idle period
         self._resumed: tuple[float, int, int] | None = None
         self._fd: int | None = None
         self._others: _OtherThreads | None = None
@@ -670,8 +703,12 @@ class LoopProbe:
             else None
         )
         self._others = others
-        rounds = _RoundStarts(self._unpark)
-        trio.lowlevel.add_instrument(rounds)
+        # an idle loop idles the probe (its timer disarmed): on trio's own clock only — under
+        # another (a test's MockClock) the probe sleeps on that clock as always
+        rounds = _Rounds(self, timer) if timer is not None else None
+        if rounds is not None:
+            trio.lowlevel.add_instrument(rounds)
+        idle_within = min(interval, self.threshold_s)
         try:
             # (the run-queue delay is read once per wake-up: what was read as the probe woke is
             # where the next gap starts, as is the wall time read then)
@@ -682,46 +719,22 @@ class LoopProbe:
             self._due_at = started + interval
             self._snapshot_at = started
             self._snapshot = others.delays(started) if others is not None else {}
-            seen = rounds.count
-            idle = False
+            seen = rounds.count if rounds is not None else 0
             while True:
-                if idle:
-                    # The loop ran nothing but this probe for a whole interval. Nothing can
-                    # block it until something wakes it up, and then the start of that round
-                    # (the instrument's hook) wakes the probe and begins its next gap: an idle
-                    # daemon costs no wake-ups.
-                    self._due_at = math.inf
-                    self.idled += 1
-                    rounds.parked = trio.lowlevel.current_task()
-
-                    def abort(_: object) -> trio.lowlevel.Abort:
-                        rounds.parked = None
-                        return trio.lowlevel.Abort.SUCCEEDED
-
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-                    # (a wake-up that comes with a cancellation counts as none, as in
-                    # ``_Timer.sleep``: a probe whose block has ended measures nothing more)
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    resumed = self._resumed
-                    if resumed is None:  # (the hook could not read the clocks: begin afresh)
-                        if fd is not None:
-                            started, cpu0, delay0 = _clock_and_schedstat(fd)
-                        else:
-                            started = perf()
-                        self._due_at = started + interval
-                        idle = False
-                        seen = rounds.count
-                        continue
-                    started, cpu0, delay0 = resumed
-                    gap = 0.0
-                else:
-                    await sleep(interval)
-                    gap = interval
+                await sleep(interval)
                 if fd is not None:
                     woke, cpu, delay = _clock_and_schedstat(fd)
                 else:
                     woke = perf()
-                late = woke - started - gap
+                resumed = self._resumed
+                if resumed is not None:
+                    # the probe was idle: its gap began with the round that ended that
+                    # (``_left_idle``), where the timer was armed again
+                    self._resumed = None
+                    started, cpu0, delay0 = resumed
+                    if cpu0 < 0 and fd is not None:  # (no run-queue delay read then)
+                        cpu0, delay0 = cpu, delay
+                late = woke - started - interval
                 if fd is not None:
                     off_cpu = (delay - delay0) / 1e9
                     ran = (cpu - cpu0) / 1e9
@@ -748,17 +761,19 @@ class LoopProbe:
                 self._where = None
                 started = woke
                 self._due_at = woke + interval
-                # idle: no round since the last wake-up but the one that woke the probe now (a
-                # probe just back from idle has seen only the round that brought it back: it
-                # waits an interval first)
-                count = rounds.count
-                idle = gap > 0 and count - seen <= 1
-                seen = count
+                if rounds is not None:
+                    # no round since the last wake-up but the one that woke the probe now:
+                    # the probe may go idle at this round's end (``_Rounds``)
+                    count = rounds.count
+                    if count - seen <= 1:
+                        rounds.may_idle = True
+                        rounds.idle_by = woke + idle_within
+                    seen = count
         finally:
-            with contextlib.suppress(KeyError):
-                # (already gone if its hook raised: trio drops such an instrument)
-                trio.lowlevel.remove_instrument(rounds)
-            rounds.parked = None
+            if rounds is not None:
+                with contextlib.suppress(KeyError):
+                    # (already gone if one of its hooks raised: trio drops such an instrument)
+                    trio.lowlevel.remove_instrument(rounds)
             self._stop.set()
             self._awake.set()
             self._others = None
@@ -770,12 +785,17 @@ class LoopProbe:
             if timer is not None:
                 timer.close()
 
-    def _unpark(self, task: trio.lowlevel.Task) -> None:
-        """The start of the first round after the probe went idle (the instrument's hook, on
-        the loop thread): note where the probe's next gap begins — the clock, the run-queue
-        delay, and the other threads' delays if their snapshot is old — wake the watchdog and
-        reschedule the probe. Never raises (trio would drop the instrument)."""
-        resumed: tuple[float, int, int] | None
+    def _went_idle(self) -> None:
+        """The probe's timer was disarmed at the end of a round (``_Rounds``, on the loop):
+        nothing is due until the loop wakes up."""
+        self.idled += 1
+        self._due_at = math.inf
+
+    def _left_idle(self, timer: _Timer) -> None:
+        """The start of the first round after the probe went idle (``_Rounds``, on the loop
+        thread): arm the timer for an interval and note where the probe's gap begins — the
+        clock, the run-queue delay, and the other threads' delays if their snapshot is old —
+        then wake the watchdog. Never raises (trio would drop the instrument)."""
         try:
             fd = self._fd
             if fd is not None:
@@ -785,13 +805,13 @@ class LoopProbe:
             others = self._others
             if others is not None and now - self._snapshot_at >= OTHERS_SNAPSHOT_EVERY_S:
                 self._snapshot, self._snapshot_at = others.delays(now), now
-            resumed = (now, cpu, delay)
-            self._due_at = now
-        except Exception:  # (a /proc read failed: the probe begins afresh)
-            resumed = None
-        self._resumed = resumed
+            self._resumed = (now, cpu, delay)
+        except Exception:  # (a /proc read failed: this gap by the wall clock alone)
+            now = time.perf_counter()
+            self._resumed = (now, -1, -1)
+        self._due_at = now + self.interval_s
+        timer.arm(self.interval_s)
         self._awake.set()
-        trio.lowlevel.reschedule(task)
 
     def _less_others_delay(
         self, late: float, ran: float, snapshot: dict[int, int], now: dict[int, int]
