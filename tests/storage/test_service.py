@@ -342,6 +342,10 @@ async def test_a_hanging_store_is_bounded_by_store_timeout_and_the_turn_is_spool
 ) -> None:
     settings = make_settings(tmp_path, store_timeout_s=0.1)
     async with flaky_service(settings) as (svc, store):
+        # the subject is the store's bound; the spool's disk (bounded by the same setting) gets
+        # a busy machine's time: a write and an fsync took over 0.1 s in a whole-suite run at
+        # load 14 ("the spool's disk did not answer within 0.1s")
+        svc.spool.io_timeout_s = 30.0
         thread = await svc.start_or_continue(None, "chat")
         store.hang = True
         with anyio.fail_after(30):  # a hang guard: the store's own bound is 0.1 s
@@ -423,6 +427,10 @@ async def test_a_hanging_store_is_bounded_under_either_backend(
 ) -> None:
     settings = make_settings(tmp_path, store_timeout_s=0.1)
     async with flaky_service(settings) as (svc, store):
+        # the subject is the store's bound; the spool's disk (bounded by the same setting) gets
+        # a busy machine's time: a write and an fsync took over 0.1 s in a whole-suite run at
+        # load 14 ("the spool's disk did not answer within 0.1s")
+        svc.spool.io_timeout_s = 30.0
         thread = await svc.start_or_continue(None, "chat")
         store.hang = True
         with anyio.fail_after(30):  # a hang guard: the store's own bound is 0.1 s
