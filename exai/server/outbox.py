@@ -29,6 +29,7 @@ Resource handling:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,12 +40,63 @@ from exai.server.budget import Ledger
 from exai.server.endings import EndingTurn
 from exai.server.pieces import Text
 
-__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream", "send_pieces"]
+__all__ = ["CHUNK_BYTES", "Outbox", "ProgressStream", "at_round_end", "send_pieces"]
 
 #: the unit :class:`ProgressStream` writes in: the writer's deadline moves after each one
 CHUNK_BYTES = 64 * 1024
 #: what a read asks for when its caller gives no size (trio's ``SocketStream`` default)
 DEFAULT_RECEIVE_BYTES = 64 * 1024
+
+
+#: scheduler rounds with nothing due after which :func:`at_round_end`'s instrument leaves the run
+ROUND_END_IDLE_ROUNDS = 64
+
+
+class _RoundEnd(trio.abc.Instrument):
+    """Calls what :func:`at_round_end` was given, once, as the scheduler round ends (trio's
+    ``before_io_wait``: every task runnable at the round's start has had its step). In the run
+    only while it is used: it leaves after :data:`ROUND_END_IDLE_ROUNDS` rounds with nothing
+    due, so a daemon that never defers a write pays no hook per round."""
+
+    def __init__(self) -> None:
+        self.due: list[Callable[[], None]] = []
+        self.installed = False
+        self.idle = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        due = self.due
+        if not due:
+            self.idle += 1
+            if self.idle >= ROUND_END_IDLE_ROUNDS:
+                self.installed = False
+                trio.lowlevel.remove_instrument(self)
+            return
+        self.idle = 0
+        self.due = []
+        for fn in due:
+            try:
+                fn()
+            except Exception:  # (a hook that raises is dropped from the run by trio)
+                logging.getLogger(__name__).exception("a write at the round's end failed")
+
+
+_ROUND_END: trio.lowlevel.RunVar[_RoundEnd] = trio.lowlevel.RunVar("exai_round_end")
+
+
+def at_round_end(fn: Callable[[], None]) -> None:
+    """Call ``fn()`` once, at the end of the current scheduler round, outside any task (it must
+    not raise, nor wait; a task it makes runnable must be woken through the run's token, as
+    the loop may be about to sleep: ``trio.lowlevel.current_trio_token().run_sync_soon``)."""
+    try:
+        ends = _ROUND_END.get()
+    except LookupError:
+        ends = _RoundEnd()
+        _ROUND_END.set(ends)
+    if not ends.installed:
+        ends.installed = True
+        ends.idle = 0
+        trio.lowlevel.add_instrument(ends)
+    ends.due.append(fn)
 
 
 #: the queue of every outbox with nothing queued: never appended to (see ``_append``)
@@ -72,6 +124,11 @@ class Outbox:
             holds the queue (``wake`` is called when it ends, if anything queued behind it).
             The door's writer sends with :meth:`next` and :meth:`written` until :meth:`next`
             says there is nothing more, and calls :meth:`abandon` if its connection fails.
+        defer: set by a door that writes the answers of one scheduler round together (the
+            WebSocket session, while it has several calls in flight): a message :meth:`put`
+            with ``direct=True`` is first offered to ``defer(text)``; when it says yes, the
+            message is queued (and charged) without waking the writer, and the door writes it
+            with whatever else is queued at the round's end (:func:`at_round_end`).
     """
 
     def __init__(self, max_count: int, max_bytes: int, ledger: Ledger) -> None:
@@ -91,6 +148,7 @@ class Outbox:
         #: a message is being written by :attr:`direct` (the writer leaves the queue alone)
         self._direct_busy = False
         self.wake: Callable[[], None] | None = None
+        self.defer: Callable[[Text], bool] | None = None
         #: the writer's connection failed: what is queued will not be written (:meth:`flushed`)
         self._abandoned = False
 
@@ -138,12 +196,17 @@ class Outbox:
                 (:attr:`direct`). Only for a task that may block until the peer reads: a call's
                 responder, not the connection's reader, which keeps reading while the outbox
                 has room.
+                A door that defers answers (:attr:`defer`) may instead leave it queued for
+                its write at the scheduler round's end: then this returns at once.
 
         Raises:
             trio.ClosedResourceError: the outbox was closed (or, writing it directly, the
                 connection went).
         """
         await self.wait_room(len(text))
+        if direct and self.defer is not None and not self._direct_busy and self.defer(text):
+            self._append(text)  # (written at the round's end with the others: no wake)
+            return
         if not direct or self.direct is None or self._queue:
             self._push(text)
             return
@@ -271,6 +334,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
         self._drained = False
         #: a write ended part-way: nothing more is written (:meth:`send_all`)
         self.cut = False
+        #: the rest of a write the socket took part of (:meth:`keep`): the next write's first
+        self._kept: memoryview | None = None
         # the socket of a plain TCP stream, which keeps no bytes of its own (never under TLS,
         # whose bytes must go through its stream); trio makes every socket non-blocking, and a
         # socket found blocking is never written to directly
@@ -292,8 +357,8 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             trio.BrokenResourceError: the peer went away (the socket's error).
         """
         sock = self._socket
-        if sock is None or self.cut:
-            return 0  # (send_all says why, for a cut stream)
+        if sock is None or self.cut or self._kept is not None:
+            return 0  # (send_all says why, for a cut stream; sends what is kept first)
         fd = sock.fileno()
         if fd < 0:
             return 0  # closed: send_all says so
@@ -303,6 +368,24 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             return 0
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    @property
+    def plain(self) -> bool:
+        """Whether :meth:`send_nowait` can hand bytes to the socket (plain TCP, not TLS)."""
+        return self._socket is not None
+
+    @property
+    def kept(self) -> bool:
+        """Whether the rest of a write is kept (:meth:`keep`) for the next :meth:`send_all`."""
+        return self._kept is not None
+
+    def keep(self, rest: bytes | bytearray | memoryview) -> None:
+        """The socket took only part of what :meth:`send_nowait` handed it: ``rest`` goes first
+        in the next :meth:`send_all` (which ``send_all(b"")`` sends alone); meanwhile
+        :meth:`send_nowait` hands nothing to the socket. The caller holds the stream's writing
+        turn (no other write may come between) and makes sure some writer follows."""
+        if rest:
+            self._kept = memoryview(rest)
 
     def unread(self, data: bytes) -> None:
         """Give ``data`` back: the next reads return it before anything from the stream (the
@@ -349,21 +432,31 @@ class ProgressStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("an earlier write was cut part-way")
         view = memoryview(data)
-        if not view:
+        if not view and self._kept is None:
             await trio.lowlevel.checkpoint()
         await trio.lowlevel.checkpoint_if_cancelled()  # (cancelled before it began)
         try:
-            for start in range(0, len(view), CHUNK_BYTES):
-                if start and self.on_progress is not None:
-                    # a chunk went and more follow (progress after the last one would renew
-                    # the deadline of a write that is over: ≈ 2 µs for each one-chunk answer)
+            kept = self._kept
+            if kept is not None:
+                # the rest of a write the socket took part of (keep): on the wire before these
+                self._kept = None
+                await self._send_chunks(kept)
+                if view and self.on_progress is not None:
                     self.on_progress()
-                await self.inner.send_all(view[start : start + CHUNK_BYTES])
+            await self._send_chunks(view)
         except BaseException:
             # (a write cancelled while it waited for room before its first byte went is
             # counted as cut too: its peer was reading nothing then)
             self.cut = True
             raise
+
+    async def _send_chunks(self, view: memoryview) -> None:
+        for start in range(0, len(view), CHUNK_BYTES):
+            if start and self.on_progress is not None:
+                # a chunk went and more follow (progress after the last one would renew
+                # the deadline of a write that is over: ≈ 2 µs for each one-chunk answer)
+                self.on_progress()
+            await self.inner.send_all(view[start : start + CHUNK_BYTES])
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()

@@ -56,11 +56,14 @@ from exai.logs import log_event
 from exai.server.auth import Identity
 from exai.server.budget import InboundMeter
 from exai.server.core import SessionCore, SessionShared
-from exai.server.outbox import ProgressStream
+from exai.server.outbox import CHUNK_BYTES, ProgressStream, at_round_end
 from exai.server.pieces import Pieces, Text
 from exai.server.wsconn import ServerConnection, message_bytes
 
 __all__ = ["PEER_CLOSE_GRACE_S", "Session", "SessionShared"]
+
+#: the most bytes of frames the write at a scheduler round's end hands the socket at once
+ROUND_WRITE_BYTES = CHUNK_BYTES
 
 #: how long the answers of calls running when the peer's close frame arrives are awaited before
 #: it is answered (and those calls dropped): long enough for a one-shot client's quick call
@@ -125,6 +128,15 @@ class Session:
         self.core.outbox.wake = self._wake_writer
         self._writing = False
         self._send_text = conn.send_text if isinstance(conn, ServerConnection) else None
+        # while several calls run, their answers are written at the scheduler round's end,
+        # those of one round together (_defer, _write_round)
+        if isinstance(conn, ServerConnection) and stream is not None and stream.plain:
+            self.core.outbox.defer = self._defer
+        #: a write at the round's end is due (at_round_end): the writer is not woken meanwhile
+        self._round_due = False
+        #: messages at the head of the outbox whose frames the socket took part of: the
+        #: stream keeps the rest, which the writer sends before anything else
+        self._kept = 0
 
     @property
     def closing_reason(self) -> tuple[int, str] | None:
@@ -159,6 +171,7 @@ class Session:
             self.meter.release_all()
             # (with the core's links, see release_all: the session is not a reference cycle)
             self.core.outbox.wake = None
+            self.core.outbox.defer = None
             if self._stream is not None:
                 self._stream.on_progress = None
             if isinstance(self.conn, ServerConnection):
@@ -254,10 +267,58 @@ class Session:
         Not once the session's nursery is cancelled (the session is ending: a writer would be
         cancelled at once, and the nursery may already be closed to new tasks while an
         execution's watcher still queues progress for this session)."""
+        if self._round_due:
+            return  # (the write at the round's end sends what is queued, or starts the writer)
         nursery = self.nursery
         if not self._writing and nursery is not None and not nursery.cancel_scope.cancel_called:
             self._writing = True
             nursery.start_soon(self._writer)
+
+    def _defer(self, text: Text) -> bool:
+        """Whether a call's answer (:meth:`Outbox.put` with ``direct``) waits for the write at
+        the scheduler round's end (:meth:`_write_round`): when other calls of this session are
+        in flight, whose answers may come in the same round (a storm's answers come back
+        together: one write for all of a round's, not one each), and nothing else writes. A
+        lone call's answer is written at once, by its own task, as before."""
+        if self._round_due:
+            return True
+        if (
+            self.core.ledger.count < 2
+            or self._writing
+            or self._kept
+            or self.nursery is None
+            or isinstance(text, Pieces)
+        ):
+            return False
+        self._round_due = True
+        at_round_end(self._write_round)
+        return True
+
+    def _write_round(self) -> None:
+        """At the scheduler round's end (outside any task): what is queued goes to the socket
+        in one write (:meth:`ServerConnection.send_texts_now`) — or, for whatever it does not
+        take (another write holds the stream, a large answer, a full socket, the rest of a
+        frame), the writer is started, which sends it under the send deadline as always."""
+        self._round_due = False
+        outbox = self.core.outbox
+        conn = self.conn
+        try:
+            if not self._writing and not self._kept and isinstance(conn, ServerConnection):
+                texts = outbox.queued()
+                if texts:
+                    count, whole = conn.send_texts_now(texts, ROUND_WRITE_BYTES)
+                    if whole:
+                        outbox.written(count)
+                    else:
+                        self._kept = count  # (written once the writer has sent the rest)
+            if self._kept or outbox.next() is not None:
+                # (the loop may be about to sleep: the writer is started through the run's
+                # token, which wakes it)
+                trio.lowlevel.current_trio_token().run_sync_soon(self._wake_writer)
+        except Exception as exc:  # (never raised out of the hook: trio would drop it)
+            # never lose what is queued: the writer sends it (or says why it cannot)
+            log_event("session.round_write_failed", logging.ERROR, session=self.id, error=repr(exc))
+            trio.lowlevel.current_trio_token().run_sync_soon(self._wake_writer)
 
     async def _writer(self) -> None:
         """Send what is queued, in order, and end once nothing is (the outbox's ``wake`` starts
@@ -273,6 +334,13 @@ class Session:
             # (and moved by the stream's progress while a large one is written).
             with trio.CancelScope() as scope:
                 self._write_scope = scope
+                if self._kept:
+                    # the rest of frames the round's write handed to the socket part-way
+                    scope.deadline = trio.current_time() + timeout
+                    assert isinstance(self.conn, ServerConnection)
+                    await self.conn.send_kept()
+                    outbox.written(self._kept)
+                    self._kept = 0
                 while (text := outbox.next()) is not None:
                     scope.deadline = trio.current_time() + timeout
                     await send(text)

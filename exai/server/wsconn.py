@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -220,6 +220,83 @@ class ServerConnection(WebSocketConnection):
             raise ConnectionClosed(self._close_reason) from None
         finally:
             lock.release()
+
+    def send_texts_now(self, texts: Iterable[str | Pieces], limit: int) -> tuple[int, bool]:
+        """Hand the leading small texts of ``texts`` to a plain TCP socket as their text frames,
+        in one write, now — never waiting, never yielding (no task needed: the session's write
+        at a scheduler round's end). Texts are taken while their frames come to at most
+        ``limit`` bytes (the first is always taken), up to the first :class:`Pieces`.
+
+        Returns ``(count, whole)``: how many texts went on the wire, and whether their frames
+        went whole. Not whole: the socket took part of them, and the stream keeps the rest for
+        the next write on it (:meth:`~exai.server.outbox.ProgressStream.keep`), so their
+        frames stay whole and in order on the wire — the caller must make sure a writer follows
+        (:meth:`send_kept`). ``(0, True)`` when nothing went: another writer holds the stream,
+        the connection is closing or gone, it is not plain TCP, the socket took no byte, or no
+        text frame may be sent now — the writer's usual send says why.
+        """
+        stream = self._stream
+        wsp = self._wsproto
+        if (
+            self._close_reason
+            or self._stream_lock.locked()
+            or not isinstance(stream, ProgressStream)
+            or not isinstance(wsp, ServerWSConnection)
+        ):
+            return 0, True
+        parts: list[bytes] = []
+        count = size = 0
+        try:
+            for text in texts:
+                if not isinstance(text, str):
+                    break
+                data = text.encode("utf-8")
+                head = wsp.text_frame_head(len(data))
+                if head is None or (count and size + len(head) + len(data) > limit):
+                    break
+                parts += (head, data)
+                count += 1
+                size += len(head) + len(data)
+        except (LocalProtocolError, UnicodeEncodeError):
+            pass  # (the frames before it, if any; the writer's send says why)
+        if not count:
+            return 0, True
+        data = b"".join(parts)
+        try:
+            sent = stream.send_nowait(data)
+        except trio.BrokenResourceError:
+            return 0, True  # (the writer finds the peer gone)
+        if sent == 0:
+            return 0, True
+        if sent < len(data):
+            stream.keep(memoryview(data)[sent:])
+            return count, False
+        return count, True
+
+    async def send_kept(
+        self, wait_scope: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+    ) -> None:
+        """Write what the stream kept of frames handed to its socket part-way
+        (:meth:`send_texts_now`), if another write has not sent it first, under ``wait_scope``.
+
+        Raises:
+            ConnectionClosed: the connection is closed or closing, or the peer went away.
+        """
+        stream = self._stream
+        lock = self._stream_lock
+        with wait_scope():
+            if lock.locked():
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+            try:
+                if isinstance(stream, ProgressStream) and stream.kept:
+                    await stream.send_all(b"")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                raise ConnectionClosed(self._closing_reason()) from None
+            finally:
+                lock.release()
 
     async def _send_pieces(
         self, message: Pieces, wait_scope: Callable[[], AbstractContextManager[object]]
