@@ -54,9 +54,10 @@ Same benchmark, both trees twice, interleaved (load ≈ 4): the pool 0.226 / 0.2
 the TLS stream as before.
 
 Connecting. Plain TCP to an IP address (a local server, a sidecar, the benchmarks' mock) is
-connected by the requesting task itself: a non-blocking ``connect``, a zero-timeout poll (on
-loopback the handshake is over when ``connect`` returns, almost always), a wait for the socket
-to become writable only when it is not yet, ``SO_ERROR``; its stream (anyio's and trio's
+connected by the requesting task itself: a non-blocking ``connect``, then a second one, which
+says how the first went (on loopback the handshake is over when ``connect`` returns, almost
+always), and a wait for the socket to become writable and ``SO_ERROR`` only when it is not yet
+connected; its stream (anyio's and trio's
 wrappers and a ``getpeername``) is made only if a write needs it, since reads and most writes go
 to the socket directly. ``anyio.connect_tcp`` — kept for host names, whose addresses it tries in
 turn (happy eyeballs), and for TLS — parses the address, opens a task group, starts a task per
@@ -485,11 +486,16 @@ class H11Pool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS:
-                # (on loopback the handshake is over when connect returns, almost always: then
-                # a zero-timeout poll says so, without registering the socket for one wake-up)
-                if not _writable_now(sock):
+                # On loopback the handshake is over when connect returns, almost always: then a
+                # second connect says so in one system call (Linux: 0 once established, the
+                # failure if it failed, EALREADY while it goes on; EISCONN elsewhere), without
+                # registering the socket for one wake-up (a poll and an SO_ERROR read before).
+                err = sock.connect_ex(sockaddr)
+                if err == errno.EISCONN:
+                    err = 0
+                elif err in (errno.EALREADY, errno.EINPROGRESS):
                     await anyio.wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
         except BaseException:
@@ -584,13 +590,6 @@ class H11Pool:
         conn.idle_since = aio.current_time()
         self._idle.append(conn)
         return True
-
-
-def _writable_now(sock: socket.socket) -> bool:
-    """Whether ``sock`` is writable (or has failed) now, without waiting."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
 
 
 def _numeric_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None:

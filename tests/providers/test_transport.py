@@ -10,9 +10,11 @@ the model): a leak there would starve a provider for good.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
+import select
 import socket
 import ssl
 import struct
@@ -31,12 +33,15 @@ from anyio.abc import SocketAttribute
 
 from exai.errors import AnswerTooLarge, UpstreamRetryableError
 from exai.providers import client as client_module
+from exai.providers import transport
 from exai.providers.client import OpenAIClient
 from exai.providers.transport import PIECE_BYTES, H11Pool, _Conn
 from exai.testing import Fault, MockUpstream
 from tests.providers.conftest import provider_settings
 
 pytestmark = pytest.mark.anyio
+
+select_poll = select.poll  # (the real one, for a spy on the pool's)
 
 CHAT = {"model": "mock-a", "messages": [{"role": "user", "content": "hello"}]}
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -804,6 +809,67 @@ async def test_a_connect_the_kernel_completed_at_once_does_not_wait_for_a_schedu
                 await pool._discard(conn)
         assert made >= 1
         assert pool.statistics().connections == 0
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts its ``connect_ex`` calls and ``SO_ERROR`` reads; with
+    ``in_progress``, its second ``connect_ex`` says the handshake still goes on (EALREADY)."""
+
+    connects = 0
+    error_reads = 0
+    in_progress = False
+
+    def connect_ex(self, address):  # type: ignore[no-untyped-def, override]
+        type(self).connects += 1
+        if type(self).in_progress and type(self).connects % 2 == 0:
+            return errno.EALREADY
+        return super().connect_ex(address)
+
+    def getsockopt(self, level, option, *args):  # type: ignore[no-untyped-def, override]
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR):
+            type(self).error_reads += 1
+        return super().getsockopt(level, option, *args)
+
+
+async def test_a_connect_the_kernel_completed_at_once_is_confirmed_by_a_second_connect(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """One system call (a second ``connect``: 0 once established) says the handshake is over,
+    where a zero-timeout ``poll`` and an ``SO_ERROR`` read said it before (issue 18, a storm's
+    2,000 new upstream connections). Of 20 connects at least one is done at once (the kernel
+    may defer a handshake on a busy machine: then the socket is waited for, as before)."""
+    polls: list[object] = []
+    monkeypatch.setattr(transport.select, "poll", lambda: polls.append(1) or select_poll())
+    async with MockUpstream(models=("mock-a",)) as mock, _pool(mock.base_url) as pool:
+        monkeypatch.setattr(transport.socket, "socket", _CountingSocket)
+        monkeypatch.setattr(_CountingSocket, "connects", 0)
+        monkeypatch.setattr(_CountingSocket, "error_reads", 0)
+        for _ in range(20):
+            conn = await pool._connect()
+            await pool._discard(conn)
+        connects, reads = _CountingSocket.connects, _CountingSocket.error_reads
+        monkeypatch.undo()
+        assert pool.statistics().connections == 0
+    assert connects == 40
+    assert reads < 20
+    assert polls == []
+
+
+async def test_a_connect_still_going_on_at_the_second_connect_waits_for_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """EALREADY from the second ``connect``: the pool waits until the socket is writable and
+    reads how the connect went (``SO_ERROR``); the connection then serves its request."""
+    async with MockUpstream(models=("mock-a",)) as mock, _pool(mock.base_url) as pool:
+        monkeypatch.setattr(transport.socket, "socket", _CountingSocket)
+        monkeypatch.setattr(_CountingSocket, "connects", 0)
+        monkeypatch.setattr(_CountingSocket, "error_reads", 0)
+        monkeypatch.setattr(_CountingSocket, "in_progress", True)
+        assert b"mock-a" in await _body(pool)
+        reads = _CountingSocket.error_reads
+        monkeypatch.undo()
+        assert reads == 1
+        _idle_and_free(pool, connections=1)
 
 
 async def test_a_plain_connection_makes_no_stream_object_unless_a_write_needs_one():
