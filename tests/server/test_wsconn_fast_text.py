@@ -248,3 +248,61 @@ def test_any_frame_read_as_trio_websocket_reads_gives_the_events_of_wsproto(
     fast, _ = _pair(ServerWSConnection(ConnectionType.SERVER))
     plain, _ = _pair(WSConnection(ConnectionType.SERVER))
     assert run(fast) == run(plain)
+
+
+def test_several_whole_text_frames_in_one_read_are_read_the_short_way() -> None:
+    # a storm's client sends its calls at once: 13–20 of them come in one 4 KiB read. Before,
+    # only a read of exactly one frame went the short way; several went through wsproto.
+    fast = ServerWSConnection(ConnectionType.SERVER)
+    server, client = _pair(fast)
+    texts = ["a", "é中😀" * 40, "", "y" * 126]
+    server.receive_data(b"".join(client.send(TextMessage(data=t)) for t in texts))
+    assert fast._ready is not None and len(fast._ready) == 4  # (none given to wsproto)
+    expected = [("TextMessage", t, True, True) for t in texts]
+    assert [_describe(e) for e in server.events()] == expected
+    # whole frames, then a ping and a part of a frame: the ping and what follows are wsproto's
+    wire = client.send(TextMessage(data="b")) + client.send(Ping(b"p"))
+    tail = client.send(TextMessage(data="c" * 300))
+    server.receive_data(wire + tail[:10])
+    assert fast._ready is not None and len(fast._ready) == 1
+    got = [_describe(e) for e in server.events()]
+    server.receive_data(tail[10:])
+    got += [_describe(e) for e in server.events()]
+    plain, _ = _pair(WSConnection(ConnectionType.SERVER))
+    assert got == _events(plain, [wire + tail[:10], tail[10:]])
+    assert got[:2] == [("TextMessage", "b", True, True), ("Ping", repr(Ping(b"p")))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frames=st.lists(any_frames, max_size=6),
+    then=st.sampled_from(["read", "close_after_first", "send_text"]),
+    cut=st.integers(min_value=0, max_value=50),
+)
+def test_any_frames_in_one_read_give_the_events_of_wsproto(
+    frames: list[bytes], then: str, cut: int
+) -> None:
+    """Several frames of any kind in one read (less the last ``cut`` bytes, read next), as
+    trio-websocket's reader gives them, the server closing (1008) after the first event or
+    sending after the read: the events, the refusals and the bytes sent are wsproto's."""
+    wire = b"".join(frames)
+    reads = [wire[: len(wire) - cut], wire[len(wire) - cut :]] if cut < len(wire) else [wire]
+
+    def run(server: WSConnection) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for data in reads:
+            try:
+                server.receive_data(data)
+                for i, event in enumerate(server.events()):
+                    out.append(_describe(event))
+                    if then == "close_after_first" and i == 0:
+                        out.append(("sent", server.send(CloseConnection(code=1008))))
+                if then == "send_text":
+                    out.append(("sent", server.send(TextMessage(data="x"))))
+            except Exception as exc:  # (compared as well: both ways must raise alike)
+                out.append(("raised", type(exc).__name__, str(exc)))
+        return out
+
+    fast, _ = _pair(ServerWSConnection(ConnectionType.SERVER))
+    plain, _ = _pair(WSConnection(ConnectionType.SERVER))
+    assert run(fast) == run(plain)
