@@ -25,7 +25,8 @@ key kept in the state directory, or one per run, and every session it signed end
 Which files are watched: every ``*_FILE`` variable of exai (``EXAI_*``, ``KIMI_*``, ``GLM_*``),
 plus ``EXAI_ENV_FILE``/``./.env`` and ``EXAI_CONFIG``, and every file the settings were read
 from (at start, and as of each reload: a ``*_FILE`` newly named in the ``.env`` or TOML file);
-checked every ``EXAI_SECRET_WATCH_INTERVAL_S`` by (inode, size, mtime, mode).
+checked every ``EXAI_SECRET_WATCH_INTERVAL_S`` by (inode, size, mtime, mode); a change is read
+once the files have stayed the same for one interval (a file still being written is not read).
 """
 
 from __future__ import annotations
@@ -222,10 +223,18 @@ class Reloader:
             task_status.started()
             return
         seen = await anyio.to_thread.run_sync(_fingerprints, list(self.paths), limiter=_LIMITER)
+        last = seen
         task_status.started()
         while True:
             await trio.sleep(interval)
             now = await anyio.to_thread.run_sync(_fingerprints, list(self.paths), limiter=_LIMITER)
+            if now != last:
+                # still being written (or just written): a change is read once the files
+                # stayed the same for a whole interval. A tokens file caught half-written —
+                # an editor saving in place, a large file written in parts — was applied as
+                # it stood, and the sessions of the tokens not written yet were revoked.
+                last = now
+                continue
             # (a file first watched since the last look counts as changed: it may have changed
             # since the reload that added it read it, so it is read once more)
             changed = [str(p) for p in now if now[p] != seen.get(p, ())]

@@ -403,3 +403,61 @@ async def test_a_tokens_file_made_a_fifo_fails_its_reload_and_the_next_one_appli
         async with ws(d, token=bearer(TOK_B)):
             pass
         nursery.cancel_scope.cancel()
+
+
+async def test_a_tokens_file_still_being_written_is_read_once_it_stays_the_same(
+    tmp_path, monkeypatch
+):
+    # The watcher applied a tokens file as it stood at the look that saw it change: caught
+    # half-written (an editor saving in place; a large file written in parts — an attack on a
+    # live daemon saw 115,764 of 200,001 tokens applied), the tokens not written yet were
+    # gone and their sessions revoked (4001). Each look here waits for the test's permit.
+    from exai.server import reload as reload_module
+
+    real = reload_module._fingerprints
+    entered, permit = threading.Semaphore(0), threading.Semaphore(0)
+
+    def look(paths: list[Path]) -> Any:
+        entered.release()
+        permit.acquire(timeout=HANG_GUARD_S)
+        return real(paths)
+
+    async def next_look() -> None:
+        """Wait until the watcher is at its next look (it has acted on the one before)."""
+        with trio.fail_after(HANG_GUARD_S):
+            while not entered.acquire(blocking=False):
+                await trio.sleep(0.01)
+
+    async def one_look() -> None:
+        """Let one look run, and wait until the watcher has acted on it."""
+        permit.release()
+        await next_look()
+
+    monkeypatch.setattr(reload_module, "_fingerprints", look)
+    tokens_file = tmp_path / "tokens"
+    write(tokens_file, TOK_A, TOK_B)
+    async with trio.open_nursery() as nursery:
+        permit.release()  # the first look, taken before the daemon is ready
+        d = await start(nursery, tmp_path, {"EXAI_TOKENS_FILE": str(tokens_file)})
+        await next_look()  # (the first look's entry)
+        await next_look()  # the watcher waits at its second look
+        async with ws(d, token=bearer(TOK_B)) as sb:
+            rpc = Rpc(sb)
+            # written in place, in two parts, each seen by a look: carol added at the end
+            tokens_file.write_text(TOK_A + "\n")
+            await one_look()
+            with tokens_file.open("a") as fh:
+                fh.write(TOK_B + "\n" + TOK_C + "\n")
+            await one_look()
+            assert d.reloader.reloads == 0  # (still changing at the last look)
+            await one_look()  # the same as the last: read now
+            assert d.reloader.reloads == 1
+            assert len(d.reloader.tokens.identities) == 3
+            with trio.fail_after(HANG_GUARD_S):
+                reply = await rpc.request(
+                    "initialize",
+                    {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}},
+                )
+            assert "result" in reply  # bob's session was never revoked
+        permit.release()
+        d.request_shutdown()
