@@ -76,17 +76,18 @@ second of one task and about 20 of the thread — measured on the shared 2-vCPU 
 5–12 ms of CPU per second (0.5–1.2 % of a core), against 3–5 % of the loop thread for the
 instrument under load.
 
-An idle loop costs the probe nothing (issue 18). After a wake-up that finds the loop ran
-nothing but the probe for a whole interval — one scheduler round since the last, counted by
-the probe's instrument (``after_io_wait``, once per round) — the probe goes idle at that
-round's end (``before_io_wait``: nothing more runs in it), if the round's tasks after the
-probe's step ran for less than the threshold and the interval and no task is ready: its timer
-is disarmed and the watchdog sleeps until woken. Nothing can block a loop that runs nothing;
-the start of the next round (whatever wakes the loop: a socket, a timer) arms the timer again
-for an interval and is where the probe's next gap begins — the clock and the run-queue delay
-are read in the hook — so a step that blocks in that round is measured and named as any
-other. An idle ``exai serve`` spent ≈ 26 ms of CPU and ≈ 119 wake-ups a second on the probe's
-100 a second; 2.5 ms and 13–16 idle (``python -m benchmarks run idle``, load 5–12 on 2 cores).
+An idle loop costs the probe nothing (issue 18). After a wake-up that finds the loop thread
+used under ``IDLE_CPU_SHARE`` (5 %) of the interval's CPU — read from the same schedstat as
+the run-queue delay — the probe may go idle at that round's end (``before_io_wait``: nothing
+more runs in it), if the round's tasks after the probe's step ran for less than the threshold
+and the interval and no task is ready: its timer is disarmed and the watchdog sleeps until
+woken. Nothing can block a loop that runs nothing; the start of the next round (whatever wakes
+the loop: a socket, a timer) arms the timer again for an interval and is where the probe's
+next gap begins — the clock and the run-queue delay are read in the hook — so a step that
+blocks in that round is measured and named as any other. The two hooks (``_IdleWatch``) are
+installed only from such a wake-up until the idle period ends: a busy loop runs none. An idle
+``exai serve`` spent ≈ 26 ms of CPU and ≈ 119 wake-ups a second on the probe's 100 a second;
+2.5 ms and 13–16 idle (``python -m benchmarks run idle``, load 5–12 on 2 cores).
 
 How the probe waits (issue 18): under trio's own clock it arms a one-shot ``timerfd`` (Linux,
 through :mod:`ctypes`, loaded with this module) for the interval and waits for it with
@@ -564,41 +565,57 @@ def stall_detector(
             os.close(fd)
 
 
-class _Rounds(trio.abc.Instrument):
-    """A :class:`LoopProbe`'s view of the scheduler's rounds (trio's timerfd path only).
+#: A wake-up after an interval in which the loop thread used less of a CPU than this share of the
+#: interval lets the probe go idle (the probe's own wake-up uses ≈ 1 %)
+IDLE_CPU_SHARE = 0.05
 
-    ``after_io_wait`` (once per round, before its tasks run) counts the rounds and wakes an
-    idle probe; ``before_io_wait`` (once per round, after its tasks ran) lets a probe that found
-    its last interval idle go idle — only now, when nothing more runs in the round, and only
-    if the round's tasks after the probe's own step ran for less than the threshold and the
-    interval (else the armed timer has expired or will report them: nothing is hidden).
-    Going idle disarms the probe's timer; the next round's start arms it again for an
-    interval and is where the probe's next gap begins."""
 
-    def __init__(self, probe: LoopProbe, timer: _Timer) -> None:
-        self.count = 0
-        #: set by the probe after a wake-up that ended an interval with no other round
-        self.may_idle = False
-        #: until when (``time.perf_counter()``) this round's end may still idle the probe
+class _IdleWatch(trio.abc.Instrument):
+    """A :class:`LoopProbe`'s way to go idle (trio's timerfd path only), installed only from
+    a wake-up that found the loop (nearly) idle until the end of the idle period it begins, so
+    a busy loop runs no hook of it.
+
+    ``before_io_wait`` (the round's end: nothing more runs in it) lets the probe go idle if
+    the round's tasks after the probe's step ran for less than the threshold and the interval
+    (else its armed timer reports them: nothing is hidden) and no task is ready; its timer is
+    disarmed. ``after_io_wait`` (the start of the next round, before its tasks run: whatever
+    woke the loop) arms it again for an interval and begins the probe's next gap there. The
+    instrument removes itself at whichever comes first of "not idle after all" and "idle
+    ended". Its hooks never raise (trio would drop the instrument)."""
+
+    def __init__(
+        self,
+        probe: LoopProbe,
+        timer: _Timer,
+        remove: Callable[[trio.abc.Instrument], None] = trio.lowlevel.remove_instrument,
+    ) -> None:
+        #: until when (``time.perf_counter()``) the round's end may still idle the probe
         self.idle_by = 0.0
         self.idle = False
         self._probe = probe
         self._timer = timer
+        self._remove = remove
 
     def before_io_wait(self, timeout: float) -> None:
-        if self.may_idle:
-            self.may_idle = False
-            # (timeout 0: more tasks to run at once — the loop is not idle)
-            if timeout > 0 and time.perf_counter() < self.idle_by:
-                self._timer.disarm()
-                self.idle = True
-                self._probe._went_idle()
+        if self.idle:
+            return
+        # (timeout 0: more tasks to run at once — the loop is not idle)
+        if timeout > 0 and time.perf_counter() < self.idle_by:
+            self._timer.disarm()
+            self.idle = True
+            self._probe._went_idle()
+        else:
+            self._leave()
 
     def after_io_wait(self, timeout: float) -> None:
-        self.count += 1
         if self.idle:
             self.idle = False
+            self._leave()
             self._probe._left_idle(self._timer)
+
+    def _leave(self) -> None:
+        with contextlib.suppress(KeyError):
+            self._remove(self)
 
 
 class LoopProbe:
@@ -704,11 +721,11 @@ class LoopProbe:
         )
         self._others = others
         # an idle loop idles the probe (its timer disarmed): on trio's own clock only — under
-        # another (a test's MockClock) the probe sleeps on that clock as always
-        rounds = _Rounds(self, timer) if timer is not None else None
-        if rounds is not None:
-            trio.lowlevel.add_instrument(rounds)
+        # another (a test's MockClock) the probe sleeps on that clock as always — and where the
+        # loop thread's CPU time is read
+        watch = _IdleWatch(self, timer) if timer is not None and fd is not None else None
         idle_within = min(interval, self.threshold_s)
+        idle_cpu_s = interval * IDLE_CPU_SHARE
         try:
             # (the run-queue delay is read once per wake-up: what was read as the probe woke is
             # where the next gap starts, as is the wall time read then)
@@ -719,7 +736,6 @@ class LoopProbe:
             self._due_at = started + interval
             self._snapshot_at = started
             self._snapshot = others.delays(started) if others is not None else {}
-            seen = rounds.count if rounds is not None else 0
             while True:
                 await sleep(interval)
                 if fd is not None:
@@ -735,6 +751,7 @@ class LoopProbe:
                     if cpu0 < 0 and fd is not None:  # (no run-queue delay read then)
                         cpu0, delay0 = cpu, delay
                 late = woke - started - interval
+                ran = 0.0
                 if fd is not None:
                     off_cpu = (delay - delay0) / 1e9
                     ran = (cpu - cpu0) / 1e9
@@ -761,19 +778,14 @@ class LoopProbe:
                 self._where = None
                 started = woke
                 self._due_at = woke + interval
-                if rounds is not None:
-                    # no round since the last wake-up but the one that woke the probe now:
-                    # the probe may go idle at this round's end (``_Rounds``)
-                    count = rounds.count
-                    if count - seen <= 1:
-                        rounds.may_idle = True
-                        rounds.idle_by = woke + idle_within
-                    seen = count
+                if watch is not None and ran < idle_cpu_s:
+                    # the loop thread hardly ran since the last wake-up: the probe may go idle
+                    # at this round's end (``_IdleWatch``)
+                    watch.idle_by = woke + idle_within
+                    trio.lowlevel.add_instrument(watch)
         finally:
-            if rounds is not None:
-                with contextlib.suppress(KeyError):
-                    # (already gone if one of its hooks raised: trio drops such an instrument)
-                    trio.lowlevel.remove_instrument(rounds)
+            if watch is not None:
+                watch._leave()
             self._stop.set()
             self._awake.set()
             self._others = None
@@ -786,13 +798,13 @@ class LoopProbe:
                 timer.close()
 
     def _went_idle(self) -> None:
-        """The probe's timer was disarmed at the end of a round (``_Rounds``, on the loop):
+        """The probe's timer was disarmed at the end of a round (``_IdleWatch``, on the loop):
         nothing is due until the loop wakes up."""
         self.idled += 1
         self._due_at = math.inf
 
     def _left_idle(self, timer: _Timer) -> None:
-        """The start of the first round after the probe went idle (``_Rounds``, on the loop
+        """The start of the first round after the probe went idle (``_IdleWatch``, on the loop
         thread): arm the timer for an interval and note where the probe's gap begins — the
         clock, the run-queue delay, and the other threads' delays if their snapshot is old —
         then wake the watchdog. Never raises (trio would drop the instrument)."""

@@ -544,7 +544,6 @@ async def test_a_block_in_the_round_that_ends_an_idle_period_is_a_stall_named() 
     assert seen == probe.stalls
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux timerfd")
 def test_the_probe_goes_idle_only_at_the_end_of_a_round_whose_rest_ran_briefly() -> None:
     # The probe decides in its own step that its last interval was idle; other tasks of the same
     # round may still run after that step (a first version parked the probe there and then: a
@@ -553,35 +552,61 @@ def test_the_probe_goes_idle_only_at_the_end_of_a_round_whose_rest_ran_briefly()
     # (before_io_wait), if the round's rest ran for less than the threshold and the interval —
     # else its armed timer reports them — and never while more tasks are ready (timeout 0).
     disarmed: list[int] = []
+    armed: list[float] = []
+    removed: list[object] = []
 
     class Timer:
         def disarm(self) -> None:
             disarmed.append(1)
 
         def arm(self, seconds: float) -> bool:
+            armed.append(seconds)
             return True
 
     probe = LoopProbe(threshold_s=0.05)
-    rounds = stalls._Rounds(probe, Timer())  # type: ignore[arg-type]
+    watch = stalls._IdleWatch(probe, Timer(), removed.append)  # type: ignore[arg-type]
     now = time.perf_counter()
 
-    rounds.may_idle, rounds.idle_by = True, now - 0.001  # the round's rest ran too long
-    rounds.before_io_wait(1.0)
-    assert not rounds.idle and not disarmed and probe.idled == 0
+    watch.idle_by = now - 0.001  # the round's rest ran too long
+    watch.before_io_wait(1.0)
+    assert not watch.idle and not disarmed and probe.idled == 0
+    assert removed == [watch]  # (no hook of it runs any more)
 
-    rounds.may_idle, rounds.idle_by = True, now + 60.0
-    rounds.before_io_wait(0.0)  # tasks ready: the loop goes on at once
-    assert not rounds.idle and not disarmed and probe.idled == 0
+    watch.idle_by = now + 60.0
+    watch.before_io_wait(0.0)  # tasks ready: the loop goes on at once
+    assert not watch.idle and not disarmed and probe.idled == 0
+    assert removed == [watch, watch]
 
-    rounds.may_idle, rounds.idle_by = True, now + 60.0
-    rounds.before_io_wait(1.0)
-    assert rounds.idle and disarmed == [1] and probe.idled == 1
+    watch.before_io_wait(1.0)
+    assert watch.idle and disarmed == [1] and probe.idled == 1
     assert probe._due_at == float("inf")
-    assert not rounds.may_idle  # (one chance per wake-up)
+    watch.before_io_wait(1.0)  # (a round of its own while idle cannot come; nothing changes)
+    assert disarmed == [1] and len(removed) == 2
 
-    rounds.after_io_wait(1.0)  # the next round: armed again, the gap begins here
-    assert not rounds.idle and probe._resumed is not None
+    watch.after_io_wait(1.0)  # the next round: armed again, the gap begins here
+    assert not watch.idle and armed == [probe.interval_s] and len(removed) == 3
+    assert probe._resumed is not None
     assert probe._due_at == pytest.approx(probe._resumed[0] + probe.interval_s)
+
+
+async def test_a_busy_loop_runs_no_hook_of_the_probe() -> None:
+    # the probe's instrument is installed only from a wake-up that found the loop idle: a loop
+    # that runs something in every interval (here: a task using the CPU) never has it
+    installed: list[object] = []
+    add = trio.lowlevel.add_instrument
+
+    def counted(instrument: trio.abc.Instrument) -> None:
+        if isinstance(instrument, stalls._IdleWatch):
+            installed.append(instrument)
+        add(instrument)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trio.lowlevel, "add_instrument", counted)
+        with loop_probe(threshold_s=0.05) as probe:
+            while probe.probes < 10:
+                _spin_cpu(0.002)  # (20 % of each interval)
+                await trio.lowlevel.checkpoint()
+    assert installed == [], f"{len(installed)} of {probe.probes} wake-ups installed it"
 
 
 async def test_a_probe_stopped_while_idle_stops_its_watchdog() -> None:
