@@ -68,11 +68,18 @@ request held is freed, as on WebSocket — whatever the write: an answer, an SSE
 notifications and reading none of their 202s held its connection for good). An idle keep-alive
 connection is closed after ``EXAI_HTTP_KEEPALIVE_S``. A JSON answer (head and body) is one write,
 made by the call's own responder (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off) while
-the connection's task reads the connection for a disconnect; an SSE stream is written by the
-connection's task, every event queued at the time in one write (its head with the first event,
-the answer with the stream's end), while a second task watches for the disconnect. A request's
-core is freed when the request ends: nothing of it is left in a reference cycle for the garbage
-collector.
+the connection's task reads the connection for a disconnect. An SSE answer is shaped the same
+way: each progress notification is handed to the socket by the task that made it (its stream's
+head with the first; :meth:`HttpConnection._progress_now`), the answer is written by the
+responder with the stream's end, and the connection's task reads the connection — and writes a
+keep-alive comment after an interval without a write. No task is started or woken for a write
+(issue 18, part 17a: the disconnect-watch task and a wake-up of the connection's task per event
+had made a streamed call ≈ 12 % dearer than a JSON one). A write the socket does not take whole
+at once (a client that reads slowly, a TLS stream) hands the rest of the stream to the
+connection's task, which writes it under the send deadline beside a task that watches for the
+disconnect, as every stream was written before (:meth:`HttpConnection._hand_to_stream`). A
+request's core is freed when the request ends: nothing of it is left in a reference cycle for
+the garbage collector.
 
 **Slow heads.** An idle kept connection is closed after ``EXAI_HTTP_KEEPALIVE_S`` without a
 word; once bytes of its next request's head came, that head must be whole within
@@ -234,6 +241,11 @@ def _answering(core: SessionCore, exchange: _Exchange) -> bool:
     return core.answering > 0 or exchange.final_text is not None
 
 
+def _heartbeat_s(settings: Settings) -> float:
+    """How long an SSE stream may go without a write before a keep-alive comment."""
+    return settings.heartbeat_interval_s if settings.heartbeat_interval_s > 0 else 15.0
+
+
 def _status_for(code: int | None, modern: bool) -> int:
     """The HTTP status of a JSON answer (see the module docstring)."""
     if code in (p.PARSE_ERROR, p.INVALID_REQUEST):
@@ -393,6 +405,16 @@ class HttpConnection:
         self._watch: trio.CancelScope | None = None
         self._direct = ""
         self._call_over = False
+        #: while an SSE-accepting call runs: whether its stream has begun (its head written),
+        #: when the last write was (a keep-alive follows a heartbeat interval without one), the
+        #: rest of a write the socket did not take at once with how many queued messages it
+        #: ends (the connection's task writes it, and the stream from then on: _hand_to_stream)
+        #: and, once the client half-closed, when its grace ends
+        self._committed = False
+        self._watching = False
+        self._beat_from = 0.0
+        self._rest: tuple[bytes | memoryview, int] | None = None
+        self._grace_until: float | None = None
         #: the request in progress was answered with :meth:`_whole` (h11's state does
         #: not say so: see :func:`~exai.server.http11.whole_response`)
         self._responded = False
@@ -959,35 +981,38 @@ class HttpConnection:
                 return await self._accepted()  # (the daemon sends no requests to answer)
             # (no closure over the core: a cycle left every request's core, its outbox, ledger
             # and parking lots to the garbage collector instead of freeing them at once)
-            if sse_ok:
-                core.on_call_done = functools.partial(core.outbox.close, drop=False)
-            else:
-                # a JSON answer: written by the call's responder itself (no hand-off), while
-                # this task reads the connection (see _await_answer)
-                exchange.progress = False
-                self._direct = ""
-                self._call_over = False
-                core.outbox.direct = functools.partial(self._direct_answer, exchange, modern)
-                core.on_call_done = functools.partial(self._call_done, core.outbox)
+            # The answer is written by the call's responder itself (no hand-off), JSON — or the
+            # SSE stream's last event once progress began one — while this task reads the
+            # connection (see _await_answer); a JSON-only client's progress is never encoded.
+            exchange.progress = sse_ok
+            self._direct = ""
+            self._call_over = False
+            self._committed = False
+            self._rest = None
+            self._grace_until = None
+            core.outbox.direct = functools.partial(self._direct_answer, exchange, modern)
+            core.on_call_done = functools.partial(self._call_done, core.outbox)
             async with trio.open_nursery() as nursery:
                 core.nursery = nursery
                 handled = await core.handle_message(msg, gate)
                 if handled == "call":
+                    self._watching = False
                     try:
                         if sse_ok:
-                            nursery.start_soon(
-                                self._watch_disconnect, core, exchange, nursery.cancel_scope
+                            keep = await self._await_stream(
+                                core, exchange, modern, settings, nursery
                             )
-                            keep = await self._stream(core, exchange, sse_ok, modern, settings)
                         else:
-                            keep = await self._await_answer(core, exchange, modern, settings)
+                            keep = bool(await self._await_answer(core, exchange, modern, settings))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         keep = False  # the client went, or reads nothing: its calls detach
                         core.detach_all()
                     finally:
-                        if sse_ok or not self._call_over:
-                            # (a JSON-only call whose responder has finished leaves nothing
-                            # in the nursery to stop: its last step was _call_done)
+                        core.outbox.wake = None
+                        if self._watching or not self._call_over:
+                            # (a call whose responder has finished, its stream written without
+                            # a watch task, leaves nothing in the nursery to stop: its last
+                            # step was _call_done)
                             nursery.cancel_scope.cancel()
                     return keep and self.closing_reason is None
             if handled == "call":
@@ -1220,8 +1245,8 @@ class HttpConnection:
         """Write a call's answer: JSON, or an SSE stream once there is progress to send (or
         after a heartbeat interval of silence). Whether the connection may be kept."""
         outbox = core.outbox
-        interval = settings.heartbeat_interval_s if settings.heartbeat_interval_s > 0 else 15.0
-        committed = False
+        interval = _heartbeat_s(settings)
+        committed = self._committed  # (begun by progress written at once: _await_stream)
         while True:
             text: Text | None = None
             ended = False
@@ -1387,65 +1412,202 @@ class HttpConnection:
             trio.ClosedResourceError: the client went, or read nothing for ``send_timeout_s``
                 (what :meth:`~exai.server.outbox.Outbox.put` raises to its responder).
         """
-        status = _status_for(exchange.code, modern)
-        close = self._closing()
         try:
+            if self._committed:
+                # the SSE stream progress began: the answer is its last event, and its end
+                if isinstance(text, Pieces):
+                    await self._timed(self._sse_pieces(b"", b"", text, True))
+                else:
+                    event = b"event: message\ndata: " + text.encode("utf-8") + b"\n\n"
+                    await self._timed_write(self._chunk(event, last=True))
+                self._direct = "keep"
+                return
+            status = _status_for(exchange.code, modern)
+            close = self._closing()
             await self._write_whole(status, [_JSON], text, close=close)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             self._direct = "failed"
             raise trio.ClosedResourceError("the client went, or reads nothing") from None
         self._direct = "close" if close else "keep"
 
+    def _progress_now(self, outbox: Outbox, exchange: _Exchange) -> None:
+        """Progress was queued (the outbox's ``wake``, in the task that made it — the call's
+        responder): everything queued goes to the socket now as the SSE stream's next events,
+        the stream's head before the first (:meth:`_write_now`). No task is woken for it and
+        no scheduler round taken (issue 18: each one costs CPU at concurrency 1)."""
+        texts = outbox.queued()
+        if exchange.final_text is not None and any(t is exchange.final_text for t in texts):
+            # (never while progress goes out at once: the answer is queued only behind
+            # something not yet written, and then this task writes no more — _write_now)
+            self._hand_to_stream(b"", 0, outbox)
+            return
+        head = b""
+        if not self._committed:
+            head = self._commit_sse()
+            self._committed = True
+        events = [
+            b"event: message\ndata: "
+            + (t.text() if isinstance(t, Pieces) else t).encode("utf-8")
+            + b"\n\n"
+            for t in texts
+        ]
+        self._write_now(head + self._chunk(b"".join(events)), len(texts), outbox)
+
+    def _write_now(self, data: bytes, count: int, outbox: Outbox) -> None:
+        """Hand ``data`` — the first ``count`` queued messages' events, or a keep-alive — to
+        the socket without waiting (:meth:`~exai.server.outbox.ProgressStream.send_nowait`).
+        What it does not take (a full send buffer, a TLS stream: all of it) is written by the
+        connection's task under the writer's deadline, and the rest of the stream with it, as
+        a stream written by that task (:meth:`_hand_to_stream`)."""
+        self._beat_from = trio.current_time()
+        try:
+            sent = self.stream.send_nowait(data) if len(data) <= CHUNK_BYTES else 0
+        except trio.BrokenResourceError:
+            # the client went: its call detaches once the connection's task sees it
+            self._direct = "failed"
+            outbox.written(count)
+            if self._watch is not None:
+                self._watch.cancel()
+            return
+        if sent == len(data):
+            if count:
+                outbox.written(count)
+            return
+        self._hand_to_stream(memoryview(data)[sent:] if sent else data, count, outbox)
+
+    def _hand_to_stream(self, rest: bytes | memoryview, count: int, outbox: Outbox) -> None:
+        """From now on the SSE stream is written by the connection's task (:meth:`_stream`,
+        beside a disconnect watch task), starting with ``rest`` (the end of ``count`` queued
+        messages' events): nothing more is written at once, nor the answer by its responder."""
+        self._rest = (rest, count)
+        outbox.direct = None
+        outbox.wake = None
+        if self._watch is not None:
+            self._watch.cancel()
+
+    async def _await_stream(
+        self,
+        core: SessionCore,
+        exchange: _Exchange,
+        modern: bool,
+        settings: Settings,
+        nursery: trio.Nursery,
+    ) -> bool:
+        """A call whose client takes SSE: its progress is written at once by the task that
+        makes it (:meth:`_progress_now`) and its answer by its responder (:meth:`_direct_answer`:
+        JSON while no progress was written, else the stream's last event), while this task
+        reads the connection (:meth:`_await_answer`) and, after a heartbeat interval with
+        nothing written, writes a keep-alive comment (beginning the stream if need be). A
+        write the socket does not take at once hands the rest of the stream to this task and
+        a watch task (:meth:`_hand_to_stream`, :meth:`_stream`). Whether the connection may be
+        kept."""
+        outbox = core.outbox
+        interval = _heartbeat_s(settings)
+        self._beat_from = trio.current_time()
+        outbox.wake = functools.partial(self._progress_now, outbox, exchange)
+        if len(outbox):
+            self._progress_now(outbox, exchange)  # (queued before this task took over)
+        while True:
+            beat = self._beat_from + interval
+            if self._rest is not None or self._direct or self._call_over:
+                break
+            keep = await self._await_answer(core, exchange, modern, settings, beat=beat)
+            if keep is not None:
+                return keep
+            if self._rest is not None or self._direct or self._call_over:
+                break
+            # the heartbeat's time (unless something was written since): keep the stream
+            # alive — not while the answer is being written, which is no silence
+            if outbox.writing:
+                self._beat_from = trio.current_time()
+                continue
+            if trio.current_time() < self._beat_from + interval:
+                continue
+            head = b""
+            if not self._committed:
+                head = self._commit_sse()
+                self._committed = True
+            self._write_now(head + self._chunk(b": keep-alive\n\n"), 0, outbox)
+        if self._rest is not None:
+            rest, count = self._rest
+            self._rest = None
+            self._watching = True  # (the watch task is stopped at the request's end)
+            nursery.start_soon(self._watch_disconnect, core, exchange, nursery.cancel_scope)
+            await self._timed_send(rest)
+            outbox.written(count)
+            return await self._stream(core, exchange, True, modern, settings)
+        return await self._finish(core, exchange, True, modern, settings)
+
     def _call_done(self, outbox: Outbox) -> None:
-        """A JSON-only call's responder has finished (answered, refused or cancelled): the
-        connection task stops reading and finishes the request."""
+        """A call's responder has finished (answered, refused or cancelled): the connection
+        task stops reading and finishes the request."""
         outbox.close(drop=False)
         self._call_over = True
         if self._watch is not None:
             self._watch.cancel()
 
     async def _await_answer(
-        self, core: SessionCore, exchange: _Exchange, modern: bool, settings: Settings
-    ) -> bool:
-        """While a JSON-only call runs, read the connection (its responder writes the answer,
+        self,
+        core: SessionCore,
+        exchange: _Exchange,
+        modern: bool,
+        settings: Settings,
+        *,
+        beat: float = math.inf,
+    ) -> bool | None:
+        """While a call runs, read the connection (its responder writes the answer,
         :meth:`_direct_answer`): a client that closes it cancels the call (a keyed call is left
         its orphan grace); bytes it sends ahead are kept for the next request (bounded).
-        Whether the connection may be kept.
+        Whether the connection may be kept — or, with a ``beat`` (an SSE stream's next
+        heartbeat, :meth:`_await_stream`), ``None`` when the wait ended without the client
+        going (the call's end, the heartbeat's time, the stream handed to this task).
 
         (Going on reading after the answer until the next request came, instead of being
         woken at the call's end, was measured: 10-15 % more CPU per call at 64 connections.)"""
-        with trio.CancelScope() as watch:
+        with trio.CancelScope(deadline=beat) as watch:
             self._watch = watch
             try:
                 while not self._call_over:
-                    if self._ahead_bytes() >= _READ_AHEAD_BYTES:
-                        await trio.sleep_forever()  # (until the call ends: _call_done)
-                    reset = False
-                    try:
-                        data = await self.stream.receive_when_readable(16 * 1024)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data, reset = b"", True
-                    if not data:
-                        if not reset:
+                    if self._grace_until is None:
+                        if self._ahead_bytes() >= _READ_AHEAD_BYTES:
+                            await trio.sleep_forever()  # (until the call ends: _call_done)
+                        try:
+                            data = await self.stream.receive_when_readable(16 * 1024)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            data = None  # a reset: the client has gone
+                        if data:
+                            self._ahead += data
+                            continue
+                        if data is not None:
                             # its end of stream (a FIN): it sends nothing more, but a client
                             # that half-closed reads on — the call's answer, if it comes within
                             # the grace (_call_done ends this wait), is written as any answer
                             # (a client that has gone fails that write), and the requests it
-                            # sent before its end are answered too (_closing)
-                            await trio.sleep(_ws_session.PEER_CLOSE_GRACE_S)
-                            if _answering(core, exchange):
-                                # the answer is being written: for as long as the client reads
-                                # it, under the send deadline (_call_done ends this wait) — the
-                                # grace bounds the call, not the answer's write
-                                await trio.sleep_forever()
-                        self.closing_reason = (1001, "the client closed the connection")
-                        # detach first: a call nobody else watches is cancelled now, even one
-                        # still waiting (shielded) for its slots
-                        core.detach_all()
-                        return False
-                    self._ahead += data
+                            # sent before its end are answered too (_closing). (The grace's
+                            # end is kept: a heartbeat of an SSE stream does not renew it.)
+                            self._grace_until = trio.current_time() + _ws_session.PEER_CLOSE_GRACE_S
+                    if self._grace_until is not None:
+                        await trio.sleep_until(self._grace_until)
+                        if _answering(core, exchange):
+                            # the answer is being written: for as long as the client reads
+                            # it, under the send deadline (_call_done ends this wait) — the
+                            # grace bounds the call, not the answer's write
+                            await trio.sleep_forever()
+                    self.closing_reason = (1001, "the client closed the connection")
+                    # detach first: a call nobody else watches is cancelled now, even one
+                    # still waiting (shielded) for its slots
+                    core.detach_all()
+                    return False
             finally:
                 self._watch = None
+        if beat < math.inf:
+            return None
+        return await self._finish(core, exchange, False, modern, settings)
+
+    async def _finish(
+        self, core: SessionCore, exchange: _Exchange, sse_ok: bool, modern: bool, settings: Settings
+    ) -> bool:
+        """The call has ended (or its client went): whether the connection may be kept."""
         state = self._direct
         if state == "keep":
             return True
@@ -1454,7 +1616,7 @@ class HttpConnection:
             return False
         # ended without an answer written by its responder (cancelled by its client, stopped
         # by a draining daemon, or an answer queued behind another message): written here
-        return await self._stream(core, exchange, False, modern, settings)
+        return await self._stream(core, exchange, sse_ok, modern, settings)
 
     async def _watch_disconnect(
         self, core: SessionCore, exchange: _Exchange, scope: trio.CancelScope

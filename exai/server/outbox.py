@@ -124,6 +124,8 @@ class Outbox:
             holds the queue (``wake`` is called when it ends, if anything queued behind it).
             The door's writer sends with :meth:`next` and :meth:`written` until :meth:`next`
             says there is nothing more, and calls :meth:`abandon` if its connection fails.
+            ``wake`` may itself write what is queued, at once, from the task that queued it
+            (the WebSocket session; the HTTP door's SSE stream): it must not wait.
         defer: set by a door that writes the answers of one scheduler round together (the
             WebSocket session, while it has several calls in flight): a message :meth:`put`
             with ``direct=True`` is first offered to ``defer(text)``; when it says yes, the
@@ -154,6 +156,11 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def writing(self) -> bool:
+        """Whether a message is being written by :attr:`direct` now."""
+        return self._direct_busy
 
     def _has_room(self, nbytes: int) -> bool:
         if not self._queue:

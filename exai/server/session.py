@@ -8,21 +8,24 @@ daemon drains. When the peer goes, the teardown waits for the connection's turn
 (:mod:`exai.server.endings`: a few at a time when thousands go at once).
 
 Writing:
-    answers and notifications wait in the core's bounded
-    :class:`~exai.server.outbox.Outbox` (count and bytes); an answer waits for room (back-pressure
-    on the slow client's own calls), progress is dropped and counted when there is none. An
-    answer put while nothing is queued is written by the responder's own task
-    (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off to the writer task, which sends
-    whatever queues meanwhile after it, in order). The writer task runs only while something
-    is queued for it (:attr:`~exai.server.outbox.Outbox.wake` starts it, it ends when the
-    queue is empty): an idle session holds no task for it (memory per idle session). A write
-    that makes no progress for ``send_timeout_s`` — the writer's, a direct one, or a pong
-    written by the connection's reader — closes the connection with 1008 and everything the
-    session held is freed. A message of at most 64 KiB on plain TCP — a direct
-    answer, or what the writer sends (mostly progress) — is handed to the non-blocking socket
-    at once when no other write holds the connection
-    (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not take goes
-    the usual way, under the same deadline; a direct answer's deadline scope is made only then).
+    answers and notifications wait in the core's bounded :class:`~exai.server.outbox.Outbox` (count
+    and bytes); an answer waits for room (back-pressure on the slow client's own calls), progress is
+    dropped and counted when there is none. An answer put while nothing is queued is written by the
+    responder's own task (:attr:`~exai.server.outbox.Outbox.direct`: no hand-off to the writer task,
+    which sends whatever queues meanwhile after it, in order). What is queued for the writer —
+    progress, mostly — is first handed to a plain TCP socket at once by the task that queued it
+    (:meth:`~exai.server.wsconn.ServerConnection.send_texts_now`: no task started for it, issue 18,
+    part 17a); the writer task sends only what that does not (the rest of a frame the socket took
+    part of, kept by the stream and sent first; what another write holds back). The writer task runs
+    only while something is queued for it (:attr:`~exai.server.outbox.Outbox.wake` starts it, it
+    ends when the queue is empty): an idle session holds no task for it (memory per idle session). A
+    write that makes no progress for ``send_timeout_s`` — the writer's, a direct one, or a pong
+    written by the connection's reader — closes the connection with 1008 and everything the session
+    held is freed. A message of at most 64 KiB on plain TCP — a direct answer, or what the writer
+    sends (mostly progress) — is handed to the non-blocking socket at once when no other write holds
+    the connection (:meth:`~exai.server.wsconn.ServerConnection.send_text`; what the socket does not
+    take goes the usual way, under the same deadline; a direct answer's deadline scope is made only
+    then).
 
 Closing:
     the peer's close frame (RFC 6455: it sends nothing more, but reads until ours) — or its end
@@ -46,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -132,6 +135,9 @@ class Session:
         # those of one round together (_defer, _write_round)
         if isinstance(conn, ServerConnection) and stream is not None and stream.plain:
             self.core.outbox.defer = self._defer
+        #: what is queued for the writer is handed to a plain TCP socket at once instead
+        #: (_wake_writer)
+        self._write_now = isinstance(conn, ServerConnection) and stream is not None and stream.plain
         #: a write at the round's end is due (at_round_end): the writer is not woken meanwhile
         self._round_due = False
         #: messages at the head of the outbox whose frames the socket took part of: the
@@ -270,9 +276,27 @@ class Session:
         if self._round_due:
             return  # (the write at the round's end sends what is queued, or starts the writer)
         nursery = self.nursery
-        if not self._writing and nursery is not None and not nursery.cancel_scope.cancel_called:
-            self._writing = True
-            nursery.start_soon(self._writer)
+        if self._writing or nursery is None or nursery.cancel_scope.cancel_called:
+            return
+        if self._write_now and not self._kept:
+            # What is queued (progress, mostly) goes to the socket now, from the task that
+            # queued it, in one write: no writer task started and run for it (issue 18, part
+            # 17a: each progress notification of a streamed call started one). The writer is
+            # started only for what the socket does not take — the rest of a frame (kept by the
+            # stream, sent first) or what could not be handed over now (another write holds
+            # the stream, a large message) — and sends it under the send deadline as always.
+            outbox = self.core.outbox
+            texts = outbox.queued()
+            conn = cast(ServerConnection, self.conn)
+            count, whole = conn.send_texts_now(texts, ROUND_WRITE_BYTES)
+            if not whole:
+                self._kept = count  # (written once the writer has sent the rest)
+            elif count:
+                outbox.written(count)
+                if count == len(texts):
+                    return
+        self._writing = True
+        nursery.start_soon(self._writer)
 
     def _defer(self, text: Text) -> bool:
         """Whether a call's answer (:meth:`Outbox.put` with ``direct``) waits for the write at

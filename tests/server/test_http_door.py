@@ -427,6 +427,41 @@ async def test_a_silent_call_keeps_its_sse_stream_alive_with_comments(tmp_path):
         assert answer_of(response)["result"]["content"][0]["text"] == "done 1"
 
 
+async def test_an_sse_stream_with_progress_and_keep_alives_stays_well_formed(tmp_path):
+    # progress is written at once by the call's task (the tool's, and the execution's "still
+    # working" beats), keep-alive comments by the connection's task, which reads the connection
+    # meanwhile: one stream, every event whole, the answer last
+    probe = Probe()
+    settings = _settings(tmp_path, heartbeat_interval_s=0.1)
+    async with running_daemon(settings, registry_with(probe.spec)) as d, mcp_http(d.url) as mcp:
+        async with trio.open_nursery() as nursery:
+
+            async def release() -> None:
+                await probe.started_event.wait()
+                await trio.sleep(1.0)
+                probe.release.set()
+
+            nursery.start_soon(release)
+            args = {"name": "probe", "arguments": {"progress": True}, "_meta": {"progressToken": 7}}
+            response = await mcp.post(mcp.message("tools/call", args))
+        assert response.headers["content-type"].startswith("text/event-stream")
+        blocks = response.text.split("\n\n")
+        assert blocks[-1] == ""
+        assert all(
+            b == ": keep-alive" or b.startswith("event: message\ndata: {") for b in blocks[:-1]
+        )
+        *progress, answer = sse_messages(response.text)
+        assert progress[0]["params"] == {
+            "progressToken": 7,
+            "progress": 1.0,
+            "total": 2,
+            "message": "half way",
+        }
+        values = [m["params"]["progress"] for m in progress]
+        assert values == sorted(values) and len(set(values)) == len(values) > 1
+        assert answer["result"]["content"][0]["text"] == "done 1"
+
+
 async def test_two_requests_share_one_keep_alive_connection(tmp_path):
     async with running_daemon(_settings(tmp_path)) as d, mcp_http(d.url) as mcp:
         await mcp.initialize()

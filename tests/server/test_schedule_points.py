@@ -16,6 +16,7 @@ that does not happen (a free slot, an answer the socket takes at once).
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import select
@@ -42,7 +43,7 @@ from exai.testing import MockUpstream
 from exai.tools import default_registry
 from tests.daemon_tools import BLOB
 from tests.helpers import Rpc, make_settings, running_daemon, ws, ws_frame
-from tests.httpmcp import envelope, http_url
+from tests.httpmcp import ACCEPT_BOTH, envelope, http_url, sse_messages
 from tests.providers.conftest import provider_settings
 
 pytestmark = pytest.mark.anyio
@@ -101,10 +102,14 @@ class _Steps(trio.abc.Instrument):
 
 
 @asynccontextmanager
-async def _chat_daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+async def _chat_daemon(
+    tmp_path: Path, upstream: MockUpstream | None = None
+) -> AsyncIterator[Daemon]:
     """A daemon in this trio run with the SQLite conversation store and ``chat`` over one mock
-    upstream."""
-    async with MockUpstream(models=("mock-a",)) as upstream:
+    upstream (``upstream``, or a new one)."""
+    async with AsyncExitStack() as upstreams:
+        if upstream is None:
+            upstream = await upstreams.enter_async_context(MockUpstream(models=("mock-a",)))
         settings = make_settings(
             tmp_path,
             providers=(provider_settings("a", upstream.base_url, None, ("mock-a",)),),
@@ -496,40 +501,217 @@ async def test_a_version_call_enters_only_its_deadline_s_and_its_responder_s_can
     assert set(entered.values()) == {2}
 
 
-class _WriterSteps(trio.abc.Instrument):
-    """Where the sessions' writer tasks were suspended, for each step they were resumed for."""
+class _Spawned(trio.abc.Instrument):
+    """The tasks started, by name, and the steps of each (by name)."""
 
     def __init__(self) -> None:
-        self.suspended_in: collections.Counter[str] = collections.Counter()
+        self.spawned: collections.Counter[str] = collections.Counter()
+        self.steps: collections.Counter[str] = collections.Counter()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned[task.name.rsplit(".", 2)[-2] + "." + task.name.rsplit(".", 1)[-1]] += 1
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("Session._writer"):
-            self.suspended_in[_innermost(task)] += 1
+        self.steps[task.name.rsplit(".", 2)[-2] + "." + task.name.rsplit(".", 1)[-1]] += 1
 
 
-async def test_the_session_writer_resumes_only_for_what_is_queued(tmp_path: Path) -> None:
-    # Before: a progress notification took the writer three steps — its wake-up, then
-    # trio-websocket's stream lock and the socket send, each a scheduler round for nothing.
-    # (The writer runs only while something is queued: each step is its start, for one or more
-    # messages, and it ends in that step when the socket takes them.)
+async def test_progress_is_written_without_starting_the_session_s_writer(tmp_path: Path) -> None:
+    # Before: each progress notification of a streamed call started the session's writer task
+    # (it runs only while something is queued), which wrote it in its first step: two tasks
+    # started and run per streamed chat call, each a scheduler round (benchmarks/README.md,
+    # part 14). Now what the socket takes at once is handed to it by the task that made it.
     async with _chat_daemon(tmp_path) as daemon, ws(daemon) as conn:
         rpc = Rpc(conn)
         args = {"prompt": "hello", "model": "mock-a"}
         for i in range(3):
             assert "result" in await rpc.call("chat", args, meta={"progressToken": f"w{i}"})
-        steps = _WriterSteps()
-        trio.lowlevel.add_instrument(steps)
+        rpc.notifications.clear()
+        tasks = _Spawned()
+        trio.lowlevel.add_instrument(tasks)
         try:
             for i in range(CALLS):
                 res = await rpc.call("chat", args, meta={"progressToken": f"t{i}"})
                 assert res["result"]["isError"] is False, res
         finally:
-            trio.lowlevel.remove_instrument(steps)
+            trio.lowlevel.remove_instrument(tasks)
         progress = [n for n in rpc.notifications if n.get("method") == "notifications/progress"]
 
-    assert len(progress) >= 2 * CALLS  # (something was written by the writer)
-    assert set(steps.suspended_in) == {"_writer"}
-    assert 0 < steps.suspended_in["_writer"] <= len(progress)
+    assert len(progress) >= 2 * CALLS
+    assert {n["params"]["progressToken"] for n in progress} == {f"t{i}" for i in range(CALLS)}
+    assert tasks.spawned["Session._writer"] == 0
+    assert tasks.spawned["SessionCore._respond_call"] == CALLS
+
+
+async def test_progress_the_socket_takes_in_part_is_finished_by_the_writer_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a socket that takes a few bytes of each write handed to it at once (a full send buffer):
+    # the rest of a progress frame is kept by the stream and sent first by the session's writer,
+    # under its deadline; every frame arrives whole, progress before its answer
+    original = ProgressStream.send_nowait
+
+    def take_a_little(self: ProgressStream, data: Any) -> int:
+        return original(self, memoryview(data)[:7])
+
+    async with _chat_daemon(tmp_path) as daemon, ws(daemon) as conn:
+        rpc = Rpc(conn)
+        args = {"prompt": "hello", "model": "mock-a"}
+        assert "result" in await rpc.call("chat", args, meta={"progressToken": "w"})
+        monkeypatch.setattr(ProgressStream, "send_nowait", take_a_little)
+        rpc.notifications.clear()
+        tasks = _Spawned()
+        trio.lowlevel.add_instrument(tasks)
+        try:
+            for i in range(3):
+                res = await rpc.call("chat", args, meta={"progressToken": f"t{i}"})
+                assert res["result"]["isError"] is False, res
+                tokens = [n["params"]["progressToken"] for n in rpc.notifications]
+                assert tokens.count(f"t{i}") >= 2  # (its progress came before its answer)
+        finally:
+            trio.lowlevel.remove_instrument(tasks)
+        monkeypatch.undo()
+        assert "result" in await rpc.call("chat", args, meta={"progressToken": "after"})
+
+    assert tasks.spawned["Session._writer"] >= 3
+
+
+def _sse_call(client: httpx.AsyncClient, url: str, token: str) -> Awaitable[httpx.Response]:
+    params = {
+        "name": "chat",
+        "arguments": {"prompt": "hello", "model": "mock-a"},
+        "_meta": {**envelope(), "progressToken": token},
+    }
+    msg = {"jsonrpc": "2.0", "id": token, "method": "tools/call", "params": params}
+    return client.post(url, json=msg, headers={"Accept": ACCEPT_BOTH})
+
+
+def _check_streamed(response: httpx.Response, token: str) -> None:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    messages = sse_messages(response.text)
+    assert len(messages) >= 2
+    *progress, answer = messages
+    assert all(m["method"] == "notifications/progress" for m in progress)
+    assert all(m["params"]["progressToken"] == token for m in progress)
+    assert answer["id"] == token and answer["result"]["isError"] is False
+
+
+async def _connection_steps(
+    tmp_path: Path, call: Callable[[httpx.AsyncClient, str, str], Awaitable[None]]
+) -> _Spawned:
+    async with _chat_daemon(tmp_path) as daemon, httpx.AsyncClient(timeout=60) as client:
+        url = http_url(daemon.url)
+        for i in range(3):
+            await call(client, url, f"w{i}")
+        tasks = _Spawned()
+        trio.lowlevel.add_instrument(tasks)
+        try:
+            for i in range(CALLS):
+                await call(client, url, f"t{i}")
+        finally:
+            trio.lowlevel.remove_instrument(tasks)
+    return tasks
+
+
+async def test_an_sse_answer_is_written_without_a_task_of_its_own(tmp_path: Path) -> None:
+    # Before: an SSE answer started a disconnect-watch task beside its responder (started, and
+    # run again at the stream's end to be cancelled), and the connection's task wrote each
+    # event, woken for each: 11 task steps and 9.5 scheduler rounds per streamed chat call
+    # against 7.7 and 7.2 for a JSON one (benchmarks/README.md, part 17a; here 40 watch steps
+    # and the connection's task 104 steps against 76 for 20 JSON calls). Now it is shaped as
+    # the JSON answer: the responder writes (its progress at once, its answer with the
+    # stream's end) while the connection's task reads the connection.
+    async def streamed(client: httpx.AsyncClient, url: str, token: str) -> None:
+        _check_streamed(await _sse_call(client, url, token), token)
+
+    async def json_only(client: httpx.AsyncClient, url: str, token: str) -> None:
+        params = {
+            "name": "chat",
+            "arguments": {"prompt": "hello", "model": "mock-a"},
+            "_meta": envelope(),
+        }
+        msg = {"jsonrpc": "2.0", "id": token, "method": "tools/call", "params": params}
+        response = await client.post(url, json=msg, headers={"Accept": "application/json"})
+        assert response.json()["result"]["isError"] is False
+
+    sse = await _connection_steps(tmp_path, streamed)
+    plain = await _connection_steps(tmp_path, json_only)
+
+    assert sse.spawned["HttpConnection._watch_disconnect"] == 0
+    assert sse.spawned["SessionCore._respond_call"] == CALLS
+    # the connection's task: as for a JSON answer (the request's read, the call's end, the
+    # request nursery's exit; a request read in two parts, now and then, one more)
+    assert (
+        sse.steps["Listener._handle_stream"] <= plain.steps["Listener._handle_stream"] + CALLS // 2
+    )
+
+
+async def test_an_sse_stream_the_socket_takes_in_part_goes_on_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a socket that takes a few bytes of each write handed to it at once (a full send buffer):
+    # the rest of the stream is written by the connection's task as a stream always was
+    # (under the send deadline, beside a disconnect watch), the same bytes in the same order,
+    # and the connection is kept
+    original = ProgressStream.send_nowait
+
+    def take_a_little(self: ProgressStream, data: Any) -> int:
+        return original(self, memoryview(data)[:7])
+
+    async with _chat_daemon(tmp_path) as daemon, httpx.AsyncClient(timeout=60) as client:
+        url = http_url(daemon.url)
+        _check_streamed(await _sse_call(client, url, "w"), "w")
+        monkeypatch.setattr(ProgressStream, "send_nowait", take_a_little)
+        tasks = _Spawned()
+        trio.lowlevel.add_instrument(tasks)
+        try:
+            for i in range(3):
+                _check_streamed(await _sse_call(client, url, f"t{i}"), f"t{i}")
+        finally:
+            trio.lowlevel.remove_instrument(tasks)
+        monkeypatch.undo()
+        _check_streamed(await _sse_call(client, url, "after"), "after")
+        assert daemon.admission.accepted_total == 1  # (one kept connection all along)
+
+    assert tasks.spawned["HttpConnection._watch_disconnect"] == 3
+
+
+async def test_a_client_that_goes_once_its_sse_stream_began_cancels_the_call_upstream(
+    tmp_path: Path,
+) -> None:
+    # the disconnect watch is the connection's task now: a client that closes its connection
+    # after the stream's first event cancels the call, down to the upstream request
+    async with (
+        MockUpstream(models=("mock-a",), latency_s=120.0) as upstream,
+        _chat_daemon(tmp_path, upstream) as daemon,
+    ):
+        params = {
+            "name": "chat",
+            "arguments": {"prompt": "hello", "model": "mock-a"},
+            "_meta": {**envelope(), "progressToken": "p"},
+        }
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+        ).encode()
+        host, port = http_url(daemon.url).split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        head = (
+            f"POST /mcp HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: {ACCEPT_BOTH}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await stream.send_all(head.encode() + body)
+        got = b""
+        with trio.fail_after(30):
+            while b"asking a model" not in got:
+                got += await stream.receive_some(65536)
+            assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
+            while not upstream.chat_requests:
+                await trio.sleep(0.01)
+        disconnects = upstream.disconnects
+        await stream.aclose()
+        with trio.fail_after(30):
+            await upstream.wait_disconnect(disconnects + 1)
+            while daemon.inflight.borrowed_tokens:
+                await trio.sleep(0.01)
 
 
 async def test_the_connection_s_reader_waits_for_the_next_message_before_reading(
