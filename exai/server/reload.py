@@ -53,6 +53,12 @@ REVOKED_CLOSE_CODE = 4001
 _APPLIED = frozenset({"tokens", "providers", "source_files", "session_signing_key"})
 _LIMITER = anyio.CapacityLimiter(1)
 
+#: looks in a row that found the watched files changing after which the watcher reads them
+#: anyway: one file that never stops changing (a credential refresher rewriting a key file every
+#: second) must not hold off, for ever, the reload of another — a client token removed from the
+#: tokens file still authenticated and its sessions stayed open while it changed
+SETTLE_MAX_LOOKS = 5
+
 
 def watched_files(environ: Mapping[str, str]) -> list[Path]:
     """The secret and config files whose change triggers a reload, each once (``EXAI_ENV_FILE``
@@ -224,17 +230,23 @@ class Reloader:
             return
         seen = await anyio.to_thread.run_sync(_fingerprints, list(self.paths), limiter=_LIMITER)
         last = seen
+        #: looks in a row that found the files changing (SETTLE_MAX_LOOKS)
+        changing = 0
         task_status.started()
         while True:
             await trio.sleep(interval)
             now = await anyio.to_thread.run_sync(_fingerprints, list(self.paths), limiter=_LIMITER)
-            if now != last:
+            if now != last and changing < SETTLE_MAX_LOOKS:
                 # still being written (or just written): a change is read once the files
                 # stayed the same for a whole interval. A tokens file caught half-written —
                 # an editor saving in place, a large file written in parts — was applied as
                 # it stood, and the sessions of the tokens not written yet were revoked.
+                # Files that keep changing are read all the same after SETTLE_MAX_LOOKS looks.
                 last = now
+                changing += 1
                 continue
+            last = now
+            changing = 0
             # (a file first watched since the last look counts as changed: it may have changed
             # since the reload that added it read it, so it is read once more)
             changed = [str(p) for p in now if now[p] != seen.get(p, ())]

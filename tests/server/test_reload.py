@@ -461,3 +461,57 @@ async def test_a_tokens_file_still_being_written_is_read_once_it_stays_the_same(
             assert "result" in reply  # bob's session was never revoked
         permit.release()
         d.request_shutdown()
+
+
+async def test_a_watched_file_that_never_stops_changing_does_not_hold_off_a_revocation(
+    tmp_path, monkeypatch
+):
+    # The watcher read a change only once every watched file stayed the same for one look: a
+    # key file rewritten before every look (a credential refresher) held off, for ever, the
+    # reload of the tokens file — a removed token went on authenticating, its session open
+    # (found by an attack on a live daemon: bob's session still open 10 s after his removal,
+    # with a key file rewritten every 0.3 s). Each look here waits for the test's permit.
+    from exai.server import reload as reload_module
+
+    real = reload_module._fingerprints
+    entered, permit = threading.Semaphore(0), threading.Semaphore(0)
+
+    def look(paths: list[Path]) -> Any:
+        entered.release()
+        permit.acquire(timeout=HANG_GUARD_S)
+        return real(paths)
+
+    async def next_look() -> None:
+        with trio.fail_after(HANG_GUARD_S):
+            while not entered.acquire(blocking=False):
+                await trio.sleep(0.01)
+
+    monkeypatch.setattr(reload_module, "_fingerprints", look)
+    tokens_file = tmp_path / "tokens"
+    key_file = tmp_path / "key"
+    write(tokens_file, TOK_A, TOK_B)
+    key_file.write_text("k" * 40 + "\n")
+    env = {"EXAI_TOKENS_FILE": str(tokens_file), "EXAI_SESSION_SIGNING_KEY_FILE": str(key_file)}
+    async with trio.open_nursery() as nursery:
+        permit.release()  # the first look, taken before the daemon is ready
+        d = await start(nursery, tmp_path, env)
+        await next_look()  # (the first look's entry)
+        await next_look()  # the watcher waits at its second look
+        async with ws(d, token=bearer(TOK_B)) as sb:
+            write(tokens_file, TOK_A)  # bob removed, once
+            looks = 0
+            while d.reloader.reloads == 0 and looks < 20:
+                # the key file rewritten (same content, a new inode) before every look
+                write(key_file, "k" * 40)
+                permit.release()
+                await next_look()
+                looks += 1
+            assert d.reloader.reloads == 1, "the revocation waited for the key file to settle"
+            assert looks == reload_module.SETTLE_MAX_LOOKS + 1
+            assert [i.name for i in d.reloader.tokens.identities] == ["alice"]
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(HANG_GUARD_S):
+                while True:
+                    await sb.get_message()
+            assert info.value.reason.code == 4001
+        permit.release()
+        d.request_shutdown()
