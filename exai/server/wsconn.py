@@ -68,7 +68,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from trio_websocket._impl import CloseReason
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, RejectConnection, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from exai.server.budget import InboundMeter
@@ -606,7 +606,22 @@ class ServerWSConnection(WSConnection):
             self._after_close += len(data)
             if self._after_close > AFTER_CLOSE_BYTES:
                 raise RemoteProtocolError("data after the close frame", event_hint=None)
-        super().receive_data(data)
+        if conn is not None:
+            super().receive_data(data)
+            return
+        try:
+            super().receive_data(data)
+        except UnicodeError:
+            # the upgrade request: wsproto decodes its Host (IDNA), target, Connection, Upgrade
+            # and Sec-WebSocket-* values as ASCII, and a byte past it raised UnicodeDecodeError
+            # out of trio-websocket's reader — no answer, the connection reset and a
+            # session.error logged at error level for each such request (found by an attack
+            # on the Host check: 'Host: \xfflocalhost'). A malformed request is refused (400)
+            # as wsproto refuses any other, and lingers as they do (Listener)
+            raise RemoteProtocolError(
+                "the upgrade request has a header or target that is not ASCII",
+                event_hint=RejectConnection(status_code=400),
+            ) from None
 
     def events(self) -> Generator[Event, None, None]:
         ready = self._ready

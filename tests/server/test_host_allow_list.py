@@ -177,3 +177,26 @@ async def test_a_host_listed_in_allowed_hosts_is_served(tmp_path) -> None:
         assert (await _status_line(port, _upgrade("exai.example"))).startswith(b"HTTP/1.1 101 ")
         status, _, _ = await raw_exchange(d.url, _post(port, f"attacker.example:{port}"))
         assert status == 421
+
+
+async def test_an_upgrade_with_a_byte_past_ascii_in_its_head_is_refused_with_400(tmp_path) -> None:
+    # wsproto decodes the upgrade's Host (IDNA), Connection, Upgrade and Sec-WebSocket-* values
+    # as ASCII: a byte past it ('Host: \xfflocalhost') raised UnicodeDecodeError out of the
+    # connection's reader — no answer at all, the connection closed, a session.error logged
+    # at error level for each request. The HTTP door answered the same Host with 421.
+    settings = make_settings(tmp_path, tokens=Secret(f"alice:{TOKEN}"))
+    async with running_daemon(settings) as d:
+        port = urlsplit(d.url).port or 0
+        good = _upgrade(f"localhost:{port}")
+        for head in (
+            good.replace(b"Host: localhost", b"Host: \xfflocalhost"),
+            good.replace(b"Host: localhost", b"Host: \xe2\x84\x93ocalhost"),
+            good.replace(b"Connection: Upgrade", b"Connection: Upgrade\xff"),
+            good.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: mcp\xe9\r\n\r\n"),
+            good.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: x\xe9\r\n\r\n"),
+        ):
+            for path in (b"/mcp", b"/"):
+                data = head.replace(b"GET /mcp ", b"GET " + path + b" ", 1)
+                assert await _status_line(port, data) == b"HTTP/1.1 400 ", data
+        # (the daemon still serves a well-formed upgrade)
+        assert await _status_line(port, good) == b"HTTP/1.1 101 Switching Protocols"
