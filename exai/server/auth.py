@@ -88,10 +88,11 @@ class TokenTable:
 
     def __init__(self, identities: tuple[Identity, ...] = ()) -> None:
         self.identities = identities
-        #: every accepted digest (made with the table: a reload makes it in its thread)
-        self.digests = frozenset(i.digest for i in identities)
-        #: digest → identity (the last entry of a digest given twice, as a scan finds it)
+        #: digest → identity (the last entry of a digest given twice, as a scan finds it;
+        #: made with the table: a reload makes it in its thread)
         self._by_digest = {i.digest: i for i in identities}
+        #: every accepted digest
+        self.digests = self._by_digest.keys()
 
     @property
     def enabled(self) -> bool:

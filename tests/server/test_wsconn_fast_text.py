@@ -199,6 +199,25 @@ def _any_frame(first: int, payload: bytes, mask: bytes, width: int, masked: bool
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def _drive(server: WSConnection, reads: list[tuple[bytes, str]]) -> list[tuple[Any, ...]]:
+    """Each ``(bytes, then)`` read as trio-websocket's reader does (``receive_data``, then every
+    event), the server closing (1008) after the read's first event or sending after it, as
+    ``then`` says: the events, the bytes sent and what raised, for comparison."""
+    out: list[tuple[Any, ...]] = []
+    for data, then in reads:
+        try:
+            server.receive_data(data)
+            for i, event in enumerate(server.events()):
+                out.append(_describe(event))
+                if then == "close_after_first" and i == 0:
+                    out.append(("sent", server.send(CloseConnection(code=1008))))
+            if then == "send_text":
+                out.append(("sent", server.send(TextMessage(data="x"))))
+        except Exception as exc:  # (compared as well: both ways must raise alike)
+            out.append(("raised", type(exc).__name__, str(exc)))
+    return out
+
+
 any_frames = st.builds(
     _any_frame,
     st.one_of(
@@ -230,24 +249,9 @@ def test_any_frame_read_as_trio_websocket_reads_gives_the_events_of_wsproto(
     closing (1008: a stalled writer) after a read's first event or sending between reads: the
     events, the refusals and the bytes sent are wsproto's."""
 
-    def run(server: WSConnection) -> list[tuple[Any, ...]]:
-        out: list[tuple[Any, ...]] = []
-        for frame, then in reads:
-            try:
-                server.receive_data(frame)
-                for i, event in enumerate(server.events()):
-                    out.append(_describe(event))
-                    if then == "close_after_first" and i == 0:
-                        out.append(("sent", server.send(CloseConnection(code=1008))))
-                if then == "send_text":
-                    out.append(("sent", server.send(TextMessage(data="x"))))
-            except Exception as exc:  # (compared as well: both ways must raise alike)
-                out.append(("raised", type(exc).__name__, str(exc)))
-        return out
-
     fast, _ = _pair(ServerWSConnection(ConnectionType.SERVER))
     plain, _ = _pair(WSConnection(ConnectionType.SERVER))
-    assert run(fast) == run(plain)
+    assert _drive(fast, reads) == _drive(plain, reads)
 
 
 def test_several_whole_text_frames_in_one_read_are_read_the_short_way() -> None:
@@ -288,21 +292,7 @@ def test_any_frames_in_one_read_give_the_events_of_wsproto(
     wire = b"".join(frames)
     reads = [wire[: len(wire) - cut], wire[len(wire) - cut :]] if cut < len(wire) else [wire]
 
-    def run(server: WSConnection) -> list[tuple[Any, ...]]:
-        out: list[tuple[Any, ...]] = []
-        for data in reads:
-            try:
-                server.receive_data(data)
-                for i, event in enumerate(server.events()):
-                    out.append(_describe(event))
-                    if then == "close_after_first" and i == 0:
-                        out.append(("sent", server.send(CloseConnection(code=1008))))
-                if then == "send_text":
-                    out.append(("sent", server.send(TextMessage(data="x"))))
-            except Exception as exc:  # (compared as well: both ways must raise alike)
-                out.append(("raised", type(exc).__name__, str(exc)))
-        return out
-
+    steps = [(data, then) for data in reads]
     fast, _ = _pair(ServerWSConnection(ConnectionType.SERVER))
     plain, _ = _pair(WSConnection(ConnectionType.SERVER))
-    assert run(fast) == run(plain)
+    assert _drive(fast, steps) == _drive(plain, steps)
